@@ -1,0 +1,72 @@
+//! `moehost bench`: prefill and decode throughput of the engine on a model, on real text.
+//!
+//! Prefill: one forward pass over a prompt of `prompt_tokens` tokens, best of `repeats`.
+//! Decode: `decode_tokens` single-token steps on the cache after a short prompt (greedy),
+//! best of `repeats`. Each figure is tokens per second of wall time.
+
+use anyhow::{ensure, Result};
+use serde::Serialize;
+use std::time::Instant;
+
+use crate::deepseek_v3::Logits;
+use crate::engine::Engine;
+use crate::sampling::argmax;
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens: usize,
+    pub decode_tokens_per_s: f64,
+}
+
+/// Token ids of real text: the bundled model card (models/tiny-k2/README.md), repeated until long enough.
+fn text_ids(engine: &Engine, n: usize) -> Result<Vec<u32>> {
+    const TEXT: &str = include_str!("../models/tiny-k2/README.md");
+    let mut ids = engine.bos_ids();
+    let chunk = engine.encode(TEXT)?;
+    ensure!(!chunk.is_empty(), "benchmark text encodes to no tokens");
+    while ids.len() < n {
+        ids.extend_from_slice(&chunk);
+    }
+    ids.truncate(n);
+    Ok(ids)
+}
+
+pub fn run(engine: &Engine, prompt_tokens: usize, decode_tokens: usize, repeats: usize) -> Result<BenchReport> {
+    let model = &engine.model;
+    let max = model.config().max_position_embeddings;
+    ensure!(prompt_tokens >= 1 && prompt_tokens <= max, "prompt_tokens must be in 1..={max}");
+    ensure!(decode_tokens >= 1 && 16 + decode_tokens <= max, "decode_tokens too large for the context");
+    let prompt = text_ids(engine, prompt_tokens)?;
+    // Warm-up: touch every expert the prompt routes to, so timing excludes first-use loading.
+    model.forward(&prompt, &mut model.new_cache(), Logits::Last, false)?;
+    let mut best_prefill = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let mut cache = model.new_cache();
+        let t0 = Instant::now();
+        model.forward(&prompt, &mut cache, Logits::Last, false)?;
+        best_prefill = best_prefill.min(t0.elapsed().as_secs_f64());
+    }
+    let short = &prompt[..prompt.len().min(16)];
+    let mut best_decode = f64::INFINITY;
+    for _ in 0..repeats.max(1) + 1 {
+        let mut cache = model.new_cache();
+        let mut next = argmax(&model.forward(short, &mut cache, Logits::Last, false)?.logits);
+        let t0 = Instant::now();
+        for _ in 0..decode_tokens {
+            next = argmax(&model.forward(&[next], &mut cache, Logits::Last, false)?.logits);
+        }
+        best_decode = best_decode.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(BenchReport {
+        model: engine.dir.display().to_string(),
+        threads: rayon::current_num_threads(),
+        prompt_tokens,
+        prefill_tokens_per_s: prompt_tokens as f64 / best_prefill,
+        decode_tokens,
+        decode_tokens_per_s: decode_tokens as f64 / best_decode,
+    })
+}

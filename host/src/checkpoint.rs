@@ -1,0 +1,228 @@
+//! A safetensors checkpoint, sharded or single-file, memory-mapped and read tensor by tensor.
+//!
+//! Owns: finding shards (`model.safetensors.index.json` or `*.safetensors`), validating headers
+//! (a truncated or garbled file is an error naming it), and turning one stored tensor into f32:
+//! bf16 / f16 / f32 directly, FP8 e4m3 through its `*_scale_inv` block scales.
+//! Does not own: which tensors a model needs (see `deepseek_v3`) or when they are read
+//! (experts are read on demand by an `ExpertProvider`). Nothing here loads a whole model.
+
+use anyhow::{bail, ensure, Context, Result};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorInfo};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::fp8;
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Start of the data section (8-byte length + JSON header).
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// An opened checkpoint: every shard mapped, every header parsed; no tensor data read yet.
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// Tensor name -> index into `shards`.
+    index: HashMap<String, usize>,
+    fp8_block: Option<[usize; 2]>,
+}
+
+/// A stored tensor's bytes and layout, borrowed from the mapping.
+pub struct RawTensor<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint in `dir`. `fp8_block` is `quantization_config.weight_block_size`.
+    pub fn open(dir: &Path, fp8_block: Option<[usize; 2]>) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let shard_names: Vec<String> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", index_path.display()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| format!("{} has no \"weight_map\" object", index_path.display()))?;
+            let mut names: Vec<String> = map
+                .values()
+                .map(|v| {
+                    v.as_str().map(str::to_owned).with_context(|| {
+                        format!("{}: weight_map values must be file names", index_path.display())
+                    })
+                })
+                .collect::<Result<_>>()?;
+            names.sort();
+            names.dedup();
+            names
+        } else {
+            let single = dir.join("model.safetensors");
+            if single.exists() {
+                vec!["model.safetensors".into()]
+            } else {
+                let mut names: Vec<String> = std::fs::read_dir(dir)
+                    .with_context(|| format!("cannot list model folder {}", dir.display()))?
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".safetensors"))
+                    .collect();
+                names.sort();
+                ensure!(
+                    !names.is_empty(),
+                    "no weights in {}: expected model.safetensors.index.json, model.safetensors \
+                     or *.safetensors shards",
+                    dir.display()
+                );
+                names
+            }
+        };
+
+        let mut shards = Vec::with_capacity(shard_names.len());
+        let mut index = HashMap::new();
+        for name in shard_names {
+            ensure!(
+                !name.contains('/') && !name.contains('\\') && name != ".." && name != ".",
+                "shard name {name:?} in the index is not a plain file name"
+            );
+            let path = dir.join(&name);
+            let shard = open_shard(&path)?;
+            for tensor in shard.tensors.keys() {
+                if let Some(prev) = index.insert(tensor.clone(), shards.len()) {
+                    let prev: &Shard = &shards[prev];
+                    bail!(
+                        "tensor {tensor} appears in two shards: {} and {}",
+                        prev.path.display(),
+                        path.display()
+                    );
+                }
+            }
+            shards.push(shard);
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            shards,
+            index,
+            fp8_block,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names, unordered.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The stored bytes of tensor `name`.
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let &shard_idx = self
+            .index
+            .get(name)
+            .with_context(|| format!("tensor {name} is missing from the checkpoint in {}", self.dir.display()))?;
+        let shard = &self.shards[shard_idx];
+        let (name, info) = shard.tensors.get_key_value(name).expect("indexed");
+        let (s, e) = info.data_offsets;
+        Ok(RawTensor {
+            name,
+            dtype: info.dtype,
+            shape: &info.shape,
+            bytes: &shard.mmap[shard.data_start + s..shard.data_start + e],
+        })
+    }
+
+    /// Reads tensor `name` as f32, checking that its shape is `shape`. FP8 weights are
+    /// dequantized with their `<name>_scale_inv` blocks (`weight` -> `weight_scale_inv`).
+    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let raw = self.raw(name)?;
+        ensure!(
+            raw.shape == shape,
+            "tensor {name} has shape {:?}, expected {shape:?} from config.json",
+            raw.shape
+        );
+        let n: usize = shape.iter().product();
+        let mut out = vec![0f32; n];
+        match raw.dtype {
+            Dtype::F32 => {
+                for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Dtype::BF16 => {
+                for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+            Dtype::F16 => {
+                for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(2)) {
+                    *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            Dtype::F8_E4M3 => {
+                ensure!(
+                    shape.len() == 2,
+                    "FP8 tensor {name} must be 2-D (rows x cols), got shape {shape:?}"
+                );
+                let block = self.fp8_block.with_context(|| {
+                    format!("tensor {name} is FP8 but config.json has no quantization_config.weight_block_size")
+                })?;
+                let scale_name = format!("{name}_scale_inv");
+                let scale_rows = shape[0].div_ceil(block[0]);
+                let scale_cols = shape[1].div_ceil(block[1]);
+                let scales = self
+                    .read_f32(&scale_name, &[scale_rows, scale_cols])
+                    .with_context(|| format!("scales of FP8 tensor {name}"))?;
+                fp8::dequantize_blocks(raw.bytes, shape[0], shape[1], &scales, block, &mut out);
+            }
+            other => bail!(
+                "tensor {name} has dtype {other:?}; moehost reads F32, BF16, F16 and F8_E4M3 weights"
+            ),
+        }
+        Ok(out)
+    }
+
+    /// Reads a 1-D or 2-D tensor that must be stored in F32 (e.g. `e_score_correction_bias`)
+    /// or any float dtype; the shape is checked.
+    pub fn read_vec(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.read_f32(name, &[len])
+    }
+}
+
+fn open_shard(path: &Path) -> Result<Shard> {
+    let file = File::open(path).with_context(|| format!("missing or unreadable shard {}", path.display()))?;
+    // SAFETY: the mapping is read-only; checkpoints are not modified while served
+    // (moehost never writes into a model folder).
+    let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid safetensors file (truncated or corrupt?): {e}",
+            path.display()
+        )
+    })?;
+    let tensors = metadata
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.clone()))
+        .collect();
+    Ok(Shard {
+        path: path.to_owned(),
+        mmap,
+        data_start: 8 + header_len,
+        tensors,
+    })
+}

@@ -1,0 +1,551 @@
+//! DeepSeek-V3 / Kimi-K2 (`DeepseekV3ForCausalLM`) forward pass on the CPU, in f32.
+//!
+//! Each step follows transformers' `modeling_deepseek_v3.py` (module names cited below) and
+//! matches it to float tolerance. Owns: embedding, RMSNorm, MLA attention over a cache of the
+//! compressed latent, dense MLP layers, MoE layers (gate, then routed experts fetched through the
+//! `ExpertProvider`, then the shared expert), final norm and lm_head.
+//! Does not own: where expert weights live (`experts`), the gate's arithmetic (`router`),
+//! sampling or tokenization.
+
+use anyhow::{ensure, Context, Result};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::experts::{expert_prefix, ExpertProvider, FfnWeights};
+use crate::kernels::{axpy, dot, linear, rms_norm, rms_norm_inplace, softmax_inplace, swiglu};
+use crate::rope::Rope;
+use crate::router::{Gate, LayerRouting};
+
+enum QProj {
+    /// `q_b_proj(q_a_layernorm(q_a_proj(x)))` when `q_lora_rank` is set.
+    Lora {
+        a: Vec<f32>,
+        norm: Vec<f32>,
+        b: Vec<f32>,
+        rank: usize,
+    },
+    /// `q_proj(x)` when `q_lora_rank` is null.
+    Full(Vec<f32>),
+}
+
+/// DeepseekV3Attention with the up-projections absorbed, so the cache holds only the
+/// normalised latent `c` (kv_lora_rank) and the rotated shared rope key per position:
+/// `q_nope . (W_UK c) = (W_UK^T q_nope) . c` and `sum p W_UV c = W_UV (sum p c)`.
+struct Attention {
+    q: QProj,
+    /// `kv_a_proj_with_mqa`: `[kv_lora_rank + qk_rope_head_dim, hidden]`.
+    kv_a: Vec<f32>,
+    kv_a_norm: Vec<f32>,
+    /// `kv_b_proj`'s key rows per head, transposed: `[heads, kv_lora_rank, qk_nope_head_dim]`.
+    w_uk_t: Vec<f32>,
+    /// `kv_b_proj`'s value rows per head: `[heads, v_head_dim, kv_lora_rank]`.
+    w_uv: Vec<f32>,
+    /// `o_proj`: `[hidden, heads * v_head_dim]`.
+    o_proj: Vec<f32>,
+}
+
+struct Moe {
+    gate: Gate,
+    shared: Option<FfnWeights>,
+}
+
+enum Ffn {
+    Dense(FfnWeights),
+    Moe(Box<Moe>),
+}
+
+struct Layer {
+    input_norm: Vec<f32>,
+    post_attention_norm: Vec<f32>,
+    attn: Attention,
+    ffn: Ffn,
+}
+
+/// The compressed KV cache of one sequence: per layer, per position, the normalised latent
+/// and the rotated rope key. About `(kv_lora_rank + qk_rope_head_dim) * 4` bytes per layer
+/// and position (Kimi-K2 stores 576 values, not 64 heads x 320).
+pub struct KvCache {
+    len: usize,
+    latent: Vec<Vec<f32>>,
+    k_rope: Vec<Vec<f32>>,
+}
+
+impl KvCache {
+    /// Positions already processed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets positions from `len` on (e.g. to reuse a shared prefix).
+    pub fn truncate(&mut self, len: usize, cfg: &ModelConfig) {
+        if len < self.len {
+            self.len = len;
+            for (l, r) in self.latent.iter_mut().zip(self.k_rope.iter_mut()) {
+                l.truncate(len * cfg.kv_lora_rank);
+                r.truncate(len * cfg.qk_rope_head_dim);
+            }
+        }
+    }
+}
+
+/// Which logits a forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position (`[tokens, vocab]`).
+    All,
+    /// The last position only (`[1, vocab]`): what generation needs.
+    Last,
+}
+
+/// The result of one forward pass over a chunk of tokens.
+pub struct ForwardOutput {
+    /// Row-major `[rows, vocab]`.
+    pub logits: Vec<f32>,
+    /// Routing per MoE layer in layer order, if asked for.
+    pub routing: Vec<LayerRouting>,
+}
+
+/// A loaded DeepSeek-V3-family model. Non-expert weights are dequantized to f32 at load;
+/// routed experts come from the provider when routed to.
+pub struct DeepseekV3 {
+    cfg: ModelConfig,
+    embed: Vec<f32>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// `None` when `tie_word_embeddings` (the embedding is used).
+    lm_head: Option<Vec<f32>>,
+    rope: Rope,
+    softmax_scale: f32,
+    experts: Arc<dyn ExpertProvider>,
+}
+
+impl DeepseekV3 {
+    /// Loads the always-resident weights from `ckpt` and takes routed experts from `experts`.
+    /// Every tensor the architecture needs (experts included) is checked for presence, shape
+    /// and dtype first, from the headers alone, so a damaged checkpoint fails here.
+    pub fn load(cfg: ModelConfig, ckpt: &Checkpoint, experts: Arc<dyn ExpertProvider>) -> Result<Self> {
+        check_tensors(&cfg, ckpt)?;
+        let h = cfg.hidden_size;
+        let nh = cfg.num_attention_heads;
+        let (nope, rope_d, v, lora) = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        );
+        let qk = cfg.qk_head_dim();
+        let embed = ckpt.read_f32("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let q = match cfg.q_lora_rank {
+                Some(rank) => QProj::Lora {
+                    a: ckpt.read_f32(&format!("{a}.q_a_proj.weight"), &[rank, h])?,
+                    norm: ckpt.read_vec(&format!("{a}.q_a_layernorm.weight"), rank)?,
+                    b: ckpt.read_f32(&format!("{a}.q_b_proj.weight"), &[nh * qk, rank])?,
+                    rank,
+                },
+                None => QProj::Full(ckpt.read_f32(&format!("{a}.q_proj.weight"), &[nh * qk, h])?),
+            };
+            // kv_b_proj rows, per head: qk_nope_head_dim key rows then v_head_dim value rows.
+            let kv_b = ckpt.read_f32(&format!("{a}.kv_b_proj.weight"), &[nh * (nope + v), lora])?;
+            let mut w_uk_t = vec![0f32; nh * lora * nope];
+            let mut w_uv = vec![0f32; nh * v * lora];
+            for head in 0..nh {
+                let base = head * (nope + v) * lora;
+                for n in 0..nope {
+                    for c in 0..lora {
+                        w_uk_t[(head * lora + c) * nope + n] = kv_b[base + n * lora + c];
+                    }
+                }
+                w_uv[head * v * lora..(head + 1) * v * lora]
+                    .copy_from_slice(&kv_b[base + nope * lora..base + (nope + v) * lora]);
+            }
+            let attn = Attention {
+                q,
+                kv_a: ckpt.read_f32(&format!("{a}.kv_a_proj_with_mqa.weight"), &[lora + rope_d, h])?,
+                kv_a_norm: ckpt.read_vec(&format!("{a}.kv_a_layernorm.weight"), lora)?,
+                w_uk_t,
+                w_uv,
+                o_proj: ckpt.read_f32(&format!("{a}.o_proj.weight"), &[h, nh * v])?,
+            };
+            let ffn = if cfg.is_moe_layer(l) {
+                let e = cfg.n_routed_experts;
+                let gate = Gate {
+                    weight: ckpt.read_f32(&format!("{p}.mlp.gate.weight"), &[e, h])?,
+                    bias: ckpt.read_vec(&format!("{p}.mlp.gate.e_score_correction_bias"), e)?,
+                    n_group: cfg.n_group,
+                    topk_group: cfg.topk_group,
+                    top_k: cfg.num_experts_per_tok,
+                    norm_topk_prob: cfg.norm_topk_prob,
+                };
+                let shared = if cfg.n_shared_experts > 0 {
+                    Some(FfnWeights::load(
+                        ckpt,
+                        &format!("{p}.mlp.shared_experts"),
+                        h,
+                        cfg.moe_intermediate_size * cfg.n_shared_experts,
+                    )?)
+                } else {
+                    None
+                };
+                Ffn::Moe(Box::new(Moe { gate, shared }))
+            } else {
+                Ffn::Dense(FfnWeights::load(ckpt, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
+            };
+            layers.push(Layer {
+                input_norm: ckpt.read_vec(&format!("{p}.input_layernorm.weight"), h)?,
+                post_attention_norm: ckpt.read_vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                attn,
+                ffn,
+            });
+        }
+        let norm = ckpt.read_vec("model.norm.weight", h)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(ckpt.read_f32("lm_head.weight", &[cfg.vocab_size, h])?)
+        };
+        Ok(Self {
+            rope: Rope::new(&cfg),
+            softmax_scale: cfg.softmax_scale(),
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            experts,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            len: 0,
+            latent: vec![Vec::new(); self.cfg.num_hidden_layers],
+            k_rope: vec![Vec::new(); self.cfg.num_hidden_layers],
+        }
+    }
+
+    /// Runs `ids` at positions `cache.len()..`, appending them to the cache. With
+    /// `record_routing`, returns every MoE layer's routing of these tokens.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, logits: Logits, record_routing: bool) -> Result<ForwardOutput> {
+        let cfg = &self.cfg;
+        let h = cfg.hidden_size;
+        let t = ids.len();
+        ensure!(t > 0, "forward needs at least one token");
+        ensure!(
+            cache.len + t <= cfg.max_position_embeddings,
+            "sequence of {} tokens exceeds max_position_embeddings ({})",
+            cache.len + t,
+            cfg.max_position_embeddings
+        );
+        // DeepseekV3Model.embed_tokens
+        let mut hidden = vec![0f32; t * h];
+        for (row, &id) in hidden.chunks_exact_mut(h).zip(ids) {
+            ensure!(
+                (id as usize) < cfg.vocab_size,
+                "token id {id} out of range (vocab_size {})",
+                cfg.vocab_size
+            );
+            row.copy_from_slice(&self.embed[id as usize * h..(id as usize + 1) * h]);
+        }
+        let pos0 = cache.len;
+        let mut routing = Vec::new();
+        let mut xn = vec![0f32; t * h];
+        let mut delta = vec![0f32; t * h];
+        for (l, layer) in self.layers.iter().enumerate() {
+            // DeepseekV3DecoderLayer: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))
+            rms_norm(&hidden, &layer.input_norm, cfg.rms_norm_eps, &mut xn);
+            self.attention(&layer.attn, &xn, l, pos0, cache, &mut delta);
+            add_inplace(&mut hidden, &delta);
+            rms_norm(&hidden, &layer.post_attention_norm, cfg.rms_norm_eps, &mut xn);
+            match &layer.ffn {
+                Ffn::Dense(mlp) => ffn_forward(mlp, &xn, h, &mut delta),
+                Ffn::Moe(moe) => {
+                    let r = self.moe(moe, l, &xn, &mut delta)?;
+                    if record_routing {
+                        routing.push(r);
+                    }
+                }
+            }
+            add_inplace(&mut hidden, &delta);
+        }
+        cache.len += t;
+        // DeepseekV3Model.norm, then lm_head.
+        let rows: &[f32] = match logits {
+            Logits::All => &hidden,
+            Logits::Last => &hidden[(t - 1) * h..],
+        };
+        let mut normed = vec![0f32; rows.len()];
+        rms_norm(rows, &self.norm, cfg.rms_norm_eps, &mut normed);
+        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
+        let mut out = vec![0f32; rows.len() / h * cfg.vocab_size];
+        linear(&normed, head, h, &mut out);
+        Ok(ForwardOutput {
+            logits: out,
+            routing,
+        })
+    }
+
+    /// DeepseekV3Attention over the chunk's normalised inputs `xn` (`[t, hidden]`), writing
+    /// `o_proj(...)` to `out`. Appends the chunk's latents and rope keys to the cache.
+    fn attention(&self, attn: &Attention, xn: &[f32], layer: usize, pos0: usize, cache: &mut KvCache, out: &mut [f32]) {
+        let cfg = &self.cfg;
+        let h = cfg.hidden_size;
+        let t = xn.len() / h;
+        let nh = cfg.num_attention_heads;
+        let (nope, rope_d, v, lora) = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        );
+        let qk = nope + rope_d;
+        // Queries: q_b_proj(q_a_layernorm(q_a_proj(x))) or q_proj(x); [t, heads, qk_head_dim].
+        let mut q = vec![0f32; t * nh * qk];
+        match &attn.q {
+            QProj::Lora { a, norm, b, rank } => {
+                let mut qa = vec![0f32; t * rank];
+                linear(xn, a, h, &mut qa);
+                rms_norm_inplace(&mut qa, norm, cfg.rms_norm_eps);
+                linear(&qa, b, *rank, &mut q);
+            }
+            QProj::Full(w) => linear(xn, w, h, &mut q),
+        }
+        // compressed_kv = kv_a_proj_with_mqa(x) = [latent (kv_lora_rank) | k_rot (qk_rope_head_dim)]
+        let mut kv = vec![0f32; t * (lora + rope_d)];
+        linear(xn, &attn.kv_a, h, &mut kv);
+        let half = self.rope.half_dim();
+        let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
+        let latent_cache = &mut cache.latent[layer];
+        let rope_cache = &mut cache.k_rope[layer];
+        let mut q_lat = vec![0f32; t * nh * lora];
+        for i in 0..t {
+            self.rope.cos_sin(pos0 + i, &mut cos, &mut sin);
+            let row = &kv[i * (lora + rope_d)..(i + 1) * (lora + rope_d)];
+            // kv_a_layernorm on the latent: the cache stores it normalised.
+            let start = latent_cache.len();
+            latent_cache.extend_from_slice(&row[..lora]);
+            rms_norm_inplace(&mut latent_cache[start..], &attn.kv_a_norm, cfg.rms_norm_eps);
+            // k_rot is shared by all heads (MQA-style), rotated once.
+            let start = rope_cache.len();
+            rope_cache.extend_from_slice(&row[lora..]);
+            self.rope.rotate(&mut rope_cache[start..], &cos, &sin);
+            for head in 0..nh {
+                let qh = &mut q[(i * nh + head) * qk..(i * nh + head + 1) * qk];
+                self.rope.rotate(&mut qh[nope..], &cos, &sin);
+                // Absorb W_UK: q_lat = W_UK^T q_nope.
+                let ql = &mut q_lat[(i * nh + head) * lora..(i * nh + head + 1) * lora];
+                let wk = &attn.w_uk_t[head * lora * nope..(head + 1) * lora * nope];
+                for (c, o) in ql.iter_mut().enumerate() {
+                    *o = dot(&wk[c * nope..(c + 1) * nope], &qh[..nope]);
+                }
+            }
+        }
+        let latent_cache = &cache.latent[layer];
+        let rope_cache = &cache.k_rope[layer];
+        // Eager attention: softmax(q k^T * scale + causal mask) v, then W_UV; [t, heads * v].
+        let mut o = vec![0f32; t * nh * v];
+        let scale = self.softmax_scale;
+        let attend = |idx: usize, oh: &mut [f32]| {
+            let (i, head) = (idx / nh, idx % nh);
+            let n_ctx = pos0 + i + 1;
+            let ql = &q_lat[idx * lora..(idx + 1) * lora];
+            let qr = &q[idx * qk + nope..(idx + 1) * qk];
+            let mut scores: Vec<f32> = (0..n_ctx)
+                .map(|j| {
+                    (dot(ql, &latent_cache[j * lora..(j + 1) * lora]) + dot(qr, &rope_cache[j * rope_d..(j + 1) * rope_d]))
+                        * scale
+                })
+                .collect();
+            softmax_inplace(&mut scores);
+            let mut ctx = vec![0f32; lora];
+            for (j, &p) in scores.iter().enumerate() {
+                axpy(p, &latent_cache[j * lora..(j + 1) * lora], &mut ctx);
+            }
+            let wv = &attn.w_uv[head * v * lora..(head + 1) * v * lora];
+            for (d, od) in oh.iter_mut().enumerate() {
+                *od = dot(&wv[d * lora..(d + 1) * lora], &ctx);
+            }
+        };
+        let work = t * nh * (pos0 + t) * (lora + rope_d);
+        if work > 1 << 16 {
+            o.par_chunks_mut(v).enumerate().for_each(|(idx, oh)| attend(idx, oh));
+        } else {
+            o.chunks_mut(v).enumerate().for_each(|(idx, oh)| attend(idx, oh));
+        }
+        linear(&o, &attn.o_proj, nh * v, out);
+    }
+
+    /// DeepseekV3MoE: route, run the routed experts (ascending id, each output times its
+    /// weight x routed_scaling_factor, summed in that order per token), add the shared expert.
+    fn moe(&self, moe: &Moe, layer: usize, xn: &[f32], out: &mut [f32]) -> Result<LayerRouting> {
+        let h = self.cfg.hidden_size;
+        let t = xn.len() / h;
+        let (_scores, routing) = moe.gate.route(xn, h);
+        let k = routing.top_k;
+        // Group token slots by expert.
+        let n_experts = moe.gate.n_experts();
+        let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_experts];
+        for (slot, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
+            by_expert[e as usize].push((slot / k, w * self.cfg.routed_scaling_factor));
+        }
+        let ids: Vec<u32> = (0..n_experts as u32)
+            .filter(|&e| !by_expert[e as usize].is_empty())
+            .collect();
+        let weights = self
+            .experts
+            .fetch(layer, &ids)
+            .with_context(|| format!("fetching experts of layer {layer}"))?;
+        ensure!(
+            weights.len() == ids.len(),
+            "expert provider returned {} experts for {} requested",
+            weights.len(),
+            ids.len()
+        );
+        let run = |(e, w): (&u32, &Arc<FfnWeights>)| -> Vec<f32> {
+            let rows = &by_expert[*e as usize];
+            let mut x = Vec::with_capacity(rows.len() * h);
+            for &(tok, _) in rows {
+                x.extend_from_slice(&xn[tok * h..(tok + 1) * h]);
+            }
+            let mut y = vec![0f32; rows.len() * h];
+            ffn_forward(w, &x, h, &mut y);
+            y
+        };
+        let outputs: Vec<Vec<f32>> = if t > 1 {
+            ids.par_iter().zip(weights.par_iter()).map(run).collect()
+        } else {
+            ids.iter().zip(weights.iter()).map(run).collect()
+        };
+        out.iter_mut().for_each(|x| *x = 0.0);
+        for (e, y) in ids.iter().zip(&outputs) {
+            for (r, &(tok, w)) in by_expert[*e as usize].iter().enumerate() {
+                axpy(w, &y[r * h..(r + 1) * h], &mut out[tok * h..(tok + 1) * h]);
+            }
+        }
+        if let Some(shared) = &moe.shared {
+            let mut s = vec![0f32; t * h];
+            ffn_forward(shared, xn, h, &mut s);
+            add_inplace(out, &s);
+        }
+        Ok(routing)
+    }
+}
+
+/// DeepseekV3MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))` for `[t, hidden]` inputs.
+fn ffn_forward(w: &FfnWeights, x: &[f32], hidden: usize, out: &mut [f32]) {
+    let t = x.len() / hidden;
+    let i = w.intermediate;
+    let mut gu = vec![0f32; t * 2 * i];
+    linear(x, &w.gate_up, hidden, &mut gu);
+    let mut act = vec![0f32; t * i];
+    swiglu(&gu, i, &mut act);
+    linear(&act, &w.down, i, out);
+}
+
+fn add_inplace(a: &mut [f32], b: &[f32]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+/// Checks that every tensor the architecture reads exists with the right shape and a
+/// supported dtype, reading headers only.
+fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> {
+    use safetensors::Dtype;
+    let h = cfg.hidden_size;
+    let nh = cfg.num_attention_heads;
+    let qk = cfg.qk_head_dim();
+    let lora = cfg.kv_lora_rank;
+    let mut want: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
+    if !cfg.tie_word_embeddings {
+        want.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
+    }
+    let ffn = |want: &mut Vec<(String, Vec<usize>)>, p: String, i: usize| {
+        want.push((format!("{p}.gate_proj.weight"), vec![i, h]));
+        want.push((format!("{p}.up_proj.weight"), vec![i, h]));
+        want.push((format!("{p}.down_proj.weight"), vec![h, i]));
+    };
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let a = format!("{p}.self_attn");
+        want.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        want.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        match cfg.q_lora_rank {
+            Some(r) => {
+                want.push((format!("{a}.q_a_proj.weight"), vec![r, h]));
+                want.push((format!("{a}.q_a_layernorm.weight"), vec![r]));
+                want.push((format!("{a}.q_b_proj.weight"), vec![nh * qk, r]));
+            }
+            None => want.push((format!("{a}.q_proj.weight"), vec![nh * qk, h])),
+        }
+        want.push((format!("{a}.kv_a_proj_with_mqa.weight"), vec![lora + cfg.qk_rope_head_dim, h]));
+        want.push((format!("{a}.kv_a_layernorm.weight"), vec![lora]));
+        want.push((
+            format!("{a}.kv_b_proj.weight"),
+            vec![nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), lora],
+        ));
+        want.push((format!("{a}.o_proj.weight"), vec![h, nh * cfg.v_head_dim]));
+        if cfg.is_moe_layer(l) {
+            want.push((format!("{p}.mlp.gate.weight"), vec![cfg.n_routed_experts, h]));
+            want.push((format!("{p}.mlp.gate.e_score_correction_bias"), vec![cfg.n_routed_experts]));
+            if cfg.n_shared_experts > 0 {
+                ffn(&mut want, format!("{p}.mlp.shared_experts"), cfg.moe_intermediate_size * cfg.n_shared_experts);
+            }
+            for e in 0..cfg.n_routed_experts as u32 {
+                ffn(&mut want, expert_prefix(l, e), cfg.moe_intermediate_size);
+            }
+        } else {
+            ffn(&mut want, format!("{p}.mlp"), cfg.intermediate_size);
+        }
+    }
+    for (name, shape) in &want {
+        let raw = ckpt.raw(name)?;
+        ensure!(
+            raw.shape == shape.as_slice(),
+            "tensor {name} has shape {:?}, expected {shape:?} from config.json",
+            raw.shape
+        );
+        match raw.dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => {}
+            Dtype::F8_E4M3 => {
+                ensure!(shape.len() == 2, "tensor {name} is F8_E4M3 but not a 2-D weight");
+                ensure!(
+                    cfg.fp8_block.is_some(),
+                    "tensor {name} is F8_E4M3 but config.json has no quantization_config"
+                );
+                let [br, bc] = cfg.fp8_block.unwrap();
+                let scale_name = format!("{name}_scale_inv");
+                let scale = ckpt
+                    .raw(&scale_name)
+                    .with_context(|| format!("FP8 tensor {name} needs its block scales"))?;
+                let want_scale = [shape[0].div_ceil(br), shape[1].div_ceil(bc)];
+                ensure!(
+                    scale.shape == want_scale,
+                    "tensor {scale_name} has shape {:?}, expected {want_scale:?} ({br}x{bc} blocks of {shape:?})",
+                    scale.shape
+                );
+            }
+            other => anyhow::bail!(
+                "tensor {name} has dtype {other:?}; moehost reads F32, BF16, F16 and F8_E4M3 weights"
+            ),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! moehost: run giant Mixture-of-Experts models (DeepSeek-V3, Kimi-K2) with every expert
+//! available and memory policies as WebAssembly plugins.
+//!
+//! Map (see ARCHITECTURE.md): `config` -> `checkpoint` (+ `fp8`) -> `deepseek_v3` (uses
+//! `kernels`, `rope`, `router`, `experts`) -> `engine` (tokenizer, generation, `sampling`).
+//! `forward_dump` writes the verification tensors; `bench` measures throughput.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod deepseek_v3;
+pub mod engine;
+pub mod experts;
+pub mod forward_dump;
+pub mod fp8;
+pub mod kernels;
+pub mod rope;
+pub mod router;
+pub mod sampling;
+
+pub use config::ModelConfig;
+pub use deepseek_v3::{DeepseekV3, ForwardOutput, KvCache, Logits};
+pub use engine::{bundled_model_dir, Engine, Generation};
+pub use sampling::SamplingParams;
