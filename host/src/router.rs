@@ -182,11 +182,11 @@ mod tests {
 
     #[test]
     fn bias_selects_but_does_not_weigh() {
-        let bias = vec![0.0, 0.0, 0.5, 0.0];
+        let bias = vec![0.0, 0.0, 0.75, 0.0];
         let g = gate(1, 1, 2, bias.clone());
         let s = scores(vec![0.9, 0.8, 0.1, 0.2], &bias);
         let ids = g.select_topk(&s);
-        assert_eq!(ids, vec![0, 2]); // 0.9 and 0.1 + 0.5
+        assert_eq!(ids, vec![0, 2]); // 0.9 and 0.1 + 0.75 beat 0.8
         let w = g.weights_for(&s, &ids);
         assert!((w[0] - 0.9).abs() < 1e-6 && (w[1] - 0.1).abs() < 1e-6);
     }

@@ -1,0 +1,86 @@
+//! Shared helpers of the end-to-end tests: where the test data lives, golden-file access.
+#![allow(dead_code)]
+
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// `tests/data` of this repository.
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
+}
+
+/// The bundled bf16 tiny-k2 model.
+pub fn bf16_model() -> PathBuf {
+    moehost::bundled_model_dir()
+}
+
+/// The FP8 (128x128 block) copy of tiny-k2.
+pub fn fp8_model() -> PathBuf {
+    data_dir().join("tiny-k2-fp8")
+}
+
+/// A tensor from a golden file, as f32 or i32 values with its shape.
+pub struct GoldenTensor {
+    pub shape: Vec<usize>,
+    pub f32: Vec<f32>,
+    pub i32: Vec<i32>,
+}
+
+/// The subset of a golden file (see tests/data/golden/subset.py), keyed by tensor name.
+pub struct Golden {
+    tensors: HashMap<String, GoldenTensor>,
+}
+
+impl Golden {
+    /// `name` is `tiny-k2` or `tiny-k2-fp8`.
+    pub fn load(name: &str) -> Golden {
+        let path = data_dir().join("golden").join(format!("{name}.safetensors"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors = HashMap::new();
+        for (k, v) in st.tensors() {
+            let data = v.data();
+            let (f, i) = match v.dtype() {
+                Dtype::F32 => (
+                    data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                    vec![],
+                ),
+                Dtype::I32 => (
+                    vec![],
+                    data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect(),
+                ),
+                other => panic!("unexpected dtype {other:?} for {k}"),
+            };
+            tensors.insert(
+                k,
+                GoldenTensor {
+                    shape: v.shape().to_vec(),
+                    f32: f,
+                    i32: i,
+                },
+            );
+        }
+        Golden { tensors }
+    }
+
+    pub fn get(&self, prompt: usize, name: &str) -> &GoldenTensor {
+        let key = format!("prompt{prompt}.{name}");
+        self.tensors.get(&key).unwrap_or_else(|| panic!("golden tensor {key} missing"))
+    }
+
+    pub fn ids(&self, prompt: usize, name: &str) -> Vec<u32> {
+        self.get(prompt, name).i32.iter().map(|&x| x as u32).collect()
+    }
+
+    pub fn prompts(&self) -> usize {
+        (0..).take_while(|p| self.tensors.contains_key(&format!("prompt{p}.input_ids"))).count()
+    }
+}
+
+/// Largest absolute difference between two equal-length slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
