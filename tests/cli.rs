@@ -1,0 +1,194 @@
+//! The `moehost` binary as a user runs it: the bundled model by default, `forward` output in
+//! the golden layout, `generate` streaming and JSON, errors as messages with a failing status.
+
+mod support;
+
+use std::process::Command;
+use support::{max_abs_diff, Golden};
+
+fn moehost() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_moehost"))
+}
+
+#[test]
+fn forward_writes_golden_layout() {
+    let golden = Golden::load("tiny-k2");
+    let p = 2;
+    let ids = golden.ids(p, "input_ids");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fwd.safetensors");
+    let ids_arg: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    let status = moehost()
+        .args(["forward", "--ids", &ids_arg.join(","), "--out"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = ids.len();
+    let logits = st.tensor("logits").unwrap();
+    assert_eq!(logits.shape(), [t, 4096]);
+    let logits: Vec<f32> = logits
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for (r, &pos) in golden.get(p, "logit_rows").i32.iter().enumerate() {
+        let pos = pos as usize;
+        let d = max_abs_diff(
+            &logits[pos * 4096..(pos + 1) * 4096],
+            &golden.get(p, "logits").f32[r * 4096..(r + 1) * 4096],
+        );
+        assert!(d <= 1e-3, "position {pos}: {d}");
+    }
+    let experts = st.tensor("routed_experts").unwrap();
+    assert_eq!(experts.shape(), [t, 7, 6]);
+    assert_eq!(experts.dtype(), safetensors::Dtype::I32);
+    let experts: Vec<i32> = experts
+        .data()
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    // Golden is [layer, token, k]; the dump is [token, layer, k]: compare layer 3, token 5.
+    let g = &golden.get(p, "routed_experts").i32;
+    assert_eq!(&experts[(5 * 7 + 3) * 6..][..6], &g[(3 * t + 5) * 6..][..6]);
+    let weights = st.tensor("routed_weights").unwrap();
+    assert_eq!(weights.shape(), [t, 7, 6]);
+    let w: Vec<f32> = weights
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let sum: f32 = w[..6].iter().sum();
+    assert!(
+        (sum - 1.0).abs() < 1e-5,
+        "weights are normalised before routed_scaling_factor: {sum}"
+    );
+}
+
+#[test]
+fn generate_json_on_bundled_model() {
+    let golden = Golden::load("tiny-k2");
+    let out = moehost()
+        .args([
+            "generate",
+            "--prompt",
+            "<|bos|>The quick brown fox",
+            "--max-tokens",
+            "32",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u32> = v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let prompt_ids: Vec<u32> = v["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(prompt_ids, golden.ids(1, "input_ids"));
+    assert_eq!(ids, golden.ids(1, "greedy_ids"));
+    assert!(v["text"].as_str().unwrap().starts_with(" of the world"));
+}
+
+#[test]
+fn generate_streams_text() {
+    let out = moehost()
+        .args([
+            "generate",
+            "--prompt",
+            "<|bos|>The quick brown fox",
+            "--max-tokens",
+            "32",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(support::data_dir().join("golden/tiny-k2.index.json")).unwrap(),
+    )
+    .unwrap();
+    let want = index["prompts"][1]["greedy_text"].as_str().unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{want}\n"));
+}
+
+#[test]
+fn sampling_is_seeded() {
+    let run = |seed: &str| {
+        let out = moehost()
+            .args([
+                "generate",
+                "--prompt",
+                "<|bos|>def",
+                "--max-tokens",
+                "24",
+                "--temperature",
+                "1.0",
+            ])
+            .args(["--top-p", "0.9", "--seed", seed, "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["ids"].clone()
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(
+        run("7"),
+        run("8"),
+        "different seeds should sample differently"
+    );
+}
+
+#[test]
+fn errors_are_messages_not_panics() {
+    let out = moehost()
+        .args([
+            "generate",
+            "--model",
+            "/nonexistent/model",
+            "--prompt",
+            "hi",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/model") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let out = moehost()
+        .args([
+            "forward",
+            "--ids",
+            "0,99999",
+            "--out",
+            "/tmp/never.safetensors",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token id 99999 out of range"));
+
+    let out = moehost()
+        .args(["generate", "--prompt", "<|bos|>x", "--temperature=-1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("temperature"));
+}

@@ -22,8 +22,11 @@ fn check_prefill(model_name: &str, engine: &Engine) {
     let biases: Vec<Vec<f32>> = moe_layers
         .iter()
         .map(|l| {
-            ckpt.read_vec(&format!("model.layers.{l}.mlp.gate.e_score_correction_bias"), cfg.n_routed_experts)
-                .unwrap()
+            ckpt.read_vec(
+                &format!("model.layers.{l}.mlp.gate.e_score_correction_bias"),
+                cfg.n_routed_experts,
+            )
+            .unwrap()
         })
         .collect();
     let (k, e) = (cfg.num_experts_per_tok, cfg.n_routed_experts);
@@ -42,7 +45,10 @@ fn check_prefill(model_name: &str, engine: &Engine) {
             let pos = pos as usize;
             let got = &dump.logits[pos * cfg.vocab_size..(pos + 1) * cfg.vocab_size];
             let d = max_abs_diff(got, &want[r * cfg.vocab_size..(r + 1) * cfg.vocab_size]);
-            assert!(d <= LOGIT_TOL, "{model_name} prompt{p} position {pos}: logits differ by {d}");
+            assert!(
+                d <= LOGIT_TOL,
+                "{model_name} prompt{p} position {pos}: logits differ by {d}"
+            );
         }
 
         // Routing: golden is [layer, token, k]; ours is [token, layer, k].
@@ -58,16 +64,27 @@ fn check_prefill(model_name: &str, engine: &Engine) {
                     let gw = &g_weights[(li * t + tok) * k..][..k];
                     let ow = &dump.routed_weights[(tok * moe_layers.len() + li) * k..][..k];
                     let d = max_abs_diff(gw, ow);
-                    assert!(d < 1e-4, "{model_name} prompt{p} layer {li} token {tok}: weights differ by {d}");
+                    assert!(
+                        d < 1e-4,
+                        "{model_name} prompt{p} layer {li} token {tok}: weights differ by {d}"
+                    );
                     continue;
                 }
                 // A difference is only allowed between experts tied at the k-th place.
                 let row = &g_logits[(li * t + tok) * e..][..e];
-                let biased: Vec<f32> = row.iter().zip(bias).map(|(x, b)| 1.0 / (1.0 + (-x).exp()) + b).collect();
+                let biased: Vec<f32> = row
+                    .iter()
+                    .zip(bias)
+                    .map(|(x, b)| 1.0 / (1.0 + (-x).exp()) + b)
+                    .collect();
                 let mut sorted = biased.clone();
                 sorted.sort_by(|a, b| b.total_cmp(a));
                 let kth = sorted[k - 1];
-                for x in g.iter().chain(ours).filter(|x| !(g.contains(x) && ours.contains(x))) {
+                for x in g
+                    .iter()
+                    .chain(ours)
+                    .filter(|x| !(g.contains(x) && ours.contains(x)))
+                {
                     let gap = (biased[*x as usize] - kth).abs();
                     assert!(
                         gap < TIE_TOL,
@@ -92,22 +109,41 @@ fn check_greedy(model_name: &str, engine: &Engine) {
     for p in 0..golden.prompts() {
         let ids = golden.ids(p, "input_ids");
         let want = golden.ids(p, "greedy_ids");
-        let step_rows: Vec<usize> = golden.get(p, "greedy_step_rows").i32.iter().map(|&r| r as usize).collect();
+        let step_rows: Vec<usize> = golden
+            .get(p, "greedy_step_rows")
+            .i32
+            .iter()
+            .map(|&r| r as usize)
+            .collect();
         let step_logits = &golden.get(p, "greedy_step_logits").f32;
         let mut cache = engine.model.new_cache();
-        let mut logits = engine.model.forward(&ids, &mut cache, Logits::Last, false).unwrap().logits;
+        let mut logits = engine
+            .model
+            .forward(&ids, &mut cache, Logits::Last, false)
+            .unwrap()
+            .logits;
         let mut got = Vec::new();
-        for s in 0..want.len() {
+        for (s, &fed) in want.iter().enumerate() {
             let next = argmax(&logits);
             got.push(next);
             // The reference feeds its own token so one divergence does not hide later ones.
-            logits = engine.model.forward(&[want[s]], &mut cache, Logits::Last, false).unwrap().logits;
+            logits = engine
+                .model
+                .forward(&[fed], &mut cache, Logits::Last, false)
+                .unwrap()
+                .logits;
             if let Some(r) = step_rows.iter().position(|&row| row == s) {
                 let d = max_abs_diff(&logits, &step_logits[r * vocab..(r + 1) * vocab]);
-                assert!(d <= LOGIT_TOL, "{model_name} prompt{p} greedy step {s}: logits differ by {d}");
+                assert!(
+                    d <= LOGIT_TOL,
+                    "{model_name} prompt{p} greedy step {s}: logits differ by {d}"
+                );
             }
         }
-        assert_eq!(got, want, "{model_name} prompt{p}: greedy continuation differs");
+        assert_eq!(
+            got, want,
+            "{model_name} prompt{p}: greedy continuation differs"
+        );
     }
 }
 
@@ -115,28 +151,47 @@ fn check_greedy(model_name: &str, engine: &Engine) {
 /// give the same logits at every position.
 fn check_cache_consistency(model_name: &str, engine: &Engine) {
     let golden = Golden::load(model_name);
-    let longest = (0..golden.prompts()).max_by_key(|&p| golden.get(p, "input_ids").i32.len()).unwrap();
+    let longest = (0..golden.prompts())
+        .max_by_key(|&p| golden.get(p, "input_ids").i32.len())
+        .unwrap();
     let ids = golden.ids(longest, "input_ids");
     let model = &engine.model;
-    let full = model.forward(&ids, &mut model.new_cache(), Logits::All, false).unwrap().logits;
+    let full = model
+        .forward(&ids, &mut model.new_cache(), Logits::All, false)
+        .unwrap()
+        .logits;
     let vocab = model.config().vocab_size;
 
     let mut cache = model.new_cache();
     let mut worst = 0f32;
     for (pos, &id) in ids.iter().enumerate() {
-        let step = model.forward(&[id], &mut cache, Logits::Last, false).unwrap().logits;
+        let step = model
+            .forward(&[id], &mut cache, Logits::Last, false)
+            .unwrap()
+            .logits;
         worst = worst.max(max_abs_diff(&step, &full[pos * vocab..(pos + 1) * vocab]));
     }
     assert_eq!(cache.len(), ids.len());
-    assert!(worst <= 1e-4, "{model_name}: decode vs prefill logits differ by {worst}");
+    assert!(
+        worst <= 1e-4,
+        "{model_name}: decode vs prefill logits differ by {worst}"
+    );
 
     let mut cache = model.new_cache();
     let mut chunked = Vec::new();
     for chunk in ids.chunks(37) {
-        chunked.extend(model.forward(chunk, &mut cache, Logits::All, false).unwrap().logits);
+        chunked.extend(
+            model
+                .forward(chunk, &mut cache, Logits::All, false)
+                .unwrap()
+                .logits,
+        );
     }
     let d = max_abs_diff(&chunked, &full);
-    assert!(d <= 1e-4, "{model_name}: chunked vs whole prefill logits differ by {d}");
+    assert!(
+        d <= 1e-4,
+        "{model_name}: chunked vs whole prefill logits differ by {d}"
+    );
 }
 
 #[test]
@@ -172,17 +227,29 @@ fn fp8_decode_equals_prefill() {
 #[test]
 fn generate_reproduces_golden_text() {
     let engine = Engine::open(&support::bf16_model()).unwrap();
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(support::data_dir().join("golden/tiny-k2.index.json")).unwrap())
-            .unwrap();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(support::data_dir().join("golden/tiny-k2.index.json")).unwrap(),
+    )
+    .unwrap();
     for prompt in index["prompts"].as_array().unwrap() {
         let text = prompt["text"].as_str().unwrap();
-        let want_ids: Vec<u32> = prompt["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want_ids: Vec<u32> = prompt["greedy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let prompt_ids = engine.encode(text).unwrap();
-        assert_eq!(prompt_ids.len(), prompt["num_tokens"].as_u64().unwrap() as usize, "tokenization of {text:?}");
+        assert_eq!(
+            prompt_ids.len(),
+            prompt["num_tokens"].as_u64().unwrap() as usize,
+            "tokenization of {text:?}"
+        );
         let mut streamed = String::new();
         let gen = engine
-            .generate(&prompt_ids, want_ids.len(), &Default::default(), |piece| streamed.push_str(piece))
+            .generate(&prompt_ids, want_ids.len(), &Default::default(), |piece| {
+                streamed.push_str(piece)
+            })
             .unwrap();
         // generate stops at <|eos|>; the reference does not, so compare up to it.
         let n = gen.ids.len();
@@ -192,6 +259,9 @@ fn generate_reproduces_golden_text() {
         } else {
             assert_eq!(gen.text, prompt["greedy_text"].as_str().unwrap());
         }
-        assert_eq!(streamed, gen.text, "streamed pieces must add up to the text");
+        assert_eq!(
+            streamed, gen.text,
+            "streamed pieces must add up to the text"
+        );
     }
 }

@@ -35,11 +35,22 @@ fn text_ids(engine: &Engine, n: usize) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-pub fn run(engine: &Engine, prompt_tokens: usize, decode_tokens: usize, repeats: usize) -> Result<BenchReport> {
+pub fn run(
+    engine: &Engine,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    repeats: usize,
+) -> Result<BenchReport> {
     let model = &engine.model;
     let max = model.config().max_position_embeddings;
-    ensure!(prompt_tokens >= 1 && prompt_tokens <= max, "prompt_tokens must be in 1..={max}");
-    ensure!(decode_tokens >= 1 && 16 + decode_tokens <= max, "decode_tokens too large for the context");
+    ensure!(
+        prompt_tokens >= 1 && prompt_tokens <= max,
+        "prompt_tokens must be in 1..={max}"
+    );
+    ensure!(
+        decode_tokens >= 1 && 16 + decode_tokens <= max,
+        "decode_tokens too large for the context"
+    );
     let prompt = text_ids(engine, prompt_tokens)?;
     // Warm-up: touch every expert the prompt routes to, so timing excludes first-use loading.
     model.forward(&prompt, &mut model.new_cache(), Logits::Last, false)?;
@@ -54,10 +65,18 @@ pub fn run(engine: &Engine, prompt_tokens: usize, decode_tokens: usize, repeats:
     let mut best_decode = f64::INFINITY;
     for _ in 0..repeats.max(1) + 1 {
         let mut cache = model.new_cache();
-        let mut next = argmax(&model.forward(short, &mut cache, Logits::Last, false)?.logits);
+        let mut next = argmax(
+            &model
+                .forward(short, &mut cache, Logits::Last, false)?
+                .logits,
+        );
         let t0 = Instant::now();
         for _ in 0..decode_tokens {
-            next = argmax(&model.forward(&[next], &mut cache, Logits::Last, false)?.logits);
+            next = argmax(
+                &model
+                    .forward(&[next], &mut cache, Logits::Last, false)?
+                    .logits,
+            );
         }
         best_decode = best_decode.min(t0.elapsed().as_secs_f64());
     }

@@ -53,12 +53,17 @@ impl Checkpoint {
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .with_context(|| format!("{} has no \"weight_map\" object", index_path.display()))?;
+                .with_context(|| {
+                    format!("{} has no \"weight_map\" object", index_path.display())
+                })?;
             let mut names: Vec<String> = map
                 .values()
                 .map(|v| {
                     v.as_str().map(str::to_owned).with_context(|| {
-                        format!("{}: weight_map values must be file names", index_path.display())
+                        format!(
+                            "{}: weight_map values must be file names",
+                            index_path.display()
+                        )
                     })
                 })
                 .collect::<Result<_>>()?;
@@ -131,10 +136,12 @@ impl Checkpoint {
 
     /// The stored bytes of tensor `name`.
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
-        let &shard_idx = self
-            .index
-            .get(name)
-            .with_context(|| format!("tensor {name} is missing from the checkpoint in {}", self.dir.display()))?;
+        let &shard_idx = self.index.get(name).with_context(|| {
+            format!(
+                "tensor {name} is missing from the checkpoint in {}",
+                self.dir.display()
+            )
+        })?;
         let shard = &self.shards[shard_idx];
         let (name, info) = shard.tensors.get_key_value(name).expect("indexed");
         let (s, e) = info.data_offsets;
@@ -204,10 +211,12 @@ impl Checkpoint {
 }
 
 fn open_shard(path: &Path) -> Result<Shard> {
-    let file = File::open(path).with_context(|| format!("missing or unreadable shard {}", path.display()))?;
+    let file = File::open(path)
+        .with_context(|| format!("missing or unreadable shard {}", path.display()))?;
     // SAFETY: the mapping is read-only; checkpoints are not modified while served
     // (moehost never writes into a model folder).
-    let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+    let mmap =
+        unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
         anyhow::anyhow!(
             "{} is not a valid safetensors file (truncated or corrupt?): {e}",

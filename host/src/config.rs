@@ -204,7 +204,10 @@ impl ModelConfig {
             "unsupported hidden_act {:?}: only \"silu\" is supported",
             raw.hidden_act
         );
-        ensure!(!raw.attention_bias, "attention_bias = true is not supported");
+        ensure!(
+            !raw.attention_bias,
+            "attention_bias = true is not supported"
+        );
         for (name, v) in [
             ("vocab_size", raw.vocab_size),
             ("hidden_size", raw.hidden_size),
@@ -225,7 +228,7 @@ impl ModelConfig {
             ensure!(v > 0, "{name} must be positive, got 0");
         }
         ensure!(
-            raw.qk_rope_head_dim > 0 && raw.qk_rope_head_dim % 2 == 0,
+            raw.qk_rope_head_dim > 0 && raw.qk_rope_head_dim.is_multiple_of(2),
             "qk_rope_head_dim must be a positive even number, got {}",
             raw.qk_rope_head_dim
         );
@@ -234,7 +237,7 @@ impl ModelConfig {
         }
         let e = raw.n_routed_experts;
         ensure!(
-            e % raw.n_group == 0,
+            e.is_multiple_of(raw.n_group),
             "n_routed_experts ({e}) must be divisible by n_group ({})",
             raw.n_group
         );
@@ -268,7 +271,8 @@ impl ModelConfig {
             raw.rope_theta.is_finite() && raw.rope_theta > 1.0,
             "rope_theta must be a number above 1"
         );
-        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref(), raw.max_position_embeddings)?;
+        let rope_scaling =
+            parse_rope_scaling(raw.rope_scaling.as_ref(), raw.max_position_embeddings)?;
         let fp8_block = match &raw.quantization_config {
             None => None,
             Some(q) => {
@@ -331,7 +335,7 @@ impl ModelConfig {
     /// Whether decoder layer `layer` has a routed-expert MLP (DeepSeek's rule:
     /// `layer >= first_k_dense_replace and layer % moe_layer_freq == 0`).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        layer >= self.first_k_dense_replace && layer % self.moe_layer_freq == 0
+        layer >= self.first_k_dense_replace && layer.is_multiple_of(self.moe_layer_freq)
     }
 
     /// Decoder-layer indices of the MoE layers, in order.
@@ -405,7 +409,9 @@ fn parse_rope_scaling(v: Option<&serde_json::Value>, max_pos: usize) -> Result<O
     match kind {
         "default" => return Ok(None),
         "yarn" => {}
-        other => bail!("unsupported rope_scaling type {other:?}: only \"yarn\" (or null) is supported"),
+        other => {
+            bail!("unsupported rope_scaling type {other:?}: only \"yarn\" (or null) is supported")
+        }
     }
     let num = |key: &str| -> Result<Option<f64>> {
         match obj.get(key) {
@@ -421,7 +427,10 @@ fn parse_rope_scaling(v: Option<&serde_json::Value>, max_pos: usize) -> Result<O
     ensure!(factor > 0.0, "rope_scaling.factor must be positive");
     let original = match num("original_max_position_embeddings")? {
         Some(o) => {
-            ensure!(o >= 1.0, "rope_scaling.original_max_position_embeddings must be positive");
+            ensure!(
+                o >= 1.0,
+                "rope_scaling.original_max_position_embeddings must be positive"
+            );
             o as usize
         }
         None => max_pos,
@@ -474,8 +483,16 @@ mod tests {
             ("topk_method", serde_json::json!("greedy"), "topk_method"),
             ("model_type", serde_json::json!("llama"), "model_type"),
             ("n_group", serde_json::json!(3), "divisible"),
-            ("rope_scaling", serde_json::json!({"type": "linear", "factor": 2.0}), "rope_scaling"),
-            ("hidden_size", serde_json::json!("wide"), "config.json is not valid"),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "linear", "factor": 2.0}),
+                "rope_scaling",
+            ),
+            (
+                "hidden_size",
+                serde_json::json!("wide"),
+                "config.json is not valid",
+            ),
         ] {
             let mut c = tiny();
             c[key] = value;

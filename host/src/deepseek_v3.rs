@@ -129,7 +129,11 @@ impl DeepseekV3 {
     /// Loads the always-resident weights from `ckpt` and takes routed experts from `experts`.
     /// Every tensor the architecture needs (experts included) is checked for presence, shape
     /// and dtype first, from the headers alone, so a damaged checkpoint fails here.
-    pub fn load(cfg: ModelConfig, ckpt: &Checkpoint, experts: Arc<dyn ExpertProvider>) -> Result<Self> {
+    pub fn load(
+        cfg: ModelConfig,
+        ckpt: &Checkpoint,
+        experts: Arc<dyn ExpertProvider>,
+    ) -> Result<Self> {
         check_tensors(&cfg, ckpt)?;
         let h = cfg.hidden_size;
         let nh = cfg.num_attention_heads;
@@ -170,7 +174,10 @@ impl DeepseekV3 {
             }
             let attn = Attention {
                 q,
-                kv_a: ckpt.read_f32(&format!("{a}.kv_a_proj_with_mqa.weight"), &[lora + rope_d, h])?,
+                kv_a: ckpt.read_f32(
+                    &format!("{a}.kv_a_proj_with_mqa.weight"),
+                    &[lora + rope_d, h],
+                )?,
                 kv_a_norm: ckpt.read_vec(&format!("{a}.kv_a_layernorm.weight"), lora)?,
                 w_uk_t,
                 w_uv,
@@ -198,11 +205,17 @@ impl DeepseekV3 {
                 };
                 Ffn::Moe(Box::new(Moe { gate, shared }))
             } else {
-                Ffn::Dense(FfnWeights::load(ckpt, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
+                Ffn::Dense(FfnWeights::load(
+                    ckpt,
+                    &format!("{p}.mlp"),
+                    h,
+                    cfg.intermediate_size,
+                )?)
             };
             layers.push(Layer {
                 input_norm: ckpt.read_vec(&format!("{p}.input_layernorm.weight"), h)?,
-                post_attention_norm: ckpt.read_vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                post_attention_norm: ckpt
+                    .read_vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 attn,
                 ffn,
             });
@@ -240,7 +253,13 @@ impl DeepseekV3 {
 
     /// Runs `ids` at positions `cache.len()..`, appending them to the cache. With
     /// `record_routing`, returns every MoE layer's routing of these tokens.
-    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, logits: Logits, record_routing: bool) -> Result<ForwardOutput> {
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        record_routing: bool,
+    ) -> Result<ForwardOutput> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
         let t = ids.len();
@@ -270,7 +289,12 @@ impl DeepseekV3 {
             rms_norm(&hidden, &layer.input_norm, cfg.rms_norm_eps, &mut xn);
             self.attention(&layer.attn, &xn, l, pos0, cache, &mut delta);
             add_inplace(&mut hidden, &delta);
-            rms_norm(&hidden, &layer.post_attention_norm, cfg.rms_norm_eps, &mut xn);
+            rms_norm(
+                &hidden,
+                &layer.post_attention_norm,
+                cfg.rms_norm_eps,
+                &mut xn,
+            );
             match &layer.ffn {
                 Ffn::Dense(mlp) => ffn_forward(mlp, &xn, h, &mut delta),
                 Ffn::Moe(moe) => {
@@ -301,7 +325,15 @@ impl DeepseekV3 {
 
     /// DeepseekV3Attention over the chunk's normalised inputs `xn` (`[t, hidden]`), writing
     /// `o_proj(...)` to `out`. Appends the chunk's latents and rope keys to the cache.
-    fn attention(&self, attn: &Attention, xn: &[f32], layer: usize, pos0: usize, cache: &mut KvCache, out: &mut [f32]) {
+    fn attention(
+        &self,
+        attn: &Attention,
+        xn: &[f32],
+        layer: usize,
+        pos0: usize,
+        cache: &mut KvCache,
+        out: &mut [f32],
+    ) {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
         let t = xn.len() / h;
@@ -338,7 +370,11 @@ impl DeepseekV3 {
             // kv_a_layernorm on the latent: the cache stores it normalised.
             let start = latent_cache.len();
             latent_cache.extend_from_slice(&row[..lora]);
-            rms_norm_inplace(&mut latent_cache[start..], &attn.kv_a_norm, cfg.rms_norm_eps);
+            rms_norm_inplace(
+                &mut latent_cache[start..],
+                &attn.kv_a_norm,
+                cfg.rms_norm_eps,
+            );
             // k_rot is shared by all heads (MQA-style), rotated once.
             let start = rope_cache.len();
             rope_cache.extend_from_slice(&row[lora..]);
@@ -366,7 +402,8 @@ impl DeepseekV3 {
             let qr = &q[idx * qk + nope..(idx + 1) * qk];
             let mut scores: Vec<f32> = (0..n_ctx)
                 .map(|j| {
-                    (dot(ql, &latent_cache[j * lora..(j + 1) * lora]) + dot(qr, &rope_cache[j * rope_d..(j + 1) * rope_d]))
+                    (dot(ql, &latent_cache[j * lora..(j + 1) * lora])
+                        + dot(qr, &rope_cache[j * rope_d..(j + 1) * rope_d]))
                         * scale
                 })
                 .collect();
@@ -382,9 +419,13 @@ impl DeepseekV3 {
         };
         let work = t * nh * (pos0 + t) * (lora + rope_d);
         if work > 1 << 16 {
-            o.par_chunks_mut(v).enumerate().for_each(|(idx, oh)| attend(idx, oh));
+            o.par_chunks_mut(v)
+                .enumerate()
+                .for_each(|(idx, oh)| attend(idx, oh));
         } else {
-            o.chunks_mut(v).enumerate().for_each(|(idx, oh)| attend(idx, oh));
+            o.chunks_mut(v)
+                .enumerate()
+                .for_each(|(idx, oh)| attend(idx, oh));
         }
         linear(&o, &attn.o_proj, nh * v, out);
     }
@@ -495,7 +536,10 @@ fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> {
             }
             None => want.push((format!("{a}.q_proj.weight"), vec![nh * qk, h])),
         }
-        want.push((format!("{a}.kv_a_proj_with_mqa.weight"), vec![lora + cfg.qk_rope_head_dim, h]));
+        want.push((
+            format!("{a}.kv_a_proj_with_mqa.weight"),
+            vec![lora + cfg.qk_rope_head_dim, h],
+        ));
         want.push((format!("{a}.kv_a_layernorm.weight"), vec![lora]));
         want.push((
             format!("{a}.kv_b_proj.weight"),
@@ -503,10 +547,20 @@ fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> {
         ));
         want.push((format!("{a}.o_proj.weight"), vec![h, nh * cfg.v_head_dim]));
         if cfg.is_moe_layer(l) {
-            want.push((format!("{p}.mlp.gate.weight"), vec![cfg.n_routed_experts, h]));
-            want.push((format!("{p}.mlp.gate.e_score_correction_bias"), vec![cfg.n_routed_experts]));
+            want.push((
+                format!("{p}.mlp.gate.weight"),
+                vec![cfg.n_routed_experts, h],
+            ));
+            want.push((
+                format!("{p}.mlp.gate.e_score_correction_bias"),
+                vec![cfg.n_routed_experts],
+            ));
             if cfg.n_shared_experts > 0 {
-                ffn(&mut want, format!("{p}.mlp.shared_experts"), cfg.moe_intermediate_size * cfg.n_shared_experts);
+                ffn(
+                    &mut want,
+                    format!("{p}.mlp.shared_experts"),
+                    cfg.moe_intermediate_size * cfg.n_shared_experts,
+                );
             }
             for e in 0..cfg.n_routed_experts as u32 {
                 ffn(&mut want, expert_prefix(l, e), cfg.moe_intermediate_size);

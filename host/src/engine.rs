@@ -20,7 +20,11 @@ use crate::sampling::{Sampler, SamplingParams};
 pub fn bundled_model_dir() -> PathBuf {
     std::env::var_os("MOEHOST_BUNDLED_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("tiny-k2"))
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("models")
+                .join("tiny-k2")
+        })
 }
 
 /// Sampling defaults of `generation_config.json` and the stop tokens.
@@ -60,7 +64,11 @@ impl Engine {
         dir: &Path,
         make_experts: impl FnOnce(Arc<Checkpoint>, &ModelConfig) -> Arc<dyn ExpertProvider>,
     ) -> Result<Self> {
-        ensure!(dir.is_dir(), "model folder {} does not exist", dir.display());
+        ensure!(
+            dir.is_dir(),
+            "model folder {} does not exist",
+            dir.display()
+        );
         let cfg = ModelConfig::from_dir(dir)?;
         let ckpt = Arc::new(Checkpoint::open(dir, cfg.fp8_block)?);
         let experts = make_experts(ckpt.clone(), &cfg);
@@ -122,7 +130,10 @@ impl Engine {
         let mut ids = Vec::new();
         let mut finish_reason = "length";
         if max_tokens > 0 {
-            let mut logits = self.model.forward(prompt_ids, &mut cache, Logits::Last, false)?.logits;
+            let mut logits = self
+                .model
+                .forward(prompt_ids, &mut cache, Logits::Last, false)?
+                .logits;
             loop {
                 let next = sampler.sample(&logits);
                 if self.defaults.eos_token_ids.contains(&next) {
@@ -136,7 +147,10 @@ impl Engine {
                 if ids.len() >= max_tokens || cache.len() >= cfg.max_position_embeddings {
                     break;
                 }
-                logits = self.model.forward(&[next], &mut cache, Logits::Last, false)?.logits;
+                logits = self
+                    .model
+                    .forward(&[next], &mut cache, Logits::Last, false)?
+                    .logits;
             }
         }
         let text = self.decode(&ids)?;
@@ -163,7 +177,10 @@ struct TextStream {
 impl TextStream {
     fn push(&mut self, engine: &Engine, ids: &[u32]) -> Result<Option<String>> {
         let text = engine.decode(ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.emitted
+            || !text.is_char_boundary(self.emitted)
+        {
             return Ok(None);
         }
         let piece = text[self.emitted..].to_owned();
@@ -177,18 +194,26 @@ fn read_generation_defaults(dir: &Path, cfg: &ModelConfig) -> Result<GenerationD
     let mut eos = cfg.eos_token_ids.clone();
     let mut sampling = SamplingParams::default();
     if path.exists() {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         if let Some(v) = json.get("eos_token_id") {
-            let ids = parse_token_ids(v).with_context(|| format!("{}: eos_token_id", path.display()))?;
+            let ids =
+                parse_token_ids(v).with_context(|| format!("{}: eos_token_id", path.display()))?;
             if !ids.is_empty() {
                 eos = ids;
             }
         }
-        let do_sample = json.get("do_sample").and_then(|v| v.as_bool()).unwrap_or(false);
+        let do_sample = json
+            .get("do_sample")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         if do_sample {
-            sampling.temperature = json.get("temperature").and_then(|v| v.as_f64()).unwrap_or(1.0) as f32;
+            sampling.temperature = json
+                .get("temperature")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1.0) as f32;
             sampling.top_p = json.get("top_p").and_then(|v| v.as_f64()).unwrap_or(1.0) as f32;
             sampling.top_k = json.get("top_k").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
         }

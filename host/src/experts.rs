@@ -23,10 +23,22 @@ pub struct FfnWeights {
 
 impl FfnWeights {
     /// Reads `{prefix}.{gate,up,down}_proj.weight` with the given widths.
-    pub fn load(ckpt: &Checkpoint, prefix: &str, hidden: usize, intermediate: usize) -> Result<Self> {
-        let mut gate_up = ckpt.read_f32(&format!("{prefix}.gate_proj.weight"), &[intermediate, hidden])?;
-        gate_up.extend(ckpt.read_f32(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?);
-        let down = ckpt.read_f32(&format!("{prefix}.down_proj.weight"), &[hidden, intermediate])?;
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self> {
+        let mut gate_up = ckpt.read_f32(
+            &format!("{prefix}.gate_proj.weight"),
+            &[intermediate, hidden],
+        )?;
+        gate_up
+            .extend(ckpt.read_f32(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?);
+        let down = ckpt.read_f32(
+            &format!("{prefix}.down_proj.weight"),
+            &[hidden, intermediate],
+        )?;
         Ok(Self {
             gate_up,
             down,
@@ -66,7 +78,11 @@ impl ResidentExperts {
     pub fn new(ckpt: Arc<Checkpoint>, cfg: &crate::config::ModelConfig) -> Self {
         let slots = (0..cfg.num_hidden_layers)
             .map(|l| {
-                let n = if cfg.is_moe_layer(l) { cfg.n_routed_experts } else { 0 };
+                let n = if cfg.is_moe_layer(l) {
+                    cfg.n_routed_experts
+                } else {
+                    0
+                };
                 (0..n).map(|_| OnceLock::new()).collect()
             })
             .collect();

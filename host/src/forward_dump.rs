@@ -66,12 +66,25 @@ impl ForwardDump {
         let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let logits = f32_bytes(&self.logits);
         let weights = f32_bytes(&self.routed_weights);
-        let experts: Vec<u8> = self.routed_experts.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let experts: Vec<u8> = self
+            .routed_experts
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         let route_shape = vec![self.tokens, self.moe_layers, self.top_k];
         let tensors = vec![
-            ("logits", TensorView::new(Dtype::F32, vec![self.tokens, self.vocab], &logits)?),
-            ("routed_experts", TensorView::new(Dtype::I32, route_shape.clone(), &experts)?),
-            ("routed_weights", TensorView::new(Dtype::F32, route_shape, &weights)?),
+            (
+                "logits",
+                TensorView::new(Dtype::F32, vec![self.tokens, self.vocab], &logits)?,
+            ),
+            (
+                "routed_experts",
+                TensorView::new(Dtype::I32, route_shape.clone(), &experts)?,
+            ),
+            (
+                "routed_weights",
+                TensorView::new(Dtype::F32, route_shape, &weights)?,
+            ),
         ];
         safetensors::serialize_to_file(tensors, None, path)
             .with_context(|| format!("cannot write {}", path.display()))

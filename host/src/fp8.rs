@@ -47,7 +47,14 @@ const fn pow2(e: i32) -> f32 {
 
 /// Dequantizes a row-major `rows x cols` FP8 matrix with per-block scales
 /// (`scales` is `ceil(rows/br) x ceil(cols/bc)`, row-major) into `out`.
-pub fn dequantize_blocks(bytes: &[u8], rows: usize, cols: usize, scales: &[f32], block: [usize; 2], out: &mut [f32]) {
+pub fn dequantize_blocks(
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    scales: &[f32],
+    block: [usize; 2],
+    out: &mut [f32],
+) {
     let [br, bc] = block;
     let scale_cols = cols.div_ceil(bc);
     debug_assert_eq!(bytes.len(), rows * cols);

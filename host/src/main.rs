@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use moehost::{bundled_model_dir, Engine};
 
 #[derive(Parser)]
-#[command(name = "moehost", version, about = "Run giant Mixture-of-Experts models (DeepSeek-V3 / Kimi-K2)")]
+#[command(
+    name = "moehost",
+    version,
+    about = "Run giant Mixture-of-Experts models (DeepSeek-V3 / Kimi-K2)"
+)]
 struct Cli {
     /// Worker threads for the forward pass (default: all cores).
     #[arg(long, global = true)]
@@ -157,8 +161,14 @@ fn run() -> Result<()> {
             } else {
                 println!("model:   {}", r.model);
                 println!("threads: {}", r.threads);
-                println!("prefill: {:.0} tokens/s ({} tokens)", r.prefill_tokens_per_s, r.prompt_tokens);
-                println!("decode:  {:.0} tokens/s ({} tokens, single stream)", r.decode_tokens_per_s, r.decode_tokens);
+                println!(
+                    "prefill: {:.0} tokens/s ({} tokens)",
+                    r.prefill_tokens_per_s, r.prompt_tokens
+                );
+                println!(
+                    "decode:  {:.0} tokens/s ({} tokens, single stream)",
+                    r.decode_tokens_per_s, r.decode_tokens
+                );
             }
         }
     }

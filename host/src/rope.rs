@@ -31,15 +31,20 @@ impl Rope {
                 let attention_factor = match y.attention_factor {
                     Some(a) => a,
                     None if y.mscale != 0.0 && y.mscale_all_dim != 0.0 => {
-                        yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
+                        yarn_get_mscale(y.factor, y.mscale)
+                            / yarn_get_mscale(y.factor, y.mscale_all_dim)
                     }
                     None => yarn_get_mscale(y.factor, 1.0),
                 };
                 let correction_dim = |rotations: f64| {
-                    (dim as f64 * (y.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln())
+                    (dim as f64
+                        * (y.original_max_position_embeddings as f64
+                            / (rotations * 2.0 * std::f64::consts::PI))
+                            .ln())
                         / (2.0 * base.ln())
                 };
-                let (mut low, mut high) = (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
+                let (mut low, mut high) =
+                    (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
                 if y.truncate {
                     low = low.floor();
                     high = high.ceil();

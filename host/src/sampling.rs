@@ -131,8 +131,12 @@ mod tests {
             top_p: 1.0,
             seed: 42,
         };
-        let a: Vec<u32> = (0..20).scan(Sampler::new(p.clone()), |s, _| Some(s.sample(&logits))).collect();
-        let b: Vec<u32> = (0..20).scan(Sampler::new(p), |s, _| Some(s.sample(&logits))).collect();
+        let a: Vec<u32> = (0..20)
+            .scan(Sampler::new(p.clone()), |s, _| Some(s.sample(&logits)))
+            .collect();
+        let b: Vec<u32> = (0..20)
+            .scan(Sampler::new(p), |s, _| Some(s.sample(&logits)))
+            .collect();
         assert_eq!(a, b);
         // The three largest logits (6.0) are at ids 6, 13, 20.
         assert!(a.iter().all(|t| [6, 13, 20].contains(t)), "{a:?}");

@@ -36,7 +36,9 @@ pub struct Golden {
 impl Golden {
     /// `name` is `tiny-k2` or `tiny-k2-fp8`.
     pub fn load(name: &str) -> Golden {
-        let path = data_dir().join("golden").join(format!("{name}.safetensors"));
+        let path = data_dir()
+            .join("golden")
+            .join(format!("{name}.safetensors"));
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut tensors = HashMap::new();
@@ -44,12 +46,16 @@ impl Golden {
             let data = v.data();
             let (f, i) = match v.dtype() {
                 Dtype::F32 => (
-                    data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                    data.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
                     vec![],
                 ),
                 Dtype::I32 => (
                     vec![],
-                    data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect(),
+                    data.chunks_exact(4)
+                        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
                 ),
                 other => panic!("unexpected dtype {other:?} for {k}"),
             };
@@ -67,20 +73,31 @@ impl Golden {
 
     pub fn get(&self, prompt: usize, name: &str) -> &GoldenTensor {
         let key = format!("prompt{prompt}.{name}");
-        self.tensors.get(&key).unwrap_or_else(|| panic!("golden tensor {key} missing"))
+        self.tensors
+            .get(&key)
+            .unwrap_or_else(|| panic!("golden tensor {key} missing"))
     }
 
     pub fn ids(&self, prompt: usize, name: &str) -> Vec<u32> {
-        self.get(prompt, name).i32.iter().map(|&x| x as u32).collect()
+        self.get(prompt, name)
+            .i32
+            .iter()
+            .map(|&x| x as u32)
+            .collect()
     }
 
     pub fn prompts(&self) -> usize {
-        (0..).take_while(|p| self.tensors.contains_key(&format!("prompt{p}.input_ids"))).count()
+        (0..)
+            .take_while(|p| self.tensors.contains_key(&format!("prompt{p}.input_ids")))
+            .count()
     }
 }
 
 /// Largest absolute difference between two equal-length slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
