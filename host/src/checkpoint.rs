@@ -121,6 +121,10 @@ impl Checkpoint {
         })
     }
 
+    pub fn fp8_block(&self) -> Option<[usize; 2]> {
+        self.fp8_block
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -162,45 +166,30 @@ impl Checkpoint {
             "tensor {name} has shape {:?}, expected {shape:?} from config.json",
             raw.shape
         );
-        let n: usize = shape.iter().product();
-        let mut out = vec![0f32; n];
-        match raw.dtype {
-            Dtype::F32 => {
-                for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-            Dtype::BF16 => {
-                for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(2)) {
-                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-                }
-            }
-            Dtype::F16 => {
-                for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(2)) {
-                    *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-                }
-            }
-            Dtype::F8_E4M3 => {
-                ensure!(
-                    shape.len() == 2,
-                    "FP8 tensor {name} must be 2-D (rows x cols), got shape {shape:?}"
-                );
-                let block = self.fp8_block.with_context(|| {
-                    format!("tensor {name} is FP8 but config.json has no quantization_config.weight_block_size")
-                })?;
-                let scale_name = format!("{name}_scale_inv");
-                let scale_rows = shape[0].div_ceil(block[0]);
-                let scale_cols = shape[1].div_ceil(block[1]);
-                let scales = self
-                    .read_f32(&scale_name, &[scale_rows, scale_cols])
-                    .with_context(|| format!("scales of FP8 tensor {name}"))?;
-                fp8::dequantize_blocks(raw.bytes, shape[0], shape[1], &scales, block, &mut out);
-            }
-            other => bail!(
-                "tensor {name} has dtype {other:?}; moehost reads F32, BF16, F16 and F8_E4M3 weights"
-            ),
-        }
-        Ok(out)
+        let scales = match raw.dtype {
+            Dtype::F8_E4M3 => Some(self.fp8_scales(&raw)?),
+            _ => None,
+        };
+        decode_f32(&raw, scales.as_deref(), self.fp8_block)
+    }
+
+    /// The block scales of FP8 tensor `raw` (`<name>_scale_inv`, `ceil`-sized blocks).
+    pub fn fp8_scales(&self, raw: &RawTensor<'_>) -> Result<Vec<f32>> {
+        let name = raw.name;
+        ensure!(
+            raw.shape.len() == 2,
+            "FP8 tensor {name} must be 2-D (rows x cols), got shape {:?}",
+            raw.shape
+        );
+        let block = self.fp8_block.with_context(|| {
+            format!(
+                "tensor {name} is FP8 but config.json has no quantization_config.weight_block_size"
+            )
+        })?;
+        let scale_rows = raw.shape[0].div_ceil(block[0]);
+        let scale_cols = raw.shape[1].div_ceil(block[1]);
+        self.read_f32(&format!("{name}_scale_inv"), &[scale_rows, scale_cols])
+            .with_context(|| format!("scales of FP8 tensor {name}"))
     }
 
     /// Reads a 1-D or 2-D tensor that must be stored in F32 (e.g. `e_score_correction_bias`)
@@ -208,6 +197,49 @@ impl Checkpoint {
     pub fn read_vec(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         self.read_f32(name, &[len])
     }
+}
+
+/// Converts a stored tensor to f32. FP8 needs its block `scales` and the block size.
+pub fn decode_f32(
+    raw: &RawTensor<'_>,
+    scales: Option<&[f32]>,
+    fp8_block: Option<[usize; 2]>,
+) -> Result<Vec<f32>> {
+    let name = raw.name;
+    let shape = raw.shape;
+    let n: usize = shape.iter().product();
+    let mut out = vec![0f32; n];
+    match raw.dtype {
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Dtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        Dtype::F16 => {
+            for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        Dtype::F8_E4M3 => {
+            let (Some(scales), Some(block)) = (scales, fp8_block) else {
+                bail!("FP8 tensor {name} needs block scales and quantization_config.weight_block_size");
+            };
+            ensure!(
+                shape.len() == 2,
+                "FP8 tensor {name} must be 2-D, got shape {shape:?}"
+            );
+            fp8::dequantize_blocks(raw.bytes, shape[0], shape[1], scales, block, &mut out);
+        }
+        other => bail!(
+            "tensor {name} has dtype {other:?}; moehost reads F32, BF16, F16 and F8_E4M3 weights"
+        ),
+    }
+    Ok(out)
 }
 
 fn open_shard(path: &Path) -> Result<Shard> {

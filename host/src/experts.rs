@@ -126,3 +126,73 @@ impl ExpertProvider for ResidentExperts {
             .collect()
     }
 }
+
+/// One stored tensor, copied out of the checkpoint (the host-RAM tier's storage format).
+pub struct OwnedTensor {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+    /// FP8 block scales, when the tensor is FP8.
+    pub scales: Option<Vec<f32>>,
+}
+
+/// A routed expert in storage format (e.g. FP8 bytes + scales): what the host tier holds.
+pub struct ExpertBytes {
+    /// gate, up, down.
+    pub tensors: [OwnedTensor; 3],
+    fp8_block: Option<[usize; 2]>,
+}
+
+impl ExpertBytes {
+    /// Copies expert `expert` of decoder layer `layer` out of the memory-mapped checkpoint.
+    pub fn read(ckpt: &Checkpoint, layer: usize, expert: u32) -> Result<Self> {
+        let prefix = expert_prefix(layer, expert);
+        let one = |proj: &str| -> Result<OwnedTensor> {
+            let raw = ckpt.raw(&format!("{prefix}.{proj}.weight"))?;
+            let scales = match raw.dtype {
+                safetensors::Dtype::F8_E4M3 => Some(ckpt.fp8_scales(&raw)?),
+                _ => None,
+            };
+            Ok(OwnedTensor {
+                name: raw.name.to_owned(),
+                dtype: raw.dtype,
+                shape: raw.shape.to_vec(),
+                bytes: raw.bytes.to_vec(),
+                scales,
+            })
+        };
+        Ok(Self {
+            tensors: [one("gate_proj")?, one("up_proj")?, one("down_proj")?],
+            fp8_block: ckpt.fp8_block(),
+        })
+    }
+
+    /// Bytes held (weights and scales).
+    pub fn storage_bytes(&self) -> usize {
+        self.tensors
+            .iter()
+            .map(|t| t.bytes.len() + t.scales.as_ref().map_or(0, |s| s.len() * 4))
+            .sum()
+    }
+
+    /// The compute form: the same f32 values `FfnWeights::load` produces from the checkpoint.
+    pub fn to_ffn(&self) -> Result<FfnWeights> {
+        let decode = |t: &OwnedTensor| {
+            let raw = crate::checkpoint::RawTensor {
+                name: &t.name,
+                dtype: t.dtype,
+                shape: &t.shape,
+                bytes: &t.bytes,
+            };
+            crate::checkpoint::decode_f32(&raw, t.scales.as_deref(), self.fp8_block)
+        };
+        let mut gate_up = decode(&self.tensors[0])?;
+        gate_up.extend(decode(&self.tensors[1])?);
+        Ok(FfnWeights {
+            gate_up,
+            down: decode(&self.tensors[2])?,
+            intermediate: self.tensors[0].shape[0],
+        })
+    }
+}

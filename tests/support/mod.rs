@@ -36,10 +36,15 @@ pub struct Golden {
 impl Golden {
     /// `name` is `tiny-k2` or `tiny-k2-fp8`.
     pub fn load(name: &str) -> Golden {
-        let path = data_dir()
-            .join("golden")
-            .join(format!("{name}.safetensors"));
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self::from_path(
+            &data_dir()
+                .join("golden")
+                .join(format!("{name}.safetensors")),
+        )
+    }
+
+    pub fn from_path(path: &std::path::Path) -> Golden {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut tensors = HashMap::new();
         for (k, v) in st.tensors() {
