@@ -280,6 +280,7 @@ impl DeepseekV3 {
             );
             row.copy_from_slice(&self.embed[id as usize * h..(id as usize + 1) * h]);
         }
+        self.experts.begin_step();
         let pos0 = cache.len;
         let mut routing = Vec::new();
         let mut xn = vec![0f32; t * h];
@@ -435,8 +436,18 @@ impl DeepseekV3 {
     fn moe(&self, moe: &Moe, layer: usize, xn: &[f32], out: &mut [f32]) -> Result<LayerRouting> {
         let h = self.cfg.hidden_size;
         let t = xn.len() / h;
-        let (_scores, routing) = moe.gate.route(xn, h);
-        let k = routing.top_k;
+        let k = moe.gate.top_k;
+        let scores = moe.gate.scores(xn, h);
+        let experts = match self.experts.select(layer, t, k, &scores.biased) {
+            Some(chosen) => chosen,
+            None => moe.gate.select_topk(&scores),
+        };
+        let weights = moe.gate.weights_for(&scores, &experts);
+        let routing = LayerRouting {
+            top_k: k,
+            experts,
+            weights,
+        };
         // Group token slots by expert.
         let n_experts = moe.gate.n_experts();
         let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n_experts];
@@ -456,6 +467,24 @@ impl DeepseekV3 {
             weights.len(),
             ids.len()
         );
+        let lookahead = self.experts.lookahead();
+        if lookahead > 0 {
+            // Speculative routing: the next MoE layers' gates on this layer's input.
+            let outlook: Vec<(usize, Vec<f32>)> = self
+                .layers
+                .iter()
+                .enumerate()
+                .skip(layer + 1)
+                .filter_map(|(l, next)| match &next.ffn {
+                    Ffn::Moe(m) => Some((l, m.gate.scores(xn, h).biased)),
+                    Ffn::Dense(_) => None,
+                })
+                .take(lookahead)
+                .collect();
+            self.experts.routed(layer, t, &ids, &outlook);
+        } else {
+            self.experts.routed(layer, t, &ids, &[]);
+        }
         let run = |(e, w): (&u32, &Arc<FfnWeights>)| -> Vec<f32> {
             let rows = &by_expert[*e as usize];
             let mut x = Vec::with_capacity(rows.len() * h);

@@ -230,3 +230,32 @@ impl Engine {
         self.model.config().bos_token_id.into_iter().collect()
     }
 }
+
+impl Engine {
+    /// Opens `dir` with the tiered expert store (budgets and policies from `config`).
+    pub fn open_tiered(
+        dir: &Path,
+        config: &crate::store::StoreConfig,
+    ) -> Result<(Self, Arc<crate::store::TieredExperts>)> {
+        let mut store_slot = None;
+        let mut error = None;
+        let engine = Self::open_with(dir, |ckpt, cfg| {
+            match crate::store::TieredExperts::new(ckpt.clone(), cfg, config) {
+                Ok(s) => {
+                    let s = Arc::new(s);
+                    store_slot = Some(s.clone());
+                    s as Arc<dyn ExpertProvider>
+                }
+                Err(e) => {
+                    error = Some(e);
+                    Arc::new(ResidentExperts::new(ckpt, cfg))
+                }
+            }
+        });
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let engine = engine?;
+        Ok((engine, store_slot.expect("store built")))
+    }
+}

@@ -52,11 +52,44 @@ impl FfnWeights {
     }
 }
 
-/// Where routed experts come from. Implementations must return exactly one weight set per
-/// requested id, in the order asked, and must be safe to call from any thread.
+/// Where routed experts come from, and the hooks a memory manager needs around each MoE
+/// layer step. Implementations must return exactly one weight set per requested id, in the
+/// order asked, and must be safe to call from any thread. Layers are decoder-layer indices.
 pub trait ExpertProvider: Send + Sync {
     /// Weights of `experts` (distinct, ascending) of decoder layer `layer`, for one layer step.
     fn fetch(&self, layer: usize, experts: &[u32]) -> Result<Vec<Arc<FfnWeights>>>;
+
+    /// A forward pass begins (a safe point to switch policies).
+    fn begin_step(&self) {}
+
+    /// A selection policy's choice for `tokens` rows of `biased` scores (sigmoid + bias),
+    /// `k` per token; `None` keeps the model's exact top-k.
+    fn select(
+        &self,
+        _layer: usize,
+        _tokens: usize,
+        _k: usize,
+        _biased: &[f32],
+    ) -> Option<Vec<u32>> {
+        None
+    }
+
+    /// How many following MoE layers of speculative scores `routed` wants.
+    fn lookahead(&self) -> usize {
+        0
+    }
+
+    /// After layer `layer` is routed: its distinct experts, and for the next `lookahead()` MoE
+    /// layers `(decoder layer, biased scores [tokens x experts])` from their gates applied to
+    /// the current hidden state.
+    fn routed(
+        &self,
+        _layer: usize,
+        _tokens: usize,
+        _experts: &[u32],
+        _outlook: &[(usize, Vec<f32>)],
+    ) {
+    }
 }
 
 /// Checkpoint tensor prefix of routed expert `expert` of decoder layer `layer`.

@@ -14,9 +14,11 @@ pub mod experts;
 pub mod forward_dump;
 pub mod fp8;
 pub mod kernels;
+pub mod policy;
 pub mod rope;
 pub mod router;
 pub mod sampling;
+pub mod store;
 
 pub use config::ModelConfig;
 pub use deepseek_v3::{DeepseekV3, ForwardOutput, KvCache, Logits};

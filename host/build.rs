@@ -1,0 +1,131 @@
+//! Builds the policy guests in `plugins/` (their own workspace) for wasm32-wasip2 and
+//! generates `bundled_plugins.rs`: `(name, bytes)` for each, embedded as moehost's defaults.
+//! Plugins in `plugins/fixtures/` (misbehaving test plugins) are named `fixture-<dir>`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let plugins = manifest_dir.join("../plugins");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    // Sources only: plugins/target (the guests' own builds) must not make the host stale.
+    watch_sources(&plugins);
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("../wit").display()
+    );
+
+    let target_dir = out_dir.join("plugins-target");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--release",
+        "--target",
+        "wasm32-wasip2",
+        "--manifest-path",
+    ])
+    .arg(plugins.join("Cargo.toml"))
+    .arg("--target-dir")
+    .arg(&target_dir);
+    // The outer build's settings (clippy's wrapper, host rustflags) must not leak into guests.
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_MAKEFLAGS",
+        "CARGO_PRIMARY_PACKAGE",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().expect("cannot run cargo to build plugins/");
+    assert!(
+        status.success(),
+        "building plugins/ for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`)"
+    );
+
+    let wasm_dir = target_dir.join("wasm32-wasip2/release");
+    let mut entries = Vec::new();
+    for (member, package) in members(&plugins) {
+        let wasm = wasm_dir.join(format!("{}.wasm", package.replace('-', "_")));
+        assert!(
+            wasm.exists(),
+            "plugin {member} did not produce {}",
+            wasm.display()
+        );
+        let dir_name = Path::new(&member)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let name = if member.starts_with("fixtures/") {
+            format!("fixture-{dir_name}")
+        } else {
+            dir_name
+        };
+        entries.push(format!(
+            "    ({name:?}, include_bytes!({:?})),",
+            wasm.display().to_string()
+        ));
+    }
+    let code = format!(
+        "/// Bundled policy plugins: (name, component bytes).\npub static BUNDLED: &[(&str, &[u8])] = &[\n{}\n];\n",
+        entries.join("\n")
+    );
+    std::fs::write(out_dir.join("bundled_plugins.rs"), code).unwrap();
+}
+
+/// `(member path, package name)` of each guest crate of the plugins workspace (crates with a
+/// `[lib]` of crate-type cdylib).
+fn members(plugins: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(plugins.join("Cargo.toml")).unwrap();
+    let start = text
+        .find("members")
+        .expect("plugins/Cargo.toml lists members");
+    let list = &text[start..text[start..].find(']').map(|e| start + e).unwrap()];
+    let mut out = Vec::new();
+    for member in list.split('"').skip(1).step_by(2) {
+        let manifest = std::fs::read_to_string(plugins.join(member).join("Cargo.toml")).unwrap();
+        if !manifest.contains("cdylib") {
+            continue;
+        }
+        let name = manifest
+            .lines()
+            .find_map(|l| {
+                l.trim().strip_prefix("name").map(|r| {
+                    r.trim_start_matches([' ', '='])
+                        .trim()
+                        .trim_matches('"')
+                        .to_owned()
+                })
+            })
+            .expect("package name");
+        out.push((member.to_owned(), name));
+    }
+    out
+}
+
+/// `rerun-if-changed` for every manifest and source under `dir`, skipping build output.
+fn watch_sources(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if path.is_dir() {
+            if name != "target" && name != "tools" && !name.to_string_lossy().starts_with('.') {
+                watch_sources(&path);
+            }
+        } else if path
+            .extension()
+            .is_some_and(|e| e == "rs" || e == "toml" || e == "lock" || e == "wit")
+        {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
+}

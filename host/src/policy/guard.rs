@@ -1,0 +1,493 @@
+//! The host's distrust of plugins, in one place.
+//!
+//! Every plugin answer is validated; a trap, timeout, out-of-memory or invalid answer is
+//! counted, logged (the first few, then at quarantine), and that call is served by the built-in
+//! policy. The plugin is re-initialised (fresh instance, current residency) before its next
+//! call, and after `quarantine_after` consecutive failures it is no longer called. The
+//! built-in policy always observes the same facts, so falling back keeps its state warm.
+
+use serde::Serialize;
+use std::collections::HashSet;
+use std::time::Instant;
+
+use super::builtin::{ExactTopK, Lru, NoPrefetch};
+use super::*;
+
+/// Counters of one policy slot.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PolicyStats {
+    /// The plugin in use (`builtin-...` when none).
+    pub name: String,
+    pub source: String,
+    pub version: String,
+    pub calls: u64,
+    /// Calls served by the built-in policy because the plugin failed or is quarantined.
+    pub fallbacks: u64,
+    pub timeouts: u64,
+    pub out_of_memory: u64,
+    pub traps: u64,
+    pub invalid_answers: u64,
+    pub reinits: u64,
+    pub quarantined: bool,
+    /// Time spent in plugin calls (validation included), nanoseconds.
+    pub call_ns: u64,
+}
+
+const LOG_FIRST: u64 = 5;
+
+/// A plugin slot: the plugin (if any), its health and its counters.
+struct Slot<P: ?Sized> {
+    kind: PolicyKind,
+    plugin: Option<Box<P>>,
+    needs_init: bool,
+    consecutive_failures: u32,
+    quarantine_after: u32,
+    stats: PolicyStats,
+}
+
+impl<P: ?Sized> Slot<P> {
+    fn new(
+        kind: PolicyKind,
+        plugin: Option<Box<P>>,
+        source: &str,
+        version: &str,
+        quarantine_after: u32,
+    ) -> Self {
+        Self {
+            kind,
+            needs_init: plugin.is_some(),
+            plugin,
+            consecutive_failures: 0,
+            quarantine_after,
+            stats: PolicyStats {
+                source: source.to_owned(),
+                version: version.to_owned(),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn fail(&mut self, e: PolicyError) {
+        match e.kind {
+            FailureKind::Timeout => self.stats.timeouts += 1,
+            FailureKind::OutOfMemory => self.stats.out_of_memory += 1,
+            FailureKind::Trap => self.stats.traps += 1,
+            FailureKind::InvalidAnswer => self.stats.invalid_answers += 1,
+        }
+        self.stats.fallbacks += 1;
+        self.needs_init = true;
+        self.consecutive_failures += 1;
+        let failures = self.stats.timeouts
+            + self.stats.out_of_memory
+            + self.stats.traps
+            + self.stats.invalid_answers;
+        if failures <= LOG_FIRST {
+            eprintln!(
+                "moehost: {} policy {} failed ({e}); served by the built-in policy",
+                self.kind, self.stats.name
+            );
+        }
+        if self.consecutive_failures >= self.quarantine_after && !self.stats.quarantined {
+            self.stats.quarantined = true;
+            self.plugin = None;
+            eprintln!(
+                "moehost: {} policy {} quarantined after {} consecutive failures; using the built-in policy",
+                self.kind, self.stats.name, self.consecutive_failures
+            );
+        }
+    }
+
+    /// Calls the plugin (initialising it first if needed) and validates its answer.
+    /// `None`: the built-in policy must serve this call.
+    fn run<R>(
+        &mut self,
+        init: impl FnOnce(&mut P) -> PolicyResult<()>,
+        call: impl FnOnce(&mut P) -> PolicyResult<R>,
+        validate: impl FnOnce(&R) -> Result<(), String>,
+    ) -> Option<R> {
+        self.stats.calls += 1;
+        let Some(plugin) = self.plugin.as_mut() else {
+            if self.stats.quarantined {
+                self.stats.fallbacks += 1;
+            }
+            return None;
+        };
+        let t0 = Instant::now();
+        let result = (|| {
+            if self.needs_init {
+                init(plugin)?;
+                self.stats.reinits += 1;
+                self.needs_init = false;
+            }
+            let r = call(plugin)?;
+            validate(&r).map_err(|message| PolicyError {
+                kind: FailureKind::InvalidAnswer,
+                message,
+            })?;
+            Ok(r)
+        })();
+        self.stats.call_ns += t0.elapsed().as_nanos() as u64;
+        match result {
+            Ok(r) => {
+                self.consecutive_failures = 0;
+                Some(r)
+            }
+            Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
+    }
+}
+
+/// Expert selection with exact top-k as the safety net.
+pub struct GuardedSelection {
+    slot: Slot<dyn Selection>,
+    builtin: ExactTopK,
+    max_score_gap: f32,
+}
+
+impl GuardedSelection {
+    pub fn new(
+        plugin: Option<Box<dyn Selection>>,
+        source: &str,
+        version: &str,
+        quarantine_after: u32,
+    ) -> Self {
+        let mut slot = Slot::new(
+            PolicyKind::Selection,
+            plugin,
+            source,
+            version,
+            quarantine_after,
+        );
+        slot.stats.name = "builtin-topk".into();
+        Self {
+            slot,
+            builtin: ExactTopK,
+            max_score_gap: 0.0,
+        }
+    }
+
+    /// Initialises the plugin now (load time / hot swap), so a broken one is reported at once.
+    pub fn init(&mut self, args: &InitArgs) -> PolicyResult<SelectionInfo> {
+        let info = match self.slot.plugin.as_mut() {
+            Some(p) => p.init(args)?,
+            None => self.builtin.init(args)?,
+        };
+        self.max_score_gap = info.max_score_gap.max(0.0);
+        self.slot.stats.name = info.info.name.clone();
+        self.slot.needs_init = false;
+        Ok(info)
+    }
+
+    /// `tokens x k` expert ids for `scores` (`tokens x experts`, sigmoid + bias).
+    pub fn select(
+        &mut self,
+        layer: u32,
+        tokens: u32,
+        k: u32,
+        scores: &[f32],
+        residency: &[Tier],
+        args: &dyn Fn() -> InitArgs,
+    ) -> Vec<u32> {
+        let e = scores.len() / tokens.max(1) as usize;
+        let reinit: std::cell::Cell<Option<SelectionInfo>> = std::cell::Cell::new(None);
+        let current_gap = self.max_score_gap;
+        let answer = self.slot.run(
+            |p| {
+                reinit.set(Some(p.init(&args())?));
+                Ok(())
+            },
+            |p| p.select(layer, tokens, k, scores, residency),
+            |ids| {
+                let info = reinit.take();
+                let gap = info
+                    .as_ref()
+                    .map_or(current_gap, |i| i.max_score_gap.max(0.0));
+                reinit.set(info);
+                validate_selection(ids, scores, e, k as usize, gap)
+            },
+        );
+        if let Some(info) = reinit.take() {
+            self.max_score_gap = info.max_score_gap.max(0.0);
+            self.slot.stats.name = info.info.name;
+        }
+        answer.unwrap_or_else(|| {
+            self.builtin
+                .select(layer, tokens, k, scores, residency)
+                .expect("built-in selection cannot fail")
+        })
+    }
+
+    pub fn stats(&self) -> &PolicyStats {
+        &self.slot.stats
+    }
+}
+
+fn validate_selection(
+    ids: &[u32],
+    scores: &[f32],
+    e: usize,
+    k: usize,
+    max_gap: f32,
+) -> Result<(), String> {
+    let tokens = scores.len() / e.max(1);
+    if ids.len() != tokens * k {
+        return Err(format!(
+            "returned {} ids for {tokens} tokens x k={k}",
+            ids.len()
+        ));
+    }
+    for (t, (row, chosen)) in scores.chunks_exact(e).zip(ids.chunks_exact(k)).enumerate() {
+        let mut sorted: Vec<f32> = row.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[k - 1];
+        for (i, &id) in chosen.iter().enumerate() {
+            if id as usize >= e {
+                return Err(format!("token {t}: expert id {id} out of range (0..{e})"));
+            }
+            if chosen[..i].contains(&id) {
+                return Err(format!("token {t}: expert {id} chosen twice"));
+            }
+            let s = row[id as usize];
+            let within_bound = s >= kth - max_gap; // false for NaN too
+            if !within_bound {
+                return Err(format!(
+                    "token {t}: expert {id} scores {s}, more than the stated bound {max_gap} below the k-th best {kth}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Eviction with LRU as the safety net.
+pub struct GuardedEviction {
+    slot: Slot<dyn Eviction>,
+    builtin: Lru,
+}
+
+impl GuardedEviction {
+    pub fn new(
+        plugin: Option<Box<dyn Eviction>>,
+        source: &str,
+        version: &str,
+        quarantine_after: u32,
+    ) -> Self {
+        let mut slot = Slot::new(
+            PolicyKind::Eviction,
+            plugin,
+            source,
+            version,
+            quarantine_after,
+        );
+        slot.stats.name = "builtin-lru".into();
+        Self {
+            slot,
+            builtin: Lru::default(),
+        }
+    }
+
+    pub fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
+        let builtin = self.builtin.init(args)?;
+        let info = match self.slot.plugin.as_mut() {
+            Some(p) => p.init(args)?,
+            None => builtin,
+        };
+        self.slot.stats.name = info.name.clone();
+        self.slot.needs_init = false;
+        Ok(info)
+    }
+
+    /// Delivers the step's facts; returns exactly `request.count` victims from its candidates.
+    pub fn on_step(
+        &mut self,
+        facts: &StepFacts,
+        request: Option<&VictimRequest>,
+        args: &dyn Fn() -> InitArgs,
+    ) -> Vec<ExpertKey> {
+        let fallback = self
+            .builtin
+            .on_step(facts, request)
+            .expect("built-in eviction cannot fail");
+        let name = std::cell::Cell::new(None);
+        let answer = self
+            .slot
+            .run(
+                |p| {
+                    name.set(Some(p.init(&args())?.name));
+                    Ok(())
+                },
+                |p| p.on_step(facts, request),
+                |v| match request {
+                    Some(r) => validate_victims(v, r),
+                    None if v.is_empty() => Ok(()),
+                    None => Err(format!(
+                        "returned {} victims when none were asked for",
+                        v.len()
+                    )),
+                },
+            )
+            .unwrap_or(fallback);
+        if let Some(n) = name.take() {
+            self.slot.stats.name = n;
+        }
+        answer
+    }
+
+    /// A further victim request in the same step.
+    pub fn victims(
+        &mut self,
+        request: &VictimRequest,
+        args: &dyn Fn() -> InitArgs,
+    ) -> Vec<ExpertKey> {
+        let name = std::cell::Cell::new(None);
+        let answer = self.slot.run(
+            |p| {
+                name.set(Some(p.init(&args())?.name));
+                Ok(())
+            },
+            |p| p.victims(request),
+            |v| validate_victims(v, request),
+        );
+        if let Some(n) = name.take() {
+            self.slot.stats.name = n;
+        }
+        answer.unwrap_or_else(|| {
+            self.builtin
+                .victims(request)
+                .expect("built-in eviction cannot fail")
+        })
+    }
+
+    pub fn stats(&self) -> &PolicyStats {
+        &self.slot.stats
+    }
+}
+
+fn validate_victims(v: &[ExpertKey], r: &VictimRequest) -> Result<(), String> {
+    let want = (r.count as usize).min(r.candidates.len());
+    if v.len() != want {
+        return Err(format!(
+            "returned {} victims, {want} were asked for",
+            v.len()
+        ));
+    }
+    let candidates: HashSet<&ExpertKey> = r.candidates.iter().collect();
+    let mut seen = HashSet::new();
+    for e in v {
+        if !candidates.contains(e) {
+            return Err(format!("victim {e:?} was not among the candidates"));
+        }
+        if !seen.insert(e) {
+            return Err(format!("victim {e:?} named twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Prefetch with "no prefetch" as the safety net.
+pub struct GuardedPrefetch {
+    slot: Slot<dyn Prefetch>,
+    lookahead: u32,
+    shape: Option<ModelShape>,
+}
+
+/// Most speculative layers the host computes for a prefetch policy.
+pub const MAX_LOOKAHEAD: u32 = 4;
+
+impl GuardedPrefetch {
+    pub fn new(
+        plugin: Option<Box<dyn Prefetch>>,
+        source: &str,
+        version: &str,
+        quarantine_after: u32,
+    ) -> Self {
+        let mut slot = Slot::new(
+            PolicyKind::Prefetch,
+            plugin,
+            source,
+            version,
+            quarantine_after,
+        );
+        slot.stats.name = "builtin-none".into();
+        Self {
+            slot,
+            lookahead: 0,
+            shape: None,
+        }
+    }
+
+    pub fn init(&mut self, args: &InitArgs) -> PolicyResult<PrefetchInfo> {
+        self.shape = Some(args.shape);
+        let info = match self.slot.plugin.as_mut() {
+            Some(p) => p.init(args)?,
+            None => NoPrefetch.init(args)?,
+        };
+        self.lookahead = info.lookahead.min(MAX_LOOKAHEAD);
+        self.slot.stats.name = info.info.name.clone();
+        self.slot.needs_init = false;
+        Ok(info)
+    }
+
+    /// Whether a (non-quarantined) plugin is in use.
+    pub fn has_plugin(&self) -> bool {
+        self.slot.plugin.is_some()
+    }
+
+    /// Layers of speculative scores wanted (0 when quarantined or built-in).
+    pub fn lookahead(&self) -> u32 {
+        if self.slot.plugin.is_some() {
+            self.lookahead
+        } else {
+            0
+        }
+    }
+
+    pub fn on_routed(
+        &mut self,
+        step: &RoutedStep,
+        args: &dyn Fn() -> InitArgs,
+    ) -> Vec<PrefetchRequest> {
+        let shape = self.shape;
+        let reinit = std::cell::Cell::new(None);
+        let answer = self.slot.run(
+            |p| {
+                reinit.set(Some(p.init(&args())?));
+                Ok(())
+            },
+            |p| p.on_routed(step),
+            |reqs| validate_prefetch(reqs, shape),
+        );
+        if let Some(info) = reinit.take() {
+            self.lookahead = info.lookahead.min(MAX_LOOKAHEAD);
+            self.slot.stats.name = info.info.name;
+        }
+        answer.unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> &PolicyStats {
+        &self.slot.stats
+    }
+}
+
+fn validate_prefetch(reqs: &[PrefetchRequest], shape: Option<ModelShape>) -> Result<(), String> {
+    let Some(s) = shape else { return Ok(()) };
+    let max = (s.moe_layers as usize * s.experts_per_layer as usize).max(1);
+    if reqs.len() > max {
+        return Err(format!(
+            "returned {} requests, more than the {max} experts of the model",
+            reqs.len()
+        ));
+    }
+    for r in reqs {
+        if r.expert.layer >= s.moe_layers || r.expert.expert >= s.experts_per_layer {
+            return Err(format!("request for expert {:?} is out of range", r.expert));
+        }
+        if r.tier == Tier::Disk {
+            return Err("a prefetch cannot target the disk tier".into());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! Memory policies: expert selection, cache eviction, prefetch prediction.
+//!
+//! Owns: the native mirror of the WIT types (`wit/policy.wit`), the three policy traits that
+//! both built-in and WebAssembly policies implement, and `Guarded*`, which is what the expert
+//! store calls: it validates every answer, counts and logs failures, serves failed calls with
+//! the built-in policy, re-initialises a failed plugin and quarantines one that keeps failing.
+//! Does not own: tiers and loading (`crate::store`), or the wasmtime details (`wasm`).
+
+pub mod bench;
+pub mod builtin;
+pub mod bundled;
+pub mod check;
+pub mod guard;
+pub mod wasm;
+
+use serde::Serialize;
+
+pub use guard::{GuardedEviction, GuardedPrefetch, GuardedSelection, PolicyStats};
+
+/// The three kinds of policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    Selection,
+    Eviction,
+    Prefetch,
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PolicyKind::Selection => "selection",
+            PolicyKind::Eviction => "eviction",
+            PolicyKind::Prefetch => "prefetch",
+        })
+    }
+}
+
+/// An expert: `layer` counts MoE layers only (0 = the first MoE layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ExpertKey {
+    pub layer: u32,
+    pub expert: u32,
+}
+
+/// Memory tiers, fastest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Device,
+    Host,
+    Disk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ModelShape {
+    pub moe_layers: u32,
+    pub experts_per_layer: u32,
+    pub top_k: u32,
+    pub expert_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TierCapacity {
+    pub tier: Tier,
+    pub slots: u32,
+    pub bytes: u64,
+}
+
+/// What an `init` call gets: the shape, the tier capacities and what is resident now.
+#[derive(Debug, Clone)]
+pub struct InitArgs {
+    pub shape: ModelShape,
+    pub capacities: Vec<TierCapacity>,
+    pub resident: Vec<(ExpertKey, Tier)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicyInfo {
+    pub name: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SelectionInfo {
+    pub info: PolicyInfo,
+    pub max_score_gap: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrefetchInfo {
+    pub info: PolicyInfo,
+    pub lookahead: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Access,
+    Insert,
+    Remove,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub tier: Tier,
+    pub expert: ExpertKey,
+}
+
+#[derive(Debug, Clone)]
+pub struct StepFacts {
+    pub step: u64,
+    pub layer: u32,
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VictimRequest {
+    pub tier: Tier,
+    pub count: u32,
+    pub candidates: Vec<ExpertKey>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outlook {
+    pub layer: u32,
+    pub scores: Vec<f32>,
+    pub residency: Vec<Tier>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutedStep {
+    pub step: u64,
+    pub layer: u32,
+    pub tokens: u32,
+    pub experts: Vec<u32>,
+    pub outlook: Vec<Outlook>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefetchRequest {
+    pub expert: ExpertKey,
+    pub tier: Tier,
+    pub priority: u32,
+}
+
+/// Why a policy call was not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The call ran past its deadline.
+    Timeout,
+    /// The plugin hit its memory limit.
+    OutOfMemory,
+    /// Any other trap (unreachable, out-of-bounds, stack overflow, ...).
+    Trap,
+    /// It answered, but the answer broke the contract (ids out of range, wrong count, ...).
+    InvalidAnswer,
+}
+
+/// A failed policy call.
+#[derive(Debug)]
+pub struct PolicyError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+pub type PolicyResult<T> = Result<T, PolicyError>;
+
+/// Chooses each token's experts.
+pub trait Selection: Send {
+    fn init(&mut self, args: &InitArgs) -> PolicyResult<SelectionInfo>;
+    fn select(
+        &mut self,
+        layer: u32,
+        tokens: u32,
+        k: u32,
+        scores: &[f32],
+        residency: &[Tier],
+    ) -> PolicyResult<Vec<u32>>;
+}
+
+/// Chooses victims in a full tier.
+pub trait Eviction: Send {
+    fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo>;
+    fn on_step(
+        &mut self,
+        facts: &StepFacts,
+        request: Option<&VictimRequest>,
+    ) -> PolicyResult<Vec<ExpertKey>>;
+    fn victims(&mut self, request: &VictimRequest) -> PolicyResult<Vec<ExpertKey>>;
+}
+
+/// Predicts experts to load ahead of use.
+pub trait Prefetch: Send {
+    fn init(&mut self, args: &InitArgs) -> PolicyResult<PrefetchInfo>;
+    fn on_routed(&mut self, step: &RoutedStep) -> PolicyResult<Vec<PrefetchRequest>>;
+}
+
+/// Where a policy comes from, as given on the command line: a bundled plugin's name or a
+/// path to a `.wasm` component.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    Bundled(String),
+    File(std::path::PathBuf),
+}
+
+impl PolicySource {
+    /// `lru` -> bundled; anything with a `/` or ending in `.wasm` -> a file.
+    pub fn parse(s: &str) -> Self {
+        if s.ends_with(".wasm") || s.contains('/') || s.contains(std::path::MAIN_SEPARATOR) {
+            PolicySource::File(s.into())
+        } else {
+            PolicySource::Bundled(s.to_owned())
+        }
+    }
+
+    /// The component's bytes.
+    pub fn bytes(&self) -> anyhow::Result<Vec<u8>> {
+        match self {
+            PolicySource::Bundled(name) => bundled::bytes(name).map(<[u8]>::to_vec).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no bundled policy named {name:?}; bundled: {} (or give a path to a .wasm file)",
+                    bundled::names().join(", ")
+                )
+            }),
+            PolicySource::File(p) => {
+                std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read policy plugin {}: {e}", p.display()))
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            PolicySource::Bundled(n) => n.clone(),
+            PolicySource::File(p) => p.display().to_string(),
+        }
+    }
+}

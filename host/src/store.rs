@@ -1,0 +1,1117 @@
+//! The tiered expert store: every routed expert stays available, spread over three tiers with
+//! byte budgets, moved by policies.
+//!
+//! - device: compute-ready weights (on the CPU, experts dequantized to f32);
+//! - host: host RAM in storage format (the checkpoint's bytes, e.g. FP8 + scales);
+//! - disk: the memory-mapped checkpoint, always complete.
+//!
+//! Owns: residency and budgets, promotion (disk/host -> device on a miss or a prefetch),
+//! demotion (device victims go to the host tier), pinning (the experts of the step being served
+//! are never offered as victims, and the model holds its `Arc`s while computing), the prefetch
+//! queue (worker threads, priorities, cancellation by newer requests), the counters, and hot
+//! swap of policies between forward passes. Policy calls happen on the forward thread only.
+//! Does not own: the arithmetic, or validating plugins (`policy::guard`).
+//!
+//! Caching never changes results: an expert's compute form is the same f32 values whichever
+//! tier it came from (`ExpertBytes::to_ffn` and `FfnWeights::load` share one decoder).
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::experts::{ExpertBytes, ExpertProvider, FfnWeights};
+use crate::policy::wasm::{load_component, RuntimeLimits, WasmPolicy};
+use crate::policy::*;
+
+/// Budgets and policies of a store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Device-tier budget in bytes (`None`: every expert fits).
+    pub device_bytes: Option<u64>,
+    /// Host-tier budget in bytes (`None`: every expert fits).
+    pub host_bytes: Option<u64>,
+    pub selection: PolicySource,
+    pub eviction: PolicySource,
+    pub prefetch: PolicySource,
+    pub limits: RuntimeLimits,
+    /// Threads serving the prefetch queue.
+    pub prefetch_workers: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            device_bytes: None,
+            host_bytes: None,
+            selection: PolicySource::Bundled("topk".into()),
+            eviction: PolicySource::Bundled("lru".into()),
+            prefetch: PolicySource::Bundled("none".into()),
+            limits: RuntimeLimits::default(),
+            prefetch_workers: 2,
+        }
+    }
+}
+
+/// Parses a byte size: `512MiB`, `2GiB`, `1.5GB`, `4096` (bytes), `0`.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.trim().parse().with_context(|| {
+        format!("invalid size {s:?}: expected a number with an optional unit, e.g. 512MiB")
+    })?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024f64.powi(2),
+        "g" | "gb" => 1e9,
+        "gib" => 1024f64.powi(3),
+        "t" | "tb" => 1e12,
+        "tib" => 1024f64.powi(4),
+        other => anyhow::bail!("invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"),
+    };
+    anyhow::ensure!(
+        value >= 0.0 && value.is_finite(),
+        "invalid size {s:?}: must be a non-negative number"
+    );
+    Ok((value * mult) as u64)
+}
+
+/// Loads a policy of `kind` from `source` into its guarded slot (no plugin init yet).
+fn guarded(kind: PolicyKind, source: &PolicySource, limits: RuntimeLimits) -> Result<AnyGuarded> {
+    let bytes = source.bytes()?;
+    let component = load_component(&bytes, &source.describe())?;
+    anyhow::ensure!(
+        component.kind == kind,
+        "{} is a {} policy, not a {kind} policy",
+        source.describe(),
+        component.kind
+    );
+    let version = component.version.clone();
+    let plugin = WasmPolicy::new(component, limits);
+    let src = source.describe();
+    let q = limits.quarantine_after;
+    Ok(match kind {
+        PolicyKind::Selection => AnyGuarded::Selection(GuardedSelection::new(
+            Some(Box::new(plugin)),
+            &src,
+            &version,
+            q,
+        )),
+        PolicyKind::Eviction => AnyGuarded::Eviction(GuardedEviction::new(
+            Some(Box::new(plugin)),
+            &src,
+            &version,
+            q,
+        )),
+        PolicyKind::Prefetch => AnyGuarded::Prefetch(GuardedPrefetch::new(
+            Some(Box::new(plugin)),
+            &src,
+            &version,
+            q,
+        )),
+    })
+}
+
+enum AnyGuarded {
+    Selection(GuardedSelection),
+    Eviction(GuardedEviction),
+    Prefetch(GuardedPrefetch),
+}
+
+struct Policies {
+    selection: GuardedSelection,
+    eviction: GuardedEviction,
+    prefetch: GuardedPrefetch,
+}
+
+/// A device slot: ready, or being filled by a prefetch worker.
+enum DeviceEntry {
+    Ready(Arc<FfnWeights>),
+    Loading(Arc<LoadCell>),
+}
+
+/// Where a prefetch worker puts its result; `Some(None)` = cancelled or failed.
+#[derive(Default)]
+struct LoadCell {
+    value: Mutex<Option<Option<Arc<FfnWeights>>>>,
+    ready: Condvar,
+}
+
+impl LoadCell {
+    fn set(&self, v: Option<Arc<FfnWeights>>) {
+        *self.value.lock().unwrap() = Some(v);
+        self.ready.notify_all();
+    }
+
+    fn wait(&self) -> Option<Arc<FfnWeights>> {
+        let mut g = self.value.lock().unwrap();
+        while g.is_none() {
+            g = self.ready.wait(g).unwrap();
+        }
+        g.clone().unwrap()
+    }
+}
+
+/// Counters of the store, as `--stats` prints them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TierCounters {
+    /// Accesses served from this tier.
+    pub hits: u64,
+    /// Accesses that found the expert absent from this tier.
+    pub misses: u64,
+    /// Bytes copied into this tier.
+    pub bytes_in: u64,
+    pub slots: u64,
+    pub resident: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PrefetchCounters {
+    pub issued: u64,
+    /// Prefetched experts accessed before leaving the tier.
+    pub used: u64,
+    /// Prefetched experts evicted unused, or cancelled.
+    pub wasted: u64,
+    pub cancelled: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreStats {
+    pub device: TierCounters,
+    pub host: TierCounters,
+    pub disk: TierCounters,
+    /// Experts computed without being cached because every resident one was pinned.
+    pub streamed: u64,
+    /// Time the forward pass waited for expert weights, milliseconds.
+    pub wait_ms: f64,
+    pub prefetch: PrefetchCounters,
+    pub policy_swaps: u64,
+    pub policies: PolicyStatsSet,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyStatsSet {
+    pub selection: PolicyStats,
+    pub eviction: PolicyStats,
+    pub prefetch: PolicyStats,
+}
+
+#[derive(Default)]
+struct State {
+    device: HashMap<ExpertKey, DeviceEntry>,
+    host: HashMap<ExpertKey, Arc<ExpertBytes>>,
+    /// Events not yet delivered to the eviction policy.
+    events: Vec<Event>,
+    /// Prefetched into the device tier and not used yet.
+    prefetched_unused: HashSet<ExpertKey>,
+    device_c: TierCounters,
+    host_c: TierCounters,
+    disk_c: TierCounters,
+    streamed: u64,
+    wait_ns: u64,
+    prefetch_c: PrefetchCounters,
+}
+
+struct Job {
+    priority: u32,
+    seq: u64,
+    generation: u64,
+    key: ExpertKey,
+    tier: Tier,
+    cell: Option<Arc<LoadCell>>,
+}
+
+impl PartialEq for Job {
+    fn eq(&self, o: &Self) -> bool {
+        (self.priority, self.seq) == (o.priority, o.seq)
+    }
+}
+impl Eq for Job {}
+impl PartialOrd for Job {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Job {
+    /// Higher priority first; among equals, first asked first served.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.priority.cmp(&o.priority).then(o.seq.cmp(&self.seq))
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<BinaryHeap<Job>>,
+    more: Condvar,
+    shutdown: AtomicBool,
+    generation: AtomicU64,
+    seq: AtomicU64,
+}
+
+struct Inner {
+    ckpt: Arc<Checkpoint>,
+    hidden: usize,
+    intermediate: usize,
+    n_experts: usize,
+    top_k: usize,
+    /// Decoder layer -> MoE layer index.
+    moe_index: Vec<Option<u32>>,
+    /// MoE layer index -> decoder layer.
+    moe_layers: Vec<usize>,
+    shape: ModelShape,
+    device_slots: usize,
+    host_slots: usize,
+    device_bytes: u64,
+    host_bytes: u64,
+    state: Mutex<State>,
+    policies: Mutex<Policies>,
+    pending: Mutex<Vec<AnyGuarded>>,
+    swaps: AtomicU64,
+    step: AtomicU64,
+    queue: Queue,
+    limits: RuntimeLimits,
+}
+
+/// The tiered expert store; the `ExpertProvider` the engine uses.
+pub struct TieredExperts {
+    inner: Arc<Inner>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    _watchers: Mutex<Vec<notify::RecommendedWatcher>>,
+}
+
+impl Drop for TieredExperts {
+    fn drop(&mut self) {
+        self.inner.queue.shutdown.store(true, Ordering::SeqCst);
+        self.inner.queue.more.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl TieredExperts {
+    /// Builds the store and loads and initialises its three policies.
+    pub fn new(ckpt: Arc<Checkpoint>, cfg: &ModelConfig, config: &StoreConfig) -> Result<Self> {
+        let moe_layers = cfg.moe_layers();
+        let mut moe_index = vec![None; cfg.num_hidden_layers];
+        for (i, &l) in moe_layers.iter().enumerate() {
+            moe_index[l] = Some(i as u32);
+        }
+        let total = moe_layers.len() * cfg.n_routed_experts;
+        // Byte sizes from the first expert's headers (all experts share them).
+        let (storage, compute) = match moe_layers.first() {
+            Some(&l) => {
+                let prefix = crate::experts::expert_prefix(l, 0);
+                let mut storage = 0u64;
+                for p in ["gate_proj", "up_proj", "down_proj"] {
+                    let raw = ckpt.raw(&format!("{prefix}.{p}.weight"))?;
+                    storage += raw.bytes.len() as u64;
+                    if let Ok(s) = ckpt.raw(&format!("{prefix}.{p}.weight_scale_inv")) {
+                        storage += s.bytes.len() as u64;
+                    }
+                }
+                (
+                    storage,
+                    (3 * cfg.hidden_size * cfg.moe_intermediate_size * 4) as u64,
+                )
+            }
+            None => (1, 1),
+        };
+        let slots = |budget: Option<u64>, per: u64| {
+            budget.map_or(total, |b| ((b / per.max(1)) as usize).min(total))
+        };
+        let device_slots = slots(config.device_bytes, compute);
+        let host_slots = slots(config.host_bytes, storage);
+        let shape = ModelShape {
+            moe_layers: moe_layers.len() as u32,
+            experts_per_layer: cfg.n_routed_experts as u32,
+            top_k: cfg.num_experts_per_tok as u32,
+            expert_bytes: storage,
+        };
+        let take = |kind| guarded(kind, &config.source_of(kind), config.limits);
+        let (
+            AnyGuarded::Selection(selection),
+            AnyGuarded::Eviction(eviction),
+            AnyGuarded::Prefetch(prefetch),
+        ) = (
+            take(PolicyKind::Selection)?,
+            take(PolicyKind::Eviction)?,
+            take(PolicyKind::Prefetch)?,
+        )
+        else {
+            unreachable!("guarded() returns the kind asked for")
+        };
+        let inner = Arc::new(Inner {
+            ckpt,
+            hidden: cfg.hidden_size,
+            intermediate: cfg.moe_intermediate_size,
+            n_experts: cfg.n_routed_experts,
+            top_k: cfg.num_experts_per_tok,
+            moe_index,
+            moe_layers,
+            shape,
+            device_slots,
+            host_slots,
+            device_bytes: device_slots as u64 * compute,
+            host_bytes: host_slots as u64 * storage,
+            state: Mutex::new(State::default()),
+            policies: Mutex::new(Policies {
+                selection,
+                eviction,
+                prefetch,
+            }),
+            pending: Mutex::new(Vec::new()),
+            swaps: AtomicU64::new(0),
+            step: AtomicU64::new(0),
+            queue: Queue::default(),
+            limits: config.limits,
+        });
+        {
+            let args = inner.init_args();
+            let mut p = inner.policies.lock().unwrap();
+            let fail = |kind: PolicyKind, src: &PolicySource, e: PolicyError| {
+                anyhow::anyhow!("{kind} policy {} failed to initialise: {e}", src.describe())
+            };
+            p.selection
+                .init(&args)
+                .map_err(|e| fail(PolicyKind::Selection, &config.selection, e))?;
+            p.eviction
+                .init(&args)
+                .map_err(|e| fail(PolicyKind::Eviction, &config.eviction, e))?;
+            p.prefetch
+                .init(&args)
+                .map_err(|e| fail(PolicyKind::Prefetch, &config.prefetch, e))?;
+        }
+        let workers = (0..config.prefetch_workers)
+            .map(|i| {
+                let inner = inner.clone();
+                std::thread::Builder::new()
+                    .name(format!("moehost-prefetch-{i}"))
+                    .spawn(move || inner.worker())
+                    .expect("cannot start a prefetch worker")
+            })
+            .collect();
+        Ok(Self {
+            inner,
+            workers,
+            _watchers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Counters, and each policy's.
+    pub fn stats(&self) -> StoreStats {
+        let p = self.inner.policies.lock().unwrap();
+        let s = self.inner.state.lock().unwrap();
+        let mut device = s.device_c.clone();
+        device.slots = self.inner.device_slots as u64;
+        device.resident = s.device.len() as u64;
+        let mut host = s.host_c.clone();
+        host.slots = self.inner.host_slots as u64;
+        host.resident = s.host.len() as u64;
+        let mut disk = s.disk_c.clone();
+        disk.slots = (self.inner.moe_layers.len() * self.inner.n_experts) as u64;
+        disk.resident = disk.slots;
+        StoreStats {
+            device,
+            host,
+            disk,
+            streamed: s.streamed,
+            wait_ms: s.wait_ns as f64 / 1e6,
+            prefetch: s.prefetch_c.clone(),
+            policy_swaps: self.inner.swaps.load(Ordering::Relaxed),
+            policies: PolicyStatsSet {
+                selection: p.selection.stats().clone(),
+                eviction: p.eviction.stats().clone(),
+                prefetch: p.prefetch.stats().clone(),
+            },
+        }
+    }
+
+    /// Device and host tier sizes in experts.
+    pub fn slots(&self) -> (usize, usize) {
+        (self.inner.device_slots, self.inner.host_slots)
+    }
+
+    /// Loads `source` as the new `kind` policy and smoke-tests it off the hot path; it takes
+    /// over at the start of the next forward pass (steps in flight finish on the old one).
+    pub fn swap_policy(&self, kind: PolicyKind, source: &PolicySource) -> Result<()> {
+        self.inner.swap_policy(kind, source)
+    }
+
+    /// Watches `path` and hot-swaps the `kind` policy whenever the file changes (debounced).
+    pub fn watch_policy(&self, kind: PolicyKind, path: &Path) -> Result<()> {
+        use notify::Watcher;
+        let file = path
+            .canonicalize()
+            .with_context(|| format!("cannot watch policy plugin {}", path.display()))?;
+        let dir = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let target = file.clone();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                if ev.paths.iter().any(|p| p == &target) && !ev.kind.is_access() {
+                    let _ = tx.send(());
+                }
+            }
+        })
+        .context("cannot start the file watcher")?;
+        watcher
+            .watch(&dir, notify::RecursiveMode::NonRecursive)
+            .with_context(|| format!("cannot watch {}", dir.display()))?;
+        let inner = Arc::downgrade(&self.inner);
+        std::thread::Builder::new()
+            .name("moehost-policy-watch".into())
+            .spawn(move || {
+                // Debounce: act once the file has been quiet for 400 ms.
+                while rx.recv().is_ok() {
+                    while rx.recv_timeout(Duration::from_millis(400)).is_ok() {}
+                    let Some(inner) = inner.upgrade() else { break };
+                    match inner.swap_policy(kind, &PolicySource::File(file.clone())) {
+                        Ok(()) => {
+                            eprintln!("moehost: {kind} policy reloaded from {}", file.display())
+                        }
+                        Err(e) => eprintln!(
+                            "moehost: {kind} policy {} not reloaded: {e:#}",
+                            file.display()
+                        ),
+                    }
+                }
+            })
+            .context("cannot start the policy watch thread")?;
+        self._watchers.lock().unwrap().push(watcher);
+        Ok(())
+    }
+}
+
+impl StoreConfig {
+    fn source_of(&self, kind: PolicyKind) -> PolicySource {
+        match kind {
+            PolicyKind::Selection => self.selection.clone(),
+            PolicyKind::Eviction => self.eviction.clone(),
+            PolicyKind::Prefetch => self.prefetch.clone(),
+        }
+    }
+}
+
+impl Inner {
+    fn key(&self, layer: usize, expert: u32) -> ExpertKey {
+        ExpertKey {
+            layer: self.moe_index[layer].expect("routed experts only in MoE layers"),
+            expert,
+        }
+    }
+
+    fn init_args(&self) -> InitArgs {
+        let s = self.state.lock().unwrap();
+        let mut resident: Vec<(ExpertKey, Tier)> = s
+            .device
+            .iter()
+            .filter(|(_, e)| matches!(e, DeviceEntry::Ready(_)))
+            .map(|(k, _)| (*k, Tier::Device))
+            .chain(s.host.keys().map(|k| (*k, Tier::Host)))
+            .collect();
+        resident.sort();
+        InitArgs {
+            shape: self.shape,
+            capacities: vec![
+                TierCapacity {
+                    tier: Tier::Device,
+                    slots: self.device_slots as u32,
+                    bytes: self.device_bytes,
+                },
+                TierCapacity {
+                    tier: Tier::Host,
+                    slots: self.host_slots as u32,
+                    bytes: self.host_bytes,
+                },
+                TierCapacity {
+                    tier: Tier::Disk,
+                    slots: self.shape.moe_layers * self.shape.experts_per_layer,
+                    bytes: self.shape.moe_layers as u64
+                        * self.shape.experts_per_layer as u64
+                        * self.shape.expert_bytes,
+                },
+            ],
+            resident,
+        }
+    }
+
+    fn residency(s: &State, moe_layer: u32, n: usize) -> Vec<Tier> {
+        (0..n as u32)
+            .map(|e| {
+                let k = ExpertKey {
+                    layer: moe_layer,
+                    expert: e,
+                };
+                if matches!(s.device.get(&k), Some(DeviceEntry::Ready(_))) {
+                    Tier::Device
+                } else if s.host.contains_key(&k) {
+                    Tier::Host
+                } else {
+                    Tier::Disk
+                }
+            })
+            .collect()
+    }
+
+    fn swap_policy(&self, kind: PolicyKind, source: &PolicySource) -> Result<()> {
+        let mut g = guarded(kind, source, self.limits)?;
+        // Smoke test: init with the current residency and one representative call.
+        let args = self.init_args();
+        let shape = self.shape;
+        let e = shape.experts_per_layer as usize;
+        let smoke = |what: &str, e: PolicyError| {
+            anyhow::anyhow!("{kind} policy {} failed its {what}: {e}", source.describe())
+        };
+        match &mut g {
+            AnyGuarded::Selection(s) => {
+                s.init(&args).map_err(|e| smoke("init", e))?;
+                let scores: Vec<f32> = (0..e).map(|i| ((i * 7919) % e) as f32 / e as f32).collect();
+                let before = s.stats().fallbacks;
+                s.select(0, 1, shape.top_k, &scores, &vec![Tier::Disk; e], &|| {
+                    args.clone()
+                });
+                anyhow::ensure!(
+                    s.stats().fallbacks == before,
+                    "{kind} policy {} failed its smoke test",
+                    source.describe()
+                );
+            }
+            AnyGuarded::Eviction(v) => {
+                v.init(&args).map_err(|e| smoke("init", e))?;
+                let facts = StepFacts {
+                    step: 0,
+                    layer: 0,
+                    events: vec![],
+                };
+                let req = VictimRequest {
+                    tier: Tier::Device,
+                    count: 1,
+                    candidates: (0..2.min(e as u32))
+                        .map(|x| ExpertKey {
+                            layer: 0,
+                            expert: x,
+                        })
+                        .collect(),
+                };
+                let before = v.stats().fallbacks;
+                v.on_step(&facts, Some(&req), &|| args.clone());
+                anyhow::ensure!(
+                    v.stats().fallbacks == before,
+                    "{kind} policy {} failed its smoke test",
+                    source.describe()
+                );
+            }
+            AnyGuarded::Prefetch(p) => {
+                p.init(&args).map_err(|e| smoke("init", e))?;
+                let step = RoutedStep {
+                    step: 0,
+                    layer: 0,
+                    tokens: 1,
+                    experts: (0..shape.top_k.min(e as u32)).collect(),
+                    outlook: vec![],
+                };
+                let before = p.stats().fallbacks;
+                p.on_routed(&step, &|| args.clone());
+                anyhow::ensure!(
+                    p.stats().fallbacks == before,
+                    "{kind} policy {} failed its smoke test",
+                    source.describe()
+                );
+            }
+        }
+        self.pending.lock().unwrap().push(g);
+        Ok(())
+    }
+
+    /// Applies pending swaps (forward thread, between passes).
+    fn apply_swaps(&self) {
+        let pending: Vec<AnyGuarded> = std::mem::take(&mut *self.pending.lock().unwrap());
+        if pending.is_empty() {
+            return;
+        }
+        let mut p = self.policies.lock().unwrap();
+        for g in pending {
+            // Re-initialise with the residency of now, not of the smoke test.
+            let args = self.init_args();
+            let ok = match g {
+                AnyGuarded::Selection(mut s) => s.init(&args).map(|_| p.selection = s).is_ok(),
+                AnyGuarded::Eviction(mut v) => v.init(&args).map(|_| p.eviction = v).is_ok(),
+                AnyGuarded::Prefetch(mut f) => f.init(&args).map(|_| p.prefetch = f).is_ok(),
+            };
+            if ok {
+                self.swaps.fetch_add(1, Ordering::Relaxed);
+            } else {
+                eprintln!("moehost: a swapped-in policy failed to re-initialise; keeping the previous one");
+            }
+        }
+    }
+
+    /// Removes `victims` from the device tier and demotes them to the host tier.
+    fn evict_device(&self, s: &mut State, victims: &[ExpertKey], demote: &mut Vec<ExpertKey>) {
+        for v in victims {
+            if let Some(DeviceEntry::Ready(_)) = s.device.get(v) {
+                s.device.remove(v);
+                s.events.push(Event {
+                    kind: EventKind::Remove,
+                    tier: Tier::Device,
+                    expert: *v,
+                });
+                if s.prefetched_unused.remove(v) {
+                    s.prefetch_c.wasted += 1;
+                }
+                if self.host_slots > 0 && !s.host.contains_key(v) {
+                    demote.push(*v);
+                }
+            }
+        }
+    }
+
+    /// Puts `keys` into the host tier (copying their storage bytes), evicting by policy.
+    fn admit_host(&self, p: &mut Policies, keys: &[ExpertKey]) {
+        if keys.is_empty() || self.host_slots == 0 {
+            return;
+        }
+        let (free, candidates) = {
+            let s = self.state.lock().unwrap();
+            let keys: HashSet<&ExpertKey> = keys.iter().collect();
+            let c: Vec<ExpertKey> = s
+                .host
+                .keys()
+                .filter(|k| !keys.contains(k))
+                .copied()
+                .collect();
+            (self.host_slots.saturating_sub(s.host.len()), c)
+        };
+        let mut room = free;
+        if keys.len() > free && !candidates.is_empty() {
+            let req = VictimRequest {
+                tier: Tier::Host,
+                count: (keys.len() - free).min(candidates.len()) as u32,
+                candidates,
+            };
+            let victims = p.eviction.victims(&req, &|| self.init_args());
+            let mut s = self.state.lock().unwrap();
+            for v in victims {
+                if s.host.remove(&v).is_some() {
+                    room += 1;
+                    s.events.push(Event {
+                        kind: EventKind::Remove,
+                        tier: Tier::Host,
+                        expert: v,
+                    });
+                }
+            }
+        }
+        for k in keys.iter().take(room) {
+            let layer = self.moe_layers[k.layer as usize];
+            match ExpertBytes::read(&self.ckpt, layer, k.expert) {
+                Ok(b) => {
+                    let mut s = self.state.lock().unwrap();
+                    s.host_c.bytes_in += b.storage_bytes() as u64;
+                    s.host.insert(*k, Arc::new(b));
+                    s.events.push(Event {
+                        kind: EventKind::Insert,
+                        tier: Tier::Host,
+                        expert: *k,
+                    });
+                }
+                Err(e) => eprintln!("moehost: cannot copy expert {k:?} to host memory: {e:#}"),
+            }
+        }
+    }
+
+    /// The compute form of `key`, from the host tier if there, else from the checkpoint.
+    fn load_compute(
+        &self,
+        key: ExpertKey,
+        host: Option<Arc<ExpertBytes>>,
+    ) -> Result<Arc<FfnWeights>> {
+        let layer = self.moe_layers[key.layer as usize];
+        let w = match host {
+            Some(b) => b.to_ffn()?,
+            None => FfnWeights::load(
+                &self.ckpt,
+                &crate::experts::expert_prefix(layer, key.expert),
+                self.hidden,
+                self.intermediate,
+            )?,
+        };
+        Ok(Arc::new(w))
+    }
+
+    fn worker(&self) {
+        loop {
+            let job = {
+                let mut jobs = self.queue.jobs.lock().unwrap();
+                loop {
+                    if self.queue.shutdown.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Some(j) = jobs.pop() {
+                        break j;
+                    }
+                    jobs = self.queue.more.wait(jobs).unwrap();
+                }
+            };
+            let stale = job.generation < self.queue.generation.load(Ordering::SeqCst);
+            match job.tier {
+                Tier::Device => {
+                    let cell = job.cell.expect("device jobs carry a cell");
+                    let result = if stale {
+                        None
+                    } else {
+                        let host = self.state.lock().unwrap().host.get(&job.key).cloned();
+                        match self.load_compute(job.key, host) {
+                            Ok(w) => {
+                                let mut s = self.state.lock().unwrap();
+                                s.device_c.bytes_in += (w.gate_up.len() + w.down.len()) as u64 * 4;
+                                Some(w)
+                            }
+                            Err(e) => {
+                                eprintln!("moehost: prefetch of {:?} failed: {e:#}", job.key);
+                                None
+                            }
+                        }
+                    };
+                    let mut s = self.state.lock().unwrap();
+                    let ours = matches!(s.device.get(&job.key), Some(DeviceEntry::Loading(c)) if Arc::ptr_eq(c, &cell));
+                    match (&result, ours) {
+                        (Some(w), true) => {
+                            s.device.insert(job.key, DeviceEntry::Ready(w.clone()));
+                            s.prefetched_unused.insert(job.key);
+                            s.events.push(Event {
+                                kind: EventKind::Insert,
+                                tier: Tier::Device,
+                                expert: job.key,
+                            });
+                        }
+                        (None, true) => {
+                            s.device.remove(&job.key);
+                            s.prefetch_c.cancelled += 1;
+                            s.prefetch_c.wasted += 1;
+                        }
+                        _ => {}
+                    }
+                    drop(s);
+                    cell.set(result);
+                }
+                Tier::Host | Tier::Disk => {
+                    if stale {
+                        let mut s = self.state.lock().unwrap();
+                        s.prefetch_c.cancelled += 1;
+                        s.prefetch_c.wasted += 1;
+                        continue;
+                    }
+                    let layer = self.moe_layers[job.key.layer as usize];
+                    if let Ok(b) = ExpertBytes::read(&self.ckpt, layer, job.key.expert) {
+                        let mut s = self.state.lock().unwrap();
+                        if s.host.len() < self.host_slots && !s.host.contains_key(&job.key) {
+                            s.host_c.bytes_in += b.storage_bytes() as u64;
+                            s.host.insert(job.key, Arc::new(b));
+                            s.events.push(Event {
+                                kind: EventKind::Insert,
+                                tier: Tier::Host,
+                                expert: job.key,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl ExpertProvider for TieredExperts {
+    fn begin_step(&self) {
+        self.inner.step.fetch_add(1, Ordering::Relaxed);
+        self.inner.apply_swaps();
+    }
+
+    fn select(&self, layer: usize, tokens: usize, k: usize, biased: &[f32]) -> Option<Vec<u32>> {
+        let inner = &self.inner;
+        let moe = inner.moe_index[layer]?;
+        let residency = Inner::residency(&inner.state.lock().unwrap(), moe, inner.n_experts);
+        let mut p = inner.policies.lock().unwrap();
+        Some(
+            p.selection
+                .select(moe, tokens as u32, k as u32, biased, &residency, &|| {
+                    inner.init_args()
+                }),
+        )
+    }
+
+    fn lookahead(&self) -> usize {
+        self.inner.policies.lock().unwrap().prefetch.lookahead() as usize
+    }
+
+    fn fetch(&self, layer: usize, experts: &[u32]) -> Result<Vec<Arc<FfnWeights>>> {
+        let inner = &self.inner;
+        let t0 = Instant::now();
+        let keys: Vec<ExpertKey> = experts.iter().map(|&e| inner.key(layer, e)).collect();
+        for k in &keys {
+            anyhow::ensure!(
+                (k.expert as usize) < inner.n_experts,
+                "expert {} out of range",
+                k.expert
+            );
+        }
+        let current: HashSet<ExpertKey> = keys.iter().copied().collect();
+        let mut p = inner.policies.lock().unwrap();
+
+        // 1. What is where; the step's accesses.
+        let mut ready: Vec<Option<Arc<FfnWeights>>> = vec![None; keys.len()];
+        let mut waiting: Vec<(usize, Arc<LoadCell>)> = Vec::new();
+        let mut misses: Vec<usize> = Vec::new();
+        let (facts, request) = {
+            let mut s = inner.state.lock().unwrap();
+            for (i, k) in keys.iter().enumerate() {
+                s.events.push(Event {
+                    kind: EventKind::Access,
+                    tier: Tier::Device,
+                    expert: *k,
+                });
+                match s.device.get(k) {
+                    Some(DeviceEntry::Ready(w)) => {
+                        ready[i] = Some(w.clone());
+                        s.device_c.hits += 1;
+                        if s.prefetched_unused.remove(k) {
+                            s.prefetch_c.used += 1;
+                        }
+                    }
+                    Some(DeviceEntry::Loading(c)) => {
+                        waiting.push((i, c.clone()));
+                        s.device_c.hits += 1;
+                        s.prefetch_c.used += 1;
+                    }
+                    None => {
+                        s.device_c.misses += 1;
+                        if s.host.contains_key(k) {
+                            s.host_c.hits += 1;
+                        } else {
+                            s.host_c.misses += 1;
+                            s.disk_c.hits += 1;
+                        }
+                        misses.push(i);
+                    }
+                }
+            }
+            let free = inner.device_slots.saturating_sub(s.device.len());
+            let request = if misses.len() > free {
+                let candidates: Vec<ExpertKey> = s
+                    .device
+                    .iter()
+                    .filter(|(k, e)| matches!(e, DeviceEntry::Ready(_)) && !current.contains(k))
+                    .map(|(k, _)| *k)
+                    .collect();
+                (!candidates.is_empty()).then(|| VictimRequest {
+                    tier: Tier::Device,
+                    count: ((misses.len() - free).min(candidates.len())) as u32,
+                    candidates,
+                })
+            } else {
+                None
+            };
+            let facts = StepFacts {
+                step: inner.step.load(Ordering::Relaxed),
+                layer: keys.first().map_or(0, |k| k.layer),
+                events: std::mem::take(&mut s.events),
+            };
+            (facts, request)
+        };
+
+        // 2. The eviction policy hears the facts and, if needed, names victims.
+        let victims = p
+            .eviction
+            .on_step(&facts, request.as_ref(), &|| inner.init_args());
+        let mut demote = Vec::new();
+        let room = {
+            let mut s = inner.state.lock().unwrap();
+            inner.evict_device(&mut s, &victims, &mut demote);
+            inner.device_slots.saturating_sub(s.device.len())
+        };
+        inner.admit_host(&mut p, &demote);
+        drop(p);
+
+        // 3. Load the misses; cache as many as there is room for, stream the rest.
+        let hosts: Vec<Option<Arc<ExpertBytes>>> = {
+            let s = inner.state.lock().unwrap();
+            misses
+                .iter()
+                .map(|&i| s.host.get(&keys[i]).cloned())
+                .collect()
+        };
+        for (n, (&i, host)) in misses.iter().zip(hosts).enumerate() {
+            let w = inner.load_compute(keys[i], host)?;
+            let mut s = inner.state.lock().unwrap();
+            s.device_c.bytes_in += (w.gate_up.len() + w.down.len()) as u64 * 4;
+            if n < room {
+                s.device.insert(keys[i], DeviceEntry::Ready(w.clone()));
+                s.events.push(Event {
+                    kind: EventKind::Insert,
+                    tier: Tier::Device,
+                    expert: keys[i],
+                });
+            } else {
+                s.streamed += 1;
+            }
+            ready[i] = Some(w);
+        }
+        // 4. Wait for prefetches in flight (a cancelled one is loaded here).
+        for (i, cell) in waiting {
+            ready[i] = Some(match cell.wait() {
+                Some(w) => w,
+                None => inner.load_compute(
+                    keys[i],
+                    inner.state.lock().unwrap().host.get(&keys[i]).cloned(),
+                )?,
+            });
+        }
+        inner.state.lock().unwrap().wait_ns += t0.elapsed().as_nanos() as u64;
+        Ok(ready
+            .into_iter()
+            .map(|w| w.expect("every expert resolved"))
+            .collect())
+    }
+
+    fn routed(&self, layer: usize, tokens: usize, experts: &[u32], outlook: &[(usize, Vec<f32>)]) {
+        let inner = &self.inner;
+        let Some(moe) = inner.moe_index[layer] else {
+            return;
+        };
+        let mut p = inner.policies.lock().unwrap();
+        if !p.prefetch.has_plugin() {
+            return;
+        }
+        let step = {
+            let s = inner.state.lock().unwrap();
+            RoutedStep {
+                step: inner.step.load(Ordering::Relaxed),
+                layer: moe,
+                tokens: tokens as u32,
+                experts: experts.to_vec(),
+                outlook: outlook
+                    .iter()
+                    .filter_map(|(l, scores)| {
+                        let m = inner.moe_index[*l]?;
+                        Some(Outlook {
+                            layer: m,
+                            scores: scores.clone(),
+                            residency: Inner::residency(&s, m, inner.n_experts),
+                        })
+                    })
+                    .collect(),
+            }
+        };
+        let mut reqs = p.prefetch.on_routed(&step, &|| inner.init_args());
+        // Newer requests cancel queued ones.
+        let generation = inner.queue.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        if reqs.is_empty() {
+            return;
+        }
+        reqs.sort_by_key(|r| std::cmp::Reverse(r.priority));
+        let mut seen = HashSet::new();
+        reqs.retain(|r| seen.insert((r.expert, r.tier)));
+        // At most one layer step's worth of device prefetches per call.
+        let cap = (inner.top_k * tokens).max(inner.top_k);
+        let current: HashSet<ExpertKey> = experts
+            .iter()
+            .map(|&e| ExpertKey {
+                layer: moe,
+                expert: e,
+            })
+            .collect();
+        let (device_reqs, host_reqs): (Vec<PrefetchRequest>, Vec<PrefetchRequest>) = {
+            let s = inner.state.lock().unwrap();
+            let d: Vec<_> = reqs
+                .iter()
+                .filter(|r| r.tier == Tier::Device && !s.device.contains_key(&r.expert))
+                .take(cap)
+                .copied()
+                .collect();
+            let h: Vec<_> = reqs
+                .iter()
+                .filter(|r| {
+                    r.tier == Tier::Host
+                        && !s.host.contains_key(&r.expert)
+                        && !s.device.contains_key(&r.expert)
+                })
+                .take(cap)
+                .copied()
+                .collect();
+            (d, h)
+        };
+        let mut accepted = Vec::new();
+        if !device_reqs.is_empty() {
+            let (free, candidates) = {
+                let s = inner.state.lock().unwrap();
+                let wanted: HashSet<ExpertKey> = device_reqs.iter().map(|r| r.expert).collect();
+                let c: Vec<ExpertKey> = s
+                    .device
+                    .iter()
+                    .filter(|(k, e)| {
+                        matches!(e, DeviceEntry::Ready(_))
+                            && !current.contains(k)
+                            && !wanted.contains(k)
+                    })
+                    .map(|(k, _)| *k)
+                    .collect();
+                (inner.device_slots.saturating_sub(s.device.len()), c)
+            };
+            let mut room = free;
+            if device_reqs.len() > free && !candidates.is_empty() {
+                let req = VictimRequest {
+                    tier: Tier::Device,
+                    count: (device_reqs.len() - free).min(candidates.len()) as u32,
+                    candidates,
+                };
+                let victims = p.eviction.victims(&req, &|| inner.init_args());
+                let mut demote = Vec::new();
+                {
+                    let mut s = inner.state.lock().unwrap();
+                    let before = s.device.len();
+                    inner.evict_device(&mut s, &victims, &mut demote);
+                    room += before - s.device.len();
+                }
+                inner.admit_host(&mut p, &demote);
+            }
+            let mut s = inner.state.lock().unwrap();
+            for r in device_reqs.into_iter().take(room) {
+                let cell = Arc::new(LoadCell::default());
+                s.device
+                    .insert(r.expert, DeviceEntry::Loading(cell.clone()));
+                accepted.push((r, Some(cell)));
+            }
+        }
+        accepted.extend(host_reqs.into_iter().map(|r| (r, None)));
+        if accepted.is_empty() {
+            return;
+        }
+        inner.state.lock().unwrap().prefetch_c.issued += accepted.len() as u64;
+        let mut jobs = inner.queue.jobs.lock().unwrap();
+        for (r, cell) in accepted {
+            jobs.push(Job {
+                priority: r.priority,
+                seq: inner.queue.seq.fetch_add(1, Ordering::Relaxed),
+                generation,
+                key: r.expert,
+                tier: r.tier,
+                cell,
+            });
+        }
+        drop(jobs);
+        inner.queue.more.notify_all();
+    }
+}

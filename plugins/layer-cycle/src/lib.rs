@@ -1,0 +1,410 @@
+//! Evict the expert whose next use is furthest ahead, estimated from what an eviction policy
+//! can know: the fixed cycle of MoE layers, each expert's recent usage rate in its layer, and
+//! the loops that greedy decoding and repetitive text fall into. See README.md for the
+//! reasoning and the measured hit rates; `plugins/tools/evict_sim.py` has the same algorithm in
+//! Python (`LayerCycle`).
+#![cfg_attr(target_arch = "wasm32", no_std)]
+
+extern crate alloc;
+
+use alloc::vec;
+use alloc::vec::Vec;
+use common::{powi, Dedup, Slots};
+
+/// Per-visit decay of an expert's usage rate in its layer (a visit = one step of that layer).
+pub const DECAY: f32 = 0.97;
+/// Lags (in visits of a layer) tried as loop periods: 1..=LAGS. Bounded by the 32-bit history.
+pub const LAGS: usize = 31;
+/// Per-visit decay of a lag's precision estimate.
+pub const LAG_DECAY: f32 = 0.8;
+/// A visit that uses more than BURST x the layer's running mean of distinct experts (and more
+/// than 2 x top-k) is a burst, e.g. a prefill: a new context starts and usage rates restart.
+pub const BURST: f32 = 2.0;
+/// Lower bound of a usage rate in the estimate (an expert never used ranks by distance).
+pub const FLOOR: f32 = 1e-6;
+
+/// One expert's history.
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    /// Decayed usage rate as of visit `last` (its layer's visit count).
+    p: f32,
+    /// Bit j: used at visit `last - j`.
+    hist: u32,
+    /// The visit of its last use (0 = never).
+    last: u64,
+}
+
+/// One MoE layer's counters.
+#[derive(Clone, Copy)]
+struct Layer {
+    /// Visits so far (the current one included once its accesses arrived).
+    visits: u64,
+    /// The step of the latest visit.
+    last_step: Option<u64>,
+    /// The visit that started the current context (usage before it is forgotten).
+    reset_at: u64,
+    /// Running mean of the distinct experts of a visit.
+    mean_used: f32,
+    /// `q[P]`: decayed fraction of the experts used P visits ago that were used again.
+    q: [f32; LAGS + 1],
+    /// Distinct experts used per visit, ring indexed by visit % (LAGS + 1); 0 = burst.
+    sizes: [u32; LAGS + 1],
+}
+
+impl Layer {
+    fn new(top_k: u32) -> Self {
+        Layer {
+            visits: 0,
+            last_step: None,
+            reset_at: 0,
+            mean_used: top_k as f32,
+            q: [0.0; LAGS + 1],
+            sizes: [0; LAGS + 1],
+        }
+    }
+
+    /// The lag whose loop prediction has been most precise, and its precision.
+    fn best_lag(&self) -> (usize, f32) {
+        let mut best = (1, self.q[1]);
+        for p in 2..=LAGS {
+            if self.q[p] > best.1 {
+                best = (p, self.q[p]);
+            }
+        }
+        best
+    }
+}
+
+pub struct LayerCycle {
+    slots: Slots,
+    top_k: u32,
+    layers: Vec<Layer>,
+    experts: Vec<Slot>,
+    /// The layer being served (from the latest step facts).
+    current: u32,
+    dedup: Dedup,
+    scratch: Vec<u32>,
+}
+
+impl LayerCycle {
+    pub fn new(layers: u32, experts: u32, top_k: u32) -> Self {
+        let slots = Slots::new(layers, experts);
+        LayerCycle {
+            slots,
+            top_k,
+            layers: vec![Layer::new(top_k); layers as usize],
+            experts: vec![Slot::default(); slots.len()],
+            current: 0,
+            dedup: Dedup::new(slots.len()),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// History bits of slot `s` aligned at visit `v` (bit j: used at visit v - j).
+    fn bits(&self, s: usize, v: u64) -> u32 {
+        let slot = &self.experts[s];
+        let age = v - slot.last.min(v);
+        if slot.last == 0 || age >= 32 {
+            0
+        } else {
+            slot.hist << age
+        }
+    }
+
+    /// Usage rate of slot `s` (of `layer`) now, bias-corrected for the visits since the
+    /// context started.
+    fn rate(&self, s: usize, layer: &Layer) -> f32 {
+        let slot = &self.experts[s];
+        if slot.last <= layer.reset_at {
+            return 0.0;
+        }
+        let p = slot.p * powi(DECAY, layer.visits - slot.last);
+        p / (1.0 - powi(DECAY, layer.visits - layer.reset_at))
+    }
+
+    /// The facts of one call: the layer being served and, in order, the experts accessed
+    /// (layer, expert). Accesses for a layer at or before `layer` belong to `step`, those of a
+    /// later layer to the previous step (a host that reports a step's accesses one call late).
+    pub fn on_step(&mut self, step: u64, layer: u32, accesses: &[(u32, u32)]) {
+        if layer < self.slots.layers {
+            self.current = layer;
+        }
+        let mut i = 0;
+        while i < accesses.len() {
+            // A run of accesses to one layer: that layer's visit.
+            let l = accesses[i].0;
+            let mut j = i + 1;
+            while j < accesses.len() && accesses[j].0 == l {
+                j += 1;
+            }
+            if l < self.slots.layers {
+                let step_of = if l <= layer {
+                    step
+                } else {
+                    step.saturating_sub(1)
+                };
+                self.visit(l, step_of, &accesses[i..j]);
+            }
+            i = j;
+        }
+    }
+
+    fn visit(&mut self, l: u32, step: u64, accesses: &[(u32, u32)]) {
+        let mut used = core::mem::take(&mut self.scratch);
+        used.clear();
+        self.dedup.start();
+        for &(_, e) in accesses {
+            if let Some(s) = self.slots.index(l, e) {
+                if self.dedup.first(s) {
+                    used.push(s as u32);
+                }
+            }
+        }
+        let mut layer = self.layers[l as usize];
+        if layer.last_step != Some(step) {
+            // A new visit: update the layer's statistics from the whole set.
+            layer.last_step = Some(step);
+            layer.visits += 1;
+            let v = layer.visits;
+            let n = used.len() as f32;
+            let burst = n > BURST * layer.mean_used && n > 2.0 * self.top_k as f32;
+            layer.mean_used = 0.9 * layer.mean_used + 0.1 * n;
+            let ring = (v % (LAGS as u64 + 1)) as usize;
+            if burst {
+                layer.reset_at = v;
+                layer.sizes[ring] = 0;
+                self.layers[l as usize] = layer;
+                self.scratch = used;
+                return;
+            }
+            let mut inter = [0u32; LAGS + 1];
+            for &s in &used {
+                let b = self.bits(s as usize, v);
+                for (p, count) in inter.iter_mut().enumerate().skip(1) {
+                    *count += (b >> p) & 1;
+                }
+            }
+            for (p, &hits) in inter.iter().enumerate().skip(1) {
+                let size =
+                    layer.sizes[((v + (LAGS as u64 + 1) - p as u64) % (LAGS as u64 + 1)) as usize];
+                if v > p as u64 && size > 0 {
+                    let precision = hits as f32 / size as f32;
+                    layer.q[p] = LAG_DECAY * layer.q[p] + (1.0 - LAG_DECAY) * precision;
+                }
+            }
+            layer.sizes[ring] = used.len() as u32;
+        }
+        let v = layer.visits;
+        for &s in &used {
+            let s = s as usize;
+            let slot = self.experts[s];
+            if slot.last == v {
+                continue;
+            }
+            let p = if slot.last > layer.reset_at {
+                slot.p * powi(DECAY, v - slot.last)
+            } else {
+                0.0
+            };
+            self.experts[s] = Slot {
+                p: p + (1.0 - DECAY),
+                hist: self.bits(s, v) | 1,
+                last: v,
+            };
+        }
+        self.layers[l as usize] = layer;
+        self.scratch = used;
+    }
+
+    /// Estimated layer steps until expert `e` of `l` is used again.
+    fn next_use(&self, l: u32, e: u32, best: &[(usize, f32)]) -> f32 {
+        let Some(s) = self.slots.index(l, e) else {
+            return f32::INFINITY;
+        };
+        let m = self.slots.layers;
+        let layer = &self.layers[l as usize];
+        // Layer steps until layer `l` comes round again (the current layer: a full cycle).
+        let dist = ((l + m - self.current - 1) % m + 1) as f32;
+        let (lag, qb) = best[l as usize];
+        let bits = self.bits(s, layer.visits);
+        let p = self.rate(s, layer);
+        // Probability of a use at the next visit: the loop's guess, weighted by its precision.
+        let loop_bit = ((bits >> (lag - 1)) & 1) as f32;
+        let pn = qb * loop_bit + (1.0 - qb) * p;
+        let by_rate = dist + m as f32 * (1.0 - pn) / p.max(FLOOR);
+        // The loop's next use: the first of the next `lag` visits that repeats a used one.
+        for t in 0..lag {
+            if (bits >> (lag - 1 - t)) & 1 == 1 {
+                let by_loop = dist + m as f32 * t as f32;
+                return qb * by_loop + (1.0 - qb) * by_rate;
+            }
+        }
+        by_rate
+    }
+
+    /// Indices into `candidates` of up to `count` distinct victims: the furthest next use
+    /// first (ties: lower layer, then lower expert).
+    pub fn victims(&mut self, candidates: &[(u32, u32)], count: usize) -> Vec<usize> {
+        let best: Vec<(usize, f32)> = self.layers.iter().map(Layer::best_lag).collect();
+        let slots = self.slots;
+        let mut dedup = core::mem::take(&mut self.dedup);
+        let picked = common::pick_smallest(
+            candidates,
+            count,
+            |&(l, e)| slots.index(l, e),
+            |&(l, e)| {
+                // Largest estimate first: reverse the (non-negative) float's order.
+                let est = self.next_use(l, e, &best);
+                (u32::MAX - common::ordered_bits(est), l, e)
+            },
+            &mut dedup,
+        );
+        self.dedup = dedup;
+        picked
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+mod guest {
+    use super::*;
+    use alloc::string::ToString;
+    use common::Global;
+
+    wit_bindgen::generate!({
+        world: "eviction-policy",
+        path: "../../wit",
+    });
+
+    use exports::moehost::policy::eviction::{EventKind, Guest, StepFacts, VictimRequest};
+    use moehost::policy::types::{ExpertRef, ModelShape, PolicyInfo, Residency, TierCapacity};
+
+    static STATE: Global<Option<LayerCycle>> = Global::new(None);
+
+    fn pick(policy: &mut LayerCycle, request: &VictimRequest) -> Vec<ExpertRef> {
+        let cands: Vec<(u32, u32)> = request
+            .candidates
+            .iter()
+            .map(|c| (c.layer, c.expert))
+            .collect();
+        policy
+            .victims(&cands, request.count as usize)
+            .into_iter()
+            .map(|i| request.candidates[i])
+            .collect()
+    }
+
+    struct LayerCyclePolicy;
+
+    impl Guest for LayerCyclePolicy {
+        fn init(shape: ModelShape, _: Vec<TierCapacity>, _: Vec<Residency>) -> PolicyInfo {
+            // Residency carries no usage history: every expert starts unknown.
+            let policy = LayerCycle::new(shape.moe_layers, shape.experts_per_layer, shape.top_k);
+            STATE.with(|s| *s = Some(policy));
+            PolicyInfo {
+                name: "layer-cycle".to_string(),
+                description: "evict the furthest next use: layer cycle + decayed usage rate + \
+                              loop detection"
+                    .to_string(),
+            }
+        }
+
+        fn on_step(facts: StepFacts, request: Option<VictimRequest>) -> Vec<ExpertRef> {
+            STATE.with(|s| {
+                let Some(policy) = s.as_mut() else {
+                    return Vec::new();
+                };
+                let accesses: Vec<(u32, u32)> = facts
+                    .events
+                    .iter()
+                    .filter(|ev| matches!(ev.kind, EventKind::Access))
+                    .map(|ev| (ev.expert.layer, ev.expert.expert))
+                    .collect();
+                policy.on_step(facts.step, facts.layer, &accesses);
+                request.map_or_else(Vec::new, |r| pick(policy, &r))
+            })
+        }
+
+        fn victims(request: VictimRequest) -> Vec<ExpertRef> {
+            STATE.with(|s| s.as_mut().map_or_else(Vec::new, |p| pick(p, &request)))
+        }
+    }
+
+    export!(LayerCyclePolicy);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2 layers x 4 experts, top-1.
+    fn policy() -> LayerCycle {
+        LayerCycle::new(2, 4, 1)
+    }
+
+    #[test]
+    fn prefers_frequent_experts() {
+        let mut p = policy();
+        for step in 0..20 {
+            let e = if step % 4 == 3 { 2 } else { 1 };
+            p.on_step(step, 0, &[(0, e)]);
+            p.on_step(step, 1, &[(1, 0)]);
+        }
+        // Serving layer 1: layer 0 expert 1 (3 of 4 visits) is kept over 2 (1 of 4) and 3 (never).
+        let cands = [(0, 1), (0, 2), (0, 3)];
+        assert_eq!(p.victims(&cands, 2), vec![2, 1]);
+    }
+
+    #[test]
+    fn prefers_the_layer_that_comes_next() {
+        let mut p = LayerCycle::new(3, 2, 1);
+        for step in 0..10 {
+            for l in 0..3 {
+                p.on_step(step, l, &[(l, 0)]);
+            }
+        }
+        // Serving layer 0: same history everywhere, so the layer needed last (0) goes first.
+        p.on_step(10, 0, &[(0, 1)]);
+        let cands = [(1, 0), (2, 0), (0, 0)];
+        assert_eq!(p.victims(&cands, 3), vec![2, 1, 0]);
+    }
+
+    #[test]
+    fn follows_a_loop() {
+        let mut p = LayerCycle::new(1, 8, 1);
+        // Period-3 loop: 0, 1, 2, 0, 1, 2, ... and expert 3 used once long ago.
+        p.on_step(0, 0, &[(0, 3)]);
+        for step in 1..40 {
+            p.on_step(step, 0, &[(0, (step % 3) as u32)]);
+        }
+        // Step 39 used 0; next come 1, then 2: 2 is needed furthest ahead of the loop's experts,
+        // and 3 furthest of all.
+        let cands = [(0, 1), (0, 2), (0, 3)];
+        assert_eq!(p.victims(&cands, 3), vec![2, 1, 0]);
+    }
+
+    #[test]
+    fn burst_restarts_rates() {
+        let mut p = LayerCycle::new(1, 16, 1);
+        for step in 0..30 {
+            p.on_step(step, 0, &[(0, 0)]);
+        }
+        let all: Vec<(u32, u32)> = (0..16).map(|e| (0, e)).collect();
+        p.on_step(30, 0, &all); // a prefill: every expert
+        for step in 31..34 {
+            p.on_step(step, 0, &[(0, 5)]);
+        }
+        // Expert 0's old rate is forgotten; 5 is the only one used since the burst.
+        let cands = [(0, 0), (0, 5)];
+        assert_eq!(p.victims(&cands, 1), vec![0]);
+    }
+
+    #[test]
+    fn ignores_bad_input() {
+        let mut p = policy();
+        p.on_step(0, 9, &[(7, 1), (0, 99), (0, 1), (0, 1)]);
+        let cands = [(0, 1), (0, 1), (9, 9), (1, 3)];
+        let got = p.victims(&cands, 4);
+        assert_eq!(got.len(), 2);
+        assert!(got.contains(&0) && got.contains(&3));
+    }
+}

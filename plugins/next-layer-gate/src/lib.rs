@@ -1,0 +1,127 @@
+//! Prefetch from the next layer's gate (mixtral-offloading's trick): with lookahead 1 the host
+//! passes layer L+1's router scores computed on the current hidden state; per token, its top-k
+//! there are the likely experts of the next step. Request those not on the device, into the
+//! device tier, once each, the best-scoring first.
+#![cfg_attr(target_arch = "wasm32", no_std)]
+
+extern crate alloc;
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// The requests for one outlook layer: `(expert, priority)`, each expert once (its best
+/// priority), highest priority first (ties: lower id). `resident[e]`: already on the device.
+/// Priority = score x 1e6, saturating (negative and NaN scores give 0).
+pub fn requests(
+    scores: &[f32],
+    tokens: usize,
+    k: usize,
+    resident: impl Fn(u32) -> bool,
+) -> Vec<(u32, u32)> {
+    if tokens == 0 || scores.len() < tokens {
+        return Vec::new();
+    }
+    let experts = scores.len() / tokens;
+    // Best priority per expert (None: not requested).
+    let mut priority: Vec<Option<u32>> = vec![None; experts];
+    let mut best = Vec::with_capacity(k);
+    for row in scores.chunks_exact(experts).take(tokens) {
+        best.clear();
+        common::top_k_into(row, k, &mut best);
+        for &e in &best {
+            if !resident(e) {
+                let p = (row[e as usize] * 1e6) as u32; // saturating cast, NaN -> 0
+                let slot = &mut priority[e as usize];
+                *slot = Some(slot.map_or(p, |q| q.max(p)));
+            }
+        }
+    }
+    let mut out: Vec<(u32, u32)> = priority
+        .iter()
+        .enumerate()
+        .filter_map(|(e, p)| p.map(|p| (e as u32, p)))
+        .collect();
+    out.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    out
+}
+
+#[cfg(target_arch = "wasm32")]
+mod guest {
+    use super::*;
+    use alloc::string::ToString;
+    use common::Global;
+
+    wit_bindgen::generate!({
+        world: "prefetch-policy",
+        path: "../../wit",
+    });
+
+    use exports::moehost::policy::prefetch::{Guest, PrefetchInfo, PrefetchRequest, RoutedStep};
+    use moehost::policy::types::{
+        ExpertRef, ModelShape, PolicyInfo, Residency, Tier, TierCapacity,
+    };
+
+    /// top-k of the model (from init).
+    static TOP_K: Global<u32> = Global::new(0);
+
+    struct NextLayerGate;
+
+    impl Guest for NextLayerGate {
+        fn init(shape: ModelShape, _: Vec<TierCapacity>, _: Vec<Residency>) -> PrefetchInfo {
+            TOP_K.with(|k| *k = shape.top_k);
+            PrefetchInfo {
+                info: PolicyInfo {
+                    name: "next-layer-gate".to_string(),
+                    description: "prefetch each token's top-k of the next layer's gate applied \
+                                  to the current hidden state"
+                        .to_string(),
+                },
+                lookahead: 1,
+            }
+        }
+
+        fn on_routed(step: RoutedStep) -> Vec<PrefetchRequest> {
+            let k = TOP_K.with(|k| *k) as usize;
+            let mut out = Vec::new();
+            for outlook in step.outlook.iter().take(1) {
+                let on_device =
+                    |e: u32| matches!(outlook.residency.get(e as usize), Some(Tier::Device));
+                let reqs = requests(&outlook.scores, step.tokens as usize, k, on_device);
+                out.extend(reqs.into_iter().map(|(expert, priority)| PrefetchRequest {
+                    expert: ExpertRef {
+                        layer: outlook.layer,
+                        expert,
+                    },
+                    tier: Tier::Device,
+                    priority,
+                }));
+            }
+            out
+        }
+    }
+
+    export!(NextLayerGate);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_per_token_deduplicated_by_priority() {
+        // 2 tokens x 4 experts, k = 2.
+        let scores = [0.9, 0.1, 0.5, 0.3, 0.2, 0.8, 0.6, 0.1];
+        let got = requests(&scores, 2, 2, |_| false);
+        assert_eq!(got, vec![(0, 900_000), (1, 800_000), (2, 600_000)]);
+        // expert 0 already on the device
+        let got = requests(&scores, 2, 2, |e| e == 0);
+        assert_eq!(got, vec![(1, 800_000), (2, 600_000)]);
+    }
+
+    #[test]
+    fn negative_and_nan_scores_get_priority_zero() {
+        let scores = [-0.5, f32::NAN, -0.7];
+        assert_eq!(requests(&scores, 1, 2, |_| false), vec![(0, 0), (2, 0)]);
+        assert!(requests(&[], 0, 2, |_| false).is_empty());
+    }
+}

@@ -1,0 +1,47 @@
+//! Exact top-k selection: per token the k highest scores, best first, ties to the lower id, NaN
+//! last. The model's own routing, bit for bit (`max-score-gap` 0.0).
+#![cfg_attr(target_arch = "wasm32", no_std)]
+
+#[cfg(target_arch = "wasm32")]
+mod guest {
+    extern crate alloc;
+
+    use alloc::string::ToString;
+    use alloc::vec::Vec;
+
+    wit_bindgen::generate!({
+        world: "selection-policy",
+        path: "../../wit",
+    });
+
+    use exports::moehost::policy::selection::{Guest, SelectionInfo};
+    use moehost::policy::types::{ModelShape, PolicyInfo, Residency, Tier, TierCapacity};
+
+    struct TopK;
+
+    impl Guest for TopK {
+        fn init(_: ModelShape, _: Vec<TierCapacity>, _: Vec<Residency>) -> SelectionInfo {
+            SelectionInfo {
+                info: PolicyInfo {
+                    name: "topk".to_string(),
+                    description: "exact top-k: the model's own routing".to_string(),
+                },
+                max_score_gap: 0.0,
+            }
+        }
+
+        fn select(_layer: u32, tokens: u32, k: u32, scores: Vec<f32>, _: Vec<Tier>) -> Vec<u32> {
+            let mut out = Vec::with_capacity(tokens as usize * k as usize);
+            if tokens == 0 {
+                return out;
+            }
+            let experts = scores.len() / tokens as usize;
+            for row in scores.chunks_exact(experts.max(1)).take(tokens as usize) {
+                common::top_k_into(row, k as usize, &mut out);
+            }
+            out
+        }
+    }
+
+    export!(TopK);
+}

@@ -1,0 +1,287 @@
+//! The tiered expert store and the policy runtime, end to end on the bundled model:
+//! caching never changes a token, misbehaving plugins never hurt the host, policies swap while
+//! a generation runs.
+
+mod support;
+
+use moehost::policy::{PolicyKind, PolicySource};
+use moehost::store::{StoreConfig, TieredExperts};
+use moehost::{Engine, Logits};
+use proptest::prelude::*;
+use std::sync::{Arc, OnceLock};
+
+const PROMPT: &str = "<|bos|>The software is distributed in the hope that it will be useful";
+const NEW_TOKENS: usize = 24;
+
+/// All-resident reference: prefill logits (bits) and greedy tokens.
+fn baseline() -> &'static (Vec<u32>, Vec<u32>) {
+    static B: OnceLock<(Vec<u32>, Vec<u32>)> = OnceLock::new();
+    B.get_or_init(|| run(&Engine::open(&support::bf16_model()).unwrap()))
+}
+
+fn run(engine: &Engine) -> (Vec<u32>, Vec<u32>) {
+    let ids = engine.encode(PROMPT).unwrap();
+    let out = engine
+        .model
+        .forward(&ids, &mut engine.model.new_cache(), Logits::All, false)
+        .unwrap();
+    let bits = out.logits.iter().map(|x| x.to_bits()).collect();
+    let gen = engine
+        .generate(&ids, NEW_TOKENS, &Default::default(), |_| {})
+        .unwrap();
+    (bits, gen.ids)
+}
+
+fn config(
+    selection: &str,
+    eviction: &str,
+    prefetch: &str,
+    device: Option<u64>,
+    host: Option<u64>,
+) -> StoreConfig {
+    StoreConfig {
+        device_bytes: device,
+        host_bytes: host,
+        selection: PolicySource::parse(selection),
+        eviction: PolicySource::parse(eviction),
+        prefetch: PolicySource::parse(prefetch),
+        ..Default::default()
+    }
+}
+
+fn open(c: &StoreConfig) -> (Engine, Arc<TieredExperts>) {
+    Engine::open_tiered(&support::bf16_model(), c).unwrap()
+}
+
+/// One tiny-k2 expert in f32: 3 x 256 x 64 x 4 bytes.
+const EXPERT_F32: u64 = 3 * 256 * 64 * 4;
+/// One tiny-k2 expert in bf16.
+const EXPERT_BF16: u64 = 3 * 256 * 64 * 2;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Exact selection + any eviction/prefetch policy + any budget = the same logits and
+    /// tokens, bit for bit, as every expert resident.
+    #[test]
+    fn caching_never_changes_results(
+        eviction in prop::sample::select(vec!["lru", "lfu", "layer-cycle"]),
+        prefetch in prop::sample::select(vec!["none", "next-layer-gate", "transitions"]),
+        device_slots in prop::option::weighted(0.85, 0u64..=460),
+        host_slots in prop::option::weighted(0.7, 0u64..=460),
+    ) {
+        let c = config("topk", eviction, prefetch, device_slots.map(|s| s * EXPERT_F32), host_slots.map(|s| s * EXPERT_BF16));
+        let (engine, store) = open(&c);
+        let got = run(&engine);
+        let stats = store.stats();
+        prop_assert!(got == *baseline(), "{eviction}/{prefetch} device {device_slots:?} host {host_slots:?}: results differ");
+        prop_assert_eq!(stats.policies.selection.fallbacks + stats.policies.eviction.fallbacks + stats.policies.prefetch.fallbacks, 0);
+        prop_assert!(stats.device.resident <= stats.device.slots);
+        prop_assert!(stats.host.resident <= stats.host.slots);
+    }
+}
+
+#[test]
+fn small_device_tier_moves_experts_and_counts_it() {
+    // 10% of the 448 experts on the device, 25% in host RAM.
+    let c = config(
+        "topk",
+        "lru",
+        "next-layer-gate",
+        Some(45 * EXPERT_F32),
+        Some(112 * EXPERT_BF16),
+    );
+    let (engine, store) = open(&c);
+    assert_eq!(store.slots(), (45, 112));
+    assert_eq!(run(&engine), *baseline());
+    let s = store.stats();
+    assert!(s.device.hits > 0 && s.device.misses > 0, "{s:?}");
+    assert!(s.device.bytes_in > 0 && s.host.bytes_in > 0, "{s:?}");
+    assert!(
+        s.host.hits > 0,
+        "demoted experts are found in host RAM: {s:?}"
+    );
+    assert!(s.prefetch.issued > 0, "{s:?}");
+    assert!(
+        s.prefetch.used + s.prefetch.wasted <= s.prefetch.issued + s.prefetch.used,
+        "{s:?}"
+    );
+    assert_eq!(s.device.resident, 45);
+}
+
+/// A misbehaving eviction plugin: the host survives, counts the failure kind, serves the calls
+/// with LRU, produces the same tokens, and quarantines the plugin.
+fn misbehaving_eviction(fixture: &str) -> moehost::policy::PolicyStats {
+    let mut c = config("topk", fixture, "none", Some(30 * EXPERT_F32), None);
+    // A small memory limit, so the allocation bomb meets it well within the call deadline.
+    c.limits.memory_bytes = 4 << 20;
+    let (engine, store) = open(&c);
+    assert_eq!(run(&engine), *baseline(), "{fixture}");
+    let s = store.stats().policies.eviction;
+    assert!(s.quarantined, "{fixture}: {s:?}");
+    assert!(s.fallbacks >= 3, "{fixture}: {s:?}");
+    s
+}
+
+#[test]
+fn plugin_that_loops_forever_times_out() {
+    let s = misbehaving_eviction("fixture-loop-forever");
+    assert!(s.timeouts >= 1, "{s:?}");
+}
+
+#[test]
+fn plugin_that_allocates_without_bound_hits_its_memory_limit() {
+    let s = misbehaving_eviction("fixture-alloc-bomb");
+    assert!(s.out_of_memory >= 1, "{s:?}");
+}
+
+#[test]
+fn plugin_that_traps_is_replaced_by_the_builtin() {
+    let s = misbehaving_eviction("fixture-trap");
+    assert!(s.traps >= 1, "{s:?}");
+}
+
+#[test]
+fn selection_with_out_of_range_ids_falls_back_to_exact_topk() {
+    let c = config("fixture-bad-ids", "lru", "none", None, None);
+    let (engine, store) = open(&c);
+    assert_eq!(run(&engine), *baseline());
+    let s = store.stats().policies.selection;
+    assert!(s.invalid_answers >= 1 && s.quarantined, "{s:?}");
+}
+
+#[test]
+fn plugin_importing_wasi_is_refused() {
+    let c = config("topk", "fixture-wasi-import", "none", None, None);
+    let err = match Engine::open_tiered(&support::bf16_model(), &c) {
+        Ok(_) => panic!("a WASI-importing plugin must be refused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("imports") && err.contains("wasi"), "{err}");
+}
+
+#[test]
+fn wrong_kind_and_garbage_are_refused() {
+    let err = format!(
+        "{:#}",
+        Engine::open_tiered(
+            &support::bf16_model(),
+            &config("lru", "lru", "none", None, None)
+        )
+        .err()
+        .unwrap()
+    );
+    assert!(
+        err.contains("is a eviction policy, not a selection policy"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm not really").unwrap();
+    let err = format!(
+        "{:#}",
+        Engine::open_tiered(
+            &support::bf16_model(),
+            &config("topk", junk.to_str().unwrap(), "none", None, None)
+        )
+        .err()
+        .unwrap()
+    );
+    assert!(
+        err.contains("junk.wasm") && err.contains("not a valid WebAssembly component"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        Engine::open_tiered(
+            &support::bf16_model(),
+            &config("topk", "no-such-policy", "none", None, None)
+        )
+        .err()
+        .unwrap()
+    );
+    assert!(
+        err.contains("no bundled policy named \"no-such-policy\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn hot_swap_during_a_running_generation() {
+    let c = config(
+        "topk",
+        "lru",
+        "none",
+        Some(40 * EXPERT_F32),
+        Some(100 * EXPERT_BF16),
+    );
+    let (engine, store) = open(&c);
+    let ids = engine.encode(PROMPT).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let gen = std::thread::scope(|scope| {
+        let swapper = scope.spawn(|| {
+            let mut n = 0;
+            let policies = ["lfu", "layer-cycle", "lru"];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = policies[n % policies.len()];
+                store
+                    .swap_policy(PolicyKind::Eviction, &PolicySource::parse(p))
+                    .unwrap();
+                store
+                    .swap_policy(
+                        PolicyKind::Prefetch,
+                        &PolicySource::parse(if n % 2 == 0 { "transitions" } else { "none" }),
+                    )
+                    .unwrap();
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            n
+        });
+        let gen = engine
+            .generate(&ids, 64, &Default::default(), |_| {})
+            .unwrap();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(swapper.join().unwrap() > 0);
+        gen
+    });
+    let reference = Engine::open(&support::bf16_model())
+        .unwrap()
+        .generate(&ids, 64, &Default::default(), |_| {})
+        .unwrap();
+    assert_eq!(gen.ids, reference.ids);
+    let s = store.stats();
+    assert!(s.policy_swaps > 0, "{s:?}");
+    assert_eq!(s.policies.eviction.fallbacks, 0);
+}
+
+#[test]
+fn changing_the_plugin_file_swaps_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evict.wasm");
+    std::fs::write(&path, PolicySource::parse("lru").bytes().unwrap()).unwrap();
+    let c = config(
+        "topk",
+        path.to_str().unwrap(),
+        "none",
+        Some(40 * EXPERT_F32),
+        None,
+    );
+    let (engine, store) = open(&c);
+    store.watch_policy(PolicyKind::Eviction, &path).unwrap();
+    let before = store.stats().policies.eviction.name;
+    std::fs::write(&path, PolicySource::parse("lfu").bytes().unwrap()).unwrap();
+    let ids = engine.encode(PROMPT).unwrap();
+    // The swap lands between forward passes once the watcher's debounce has passed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.stats().policy_swaps == 0 && std::time::Instant::now() < deadline {
+        engine
+            .model
+            .forward(&ids, &mut engine.model.new_cache(), Logits::Last, false)
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let after = store.stats().policies.eviction.name;
+    assert_eq!(store.stats().policy_swaps, 1);
+    assert_ne!(before, after, "the new plugin's name is reported");
+}
