@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::experts::{ExpertBytes, ExpertProvider, FfnWeights};
+use crate::policy::smoke;
 use crate::policy::wasm::{load_component, RuntimeLimits, WasmPolicy};
 use crate::policy::*;
 
@@ -568,70 +569,15 @@ impl Inner {
 
     fn swap_policy(&self, kind: PolicyKind, source: &PolicySource) -> Result<()> {
         let mut g = guarded(kind, source, self.limits)?;
-        // Smoke test: init with the current residency and one representative call.
+        // Smoke test: init with the current residency and a few representative calls.
         let args = self.init_args();
-        let shape = self.shape;
-        let e = shape.experts_per_layer as usize;
-        let smoke = |what: &str, e: PolicyError| {
-            anyhow::anyhow!("{kind} policy {} failed its {what}: {e}", source.describe())
-        };
+        let what = || format!("{kind} policy {}", source.describe());
         match &mut g {
-            AnyGuarded::Selection(s) => {
-                s.init(&args).map_err(|e| smoke("init", e))?;
-                let scores: Vec<f32> = (0..e).map(|i| ((i * 7919) % e) as f32 / e as f32).collect();
-                let before = s.stats().fallbacks;
-                s.select(0, 1, shape.top_k, &scores, &vec![Tier::Disk; e], &|| {
-                    args.clone()
-                });
-                anyhow::ensure!(
-                    s.stats().fallbacks == before,
-                    "{kind} policy {} failed its smoke test",
-                    source.describe()
-                );
-            }
-            AnyGuarded::Eviction(v) => {
-                v.init(&args).map_err(|e| smoke("init", e))?;
-                let facts = StepFacts {
-                    step: 0,
-                    layer: 0,
-                    events: vec![],
-                };
-                let req = VictimRequest {
-                    tier: Tier::Device,
-                    count: 1,
-                    candidates: (0..2.min(e as u32))
-                        .map(|x| ExpertKey {
-                            layer: 0,
-                            expert: x,
-                        })
-                        .collect(),
-                };
-                let before = v.stats().fallbacks;
-                v.on_step(&facts, Some(&req), &|| args.clone());
-                anyhow::ensure!(
-                    v.stats().fallbacks == before,
-                    "{kind} policy {} failed its smoke test",
-                    source.describe()
-                );
-            }
-            AnyGuarded::Prefetch(p) => {
-                p.init(&args).map_err(|e| smoke("init", e))?;
-                let step = RoutedStep {
-                    step: 0,
-                    layer: 0,
-                    tokens: 1,
-                    experts: (0..shape.top_k.min(e as u32)).collect(),
-                    outlook: vec![],
-                };
-                let before = p.stats().fallbacks;
-                p.on_routed(&step, &|| args.clone());
-                anyhow::ensure!(
-                    p.stats().fallbacks == before,
-                    "{kind} policy {} failed its smoke test",
-                    source.describe()
-                );
-            }
+            AnyGuarded::Selection(s) => smoke::selection(s, &args).map(drop),
+            AnyGuarded::Eviction(v) => smoke::eviction(v, &args).map(drop),
+            AnyGuarded::Prefetch(p) => smoke::prefetch(p, &args).map(drop),
         }
+        .with_context(what)?;
         self.pending.lock().unwrap().push(g);
         Ok(())
     }

@@ -19,7 +19,7 @@ pub struct CheckReport {
     pub name: String,
     pub description: String,
     pub bytes: usize,
-    /// init plus one representative call at Kimi-K2's shape, microseconds.
+    /// init plus the smoke test's calls at Kimi-K2's shape, microseconds.
     pub smoke_test_us: f64,
 }
 
@@ -53,97 +53,32 @@ pub fn k2_init_args() -> InitArgs {
     }
 }
 
-fn smoke_failed(e: PolicyError) -> anyhow::Error {
-    anyhow::anyhow!("smoke test failed: {e}")
-}
-
 pub fn check(source: &PolicySource) -> Result<CheckReport> {
     let bytes = source.bytes()?;
     let component = load_component(&bytes, &source.describe())?;
     let kind = component.kind;
     let export = component.export.clone();
     let version = component.version.clone();
-    let mut plugin = WasmPolicy::new(component, RuntimeLimits::default());
+    let plugin = WasmPolicy::new(component, RuntimeLimits::default());
     let args = k2_init_args();
-    let e = args.shape.experts_per_layer as usize;
-    let scores: Vec<f32> = (0..e).map(|i| ((i * 7919) % e) as f32 / e as f32).collect();
-    let (info, t0) = match kind {
+    let src = source.describe();
+    let t0 = Instant::now();
+    let info = match kind {
         PolicyKind::Selection => {
-            let info = Selection::init(&mut plugin, &args).map_err(smoke_failed)?;
-            let t0 = Instant::now();
-            let mut g = GuardedSelection::new(Some(Box::new(plugin)), "", "", 1);
-            g.init(&args).map_err(smoke_failed)?;
-            g.select(0, 1, 8, &scores, &vec![Tier::Disk; e], &|| args.clone());
-            anyhow::ensure!(
-                g.stats().fallbacks == 0,
-                "smoke test failed: its answer was rejected or it trapped"
-            );
-            (info.info, t0)
+            let mut g = GuardedSelection::new(Some(Box::new(plugin)), &src, &version, 1);
+            smoke::selection(&mut g, &args)?.info
         }
         PolicyKind::Eviction => {
-            let info = Eviction::init(&mut plugin, &args).map_err(smoke_failed)?;
-            let t0 = Instant::now();
-            let mut g = GuardedEviction::new(Some(Box::new(plugin)), "", "", 1);
-            g.init(&args).map_err(smoke_failed)?;
-            let facts = StepFacts {
-                step: 1,
-                layer: 0,
-                events: (0..8)
-                    .map(|x| Event {
-                        kind: EventKind::Access,
-                        tier: Tier::Device,
-                        expert: ExpertKey {
-                            layer: 0,
-                            expert: x,
-                        },
-                    })
-                    .collect(),
-            };
-            let req = VictimRequest {
-                tier: Tier::Device,
-                count: 8,
-                candidates: (8..64)
-                    .map(|x| ExpertKey {
-                        layer: 1,
-                        expert: x,
-                    })
-                    .collect(),
-            };
-            g.on_step(&facts, Some(&req), &|| args.clone());
-            anyhow::ensure!(
-                g.stats().fallbacks == 0,
-                "smoke test failed: its answer was rejected or it trapped"
-            );
-            (info, t0)
+            let mut g = GuardedEviction::new(Some(Box::new(plugin)), &src, &version, 1);
+            smoke::eviction(&mut g, &args)?
         }
         PolicyKind::Prefetch => {
-            let info = Prefetch::init(&mut plugin, &args).map_err(smoke_failed)?;
-            let t0 = Instant::now();
-            let mut g = GuardedPrefetch::new(Some(Box::new(plugin)), "", "", 1);
-            g.init(&args).map_err(smoke_failed)?;
-            let step = RoutedStep {
-                step: 1,
-                layer: 0,
-                tokens: 1,
-                experts: (0..8).collect(),
-                outlook: (1..=info.lookahead.min(guard::MAX_LOOKAHEAD))
-                    .map(|l| Outlook {
-                        layer: l,
-                        scores: scores.clone(),
-                        residency: vec![Tier::Disk; e],
-                    })
-                    .collect(),
-            };
-            g.on_routed(&step, &|| args.clone());
-            anyhow::ensure!(
-                g.stats().fallbacks == 0,
-                "smoke test failed: its answer was rejected or it trapped"
-            );
-            (info.info, t0)
+            let mut g = GuardedPrefetch::new(Some(Box::new(plugin)), &src, &version, 1);
+            smoke::prefetch(&mut g, &args)?.info
         }
     };
     Ok(CheckReport {
-        source: source.describe(),
+        source: src,
         kind,
         world: format!("moehost:policy/{kind}-policy"),
         export,

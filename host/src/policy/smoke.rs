@@ -1,0 +1,151 @@
+//! Smoke tests: a freshly loaded plugin is initialised and exercised with a few representative
+//! calls before it serves anything (hot swap, `moehost policy check`). Any failure or invalid
+//! answer rejects it.
+
+use super::*;
+
+fn expert(layer: u32, expert: u32) -> ExpertKey {
+    ExpertKey { layer, expert }
+}
+
+/// Scores that are all distinct, the same for every run.
+fn scores(e: usize, salt: usize) -> Vec<f32> {
+    (0..e)
+        .map(|i| (((i + salt) * 7919) % e) as f32 / e as f32)
+        .collect()
+}
+
+fn rejected(kind: PolicyKind, stats: &PolicyStats) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{kind} policy failed its smoke test (timeouts {}, out of memory {}, traps {}, invalid answers {})",
+        stats.timeouts,
+        stats.out_of_memory,
+        stats.traps,
+        stats.invalid_answers
+    )
+}
+
+pub fn selection(g: &mut GuardedSelection, args: &InitArgs) -> anyhow::Result<SelectionInfo> {
+    g.set_quiet(true);
+    let info = g
+        .init(args)
+        .map_err(|e| anyhow::anyhow!("selection policy init failed: {e}"))?;
+    let s = args.shape;
+    let e = s.experts_per_layer as usize;
+    for step in 0..3usize {
+        for layer in 0..s.moe_layers.min(3) {
+            let tokens = 1 + step as u32;
+            let sc: Vec<f32> = (0..tokens as usize)
+                .flat_map(|t| scores(e, t + step))
+                .collect();
+            let residency: Vec<Tier> = (0..e)
+                .map(|i| if i % 3 == 0 { Tier::Device } else { Tier::Disk })
+                .collect();
+            g.select(layer, tokens, s.top_k, &sc, &residency, &|| args.clone());
+        }
+    }
+    g.set_quiet(false);
+    if g.stats().fallbacks > 0 {
+        return Err(rejected(PolicyKind::Selection, g.stats()));
+    }
+    Ok(info)
+}
+
+pub fn eviction(g: &mut GuardedEviction, args: &InitArgs) -> anyhow::Result<PolicyInfo> {
+    g.set_quiet(true);
+    let info = g
+        .init(args)
+        .map_err(|e| anyhow::anyhow!("eviction policy init failed: {e}"))?;
+    let s = args.shape;
+    let k = s.top_k;
+    let mut resident: Vec<ExpertKey> = Vec::new();
+    for step in 0..3u64 {
+        for layer in 0..s.moe_layers.min(3) {
+            let used: Vec<ExpertKey> = (0..k)
+                .map(|i| expert(layer, (i + step as u32) % s.experts_per_layer))
+                .collect();
+            let mut events: Vec<Event> = used
+                .iter()
+                .map(|&e| Event {
+                    kind: EventKind::Access,
+                    tier: Tier::Device,
+                    expert: e,
+                })
+                .collect();
+            let candidates: Vec<ExpertKey> = resident
+                .iter()
+                .filter(|r| !used.contains(r))
+                .copied()
+                .collect();
+            let request = (!candidates.is_empty()).then(|| VictimRequest {
+                tier: Tier::Device,
+                count: (k / 2).max(1).min(candidates.len() as u32),
+                candidates,
+            });
+            let victims = g.on_step(
+                &StepFacts {
+                    step,
+                    layer,
+                    events: std::mem::take(&mut events),
+                },
+                request.as_ref(),
+                &|| args.clone(),
+            );
+            resident.retain(|r| !victims.contains(r));
+            for u in used {
+                if !resident.contains(&u) {
+                    resident.push(u);
+                }
+            }
+        }
+    }
+    if !resident.is_empty() {
+        g.victims(
+            &VictimRequest {
+                tier: Tier::Host,
+                count: 1,
+                candidates: resident.clone(),
+            },
+            &|| args.clone(),
+        );
+    }
+    g.set_quiet(false);
+    if g.stats().fallbacks > 0 {
+        return Err(rejected(PolicyKind::Eviction, g.stats()));
+    }
+    Ok(info)
+}
+
+pub fn prefetch(g: &mut GuardedPrefetch, args: &InitArgs) -> anyhow::Result<PrefetchInfo> {
+    g.set_quiet(true);
+    let info = g
+        .init(args)
+        .map_err(|e| anyhow::anyhow!("prefetch policy init failed: {e}"))?;
+    let s = args.shape;
+    let e = s.experts_per_layer as usize;
+    for step in 0..3u64 {
+        for layer in 0..s.moe_layers.min(3) {
+            let outlook = (1..=g.lookahead())
+                .filter(|d| layer + d < s.moe_layers)
+                .map(|d| Outlook {
+                    layer: layer + d,
+                    scores: scores(e, d as usize),
+                    residency: vec![Tier::Disk; e],
+                })
+                .collect();
+            let step = RoutedStep {
+                step,
+                layer,
+                tokens: 1,
+                experts: (0..s.top_k.min(s.experts_per_layer)).collect(),
+                outlook,
+            };
+            g.on_routed(&step, &|| args.clone());
+        }
+    }
+    g.set_quiet(false);
+    if g.stats().fallbacks > 0 {
+        return Err(rejected(PolicyKind::Prefetch, g.stats()));
+    }
+    Ok(info)
+}
