@@ -192,3 +192,87 @@ fn errors_are_messages_not_panics() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("temperature"));
 }
+
+#[test]
+fn stats_follow_the_json_output() {
+    let out = moehost()
+        .args([
+            "generate",
+            "--prompt",
+            "<|bos|>The quick brown fox",
+            "--max-tokens",
+            "8",
+            "--json",
+            "--stats",
+        ])
+        .args([
+            "--device-mem",
+            "800KiB",
+            "--eviction",
+            "lfu",
+            "--prefetch",
+            "transitions",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let result: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(result["ids"].as_array().unwrap().len(), 8);
+    let stats: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+    // 800 KiB holds 4 f32 tiny-k2 experts (3 x 256 x 64 x 4 = 192 KiB each).
+    assert_eq!(stats["device"]["slots"], 4);
+    assert!(stats["device"]["misses"].as_u64().unwrap() > 0);
+    assert_eq!(stats["policies"]["eviction"]["name"], "lfu");
+    assert_eq!(stats["policies"]["prefetch"]["source"], "transitions");
+    assert_eq!(stats["policies"]["eviction"]["fallbacks"], 0);
+}
+
+#[test]
+fn policy_check_reports_world_and_refuses_wasi() {
+    let out = moehost()
+        .args(["policy", "check", "layer-cycle"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["world"], "moehost:policy/eviction-policy");
+    assert_eq!(v["export"], "moehost:policy/eviction@0.1.0");
+    assert_eq!(v["version"], "0.1.0");
+    assert_eq!(v["name"], "layer-cycle");
+
+    let out = moehost()
+        .args(["policy", "check", "fixture-loop-forever"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("smoke test"));
+
+    let out = moehost()
+        .args(["policy", "check", "fixture-wasi-import"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("imports wasi:") && err.contains("no_std"),
+        "{err}"
+    );
+
+    let out = moehost()
+        .args(["generate", "--prompt", "x", "--device-mem", "lots"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap reports a bad size");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid size"));
+}
