@@ -265,3 +265,60 @@ fn generate_reproduces_golden_text() {
         );
     }
 }
+
+/// Continuous batching: sequences decoded together give the same bits as each alone.
+#[test]
+fn batched_decode_equals_single_stream_bit_for_bit() {
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let model = &engine.model;
+    let golden = Golden::load("tiny-k2");
+    let prompts: Vec<Vec<u32>> = (1..golden.prompts())
+        .map(|p| golden.ids(p, "input_ids"))
+        .collect();
+    let steps = 12;
+    // Alone: prefill, then greedy decode, logits bits per step.
+    let alone: Vec<Vec<Vec<u32>>> = prompts
+        .iter()
+        .map(|ids| {
+            let mut cache = model.new_cache();
+            let mut logits = model
+                .forward(ids, &mut cache, Logits::Last, false)
+                .unwrap()
+                .logits;
+            (0..steps)
+                .map(|_| {
+                    let next = argmax(&logits);
+                    logits = model
+                        .forward(&[next], &mut cache, Logits::Last, false)
+                        .unwrap()
+                        .logits;
+                    logits.iter().map(|x| x.to_bits()).collect()
+                })
+                .collect()
+        })
+        .collect();
+    // Together: prefill each, then one batched forward per step.
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut next: Vec<u32> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(ids, c)| argmax(&model.forward(ids, c, Logits::Last, false).unwrap().logits))
+        .collect();
+    for step in 0..steps {
+        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut seqs: Vec<moehost::Sequence> = tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(ids, cache)| moehost::Sequence { ids, cache })
+            .collect();
+        let out = model.forward_batch(&mut seqs).unwrap();
+        for (s, logits) in out.iter().enumerate() {
+            let bits: Vec<u32> = logits.iter().map(|x| x.to_bits()).collect();
+            assert!(
+                bits == alone[s][step],
+                "sequence {s} step {step}: batched logits differ"
+            );
+            next[s] = argmax(logits);
+        }
+    }
+}

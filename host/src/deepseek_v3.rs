@@ -94,6 +94,12 @@ impl KvCache {
     }
 }
 
+/// One sequence of a batched forward pass: the tokens to run and its cache.
+pub struct Sequence<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
 /// Which logits a forward pass computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -260,18 +266,52 @@ impl DeepseekV3 {
         logits: Logits,
         record_routing: bool,
     ) -> Result<ForwardOutput> {
+        let mut seqs = [Sequence { ids, cache }];
+        let (out, routing) = self.forward_rows(&mut seqs, logits, record_routing)?;
+        Ok(ForwardOutput {
+            logits: out,
+            routing,
+        })
+    }
+
+    /// One forward pass over several sequences at once (continuous batching): each runs its
+    /// `ids` on its own cache; the layers' matmuls and every MoE layer step are shared, so the
+    /// step's expert loads serve all of them. Returns each sequence's last-position logits.
+    /// A sequence's results are bit-identical to running it alone whenever each sequence
+    /// contributes at most `kernels::ROW_INVARIANT_MAX` rows to the batch (decode steps).
+    pub fn forward_batch(&self, seqs: &mut [Sequence<'_>]) -> Result<Vec<Vec<f32>>> {
+        let v = self.cfg.vocab_size;
+        let (out, _) = self.forward_rows(seqs, Logits::Last, false)?;
+        Ok(out.chunks_exact(v).map(<[f32]>::to_vec).collect())
+    }
+
+    /// The forward pass over the concatenated rows of `seqs`. Logits: every row (`All`) or
+    /// each sequence's last row (`Last`).
+    fn forward_rows(
+        &self,
+        seqs: &mut [Sequence<'_>],
+        logits: Logits,
+        record_routing: bool,
+    ) -> Result<(Vec<f32>, Vec<LayerRouting>)> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
-        let t = ids.len();
-        ensure!(t > 0, "forward needs at least one token");
-        ensure!(
-            cache.len + t <= cfg.max_position_embeddings,
-            "sequence of {} tokens exceeds max_position_embeddings ({})",
-            cache.len + t,
-            cfg.max_position_embeddings
-        );
+        ensure!(!seqs.is_empty(), "forward needs at least one sequence");
+        let mut starts = Vec::with_capacity(seqs.len());
+        let mut t = 0;
+        for s in seqs.iter() {
+            ensure!(!s.ids.is_empty(), "forward needs at least one token");
+            ensure!(
+                s.cache.len + s.ids.len() <= cfg.max_position_embeddings,
+                "sequence of {} tokens exceeds max_position_embeddings ({})",
+                s.cache.len + s.ids.len(),
+                cfg.max_position_embeddings
+            );
+            starts.push(t);
+            t += s.ids.len();
+        }
         // DeepseekV3Model.embed_tokens
         let mut hidden = vec![0f32; t * h];
+        let ids = seqs.iter().flat_map(|s| s.ids.iter());
         for (row, &id) in hidden.chunks_exact_mut(h).zip(ids) {
             ensure!(
                 (id as usize) < cfg.vocab_size,
@@ -281,14 +321,24 @@ impl DeepseekV3 {
             row.copy_from_slice(&self.embed[id as usize * h..(id as usize + 1) * h]);
         }
         self.experts.begin_step();
-        let pos0 = cache.len;
         let mut routing = Vec::new();
         let mut xn = vec![0f32; t * h];
         let mut delta = vec![0f32; t * h];
         for (l, layer) in self.layers.iter().enumerate() {
             // DeepseekV3DecoderLayer: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))
             rms_norm(&hidden, &layer.input_norm, cfg.rms_norm_eps, &mut xn);
-            self.attention(&layer.attn, &xn, l, pos0, cache, &mut delta);
+            for (s, &start) in seqs.iter_mut().zip(&starts) {
+                let rows = start * h..(start + s.ids.len()) * h;
+                let pos0 = s.cache.len;
+                self.attention(
+                    &layer.attn,
+                    &xn[rows.clone()],
+                    l,
+                    pos0,
+                    s.cache,
+                    &mut delta[rows],
+                );
+            }
             add_inplace(&mut hidden, &delta);
             rms_norm(
                 &hidden,
@@ -307,21 +357,27 @@ impl DeepseekV3 {
             }
             add_inplace(&mut hidden, &delta);
         }
-        cache.len += t;
+        for s in seqs.iter_mut() {
+            s.cache.len += s.ids.len();
+        }
         // DeepseekV3Model.norm, then lm_head.
-        let rows: &[f32] = match logits {
-            Logits::All => &hidden,
-            Logits::Last => &hidden[(t - 1) * h..],
+        let rows: Vec<f32> = match logits {
+            Logits::All => hidden,
+            Logits::Last => seqs
+                .iter()
+                .zip(&starts)
+                .flat_map(|(s, &start)| {
+                    let last = start + s.ids.len() - 1;
+                    hidden[last * h..(last + 1) * h].to_vec()
+                })
+                .collect(),
         };
         let mut normed = vec![0f32; rows.len()];
-        rms_norm(rows, &self.norm, cfg.rms_norm_eps, &mut normed);
+        rms_norm(&rows, &self.norm, cfg.rms_norm_eps, &mut normed);
         let head = self.lm_head.as_deref().unwrap_or(&self.embed);
         let mut out = vec![0f32; rows.len() / h * cfg.vocab_size];
         linear(&normed, head, h, &mut out);
-        Ok(ForwardOutput {
-            logits: out,
-            routing,
-        })
+        Ok((out, routing))
     }
 
     /// DeepseekV3Attention over the chunk's normalised inputs `xn` (`[t, hidden]`), writing

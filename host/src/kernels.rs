@@ -11,8 +11,10 @@
 
 use rayon::prelude::*;
 
-/// Rows at or below this count use per-row dot products (the decode path); above, gemm.
-const SMALL_BATCH: usize = 4;
+/// Up to this many rows, every output element is one `dot` of a weight row and an input row,
+/// exactly as a single-row matvec computes it: a row's result does not depend on which other
+/// rows share the call (decode batches give the same bits as single-stream decode). Above, gemm.
+pub const ROW_INVARIANT_MAX: usize = 64;
 /// Multiply-adds below which a matvec is not worth spreading over threads.
 const PAR_MIN_WORK: usize = 1 << 17;
 
@@ -127,12 +129,39 @@ pub fn linear(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     if t == 0 || n == 0 {
         return;
     }
-    if t <= SMALL_BATCH {
-        for (xr, orow) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-            matvec(w, k, xr, orow);
-        }
+    if t == 1 {
+        matvec(w, k, x, out);
+    } else if t <= ROW_INVARIANT_MAX {
+        rows_dot(x, t, w, n, k, out);
     } else {
         gemm_xwt(x, t, w, n, k, out);
+    }
+}
+
+/// `out[i, r] = dot(w[r, :], x[i, :])` for a few rows: each weight row is loaded once and
+/// dotted with every input row while it is in cache. Threaded over weight rows.
+fn rows_dot(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32]) {
+    const ROWS: usize = 32;
+    // Transposed result [n, t]: each thread owns a contiguous block of weight rows.
+    let mut tr = vec![0f32; n * t];
+    let block = |(c, o): (usize, &mut [f32])| {
+        for (j, orow) in o.chunks_exact_mut(t).enumerate() {
+            let r = c * ROWS + j;
+            let wr = &w[r * k..(r + 1) * k];
+            for (i, oi) in orow.iter_mut().enumerate() {
+                *oi = dot(wr, &x[i * k..(i + 1) * k]);
+            }
+        }
+    };
+    if n * k * t >= PAR_MIN_WORK && rayon::current_num_threads() > 1 {
+        tr.par_chunks_mut(ROWS * t).enumerate().for_each(block);
+    } else {
+        tr.chunks_mut(ROWS * t).enumerate().for_each(block);
+    }
+    for (r, col) in tr.chunks_exact(t).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            out[i * n + r] = v;
+        }
     }
 }
 
@@ -268,7 +297,7 @@ mod tests {
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
             .collect();
-        for t in [1, 3, 9, 40] {
+        for t in [1, 3, 9, 40, 70] {
             let x: Vec<f32> = (0..t * k)
                 .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
                 .collect();
@@ -277,6 +306,24 @@ mod tests {
             for (a, b) in out.iter().zip(naive(&x, &w, k)) {
                 assert!((a - b).abs() < 1e-4, "t={t}: {a} vs {b}");
             }
+        }
+    }
+
+    #[test]
+    fn batched_rows_equal_single_rows_bit_for_bit() {
+        let (k, n) = (96, 130);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 37.0)
+            .collect();
+        let x: Vec<f32> = (0..20 * k)
+            .map(|i| ((i * 17 % 53) as f32 - 26.0) / 11.0)
+            .collect();
+        let mut batched = vec![0f32; 20 * n];
+        linear(&x, &w, k, &mut batched);
+        for (i, xr) in x.chunks_exact(k).enumerate() {
+            let mut single = vec![0f32; n];
+            linear(xr, &w, k, &mut single);
+            assert_eq!(single, batched[i * n..(i + 1) * n]);
         }
     }
 

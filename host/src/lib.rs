@@ -21,6 +21,6 @@ pub mod sampling;
 pub mod store;
 
 pub use config::ModelConfig;
-pub use deepseek_v3::{DeepseekV3, ForwardOutput, KvCache, Logits};
+pub use deepseek_v3::{DeepseekV3, ForwardOutput, KvCache, Logits, Sequence};
 pub use engine::{bundled_model_dir, Engine, Generation};
 pub use sampling::SamplingParams;
