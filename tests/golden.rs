@@ -304,6 +304,7 @@ fn batched_decode_equals_single_stream_bit_for_bit() {
         .zip(caches.iter_mut())
         .map(|(ids, c)| argmax(&model.forward(ids, c, Logits::Last, false).unwrap().logits))
         .collect();
+    #[allow(clippy::needless_range_loop)] // `step` indexes every sequence's history
     for step in 0..steps {
         let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
         let mut seqs: Vec<moehost::Sequence> = tokens
