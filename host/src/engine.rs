@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{parse_token_ids, ModelConfig};
-use crate::deepseek_v3::{DeepseekV3, Logits};
+use crate::deepseek_v3::{DeepseekV3, KvCache, Logits};
 use crate::experts::{ExpertProvider, ResidentExperts};
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -114,8 +114,51 @@ impl Engine {
         params: &SamplingParams,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
+        let mut seq = SequenceState::new(self, prompt_ids, max_tokens, params, Vec::new())?;
+        if let Some(piece) = seq.prefill(self)? {
+            on_text(&piece);
+        }
+        while let Some(next) = seq.next_input() {
+            let logits = self
+                .model
+                .forward(&[next], &mut seq.cache, Logits::Last, false)?
+                .logits;
+            if let Some(piece) = seq.accept(self, &logits)? {
+                on_text(&piece);
+            }
+        }
+        Ok(seq.into_generation())
+    }
+}
+
+/// One sequence being generated: its cache, sampler, output and stop rules. `generate` drives
+/// one; the server's scheduler drives many through batched forward passes, so both produce the
+/// same tokens and text for the same request.
+pub struct SequenceState {
+    pub cache: KvCache,
+    sampler: Sampler,
+    prompt_ids: Vec<u32>,
+    ids: Vec<u32>,
+    max_tokens: usize,
+    stop: Vec<String>,
+    /// Bytes of the text already handed out.
+    emitted: usize,
+    /// The text, cut at a stop string once one appears.
+    text: String,
+    finish_reason: Option<&'static str>,
+}
+
+impl SequenceState {
+    /// Checks the request against the model's limits.
+    pub fn new(
+        engine: &Engine,
+        prompt_ids: &[u32],
+        max_tokens: usize,
+        params: &SamplingParams,
+        stop: Vec<String>,
+    ) -> Result<Self> {
         params.validate()?;
-        let cfg = self.model.config();
+        let cfg = engine.model.config();
         ensure!(!prompt_ids.is_empty(), "the prompt is empty");
         ensure!(
             prompt_ids.len() <= cfg.max_position_embeddings,
@@ -123,69 +166,113 @@ impl Engine {
             prompt_ids.len(),
             cfg.max_position_embeddings
         );
-        let max_tokens = max_tokens.min(cfg.max_position_embeddings - prompt_ids.len() + 1);
-        let mut sampler = Sampler::new(params.clone());
-        let mut cache = self.model.new_cache();
-        let mut stream = TextStream::default();
-        let mut ids = Vec::new();
-        let mut finish_reason = "length";
-        if max_tokens > 0 {
-            let mut logits = self
-                .model
-                .forward(prompt_ids, &mut cache, Logits::Last, false)?
-                .logits;
-            loop {
-                let next = sampler.sample(&logits);
-                if self.defaults.eos_token_ids.contains(&next) {
-                    finish_reason = "eos";
-                    break;
-                }
-                ids.push(next);
-                if let Some(piece) = stream.push(self, &ids)? {
-                    on_text(&piece);
-                }
-                if ids.len() >= max_tokens || cache.len() >= cfg.max_position_embeddings {
-                    break;
-                }
-                logits = self
-                    .model
-                    .forward(&[next], &mut cache, Logits::Last, false)?
-                    .logits;
-            }
-        }
-        let text = self.decode(&ids)?;
-        if let Some(rest) = text.get(stream.emitted..) {
-            if !rest.is_empty() {
-                on_text(rest);
-            }
-        }
-        Ok(Generation {
+        Ok(Self {
+            cache: engine.model.new_cache(),
+            sampler: Sampler::new(params.clone()),
             prompt_ids: prompt_ids.to_vec(),
-            ids,
-            text,
-            finish_reason,
+            ids: Vec::new(),
+            max_tokens: max_tokens.min(cfg.max_position_embeddings - prompt_ids.len() + 1),
+            stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            emitted: 0,
+            text: String::new(),
+            finish_reason: (max_tokens == 0).then_some("length"),
         })
     }
-}
 
-/// Emits decoded text incrementally without splitting multi-byte characters.
-#[derive(Default)]
-struct TextStream {
-    emitted: usize,
-}
-
-impl TextStream {
-    fn push(&mut self, engine: &Engine, ids: &[u32]) -> Result<Option<String>> {
-        let text = engine.decode(ids)?;
-        if text.ends_with('\u{FFFD}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
-        {
+    /// Runs the prompt and takes the first token; returns new text, if any.
+    pub fn prefill(&mut self, engine: &Engine) -> Result<Option<String>> {
+        if self.finish_reason.is_some() {
             return Ok(None);
         }
-        let piece = text[self.emitted..].to_owned();
-        self.emitted = text.len();
-        Ok(Some(piece))
+        let logits = engine
+            .model
+            .forward(&self.prompt_ids, &mut self.cache, Logits::Last, false)?
+            .logits;
+        self.accept(engine, &logits)
+    }
+
+    /// The token to feed next, or `None` once finished.
+    pub fn next_input(&self) -> Option<u32> {
+        match self.finish_reason {
+            None => self.ids.last().copied(),
+            Some(_) => None,
+        }
+    }
+
+    /// Samples from `logits`, applies the stop rules; returns the text that became final.
+    pub fn accept(&mut self, engine: &Engine, logits: &[f32]) -> Result<Option<String>> {
+        let next = self.sampler.sample(logits);
+        if engine.defaults.eos_token_ids.contains(&next) {
+            self.finish_reason = Some("eos");
+        } else {
+            self.ids.push(next);
+            let cfg = engine.model.config();
+            if self.ids.len() >= self.max_tokens || self.cache.len() >= cfg.max_position_embeddings
+            {
+                self.finish_reason = Some("length");
+            }
+            let text = engine.decode(&self.ids)?;
+            match self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                Some(cut) => {
+                    self.text = text[..cut].to_owned();
+                    self.finish_reason = Some("stop");
+                }
+                None => self.text = text,
+            }
+        }
+        Ok(self.release())
+    }
+
+    /// Text that can no longer change: complete characters, and nothing that might still turn
+    /// out to begin a stop string (held back until the sequence ends).
+    fn release(&mut self) -> Option<String> {
+        let mut end = self.text.len();
+        if self.finish_reason.is_none() {
+            if self.text.ends_with('\u{FFFD}') {
+                return None;
+            }
+            let hold = self
+                .stop
+                .iter()
+                .map(|s| s.len().saturating_sub(1))
+                .max()
+                .unwrap_or(0);
+            end = end.saturating_sub(hold);
+            while !self.text.is_char_boundary(end) {
+                end -= 1;
+            }
+        }
+        if end <= self.emitted {
+            return None;
+        }
+        let piece = self.text[self.emitted..end].to_owned();
+        self.emitted = end;
+        Some(piece)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finish_reason.is_some()
+    }
+
+    pub fn finish_reason(&self) -> Option<&'static str> {
+        self.finish_reason
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_ids.len()
+    }
+
+    pub fn completion_tokens(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn into_generation(self) -> Generation {
+        Generation {
+            prompt_ids: self.prompt_ids,
+            ids: self.ids,
+            text: self.text,
+            finish_reason: self.finish_reason.unwrap_or("length"),
+        }
     }
 }
 
