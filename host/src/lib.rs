@@ -15,10 +15,13 @@ pub mod forward_dump;
 pub mod fp8;
 pub mod kernels;
 pub mod policy;
+pub mod replay;
 pub mod rope;
 pub mod router;
 pub mod sampling;
+pub mod server;
 pub mod store;
+pub mod trace;
 
 pub use config::ModelConfig;
 pub use deepseek_v3::{DeepseekV3, ForwardOutput, KvCache, Logits, Sequence};

@@ -144,6 +144,293 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Serve an OpenAI-compatible HTTP API (completions, chat, models, metrics, admin).
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+        /// Enables the admin API (policies at run time); every admin call needs this bearer token.
+        #[arg(long, env = "MOEHOST_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Requests waiting for admission before new ones get HTTP 429.
+        #[arg(long, default_value_t = 256)]
+        queue: usize,
+    },
+    /// Routing traces (the moehost-trace/1 format): record, import, export, inspect.
+    Trace {
+        #[command(subcommand)]
+        command: TraceCommand,
+    },
+    /// Replay routing traces through eviction and prefetch policies, next to Belady's optimum.
+    Replay(Box<ReplayArgs>),
+}
+
+#[derive(Subcommand)]
+enum TraceCommand {
+    /// Record prefill and greedy decode of each prompt (one JSON object per line, "prompt").
+    Record {
+        /// Model folder; default: the bundled tiny-k2.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// JSON lines: {"prompt": "..."} per line.
+        #[arg(long)]
+        prompts: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Decode steps per prompt after its prefill (stops early at eos).
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Also record `speculative`: the next MoE layer's gate on the current hidden state.
+        #[arg(long)]
+        speculative: bool,
+    },
+    /// Convert a routing dump into a trace.
+    Import {
+        /// Input format (only `jsonl`: {"doc", "token", "layer", "experts", "weights"} per line).
+        #[arg(long, value_parser = ["jsonl"])]
+        from: String,
+        /// The dump.
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Routed experts per layer (default: the largest id seen + 1).
+        #[arg(long)]
+        n_experts: Option<u32>,
+        /// Bytes of one expert (e.g. 44050944, 42MiB or k2-fp8); default 0 (unknown).
+        #[arg(long, value_parser = parse_expert_bytes)]
+        expert_bytes: Option<u64>,
+        /// Model name for the metadata.
+        #[arg(long)]
+        model_name: Option<String>,
+    },
+    /// Write a trace as JSON lines (the import format), to stdout or --out.
+    Export {
+        trace: PathBuf,
+        #[arg(long, value_parser = ["jsonl"], default_value = "jsonl")]
+        to: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print a trace's metadata and counts (JSON).
+    Info { trace: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// A trace file (repeat for several).
+    #[arg(long = "trace", required = true)]
+    traces: Vec<PathBuf>,
+    /// Eviction policy: bundled name (lru, lfu, layer-cycle), .wasm path, or native-lru. Repeatable.
+    #[arg(long = "eviction", default_values_t = ["lru".to_string()])]
+    evictions: Vec<String>,
+    /// Prefetch policy: bundled name (none, next-layer-gate, transitions) or .wasm path. Repeatable;
+    /// adds the oracle-prefetch bound.
+    #[arg(long = "prefetch")]
+    prefetches: Vec<String>,
+    /// Device cache size: experts (64) or a share of the pool (10%). Repeatable or comma-separated.
+    #[arg(long = "capacity", required = true, value_delimiter = ',')]
+    capacities: Vec<String>,
+    /// C slots per MoE layer instead of one pool of C for the model.
+    #[arg(long)]
+    per_layer: bool,
+    /// Host tier size (same layout as --capacity); default: the host tier holds every expert.
+    #[arg(long)]
+    host_capacity: Option<String>,
+    /// Expert size for the cost model (bytes, 42MiB, or k2-fp8 = 44050944); default: the trace's.
+    #[arg(long, value_parser = parse_expert_bytes)]
+    expert_bytes: Option<u64>,
+    /// Cost-model preset: h100-pcie5 (NVMe Gen4 7 GB/s) or h100-pcie5-nvme5 (Gen5 14 GB/s).
+    #[arg(long, default_value = "h100-pcie5")]
+    link: String,
+    /// Override the preset's host->device bandwidth, GB/s.
+    #[arg(long)]
+    h2d_gbps: Option<f64>,
+    /// Override the preset's device-memory bandwidth, GB/s.
+    #[arg(long)]
+    hbm_gbps: Option<f64>,
+    /// Override the preset's disk bandwidth, GB/s.
+    #[arg(long)]
+    disk_gbps: Option<f64>,
+    /// Print one JSON array of rows instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Draw hit rate against capacity to OUT.svg or OUT.png.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Measure replay speed (accesses/s) of Belady, native LRU and the eviction plugins instead.
+    #[arg(long)]
+    bench: bool,
+    /// Runs per engine in --bench (the best counts).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Deadline of one policy call, milliseconds (generous: a replay must not depend on load).
+    #[arg(long, default_value_t = 2000)]
+    policy_timeout_ms: u64,
+    /// Memory limit of one policy plugin, e.g. 64MiB.
+    #[arg(long, value_parser = parse_bytes, default_value = "128MiB")]
+    policy_memory: u64,
+}
+
+/// `k2-fp8` or a byte size.
+fn parse_expert_bytes(s: &str) -> Result<u64> {
+    if s.eq_ignore_ascii_case("k2-fp8") {
+        Ok(moehost::replay::K2_FP8_EXPERT_BYTES)
+    } else {
+        parse_bytes(s)
+    }
+}
+
+fn trace_command(command: TraceCommand) -> Result<()> {
+    use moehost::trace;
+    match command {
+        TraceCommand::Record {
+            model,
+            prompts,
+            out,
+            max_tokens,
+            speculative,
+        } => {
+            let dir = model.unwrap_or_else(bundled_model_dir);
+            let prompts = trace::read_prompts(&prompts)?;
+            let t = trace::record(
+                &dir,
+                &prompts,
+                &trace::RecordOptions {
+                    max_tokens,
+                    speculative,
+                },
+            )?;
+            t.save(&out)?;
+            let s = t.summary();
+            eprintln!(
+                "wrote {} ({} tokens in {} steps, {} prompts)",
+                out.display(),
+                s.tokens,
+                s.steps,
+                s.docs
+            );
+        }
+        TraceCommand::Import {
+            from: _,
+            input,
+            out,
+            n_experts,
+            expert_bytes,
+            model_name,
+        } => {
+            let t = trace::import_jsonl(
+                &input,
+                &trace::ImportOptions {
+                    n_routed_experts: n_experts,
+                    expert_bytes,
+                    model: model_name,
+                },
+            )?;
+            t.save(&out)?;
+            let s = t.summary();
+            eprintln!(
+                "wrote {} ({} tokens = steps, {} docs, {} MoE layers, k={})",
+                out.display(),
+                s.tokens,
+                s.docs,
+                t.layers(),
+                t.k()
+            );
+        }
+        TraceCommand::Export {
+            trace: path,
+            to: _,
+            out,
+        } => {
+            let t = trace::Trace::load(&path)?;
+            match out {
+                Some(o) => {
+                    let f = std::fs::File::create(&o)
+                        .with_context(|| format!("cannot create {}", o.display()))?;
+                    let mut w = std::io::BufWriter::new(f);
+                    trace::export_jsonl(&t, &mut w)?;
+                    w.flush()?;
+                }
+                None => {
+                    let stdout = std::io::stdout();
+                    let mut w = std::io::BufWriter::new(stdout.lock());
+                    trace::export_jsonl(&t, &mut w)?;
+                    w.flush()?;
+                }
+            }
+        }
+        TraceCommand::Info { trace: path } => {
+            let t = trace::Trace::load(&path)?;
+            println!("{}", serde_json::to_string_pretty(&t.summary())?);
+        }
+    }
+    Ok(())
+}
+
+fn replay_command(a: ReplayArgs) -> Result<()> {
+    use moehost::replay::{self, Capacity, Link, ReplayConfig};
+    let mut link = Link::preset(&a.link)?;
+    for (v, slot, what) in [
+        (a.h2d_gbps, &mut link.h2d_gbps, "--h2d-gbps"),
+        (a.hbm_gbps, &mut link.hbm_gbps, "--hbm-gbps"),
+        (a.disk_gbps, &mut link.disk_gbps, "--disk-gbps"),
+    ] {
+        if let Some(v) = v {
+            anyhow::ensure!(v > 0.0 && v.is_finite(), "{what} must be positive");
+            *slot = v;
+            link.name = format!("{} (custom)", a.link);
+        }
+    }
+    let mut limits = replay::sweep::replay_limits();
+    limits.call_timeout = Duration::from_millis(a.policy_timeout_ms.max(1));
+    limits.memory_bytes = a.policy_memory as usize;
+    let cfg = ReplayConfig {
+        traces: a.traces,
+        evictions: a.evictions,
+        prefetches: a.prefetches,
+        capacities: a
+            .capacities
+            .iter()
+            .map(|c| Capacity::parse(c))
+            .collect::<Result<_>>()?,
+        per_layer: a.per_layer,
+        host_capacity: a
+            .host_capacity
+            .as_deref()
+            .map(Capacity::parse)
+            .transpose()?,
+        expert_bytes: a.expert_bytes,
+        link,
+        limits,
+        progress: true,
+    };
+    if a.bench {
+        let rows = replay::bench::run(&cfg, a.repeats)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            print!("{}", replay::bench::text(&rows));
+        }
+        return Ok(());
+    }
+    let rows = replay::run(&cfg)?;
+    if a.json {
+        println!("{}", replay::report::json(&rows));
+    } else {
+        print!("{}", replay::report::text(&rows));
+    }
+    let failed: u64 = rows.iter().map(|r| r.policy_fallbacks).sum();
+    if failed > 0 {
+        eprintln!(
+            "moehost: {failed} policy calls failed and were served by the built-in policy (see policy_fallbacks)"
+        );
+    }
+    if let Some(p) = &a.plot {
+        replay::plot::plot(&rows, p)?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -250,6 +537,46 @@ fn run() -> Result<()> {
                 println!("{}", serde_json::to_string(&store.stats())?);
             }
         }
+        Command::Serve {
+            model,
+            addr,
+            admin_token,
+            queue,
+        } => {
+            let (engine, store) = model.open()?;
+            let opts = moehost::server::ServeOptions {
+                queue_capacity: queue,
+                admin_token,
+                ..Default::default()
+            };
+            let (state, scheduler, _) =
+                moehost::server::start(Arc::new(engine), store, &model.store_config(), &opts)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(async {
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?;
+                eprintln!(
+                    "moehost: serving {} on http://{} (admin API {})",
+                    state.model_name,
+                    listener.local_addr()?,
+                    if state.admin.is_some() { "on" } else { "off" }
+                );
+                moehost::server::serve_on(
+                    listener,
+                    state,
+                    opts.body_limit,
+                    moehost::server::shutdown_signal(),
+                )
+                .await
+            })?;
+            // The handlers are gone, so the queue is closed: the scheduler finishes and exits.
+            let _ = scheduler.join();
+        }
         Command::Policy { command } => match command {
             PolicyCommand::Check { plugin } => {
                 let report = moehost::policy::check::check(&PolicySource::parse(&plugin))?;
@@ -275,6 +602,8 @@ fn run() -> Result<()> {
                 }
             }
         },
+        Command::Trace { command } => trace_command(command)?,
+        Command::Replay(args) => replay_command(*args)?,
         Command::Bench {
             model,
             prompt_tokens,

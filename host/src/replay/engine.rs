@@ -1,0 +1,398 @@
+//! The cache simulator: one pass over a schedule with an eviction policy and, optionally, a
+//! prefetch policy, following the live store's order of events (`crate::store`) exactly.
+//!
+//! Per visit (one (step, layer)):
+//! 1. The visit's experts are pinned; each is a hit (on the device) or a miss.
+//! 2. The eviction policy is told the visit (once: `on_step`) and, when the misses need more
+//!    room than is free in the pool, asked for victims among the unpinned residents.
+//! 3. Device victims are demoted to the host tier (when it is limited; host victims by policy).
+//! 4. Misses are loaded and cached while there is room; the rest stream through uncached.
+//! 5. The prefetch policy sees the routed experts and names experts to load before the next
+//!    visit; they are inserted at once (evicting by the eviction policy) and count as prefetched.
+
+use crate::policy::{InitArgs, Outlook, PrefetchRequest, RoutedStep, Tier};
+
+use super::residency::{Request, Residency};
+use super::schedule::{Schedule, Visit};
+
+/// What an eviction policy must do in a replay. Keys are dense (`Residency::key`).
+pub trait Evictor {
+    /// Visit `vi` begins: `keys` are its accesses, ascending.
+    fn begin_visit(&mut self, vi: usize, visit: &Visit, keys: &[u32]);
+    /// Exactly once per visit, after `begin_visit`: the visit's facts and the device victim
+    /// request if one is needed. Victims go to `out`.
+    fn on_step(&mut self, res: &Residency, request: Option<Request>, out: &mut Vec<u32>);
+    /// A further request in the same visit (host tier, or room for prefetches).
+    fn victims(&mut self, res: &Residency, request: Request, out: &mut Vec<u32>);
+    /// `key` became resident in `tier`.
+    fn inserted(&mut self, key: u32, tier: Tier);
+    /// `key` left `tier`.
+    fn removed(&mut self, key: u32, tier: Tier);
+}
+
+/// What a prefetch policy must do in a replay.
+pub trait Prefetcher {
+    /// Layers of speculative scores it wants.
+    fn lookahead(&self) -> u32;
+    fn on_routed(&mut self, step: &RoutedStep, init: &dyn Fn() -> InitArgs)
+        -> Vec<PrefetchRequest>;
+}
+
+/// Cache geometry of one replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimConfig {
+    /// Device slots: for the whole model, or per layer with `per_layer`.
+    pub capacity: u32,
+    pub per_layer: bool,
+    /// Host slots (same layout); `None`: the host tier holds every expert.
+    pub host_capacity: Option<u32>,
+    /// Oracle prefetch: every load is done ahead of its access (counts as a prefetched hit).
+    pub oracle_prefetch: bool,
+    /// Overrides the trace's expert size in the policies' `init` (bytes).
+    pub expert_bytes: u64,
+}
+
+/// The counts of one replay.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub accesses: u64,
+    /// Accesses served by the device tier (prefetched experts included).
+    pub hits: u64,
+    /// Accesses that had to load on demand (streamed ones included).
+    pub misses: u64,
+    /// Misses served without being cached (every resident expert of the pool was pinned).
+    pub streamed: u64,
+    /// Device loads (demand or prefetch) found in the host tier.
+    pub host_hits: u64,
+    /// Device loads read from disk.
+    pub host_misses: u64,
+    /// Demand loads into the device tier (= misses).
+    pub demand_loads: u64,
+    /// Of those, read from disk.
+    pub demand_disk_loads: u64,
+    /// Prefetch loads into the device tier.
+    pub prefetch_loads: u64,
+    /// Disk reads for prefetches (into the device tier, or host-tier prefetches).
+    pub prefetch_disk_loads: u64,
+    /// Prefetch requests carried out (device and host tier).
+    pub prefetch_issued: u64,
+    /// Device prefetches accessed before leaving the tier.
+    pub prefetch_used: u64,
+    /// Device prefetches never accessed (evicted unused, or unused at the end).
+    pub prefetch_wasted: u64,
+    /// Device experts evicted.
+    pub evictions: u64,
+    /// Host experts evicted.
+    pub host_evictions: u64,
+}
+
+/// Replays `s` through `ev` (and `pf`).
+pub fn simulate(
+    s: &Schedule,
+    cfg: &SimConfig,
+    ev: &mut dyn Evictor,
+    mut pf: Option<&mut dyn Prefetcher>,
+) -> Counters {
+    let shape = crate::policy::ModelShape {
+        moe_layers: s.layers,
+        experts_per_layer: s.experts_per_layer,
+        top_k: s.top_k,
+        expert_bytes: cfg.expert_bytes,
+    };
+    let mut sim = Sim {
+        res: Residency::new(shape, cfg.per_layer, cfg.capacity, cfg.host_capacity),
+        c: Counters::default(),
+        prefetched: super::residency::BitSet::new(s.n_keys()),
+        misses: Vec::new(),
+        victims: Vec::new(),
+        demote: Vec::new(),
+    };
+    for (vi, v) in s.visits.iter().enumerate() {
+        let keys = s.keys_of(v);
+        sim.visit(vi, v, keys, cfg, ev);
+        if let Some(p) = pf.as_deref_mut() {
+            sim.prefetch(s, v, keys, ev, p);
+        }
+        for &k in keys {
+            sim.res.pinned.clear(k);
+        }
+    }
+    let n = s.n_keys() as u32;
+    sim.prefetched
+        .for_each_in(0, n, &[], |_| sim.c.prefetch_wasted += 1);
+    sim.c
+}
+
+struct Sim {
+    res: Residency,
+    c: Counters,
+    /// Prefetched into the device tier and not accessed yet.
+    prefetched: super::residency::BitSet,
+    misses: Vec<u32>,
+    victims: Vec<u32>,
+    demote: Vec<u32>,
+}
+
+impl Sim {
+    fn visit(&mut self, vi: usize, v: &Visit, keys: &[u32], cfg: &SimConfig, ev: &mut dyn Evictor) {
+        for &k in keys {
+            self.res.pinned.set(k);
+        }
+        ev.begin_visit(vi, v, keys);
+        self.misses.clear();
+        let mut resident_hits = 0u32;
+        for &k in keys {
+            if self.res.on_device(k) {
+                self.c.hits += 1;
+                resident_hits += 1;
+                if self.prefetched.has(k) {
+                    self.prefetched.clear(k);
+                    self.c.prefetch_used += 1;
+                }
+            } else {
+                self.misses.push(k);
+            }
+        }
+        self.c.accesses += keys.len() as u64;
+        // Every key of a visit is in the same layer, so in the same pool.
+        let pool = self.res.pool_of(keys[0]);
+        let free = self.res.device_free(pool);
+        let want = self.misses.len() as u32;
+        let request = if want > free {
+            let candidates = self.res.device_count(pool) - resident_hits;
+            (candidates > 0).then_some(Request {
+                tier: Tier::Device,
+                pool,
+                count: (want - free).min(candidates),
+                skip_pinned: true,
+                skip_extra: false,
+            })
+        } else {
+            None
+        };
+        let mut victims = std::mem::take(&mut self.victims);
+        victims.clear();
+        ev.on_step(&self.res, request, &mut victims);
+        self.evict(&victims, ev);
+        self.victims = victims;
+        self.admit_host(ev);
+        let room = self.res.device_free(pool) as usize;
+        for n in 0..self.misses.len() {
+            let k = self.misses[n];
+            let on_host = self.res.on_host(k);
+            if on_host {
+                self.c.host_hits += 1;
+            } else {
+                self.c.host_misses += 1;
+            }
+            let cached = n < room;
+            if cached {
+                self.res.insert(k, Tier::Device);
+                ev.inserted(k, Tier::Device);
+            } else {
+                self.c.streamed += 1;
+            }
+            if cfg.oracle_prefetch && cached {
+                self.c.hits += 1;
+                self.c.prefetch_issued += 1;
+                self.c.prefetch_used += 1;
+                self.c.prefetch_loads += 1;
+                self.c.prefetch_disk_loads += u64::from(!on_host);
+            } else {
+                self.c.misses += 1;
+                self.c.demand_loads += 1;
+                self.c.demand_disk_loads += u64::from(!on_host);
+            }
+        }
+    }
+
+    /// Removes device victims; queues them for the host tier.
+    fn evict(&mut self, victims: &[u32], ev: &mut dyn Evictor) {
+        for &k in victims {
+            let removed = self.res.remove(k, Tier::Device);
+            assert!(removed, "victim {k} was not resident");
+            self.c.evictions += 1;
+            ev.removed(k, Tier::Device);
+            if self.prefetched.has(k) {
+                self.prefetched.clear(k);
+                self.c.prefetch_wasted += 1;
+            }
+            if self.res.host_cap.is_some_and(|c| c > 0) && !self.res.on_host(k) {
+                self.demote.push(k);
+            }
+        }
+    }
+
+    /// Puts the demoted experts into the host tier, evicting by policy when it is full.
+    fn admit_host(&mut self, ev: &mut dyn Evictor) {
+        let Some(cap) = self.res.host_cap else {
+            return;
+        };
+        if self.demote.is_empty() {
+            return;
+        }
+        let keys = std::mem::take(&mut self.demote);
+        // Victims of one request share a pool.
+        let pool = self.res.pool_of(keys[0]);
+        let free = cap.saturating_sub(self.res.host_count(pool)) as usize;
+        let mut room = free;
+        if keys.len() > free && self.res.host_count(pool) > 0 {
+            for &k in &keys {
+                self.res.extra.set(k);
+            }
+            let request = Request {
+                tier: Tier::Host,
+                pool,
+                count: ((keys.len() - free) as u32).min(self.res.host_count(pool)),
+                skip_pinned: false,
+                skip_extra: true,
+            };
+            let mut victims = Vec::new();
+            ev.victims(&self.res, request, &mut victims);
+            for &k in &keys {
+                self.res.extra.clear(k);
+            }
+            for v in victims {
+                if self.res.remove(v, Tier::Host) {
+                    room += 1;
+                    self.c.host_evictions += 1;
+                    ev.removed(v, Tier::Host);
+                }
+            }
+        }
+        for &k in keys.iter().take(room) {
+            self.res.insert(k, Tier::Host);
+            ev.inserted(k, Tier::Host);
+        }
+        self.demote = keys;
+        self.demote.clear();
+    }
+
+    /// The prefetch policy's turn after visit `v` (see the module doc).
+    fn prefetch(
+        &mut self,
+        s: &Schedule,
+        v: &Visit,
+        keys: &[u32],
+        ev: &mut dyn Evictor,
+        pf: &mut dyn Prefetcher,
+    ) {
+        let e = s.experts_per_layer;
+        let outlook = if s.speculative.is_some() && pf.lookahead() > 0 && v.layer + 1 < s.layers {
+            let next = v.layer + 1;
+            vec![Outlook {
+                layer: next,
+                scores: s
+                    .speculative_rows(v, next)
+                    .expect("trace has speculative scores"),
+                residency: self.res.layer_tiers(next),
+            }]
+        } else {
+            Vec::new()
+        };
+        let step = RoutedStep {
+            step: v.step,
+            layer: v.layer,
+            tokens: v.tokens,
+            experts: keys.iter().map(|&k| k % e).collect(),
+            outlook,
+        };
+        let res = &self.res;
+        let mut reqs = pf.on_routed(&step, &|| res.init_args());
+        if reqs.is_empty() {
+            return;
+        }
+        // As the store: highest priority first, each (expert, tier) once, at most one layer
+        // step's worth of each tier.
+        reqs.sort_by_key(|r| std::cmp::Reverse(r.priority));
+        let mut seen = std::collections::HashSet::new();
+        reqs.retain(|r| seen.insert((r.expert, r.tier)));
+        let cap = (s.top_k as usize * v.tokens as usize).max(s.top_k as usize);
+        let dense = |r: &PrefetchRequest| self.res.dense(r.expert);
+        let device: Vec<u32> = reqs
+            .iter()
+            .filter(|r| r.tier == Tier::Device)
+            .filter_map(dense)
+            .filter(|&k| !self.res.on_device(k))
+            .take(cap)
+            .collect();
+        let host: Vec<u32> = if self.res.host_cap.is_some() {
+            reqs.iter()
+                .filter(|r| r.tier == Tier::Host)
+                .filter_map(dense)
+                .filter(|&k| !self.res.on_host(k) && !self.res.on_device(k))
+                .take(cap)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // Device requests, pool by pool in order of first appearance.
+        let mut pools: Vec<u32> = Vec::new();
+        for &k in &device {
+            let p = self.res.pool_of(k);
+            if !pools.contains(&p) {
+                pools.push(p);
+            }
+        }
+        for pool in pools {
+            let wanted: Vec<u32> = device
+                .iter()
+                .copied()
+                .filter(|&k| self.res.pool_of(k) == pool)
+                .collect();
+            let free = self.res.device_free(pool) as usize;
+            let mut room = free;
+            if wanted.len() > free {
+                let pinned_here = keys
+                    .iter()
+                    .filter(|&&k| self.res.pool_of(k) == pool && self.res.on_device(k))
+                    .count() as u32;
+                let candidates = self.res.device_count(pool) - pinned_here;
+                if candidates > 0 {
+                    for &k in &wanted {
+                        self.res.extra.set(k);
+                    }
+                    let request = Request {
+                        tier: Tier::Device,
+                        pool,
+                        count: ((wanted.len() - free) as u32).min(candidates),
+                        skip_pinned: true,
+                        skip_extra: true,
+                    };
+                    let mut victims = Vec::new();
+                    ev.victims(&self.res, request, &mut victims);
+                    for &k in &wanted {
+                        self.res.extra.clear(k);
+                    }
+                    let before = self.res.device_count(pool);
+                    self.evict(&victims, ev);
+                    room += (before - self.res.device_count(pool)) as usize;
+                    self.admit_host(ev);
+                }
+            }
+            for &k in wanted.iter().take(room) {
+                self.res.insert(k, Tier::Device);
+                ev.inserted(k, Tier::Device);
+                self.prefetched.set(k);
+                self.c.prefetch_issued += 1;
+                self.c.prefetch_loads += 1;
+                if self.res.on_host(k) {
+                    self.c.host_hits += 1;
+                } else {
+                    self.c.host_misses += 1;
+                    self.c.prefetch_disk_loads += 1;
+                }
+            }
+        }
+        if let Some(cap) = self.res.host_cap {
+            for k in host {
+                if self.res.host_count(self.res.pool_of(k)) < cap {
+                    self.res.insert(k, Tier::Host);
+                    ev.inserted(k, Tier::Host);
+                    self.c.prefetch_issued += 1;
+                    self.c.prefetch_disk_loads += 1;
+                }
+            }
+        }
+    }
+}

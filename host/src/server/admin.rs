@@ -1,0 +1,228 @@
+//! The admin API: policies at run time. Off unless an admin token is configured; every call
+//! needs `Authorization: Bearer <token>`. Uploading a plugin runs code in this process, so an
+//! upload is checked (no imports, one supported world, smoke test) before it can be activated.
+//!
+//! - `POST /admin/policies?name=N` (body: the component's bytes): register a plugin.
+//! - `GET /admin/policies`: registered plugins, the active policy per kind, their counters.
+//! - `POST /admin/policies/activate` `{"kind": "eviction", "name": "lfu"}`: hot swap (between
+//!   forward passes); `name` is an uploaded plugin or a bundled one.
+//! - `POST /admin/policies/rollback` `{"kind": "eviction"}`: back to the previous policy.
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use super::openai::ApiError;
+use super::AppState;
+use crate::policy::check::{check, CheckReport};
+use crate::policy::{PolicyKind, PolicySource};
+
+pub struct Admin {
+    token: String,
+    dir: tempfile::TempDir,
+    registry: Mutex<HashMap<String, (PolicySource, CheckReport)>>,
+    active: Mutex<HashMap<PolicyKind, Vec<PolicySource>>>,
+}
+
+impl Admin {
+    pub fn new(token: String, initial: [(PolicyKind, PolicySource); 3]) -> anyhow::Result<Self> {
+        anyhow::ensure!(!token.is_empty(), "the admin token must not be empty");
+        Ok(Self {
+            token,
+            dir: tempfile::Builder::new()
+                .prefix("moehost-policies-")
+                .tempdir()?,
+            registry: Mutex::new(HashMap::new()),
+            active: Mutex::new(initial.into_iter().map(|(k, s)| (k, vec![s])).collect()),
+        })
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Constant-time comparison: the token is a secret.
+        let ok = given.is_some_and(|g| {
+            g.len() == self.token.len()
+                && g.bytes()
+                    .zip(self.token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::status(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "admin calls need Authorization: Bearer <admin token>",
+            ))
+        }
+    }
+}
+
+fn admin(app: &AppState, headers: &HeaderMap) -> Result<std::sync::Arc<Admin>, ApiError> {
+    let a = app.admin.clone().ok_or_else(|| {
+        ApiError::status(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "the admin API is disabled",
+        )
+    })?;
+    a.authorize(headers)?;
+    Ok(a)
+}
+
+#[derive(Deserialize)]
+pub struct UploadQuery {
+    name: String,
+}
+
+pub async fn upload(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<UploadQuery>,
+    body: Bytes,
+) -> Response {
+    let r = (|| -> Result<Response, ApiError> {
+        let a = admin(&app, &headers)?;
+        let name = q.name;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ApiError::invalid(
+                "name must be letters, digits, '-' or '_'",
+            ));
+        }
+        let path: PathBuf = a.dir.path().join(format!("{name}.wasm"));
+        std::fs::write(&path, &body).map_err(|e| {
+            ApiError::status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("cannot store the plugin: {e}"),
+            )
+        })?;
+        let source = PolicySource::File(path);
+        let report =
+            check(&source).map_err(|e| ApiError::invalid(format!("plugin rejected: {e:#}")))?;
+        let out = json!({"name": name, "check": &report});
+        a.registry.lock().unwrap().insert(name, (source, report));
+        Ok(Json(out).into_response())
+    })();
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    let r = (|| -> Result<Response, ApiError> {
+        let a = admin(&app, &headers)?;
+        let registered: Vec<_> = a
+            .registry
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, (_, r))| json!({"name": n, "kind": r.kind, "version": r.version, "policy": r.name, "description": r.description}))
+            .collect();
+        let active: HashMap<String, String> = a
+            .active
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.last().map(|s| s.describe()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        Ok(Json(
+            json!({"registered": registered, "bundled": crate::policy::bundled::names(),
+                        "active": active, "stats": app.store.stats().policies}),
+        )
+        .into_response())
+    })();
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Deserialize)]
+pub struct KindName {
+    kind: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+fn kind_of(s: &str) -> Result<PolicyKind, ApiError> {
+    match s {
+        "selection" => Ok(PolicyKind::Selection),
+        "eviction" => Ok(PolicyKind::Eviction),
+        "prefetch" => Ok(PolicyKind::Prefetch),
+        other => Err(ApiError::invalid(format!(
+            "unknown policy kind {other:?}: selection, eviction or prefetch"
+        ))),
+    }
+}
+
+fn parse_body(body: &Bytes) -> Result<KindName, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid request JSON: {e}")))
+}
+
+pub async fn activate(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let r = (|| -> Result<Response, ApiError> {
+        let a = admin(&app, &headers)?;
+        let req = parse_body(&body)?;
+        let kind = kind_of(&req.kind)?;
+        let name = req
+            .name
+            .ok_or_else(|| ApiError::invalid("name is required"))?;
+        let source = match a.registry.lock().unwrap().get(&name) {
+            Some((s, _)) => s.clone(),
+            None => PolicySource::Bundled(name.clone()),
+        };
+        app.store
+            .swap_policy(kind, &source)
+            .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+        a.active
+            .lock()
+            .unwrap()
+            .entry(kind)
+            .or_default()
+            .push(source);
+        Ok(Json(
+            json!({"kind": req.kind, "activating": name, "applies": "at the next forward pass"}),
+        )
+        .into_response())
+    })();
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn rollback(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let r = (|| -> Result<Response, ApiError> {
+        let a = admin(&app, &headers)?;
+        let req = parse_body(&body)?;
+        let kind = kind_of(&req.kind)?;
+        let mut active = a.active.lock().unwrap();
+        let history = active.entry(kind).or_default();
+        if history.len() < 2 {
+            return Err(ApiError::invalid(format!(
+                "no earlier {kind} policy to roll back to"
+            )));
+        }
+        let previous = history[history.len() - 2].clone();
+        app.store
+            .swap_policy(kind, &previous)
+            .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+        history.pop();
+        Ok(Json(json!({"kind": req.kind, "activating": previous.describe()})).into_response())
+    })();
+    r.unwrap_or_else(IntoResponse::into_response)
+}

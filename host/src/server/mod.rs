@@ -1,0 +1,219 @@
+//! `moehost serve`: an OpenAI-compatible HTTP server (axum + tokio) over the engine and its
+//! tiered expert store, with continuous batching, Prometheus metrics and an admin API for
+//! policies.
+//!
+//! Owns: routing, request limits, the chat template, start-up and graceful shutdown. The model
+//! runs on one scheduler thread (`scheduler`); handlers only talk to it through a bounded queue.
+//! Not here yet: A/B policy arms and shadow policies (see ARCHITECTURE.md).
+
+pub mod admin;
+pub mod metrics;
+pub mod openai;
+pub mod scheduler;
+
+use anyhow::{Context, Result};
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use std::future::Future;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+use crate::engine::Engine;
+use crate::policy::PolicyKind;
+use crate::store::{StoreConfig, TieredExperts};
+use metrics::Metrics;
+use openai::ApiError;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Requests waiting for admission before new ones get 429.
+    pub queue_capacity: usize,
+    /// Largest request body, bytes (plugin uploads included).
+    pub body_limit: usize,
+    /// Enables the admin API.
+    pub admin_token: Option<String>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 256,
+            body_limit: 8 << 20,
+            admin_token: None,
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub store: Arc<TieredExperts>,
+    pub queue: mpsc::Sender<scheduler::GenRequest>,
+    pub metrics: Arc<Metrics>,
+    pub model_name: String,
+    pub admin: Option<Arc<admin::Admin>>,
+    chat: Arc<Option<ChatTemplate>>,
+}
+
+struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+impl AppState {
+    /// The prompt text of a chat, through the model's own template.
+    pub fn render_chat(&self, messages: &[(&str, &str)]) -> Result<String, ApiError> {
+        let t = self.chat.as_ref().as_ref().ok_or_else(|| {
+            ApiError::invalid("this model has no chat_template in tokenizer_config.json")
+        })?;
+        let msgs: Vec<_> = messages
+            .iter()
+            .map(|(role, content)| minijinja::context! { role => role, content => content })
+            .collect();
+        let tmpl = t.env.get_template("chat").expect("added at start-up");
+        tmpl.render(minijinja::context! {
+            messages => msgs, bos_token => t.bos, eos_token => t.eos, add_generation_prompt => true
+        })
+        .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e}")))
+    }
+}
+
+fn chat_template(engine: &Engine) -> Result<Option<ChatTemplate>> {
+    let path = engine.dir.join("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let Some(template) = json.get("chat_template").and_then(|t| t.as_str()) else {
+        return Ok(None);
+    };
+    let token = |key: &str| -> String {
+        match json.get(key) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) => v
+                .get("content")
+                .and_then(|c| c.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            None => String::new(),
+        }
+    };
+    let mut env = minijinja::Environment::new();
+    env.add_template_owned("chat", template.to_owned())
+        .with_context(|| format!("the chat_template of {} does not parse", path.display()))?;
+    Ok(Some(ChatTemplate {
+        env,
+        bos: token("bos_token"),
+        eos: token("eos_token"),
+    }))
+}
+
+/// Builds the state and starts the scheduler thread.
+pub fn start(
+    engine: Arc<Engine>,
+    store: Arc<TieredExperts>,
+    store_config: &StoreConfig,
+    opts: &ServeOptions,
+) -> Result<(AppState, std::thread::JoinHandle<()>, Arc<AtomicBool>)> {
+    let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
+    let metrics = Arc::new(Metrics::default());
+    let _ = metrics.started.set(std::time::Instant::now());
+    let stopping = Arc::new(AtomicBool::new(false));
+    let model_name = engine
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let admin = match &opts.admin_token {
+        Some(t) => Some(Arc::new(admin::Admin::new(
+            t.clone(),
+            [
+                (PolicyKind::Selection, store_config.selection.clone()),
+                (PolicyKind::Eviction, store_config.eviction.clone()),
+                (PolicyKind::Prefetch, store_config.prefetch.clone()),
+            ],
+        )?)),
+        None => None,
+    };
+    let chat = Arc::new(chat_template(&engine)?);
+    let (e, m, s) = (engine.clone(), metrics.clone(), stopping.clone());
+    let worker = std::thread::Builder::new()
+        .name("moehost-scheduler".into())
+        .spawn(move || scheduler::run(e, rx, m, s))
+        .context("cannot start the scheduler thread")?;
+    Ok((
+        AppState {
+            engine,
+            store,
+            queue: tx,
+            metrics,
+            model_name,
+            admin,
+            chat,
+        },
+        worker,
+        stopping,
+    ))
+}
+
+/// The HTTP routes.
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    Router::new()
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(
+                |axum::extract::State(s): axum::extract::State<AppState>| async move {
+                    s.metrics.render(&s.store)
+                },
+            ),
+        )
+        .route("/admin/policies", post(admin::upload).get(admin::list))
+        .route("/admin/policies/activate", post(admin::activate))
+        .route("/admin/policies/rollback", post(admin::rollback))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Serves on `listener` until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    app: AppState,
+    body_limit: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    axum::serve(listener, router(app, body_limit))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("the HTTP server failed")
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("moehost: shutting down; finishing requests in flight");
+}

@@ -1,0 +1,492 @@
+//! `moehost serve` over real HTTP: OpenAI endpoints (streaming and not), chat template, error
+//! shapes, continuous batching equal to `generate`, cancellation, metrics, the admin API and a
+//! hot swap under load.
+
+mod support;
+
+use moehost::policy::PolicySource;
+use moehost::server::{self, ServeOptions};
+use moehost::store::StoreConfig;
+use moehost::Engine;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+
+const TOKEN: &str = "test-admin-token";
+
+struct Server {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.shutdown.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn start(store_config: StoreConfig, opts: ServeOptions) -> Server {
+    let (engine, store) = Engine::open_tiered(&support::bf16_model(), &store_config).unwrap();
+    let (state, _scheduler, _) =
+        server::start(Arc::new(engine), store, &store_config, &opts).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            server::serve_on(listener, state, opts.body_limit, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    Server {
+        addr: addr_rx.recv().unwrap(),
+        shutdown: Some(tx),
+        thread: Some(thread),
+    }
+}
+
+fn default_server() -> Server {
+    start(
+        StoreConfig::default(),
+        ServeOptions {
+            admin_token: Some(TOKEN.into()),
+            body_limit: 64 << 10,
+            ..Default::default()
+        },
+    )
+}
+
+/// One HTTP/1.1 request; returns status and body.
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = auth
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status: u16 = text[9..12].parse().unwrap();
+    let (headers, body) = text.split_once("\r\n\r\n").unwrap();
+    let body = if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+}
+
+fn post(addr: SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    let (status, text) = http(addr, "POST", path, None, body.to_string().as_bytes());
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn generate_alone(engine: &Engine, prompt: &str, max_tokens: usize) -> String {
+    let ids = engine.encode(prompt).unwrap();
+    engine
+        .generate(&ids, max_tokens, &Default::default(), |_| {})
+        .unwrap()
+        .text
+}
+
+fn sse_text(body: &str) -> (String, Vec<Value>) {
+    let mut text = String::new();
+    let mut chunks = Vec::new();
+    let datas: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(datas.last(), Some(&"[DONE]"), "{body}");
+    for d in &datas[..datas.len() - 1] {
+        let v: Value = serde_json::from_str(d).unwrap();
+        let c = &v["choices"][0];
+        if let Some(t) = c["text"].as_str().or(c["delta"]["content"].as_str()) {
+            text.push_str(t);
+        }
+        chunks.push(v);
+    }
+    (text, chunks)
+}
+
+#[test]
+fn completions_stream_and_not_equal_generate() {
+    let srv = default_server();
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let prompt = "<|bos|>def fibonacci(n):";
+    let want = generate_alone(&engine, prompt, 24);
+    let (status, v) = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 24, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], want);
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        engine.encode(prompt).unwrap().len()
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 24);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    let body =
+        json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": true}).to_string();
+    let (status, raw) = http(srv.addr, "POST", "/v1/completions", None, body.as_bytes());
+    assert_eq!(status, 200);
+    let (text, chunks) = sse_text(&raw);
+    assert_eq!(text, want);
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+}
+
+#[test]
+fn chat_uses_the_models_template_and_stop_strings() {
+    let srv = default_server();
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let rendered = "<|bos|><|user|>Tell me a fortune.<|eos|><|assistant|>";
+    let want = generate_alone(&engine, rendered, 20);
+    let msgs = json!([{"role": "user", "content": "Tell me a fortune."}]);
+    let (status, v) = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "max_tokens": 20, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], want);
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        engine.encode(rendered).unwrap().len()
+    );
+
+    // A stop string cuts the text before it, streaming or not.
+    let stop = want.chars().skip(3).take(2).collect::<String>();
+    let cut = &want[..want.find(&stop).unwrap()];
+    let (_, v) = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": msgs, "max_tokens": 20, "temperature": 0, "stop": [stop]}),
+    );
+    assert_eq!(v["choices"][0]["message"]["content"], cut);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let body =
+        json!({"messages": msgs, "max_tokens": 20, "temperature": 0, "stop": stop, "stream": true})
+            .to_string();
+    let (_, raw) = http(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        body.as_bytes(),
+    );
+    let (text, chunks) = sse_text(&raw);
+    assert_eq!(text, cut);
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+}
+
+#[test]
+fn errors_have_openais_shape_and_status() {
+    let srv = default_server();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "/v1/completions",
+            b"{not json".to_vec(),
+            400,
+            "invalid request JSON",
+        ),
+        (
+            "/v1/completions",
+            br#"{"prompt": "x", "max_tokens": "ten"}"#.to_vec(),
+            400,
+            "invalid type",
+        ),
+        (
+            "/v1/completions",
+            br#"{"prompt": "x", "max_tokens": 999999}"#.to_vec(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            br#"{"prompt": "x", "temperature": -2}"#.to_vec(),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            br#"{"prompt": "x", "n": 3}"#.to_vec(),
+            400,
+            "n = 1",
+        ),
+        (
+            "/v1/completions",
+            br#"{"prompt": "x", "model": "gpt-4"}"#.to_vec(),
+            404,
+            "does not exist",
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"messages": []}"#.to_vec(),
+            400,
+            "messages",
+        ),
+        (
+            "/v1/completions",
+            format!(
+                r#"{{"prompt": "{}", "max_tokens": 16}}"#,
+                "word ".repeat(3000)
+            )
+            .into_bytes(),
+            400,
+            "maximum context length",
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"prompt": "{}"}}"#, "x".repeat(100_000)).into_bytes(),
+            413,
+            "larger than",
+        ),
+    ];
+    for (path, body, want_status, needle) in cases {
+        let (status, text) = http(srv.addr, "POST", path, None, &body);
+        assert_eq!(status, want_status, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{msg}");
+        assert!(v["error"]["type"].is_string());
+    }
+    let (status, text) = http(
+        srv.addr,
+        "POST",
+        "/v1/completions",
+        None,
+        br#"{"prompt": "<|bos|>x", "max_tokens": 5000}"#,
+    );
+    assert_eq!(status, 400);
+    assert!(text.contains("max_tokens"), "{text}");
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_equal_generate() {
+    let srv = default_server();
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("<|bos|>Request number {i} says"))
+        .collect();
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| generate_alone(&engine, p, 40))
+        .collect();
+    let addr = srv.addr;
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/completions",
+                    json!({"prompt": p, "max_tokens": 40, "temperature": 0}),
+                )
+            })
+        })
+        .collect();
+    // A hot swap while they run: no request may fail or change.
+    let (status, _) = http(
+        addr,
+        "POST",
+        "/admin/policies/activate",
+        Some(TOKEN),
+        br#"{"kind": "eviction", "name": "layer-cycle"}"#,
+    );
+    assert_eq!(status, 200);
+    for (h, w) in handles.into_iter().zip(&want) {
+        let (status, v) = h.join().unwrap();
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"], w.as_str());
+    }
+    let (_, metrics) = http(addr, "GET", "/metrics", None, b"");
+    assert!(
+        metrics.contains("moehost_requests_total{outcome=\"ok\"} 8"),
+        "{metrics}"
+    );
+    let steps: f64 = metric(&metrics, "moehost_decode_steps_total");
+    assert!(steps < 8.0 * 40.0, "decode steps were shared: {steps}");
+    assert!(
+        metrics.contains("moehost_policy_swaps_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("moehost_expert_hits_total{tier=\"device\"}"));
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} missing"))
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_generation() {
+    let srv = default_server();
+    let body = json!({"prompt": "<|bos|>A long story:", "max_tokens": 1500, "temperature": 0, "stream": true}).to_string();
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    assert!(n > 0);
+    drop(s);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, m) = http(srv.addr, "GET", "/metrics", None, b"");
+        if metric(&m, "moehost_active_sequences") == 0.0 {
+            assert!(
+                metric(&m, "moehost_completion_tokens_total") < 1500.0,
+                "cancelled early"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "generation was not cancelled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn admin_api_needs_the_token_and_swaps_policies() {
+    let srv = start(
+        StoreConfig::default(),
+        ServeOptions {
+            admin_token: Some(TOKEN.into()),
+            ..Default::default()
+        },
+    );
+    let (status, _) = http(srv.addr, "GET", "/admin/policies", None, b"");
+    assert_eq!(status, 401);
+    let (status, _) = http(srv.addr, "GET", "/admin/policies", Some("wrong"), b"");
+    assert_eq!(status, 401);
+    let wasm = PolicySource::parse("lfu").bytes().unwrap();
+    let (status, _) = http(srv.addr, "POST", "/admin/policies?name=my-lfu", None, &wasm);
+    assert_eq!(status, 401, "uploads need the token too");
+    let (status, text) = http(
+        srv.addr,
+        "POST",
+        "/admin/policies?name=my-lfu",
+        Some(TOKEN),
+        &wasm,
+    );
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = http(
+        srv.addr,
+        "POST",
+        "/admin/policies?name=evil",
+        Some(TOKEN),
+        &PolicySource::parse("fixture-wasi-import").bytes().unwrap(),
+    );
+    assert_eq!(status, 400);
+    assert!(text.contains("imports"), "{text}");
+    let (status, text) = http(
+        srv.addr,
+        "POST",
+        "/admin/policies/activate",
+        Some(TOKEN),
+        br#"{"kind": "eviction", "name": "my-lfu"}"#,
+    );
+    assert_eq!(status, 200, "{text}");
+    // The swap lands at the next forward pass.
+    post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": "<|bos|>x", "max_tokens": 2}),
+    );
+    let (_, text) = http(srv.addr, "GET", "/admin/policies", Some(TOKEN), b"");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["stats"]["eviction"]["name"], "lfu");
+    assert_eq!(v["registered"][0]["name"], "my-lfu");
+    let (status, _) = http(
+        srv.addr,
+        "POST",
+        "/admin/policies/rollback",
+        Some(TOKEN),
+        br#"{"kind": "eviction"}"#,
+    );
+    assert_eq!(status, 200);
+    post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": "<|bos|>x", "max_tokens": 2}),
+    );
+    let (_, text) = http(srv.addr, "GET", "/admin/policies", Some(TOKEN), b"");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["stats"]["eviction"]["name"], "lru");
+    let (status, _) = http(
+        srv.addr,
+        "POST",
+        "/admin/policies/rollback",
+        Some(TOKEN),
+        br#"{"kind": "eviction"}"#,
+    );
+    assert_eq!(status, 400, "nothing earlier to roll back to");
+}
+
+#[test]
+fn admin_api_is_off_without_a_token() {
+    let srv = start(StoreConfig::default(), ServeOptions::default());
+    let (status, _) = http(srv.addr, "GET", "/admin/policies", Some(TOKEN), b"");
+    assert_eq!(status, 404);
+    let (status, text) = http(srv.addr, "GET", "/v1/models", None, b"");
+    assert_eq!(status, 200);
+    assert!(text.contains("tiny-k2"));
+}
