@@ -281,6 +281,12 @@ fn errors_have_openais_shape_and_status() {
         ),
         (
             "/v1/completions",
+            br#"{"prompt": ""}"#.to_vec(),
+            400,
+            "empty",
+        ),
+        (
+            "/v1/completions",
             format!(
                 r#"{{"prompt": "{}", "max_tokens": 16}}"#,
                 "word ".repeat(3000)

@@ -250,6 +250,11 @@ impl SequenceState {
         Some(piece)
     }
 
+    /// Ends the sequence after an error (it produces nothing more).
+    pub fn abort(&mut self) {
+        self.finish_reason = Some("error");
+    }
+
     pub fn is_finished(&self) -> bool {
         self.finish_reason.is_some()
     }

@@ -666,6 +666,10 @@ impl Inner {
             match ExpertBytes::read(&self.ckpt, layer, k.expert) {
                 Ok(b) => {
                     let mut s = self.state.lock().unwrap();
+                    // A prefetch worker may have taken the room meanwhile: never exceed it.
+                    if s.host.len() >= self.host_slots || s.host.contains_key(k) {
+                        continue;
+                    }
                     s.host_c.bytes_in += b.storage_bytes() as u64;
                     s.host.insert(*k, Arc::new(b));
                     s.events.push(Event {
@@ -838,9 +842,9 @@ impl ExpertProvider for TieredExperts {
                         }
                     }
                     Some(DeviceEntry::Loading(c)) => {
+                        // Counted as used once it arrives (below).
                         waiting.push((i, c.clone()));
                         s.device_c.hits += 1;
-                        s.prefetch_c.used += 1;
                     }
                     None => {
                         s.device_c.misses += 1;
@@ -918,11 +922,16 @@ impl ExpertProvider for TieredExperts {
         // 4. Wait for prefetches in flight (a cancelled one is loaded here).
         for (i, cell) in waiting {
             ready[i] = Some(match cell.wait() {
-                Some(w) => w,
-                None => inner.load_compute(
-                    keys[i],
-                    inner.state.lock().unwrap().host.get(&keys[i]).cloned(),
-                )?,
+                Some(w) => {
+                    let mut s = inner.state.lock().unwrap();
+                    s.prefetched_unused.remove(&keys[i]);
+                    s.prefetch_c.used += 1;
+                    w
+                }
+                None => {
+                    let host = inner.state.lock().unwrap().host.get(&keys[i]).cloned();
+                    inner.load_compute(keys[i], host)?
+                }
             });
         }
         inner.state.lock().unwrap().wait_ns += t0.elapsed().as_nanos() as u64;
@@ -962,11 +971,11 @@ impl ExpertProvider for TieredExperts {
             }
         };
         let mut reqs = p.prefetch.on_routed(&step, &|| inner.init_args());
-        // Newer requests cancel queued ones.
-        let generation = inner.queue.generation.fetch_add(1, Ordering::SeqCst) + 1;
         if reqs.is_empty() {
             return;
         }
+        // Newer requests cancel queued ones.
+        let generation = inner.queue.generation.fetch_add(1, Ordering::SeqCst) + 1;
         reqs.sort_by_key(|r| std::cmp::Reverse(r.priority));
         let mut seen = HashSet::new();
         reqs.retain(|r| seen.insert((r.expert, r.tier)));

@@ -92,6 +92,11 @@ pub async fn upload(
     Query(q): Query<UploadQuery>,
     body: Bytes,
 ) -> Response {
+    // Compiling and smoke-testing a plugin blocks: keep it off the async workers.
+    blocking(move || upload_blocking(app, headers, q, body)).await
+}
+
+fn upload_blocking(app: AppState, headers: HeaderMap, q: UploadQuery, body: Bytes) -> Response {
     let r = (|| -> Result<Response, ApiError> {
         let a = admin(&app, &headers)?;
         let name = q.name;
@@ -104,7 +109,11 @@ pub async fn upload(
                 "name must be letters, digits, '-' or '_'",
             ));
         }
-        let path: PathBuf = a.dir.path().join(format!("{name}.wasm"));
+        // A fresh file per upload: a rejected upload never replaces a registered plugin, and
+        // rollback history keeps pointing at the bytes that were active.
+        static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path: PathBuf = a.dir.path().join(format!("{name}-{n}.wasm"));
         std::fs::write(&path, &body).map_err(|e| {
             ApiError::status(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -123,6 +132,10 @@ pub async fn upload(
 }
 
 pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    blocking(move || list_blocking(app, headers)).await
+}
+
+fn list_blocking(app: AppState, headers: HeaderMap) -> Response {
     let r = (|| -> Result<Response, ApiError> {
         let a = admin(&app, &headers)?;
         let registered: Vec<_> = a
@@ -177,6 +190,10 @@ fn parse_body(body: &Bytes) -> Result<KindName, ApiError> {
 }
 
 pub async fn activate(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    blocking(move || activate_blocking(app, headers, body)).await
+}
+
+fn activate_blocking(app: AppState, headers: HeaderMap, body: Bytes) -> Response {
     let r = (|| -> Result<Response, ApiError> {
         let a = admin(&app, &headers)?;
         let req = parse_body(&body)?;
@@ -206,6 +223,10 @@ pub async fn activate(State(app): State<AppState>, headers: HeaderMap, body: Byt
 }
 
 pub async fn rollback(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    blocking(move || rollback_blocking(app, headers, body)).await
+}
+
+fn rollback_blocking(app: AppState, headers: HeaderMap, body: Bytes) -> Response {
     let r = (|| -> Result<Response, ApiError> {
         let a = admin(&app, &headers)?;
         let req = parse_body(&body)?;
@@ -225,4 +246,16 @@ pub async fn rollback(State(app): State<AppState>, headers: HeaderMap, body: Byt
         Ok(Json(json!({"kind": req.kind, "activating": previous.describe()})).into_response())
     })();
     r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Runs `f` on tokio's blocking pool (plugin compilation, locks the forward thread holds).
+pub async fn blocking(f: impl FnOnce() -> Response + Send + 'static) -> Response {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        ApiError::status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("admin task failed: {e}"),
+        )
+        .into_response()
+    })
 }

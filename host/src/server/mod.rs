@@ -173,7 +173,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             "/metrics",
             get(
                 |axum::extract::State(s): axum::extract::State<AppState>| async move {
-                    s.metrics.render(&s.store)
+                    // The store's locks may be held by the forward thread: not on a worker.
+                    tokio::task::spawn_blocking(move || s.metrics.render(&s.store))
+                        .await
+                        .unwrap_or_default()
                 },
             ),
         )

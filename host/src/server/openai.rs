@@ -237,7 +237,21 @@ async fn run(
         return Err(ApiError::invalid("only n = 1 is supported"));
     }
     let limit = cfg.max_position_embeddings;
-    let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(16) as usize;
+    if prompt_ids.is_empty() {
+        return Err(ApiError {
+            param: Some("prompt"),
+            ..ApiError::invalid("the prompt is empty (it encodes to no tokens)")
+        });
+    }
+    // OpenAI's defaults: 16 tokens for completions; for chat, up to the context length.
+    let default_max = match kind {
+        Kind::Completion => 16,
+        Kind::Chat => limit.saturating_sub(prompt_ids.len()).max(1) as u64,
+    };
+    let max_tokens = c
+        .max_completion_tokens
+        .or(c.max_tokens)
+        .unwrap_or(default_max) as usize;
     if max_tokens > limit {
         return Err(ApiError {
             param: Some("max_tokens"),

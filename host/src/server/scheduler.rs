@@ -42,6 +42,8 @@ struct Active {
     events: mpsc::UnboundedSender<GenEvent>,
     received: Instant,
     first_token: bool,
+    /// Completion tokens already added to the metrics.
+    counted: usize,
 }
 
 /// Most sequences advanced by one forward pass (row-invariant kernels keep batched decode
@@ -138,6 +140,7 @@ fn admit(engine: &Engine, r: GenRequest, active: &mut Vec<Active>, metrics: &Met
         events: r.events,
         received: r.received,
         first_token: false,
+        counted: 0,
     };
     deliver(&mut a, first, metrics);
     if !a.seq.is_finished() {
@@ -151,13 +154,19 @@ fn deliver(a: &mut Active, piece: anyhow::Result<Option<String>>, metrics: &Metr
         a.first_token = true;
         metrics.observe_ttft(a.received.elapsed());
     }
-    metrics.completion_tokens.fetch_add(1, Ordering::Relaxed);
+    let produced = a.seq.completion_tokens().saturating_sub(a.counted);
+    a.counted = a.seq.completion_tokens();
+    metrics
+        .completion_tokens
+        .fetch_add(produced as u64, Ordering::Relaxed);
     match piece {
         Ok(Some(text)) => {
             let _ = a.events.send(GenEvent::Text(text));
         }
         Ok(None) => {}
         Err(e) => {
+            // The sequence ends here: it leaves the batch at the next step.
+            a.seq.abort();
             let _ = a.events.send(GenEvent::Error(format!("{e:#}")));
             return;
         }
