@@ -332,33 +332,39 @@ impl GuardedEviction {
         request: Option<&VictimRequest>,
         args: &dyn Fn() -> InitArgs,
     ) -> Vec<ExpertKey> {
-        let fallback = self
-            .builtin
-            .on_step(facts, request)
+        // The built-in policy always observes (so a fallback finds it warm), but only picks
+        // victims when it has to serve the call.
+        self.builtin
+            .on_step(facts, None)
             .expect("built-in eviction cannot fail");
         let name = std::cell::Cell::new(None);
-        let answer = self
-            .slot
-            .run(
-                |p| {
-                    name.set(Some(p.init(&args())?.name));
-                    Ok(())
-                },
-                |p| p.on_step(facts, request),
-                |v| match request {
-                    Some(r) => validate_victims(v, r),
-                    None if v.is_empty() => Ok(()),
-                    None => Err(format!(
-                        "returned {} victims when none were asked for",
-                        v.len()
-                    )),
-                },
-            )
-            .unwrap_or(fallback);
+        let answer = self.slot.run(
+            |p| {
+                name.set(Some(p.init(&args())?.name));
+                Ok(())
+            },
+            |p| p.on_step(facts, request),
+            |v| match request {
+                Some(r) => validate_victims(v, r),
+                None if v.is_empty() => Ok(()),
+                None => Err(format!(
+                    "returned {} victims when none were asked for",
+                    v.len()
+                )),
+            },
+        );
         if let Some(n) = name.take() {
             self.slot.stats.name = n;
         }
-        answer
+        answer.unwrap_or_else(|| {
+            request
+                .map(|r| {
+                    self.builtin
+                        .victims(r)
+                        .expect("built-in eviction cannot fail")
+                })
+                .unwrap_or_default()
+        })
     }
 
     /// A further victim request in the same step.
