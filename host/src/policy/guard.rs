@@ -345,7 +345,7 @@ impl GuardedEviction {
             },
             |p| p.on_step(facts, request),
             |v| match request {
-                Some(r) => validate_victims(v, r),
+                Some(r) => validate_victims(v, r, &in_candidates(r)),
                 None if v.is_empty() => Ok(()),
                 None => Err(format!(
                     "returned {} victims when none were asked for",
@@ -380,7 +380,7 @@ impl GuardedEviction {
                 Ok(())
             },
             |p| p.victims(request),
-            |v| validate_victims(v, request),
+            |v| validate_victims(v, request, &in_candidates(request)),
         );
         if let Some(n) = name.take() {
             self.slot.stats.name = n;
@@ -397,7 +397,13 @@ impl GuardedEviction {
     }
 }
 
-fn validate_victims(v: &[ExpertKey], r: &VictimRequest) -> Result<(), String> {
+/// Exactly min(count, candidates) victims, each a candidate (`is_candidate`), none twice.
+/// Shared by the live store and the replay lab, so both hold plugins to the same contract.
+pub fn validate_victims(
+    v: &[ExpertKey],
+    r: &VictimRequest,
+    is_candidate: &dyn Fn(ExpertKey) -> bool,
+) -> Result<(), String> {
     let want = (r.count as usize).min(r.candidates.len());
     if v.len() != want {
         return Err(format!(
@@ -405,17 +411,8 @@ fn validate_victims(v: &[ExpertKey], r: &VictimRequest) -> Result<(), String> {
             v.len()
         ));
     }
-    // Few victims, many candidates: one pass over the candidates marks the victims found.
-    let mut found = vec![false; v.len()];
-    for c in &r.candidates {
-        for (i, e) in v.iter().enumerate() {
-            if e == c {
-                found[i] = true;
-            }
-        }
-    }
     for (i, e) in v.iter().enumerate() {
-        if !found[i] {
+        if !is_candidate(*e) {
             return Err(format!("victim {e:?} was not among the candidates"));
         }
         if v[..i].contains(e) {
@@ -423,6 +420,11 @@ fn validate_victims(v: &[ExpertKey], r: &VictimRequest) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Membership in the request's own candidate list (few victims, so a scan per victim).
+fn in_candidates(r: &VictimRequest) -> impl Fn(ExpertKey) -> bool + '_ {
+    move |e| r.candidates.contains(&e)
 }
 
 /// Prefetch with "no prefetch" as the safety net.

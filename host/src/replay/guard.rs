@@ -15,6 +15,7 @@
 
 use std::time::Instant;
 
+use crate::policy::guard::validate_victims;
 use crate::policy::{
     Eviction, ExpertKey, FailureKind, InitArgs, PolicyError, PolicyStats, StepFacts, VictimRequest,
 };
@@ -140,30 +141,6 @@ impl ReplayGuard {
     }
 }
 
-/// Exactly min(count, candidates) victims, each a candidate, none twice.
-fn validate(
-    v: &[ExpertKey],
-    r: &VictimRequest,
-    is_candidate: &dyn Fn(ExpertKey) -> bool,
-) -> Result<(), String> {
-    let want = (r.count as usize).min(r.candidates.len());
-    if v.len() != want {
-        return Err(format!(
-            "returned {} victims, {want} were asked for",
-            v.len()
-        ));
-    }
-    for (i, e) in v.iter().enumerate() {
-        if !is_candidate(*e) {
-            return Err(format!("victim {e:?} was not among the candidates"));
-        }
-        if v[..i].contains(e) {
-            return Err(format!("victim {e:?} named twice"));
-        }
-    }
-    Ok(())
-}
-
 impl EvictionCalls for ReplayGuard {
     fn on_step(
         &mut self,
@@ -180,7 +157,7 @@ impl EvictionCalls for ReplayGuard {
             init,
             |p| p.on_step(facts, request),
             |v| match request {
-                Some(r) => validate(v, r, is_candidate),
+                Some(r) => validate_victims(v, r, is_candidate),
                 None if v.is_empty() => Ok(()),
                 None => Err(format!(
                     "returned {} victims when none were asked for",
@@ -204,7 +181,7 @@ impl EvictionCalls for ReplayGuard {
         let answer = self.run(
             init,
             |p| p.victims(request),
-            |v| validate(v, request, is_candidate),
+            |v| validate_victims(v, request, is_candidate),
         );
         answer.unwrap_or_else(|| {
             self.fallback
