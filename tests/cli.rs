@@ -3,12 +3,9 @@
 
 mod support;
 
-use std::process::Command;
-use support::{max_abs_diff, Golden};
+use support::{assert_ok, moehost};
 
-fn moehost() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_moehost"))
-}
+use support::{max_abs_diff, Golden};
 
 #[test]
 fn forward_writes_golden_layout() {
@@ -81,11 +78,7 @@ fn generate_json_on_bundled_model() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<u32> = v["ids"]
         .as_array()
@@ -215,11 +208,7 @@ fn stats_follow_the_json_output() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
@@ -240,11 +229,7 @@ fn policy_check_reports_world_and_refuses_wasi() {
         .args(["policy", "check", "layer-cycle"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["world"], "moehost:policy/eviction-policy");
     assert_eq!(v["export"], "moehost:policy/eviction@0.1.0");

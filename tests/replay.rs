@@ -5,6 +5,8 @@
 
 mod support;
 
+use support::{assert_ok, batch1_path, moehost};
+
 use moehost::policy::wasm::RuntimeLimits;
 use moehost::replay::cost::{estimate, Link};
 use moehost::replay::sweep::{run_job, EvictionSpec, Job, PrefetchSpec, ReplayConfig};
@@ -12,17 +14,7 @@ use moehost::replay::{Capacity, Counters, Schedule};
 use moehost::trace::{Trace, TraceMeta};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
-
-fn moehost() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_moehost"))
-}
-
-fn batch1_path() -> PathBuf {
-    support::data_dir().join("traces/decode-batch1.safetensors")
-}
 
 fn batch1() -> &'static Schedule {
     static S: OnceLock<Schedule> = OnceLock::new();
@@ -630,11 +622,7 @@ fn cli_json_rows() {
         .args(["--expert-bytes", "k2-fp8"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 4);
@@ -675,11 +663,7 @@ fn cli_table_plot_and_bench() {
             .arg(plot)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         let text = String::from_utf8(out.stdout).unwrap();
         assert!(
             text.contains("decode-batch1: 3,200 tokens, 114,251 accesses"),
@@ -699,11 +683,7 @@ fn cli_table_plot_and_bench() {
         .args(["--capacity", "25%", "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = rows
         .as_array()

@@ -4,19 +4,12 @@
 
 mod support;
 
+use support::{batch1_path, moehost};
+
 use moehost::trace::{import_jsonl, ImportOptions, Trace};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn moehost() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_moehost"))
-}
-
-fn batch1_path() -> PathBuf {
-    support::data_dir().join("traces/decode-batch1.safetensors")
-}
+use std::path::Path;
 
 #[test]
 fn reads_the_shared_trace() {

@@ -6,6 +6,25 @@ use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// The `moehost` binary built for these tests.
+pub fn moehost() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_moehost"))
+}
+
+/// Fails the test with the command's stderr unless it succeeded.
+pub fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The copy of the real tiny-k2 one-stream decode trace.
+pub fn batch1_path() -> PathBuf {
+    data_dir().join("traces/decode-batch1.safetensors")
+}
+
 /// `tests/data` of this repository.
 pub fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
