@@ -42,6 +42,8 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
+    // From plugins/, so its .cargo/config.toml (guest target features) applies.
+    cmd.current_dir(&plugins);
     let status = cmd.status().expect("cannot run cargo to build plugins/");
     assert!(
         status.success(),

@@ -150,6 +150,31 @@ fn selection_with_out_of_range_ids_falls_back_to_exact_topk() {
     assert!(s.invalid_answers >= 1 && s.quarantined, "{s:?}");
 }
 
+/// A plugin built against the frozen contract 0.1 still loads and routes exactly, next to
+/// 0.2 eviction and prefetch plugins, with a small device tier.
+#[test]
+fn plugin_built_against_contract_0_1_still_works() {
+    let c = config(
+        "fixture-legacy-v0.1",
+        "lru",
+        "next-layer-gate",
+        Some(45 * EXPERT_F32),
+        None,
+    );
+    let (engine, store) = open(&c);
+    assert_eq!(run(&engine), *baseline());
+    let s = store.stats().policies;
+    assert_eq!(s.selection.name, "legacy-topk", "{s:?}");
+    assert_eq!(s.selection.version, "0.1.0", "{s:?}");
+    assert_eq!(s.eviction.version, "0.2.0", "{s:?}");
+    assert!(s.selection.calls > 0, "{s:?}");
+    assert_eq!(
+        s.selection.fallbacks + s.eviction.fallbacks + s.prefetch.fallbacks,
+        0,
+        "{s:?}"
+    );
+}
+
 #[test]
 fn plugin_importing_wasi_is_refused() {
     let c = config("topk", "fixture-wasi-import", "none", None, None);

@@ -1,4 +1,6 @@
-//! Breaks a policy call's cost at Kimi-K2 shape into raw plugin time and host validation.
+//! Breaks a policy call's cost at Kimi-K2 shape into raw plugin time and the guard's share
+//! (validation, the built-in policy's bookkeeping), for the bundled topk, lru and
+//! next-layer-gate. `cargo run --release --example policy_cost`
 use moehost::policy::check::k2_init_args;
 use moehost::policy::wasm::{load_component, RuntimeLimits, WasmPolicy};
 use moehost::policy::*;
@@ -12,60 +14,97 @@ fn plugin(name: &str) -> WasmPolicy {
     )
 }
 
+fn us(t: Instant, n: usize) -> f64 {
+    t.elapsed().as_secs_f64() / n as f64 * 1e6
+}
+
 fn main() {
-    let args = k2_init_args();
-    let n = 2000;
+    let mut args = k2_init_args();
+    let n = 20_000;
+    let mut x = 0x9e3779b97f4a7c15u64;
     let scores: Vec<f32> = (0..384)
-        .map(|i| ((i * 7919) % 384) as f32 / 384.0)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32
+        })
         .collect();
     let residency = vec![Tier::Disk; 384];
+    let init = {
+        let a = args.clone();
+        move || a.clone()
+    };
+
     let mut sel = plugin("topk");
     Selection::init(&mut sel, &args).unwrap();
     let t0 = Instant::now();
     for l in 0..n {
-        sel.select(l % 60, 1, 8, &scores, &residency).unwrap();
+        sel.select(l as u32 % 60, 1, 8, &scores, &residency)
+            .unwrap();
     }
-    println!(
-        "selection raw: {:.2} us/call",
-        t0.elapsed().as_secs_f64() / n as f64 * 1e6
-    );
-    for cands in [0usize, 64, 1300] {
-        let mut ev = plugin("lru");
-        Eviction::init(&mut ev, &args).unwrap();
-        let req = VictimRequest {
-            tier: Tier::Device,
-            count: 8,
-            candidates: (0..cands as u32)
-                .map(|i| ExpertKey {
-                    layer: i % 60,
-                    expert: i / 60,
-                })
-                .collect(),
-        };
-        let facts = StepFacts {
-            step: 0,
-            layer: 0,
-            events: (0..24)
-                .map(|i| Event {
-                    kind: EventKind::Access,
-                    tier: Tier::Device,
-                    expert: ExpertKey {
-                        layer: 0,
-                        expert: i,
-                    },
-                })
-                .collect(),
-        };
-        let t0 = Instant::now();
-        for _ in 0..n {
-            ev.on_step(&facts, if cands > 0 { Some(&req) } else { None })
-                .unwrap();
+    println!("selection raw:     {:.2} us/call", us(t0, n));
+    let mut g = GuardedSelection::new(Some(Box::new(plugin("topk"))), "topk", "", 3);
+    g.init(&args).unwrap();
+    let t0 = Instant::now();
+    for l in 0..n {
+        g.select(l as u32 % 60, 1, 8, &scores, &residency, &init);
+    }
+    println!("selection guarded: {:.2} us/call", us(t0, n));
+
+    // A device tier of 1,300 residents; each call touches 8, evicts 8 and re-inserts them.
+    let resident: Vec<ExpertKey> = (0..1300u32)
+        .map(|i| ExpertKey {
+            layer: i % 60,
+            expert: i / 60,
+        })
+        .collect();
+    args.resident = resident.iter().map(|k| (*k, Tier::Device)).collect();
+    let candidates = CandidateList(resident.clone());
+    let request = VictimRequest {
+        tier: Tier::Device,
+        count: 8,
+        only_layer: None,
+        excluded: &[],
+        candidates: &candidates,
+    };
+    let access = |i: u32| Event {
+        kind: EventKind::Access,
+        tier: Tier::Device,
+        expert: resident[(i * 37 % 1300) as usize],
+    };
+    for guarded in [false, true] {
+        let mut raw = plugin("lru");
+        let mut g = GuardedEviction::new(Some(Box::new(plugin("lru"))), "lru", "", 3);
+        if guarded {
+            g.init(&args).unwrap();
+        } else {
+            Eviction::init(&mut raw, &args).unwrap();
         }
-        println!(
-            "eviction raw, {cands} candidates: {:.2} us/call",
-            t0.elapsed().as_secs_f64() / n as f64 * 1e6
-        );
+        let mut back: Vec<ExpertKey> = Vec::new();
+        let t0 = Instant::now();
+        for s in 0..n as u32 {
+            let mut events: Vec<Event> = (0..8).map(|i| access(s * 8 + i)).collect();
+            events.extend(back.iter().map(|&expert| Event {
+                kind: EventKind::Insert,
+                tier: Tier::Device,
+                expert,
+            }));
+            let facts = StepFacts {
+                step: s as u64,
+                layer: s % 60,
+                events,
+            };
+            back = if guarded {
+                g.on_step(&facts, Some(&request), &|| args.clone())
+            } else {
+                raw.on_step(&facts, Some(&request)).unwrap()
+            };
+        }
+        let what = if guarded { "guarded" } else { "raw    " };
+        println!("eviction {what}:  {:.2} us/call", us(t0, n));
     }
+
     let mut pf = plugin("next-layer-gate");
     let info = Prefetch::init(&mut pf, &args).unwrap();
     let step = RoutedStep {
@@ -85,8 +124,5 @@ fn main() {
     for _ in 0..n {
         pf.on_routed(&step).unwrap();
     }
-    println!(
-        "prefetch raw: {:.2} us/call",
-        t0.elapsed().as_secs_f64() / n as f64 * 1e6
-    );
+    println!("prefetch raw:      {:.2} us/call", us(t0, n));
 }

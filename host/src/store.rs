@@ -506,6 +506,51 @@ impl StoreConfig {
     }
 }
 
+/// Device entries ready to compute (what the eviction policy was told is resident).
+fn ready_count(s: &State) -> usize {
+    s.device
+        .values()
+        .filter(|e| matches!(e, DeviceEntry::Ready(_)))
+        .count()
+}
+
+/// A victim request's candidates: the residents of one tier (device: ready entries) minus
+/// `excluded`, looked up under the state lock (which the caller must not hold).
+struct TierCandidates<'a> {
+    inner: &'a Inner,
+    tier: Tier,
+    excluded: &'a [ExpertKey],
+}
+
+impl Candidates for TierCandidates<'_> {
+    fn contains(&self, e: ExpertKey) -> bool {
+        if self.excluded.contains(&e) {
+            return false;
+        }
+        let s = self.inner.state.lock().unwrap();
+        match self.tier {
+            Tier::Device => matches!(s.device.get(&e), Some(DeviceEntry::Ready(_))),
+            _ => s.host.contains_key(&e),
+        }
+    }
+
+    fn list(&self) -> Vec<ExpertKey> {
+        let s = self.inner.state.lock().unwrap();
+        let mut v: Vec<ExpertKey> = match self.tier {
+            Tier::Device => s
+                .device
+                .iter()
+                .filter(|(_, e)| matches!(e, DeviceEntry::Ready(_)))
+                .map(|(k, _)| *k)
+                .collect(),
+            _ => s.host.keys().copied().collect(),
+        };
+        v.retain(|k| !self.excluded.contains(k));
+        v.sort_unstable();
+        v
+    }
+}
+
 impl Inner {
     fn key(&self, layer: usize, expert: u32) -> ExpertKey {
         ExpertKey {
@@ -630,23 +675,32 @@ impl Inner {
         if keys.is_empty() || self.host_slots == 0 {
             return;
         }
-        let (free, candidates) = {
+        let (free, excluded, available) = {
             let s = self.state.lock().unwrap();
-            let keys: HashSet<&ExpertKey> = keys.iter().collect();
-            let c: Vec<ExpertKey> = s
-                .host
-                .keys()
-                .filter(|k| !keys.contains(k))
+            let excluded: Vec<ExpertKey> = keys
+                .iter()
+                .filter(|k| s.host.contains_key(k))
                 .copied()
                 .collect();
-            (self.host_slots.saturating_sub(s.host.len()), c)
+            (
+                self.host_slots.saturating_sub(s.host.len()),
+                excluded.clone(),
+                s.host.len() - excluded.len(),
+            )
         };
         let mut room = free;
-        if keys.len() > free && !candidates.is_empty() {
+        if keys.len() > free && available > 0 {
+            let candidates = TierCandidates {
+                inner: self,
+                tier: Tier::Host,
+                excluded: &excluded,
+            };
             let req = VictimRequest {
                 tier: Tier::Host,
-                count: (keys.len() - free).min(candidates.len()) as u32,
-                candidates,
+                count: (keys.len() - free).min(available) as u32,
+                only_layer: None,
+                excluded: &excluded,
+                candidates: &candidates,
             };
             let victims = p.eviction.victims(&req, &|| self.init_args());
             let mut s = self.state.lock().unwrap();
@@ -825,7 +879,7 @@ impl ExpertProvider for TieredExperts {
         let mut ready: Vec<Option<Arc<FfnWeights>>> = vec![None; keys.len()];
         let mut waiting: Vec<(usize, Arc<LoadCell>)> = Vec::new();
         let mut misses: Vec<usize> = Vec::new();
-        let (facts, request) = {
+        let (facts, need) = {
             let mut s = inner.state.lock().unwrap();
             for (i, k) in keys.iter().enumerate() {
                 s.events.push(Event {
@@ -859,18 +913,14 @@ impl ExpertProvider for TieredExperts {
                 }
             }
             let free = inner.device_slots.saturating_sub(s.device.len());
-            let request = if misses.len() > free {
-                let candidates: Vec<ExpertKey> = s
-                    .device
+            let need = if misses.len() > free {
+                let excluded: Vec<ExpertKey> = current
                     .iter()
-                    .filter(|(k, e)| matches!(e, DeviceEntry::Ready(_)) && !current.contains(k))
-                    .map(|(k, _)| *k)
+                    .filter(|k| matches!(s.device.get(k), Some(DeviceEntry::Ready(_))))
+                    .copied()
                     .collect();
-                (!candidates.is_empty()).then(|| VictimRequest {
-                    tier: Tier::Device,
-                    count: ((misses.len() - free).min(candidates.len())) as u32,
-                    candidates,
-                })
+                let available = ready_count(&s) - excluded.len();
+                (available > 0).then(|| (((misses.len() - free).min(available)) as u32, excluded))
             } else {
                 None
             };
@@ -879,10 +929,28 @@ impl ExpertProvider for TieredExperts {
                 layer: keys.first().map_or(0, |k| k.layer),
                 events: std::mem::take(&mut s.events),
             };
-            (facts, request)
+            (facts, need)
         };
 
         // 2. The eviction policy hears the facts and, if needed, names victims.
+        let candidates;
+        let request = match &need {
+            Some((count, excluded)) => {
+                candidates = TierCandidates {
+                    inner,
+                    tier: Tier::Device,
+                    excluded,
+                };
+                Some(VictimRequest {
+                    tier: Tier::Device,
+                    count: *count,
+                    only_layer: None,
+                    excluded,
+                    candidates: &candidates,
+                })
+            }
+            None => None,
+        };
         let victims = p
             .eviction
             .on_step(&facts, request.as_ref(), &|| inner.init_args());
@@ -1010,27 +1078,36 @@ impl ExpertProvider for TieredExperts {
         };
         let mut accepted = Vec::new();
         if !device_reqs.is_empty() {
-            let (free, candidates) = {
+            let (free, excluded, available) = {
                 let s = inner.state.lock().unwrap();
-                let wanted: HashSet<ExpertKey> = device_reqs.iter().map(|r| r.expert).collect();
-                let c: Vec<ExpertKey> = s
-                    .device
+                let mut excluded: Vec<ExpertKey> = current
                     .iter()
-                    .filter(|(k, e)| {
-                        matches!(e, DeviceEntry::Ready(_))
-                            && !current.contains(k)
-                            && !wanted.contains(k)
-                    })
-                    .map(|(k, _)| *k)
+                    .copied()
+                    .chain(device_reqs.iter().map(|r| r.expert))
+                    .filter(|k| matches!(s.device.get(k), Some(DeviceEntry::Ready(_))))
                     .collect();
-                (inner.device_slots.saturating_sub(s.device.len()), c)
+                excluded.sort_unstable();
+                excluded.dedup();
+                let available = ready_count(&s) - excluded.len();
+                (
+                    inner.device_slots.saturating_sub(s.device.len()),
+                    excluded,
+                    available,
+                )
             };
             let mut room = free;
-            if device_reqs.len() > free && !candidates.is_empty() {
+            if device_reqs.len() > free && available > 0 {
+                let candidates = TierCandidates {
+                    inner,
+                    tier: Tier::Device,
+                    excluded: &excluded,
+                };
                 let req = VictimRequest {
                     tier: Tier::Device,
-                    count: (device_reqs.len() - free).min(candidates.len()) as u32,
-                    candidates,
+                    count: (device_reqs.len() - free).min(available) as u32,
+                    only_layer: None,
+                    excluded: &excluded,
+                    candidates: &candidates,
                 };
                 let victims = p.eviction.victims(&req, &|| inner.init_args());
                 let mut demote = Vec::new();

@@ -12,7 +12,7 @@ Hit rate = hits / accesses.
 
     python3 plugins/tools/evict_sim.py [TRACE] [--tune] [--lfu] [--wasm]
 needs: pip install numpy safetensors (and wasmtime for --wasm, which replays the built guests
-lru.wasm, lfu.wasm and layer_cycle.wasm themselves through their WIT interface).
+lru.wasm, lfu.wasm and layer_cycle.wasm themselves through their WIT interface, 0.2.0).
 """
 import bisect
 import sys
@@ -57,36 +57,38 @@ class Policy:
 
 
 class Wasm(Policy):
-    """A built eviction guest, driven as the host drives it: one on-step call per layer step
-    with the events since the previous call (the step's accesses, then the previous step's
-    removes and inserts come first) and the victim request, if any."""
+    """A built eviction guest, driven as the host drives it (moehost:policy@0.2.0): one on-step
+    call per layer step with the packed events since the previous call (the previous step's
+    removes and inserts first, then the step's accesses) and the victim request, if any: the
+    device tier, excluding the step's experts (the guest knows the residents from the events)."""
 
     def __init__(self, name, L, E, K, C):
-        from wasm_policy import Plugin, cap, eref, get, rec, shape
+        from wasm_policy import ACCESS, INSERT, REMOVE, Plugin, cap, event, rec, resident_set, shape
 
-        self.rec, self.eref, self.get = rec, eref, get
+        self.rec, self.E = rec, E
+        self.ev = lambda kind, key: event(kind, "device", key[0] * E + key[1])
+        self.kinds = ACCESS, INSERT, REMOVE
         self.p = Plugin(name, "eviction")
-        self.p.call("init", shape(L, E, K), [cap("device", C), cap("host", L * E)], [])
+        self.p.call("init", shape(L, E, K), [cap("device", C), cap("host", L * E)], resident_set())
         self.events = []
         self.facts = None
-
-    def event(self, kind, key):
-        return self.rec(kind=kind, tier="device", expert=self.eref(*key))
+        self.pinned = []
 
     def on_step(self, step, layer, accesses):
-        self.events += [self.event("access", k) for k in accesses]
+        self.events += [self.ev(self.kinds[0], k) for k in accesses]
         self.facts = self.rec(step=step, layer=layer, events=self.events)
         self.events = []
+        self.pinned = [k[0] * self.E + k[1] for k in accesses]
 
     def on_insert(self, key):
-        self.events.append(self.event("insert", key))
+        self.events.append(self.ev(self.kinds[1], key))
 
     def victims(self, cands, count):
-        req = self.rec(tier="device", count=count, candidates=[self.eref(*k) for k in cands])
+        req = self.rec(tier="device", count=count, excluded=self.pinned, only_layer=None)
         out = self.p.call("on-step", self.facts, req)
         self.facts = None
-        got = [(self.get(r, "layer"), self.get(r, "expert")) for r in out]
-        self.events += [self.event("remove", k) for k in got]
+        got = [divmod(e, self.E) for e in out]
+        self.events += [self.ev(self.kinds[2], k) for k in got]
         return got
 
     def end_step(self):

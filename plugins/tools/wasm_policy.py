@@ -3,7 +3,8 @@
 as the host does, and call its exports. Used by smoke.py and evict_sim.py --wasm.
 
 Records are passed as objects with the WIT field names (kebab-case) as attributes; enums as
-their case names ("device", "access", ...).
+their case names ("device", "host", "disk"). The contract is moehost:policy@0.2.0 (flat lists:
+tier codes, expert-ids, packed events); `version="0.1.0"` loads a guest of the frozen 0.1.0.
 """
 import os
 import wasmtime
@@ -11,11 +12,11 @@ import wasmtime.component as wc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RELEASE = os.path.join(HERE, "..", "target", "wasm32-wasip2", "release")
-IFACE = {
-    "selection": "moehost:policy/selection@0.1.0",
-    "eviction": "moehost:policy/eviction@0.1.0",
-    "prefetch": "moehost:policy/prefetch@0.1.0",
-}
+VERSION = "0.2.0"
+KINDS = ("selection", "eviction", "prefetch")
+# Tier codes of the flat lists, and event kinds.
+TIER = {"device": 0, "host": 1, "disk": 2}
+ACCESS, INSERT, REMOVE = 0, 1, 2
 
 
 def rec(**fields):
@@ -39,14 +40,36 @@ def cap(tier, slots, expert_bytes=98304):
 
 
 def eref(layer, expert):
+    """A 0.1.0 expert-ref record (legacy guests)."""
     return rec(layer=layer, expert=expert)
+
+
+def eid(layer, expert, experts_per_layer):
+    """A 0.2.0 expert-id."""
+    return layer * experts_per_layer + expert
+
+
+def event(kind, tier, expert_id):
+    """A 0.2.0 packed eviction event: kind << 30 | tier-code << 28 | expert-id."""
+    return kind << 30 | TIER.get(tier, tier) << 28 | expert_id
+
+
+def codes(names):
+    """A 0.2.0 flat residency list (`list<u8>`: wasmtime-py takes `bytes`) from tier names."""
+    return bytes(TIER[n] for n in names)
+
+
+def resident_set(pairs=()):
+    """A 0.2.0 resident-set from (expert-id, tier name or code) pairs."""
+    pairs = list(pairs)
+    return rec(experts=[e for e, _ in pairs], tiers=bytes(TIER.get(t, t) for _, t in pairs))
 
 
 class Plugin:
     """One instance of a policy component. `fuel` bounds every call (None: unbounded);
     `memory` bounds linear memory in bytes."""
 
-    def __init__(self, name, kind, fuel=None, memory=None):
+    def __init__(self, name, kind, fuel=None, memory=None, version=VERSION):
         cfg = wasmtime.Config()
         if fuel is not None:
             cfg.consume_fuel = True
@@ -58,9 +81,10 @@ class Plugin:
             self.store.set_limits(memory_size=memory)
         self.fuel = fuel
         self.instance = wc.Linker(self.engine).instantiate(self.store, self.component)
-        idx = self.instance.get_export_index(self.store, IFACE[kind])
+        iface = f"moehost:policy/{kind}@{version}"
+        idx = self.instance.get_export_index(self.store, iface)
         if idx is None:
-            raise ValueError(f"{path} does not export {IFACE[kind]}")
+            raise ValueError(f"{path} does not export {iface}")
         self.iface = idx
 
     def call(self, func, *args):

@@ -58,6 +58,73 @@ impl Workload {
     }
 }
 
+/// The benchmark's device tier: a dense membership table, so the host's side of a victim
+/// request (validation) costs what the live store's does, O(victims).
+struct Resident {
+    shape: ModelShape,
+    on: Vec<bool>,
+    excluded: Vec<ExpertKey>,
+}
+
+impl Resident {
+    fn new(shape: ModelShape) -> Self {
+        Self {
+            shape,
+            on: vec![false; (shape.moe_layers * shape.experts_per_layer) as usize],
+            excluded: Vec::new(),
+        }
+    }
+
+    fn insert(&mut self, e: ExpertKey) {
+        self.on[self.shape.id_of(e) as usize] = true;
+    }
+
+    fn remove(&mut self, e: ExpertKey) {
+        self.on[self.shape.id_of(e) as usize] = false;
+    }
+
+    fn exclude(&mut self, keys: &[ExpertKey]) {
+        self.excluded = keys.to_vec();
+    }
+
+    fn keys(&self) -> Vec<ExpertKey> {
+        (0..self.on.len() as u32)
+            .filter(|&i| self.on[i as usize])
+            .filter_map(|i| self.shape.key_of(i))
+            .collect()
+    }
+
+    fn layer_tiers(&self, layer: u32) -> Vec<Tier> {
+        (0..self.shape.experts_per_layer)
+            .map(|x| {
+                if self.contains_resident(ExpertKey { layer, expert: x }) {
+                    Tier::Device
+                } else {
+                    Tier::Disk
+                }
+            })
+            .collect()
+    }
+
+    fn contains_resident(&self, e: ExpertKey) -> bool {
+        self.shape
+            .key_of(self.shape.id_of(e))
+            .is_some_and(|_| self.on[self.shape.id_of(e) as usize])
+    }
+}
+
+impl Candidates for Resident {
+    fn contains(&self, e: ExpertKey) -> bool {
+        self.contains_resident(e) && !self.excluded.contains(&e)
+    }
+
+    fn list(&self) -> Vec<ExpertKey> {
+        let mut v = self.keys();
+        v.retain(|k| !self.excluded.contains(k));
+        v
+    }
+}
+
 fn source_plugin(name: &str) -> Result<WasmPolicy> {
     let src = PolicySource::parse(name);
     Ok(WasmPolicy::new(
@@ -72,12 +139,26 @@ pub fn run(
     prefetch: &str,
     tokens: usize,
 ) -> Result<PolicyBenchReport> {
-    let args = k2_init_args();
+    let mut args = k2_init_args();
     let shape = args.shape;
     let e = shape.experts_per_layer as usize;
     let k = shape.top_k;
     let layers = shape.moe_layers;
     let device_slots = args.capacities[0].slots as usize;
+    // A full device tier of `device_slots` experts, spread over the layers.
+    let mut resident = Resident::new(shape);
+    for i in 0..device_slots as u32 {
+        let key = ExpertKey {
+            layer: i % layers,
+            expert: (i / layers) % shape.experts_per_layer,
+        };
+        resident.insert(key);
+    }
+    args.resident = resident
+        .keys()
+        .into_iter()
+        .map(|k| (k, Tier::Device))
+        .collect();
     let init = || args.clone();
 
     let mut sel =
@@ -88,84 +169,94 @@ pub fn run(
     let mut pf = GuardedPrefetch::new(Some(Box::new(source_plugin(prefetch)?)), prefetch, "", 3);
     pf.init(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
 
-    // A resident set of `device_slots` experts, rotated as victims leave.
     let mut wl = Workload {
         rng: 0x9e3779b97f4a7c15,
     };
-    let mut resident: Vec<ExpertKey> = (0..device_slots as u32)
-        .map(|i| ExpertKey {
-            layer: i % layers,
-            expert: (i / layers) % shape.experts_per_layer,
-        })
-        .collect();
-    let residency = vec![Tier::Disk; e];
     let (mut t_sel, mut t_ev, mut t_pf) = (0f64, 0f64, 0f64);
     let mut native_sel = ExactTopK;
     let mut native_ev = Lru::default();
     native_ev.init(&args).ok();
     let mut t_native = 0f64;
+    let mut events: Vec<Event> = Vec::new();
     for step in 0..tokens as u64 {
         for layer in 0..layers {
             let scores = wl.scores(e);
+            let residency = resident.layer_tiers(layer);
             let t0 = Instant::now();
             let chosen = sel.select(layer, 1, k, &scores, &residency, &init);
             t_sel += t0.elapsed().as_secs_f64();
             let t0 = Instant::now();
             let native_chosen = native_sel.select(layer, 1, k, &scores, &residency).unwrap();
             t_native += t0.elapsed().as_secs_f64();
-            debug_assert_eq!(chosen.len(), native_chosen.len());
+            debug_assert_eq!(chosen, native_chosen);
 
+            // The step's accesses; the misses need room in the full tier.
             let keys: Vec<ExpertKey> = chosen
                 .iter()
                 .map(|&x| ExpertKey { layer, expert: x })
                 .collect();
-            let mut events: Vec<Event> = keys
-                .iter()
-                .map(|&expert| Event {
-                    kind: EventKind::Access,
-                    tier: Tier::Device,
-                    expert,
-                })
-                .collect();
             events.extend(keys.iter().map(|&expert| Event {
-                kind: EventKind::Insert,
+                kind: EventKind::Access,
                 tier: Tier::Device,
                 expert,
             }));
+            let (hits, misses): (Vec<ExpertKey>, Vec<ExpertKey>) =
+                keys.iter().partition(|k| resident.contains(**k));
+            resident.exclude(&hits);
+            let request = (!misses.is_empty()).then_some(VictimRequest {
+                tier: Tier::Device,
+                count: misses.len() as u32,
+                only_layer: None,
+                excluded: &hits,
+                candidates: &resident,
+            });
             let facts = StepFacts {
                 step,
                 layer,
-                events,
-            };
-            let request = VictimRequest {
-                tier: Tier::Device,
-                count: k,
-                candidates: resident.clone(),
+                events: std::mem::take(&mut events),
             };
             let t0 = Instant::now();
-            let victims = ev.on_step(&facts, Some(&request), &init);
+            let victims = ev.on_step(&facts, request.as_ref(), &init);
             t_ev += t0.elapsed().as_secs_f64();
             let t0 = Instant::now();
-            let _ = native_ev.on_step(&facts, Some(&request));
+            let _ = native_ev.on_step(&facts, request.as_ref());
             t_native += t0.elapsed().as_secs_f64();
-            // Replace the victims with this step's experts.
-            resident.retain(|r| !victims.contains(r));
-            for key in keys.iter().take(victims.len()) {
-                resident.push(*key);
+            resident.exclude(&[]);
+            // The victims leave, the misses arrive: reported in the next call.
+            for v in victims {
+                resident.remove(v);
+                events.push(Event {
+                    kind: EventKind::Remove,
+                    tier: Tier::Device,
+                    expert: v,
+                });
+            }
+            for m in misses {
+                resident.insert(m);
+                events.push(Event {
+                    kind: EventKind::Insert,
+                    tier: Tier::Device,
+                    expert: m,
+                });
             }
 
             let outlook = (1..=pf.lookahead())
-                .map(|d| Outlook {
-                    layer: (layer + d) % layers,
-                    scores: wl.scores(e),
-                    residency: residency.clone(),
+                .map(|d| {
+                    let l = (layer + d) % layers;
+                    Outlook {
+                        layer: l,
+                        scores: wl.scores(e),
+                        residency: resident.layer_tiers(l),
+                    }
                 })
                 .collect();
+            let mut experts = chosen;
+            experts.sort_unstable();
             let routed = RoutedStep {
                 step,
                 layer,
                 tokens: 1,
-                experts: chosen,
+                experts,
                 outlook,
             };
             let t0 = Instant::now();

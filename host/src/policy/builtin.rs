@@ -3,8 +3,6 @@
 //! Exact top-k (the model's own routing, bit for bit), LRU eviction, no prefetch. They never
 //! fail and answer within the contract for any valid input.
 
-use std::collections::HashMap;
-
 use super::*;
 use crate::router::top_k_indices;
 
@@ -39,62 +37,204 @@ impl Selection for ExactTopK {
     }
 }
 
-/// Least recently used: an access or an insertion makes an expert the most recent.
-#[derive(Default)]
+/// Least recently used: victims are the residents of the tier whose last access or insertion
+/// (or `init` residency, in list order) is oldest, least recent first.
+///
+/// It keeps its own view of each cached tier's residents, from `init` and the events, as a
+/// recency-ordered intrusive list over dense expert numbers, so picking `count` victims costs
+/// O(count + excluded), not O(residents). Every pick is checked against the host's candidate
+/// set; should the view ever disagree with the host, the rest comes from the host's list.
 pub struct Lru {
-    clock: u64,
-    last_use: HashMap<ExpertKey, u64>,
+    name: &'static str,
+    shape: Option<ModelShape>,
+    /// Per cached tier (device, host): `prev`/`next` over `n + 1` nodes, node `n` the head.
+    lists: [RecencyList; 2],
+}
+
+impl Default for Lru {
+    fn default() -> Self {
+        Self::named("builtin-lru")
+    }
+}
+
+const NIL: u32 = u32::MAX;
+
+/// A doubly linked list of dense ids, least recent at the front.
+#[derive(Default)]
+struct RecencyList {
+    prev: Vec<u32>,
+    next: Vec<u32>,
+}
+
+impl RecencyList {
+    fn reset(&mut self, n: usize) {
+        let head = n as u32;
+        self.prev = vec![NIL; n + 1];
+        self.next = vec![NIL; n + 1];
+        self.prev[n] = head;
+        self.next[n] = head;
+    }
+
+    fn head(&self) -> u32 {
+        (self.next.len() - 1) as u32
+    }
+
+    fn contains(&self, k: u32) -> bool {
+        self.prev[k as usize] != NIL
+    }
+
+    fn unlink(&mut self, k: u32) {
+        let (p, n) = (self.prev[k as usize], self.next[k as usize]);
+        if p == NIL {
+            return;
+        }
+        self.next[p as usize] = n;
+        self.prev[n as usize] = p;
+        self.prev[k as usize] = NIL;
+        self.next[k as usize] = NIL;
+    }
+
+    fn push_back(&mut self, k: u32) {
+        let head = self.head();
+        let last = self.prev[head as usize];
+        self.next[last as usize] = k;
+        self.prev[k as usize] = last;
+        self.next[k as usize] = head;
+        self.prev[head as usize] = k;
+    }
+
+    /// Ids from least to most recent.
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let head = self.head();
+        std::iter::successors(Some(self.next[head as usize]), move |&k| {
+            Some(self.next[k as usize])
+        })
+        .take_while(move |&k| k != head)
+    }
 }
 
 impl Lru {
-    fn touch(&mut self, e: ExpertKey) {
-        self.clock += 1;
-        self.last_use.insert(e, self.clock);
+    /// The same rule under another name (the replay lab's `native-lru`).
+    pub fn named(name: &'static str) -> Self {
+        Self {
+            name,
+            shape: None,
+            lists: Default::default(),
+        }
     }
 
-    fn pick(&self, request: &VictimRequest) -> Vec<ExpertKey> {
-        let mut c: Vec<(u64, ExpertKey)> = request
-            .candidates
-            .iter()
-            .map(|e| (self.last_use.get(e).copied().unwrap_or(0), *e))
-            .collect();
-        let n = (request.count as usize).min(c.len());
-        if n < c.len() {
-            c.select_nth_unstable(n);
-            c.truncate(n);
+    fn dense(&self, e: ExpertKey) -> Option<u32> {
+        let s = self.shape?;
+        (e.layer < s.moe_layers && e.expert < s.experts_per_layer).then(|| s.id_of(e))
+    }
+
+    fn touch(&mut self, k: u32) {
+        for l in &mut self.lists {
+            if l.contains(k) {
+                l.unlink(k);
+                l.push_back(k);
+            }
         }
-        c.into_iter().map(|(_, e)| e).collect()
+    }
+
+    fn observe(&mut self, ev: &Event) {
+        let Some(k) = self.dense(ev.expert) else {
+            return;
+        };
+        let list = match ev.tier {
+            Tier::Device => Some(0),
+            Tier::Host => Some(1),
+            Tier::Disk => None,
+        };
+        match ev.kind {
+            EventKind::Access => self.touch(k),
+            EventKind::Insert => {
+                if let Some(t) = list {
+                    if !self.lists[t].contains(k) {
+                        self.lists[t].push_back(k);
+                    }
+                }
+                self.touch(k);
+            }
+            EventKind::Remove => {
+                if let Some(t) = list {
+                    self.lists[t].unlink(k);
+                }
+            }
+        }
+    }
+
+    fn pick(&mut self, r: &VictimRequest<'_>) -> Vec<ExpertKey> {
+        let want = r.count as usize;
+        let mut out = Vec::with_capacity(want);
+        if let (Some(shape), Some(t)) = (
+            self.shape,
+            (r.tier != Tier::Disk).then_some(r.tier as usize),
+        ) {
+            for k in self.lists[t].iter() {
+                if out.len() == want {
+                    break;
+                }
+                let e = shape.key_of(k).expect("dense ids are in range");
+                if r.only_layer.is_some_and(|l| l != e.layer) || r.excluded.contains(&e) {
+                    continue;
+                }
+                if r.candidates.contains(e) {
+                    out.push(e);
+                }
+            }
+            // The host removes what we name; its remove events will follow (no-ops then).
+            for e in &out {
+                self.lists[t].unlink(shape.id_of(*e));
+            }
+        }
+        if out.len() < want {
+            // The view disagrees with the host (or was never initialised): fill from its list.
+            for e in r.candidates.list() {
+                if out.len() == want {
+                    break;
+                }
+                if !out.contains(&e) {
+                    out.push(e);
+                }
+            }
+        }
+        out
     }
 }
 
 impl Eviction for Lru {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
-        self.clock = 0;
-        self.last_use.clear();
-        for (e, _) in &args.resident {
-            self.touch(*e);
+        let n = (args.shape.moe_layers * args.shape.experts_per_layer) as usize;
+        self.shape = Some(args.shape);
+        for l in &mut self.lists {
+            l.reset(n);
+        }
+        for (e, t) in &args.resident {
+            self.observe(&Event {
+                kind: EventKind::Insert,
+                tier: *t,
+                expert: *e,
+            });
         }
         Ok(PolicyInfo {
-            name: "builtin-lru".into(),
-            description: "least recently used".into(),
+            name: self.name.into(),
+            description: "least recently used (access or insert)".into(),
         })
     }
 
     fn on_step(
         &mut self,
         facts: &StepFacts,
-        request: Option<&VictimRequest>,
+        request: Option<&VictimRequest<'_>>,
     ) -> PolicyResult<Vec<ExpertKey>> {
         for ev in &facts.events {
-            match ev.kind {
-                EventKind::Access | EventKind::Insert => self.touch(ev.expert),
-                EventKind::Remove => {}
-            }
+            self.observe(ev);
         }
         Ok(request.map(|r| self.pick(r)).unwrap_or_default())
     }
 
-    fn victims(&mut self, request: &VictimRequest) -> PolicyResult<Vec<ExpertKey>> {
+    fn victims(&mut self, request: &VictimRequest<'_>) -> PolicyResult<Vec<ExpertKey>> {
         Ok(self.pick(request))
     }
 }

@@ -256,13 +256,8 @@ fn validate_selection(
             ids.len()
         ));
     }
-    let mut scratch: Vec<f32> = Vec::with_capacity(e);
     for (t, (row, chosen)) in scores.chunks_exact(e).zip(ids.chunks_exact(k)).enumerate() {
-        // The k-th best score, O(E).
-        scratch.clear();
-        scratch.extend_from_slice(row);
-        let (_, kth, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-        let kth = *kth;
+        let mut lowest = f32::INFINITY;
         for (i, &id) in chosen.iter().enumerate() {
             if id as usize >= e {
                 return Err(format!("token {t}: expert id {id} out of range (0..{e})"));
@@ -271,12 +266,21 @@ fn validate_selection(
                 return Err(format!("token {t}: expert {id} chosen twice"));
             }
             let s = row[id as usize];
-            let within_bound = s >= kth - max_gap; // false for NaN too
-            if !within_bound {
-                return Err(format!(
-                    "token {t}: expert {id} scores {s}, more than the stated bound {max_gap} below the k-th best {kth}"
-                ));
+            if s.is_nan() {
+                return Err(format!("token {t}: expert {id} has no score (NaN)"));
             }
+            lowest = lowest.min(s);
+        }
+        // Every pick is within the bound of the k-th best score exactly when fewer than k
+        // experts score above (lowest pick + bound): one pass, no sort (NaN never counts).
+        let above = row.iter().filter(|&&s| s > lowest + max_gap).count();
+        if above >= k {
+            let mut sorted: Vec<f32> = row.iter().copied().filter(|s| !s.is_nan()).collect();
+            sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+            let kth = sorted.get(k - 1).copied().unwrap_or(f32::NEG_INFINITY);
+            return Err(format!(
+                "token {t}: an expert scores {lowest}, more than the stated bound {max_gap} below the k-th best {kth}"
+            ));
         }
     }
     Ok(())
@@ -329,7 +333,7 @@ impl GuardedEviction {
     pub fn on_step(
         &mut self,
         facts: &StepFacts,
-        request: Option<&VictimRequest>,
+        request: Option<&VictimRequest<'_>>,
         args: &dyn Fn() -> InitArgs,
     ) -> Vec<ExpertKey> {
         // The built-in policy always observes (so a fallback finds it warm), but only picks
@@ -345,7 +349,7 @@ impl GuardedEviction {
             },
             |p| p.on_step(facts, request),
             |v| match request {
-                Some(r) => validate_victims(v, r, &in_candidates(r)),
+                Some(r) => validate_victims(v, r),
                 None if v.is_empty() => Ok(()),
                 None => Err(format!(
                     "returned {} victims when none were asked for",
@@ -370,7 +374,7 @@ impl GuardedEviction {
     /// A further victim request in the same step.
     pub fn victims(
         &mut self,
-        request: &VictimRequest,
+        request: &VictimRequest<'_>,
         args: &dyn Fn() -> InitArgs,
     ) -> Vec<ExpertKey> {
         let name = std::cell::Cell::new(None);
@@ -380,7 +384,7 @@ impl GuardedEviction {
                 Ok(())
             },
             |p| p.victims(request),
-            |v| validate_victims(v, request, &in_candidates(request)),
+            |v| validate_victims(v, request),
         );
         if let Some(n) = name.take() {
             self.slot.stats.name = n;
@@ -397,14 +401,10 @@ impl GuardedEviction {
     }
 }
 
-/// Exactly min(count, candidates) victims, each a candidate (`is_candidate`), none twice.
-/// Shared by the live store and the replay lab, so both hold plugins to the same contract.
-pub fn validate_victims(
-    v: &[ExpertKey],
-    r: &VictimRequest,
-    is_candidate: &dyn Fn(ExpertKey) -> bool,
-) -> Result<(), String> {
-    let want = (r.count as usize).min(r.candidates.len());
+/// Exactly `count` victims, each a candidate, none twice. Shared by the live store and the
+/// replay lab, so both hold plugins to the same contract.
+pub fn validate_victims(v: &[ExpertKey], r: &VictimRequest<'_>) -> Result<(), String> {
+    let want = r.count as usize;
     if v.len() != want {
         return Err(format!(
             "returned {} victims, {want} were asked for",
@@ -412,19 +412,23 @@ pub fn validate_victims(
         ));
     }
     for (i, e) in v.iter().enumerate() {
-        if !is_candidate(*e) {
-            return Err(format!("victim {e:?} was not among the candidates"));
+        if !r.candidates.contains(*e) || r.excluded.contains(e) {
+            return Err(format!(
+                "victim {e:?} is not a candidate (not resident in the {:?} tier, or excluded)",
+                r.tier
+            ));
+        }
+        if r.only_layer.is_some_and(|l| l != e.layer) {
+            return Err(format!(
+                "victim {e:?} is outside layer {}",
+                r.only_layer.unwrap()
+            ));
         }
         if v[..i].contains(e) {
             return Err(format!("victim {e:?} named twice"));
         }
     }
     Ok(())
-}
-
-/// Membership in the request's own candidate list (few victims, so a scan per victim).
-fn in_candidates(r: &VictimRequest) -> impl Fn(ExpertKey) -> bool + '_ {
-    move |e| r.candidates.contains(&e)
 }
 
 /// Prefetch with "no prefetch" as the safety net.

@@ -115,11 +115,90 @@ pub struct StepFacts {
     pub events: Vec<Event>,
 }
 
-#[derive(Debug, Clone)]
-pub struct VictimRequest {
+/// A request for victims: exactly `count` distinct experts among `candidates`.
+///
+/// The candidates are the experts resident in `tier` (within `only_layer` when set), minus
+/// `excluded`. The host guarantees at least `count` of them. Plugins on contract 0.2 get only
+/// `excluded` (they track residency from events); 0.1 plugins and the built-in fallback may
+/// ask for the full list.
+#[derive(Clone, Copy)]
+pub struct VictimRequest<'a> {
     pub tier: Tier,
     pub count: u32,
-    pub candidates: Vec<ExpertKey>,
+    /// Victims must come from this MoE layer (a per-layer cache, as the replay lab models).
+    pub only_layer: Option<u32>,
+    /// Resident in `tier` but not to be evicted now: in use by this step, or wanted by the
+    /// request being made room for.
+    pub excluded: &'a [ExpertKey],
+    pub candidates: &'a dyn Candidates,
+}
+
+impl std::fmt::Debug for VictimRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VictimRequest")
+            .field("tier", &self.tier)
+            .field("count", &self.count)
+            .field("only_layer", &self.only_layer)
+            .field("excluded", &self.excluded)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The candidate set of a victim request, as the host knows it: membership in O(1) (what
+/// validation needs), the full list only on demand.
+pub trait Candidates {
+    fn contains(&self, e: ExpertKey) -> bool;
+    /// Every candidate, ascending by (layer, expert).
+    fn list(&self) -> Vec<ExpertKey>;
+}
+
+/// An explicit candidate list (tests, smoke tests, benchmarks): membership by scan.
+#[derive(Debug, Clone, Default)]
+pub struct CandidateList(pub Vec<ExpertKey>);
+
+impl Candidates for CandidateList {
+    fn contains(&self, e: ExpertKey) -> bool {
+        self.0.contains(&e)
+    }
+
+    fn list(&self) -> Vec<ExpertKey> {
+        let mut v = self.0.clone();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+impl ModelShape {
+    /// The model-wide number of `e` (contract 0.2's `expert-id`).
+    pub fn id_of(&self, e: ExpertKey) -> u32 {
+        e.layer * self.experts_per_layer + e.expert
+    }
+
+    /// The expert numbered `id`, `None` when out of range.
+    pub fn key_of(&self, id: u32) -> Option<ExpertKey> {
+        let e = self.experts_per_layer.max(1);
+        (id < self.moe_layers * e).then(|| ExpertKey {
+            layer: id / e,
+            expert: id % e,
+        })
+    }
+}
+
+impl Tier {
+    /// The tier's code in contract 0.2's flat lists.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(c: u8) -> Option<Tier> {
+        match c {
+            0 => Some(Tier::Device),
+            1 => Some(Tier::Host),
+            2 => Some(Tier::Disk),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -195,9 +274,9 @@ pub trait Eviction: Send {
     fn on_step(
         &mut self,
         facts: &StepFacts,
-        request: Option<&VictimRequest>,
+        request: Option<&VictimRequest<'_>>,
     ) -> PolicyResult<Vec<ExpertKey>>;
-    fn victims(&mut self, request: &VictimRequest) -> PolicyResult<Vec<ExpertKey>>;
+    fn victims(&mut self, request: &VictimRequest<'_>) -> PolicyResult<Vec<ExpertKey>>;
 }
 
 /// Predicts experts to load ahead of use.

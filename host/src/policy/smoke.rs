@@ -56,31 +56,57 @@ pub fn eviction(g: &mut GuardedEviction, args: &InitArgs) -> anyhow::Result<Poli
     let info = g
         .init(args)
         .map_err(|e| anyhow::anyhow!("eviction policy init failed: {e}"))?;
+    // A consistent little device tier, starting from the given residency: each step's
+    // accesses, a victim request when its misses need room, then the misses' inserts and the
+    // victims' removes in the next call's events (as the store reports them).
     let s = args.shape;
     let k = s.top_k;
-    let mut resident: Vec<ExpertKey> = Vec::new();
+    let mut resident: Vec<ExpertKey> = args
+        .resident
+        .iter()
+        .filter(|(_, t)| *t == Tier::Device)
+        .map(|(e, _)| *e)
+        .collect();
+    let slots = resident.len().max(k as usize * 2);
+    let mut events = Vec::new();
     for step in 0..3u64 {
         for layer in 0..s.moe_layers.min(3) {
             let used: Vec<ExpertKey> = (0..k)
-                .map(|i| expert(layer, (i + step as u32) % s.experts_per_layer))
+                .map(|i| expert(layer, (i * 3 + step as u32) % s.experts_per_layer))
                 .collect();
-            let mut events: Vec<Event> = used
+            let mut unique = used.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            events.extend(unique.iter().map(|&e| Event {
+                kind: EventKind::Access,
+                tier: Tier::Device,
+                expert: e,
+            }));
+            let misses: Vec<ExpertKey> = unique
                 .iter()
-                .map(|&e| Event {
-                    kind: EventKind::Access,
-                    tier: Tier::Device,
-                    expert: e,
-                })
-                .collect();
-            let candidates: Vec<ExpertKey> = resident
-                .iter()
-                .filter(|r| !used.contains(r))
+                .filter(|e| !resident.contains(e))
                 .copied()
                 .collect();
-            let request = (!candidates.is_empty()).then(|| VictimRequest {
+            let excluded: Vec<ExpertKey> = unique
+                .iter()
+                .filter(|e| resident.contains(e))
+                .copied()
+                .collect();
+            let candidates = CandidateList(
+                resident
+                    .iter()
+                    .filter(|e| !excluded.contains(e))
+                    .copied()
+                    .collect(),
+            );
+            let need = (resident.len() + misses.len()).saturating_sub(slots);
+            let count = need.min(candidates.0.len()) as u32;
+            let request = (count > 0).then_some(VictimRequest {
                 tier: Tier::Device,
-                count: (k / 2).max(1).min(candidates.len() as u32),
-                candidates,
+                count,
+                only_layer: None,
+                excluded: &excluded,
+                candidates: &candidates,
             });
             let victims = g.on_step(
                 &StepFacts {
@@ -91,20 +117,35 @@ pub fn eviction(g: &mut GuardedEviction, args: &InitArgs) -> anyhow::Result<Poli
                 request.as_ref(),
                 &|| args.clone(),
             );
-            resident.retain(|r| !victims.contains(r));
-            for u in used {
-                if !resident.contains(&u) {
-                    resident.push(u);
-                }
+            for v in &victims {
+                resident.retain(|r| r != v);
+                events.push(Event {
+                    kind: EventKind::Remove,
+                    tier: Tier::Device,
+                    expert: *v,
+                });
+            }
+            for m in misses.iter().take(slots.saturating_sub(resident.len())) {
+                resident.push(*m);
+                events.push(Event {
+                    kind: EventKind::Insert,
+                    tier: Tier::Device,
+                    expert: *m,
+                });
             }
         }
     }
+    // A further request within the same step.
+    let none: Vec<ExpertKey> = Vec::new();
+    let candidates = CandidateList(resident.clone());
     if !resident.is_empty() {
         g.victims(
             &VictimRequest {
-                tier: Tier::Host,
+                tier: Tier::Device,
                 count: 1,
-                candidates: resident.clone(),
+                only_layer: None,
+                excluded: &none,
+                candidates: &candidates,
             },
             &|| args.clone(),
         );

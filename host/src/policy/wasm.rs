@@ -14,18 +14,35 @@ use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 
 use super::*;
 
-wasmtime::component::bindgen!({
-    path: "../wit",
-    world: "policy-host",
-});
+/// Bindings of the current contract, `wit/policy.wit` (0.2).
+mod v2 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "moehost:policy/policy-host@0.2.0",
+    });
+}
 
-use exports::moehost::policy::eviction as wev;
-use exports::moehost::policy::prefetch as wpf;
-use exports::moehost::policy::selection as wsel;
-use moehost::policy::types as wt;
+/// Bindings of the frozen 0.1 contract, `wit/deps/moehost-policy-0.1.0`.
+mod v1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/deps/moehost-policy-0.1.0",
+        world: "policy-host",
+    });
+}
 
-/// The WIT package version this host implements; components of any 0.1.x load.
-pub const WIT_VERSION: &str = "0.1.0";
+use v1::exports::moehost::policy::eviction as wev1;
+use v1::exports::moehost::policy::prefetch as wpf1;
+use v1::exports::moehost::policy::selection as wsel1;
+use v1::moehost::policy::types as wt1;
+use v2::exports::moehost::policy0_2_0::eviction as wev;
+use v2::exports::moehost::policy0_2_0::prefetch as wpf;
+use v2::exports::moehost::policy0_2_0::selection as wsel;
+use v2::moehost::policy0_2_0::types as wt;
+
+/// The WIT package version this host implements; components of 0.1.x and 0.2.x load.
+pub const WIT_VERSION: &str = "0.2.0";
+/// Contract versions a component may export (`major.minor.` prefixes).
+const SUPPORTED: [&str; 2] = ["0.2.", "0.1."];
 /// The type-only interface every plugin imports implicitly.
 const TYPES_PREFIX: &str = "moehost:policy/types@";
 const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -134,12 +151,20 @@ pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
         1 => found.pop().unwrap(),
         _ => bail!("{origin} exports several policy interfaces; a plugin is one policy"),
     };
-    if !version.starts_with("0.1.") {
-        bail!("{origin} exports {export}, but this moehost supports moehost:policy@0.1.x");
+    if !SUPPORTED.iter().any(|v| version.starts_with(v)) {
+        bail!(
+            "{origin} exports {export}, but this moehost supports moehost:policy@0.2.x and @0.1.x"
+        );
     }
     let mut linker = Linker::<StoreState>::new(engine);
+    // The types interface has no functions: an empty instance of the version the plugin uses.
+    let types = ty
+        .imports(engine)
+        .map(|(n, _)| n.to_owned())
+        .find(|n| n.starts_with(TYPES_PREFIX))
+        .unwrap_or_else(|| format!("{TYPES_PREFIX}{version}"));
     linker
-        .instance(&format!("{TYPES_PREFIX}{WIT_VERSION}"))
+        .instance(&types)
         .map_err(|e| anyhow::anyhow!("cannot define the types interface: {e:#}"))?;
     let pre = linker
         .instantiate_pre(&component)
@@ -160,11 +185,19 @@ enum Guest {
     Selection(wsel::Guest),
     Eviction(wev::Guest),
     Prefetch(wpf::Guest),
+    SelectionV1(wsel1::Guest),
+    EvictionV1(wev1::Guest),
+    PrefetchV1(wpf1::Guest),
 }
 
 struct Live {
     store: Store<StoreState>,
     guest: Guest,
+    /// From the last `init`: turns expert keys into 0.2's model-wide ids and back.
+    shape: ModelShape,
+    /// Reused buffers for the flat lists of 0.2 calls.
+    codes: Vec<u8>,
+    ids: Vec<u32>,
 }
 
 /// One plugin: its component and, once initialised, a live instance.
@@ -192,7 +225,7 @@ impl WasmPolicy {
     }
 
     /// A fresh store and instance (any previous one is dropped).
-    fn instantiate(&mut self) -> PolicyResult<&mut Live> {
+    fn instantiate(&mut self, shape: ModelShape) -> PolicyResult<&mut Live> {
         self.live = None;
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.limits.memory_bytes)
@@ -205,39 +238,67 @@ impl WasmPolicy {
         store.set_epoch_deadline(deadline_ticks(self.limits.init_timeout));
         let pre = &self.component.pre.pre;
         let instance = pre.instantiate(&mut store).map_err(|e| classify(&e))?;
-        let guest = match self.component.kind {
-            PolicyKind::Selection => Guest::Selection(
+        let v1 = self.component.version.starts_with("0.1.");
+        let load = |e: wasmtime::Error| classify(&e);
+        let guest = match (self.component.kind, v1) {
+            (PolicyKind::Selection, false) => Guest::Selection(
                 wsel::GuestIndices::new(pre)
                     .and_then(|i| i.load(&mut store, &instance))
-                    .map_err(|e| classify(&e))?,
+                    .map_err(load)?,
             ),
-            PolicyKind::Eviction => Guest::Eviction(
+            (PolicyKind::Eviction, false) => Guest::Eviction(
                 wev::GuestIndices::new(pre)
                     .and_then(|i| i.load(&mut store, &instance))
-                    .map_err(|e| classify(&e))?,
+                    .map_err(load)?,
             ),
-            PolicyKind::Prefetch => Guest::Prefetch(
+            (PolicyKind::Prefetch, false) => Guest::Prefetch(
                 wpf::GuestIndices::new(pre)
                     .and_then(|i| i.load(&mut store, &instance))
-                    .map_err(|e| classify(&e))?,
+                    .map_err(load)?,
+            ),
+            (PolicyKind::Selection, true) => Guest::SelectionV1(
+                wsel1::GuestIndices::new(pre)
+                    .and_then(|i| i.load(&mut store, &instance))
+                    .map_err(load)?,
+            ),
+            (PolicyKind::Eviction, true) => Guest::EvictionV1(
+                wev1::GuestIndices::new(pre)
+                    .and_then(|i| i.load(&mut store, &instance))
+                    .map_err(load)?,
+            ),
+            (PolicyKind::Prefetch, true) => Guest::PrefetchV1(
+                wpf1::GuestIndices::new(pre)
+                    .and_then(|i| i.load(&mut store, &instance))
+                    .map_err(load)?,
             ),
         };
-        Ok(self.live.insert(Live { store, guest }))
+        Ok(self.live.insert(Live {
+            store,
+            guest,
+            shape,
+            codes: Vec::new(),
+            ids: Vec::new(),
+        }))
     }
 
     /// Runs `f` on the live instance under the call deadline; a failure kills the instance.
     fn call<R>(
         &mut self,
         timeout: Duration,
-        f: impl FnOnce(&Guest, &mut Store<StoreState>) -> wasmtime::Result<R>,
+        f: impl FnOnce(&mut Live) -> wasmtime::Result<Option<R>>,
+        want: PolicyKind,
     ) -> PolicyResult<R> {
         let live = self.live.as_mut().ok_or_else(|| PolicyError {
             kind: FailureKind::Trap,
             message: "plugin is not initialised".into(),
         })?;
         live.store.set_epoch_deadline(deadline_ticks(timeout));
-        match f(&live.guest, &mut live.store) {
-            Ok(r) => Ok(r),
+        match f(live) {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(PolicyError {
+                kind: FailureKind::InvalidAnswer,
+                message: format!("plugin is a {} policy, used as {want}", self.component.kind),
+            }),
             Err(e) => {
                 self.live = None;
                 Err(classify(&e))
@@ -245,16 +306,42 @@ impl WasmPolicy {
         }
     }
 
-    fn init_args(args: &InitArgs) -> (wt::ModelShape, Vec<wt::TierCapacity>, Vec<wt::Residency>) {
+    /// Instantiates afresh and calls `init` under the init deadline.
+    fn init_with<R>(
+        &mut self,
+        args: &InitArgs,
+        want: PolicyKind,
+        f: impl FnOnce(&mut Live, &Init) -> wasmtime::Result<Option<R>>,
+    ) -> PolicyResult<R> {
+        self.instantiate(args.shape)?;
+        let init = Init::new(args);
+        let timeout = self.limits.init_timeout;
+        self.call(timeout, |l| f(l, &init), want)
+    }
+}
+
+/// `init`'s arguments in both contract versions.
+struct Init {
+    shape: wt::ModelShape,
+    caps: Vec<wt::TierCapacity>,
+    resident: wt::ResidentSet,
+    shape1: wt1::ModelShape,
+    caps1: Vec<wt1::TierCapacity>,
+    resident1: Vec<wt1::Residency>,
+}
+
+impl Init {
+    fn new(args: &InitArgs) -> Self {
         let s = args.shape;
-        (
-            wt::ModelShape {
+        Self {
+            shape: wt::ModelShape {
                 moe_layers: s.moe_layers,
                 experts_per_layer: s.experts_per_layer,
                 top_k: s.top_k,
                 expert_bytes: s.expert_bytes,
             },
-            args.capacities
+            caps: args
+                .capacities
                 .iter()
                 .map(|c| wt::TierCapacity {
                     tier: tier_out(c.tier),
@@ -262,20 +349,33 @@ impl WasmPolicy {
                     bytes: c.bytes,
                 })
                 .collect(),
-            args.resident
+            resident: wt::ResidentSet {
+                experts: args.resident.iter().map(|(e, _)| s.id_of(*e)).collect(),
+                tiers: args.resident.iter().map(|(_, t)| t.code()).collect(),
+            },
+            shape1: wt1::ModelShape {
+                moe_layers: s.moe_layers,
+                experts_per_layer: s.experts_per_layer,
+                top_k: s.top_k,
+                expert_bytes: s.expert_bytes,
+            },
+            caps1: args
+                .capacities
                 .iter()
-                .map(|(e, t)| wt::Residency {
-                    expert: key_out(*e),
-                    tier: tier_out(*t),
+                .map(|c| wt1::TierCapacity {
+                    tier: tier_out1(c.tier),
+                    slots: c.slots,
+                    bytes: c.bytes,
                 })
                 .collect(),
-        )
-    }
-
-    fn wrong_kind(&self, want: PolicyKind) -> PolicyError {
-        PolicyError {
-            kind: FailureKind::InvalidAnswer,
-            message: format!("plugin is a {} policy, used as {want}", self.component.kind),
+            resident1: args
+                .resident
+                .iter()
+                .map(|(e, t)| wt1::Residency {
+                    expert: key_out1(*e),
+                    tier: tier_out1(*t),
+                })
+                .collect(),
         }
     }
 }
@@ -321,48 +421,101 @@ fn tier_in(t: wt::Tier) -> Tier {
     }
 }
 
-fn key_out(e: ExpertKey) -> wt::ExpertRef {
-    wt::ExpertRef {
+fn tier_out1(t: Tier) -> wt1::Tier {
+    match t {
+        Tier::Device => wt1::Tier::Device,
+        Tier::Host => wt1::Tier::Host,
+        Tier::Disk => wt1::Tier::Disk,
+    }
+}
+
+fn tier_in1(t: wt1::Tier) -> Tier {
+    match t {
+        wt1::Tier::Device => Tier::Device,
+        wt1::Tier::Host => Tier::Host,
+        wt1::Tier::Disk => Tier::Disk,
+    }
+}
+
+fn key_out1(e: ExpertKey) -> wt1::ExpertRef {
+    wt1::ExpertRef {
         layer: e.layer,
         expert: e.expert,
     }
 }
 
-fn key_in(e: wt::ExpertRef) -> ExpertKey {
+fn key_in1(e: wt1::ExpertRef) -> ExpertKey {
     ExpertKey {
         layer: e.layer,
         expert: e.expert,
     }
 }
 
-fn info_in(i: wt::PolicyInfo) -> PolicyInfo {
-    PolicyInfo {
-        name: i.name,
-        description: i.description,
+/// A model-wide id from the plugin back to a key; out of range stays out of range (the
+/// guard rejects it) instead of wrapping onto a valid expert.
+fn key_in(shape: &ModelShape, id: u32) -> ExpertKey {
+    shape.key_of(id).unwrap_or(ExpertKey {
+        layer: u32::MAX,
+        expert: id,
+    })
+}
+
+fn info_in(name: String, description: String) -> PolicyInfo {
+    PolicyInfo { name, description }
+}
+
+/// Contract 0.2's packed event: `kind << 30 | tier << 28 | expert-id`.
+fn event_out(shape: &ModelShape, e: &Event) -> u32 {
+    let kind = match e.kind {
+        EventKind::Access => 0u32,
+        EventKind::Insert => 1,
+        EventKind::Remove => 2,
+    };
+    kind << 30 | u32::from(e.tier.code()) << 28 | shape.id_of(e.expert)
+}
+
+fn request_out1(r: &VictimRequest<'_>) -> wev1::VictimRequest {
+    wev1::VictimRequest {
+        tier: tier_out1(r.tier),
+        count: r.count,
+        candidates: r.candidates.list().into_iter().map(key_out1).collect(),
     }
 }
 
-fn request_out(r: &VictimRequest) -> wev::VictimRequest {
+fn request_out(shape: &ModelShape, r: &VictimRequest<'_>) -> wev::VictimRequest {
     wev::VictimRequest {
         tier: tier_out(r.tier),
         count: r.count,
-        candidates: r.candidates.iter().map(|e| key_out(*e)).collect(),
+        excluded: r.excluded.iter().map(|e| shape.id_of(*e)).collect(),
+        only_layer: r.only_layer,
     }
+}
+
+fn codes_into(out: &mut Vec<u8>, tiers: &[Tier]) {
+    out.clear();
+    out.extend(tiers.iter().map(|t| t.code()));
 }
 
 impl Selection for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<SelectionInfo> {
-        let (shape, caps, resident) = Self::init_args(args);
-        self.instantiate()?;
-        let timeout = self.limits.init_timeout;
-        let r = self.call(timeout, |g, s| match g {
-            Guest::Selection(g) => g.call_init(s, shape, &caps, &resident).map(Some),
-            _ => Ok(None),
-        })?;
-        let r = r.ok_or_else(|| self.wrong_kind(PolicyKind::Selection))?;
-        Ok(SelectionInfo {
-            info: info_in(r.info),
-            max_score_gap: r.max_score_gap,
+        self.init_with(args, PolicyKind::Selection, |l, a| {
+            Ok(match &l.guest {
+                Guest::Selection(g) => {
+                    let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
+                    Some(SelectionInfo {
+                        info: info_in(r.info.name, r.info.description),
+                        max_score_gap: r.max_score_gap,
+                    })
+                }
+                Guest::SelectionV1(g) => {
+                    let r = g.call_init(&mut l.store, a.shape1, &a.caps1, &a.resident1)?;
+                    Some(SelectionInfo {
+                        info: info_in(r.info.name, r.info.description),
+                        max_score_gap: r.max_score_gap,
+                    })
+                }
+                _ => None,
+            })
         })
     }
 
@@ -374,119 +527,210 @@ impl Selection for WasmPolicy {
         scores: &[f32],
         residency: &[Tier],
     ) -> PolicyResult<Vec<u32>> {
-        let residency: Vec<wt::Tier> = residency.iter().map(|t| tier_out(*t)).collect();
         let timeout = self.limits.call_timeout;
-        let r = self.call(timeout, |g, s| match g {
-            Guest::Selection(g) => g
-                .call_select(s, layer, tokens, k, scores, &residency)
-                .map(Some),
-            _ => Ok(None),
-        })?;
-        r.ok_or_else(|| self.wrong_kind(PolicyKind::Selection))
+        self.call(
+            timeout,
+            |l| {
+                Ok(match &l.guest {
+                    Guest::Selection(g) => {
+                        codes_into(&mut l.codes, residency);
+                        Some(g.call_select(&mut l.store, layer, tokens, k, scores, &l.codes)?)
+                    }
+                    Guest::SelectionV1(g) => {
+                        let residency: Vec<wt1::Tier> =
+                            residency.iter().map(|t| tier_out1(*t)).collect();
+                        Some(g.call_select(&mut l.store, layer, tokens, k, scores, &residency)?)
+                    }
+                    _ => None,
+                })
+            },
+            PolicyKind::Selection,
+        )
     }
 }
 
 impl Eviction for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
-        let (shape, caps, resident) = Self::init_args(args);
-        self.instantiate()?;
-        let timeout = self.limits.init_timeout;
-        let r = self.call(timeout, |g, s| match g {
-            Guest::Eviction(g) => g.call_init(s, shape, &caps, &resident).map(Some),
-            _ => Ok(None),
-        })?;
-        r.map(info_in)
-            .ok_or_else(|| self.wrong_kind(PolicyKind::Eviction))
+        self.init_with(args, PolicyKind::Eviction, |l, a| {
+            Ok(match &l.guest {
+                Guest::Eviction(g) => {
+                    let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
+                    Some(info_in(r.name, r.description))
+                }
+                Guest::EvictionV1(g) => {
+                    let r = g.call_init(&mut l.store, a.shape1, &a.caps1, &a.resident1)?;
+                    Some(info_in(r.name, r.description))
+                }
+                _ => None,
+            })
+        })
     }
 
     fn on_step(
         &mut self,
         facts: &StepFacts,
-        request: Option<&VictimRequest>,
+        request: Option<&VictimRequest<'_>>,
     ) -> PolicyResult<Vec<ExpertKey>> {
-        let facts = wev::StepFacts {
-            step: facts.step,
-            layer: facts.layer,
-            events: facts
-                .events
-                .iter()
-                .map(|e| wev::Event {
-                    kind: match e.kind {
-                        EventKind::Access => wev::EventKind::Access,
-                        EventKind::Insert => wev::EventKind::Insert,
-                        EventKind::Remove => wev::EventKind::Remove,
-                    },
-                    tier: tier_out(e.tier),
-                    expert: key_out(e.expert),
-                })
-                .collect(),
-        };
-        let request = request.map(request_out);
         let timeout = self.limits.call_timeout;
-        let r = self.call(timeout, |g, s| match g {
-            Guest::Eviction(g) => g.call_on_step(s, &facts, request.as_ref()).map(Some),
-            _ => Ok(None),
-        })?;
-        r.map(|v| v.into_iter().map(key_in).collect())
-            .ok_or_else(|| self.wrong_kind(PolicyKind::Eviction))
+        self.call(
+            timeout,
+            |l| {
+                Ok(match &l.guest {
+                    Guest::Eviction(g) => {
+                        let shape = l.shape;
+                        l.ids.clear();
+                        l.ids
+                            .extend(facts.events.iter().map(|e| event_out(&shape, e)));
+                        let f = wev::StepFacts {
+                            step: facts.step,
+                            layer: facts.layer,
+                            events: std::mem::take(&mut l.ids),
+                        };
+                        let r = request.map(|r| request_out(&shape, r));
+                        let v = g.call_on_step(&mut l.store, &f, r.as_ref())?;
+                        l.ids = f.events;
+                        Some(v.into_iter().map(|id| key_in(&shape, id)).collect())
+                    }
+                    Guest::EvictionV1(g) => {
+                        let f = wev1::StepFacts {
+                            step: facts.step,
+                            layer: facts.layer,
+                            events: facts
+                                .events
+                                .iter()
+                                .map(|e| wev1::Event {
+                                    kind: match e.kind {
+                                        EventKind::Access => wev1::EventKind::Access,
+                                        EventKind::Insert => wev1::EventKind::Insert,
+                                        EventKind::Remove => wev1::EventKind::Remove,
+                                    },
+                                    tier: tier_out1(e.tier),
+                                    expert: key_out1(e.expert),
+                                })
+                                .collect(),
+                        };
+                        let r = request.map(request_out1);
+                        let v = g.call_on_step(&mut l.store, &f, r.as_ref())?;
+                        Some(v.into_iter().map(key_in1).collect())
+                    }
+                    _ => None,
+                })
+            },
+            PolicyKind::Eviction,
+        )
     }
 
-    fn victims(&mut self, request: &VictimRequest) -> PolicyResult<Vec<ExpertKey>> {
-        let request = request_out(request);
+    fn victims(&mut self, request: &VictimRequest<'_>) -> PolicyResult<Vec<ExpertKey>> {
         let timeout = self.limits.call_timeout;
-        let r = self.call(timeout, |g, s| match g {
-            Guest::Eviction(g) => g.call_victims(s, &request).map(Some),
-            _ => Ok(None),
-        })?;
-        r.map(|v| v.into_iter().map(key_in).collect())
-            .ok_or_else(|| self.wrong_kind(PolicyKind::Eviction))
+        self.call(
+            timeout,
+            |l| {
+                Ok(match &l.guest {
+                    Guest::Eviction(g) => {
+                        let shape = l.shape;
+                        let v = g.call_victims(&mut l.store, &request_out(&shape, request))?;
+                        Some(v.into_iter().map(|id| key_in(&shape, id)).collect())
+                    }
+                    Guest::EvictionV1(g) => {
+                        let v = g.call_victims(&mut l.store, &request_out1(request))?;
+                        Some(v.into_iter().map(key_in1).collect())
+                    }
+                    _ => None,
+                })
+            },
+            PolicyKind::Eviction,
+        )
     }
 }
 
 impl Prefetch for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PrefetchInfo> {
-        let (shape, caps, resident) = Self::init_args(args);
-        self.instantiate()?;
-        let timeout = self.limits.init_timeout;
-        let r = self.call(timeout, |g, s| match g {
-            Guest::Prefetch(g) => g.call_init(s, shape, &caps, &resident).map(Some),
-            _ => Ok(None),
-        })?;
-        let r = r.ok_or_else(|| self.wrong_kind(PolicyKind::Prefetch))?;
-        Ok(PrefetchInfo {
-            info: info_in(r.info),
-            lookahead: r.lookahead,
+        self.init_with(args, PolicyKind::Prefetch, |l, a| {
+            Ok(match &l.guest {
+                Guest::Prefetch(g) => {
+                    let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
+                    Some(PrefetchInfo {
+                        info: info_in(r.info.name, r.info.description),
+                        lookahead: r.lookahead,
+                    })
+                }
+                Guest::PrefetchV1(g) => {
+                    let r = g.call_init(&mut l.store, a.shape1, &a.caps1, &a.resident1)?;
+                    Some(PrefetchInfo {
+                        info: info_in(r.info.name, r.info.description),
+                        lookahead: r.lookahead,
+                    })
+                }
+                _ => None,
+            })
         })
     }
 
     fn on_routed(&mut self, step: &RoutedStep) -> PolicyResult<Vec<PrefetchRequest>> {
-        let step = wpf::RoutedStep {
-            step: step.step,
-            layer: step.layer,
-            tokens: step.tokens,
-            experts: step.experts.clone(),
-            outlook: step
-                .outlook
-                .iter()
-                .map(|o| wpf::LayerOutlook {
-                    layer: o.layer,
-                    scores: o.scores.clone(),
-                    residency: o.residency.iter().map(|t| tier_out(*t)).collect(),
-                })
-                .collect(),
-        };
         let timeout = self.limits.call_timeout;
-        let r = self.call(timeout, |g, s| match g {
-            Guest::Prefetch(g) => g.call_on_routed(s, &step).map(Some),
-            _ => Ok(None),
-        })?;
-        let r = r.ok_or_else(|| self.wrong_kind(PolicyKind::Prefetch))?;
-        Ok(r.into_iter()
-            .map(|p| PrefetchRequest {
-                expert: key_in(p.expert),
-                tier: tier_in(p.tier),
-                priority: p.priority,
-            })
-            .collect())
+        self.call(
+            timeout,
+            |l| {
+                Ok(match &l.guest {
+                    Guest::Prefetch(g) => {
+                        let shape = l.shape;
+                        let s = wpf::RoutedStep {
+                            step: step.step,
+                            layer: step.layer,
+                            tokens: step.tokens,
+                            experts: step.experts.clone(),
+                            outlook: step
+                                .outlook
+                                .iter()
+                                .map(|o| wpf::LayerOutlook {
+                                    layer: o.layer,
+                                    scores: o.scores.clone(),
+                                    residency: o.residency.iter().map(|t| t.code()).collect(),
+                                })
+                                .collect(),
+                        };
+                        let r = g.call_on_routed(&mut l.store, &s)?;
+                        Some(
+                            r.into_iter()
+                                .map(|p| PrefetchRequest {
+                                    expert: key_in(&shape, p.expert),
+                                    tier: tier_in(p.tier),
+                                    priority: p.priority,
+                                })
+                                .collect(),
+                        )
+                    }
+                    Guest::PrefetchV1(g) => {
+                        let s = wpf1::RoutedStep {
+                            step: step.step,
+                            layer: step.layer,
+                            tokens: step.tokens,
+                            experts: step.experts.clone(),
+                            outlook: step
+                                .outlook
+                                .iter()
+                                .map(|o| wpf1::LayerOutlook {
+                                    layer: o.layer,
+                                    scores: o.scores.clone(),
+                                    residency: o.residency.iter().map(|t| tier_out1(*t)).collect(),
+                                })
+                                .collect(),
+                        };
+                        let r = g.call_on_routed(&mut l.store, &s)?;
+                        Some(
+                            r.into_iter()
+                                .map(|p| PrefetchRequest {
+                                    expert: key_in1(p.expert),
+                                    tier: tier_in1(p.tier),
+                                    priority: p.priority,
+                                })
+                                .collect(),
+                        )
+                    }
+                    _ => None,
+                })
+            },
+            PolicyKind::Prefetch,
+        )
     }
 }

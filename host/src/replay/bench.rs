@@ -1,8 +1,8 @@
 //! `moehost replay --bench`: replay speed in accesses per second, one replay at a time on one
 //! thread, for native Belady, native LRU (`native-lru`) and each eviction plugin given (LRU as
 //! a WebAssembly plugin by default), on the same traces and capacities in the same run. Best
-//! of `repeats` runs. Each plugin is timed three ways: behind the replay's guard (as in a
-//! sweep), behind the host's `GuardedEviction`, and bare.
+//! of `repeats` runs. Each plugin is timed two ways: behind the host's `GuardedEviction` (as
+//! in a sweep and in the live store), and bare (the floor).
 
 use anyhow::Result;
 use serde::Serialize;
@@ -10,10 +10,7 @@ use std::time::Instant;
 
 use super::belady::Belady;
 use super::engine::{simulate, Counters, SimConfig};
-use super::lru::DenseLru;
-use super::plugin::{
-    guarded_eviction, replay_guarded_eviction, ContractEvictor, EvictionCalls, Native,
-};
+use super::plugin::{guarded_eviction, ContractEvictor, EvictionCalls, Native};
 use super::residency::Residency;
 use super::sweep::{load_trace, Capacity, EvictionSpec, ReplayConfig};
 use crate::policy::wasm::WasmPolicy;
@@ -88,7 +85,7 @@ pub fn run(cfg: &ReplayConfig, repeats: usize) -> Result<Vec<BenchRow>> {
             })?;
             timed.push(("belady".into(), t, c));
             let (t, c) = best(&mut || {
-                let mut lru = DenseLru::default();
+                let mut lru = crate::policy::builtin::Lru::named("native-lru");
                 crate::policy::Eviction::init(&mut lru, &args)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 let mut calls = Native(lru);
@@ -100,18 +97,15 @@ pub fn run(cfg: &ReplayConfig, repeats: usize) -> Result<Vec<BenchRow>> {
                 let EvictionSpec::Plugin { label, component } = p else {
                     continue;
                 };
-                // Three ways to call the same plugin: behind the replay's guard (what a sweep
-                // does), behind the host's `GuardedEviction`, and bare (the floor).
-                for way in ["wasm", "wasm, host guard", "wasm, unguarded"] {
+                // Two ways to call the same plugin: behind the host's guard (what a sweep and
+                // the live store do), and bare (the floor).
+                for way in ["wasm", "wasm, unguarded"] {
                     let mut best_t = f64::INFINITY;
                     let mut counters = Counters::default();
                     for _ in 0..repeats.max(1) {
                         // Instantiation is outside the timed part.
                         let mut calls: Box<dyn EvictionCalls> = match way {
-                            "wasm" => Box::new(replay_guarded_eviction(
-                                component, label, cfg.limits, &args,
-                            )?),
-                            "wasm, host guard" => {
+                            "wasm" => {
                                 Box::new(guarded_eviction(component, label, cfg.limits, &args)?)
                             }
                             _ => {

@@ -19,8 +19,6 @@ pub mod belady;
 pub mod bench;
 pub mod cost;
 pub mod engine;
-pub mod guard;
-pub mod lru;
 pub mod plot;
 pub mod plugin;
 pub mod report;

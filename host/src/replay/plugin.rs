@@ -6,8 +6,8 @@
 
 use crate::policy::wasm::{LoadedComponent, RuntimeLimits, WasmPolicy};
 use crate::policy::{
-    Event, EventKind, Eviction, ExpertKey, GuardedEviction, GuardedPrefetch, InitArgs, PolicyStats,
-    PrefetchRequest, RoutedStep, StepFacts, Tier, VictimRequest,
+    Candidates, Event, EventKind, Eviction, ExpertKey, GuardedEviction, GuardedPrefetch, InitArgs,
+    PolicyStats, PrefetchRequest, RoutedStep, StepFacts, Tier, VictimRequest,
 };
 
 use super::engine::{Evictor, Prefetcher};
@@ -16,21 +16,18 @@ use super::schedule::Visit;
 
 /// An eviction policy behind its calls: a guarded plugin, or a trusted native policy.
 ///
-/// `init` gives the current residency for a re-initialisation; `is_candidate` tells whether a
-/// key is one of the request's candidates (for validation without scanning them).
+/// `init` gives the current residency for a re-initialisation.
 pub trait EvictionCalls: Send {
     fn on_step(
         &mut self,
         facts: &StepFacts,
-        request: Option<&VictimRequest>,
+        request: Option<&VictimRequest<'_>>,
         init: &dyn Fn() -> InitArgs,
-        is_candidate: &dyn Fn(ExpertKey) -> bool,
     ) -> Vec<ExpertKey>;
     fn victims(
         &mut self,
-        request: &VictimRequest,
+        request: &VictimRequest<'_>,
         init: &dyn Fn() -> InitArgs,
-        is_candidate: &dyn Fn(ExpertKey) -> bool,
     ) -> Vec<ExpertKey>;
     /// The guard's counters (plugins only).
     fn stats(&self) -> Option<PolicyStats>;
@@ -41,18 +38,16 @@ impl EvictionCalls for GuardedEviction {
     fn on_step(
         &mut self,
         facts: &StepFacts,
-        request: Option<&VictimRequest>,
+        request: Option<&VictimRequest<'_>>,
         init: &dyn Fn() -> InitArgs,
-        _: &dyn Fn(ExpertKey) -> bool,
     ) -> Vec<ExpertKey> {
         GuardedEviction::on_step(self, facts, request, init)
     }
 
     fn victims(
         &mut self,
-        request: &VictimRequest,
+        request: &VictimRequest<'_>,
         init: &dyn Fn() -> InitArgs,
-        _: &dyn Fn(ExpertKey) -> bool,
     ) -> Vec<ExpertKey> {
         GuardedEviction::victims(self, request, init)
     }
@@ -69,21 +64,15 @@ impl<E: Eviction> EvictionCalls for Native<E> {
     fn on_step(
         &mut self,
         facts: &StepFacts,
-        request: Option<&VictimRequest>,
+        request: Option<&VictimRequest<'_>>,
         _: &dyn Fn() -> InitArgs,
-        _: &dyn Fn(ExpertKey) -> bool,
     ) -> Vec<ExpertKey> {
         self.0
             .on_step(facts, request)
             .expect("native eviction policies do not fail")
     }
 
-    fn victims(
-        &mut self,
-        request: &VictimRequest,
-        _: &dyn Fn() -> InitArgs,
-        _: &dyn Fn(ExpertKey) -> bool,
-    ) -> Vec<ExpertKey> {
+    fn victims(&mut self, request: &VictimRequest<'_>, _: &dyn Fn() -> InitArgs) -> Vec<ExpertKey> {
         self.0
             .victims(request)
             .expect("native eviction policies do not fail")
@@ -111,24 +100,6 @@ pub fn guarded_eviction(
     g.init(args)
         .map_err(|e| anyhow::anyhow!("eviction policy {source} failed to initialise: {e}"))?;
     Ok(g)
-}
-
-/// A WebAssembly eviction plugin behind the replay's guard (`super::guard`).
-pub fn replay_guarded_eviction(
-    component: &LoadedComponent,
-    source: &str,
-    limits: RuntimeLimits,
-    args: &InitArgs,
-) -> anyhow::Result<super::guard::ReplayGuard> {
-    let plugin = WasmPolicy::new(component.clone(), limits);
-    super::guard::ReplayGuard::new(
-        Box::new(plugin),
-        source,
-        &component.version,
-        limits.quarantine_after,
-        args,
-    )
-    .map_err(|e| anyhow::anyhow!("eviction policy {source} failed to initialise: {e}"))
 }
 
 /// A guarded WebAssembly prefetch plugin, initialised for `args`.
@@ -171,7 +142,28 @@ pub struct ContractEvictor<'p> {
     step: u64,
     layer: u32,
     events: Vec<Event>,
-    candidates: Vec<ExpertKey>,
+    excluded: Vec<ExpertKey>,
+}
+
+/// A replay request's candidates, answered from the residency bitsets in O(1).
+struct ReplayCandidates<'a> {
+    res: &'a Residency,
+    request: Request,
+}
+
+impl Candidates for ReplayCandidates<'_> {
+    fn contains(&self, e: ExpertKey) -> bool {
+        self.res
+            .dense(e)
+            .is_some_and(|k| self.res.is_candidate(k, &self.request))
+    }
+
+    fn list(&self) -> Vec<ExpertKey> {
+        let mut v = Vec::new();
+        self.res
+            .candidates(&self.request, |k| v.push(self.res.key(k)));
+        v
+    }
 }
 
 impl<'p> ContractEvictor<'p> {
@@ -182,19 +174,15 @@ impl<'p> ContractEvictor<'p> {
             step: 0,
             layer: 0,
             events: Vec::new(),
-            candidates: Vec::new(),
+            excluded: Vec::new(),
         }
     }
 
-    fn request(&mut self, res: &Residency, r: &Request) -> VictimRequest {
-        let mut candidates = std::mem::take(&mut self.candidates);
-        candidates.clear();
-        res.candidates(r, |k| candidates.push(res.key(k)));
-        VictimRequest {
-            tier: r.tier,
-            count: r.count,
-            candidates,
-        }
+    /// Fills `self.excluded` for `r`.
+    fn exclude(&mut self, res: &Residency, r: &Request) {
+        self.excluded.clear();
+        let excluded = &mut self.excluded;
+        res.excluded(r, |k| excluded.push(res.key(k)));
     }
 
     fn key(&self, k: u32) -> ExpertKey {
@@ -233,29 +221,40 @@ impl Evictor for ContractEvictor<'_> {
             layer: self.layer,
             events: std::mem::take(&mut self.events),
         };
-        let dense_request = request;
-        let request = request.map(|r| self.request(res, &r));
-        let is_candidate = |e: ExpertKey| {
-            dense_request.is_some_and(|r| res.dense(e).is_some_and(|k| res.is_candidate(k, &r)))
-        };
-        let victims =
-            self.calls
-                .on_step(&facts, request.as_ref(), &|| res.init_args(), &is_candidate);
+        if let Some(r) = &request {
+            self.exclude(res, r);
+        }
+        let candidates = request.map(|request| ReplayCandidates { res, request });
+        let request = request
+            .as_ref()
+            .zip(candidates.as_ref())
+            .map(|(r, c)| VictimRequest {
+                tier: r.tier,
+                count: r.count,
+                only_layer: res.per_layer.then_some(r.pool),
+                excluded: &self.excluded,
+                candidates: c,
+            });
+        let victims = self
+            .calls
+            .on_step(&facts, request.as_ref(), &|| res.init_args());
         dense(res, victims, out);
         self.events = facts.events;
         self.events.clear();
-        if let Some(r) = request {
-            self.candidates = r.candidates;
-        }
     }
 
     fn victims(&mut self, res: &Residency, request: Request, out: &mut Vec<u32>) {
-        let r = self.request(res, &request);
-        let is_candidate =
-            |e: ExpertKey| res.dense(e).is_some_and(|k| res.is_candidate(k, &request));
-        let victims = self.calls.victims(&r, &|| res.init_args(), &is_candidate);
+        self.exclude(res, &request);
+        let candidates = ReplayCandidates { res, request };
+        let r = VictimRequest {
+            tier: request.tier,
+            count: request.count,
+            only_layer: res.per_layer.then_some(request.pool),
+            excluded: &self.excluded,
+            candidates: &candidates,
+        };
+        let victims = self.calls.victims(&r, &|| res.init_args());
         dense(res, victims, out);
-        self.candidates = r.candidates;
     }
 
     fn inserted(&mut self, key: u32, tier: Tier) {

@@ -33,27 +33,40 @@ impl BitSet {
     }
 
     /// Keys in `start..end` that are in `self` and in none of `minus`, ascending.
-    pub fn for_each_in(&self, start: u32, end: u32, minus: &[&BitSet], mut f: impl FnMut(u32)) {
-        if start >= end {
-            return;
+    pub fn for_each_in(&self, start: u32, end: u32, minus: &[&BitSet], f: impl FnMut(u32)) {
+        for_each_bit(
+            start,
+            end,
+            |w| {
+                let mut bits = self.words[w];
+                for m in minus {
+                    bits &= !m.words[w];
+                }
+                bits
+            },
+            f,
+        )
+    }
+}
+
+/// The set bits of `word(w)` for the words covering `start..end`, clipped to the range.
+fn for_each_bit(start: u32, end: u32, word: impl Fn(usize) -> u64, mut f: impl FnMut(u32)) {
+    if start >= end {
+        return;
+    }
+    let (w0, w1) = ((start >> 6) as usize, ((end - 1) >> 6) as usize);
+    for w in w0..=w1 {
+        let mut bits = word(w);
+        if w == w0 {
+            bits &= !0u64 << (start & 63);
         }
-        let (w0, w1) = ((start >> 6) as usize, ((end - 1) >> 6) as usize);
-        for w in w0..=w1 {
-            let mut bits = self.words[w];
-            for m in minus {
-                bits &= !m.words[w];
-            }
-            if w == w0 {
-                bits &= !0u64 << (start & 63);
-            }
-            if w == w1 && end & 63 != 0 {
-                bits &= (1u64 << (end & 63)) - 1;
-            }
-            while bits != 0 {
-                let b = bits.trailing_zeros();
-                f((w as u32) << 6 | b);
-                bits &= bits - 1;
-            }
+        if w == w1 && end & 63 != 0 {
+            bits &= (1u64 << (end & 63)) - 1;
+        }
+        while bits != 0 {
+            let b = bits.trailing_zeros();
+            f((w as u32) << 6 | b);
+            bits &= bits - 1;
         }
     }
 }
@@ -230,6 +243,35 @@ impl Residency {
             (false, true) => set.for_each_in(start, end, &[&self.extra], &mut f),
             (false, false) => set.for_each_in(start, end, &[], &mut f),
         }
+    }
+
+    /// The keys `r` leaves out: resident in its tier and pool, but pinned or extra (as `r`
+    /// says), ascending.
+    pub fn excluded(&self, r: &Request, f: impl FnMut(u32)) {
+        let (start, end) = self.pool_range(r.pool);
+        let set = match r.tier {
+            Tier::Device => &self.device,
+            _ => &self.host,
+        };
+        let zero = 0u64;
+        for_each_bit(
+            start,
+            end,
+            |w| {
+                let pinned = if r.skip_pinned {
+                    self.pinned.words[w]
+                } else {
+                    zero
+                };
+                let extra = if r.skip_extra {
+                    self.extra.words[w]
+                } else {
+                    zero
+                };
+                set.words[w] & (pinned | extra)
+            },
+            f,
+        )
     }
 
     /// Fastest tier of each expert of MoE layer `layer`.

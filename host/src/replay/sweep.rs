@@ -9,6 +9,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::policy::builtin::Lru;
 use crate::policy::wasm::{load_component, LoadedComponent, RuntimeLimits};
 use crate::policy::{PolicyKind, PolicySource, PolicyStats};
 use crate::trace::Trace;
@@ -16,10 +17,7 @@ use crate::trace::Trace;
 use super::belady::Belady;
 use super::cost::{estimate, Link};
 use super::engine::{simulate, Counters, Evictor, Prefetcher, SimConfig};
-use super::lru::DenseLru;
-use super::plugin::{
-    guarded_prefetch, replay_guarded_eviction, ContractEvictor, EvictionCalls, Native,
-};
+use super::plugin::{guarded_eviction, guarded_prefetch, ContractEvictor, EvictionCalls, Native};
 use super::residency::Residency;
 use super::schedule::Schedule;
 
@@ -297,7 +295,7 @@ pub fn run_job(
             (simulate(s, &cfg, &mut b as &mut dyn Evictor, pf_dyn), None)
         }
         EvictionSpec::NativeLru => {
-            let mut lru = DenseLru::default();
+            let mut lru = Lru::named("native-lru");
             crate::policy::Eviction::init(&mut lru, &args)
                 .map_err(|e| anyhow::anyhow!("native-lru: {e}"))?;
             let mut calls = Native(lru);
@@ -305,7 +303,7 @@ pub fn run_job(
             (simulate(s, &cfg, &mut ev, pf_dyn), None)
         }
         EvictionSpec::Plugin { label, component } => {
-            let mut g = replay_guarded_eviction(component, label, limits, &args)?;
+            let mut g = guarded_eviction(component, label, limits, &args)?;
             let c = {
                 let mut ev = ContractEvictor::new(&mut g, s.experts_per_layer);
                 simulate(s, &cfg, &mut ev, pf_dyn)

@@ -19,9 +19,10 @@ fn within_gap(s: f32, kth: f32) -> bool {
     kth - s <= GAP && s >= kth - GAP && (kth as f64 - s as f64) <= GAP as f64
 }
 
-/// One token's choice, appended to `out`: `k` distinct ids, best score first. `device[e]` tells
-/// whether expert e is device-resident. `scratch` is reused between tokens.
-pub fn choose(row: &[f32], k: usize, device: &[bool], out: &mut Vec<u32>, scratch: &mut Vec<u32>) {
+/// One token's choice, appended to `out`: `k` distinct ids, best score first. `residency[e]` is
+/// expert e's tier code (0 = device; a missing entry counts as not resident). `scratch` is
+/// reused between tokens.
+pub fn choose(row: &[f32], k: usize, residency: &[u8], out: &mut Vec<u32>, scratch: &mut Vec<u32>) {
     let start = out.len();
     common::top_k_into(row, k, out);
     let chosen = start..out.len();
@@ -29,7 +30,7 @@ pub fn choose(row: &[f32], k: usize, device: &[bool], out: &mut Vec<u32>, scratc
         return;
     };
     let kth = row[kth_id as usize];
-    let is_device = |e: u32| device.get(e as usize).copied().unwrap_or(false);
+    let is_device = |e: u32| residency.get(e as usize) == Some(&common::tier::DEVICE);
     let missing = out[chosen.clone()]
         .iter()
         .filter(|&&e| !is_device(e))
@@ -64,16 +65,16 @@ mod guest {
 
     wit_bindgen::generate!({
         world: "selection-policy",
-        path: "../../wit",
+        path: "../../wit/policy.wit",
     });
 
     use exports::moehost::policy::selection::{Guest, SelectionInfo};
-    use moehost::policy::types::{ModelShape, PolicyInfo, Residency, Tier, TierCapacity};
+    use moehost::policy::types::{ModelShape, PolicyInfo, ResidentSet, TierCapacity};
 
     struct CacheAware;
 
     impl Guest for CacheAware {
-        fn init(_: ModelShape, _: Vec<TierCapacity>, _: Vec<Residency>) -> SelectionInfo {
+        fn init(_: ModelShape, _: Vec<TierCapacity>, _: ResidentSet) -> SelectionInfo {
             SelectionInfo {
                 info: PolicyInfo {
                     name: "cache-aware".to_string(),
@@ -91,20 +92,16 @@ mod guest {
             tokens: u32,
             k: u32,
             scores: Vec<f32>,
-            residency: Vec<Tier>,
+            residency: Vec<u8>,
         ) -> Vec<u32> {
             let mut out = Vec::with_capacity(tokens as usize * k as usize);
             if tokens == 0 {
                 return out;
             }
             let experts = scores.len() / tokens as usize;
-            let device: Vec<bool> = residency
-                .iter()
-                .map(|t| matches!(t, Tier::Device))
-                .collect();
-            let mut scratch = Vec::new();
+            let mut scratch = Vec::with_capacity(k as usize);
             for row in scores.chunks_exact(experts.max(1)).take(tokens as usize) {
-                choose(row, k as usize, &device, &mut out, &mut scratch);
+                choose(row, k as usize, &residency, &mut out, &mut scratch);
             }
             out
         }
@@ -117,10 +114,28 @@ mod guest {
 mod tests {
     use super::*;
 
+    /// `device[e]`: expert e is on the device (tier code 0), otherwise on the host (1) or,
+    /// every third one, on disk (2).
     fn pick(row: &[f32], k: usize, device: &[bool]) -> Vec<u32> {
+        let residency: Vec<u8> = device
+            .iter()
+            .enumerate()
+            .map(|(e, &d)| if d { 0 } else { 1 + (e % 3 == 0) as u8 })
+            .collect();
         let (mut out, mut scratch) = (Vec::new(), Vec::new());
-        choose(row, k, device, &mut out, &mut scratch);
+        choose(row, k, &residency, &mut out, &mut scratch);
         out
+    }
+
+    #[test]
+    fn short_residency_counts_as_not_resident() {
+        let row = [0.9, 0.1, 0.5, 0.88];
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        choose(&row, 1, &[7, 0, 0, 0], &mut out, &mut scratch);
+        assert_eq!(out, vec![3]);
+        out.clear();
+        choose(&row, 1, &[], &mut out, &mut scratch);
+        assert_eq!(out, vec![0]);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! What every `#![no_std]` moehost policy guest shares: the runtime pieces a guest needs to be
 //! a component that imports nothing (global allocator, panic handler, `cabi_realloc`), a
-//! single-threaded global for policy state, and small helpers (exact top-k, victim picking).
+//! single-threaded global for policy state, the 0.2 contract's flat encodings (tier codes,
+//! packed eviction events, expert-ids), and the pieces policies are built from: exact top-k,
+//! per-tier recency lists and resident sets, exclusion marks, victim picking.
 //!
 //! The runtime pieces only exist on `wasm32`; everything else is plain `core` + `alloc` code
 //! that also compiles (and is unit-tested) on the build machine:
@@ -126,21 +128,152 @@ pub fn rank_cmp(row: &[f32], a: u32, b: u32) -> Ordering {
 
 /// Appends to `out` the `k` best expert ids of one token's score row, best first, in exactly
 /// the host's order (see [`rank_cmp`]). Returns fewer ids only when the row has fewer than `k`
-/// experts. O(E + k x insertions): a small sorted window, no allocation beyond `out`.
+/// experts. O(E) cheap float compares plus O(k) per insertion into a small sorted window; no
+/// allocation beyond `out`.
 pub fn top_k_into(row: &[f32], k: usize, out: &mut Vec<u32>) {
-    top_k_filtered_into(row, k, |_| true, out)
+    if !top_k_by_chunk_bound(row, k, out) {
+        top_k_filtered_into(row, k, |_| true, out)
+    }
+}
+
+/// Most candidates [`top_k_by_chunk_bound`] ranks exactly before giving up.
+const CHUNK_CANDIDATES: usize = 64;
+
+/// Top-k in two branch-light passes. Deal the row into `k` disjoint lanes (expert i goes to
+/// lane i mod k): each lane's maximum is a different expert, so at least `k` experts score at
+/// least the smallest lane maximum, and the k-th best (with every expert tied with it) scores
+/// at least that bound. The experts at or above the bound (plain `>=`: NaN never passes, and
+/// NaN ranks last anyway; `-0.0`/`+0.0` both pass and the exact key settles them) are then
+/// ranked by [`rank_key`]. The lanes are independent, so the first pass has no dependency
+/// chain. Returns false (leaving `out` alone) when the row is short, or has too few or too many
+/// candidates: the caller then takes the general path.
+fn top_k_by_chunk_bound(row: &[f32], k: usize, out: &mut Vec<u32>) -> bool {
+    let n = row.len();
+    if k == 0 || k > FAST_K || n < 4 * k {
+        return false;
+    }
+    let mut lanes = [f32::NEG_INFINITY; FAST_K];
+    let lanes = &mut lanes[..k];
+    let mut rows = row.chunks_exact(k);
+    for r in &mut rows {
+        for (m, &s) in lanes.iter_mut().zip(r) {
+            *m = if s > *m { s } else { *m };
+        }
+    }
+    for (m, &s) in lanes.iter_mut().zip(rows.remainder()) {
+        *m = if s > *m { s } else { *m };
+    }
+    let bound = lanes
+        .iter()
+        .fold(f32::INFINITY, |b, &m| if m < b { m } else { b });
+    // Rank the candidates into a descending window of k keys.
+    let mut window = [0u64; FAST_K];
+    let mut candidates = 0;
+    for (i, &s) in row.iter().enumerate() {
+        if s >= bound {
+            candidates += 1;
+            if candidates > CHUNK_CANDIDATES {
+                return false;
+            }
+            let key = rank_key(s, i as u32);
+            let filled = (candidates - 1).min(k);
+            if filled == k && key <= window[k - 1] {
+                continue;
+            }
+            insert_key(&mut window, filled.min(k - 1), key);
+        }
+    }
+    if candidates < k {
+        return false;
+    }
+    out.extend(window[..k].iter().map(|&key| !(key as u32)));
+    true
 }
 
 /// [`top_k_into`] among the experts `keep` accepts (fewer than `k` when too few are kept).
+///
+/// Once the window holds `k` ids, a score only reaches the exact comparison when
+/// `s >= threshold` (the k-th best's [`score_key`]) in plain float order. That test is a
+/// superset of "ranks before the k-th" in the host's order: NaN fails it (NaN ranks as `-inf`,
+/// after or tied with any k-th, and ties go to the lower id, already in the window), and the
+/// only pair plain `>=` and the IEEE total order disagree on, `+0.0` vs `-0.0`, passes it and is
+/// settled by the exact key. So the answer is exactly the host's, and most experts cost one
+/// compare. The window (k <= [`FAST_K`]) is a stack array of [`rank_key`]s: integer compares.
 pub fn top_k_filtered_into(row: &[f32], k: usize, keep: impl Fn(u32) -> bool, out: &mut Vec<u32>) {
-    let start = out.len();
     let k = k.min(row.len());
     if k == 0 {
         return;
     }
-    for e in 0..row.len() as u32 {
-        let filled = out.len() - start;
+    if k > FAST_K {
+        return top_k_filtered_slow(row, k, keep, out);
+    }
+    let mut window = [0u64; FAST_K];
+    let mut filled = 0;
+    // Fill the window with the first `k` kept experts (sorted, best first).
+    let mut next = row.len();
+    for (i, &s) in row.iter().enumerate() {
         if filled == k {
+            next = i;
+            break;
+        }
+        if keep(i as u32) {
+            insert_key(&mut window, filled, rank_key(s, i as u32));
+            filled += 1;
+        }
+    }
+    if filled == k {
+        let mut min = window[k - 1];
+        let mut threshold = score_key(row[!(min as u32) as usize]);
+        for (i, &s) in row.iter().enumerate().skip(next) {
+            // Cheap reject first (see above): most experts stop here.
+            #[allow(clippy::neg_cmp_op_on_partial_ord)] // true for NaN, as meant
+            if !(s >= threshold) {
+                continue;
+            }
+            let key = rank_key(s, i as u32);
+            if key <= min || !keep(i as u32) {
+                continue;
+            }
+            insert_key(&mut window, k - 1, key);
+            min = window[k - 1];
+            threshold = score_key(row[!(min as u32) as usize]);
+        }
+    }
+    out.extend(window[..filled].iter().map(|&key| !(key as u32)));
+}
+
+/// Largest `k` served with a stack window (larger ones take a slower, allocation-free path).
+pub const FAST_K: usize = 64;
+
+/// The host's order as one integer, larger = ranks first: the score's IEEE total order
+/// (NaN as `-inf`), then the lower id.
+#[inline]
+pub fn rank_key(s: f32, id: u32) -> u64 {
+    let b = score_key(s).to_bits();
+    let ordered = if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    };
+    (u64::from(ordered) << 32) | u64::from(!id)
+}
+
+/// Inserts `key` into the descending `window[..len]` (one slot free at `len`).
+#[inline]
+fn insert_key(window: &mut [u64; FAST_K], len: usize, key: u64) {
+    let mut pos = len;
+    while pos > 0 && window[pos - 1] < key {
+        window[pos] = window[pos - 1];
+        pos -= 1;
+    }
+    window[pos] = key;
+}
+
+/// [`top_k_filtered_into`] for any `k`: a sorted window in `out` itself.
+fn top_k_filtered_slow(row: &[f32], k: usize, keep: impl Fn(u32) -> bool, out: &mut Vec<u32>) {
+    let start = out.len();
+    for e in 0..row.len() as u32 {
+        if out.len() - start == k {
             // Ids ascend, so a newcomer tied with the current k-th ranks after it.
             if rank_cmp(row, e, out[start + k - 1]) != Ordering::Less {
                 continue;
@@ -149,19 +282,69 @@ pub fn top_k_filtered_into(row: &[f32], k: usize, keep: impl Fn(u32) -> bool, ou
         if !keep(e) {
             continue;
         }
-        if filled == k {
+        if out.len() - start == k {
             out.pop();
         }
-        // Insert keeping the window sorted (the window is at most k long).
-        let mut pos = out.len();
-        while pos > start && rank_cmp(row, e, out[pos - 1]) == Ordering::Less {
-            pos -= 1;
-        }
-        out.insert(pos, e);
+        insert_ranked(row, e, start, out);
     }
 }
 
-/// Dense indexing of expert keys `(layer, expert)` for per-expert state arrays.
+/// Inserts `e` into the sorted window `out[start..]` at its rank.
+#[inline]
+fn insert_ranked(row: &[f32], e: u32, start: usize, out: &mut Vec<u32>) {
+    let mut pos = out.len();
+    while pos > start && rank_cmp(row, e, out[pos - 1]) == Ordering::Less {
+        pos -= 1;
+    }
+    out.insert(pos, e);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The 0.2 contract's flat encodings.
+// ---------------------------------------------------------------------------------------------
+
+/// Tier codes of the flat residency lists (`list<u8>`) and of eviction events.
+pub mod tier {
+    /// Compute-ready.
+    pub const DEVICE: u8 = 0;
+    /// Host RAM in storage format.
+    pub const HOST: u8 = 1;
+    /// Only in the checkpoint (every expert).
+    pub const DISK: u8 = 2;
+    /// The tiers whose residents a policy tracks (device, host): codes `0..CACHED`.
+    pub const CACHED: usize = 2;
+}
+
+/// Kinds of eviction events (`kind << 30 | tier << 28 | expert-id`).
+pub mod event {
+    /// The expert was used by the step.
+    pub const ACCESS: u8 = 0;
+    /// The expert became resident in the tier.
+    pub const INSERT: u8 = 1;
+    /// The expert left the tier.
+    pub const REMOVE: u8 = 2;
+    /// Bits of the expert id in an event.
+    pub const ID_MASK: u32 = (1 << 28) - 1;
+}
+
+/// Splits one packed eviction event into `(kind, tier code, expert-id)`. No validation: kind 3
+/// and tier code 3 are possible in garbage input, and the id may be out of range.
+#[inline]
+pub fn decode_event(ev: u32) -> (u8, u8, u32) {
+    (
+        (ev >> 30) as u8,
+        ((ev >> 28) & 3) as u8,
+        ev & event::ID_MASK,
+    )
+}
+
+/// The inverse of [`decode_event`] (tests, tools).
+#[inline]
+pub fn encode_event(kind: u8, tier: u8, id: u32) -> u32 {
+    (u32::from(kind) & 3) << 30 | (u32::from(tier) & 3) << 28 | (id & event::ID_MASK)
+}
+
+/// Dense indexing of experts: `expert-id = layer * experts-per-layer + expert`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Slots {
     pub layers: u32,
@@ -173,7 +356,7 @@ impl Slots {
         Slots { layers, experts }
     }
 
-    /// Number of expert keys.
+    /// Number of expert ids.
     pub fn len(&self) -> usize {
         self.layers as usize * self.experts as usize
     }
@@ -182,27 +365,40 @@ impl Slots {
         self.len() == 0
     }
 
-    /// The slot of `(layer, expert)`, `None` when out of range.
+    /// The expert-id of `(layer, expert)`, `None` when out of range.
     #[inline]
     pub fn index(&self, layer: u32, expert: u32) -> Option<usize> {
         (layer < self.layers && expert < self.experts)
             .then(|| layer as usize * self.experts as usize + expert as usize)
     }
+
+    /// Whether `id` names an expert of the model.
+    #[inline]
+    pub fn contains(&self, id: u32) -> bool {
+        (id as usize) < self.len()
+    }
+
+    /// `(layer, expert)` of an expert-id, `None` when out of range.
+    #[inline]
+    pub fn split(&self, id: u32) -> Option<(u32, u32)> {
+        self.contains(id)
+            .then(|| (id / self.experts, id % self.experts))
+    }
 }
 
-/// Marks slots already seen in one call, to drop duplicate candidates in O(1) each without
-/// clearing a whole array per call.
+/// A set of dense ids that forgets all its marks in O(1) (an epoch per mark): drops duplicates
+/// within one call, and marks a victim request's `excluded` experts.
 #[derive(Default)]
-pub struct Dedup {
+pub struct Marks {
     seen: Vec<u32>,
     epoch: u32,
 }
 
-impl Dedup {
+impl Marks {
     pub fn new(len: usize) -> Self {
-        Dedup {
+        Marks {
             seen: vec![0; len],
-            epoch: 0,
+            epoch: 1,
         }
     }
 
@@ -215,7 +411,7 @@ impl Dedup {
         }
     }
 
-    /// True the first time `slot` is seen since [`Dedup::start`] (false when out of range).
+    /// Marks `slot`; true the first time since [`Marks::start`] (false when out of range).
     #[inline]
     pub fn first(&mut self, slot: usize) -> bool {
         match self.seen.get_mut(slot) {
@@ -226,37 +422,238 @@ impl Dedup {
             _ => false,
         }
     }
+
+    /// Marks `slot` (ignored when out of range).
+    #[inline]
+    pub fn mark(&mut self, slot: usize) {
+        self.first(slot);
+    }
+
+    /// Whether `slot` was marked since [`Marks::start`].
+    #[inline]
+    pub fn contains(&self, slot: usize) -> bool {
+        self.seen.get(slot).is_some_and(|&m| m == self.epoch)
+    }
 }
 
-/// Picks up to `count` distinct entries of `candidates` with the smallest keys (equal keys: the
-/// earlier candidate; make keys total for a deterministic answer). `slot` maps a candidate to
-/// its dense index (`None` = out of range: never picked); duplicates are dropped.
-/// Returns the indices into `candidates` of the picked entries, smallest key first.
-/// O(n) selection + O(count log count) sorting.
-pub fn pick_smallest<C, K: Ord>(
-    candidates: &[C],
+const NIL: u32 = u32::MAX;
+
+/// Recency lists over dense ids `0..len`: intrusive doubly-linked lists (two u32 links per id,
+/// one sentinel per list after the ids), least recent at each list's front. An id is in at most
+/// one list at a time. Every operation is O(1); iteration from the least recent is
+/// O(visited). [`Recency::new`] makes one list (a tier's residents);
+/// [`Recency::with_lists`] several (e.g. one per MoE layer).
+pub struct Recency {
+    /// `next[i]`/`prev[i]`: neighbours of id `i`, `NIL` when `i` is in no list. Index
+    /// `len + l` is list `l`'s sentinel: its `next` is the least recent, its `prev` the most
+    /// recent.
+    next: Vec<u32>,
+    prev: Vec<u32>,
+    ids: u32,
     count: usize,
-    slot: impl Fn(&C) -> Option<usize>,
-    mut key: impl FnMut(&C) -> K,
-    dedup: &mut Dedup,
-) -> Vec<usize> {
-    dedup.start();
-    let mut keyed: Vec<(K, usize)> = Vec::with_capacity(candidates.len());
-    for (i, c) in candidates.iter().enumerate() {
-        if slot(c).is_some_and(|s| dedup.first(s)) {
-            keyed.push((key(c), i));
+}
+
+impl Recency {
+    /// One list over ids `0..len`.
+    pub fn new(len: usize) -> Self {
+        Self::with_lists(len, 1)
+    }
+
+    /// `lists` lists over ids `0..len` (ids and lists together must fit in u32).
+    pub fn with_lists(len: usize, lists: usize) -> Self {
+        let total = len + lists;
+        let mut r = Recency {
+            next: vec![NIL; total],
+            prev: vec![NIL; total],
+            ids: len as u32,
+            count: 0,
+        };
+        for s in len..total {
+            r.next[s] = s as u32;
+            r.prev[s] = s as u32;
+        }
+        r
+    }
+
+    /// Ids in the lists.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether `id` is one of the ids `0..len`.
+    #[inline]
+    pub fn in_range(&self, id: u32) -> bool {
+        id < self.ids
+    }
+
+    /// Whether `id` is in a list (false when out of range).
+    #[inline]
+    pub fn contains(&self, id: u32) -> bool {
+        id < self.ids && self.next[id as usize] != NIL
+    }
+
+    /// Puts `id` at the most recent end of `list`, taking it out of the list it was in
+    /// (ignored when `id` or `list` is out of range).
+    #[inline]
+    pub fn push(&mut self, list: u32, id: u32) {
+        let s = self.ids as usize + list as usize;
+        if id >= self.ids || s >= self.next.len() {
+            return;
+        }
+        if self.next[id as usize] != NIL {
+            self.unlink(id);
+        }
+        let last = self.prev[s];
+        self.next[last as usize] = id;
+        self.prev[id as usize] = last;
+        self.next[id as usize] = s as u32;
+        self.prev[s] = id;
+        self.count += 1;
+    }
+
+    /// [`Recency::push`] to list 0.
+    #[inline]
+    pub fn touch(&mut self, id: u32) {
+        self.push(0, id);
+    }
+
+    /// Moves `id` to the most recent end of list 0 when it is in a list (otherwise nothing).
+    #[inline]
+    pub fn refresh(&mut self, id: u32) {
+        if self.contains(id) {
+            self.push(0, id);
         }
     }
+
+    /// Takes `id` out of its list; false when it was in none.
+    #[inline]
+    pub fn remove(&mut self, id: u32) -> bool {
+        if !self.contains(id) {
+            return false;
+        }
+        self.unlink(id);
+        true
+    }
+
+    fn unlink(&mut self, id: u32) {
+        let (p, n) = (self.prev[id as usize], self.next[id as usize]);
+        self.next[p as usize] = n;
+        self.prev[n as usize] = p;
+        self.next[id as usize] = NIL;
+        self.prev[id as usize] = NIL;
+        self.count -= 1;
+    }
+
+    /// List 0's ids, least recent first.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.iter_list(0)
+    }
+
+    /// The ids of `list`, least recent first (none when `list` is out of range).
+    pub fn iter_list(&self, list: u32) -> impl Iterator<Item = u32> + '_ {
+        let s = self.ids as usize + list as usize;
+        let (s, mut at) = if s < self.next.len() {
+            (s as u32, self.next[s])
+        } else {
+            (NIL, NIL)
+        };
+        core::iter::from_fn(move || {
+            if at == s {
+                return None;
+            }
+            let id = at;
+            at = self.next[id as usize];
+            Some(id)
+        })
+    }
+}
+
+/// A set of dense ids `0..len` with O(1) insert, remove and membership, and iteration over the
+/// members in O(members) (a dense member array plus each id's position in it). Iteration order
+/// is unspecified: policies that scan it rank by keys that are total.
+pub struct ResidentSet {
+    /// Position of each id in `members`, `NIL` when absent.
+    pos: Vec<u32>,
+    members: Vec<u32>,
+}
+
+impl ResidentSet {
+    pub fn new(len: usize) -> Self {
+        ResidentSet {
+            pos: vec![NIL; len],
+            members: Vec::new(),
+        }
+    }
+
+    #[inline]
+    pub fn contains(&self, id: u32) -> bool {
+        self.pos.get(id as usize).is_some_and(|&p| p != NIL)
+    }
+
+    /// Adds `id`; false when it was already in (or is out of range).
+    #[inline]
+    pub fn insert(&mut self, id: u32) -> bool {
+        match self.pos.get_mut(id as usize) {
+            Some(p) if *p == NIL => {
+                *p = self.members.len() as u32;
+                self.members.push(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes `id`; false when it was not in.
+    #[inline]
+    pub fn remove(&mut self, id: u32) -> bool {
+        let Some(&p) = self.pos.get(id as usize) else {
+            return false;
+        };
+        if p == NIL {
+            return false;
+        }
+        self.members.swap_remove(p as usize);
+        if let Some(&moved) = self.members.get(p as usize) {
+            self.pos[moved as usize] = p;
+        }
+        self.pos[id as usize] = NIL;
+        true
+    }
+
+    /// The members, in no particular order.
+    #[inline]
+    pub fn members(&self) -> &[u32] {
+        &self.members
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+/// Moves the `count` entries of `keyed` with the smallest keys, smallest first, into `out` as
+/// their ids (all of them when fewer). Keys must be total (end them with the id) for a
+/// deterministic answer. `keyed` is left empty, its capacity kept for reuse. O(n) selection +
+/// O(count log count) sorting, no allocation once the buffers are grown.
+pub fn take_smallest<K: Ord>(keyed: &mut Vec<(K, u32)>, count: usize, out: &mut Vec<u32>) {
     let count = count.min(keyed.len());
-    if count == 0 {
-        return Vec::new();
+    if count > 0 {
+        if count < keyed.len() {
+            keyed.select_nth_unstable(count - 1);
+            keyed.truncate(count);
+        }
+        keyed.sort_unstable();
+        out.extend(keyed.iter().map(|&(_, id)| id));
     }
-    if count < keyed.len() {
-        keyed.select_nth_unstable(count - 1);
-        keyed.truncate(count);
-    }
-    keyed.sort_unstable();
-    keyed.into_iter().map(|(_, i)| i).collect()
+    keyed.clear();
 }
 
 /// `base^n` by repeated squaring (`core` has no `powi` without `std`).
@@ -346,6 +743,40 @@ mod tests {
     }
 
     #[test]
+    fn top_k_beyond_the_fast_window_matches_host() {
+        let mut x: u32 = 5;
+        let row: Vec<f32> = (0..300)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((x >> 28) as f32) / 16.0 - 0.5 // ties and signed zeros
+            })
+            .collect();
+        for k in [FAST_K - 1, FAST_K, FAST_K + 1, 200, 300] {
+            assert_eq!(top_k(&row, k), host_top_k(&row, k), "k {k}");
+        }
+    }
+
+    #[test]
+    fn rank_key_is_the_host_order() {
+        let v = [
+            f32::NAN,
+            -1.0,
+            -0.0,
+            0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        for a in 0..v.len() as u32 {
+            for b in 0..v.len() as u32 {
+                let want = rank_cmp(&v, a, b);
+                let got = rank_key(v[b as usize], b).cmp(&rank_key(v[a as usize], a));
+                assert_eq!(got, want, "{a} {b}");
+            }
+        }
+    }
+
+    #[test]
     fn top_k_appends() {
         let mut out = vec![99];
         top_k_into(&[0.1, 0.3, 0.2], 2, &mut out);
@@ -353,16 +784,163 @@ mod tests {
     }
 
     #[test]
-    fn pick_smallest_dedups_and_orders() {
-        let cands = [(0u32, 5u32), (0, 1), (0, 5), (9, 9), (0, 3)];
-        let slots = Slots::new(1, 8);
-        let mut dedup = Dedup::new(slots.len());
-        let slot = |c: &(u32, u32)| slots.index(c.0, c.1);
-        let picked = pick_smallest(&cands, 10, slot, |c| c.1, &mut dedup);
-        assert_eq!(picked, vec![1, 4, 0]);
-        let picked = pick_smallest(&cands, 2, slot, |c| core::cmp::Reverse(c.1), &mut dedup);
-        assert_eq!(picked, vec![0, 4]);
-        assert!(pick_smallest(&cands, 0, slot, |c| c.1, &mut dedup).is_empty());
+    fn top_k_threshold_handles_signed_zero_and_infinities() {
+        let inf = f32::INFINITY;
+        let nan = f32::NAN;
+        let rows: [&[f32]; 6] = [
+            &[-0.0, -0.0, 0.0, -0.0, 0.0],
+            &[0.0, 0.0, -0.0, -0.0],
+            &[-inf, -inf, nan, -inf, nan, 0.0],
+            &[nan, nan, nan],
+            &[inf, inf, -inf, inf, nan, inf],
+            &[0.1, -0.0, 0.2, 0.0, -1.0, 0.2],
+        ];
+        for row in rows {
+            for k in 0..=row.len() + 1 {
+                assert_eq!(top_k(row, k), host_top_k(row, k), "row {row:?} k {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_matches_host_at_k2_shape() {
+        let mut x: u32 = 99;
+        for _ in 0..50 {
+            let row: Vec<f32> = (0..384)
+                .map(|_| {
+                    x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (x >> 8) as f32 / (1u32 << 24) as f32
+                })
+                .collect();
+            assert_eq!(top_k(&row, 8), host_top_k(&row, 8));
+        }
+    }
+
+    #[test]
+    fn top_k_filtered_keeps_only_kept() {
+        let row = [0.9, 0.8, 0.7, 0.6, 0.5];
+        let mut out = Vec::new();
+        top_k_filtered_into(&row, 2, |e| e % 2 == 0, &mut out);
+        assert_eq!(out, vec![0, 2]);
+        out.clear();
+        top_k_filtered_into(&row, 4, |e| e > 2, &mut out);
+        assert_eq!(out, vec![3, 4]);
+    }
+
+    #[test]
+    fn events_round_trip() {
+        for (k, t, id) in [
+            (0u8, 0u8, 0u32),
+            (1, 1, 23_039),
+            (2, 2, (1 << 28) - 1),
+            (3, 3, 5),
+        ] {
+            assert_eq!(decode_event(encode_event(k, t, id)), (k, t, id));
+        }
+        assert_eq!(
+            decode_event(2 << 30 | 1 << 28 | 77),
+            (event::REMOVE, tier::HOST, 77)
+        );
+        assert_eq!(decode_event(u32::MAX), (3, 3, event::ID_MASK));
+    }
+
+    #[test]
+    fn slots_split_and_index() {
+        let s = Slots::new(60, 384);
+        assert_eq!(s.len(), 23_040);
+        assert_eq!(s.index(2, 5), Some(2 * 384 + 5));
+        assert_eq!(s.split(2 * 384 + 5), Some((2, 5)));
+        assert_eq!(s.split(23_040), None);
+        assert_eq!(s.index(60, 0), None);
+        assert!(!s.contains(u32::MAX));
+    }
+
+    #[test]
+    fn marks_forget_on_start() {
+        let mut m = Marks::new(4);
+        assert!(!m.contains(1));
+        assert!(m.first(1));
+        assert!(!m.first(1));
+        m.mark(3);
+        m.mark(99);
+        assert!(m.contains(1) && m.contains(3) && !m.contains(99) && !m.contains(0));
+        m.start();
+        assert!(!m.contains(1) && !m.contains(3));
+        assert!(m.first(1));
+    }
+
+    #[test]
+    fn recency_orders_and_unlinks() {
+        let mut r = Recency::new(6);
+        for id in [3, 1, 4, 1, 5] {
+            r.touch(id);
+        }
+        r.touch(99); // out of range: ignored
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![3, 4, 1, 5]);
+        assert_eq!(r.len(), 4);
+        r.refresh(3);
+        r.refresh(0); // absent: not added
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![4, 1, 5, 3]);
+        assert!(r.remove(1));
+        assert!(!r.remove(1));
+        assert!(!r.remove(99));
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![4, 5, 3]);
+        for id in [4, 5, 3] {
+            assert!(r.remove(id));
+        }
+        assert!(r.is_empty() && r.iter().next().is_none());
+        r.touch(0);
+        assert_eq!(r.iter().collect::<Vec<_>>(), vec![0]);
+        assert!(r.contains(0) && !r.contains(5) && !r.contains(6));
+    }
+
+    #[test]
+    fn recency_keeps_several_lists() {
+        let mut r = Recency::with_lists(10, 3);
+        for (l, id) in [(0, 1), (2, 9), (0, 4), (2, 3), (1, 5), (0, 1)] {
+            r.push(l, id);
+        }
+        r.push(3, 2); // no list 3: ignored
+        r.push(1, 10); // id out of range: ignored
+        let list = |r: &Recency, l| r.iter_list(l).collect::<Vec<_>>();
+        assert_eq!(list(&r, 0), vec![4, 1]);
+        assert_eq!(list(&r, 1), vec![5]);
+        assert_eq!(list(&r, 2), vec![9, 3]);
+        assert!(list(&r, 3).is_empty() && list(&r, 99).is_empty());
+        r.push(1, 9); // moves between lists
+        assert_eq!((list(&r, 1), list(&r, 2)), (vec![5, 9], vec![3]));
+        assert!(r.remove(5) && r.remove(3));
+        assert_eq!((list(&r, 1), list(&r, 2), r.len()), (vec![9], vec![], 3));
+        assert!(!r.contains(2) && r.contains(4));
+    }
+
+    #[test]
+    fn resident_set_insert_remove_iterate() {
+        let mut s = ResidentSet::new(8);
+        for id in [5, 2, 7, 2, 9] {
+            s.insert(id);
+        }
+        let mut m = s.members().to_vec();
+        m.sort();
+        assert_eq!(m, vec![2, 5, 7]);
+        assert!(s.remove(5) && !s.remove(5) && !s.remove(9));
+        assert!(s.contains(7) && s.contains(2) && !s.contains(5));
+        assert!(s.remove(7) && s.remove(2) && s.is_empty());
+        assert!(s.insert(5) && s.members() == [5]);
+    }
+
+    #[test]
+    fn take_smallest_orders_and_reuses() {
+        let mut keyed = vec![(5u32, 0u32), (1, 1), (3, 4), (9, 9)];
+        let mut out = vec![];
+        take_smallest(&mut keyed, 2, &mut out);
+        assert_eq!(out, vec![1, 4]);
+        assert!(keyed.is_empty());
+        keyed.extend([(2u32, 7u32), (1, 8)]);
+        take_smallest(&mut keyed, 10, &mut out);
+        assert_eq!(out, vec![1, 4, 8, 7]);
+        take_smallest(&mut keyed, 3, &mut out);
+        assert_eq!(out.len(), 4);
     }
 
     #[test]

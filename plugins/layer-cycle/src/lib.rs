@@ -9,7 +9,7 @@ extern crate alloc;
 
 use alloc::vec;
 use alloc::vec::Vec;
-use common::{powi, Dedup, Slots};
+use common::{decode_event, event, powi, tier, Marks, ResidentSet, Slots};
 
 /// Per-visit decay of an expert's usage rate in its layer (a visit = one step of that layer).
 pub const DECAY: f32 = 0.97;
@@ -82,8 +82,15 @@ pub struct LayerCycle {
     experts: Vec<Slot>,
     /// The layer being served (from the latest step facts).
     current: u32,
-    dedup: Dedup,
+    dedup: Marks,
     scratch: Vec<u32>,
+    /// The residents of the device and host tiers, as the events tell them.
+    residents: [ResidentSet; tier::CACHED],
+    excluded: Marks,
+    /// Reused buffers: one call's accesses, each layer's best lag, a request's keyed candidates.
+    accesses: Vec<(u32, u32)>,
+    best: Vec<(usize, f32)>,
+    keyed: Vec<(u32, u32)>,
 }
 
 impl LayerCycle {
@@ -95,9 +102,49 @@ impl LayerCycle {
             layers: vec![Layer::new(top_k); layers as usize],
             experts: vec![Slot::default(); slots.len()],
             current: 0,
-            dedup: Dedup::new(slots.len()),
+            dedup: Marks::new(slots.len()),
             scratch: Vec::new(),
+            residents: [ResidentSet::new(slots.len()), ResidentSet::new(slots.len())],
+            excluded: Marks::new(slots.len()),
+            accesses: Vec::new(),
+            best: Vec::new(),
+            keyed: Vec::new(),
         }
+    }
+
+    /// Expert-id `e` became resident in tier `t` (device, host; others ignored).
+    pub fn insert(&mut self, e: u32, t: u8) {
+        if let Some(set) = self.residents.get_mut(t as usize) {
+            set.insert(e);
+        }
+    }
+
+    /// Expert-id `e` left tier `t`.
+    pub fn remove(&mut self, e: u32, t: u8) {
+        if let Some(set) = self.residents.get_mut(t as usize) {
+            set.remove(e);
+        }
+    }
+
+    /// One call's step facts: packed events in order. Inserts and removes update the tiers'
+    /// residents; the accesses go to [`LayerCycle::on_step`]. Malformed events are ignored.
+    pub fn on_events(&mut self, step: u64, layer: u32, events: &[u32]) {
+        let mut accesses = core::mem::take(&mut self.accesses);
+        accesses.clear();
+        for &ev in events {
+            let (kind, t, e) = decode_event(ev);
+            if t > tier::DISK {
+                continue;
+            }
+            match kind {
+                event::ACCESS => accesses.extend(self.slots.split(e)),
+                event::INSERT => self.insert(e, t),
+                event::REMOVE => self.remove(e, t),
+                _ => {}
+            }
+        }
+        self.on_step(step, layer, &accesses);
+        self.accesses = accesses;
     }
 
     /// History bits of slot `s` aligned at visit `v` (bit j: used at visit v - j).
@@ -242,25 +289,51 @@ impl LayerCycle {
         by_rate
     }
 
-    /// Indices into `candidates` of up to `count` distinct victims: the furthest next use
-    /// first (ties: lower layer, then lower expert).
-    pub fn victims(&mut self, candidates: &[(u32, u32)], count: usize) -> Vec<usize> {
-        let best: Vec<(usize, f32)> = self.layers.iter().map(Layer::best_lag).collect();
-        let slots = self.slots;
-        let mut dedup = core::mem::take(&mut self.dedup);
-        let picked = common::pick_smallest(
-            candidates,
-            count,
-            |&(l, e)| slots.index(l, e),
-            |&(l, e)| {
-                // Largest estimate first: reverse the (non-negative) float's order.
-                let est = self.next_use(l, e, &best);
-                (u32::MAX - common::ordered_bits(est), l, e)
-            },
-            &mut dedup,
-        );
-        self.dedup = dedup;
-        picked
+    /// Appends to `out` up to `count` victims among tier `t`'s residents (of MoE layer
+    /// `only_layer` when set) minus `excluded`: the furthest estimated next use first (ties:
+    /// the lower expert-id, i.e. lower layer, then lower expert). The victims leave the tier's
+    /// residents at once (the host evicts them; its remove events come later).
+    /// O(residents + excluded + layers x 31), no allocation once the buffers are grown.
+    pub fn victims(
+        &mut self,
+        t: u8,
+        count: usize,
+        excluded: &[u32],
+        only_layer: Option<u32>,
+        out: &mut Vec<u32>,
+    ) {
+        if t as usize >= tier::CACHED {
+            return;
+        }
+        self.excluded.start();
+        for &e in excluded {
+            self.excluded.mark(e as usize);
+        }
+        let mut best = core::mem::take(&mut self.best);
+        best.clear();
+        best.extend(self.layers.iter().map(Layer::best_lag));
+        let mut keyed = core::mem::take(&mut self.keyed);
+        for &e in self.residents[t as usize].members() {
+            if self.excluded.contains(e as usize) {
+                continue;
+            }
+            let Some((l, x)) = self.slots.split(e) else {
+                continue;
+            };
+            if only_layer.is_some_and(|only| only != l) {
+                continue;
+            }
+            // Largest estimate first: reverse the (non-negative) float's order.
+            let est = self.next_use(l, x, &best);
+            keyed.push((u32::MAX - common::ordered_bits(est), e));
+        }
+        let start = out.len();
+        common::take_smallest(&mut keyed, count, out);
+        self.keyed = keyed;
+        self.best = best;
+        for &e in &out[start..] {
+            self.residents[t as usize].remove(e);
+        }
     }
 }
 
@@ -272,33 +345,36 @@ mod guest {
 
     wit_bindgen::generate!({
         world: "eviction-policy",
-        path: "../../wit",
+        path: "../../wit/policy.wit",
     });
 
-    use exports::moehost::policy::eviction::{EventKind, Guest, StepFacts, VictimRequest};
-    use moehost::policy::types::{ExpertRef, ModelShape, PolicyInfo, Residency, TierCapacity};
+    use exports::moehost::policy::eviction::{Guest, StepFacts, VictimRequest};
+    use moehost::policy::types::{ModelShape, PolicyInfo, ResidentSet, TierCapacity};
 
     static STATE: Global<Option<LayerCycle>> = Global::new(None);
 
-    fn pick(policy: &mut LayerCycle, request: &VictimRequest) -> Vec<ExpertRef> {
-        let cands: Vec<(u32, u32)> = request
-            .candidates
-            .iter()
-            .map(|c| (c.layer, c.expert))
-            .collect();
-        policy
-            .victims(&cands, request.count as usize)
-            .into_iter()
-            .map(|i| request.candidates[i])
-            .collect()
+    fn pick(policy: &mut LayerCycle, request: &VictimRequest) -> Vec<u32> {
+        let mut out = Vec::with_capacity(request.count.min(1 << 16) as usize);
+        policy.victims(
+            request.tier as u8,
+            request.count as usize,
+            &request.excluded,
+            request.only_layer,
+            &mut out,
+        );
+        out
     }
 
     struct LayerCyclePolicy;
 
     impl Guest for LayerCyclePolicy {
-        fn init(shape: ModelShape, _: Vec<TierCapacity>, _: Vec<Residency>) -> PolicyInfo {
+        fn init(shape: ModelShape, _: Vec<TierCapacity>, resident: ResidentSet) -> PolicyInfo {
             // Residency carries no usage history: every expert starts unknown.
-            let policy = LayerCycle::new(shape.moe_layers, shape.experts_per_layer, shape.top_k);
+            let mut policy =
+                LayerCycle::new(shape.moe_layers, shape.experts_per_layer, shape.top_k);
+            for (&e, &t) in resident.experts.iter().zip(&resident.tiers) {
+                policy.insert(e, t);
+            }
             STATE.with(|s| *s = Some(policy));
             PolicyInfo {
                 name: "layer-cycle".to_string(),
@@ -308,23 +384,17 @@ mod guest {
             }
         }
 
-        fn on_step(facts: StepFacts, request: Option<VictimRequest>) -> Vec<ExpertRef> {
+        fn on_step(facts: StepFacts, request: Option<VictimRequest>) -> Vec<u32> {
             STATE.with(|s| {
                 let Some(policy) = s.as_mut() else {
                     return Vec::new();
                 };
-                let accesses: Vec<(u32, u32)> = facts
-                    .events
-                    .iter()
-                    .filter(|ev| matches!(ev.kind, EventKind::Access))
-                    .map(|ev| (ev.expert.layer, ev.expert.expert))
-                    .collect();
-                policy.on_step(facts.step, facts.layer, &accesses);
+                policy.on_events(facts.step, facts.layer, &facts.events);
                 request.map_or_else(Vec::new, |r| pick(policy, &r))
             })
         }
 
-        fn victims(request: VictimRequest) -> Vec<ExpertRef> {
+        fn victims(request: VictimRequest) -> Vec<u32> {
             STATE.with(|s| s.as_mut().map_or_else(Vec::new, |p| pick(p, &request)))
         }
     }
@@ -335,6 +405,34 @@ mod guest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::encode_event;
+
+    trait Pick {
+        /// The old candidate-list interface, for the tests: makes `cands` the device tier's
+        /// residents and returns the indices into `cands` of the victims, in victim order.
+        fn victims_of(&mut self, cands: &[(u32, u32)], count: usize) -> Vec<usize>;
+    }
+
+    impl Pick for LayerCycle {
+        fn victims_of(&mut self, cands: &[(u32, u32)], count: usize) -> Vec<usize> {
+            while let Some(&e) = self.residents[0].members().first() {
+                self.remove(e, tier::DEVICE);
+            }
+            for &(l, e) in cands {
+                if let Some(id) = self.slots.index(l, e) {
+                    self.insert(id as u32, tier::DEVICE);
+                }
+            }
+            let mut out = Vec::new();
+            self.victims(tier::DEVICE, count, &[], None, &mut out);
+            out.iter()
+                .map(|&id| {
+                    let key = self.slots.split(id).unwrap();
+                    cands.iter().position(|&c| c == key).unwrap()
+                })
+                .collect()
+        }
+    }
 
     /// 2 layers x 4 experts, top-1.
     fn policy() -> LayerCycle {
@@ -351,7 +449,7 @@ mod tests {
         }
         // Serving layer 1: layer 0 expert 1 (3 of 4 visits) is kept over 2 (1 of 4) and 3 (never).
         let cands = [(0, 1), (0, 2), (0, 3)];
-        assert_eq!(p.victims(&cands, 2), vec![2, 1]);
+        assert_eq!(p.victims_of(&cands, 2), vec![2, 1]);
     }
 
     #[test]
@@ -365,7 +463,7 @@ mod tests {
         // Serving layer 0: same history everywhere, so the layer needed last (0) goes first.
         p.on_step(10, 0, &[(0, 1)]);
         let cands = [(1, 0), (2, 0), (0, 0)];
-        assert_eq!(p.victims(&cands, 3), vec![2, 1, 0]);
+        assert_eq!(p.victims_of(&cands, 3), vec![2, 1, 0]);
     }
 
     #[test]
@@ -379,7 +477,7 @@ mod tests {
         // Step 39 used 0; next come 1, then 2: 2 is needed furthest ahead of the loop's experts,
         // and 3 furthest of all.
         let cands = [(0, 1), (0, 2), (0, 3)];
-        assert_eq!(p.victims(&cands, 3), vec![2, 1, 0]);
+        assert_eq!(p.victims_of(&cands, 3), vec![2, 1, 0]);
     }
 
     #[test]
@@ -395,7 +493,7 @@ mod tests {
         }
         // Expert 0's old rate is forgotten; 5 is the only one used since the burst.
         let cands = [(0, 0), (0, 5)];
-        assert_eq!(p.victims(&cands, 1), vec![0]);
+        assert_eq!(p.victims_of(&cands, 1), vec![0]);
     }
 
     #[test]
@@ -403,8 +501,45 @@ mod tests {
         let mut p = policy();
         p.on_step(0, 9, &[(7, 1), (0, 99), (0, 1), (0, 1)]);
         let cands = [(0, 1), (0, 1), (9, 9), (1, 3)];
-        let got = p.victims(&cands, 4);
+        let got = p.victims_of(&cands, 4);
         assert_eq!(got.len(), 2);
         assert!(got.contains(&0) && got.contains(&3));
+    }
+
+    #[test]
+    fn events_drive_residency_and_exclusion() {
+        // 2 layers x 4 experts; serving layer 1, so layer 1's experts are needed furthest.
+        let mut p = policy();
+        let ev = |k, t, e| encode_event(k, t, e);
+        p.on_events(
+            0,
+            1,
+            &[
+                ev(event::INSERT, 0, 1),
+                ev(event::INSERT, 0, 5),
+                ev(event::INSERT, 0, 6),
+                ev(event::INSERT, 1, 2),
+                ev(event::REMOVE, 0, 6),
+                ev(event::ACCESS, 0, 5),
+                ev(event::ACCESS, 0, 1000), // out of range
+                ev(event::INSERT, 3, 7),    // bad tier
+            ],
+        );
+        let mut out = Vec::new();
+        p.victims(tier::DEVICE, 5, &[5, 9999], None, &mut out);
+        assert_eq!(out, vec![1]);
+        // gone from the view at once; a late remove is a no-op
+        out.clear();
+        p.victims(tier::DEVICE, 5, &[], Some(0), &mut out);
+        assert!(out.is_empty());
+        p.victims(tier::DEVICE, 5, &[], Some(1), &mut out);
+        assert_eq!(out, vec![5]);
+        p.on_events(1, 0, &[ev(event::REMOVE, 0, 1)]);
+        out.clear();
+        p.victims(tier::HOST, 5, &[], None, &mut out);
+        assert_eq!(out, vec![2]);
+        out.clear();
+        p.victims(tier::DISK, 5, &[], None, &mut out);
+        assert!(out.is_empty());
     }
 }

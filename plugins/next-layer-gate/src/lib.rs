@@ -6,7 +6,6 @@
 
 extern crate alloc;
 
-use alloc::vec;
 use alloc::vec::Vec;
 
 /// The requests for one outlook layer: `(expert, priority)`, each expert once (its best
@@ -22,8 +21,9 @@ pub fn requests(
         return Vec::new();
     }
     let experts = scores.len() / tokens;
-    // Best priority per expert (None: not requested).
-    let mut priority: Vec<Option<u32>> = vec![None; experts];
+    // (expert, priority) of every token's non-resident picks: tokens x k entries, no
+    // per-expert table (a decode step has only k of them).
+    let mut out: Vec<(u32, u32)> = Vec::with_capacity(tokens * k);
     let mut best = Vec::with_capacity(k);
     for row in scores.chunks_exact(experts).take(tokens) {
         best.clear();
@@ -31,16 +31,15 @@ pub fn requests(
         for &e in &best {
             if !resident(e) {
                 let p = (row[e as usize] * 1e6) as u32; // saturating cast, NaN -> 0
-                let slot = &mut priority[e as usize];
-                *slot = Some(slot.map_or(p, |q| q.max(p)));
+                out.push((e, p));
             }
         }
     }
-    let mut out: Vec<(u32, u32)> = priority
-        .iter()
-        .enumerate()
-        .filter_map(|(e, p)| p.map(|p| (e as u32, p)))
-        .collect();
+    if tokens > 1 {
+        // Each expert once, with its best priority.
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        out.dedup_by_key(|r| r.0);
+    }
     out.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     out
 }
@@ -53,22 +52,20 @@ mod guest {
 
     wit_bindgen::generate!({
         world: "prefetch-policy",
-        path: "../../wit",
+        path: "../../wit/policy.wit",
     });
 
     use exports::moehost::policy::prefetch::{Guest, PrefetchInfo, PrefetchRequest, RoutedStep};
-    use moehost::policy::types::{
-        ExpertRef, ModelShape, PolicyInfo, Residency, Tier, TierCapacity,
-    };
+    use moehost::policy::types::{ModelShape, PolicyInfo, ResidentSet, Tier, TierCapacity};
 
-    /// top-k of the model (from init).
-    static TOP_K: Global<u32> = Global::new(0);
+    /// The model's shape (from init): layers, experts per layer, top-k.
+    static SHAPE: Global<(u32, u32, u32)> = Global::new((0, 0, 0));
 
     struct NextLayerGate;
 
     impl Guest for NextLayerGate {
-        fn init(shape: ModelShape, _: Vec<TierCapacity>, _: Vec<Residency>) -> PrefetchInfo {
-            TOP_K.with(|k| *k = shape.top_k);
+        fn init(shape: ModelShape, _: Vec<TierCapacity>, _: ResidentSet) -> PrefetchInfo {
+            SHAPE.with(|s| *s = (shape.moe_layers, shape.experts_per_layer, shape.top_k));
             PrefetchInfo {
                 info: PolicyInfo {
                     name: "next-layer-gate".to_string(),
@@ -81,20 +78,25 @@ mod guest {
         }
 
         fn on_routed(step: RoutedStep) -> Vec<PrefetchRequest> {
-            let k = TOP_K.with(|k| *k) as usize;
+            let (layers, experts, k) = SHAPE.with(|s| *s);
             let mut out = Vec::new();
             for outlook in step.outlook.iter().take(1) {
+                if outlook.layer >= layers {
+                    continue;
+                }
                 let on_device =
-                    |e: u32| matches!(outlook.residency.get(e as usize), Some(Tier::Device));
-                let reqs = requests(&outlook.scores, step.tokens as usize, k, on_device);
-                out.extend(reqs.into_iter().map(|(expert, priority)| PrefetchRequest {
-                    expert: ExpertRef {
-                        layer: outlook.layer,
-                        expert,
-                    },
-                    tier: Tier::Device,
-                    priority,
-                }));
+                    |e: u32| outlook.residency.get(e as usize) == Some(&common::tier::DEVICE);
+                let reqs = requests(&outlook.scores, step.tokens as usize, k as usize, on_device);
+                let base = outlook.layer * experts;
+                out.extend(
+                    reqs.into_iter()
+                        .filter(|&(e, _)| e < experts)
+                        .map(|(e, priority)| PrefetchRequest {
+                            expert: base + e,
+                            tier: Tier::Device,
+                            priority,
+                        }),
+                );
             }
             out
         }

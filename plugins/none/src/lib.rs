@@ -14,16 +14,16 @@ mod guest {
 
     wit_bindgen::generate!({
         world: "prefetch-policy",
-        path: "../../wit",
+        path: "../../wit/policy.wit",
     });
 
     use exports::moehost::policy::prefetch::{Guest, PrefetchInfo, PrefetchRequest, RoutedStep};
-    use moehost::policy::types::{ModelShape, PolicyInfo, Residency, TierCapacity};
+    use moehost::policy::types::{ModelShape, PolicyInfo, ResidentSet, TierCapacity};
 
     struct NoPrefetch;
 
     impl Guest for NoPrefetch {
-        fn init(_: ModelShape, _: Vec<TierCapacity>, _: Vec<Residency>) -> PrefetchInfo {
+        fn init(_: ModelShape, _: Vec<TierCapacity>, _: ResidentSet) -> PrefetchInfo {
             PrefetchInfo {
                 info: PolicyInfo {
                     name: "none".to_string(),

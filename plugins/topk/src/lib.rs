@@ -11,16 +11,16 @@ mod guest {
 
     wit_bindgen::generate!({
         world: "selection-policy",
-        path: "../../wit",
+        path: "../../wit/policy.wit",
     });
 
     use exports::moehost::policy::selection::{Guest, SelectionInfo};
-    use moehost::policy::types::{ModelShape, PolicyInfo, Residency, Tier, TierCapacity};
+    use moehost::policy::types::{ModelShape, PolicyInfo, ResidentSet, TierCapacity};
 
     struct TopK;
 
     impl Guest for TopK {
-        fn init(_: ModelShape, _: Vec<TierCapacity>, _: Vec<Residency>) -> SelectionInfo {
+        fn init(_: ModelShape, _: Vec<TierCapacity>, _: ResidentSet) -> SelectionInfo {
             SelectionInfo {
                 info: PolicyInfo {
                     name: "topk".to_string(),
@@ -30,7 +30,7 @@ mod guest {
             }
         }
 
-        fn select(_layer: u32, tokens: u32, k: u32, scores: Vec<f32>, _: Vec<Tier>) -> Vec<u32> {
+        fn select(_layer: u32, tokens: u32, k: u32, scores: Vec<f32>, _: Vec<u8>) -> Vec<u32> {
             let mut out = Vec::with_capacity(tokens as usize * k as usize);
             if tokens == 0 {
                 return out;

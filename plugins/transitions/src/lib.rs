@@ -146,20 +146,18 @@ mod guest {
 
     wit_bindgen::generate!({
         world: "prefetch-policy",
-        path: "../../wit",
+        path: "../../wit/policy.wit",
     });
 
     use exports::moehost::policy::prefetch::{Guest, PrefetchInfo, PrefetchRequest, RoutedStep};
-    use moehost::policy::types::{
-        ExpertRef, ModelShape, PolicyInfo, Residency, Tier, TierCapacity,
-    };
+    use moehost::policy::types::{ModelShape, PolicyInfo, ResidentSet, Tier, TierCapacity};
 
     static STATE: Global<Option<Transitions>> = Global::new(None);
 
     struct TransitionsPolicy;
 
     impl Guest for TransitionsPolicy {
-        fn init(shape: ModelShape, _: Vec<TierCapacity>, _: Vec<Residency>) -> PrefetchInfo {
+        fn init(shape: ModelShape, _: Vec<TierCapacity>, _: ResidentSet) -> PrefetchInfo {
             let state = Transitions::new(shape.moe_layers, shape.experts_per_layer, shape.top_k);
             let description = if state.is_some() {
                 "prefetch the next layer's likely experts from learned layer-to-layer transitions"
@@ -182,13 +180,11 @@ mod guest {
                     return Vec::new();
                 };
                 let (next, guess) = t.on_routed(step.step, step.layer, &step.experts);
+                let base = next * t.experts;
                 guess
                     .into_iter()
                     .map(|(expert, priority)| PrefetchRequest {
-                        expert: ExpertRef {
-                            layer: next,
-                            expert,
-                        },
+                        expert: base + expert,
                         tier: Tier::Device,
                         priority,
                     })
