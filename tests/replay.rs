@@ -897,3 +897,67 @@ fn failing_plugins_fall_back_to_lru_and_are_counted() {
     assert!(st.quarantined && st.reinits == 9 - 1, "{st:?}");
     assert_eq!(c.accesses, native.accesses);
 }
+
+/// The server's shadow caches (`OnlineSim`, fed one live layer step at a time) count exactly
+/// what an offline replay of the same stream counts, with eviction and prefetch plugins.
+#[test]
+fn online_simulation_equals_the_offline_replay() {
+    use moehost::policy::wasm::load_component;
+    use moehost::policy::PolicySource;
+    use moehost::replay::engine::{OnlineSim, Prefetcher, SimConfig};
+    use moehost::replay::plugin::{guarded_eviction, guarded_prefetch, ContractEvictor};
+    let s = batch1();
+    let shape = moehost::policy::ModelShape {
+        moe_layers: s.layers,
+        experts_per_layer: s.experts_per_layer,
+        top_k: s.top_k,
+        expert_bytes: s.expert_bytes.max(1),
+    };
+    for (eviction, pf, capacity, host) in [
+        ("lfu", None, 44, None),
+        ("layer-cycle", Some("transitions"), 112, Some(150)),
+    ] {
+        let mut j = job(spec(eviction), capacity);
+        j.prefetch = pf.map(prefetch);
+        j.host_capacity = host;
+        let offline = replay(s, &j, false);
+
+        let cfg = SimConfig {
+            capacity,
+            per_layer: false,
+            host_capacity: host,
+            oracle_prefetch: false,
+            expert_bytes: shape.expert_bytes,
+        };
+        let mut sim = OnlineSim::new(shape, cfg);
+        let args = sim.init_args();
+        let load = |n: &str| {
+            let src = PolicySource::parse(n);
+            load_component(&src.bytes().unwrap(), n).unwrap()
+        };
+        let mut g = guarded_eviction(&load(eviction), eviction, limits(), &args).unwrap();
+        let mut p = pf.map(|n| guarded_prefetch(&load(n), n, limits(), &args).unwrap());
+        let mut ev = ContractEvictor::new(&mut g, s.experts_per_layer);
+        for v in &s.visits {
+            let experts: Vec<u32> = s
+                .keys_of(v)
+                .iter()
+                .map(|k| k % s.experts_per_layer)
+                .collect();
+            sim.step(
+                v.step,
+                v.layer,
+                v.tokens,
+                &experts,
+                None,
+                &mut ev,
+                p.as_mut().map(|p| p as &mut dyn Prefetcher),
+            );
+        }
+        let mut online = sim.counters().clone();
+        // The offline replay counts prefetches never used by the end as wasted.
+        online.prefetch_wasted = offline.prefetch_wasted;
+        assert_eq!(online, offline, "{eviction}+{pf:?}");
+        assert!(online.hits > 0 && online.evictions > 0, "{online:?}");
+    }
+}

@@ -80,12 +80,23 @@ fn http(
     auth: Option<&str>,
     body: &[u8],
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
     let auth = auth
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    http_with(addr, method, path, &auth, body)
+}
+
+/// [`http`] with extra header lines (each ending in `\r\n`).
+fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{extra_headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
@@ -371,7 +382,7 @@ fn concurrent_requests_are_batched_and_equal_generate() {
         metrics.contains("moehost_policy_swaps_total 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("moehost_expert_hits_total{tier=\"device\"}"));
+    assert!(metrics.contains("moehost_expert_hits_total{arm=\"default\",tier=\"device\"}"));
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -495,4 +506,194 @@ fn admin_api_is_off_without_a_token() {
     let (status, text) = http(srv.addr, "GET", "/v1/models", None, b"");
     assert_eq!(status, 200);
     assert!(text.contains("tiny-k2"));
+}
+
+/// The value of the sample whose name and labels start with `prefix`.
+fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(prefix)
+            .and_then(|r| r.split_whitespace().last()?.parse().ok())
+    })
+}
+
+#[test]
+fn ab_arms_by_header_and_weight_with_per_arm_metrics_and_shadows() {
+    // 45 of the 448 experts on the device: policies matter.
+    let store_config = StoreConfig {
+        device_bytes: Some(45 * 3 * 256 * 64 * 4),
+        ..Default::default()
+    };
+    let srv = start(
+        store_config,
+        ServeOptions {
+            admin_token: Some(TOKEN.into()),
+            arms: vec!["b=eviction:lfu,prefetch:transitions".parse().unwrap()],
+            shadows: vec![
+                "layer-cycle".parse().unwrap(),
+                "lfu+transitions".parse().unwrap(),
+            ],
+            ..Default::default()
+        },
+    );
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let addr = srv.addr;
+    // Four by header to b, two to default, four by weight (1:1, so two each).
+    let routes: Vec<Option<&str>> = [Some("b"); 4]
+        .into_iter()
+        .chain([Some("default"); 2])
+        .chain([None; 4])
+        .collect();
+    let handles: Vec<_> = routes
+        .iter()
+        .enumerate()
+        .map(|(i, arm)| {
+            let header = arm
+                .map(|a| format!("x-moehost-arm: {a}\r\n"))
+                .unwrap_or_default();
+            let prompt = format!("<|bos|>Arm test {i} begins with");
+            std::thread::spawn(move || {
+                let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0});
+                let (status, text) = http_with(
+                    addr,
+                    "POST",
+                    "/v1/completions",
+                    &header,
+                    body.to_string().as_bytes(),
+                );
+                (prompt, status, text)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (prompt, status, text) = h.join().unwrap();
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        // Exact selection: every arm gives generate's tokens, whatever its caching policies.
+        assert_eq!(
+            v["choices"][0]["text"],
+            generate_alone(&engine, &prompt, 24).as_str()
+        );
+    }
+    let (status, text) = http_with(
+        addr,
+        "POST",
+        "/v1/completions",
+        "x-moehost-arm: nope\r\n",
+        br#"{"prompt": "<|bos|>x", "max_tokens": 2}"#,
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("unknown arm") && text.contains("default, b"),
+        "{text}"
+    );
+
+    let (_, m) = http(addr, "GET", "/metrics", None, b"");
+    assert_eq!(
+        sample(&m, "moehost_arm_requests_total{arm=\"b\"}"),
+        Some(6.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "moehost_arm_requests_total{arm=\"default\"}"),
+        Some(4.0),
+        "{m}"
+    );
+    for arm in ["default", "b"] {
+        let tokens = sample(
+            &m,
+            &format!("moehost_arm_completion_tokens_total{{arm=\"{arm}\"}}"),
+        );
+        assert!(tokens.unwrap() > 0.0, "{m}");
+        let hits = sample(
+            &m,
+            &format!("moehost_expert_hits_total{{arm=\"{arm}\",tier=\"device\"}}"),
+        );
+        let misses = sample(
+            &m,
+            &format!("moehost_expert_misses_total{{arm=\"{arm}\",tier=\"device\"}}"),
+        );
+        assert!(hits.unwrap() > 0.0 && misses.unwrap() > 0.0, "{arm}: {m}");
+    }
+    assert!(
+        m.contains("moehost_policy_calls_total{kind=\"eviction\",policy=\"lfu\",arm=\"b\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("moehost_policy_calls_total{kind=\"eviction\",policy=\"lru\",arm=\"default\"}"),
+        "{m}"
+    );
+
+    // The shadows replay the default arm's stream: identical accesses for each, once caught up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let shadow_label =
+        |p: &str, role: &str| format!("{{arm=\"default\",policy=\"{p}\",role=\"{role}\"}}");
+    loop {
+        let (_, m) = http(addr, "GET", "/metrics", None, b"");
+        let acc = |p: &str, role: &str| {
+            sample(
+                &m,
+                &format!("moehost_shadow_accesses_total{}", shadow_label(p, role)),
+            )
+            .unwrap_or(-1.0)
+        };
+        let live = acc("lru+none", "live");
+        let (lc, lt) = (
+            acc("layer-cycle", "shadow"),
+            acc("lfu+transitions", "shadow"),
+        );
+        if live > 0.0 && live == lc && live == lt {
+            assert_eq!(
+                sample(&m, "moehost_shadow_dropped_steps_total{arm=\"default\"}"),
+                Some(0.0)
+            );
+            for (p, role) in [
+                ("lru+none", "live"),
+                ("layer-cycle", "shadow"),
+                ("lfu+transitions", "shadow"),
+            ] {
+                let rate = sample(
+                    &m,
+                    &format!("moehost_shadow_hit_rate{}", shadow_label(p, role)),
+                )
+                .unwrap();
+                assert!((0.0..=1.0).contains(&rate), "{p}: {rate}");
+                let fb = sample(
+                    &m,
+                    &format!("moehost_shadow_fallbacks_total{}", shadow_label(p, role)),
+                );
+                assert_eq!(fb, Some(0.0), "{p}");
+            }
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shadows did not catch up: {m}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // The admin API swaps one arm's policy and lists every arm and the shadows.
+    let (status, text) = http(
+        addr,
+        "POST",
+        "/admin/policies/activate",
+        Some(TOKEN),
+        br#"{"kind": "eviction", "name": "layer-cycle", "arm": "b"}"#,
+    );
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = http(
+        addr,
+        "POST",
+        "/admin/policies/activate",
+        Some(TOKEN),
+        br#"{"kind": "eviction", "name": "lru", "arm": "c"}"#,
+    );
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = http(addr, "GET", "/admin/policies", Some(TOKEN), b"");
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["arms"][1]["arm"], "b");
+    assert_eq!(v["arms"][1]["active"]["eviction"], "layer-cycle");
+    assert_eq!(v["arms"][0]["active"]["eviction"], "lru");
+    assert_eq!(v["shadows"]["policies"].as_array().unwrap().len(), 3);
 }

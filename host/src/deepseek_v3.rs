@@ -266,8 +266,21 @@ impl DeepseekV3 {
         logits: Logits,
         record_routing: bool,
     ) -> Result<ForwardOutput> {
+        self.forward_on(&*self.experts, ids, cache, logits, record_routing)
+    }
+
+    /// [`Self::forward`] with routed experts from `experts` instead of the model's own
+    /// provider: the same weights served from another expert store (the server's A/B arms).
+    pub fn forward_on(
+        &self,
+        experts: &dyn ExpertProvider,
+        ids: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        record_routing: bool,
+    ) -> Result<ForwardOutput> {
         let mut seqs = [Sequence { ids, cache }];
-        let (out, routing) = self.forward_rows(&mut seqs, logits, record_routing)?;
+        let (out, routing) = self.forward_rows(experts, &mut seqs, logits, record_routing)?;
         Ok(ForwardOutput {
             logits: out,
             routing,
@@ -280,8 +293,17 @@ impl DeepseekV3 {
     /// A sequence's results are bit-identical to running it alone whenever each sequence
     /// contributes at most `kernels::ROW_INVARIANT_MAX` rows to the batch (decode steps).
     pub fn forward_batch(&self, seqs: &mut [Sequence<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_batch_on(&*self.experts, seqs)
+    }
+
+    /// [`Self::forward_batch`] with routed experts from `experts` (see [`Self::forward_on`]).
+    pub fn forward_batch_on(
+        &self,
+        experts: &dyn ExpertProvider,
+        seqs: &mut [Sequence<'_>],
+    ) -> Result<Vec<Vec<f32>>> {
         let v = self.cfg.vocab_size;
-        let (out, _) = self.forward_rows(seqs, Logits::Last, false)?;
+        let (out, _) = self.forward_rows(experts, seqs, Logits::Last, false)?;
         Ok(out.chunks_exact(v).map(<[f32]>::to_vec).collect())
     }
 
@@ -289,6 +311,7 @@ impl DeepseekV3 {
     /// each sequence's last row (`Last`).
     fn forward_rows(
         &self,
+        experts: &dyn ExpertProvider,
         seqs: &mut [Sequence<'_>],
         logits: Logits,
         record_routing: bool,
@@ -320,7 +343,7 @@ impl DeepseekV3 {
             );
             row.copy_from_slice(&self.embed[id as usize * h..(id as usize + 1) * h]);
         }
-        self.experts.begin_step();
+        experts.begin_step();
         let mut routing = Vec::new();
         let mut xn = vec![0f32; t * h];
         let mut delta = vec![0f32; t * h];
@@ -349,7 +372,7 @@ impl DeepseekV3 {
             match &layer.ffn {
                 Ffn::Dense(mlp) => ffn_forward(mlp, &xn, h, &mut delta),
                 Ffn::Moe(moe) => {
-                    let r = self.moe(moe, l, &xn, &mut delta)?;
+                    let r = self.moe(experts, moe, l, &xn, &mut delta)?;
                     if record_routing {
                         routing.push(r);
                     }
@@ -489,12 +512,19 @@ impl DeepseekV3 {
 
     /// DeepseekV3MoE: route, run the routed experts (ascending id, each output times its
     /// weight x routed_scaling_factor, summed in that order per token), add the shared expert.
-    fn moe(&self, moe: &Moe, layer: usize, xn: &[f32], out: &mut [f32]) -> Result<LayerRouting> {
+    fn moe(
+        &self,
+        provider: &dyn ExpertProvider,
+        moe: &Moe,
+        layer: usize,
+        xn: &[f32],
+        out: &mut [f32],
+    ) -> Result<LayerRouting> {
         let h = self.cfg.hidden_size;
         let t = xn.len() / h;
         let k = moe.gate.top_k;
         let scores = moe.gate.scores(xn, h);
-        let experts = match self.experts.select(layer, t, k, &scores.biased) {
+        let experts = match provider.select(layer, t, k, &scores.biased) {
             Some(chosen) => chosen,
             None => moe.gate.select_topk(&scores),
         };
@@ -513,8 +543,7 @@ impl DeepseekV3 {
         let ids: Vec<u32> = (0..n_experts as u32)
             .filter(|&e| !by_expert[e as usize].is_empty())
             .collect();
-        let weights = self
-            .experts
+        let weights = provider
             .fetch(layer, &ids)
             .with_context(|| format!("fetching experts of layer {layer}"))?;
         ensure!(
@@ -523,7 +552,7 @@ impl DeepseekV3 {
             weights.len(),
             ids.len()
         );
-        let lookahead = self.experts.lookahead();
+        let lookahead = provider.lookahead();
         if lookahead > 0 {
             // Speculative routing: the next MoE layers' gates on this layer's input.
             let outlook: Vec<(usize, Vec<f32>)> = self
@@ -537,9 +566,9 @@ impl DeepseekV3 {
                 })
                 .take(lookahead)
                 .collect();
-            self.experts.routed(layer, t, &ids, &outlook);
+            provider.routed(layer, t, &ids, &outlook);
         } else {
-            self.experts.routed(layer, t, &ids, &[]);
+            provider.routed(layer, t, &ids, &[]);
         }
         let run = |(e, w): (&u32, &Arc<FfnWeights>)| -> Vec<f32> {
             let rows = &by_expert[*e as usize];

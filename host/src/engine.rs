@@ -181,13 +181,27 @@ impl SequenceState {
 
     /// Runs the prompt and takes the first token; returns new text, if any.
     pub fn prefill(&mut self, engine: &Engine) -> Result<Option<String>> {
+        self.prefill_on(engine, None)
+    }
+
+    /// [`Self::prefill`] with routed experts from `experts` (default: the model's own).
+    pub fn prefill_on(
+        &mut self,
+        engine: &Engine,
+        experts: Option<&dyn crate::experts::ExpertProvider>,
+    ) -> Result<Option<String>> {
         if self.finish_reason.is_some() {
             return Ok(None);
         }
-        let logits = engine
-            .model
-            .forward(&self.prompt_ids, &mut self.cache, Logits::Last, false)?
-            .logits;
+        let ids = &self.prompt_ids;
+        let cache = &mut self.cache;
+        let logits = match experts {
+            Some(e) => engine
+                .model
+                .forward_on(e, ids, cache, Logits::Last, false)?,
+            None => engine.model.forward(ids, cache, Logits::Last, false)?,
+        }
+        .logits;
         self.accept(engine, &logits)
     }
 

@@ -156,6 +156,18 @@ enum Command {
         /// Requests waiting for admission before new ones get HTTP 429.
         #[arg(long, default_value_t = 256)]
         queue: usize,
+        /// An A/B arm beside the default one (repeatable):
+        /// NAME=KIND:POLICY[,KIND:POLICY...][,weight:W], e.g. b=eviction:lfu,weight:0.5.
+        /// Requests go to arms by weight, or to the arm the x-moehost-arm header names. Each arm
+        /// has its own expert store with the same budgets; default=weight:W sets the default
+        /// arm's weight (1 unless given).
+        #[arg(long = "arm", value_name = "SPEC")]
+        arms: Vec<moehost::server::arms::ArmSpec>,
+        /// A candidate policy that shadows the default arm on a simulated cache of the same
+        /// capacity (repeatable): EVICTION or EVICTION+PREFETCH, e.g. lfu+transitions.
+        /// Hit rates are in /metrics (moehost_shadow_*) and GET /admin/policies.
+        #[arg(long = "shadow", value_name = "POLICIES")]
+        shadows: Vec<moehost::server::shadow::ShadowSpec>,
     },
     /// Routing traces (the moehost-trace/1 format): record, import, export, inspect.
     Trace {
@@ -542,11 +554,15 @@ fn run() -> Result<()> {
             addr,
             admin_token,
             queue,
+            arms,
+            shadows,
         } => {
             let (engine, store) = model.open()?;
             let opts = moehost::server::ServeOptions {
                 queue_capacity: queue,
                 admin_token,
+                arms,
+                shadows,
                 ..Default::default()
             };
             let (state, scheduler, _) =
@@ -561,9 +577,10 @@ fn run() -> Result<()> {
                     .await
                     .with_context(|| format!("cannot listen on {addr}"))?;
                 eprintln!(
-                    "moehost: serving {} on http://{} (admin API {})",
+                    "moehost: serving {} on http://{} (arms: {}; admin API {})",
                     state.model_name,
                     listener.local_addr()?,
+                    state.arms.names().join(", "),
                     if state.admin.is_some() { "on" } else { "off" }
                 );
                 moehost::server::serve_on(

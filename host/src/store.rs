@@ -287,6 +287,28 @@ pub struct TieredExperts {
     inner: Arc<Inner>,
     workers: Vec<std::thread::JoinHandle<()>>,
     _watchers: Mutex<Vec<notify::RecommendedWatcher>>,
+    observer: Mutex<Option<Observer>>,
+}
+
+/// One live MoE layer step as an observer (the server's shadow policies) sees it.
+#[derive(Debug, Clone)]
+pub struct ObservedStep {
+    pub step: u64,
+    /// MoE layer index.
+    pub layer: u32,
+    pub tokens: u32,
+    /// The distinct experts routed to, ascending.
+    pub experts: Vec<u32>,
+    /// The next MoE layer's speculative scores (`[tokens x experts]`), when asked for.
+    pub outlook: Option<(u32, Vec<f32>)>,
+}
+
+struct Observer {
+    tx: std::sync::mpsc::SyncSender<ObservedStep>,
+    /// Speculative layers the observer wants computed.
+    lookahead: u32,
+    /// Steps dropped because the observer fell behind (the forward pass never waits).
+    dropped: Arc<AtomicU64>,
 }
 
 impl Drop for TieredExperts {
@@ -405,6 +427,7 @@ impl TieredExperts {
             inner,
             workers,
             _watchers: Mutex::new(Vec::new()),
+            observer: Mutex::new(None),
         })
     }
 
@@ -438,6 +461,27 @@ impl TieredExperts {
     }
 
     /// Device and host tier sizes in experts.
+    /// Sends every MoE layer step to `tx` from now on (replacing any earlier observer), with
+    /// `lookahead` speculative layers computed for it. A full channel drops the step and
+    /// counts it in `dropped`: the forward pass never waits for an observer.
+    pub fn observe(
+        &self,
+        tx: std::sync::mpsc::SyncSender<ObservedStep>,
+        lookahead: u32,
+        dropped: Arc<AtomicU64>,
+    ) {
+        *self.observer.lock().unwrap() = Some(Observer {
+            tx,
+            lookahead: lookahead.min(crate::policy::guard::MAX_LOOKAHEAD),
+            dropped,
+        });
+    }
+
+    /// The model's shape as policies see it.
+    pub fn shape(&self) -> ModelShape {
+        self.inner.shape
+    }
+
     pub fn slots(&self) -> (usize, usize) {
         (self.inner.device_slots, self.inner.host_slots)
     }
@@ -858,7 +902,14 @@ impl ExpertProvider for TieredExperts {
     }
 
     fn lookahead(&self) -> usize {
-        self.inner.policies.lock().unwrap().prefetch.lookahead() as usize
+        let live = self.inner.policies.lock().unwrap().prefetch.lookahead();
+        let observer = self
+            .observer
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |o| o.lookahead);
+        live.max(observer) as usize
     }
 
     fn fetch(&self, layer: usize, experts: &[u32]) -> Result<Vec<Arc<FfnWeights>>> {
@@ -1014,10 +1065,27 @@ impl ExpertProvider for TieredExperts {
         let Some(moe) = inner.moe_index[layer] else {
             return;
         };
+        if let Some(o) = self.observer.lock().unwrap().as_ref() {
+            let seen = ObservedStep {
+                step: inner.step.load(Ordering::Relaxed),
+                layer: moe,
+                tokens: tokens as u32,
+                experts: experts.to_vec(),
+                outlook: outlook
+                    .first()
+                    .filter(|_| o.lookahead > 0)
+                    .and_then(|(l, scores)| Some((inner.moe_index[*l]?, scores.clone()))),
+            };
+            if o.tx.try_send(seen).is_err() {
+                o.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let mut p = inner.policies.lock().unwrap();
         if !p.prefetch.has_plugin() {
             return;
         }
+        // The outlook may be longer than this policy asked for (an observer wanted more).
+        let outlook = &outlook[..outlook.len().min(p.prefetch.lookahead() as usize)];
         let step = {
             let s = inner.state.lock().unwrap();
             RoutedStep {

@@ -277,7 +277,6 @@ impl Sim {
         ev: &mut dyn Evictor,
         pf: &mut dyn Prefetcher,
     ) {
-        let e = s.experts_per_layer;
         let outlook = if s.speculative.is_some() && pf.lookahead() > 0 && v.layer + 1 < s.layers {
             let next = v.layer + 1;
             vec![Outlook {
@@ -290,6 +289,21 @@ impl Sim {
         } else {
             Vec::new()
         };
+        self.prefetch_with(s.top_k, s.experts_per_layer, v, keys, outlook, ev, pf);
+    }
+
+    /// The prefetch policy's turn with a given outlook (a replay's, or a live step's).
+    #[allow(clippy::too_many_arguments)]
+    fn prefetch_with(
+        &mut self,
+        top_k: u32,
+        e: u32,
+        v: &Visit,
+        keys: &[u32],
+        outlook: Vec<Outlook>,
+        ev: &mut dyn Evictor,
+        pf: &mut dyn Prefetcher,
+    ) {
         let step = RoutedStep {
             step: v.step,
             layer: v.layer,
@@ -307,7 +321,7 @@ impl Sim {
         reqs.sort_by_key(|r| std::cmp::Reverse(r.priority));
         let mut seen = std::collections::HashSet::new();
         reqs.retain(|r| seen.insert((r.expert, r.tier)));
-        let cap = (s.top_k as usize * v.tokens as usize).max(s.top_k as usize);
+        let cap = (top_k as usize * v.tokens as usize).max(top_k as usize);
         let dense = |r: &PrefetchRequest| self.res.dense(r.expert);
         let device: Vec<u32> = reqs
             .iter()
@@ -394,5 +408,102 @@ impl Sim {
                 }
             }
         }
+    }
+}
+
+/// A simulated cache fed one live layer step at a time (the server's shadow policies): the
+/// same rules as [`simulate`], on an access stream that is not known in advance.
+pub struct OnlineSim {
+    sim: Sim,
+    cfg: SimConfig,
+    top_k: u32,
+    experts: u32,
+    visits: usize,
+}
+
+impl OnlineSim {
+    pub fn new(shape: crate::policy::ModelShape, cfg: SimConfig) -> Self {
+        let n = (shape.moe_layers * shape.experts_per_layer) as usize;
+        Self {
+            sim: Sim {
+                res: Residency::new(shape, cfg.per_layer, cfg.capacity, cfg.host_capacity),
+                c: Counters::default(),
+                prefetched: super::residency::BitSet::new(n),
+                misses: Vec::new(),
+                victims: Vec::new(),
+                demote: Vec::new(),
+            },
+            cfg,
+            top_k: shape.top_k,
+            experts: shape.experts_per_layer,
+            visits: 0,
+        }
+    }
+
+    /// What a policy's `init` gets now.
+    pub fn init_args(&self) -> InitArgs {
+        self.sim.res.init_args()
+    }
+
+    /// One layer step: `experts` are the distinct experts the step routed to at MoE `layer`,
+    /// ascending; `outlook` the next MoE layer's speculative scores, when the live store had
+    /// them. Out-of-range experts are ignored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        step: u64,
+        layer: u32,
+        tokens: u32,
+        experts: &[u32],
+        outlook: Option<(u32, &[f32])>,
+        ev: &mut dyn Evictor,
+        pf: Option<&mut dyn Prefetcher>,
+    ) {
+        let e = self.experts;
+        let res = &self.sim.res;
+        if layer >= res.shape.moe_layers {
+            return;
+        }
+        let keys: Vec<u32> = experts
+            .iter()
+            .filter(|&&x| x < e)
+            .map(|&x| layer * e + x)
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let v = Visit {
+            step,
+            layer,
+            tokens,
+            first_token: 0,
+            start: 0,
+            end: keys.len() as u32,
+        };
+        let vi = self.visits;
+        self.visits += 1;
+        self.sim.visit(vi, &v, &keys, &self.cfg, ev);
+        if let Some(pf) = pf {
+            let outlook = match outlook {
+                Some((l, scores)) if pf.lookahead() > 0 && l < self.sim.res.shape.moe_layers => {
+                    vec![Outlook {
+                        layer: l,
+                        scores: scores.to_vec(),
+                        residency: self.sim.res.layer_tiers(l),
+                    }]
+                }
+                _ => Vec::new(),
+            };
+            self.sim
+                .prefetch_with(self.top_k, e, &v, &keys, outlook, ev, pf);
+        }
+        for &k in &keys {
+            self.sim.res.pinned.clear(k);
+        }
+    }
+
+    /// The counts so far (prefetched experts not used yet are not counted as wasted).
+    pub fn counters(&self) -> &Counters {
+        &self.sim.c
     }
 }

@@ -178,6 +178,11 @@ impl<'p> ContractEvictor<'p> {
         }
     }
 
+    /// The guard's counters of the policy behind this evictor (plugins only).
+    pub fn stats(&self) -> Option<PolicyStats> {
+        self.calls.stats()
+    }
+
     /// Fills `self.excluded` for `r`.
     fn exclude(&mut self, res: &Residency, r: &Request) {
         self.excluded.clear();

@@ -5,8 +5,10 @@
 //! - `POST /admin/policies?name=N` (body: the component's bytes): register a plugin.
 //! - `GET /admin/policies`: registered plugins, the active policy per kind, their counters.
 //! - `POST /admin/policies/activate` `{"kind": "eviction", "name": "lfu"}`: hot swap (between
-//!   forward passes); `name` is an uploaded plugin or a bundled one.
-//! - `POST /admin/policies/rollback` `{"kind": "eviction"}`: back to the previous policy.
+//!   forward passes); `name` is an uploaded plugin or a bundled one. `"arm": "b"` swaps that
+//!   A/B arm's policy (default: the default arm).
+//! - `POST /admin/policies/rollback` `{"kind": "eviction"}` (optionally `"arm"`): back to the
+//!   previous policy.
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -19,6 +21,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use super::arms::{Arms, DEFAULT_ARM};
 use super::openai::ApiError;
 use super::AppState;
 use crate::policy::check::{check, CheckReport};
@@ -28,19 +31,30 @@ pub struct Admin {
     token: String,
     dir: tempfile::TempDir,
     registry: Mutex<HashMap<String, (PolicySource, CheckReport)>>,
-    active: Mutex<HashMap<PolicyKind, Vec<PolicySource>>>,
+    /// Per (arm, kind): the policies activated so far, the current one last.
+    active: Mutex<HashMap<(usize, PolicyKind), Vec<PolicySource>>>,
 }
 
 impl Admin {
-    pub fn new(token: String, initial: [(PolicyKind, PolicySource); 3]) -> anyhow::Result<Self> {
+    pub fn new(token: String, arms: &Arms) -> anyhow::Result<Self> {
         anyhow::ensure!(!token.is_empty(), "the admin token must not be empty");
+        let mut active = HashMap::new();
+        for (i, a) in arms.arms.iter().enumerate() {
+            for (kind, source) in [
+                (PolicyKind::Selection, &a.config.selection),
+                (PolicyKind::Eviction, &a.config.eviction),
+                (PolicyKind::Prefetch, &a.config.prefetch),
+            ] {
+                active.insert((i, kind), vec![source.clone()]);
+            }
+        }
         Ok(Self {
             token,
             dir: tempfile::Builder::new()
                 .prefix("moehost-policies-")
                 .tempdir()?,
             registry: Mutex::new(HashMap::new()),
-            active: Mutex::new(initial.into_iter().map(|(k, s)| (k, vec![s])).collect()),
+            active: Mutex::new(active),
         })
     }
 
@@ -145,22 +159,40 @@ fn list_blocking(app: AppState, headers: HeaderMap) -> Response {
             .iter()
             .map(|(n, (_, r))| json!({"name": n, "kind": r.kind, "version": r.version, "policy": r.name, "description": r.description}))
             .collect();
-        let active: HashMap<String, String> = a
-            .active
-            .lock()
-            .unwrap()
+        let active_by_arm = a.active.lock().unwrap().clone();
+        let arms: Vec<_> = app
+            .arms
+            .arms
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    v.last().map(|s| s.describe()).unwrap_or_default(),
-                )
+            .enumerate()
+            .map(|(i, arm)| {
+                let active: HashMap<String, String> = active_by_arm
+                    .iter()
+                    .filter(|((j, _), _)| *j == i)
+                    .map(|((_, k), v)| {
+                        (
+                            k.to_string(),
+                            v.last().map(|s| s.describe()).unwrap_or_default(),
+                        )
+                    })
+                    .collect();
+                json!({"arm": arm.name, "weight": arm.weight, "active": active,
+                       "stats": arm.store.stats().policies})
             })
             .collect();
-        Ok(Json(
-            json!({"registered": registered, "bundled": crate::policy::bundled::names(),
-                        "active": active, "stats": app.store.stats().policies}),
-        )
+        let shadows = app.shadows.as_ref().as_ref().map(|s| {
+            json!({"arm": s.arm, "device_slots": s.device_slots, "policies": s.stats(),
+                   "dropped_steps": s.dropped_steps.load(std::sync::atomic::Ordering::Relaxed)})
+        });
+        let default = &arms[0];
+        Ok(Json(json!({
+            "registered": registered,
+            "bundled": crate::policy::bundled::names(),
+            "active": default["active"],
+            "stats": default["stats"],
+            "arms": arms,
+            "shadows": shadows,
+        }))
         .into_response())
     })();
     r.unwrap_or_else(IntoResponse::into_response)
@@ -171,6 +203,18 @@ pub struct KindName {
     kind: String,
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    arm: Option<String>,
+}
+
+fn arm_of(app: &AppState, req: &KindName) -> Result<usize, ApiError> {
+    let name = req.arm.as_deref().unwrap_or(DEFAULT_ARM);
+    app.arms.by_name(name).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "unknown arm {name:?}; arms: {}",
+            app.arms.names().join(", ")
+        ))
+    })
 }
 
 fn kind_of(s: &str) -> Result<PolicyKind, ApiError> {
@@ -198,24 +242,28 @@ fn activate_blocking(app: AppState, headers: HeaderMap, body: Bytes) -> Response
         let a = admin(&app, &headers)?;
         let req = parse_body(&body)?;
         let kind = kind_of(&req.kind)?;
+        let arm = arm_of(&app, &req)?;
         let name = req
             .name
+            .clone()
             .ok_or_else(|| ApiError::invalid("name is required"))?;
         let source = match a.registry.lock().unwrap().get(&name) {
             Some((s, _)) => s.clone(),
             None => PolicySource::Bundled(name.clone()),
         };
-        app.store
+        app.arms.arms[arm]
+            .store
             .swap_policy(kind, &source)
             .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
         a.active
             .lock()
             .unwrap()
-            .entry(kind)
+            .entry((arm, kind))
             .or_default()
             .push(source);
         Ok(Json(
-            json!({"kind": req.kind, "activating": name, "applies": "at the next forward pass"}),
+            json!({"kind": req.kind, "arm": app.arms.arms[arm].name, "activating": name,
+                       "applies": "at the next forward pass"}),
         )
         .into_response())
     })();
@@ -231,19 +279,25 @@ fn rollback_blocking(app: AppState, headers: HeaderMap, body: Bytes) -> Response
         let a = admin(&app, &headers)?;
         let req = parse_body(&body)?;
         let kind = kind_of(&req.kind)?;
+        let arm = arm_of(&app, &req)?;
         let mut active = a.active.lock().unwrap();
-        let history = active.entry(kind).or_default();
+        let history = active.entry((arm, kind)).or_default();
         if history.len() < 2 {
             return Err(ApiError::invalid(format!(
                 "no earlier {kind} policy to roll back to"
             )));
         }
         let previous = history[history.len() - 2].clone();
-        app.store
+        app.arms.arms[arm]
+            .store
             .swap_policy(kind, &previous)
             .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
         history.pop();
-        Ok(Json(json!({"kind": req.kind, "activating": previous.describe()})).into_response())
+        Ok(
+            Json(json!({"kind": req.kind, "arm": app.arms.arms[arm].name,
+                        "activating": previous.describe()}))
+            .into_response(),
+        )
     })();
     r.unwrap_or_else(IntoResponse::into_response)
 }

@@ -4,7 +4,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::store::TieredExperts;
+use super::arms::Arms;
+use super::shadow::Shadows;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -29,8 +30,9 @@ impl Metrics {
             .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
-    /// Prometheus text format, with the expert store's and policies' counters.
-    pub fn render(&self, store: &TieredExperts) -> String {
+    /// Prometheus text format, with each arm's counters, its expert store's and policies'
+    /// counters (label `arm`), and the shadow policies' simulated hit rates.
+    pub fn render(&self, arms: &Arms, shadows: &Option<Shadows>) -> String {
         let mut o = String::new();
         let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
@@ -106,87 +108,201 @@ impl Metrics {
             "Batched decode forward passes.",
             &[(String::new(), g(&self.decode_steps) as f64)],
         );
-        let s = store.stats();
-        let tiers = [("device", &s.device), ("host", &s.host), ("disk", &s.disk)];
+        let per_arm = |f: &dyn Fn(&super::arms::Arm) -> f64| -> Vec<(String, f64)> {
+            arms.arms
+                .iter()
+                .map(|a| (format!("{{arm=\"{}\"}}", a.name), f(a)))
+                .collect()
+        };
+        metric(
+            "arm_weight",
+            "gauge",
+            "Share of requests routed to an arm by weight (relative).",
+            &per_arm(&|a| a.weight),
+        );
+        metric(
+            "arm_requests_total",
+            "counter",
+            "Requests admitted per arm.",
+            &per_arm(&|a| g(&a.metrics.requests) as f64),
+        );
+        metric(
+            "arm_prompt_tokens_total",
+            "counter",
+            "Prompt tokens prefilled per arm.",
+            &per_arm(&|a| g(&a.metrics.prompt_tokens) as f64),
+        );
+        metric(
+            "arm_completion_tokens_total",
+            "counter",
+            "Tokens generated per arm.",
+            &per_arm(&|a| g(&a.metrics.completion_tokens) as f64),
+        );
+        metric(
+            "arm_decode_steps_total",
+            "counter",
+            "Batched decode forward passes per arm.",
+            &per_arm(&|a| g(&a.metrics.decode_steps) as f64),
+        );
+        metric(
+            "arm_decode_seconds_total",
+            "counter",
+            "Time in batched decode forward passes per arm.",
+            &per_arm(&|a| g(&a.metrics.decode_ns) as f64 / 1e9),
+        );
+        let mut ttft = Vec::new();
+        for a in &arms.arms {
+            ttft.push((
+                format!("_sum{{arm=\"{}\"}}", a.name),
+                g(&a.metrics.ttft_ns) as f64 / 1e9,
+            ));
+            ttft.push((
+                format!("_count{{arm=\"{}\"}}", a.name),
+                g(&a.metrics.ttft_count) as f64,
+            ));
+        }
+        metric(
+            "arm_time_to_first_token_seconds",
+            "summary",
+            "Time from request to its first token, per arm.",
+            &ttft,
+        );
+        let stats: Vec<_> = arms
+            .arms
+            .iter()
+            .map(|a| (a.name.as_str(), a.store.stats()))
+            .collect();
+        let tier_samples = |f: &dyn Fn(&crate::store::TierCounters) -> f64| {
+            let mut v = Vec::new();
+            for (arm, s) in &stats {
+                for (t, c) in [("device", &s.device), ("host", &s.host), ("disk", &s.disk)] {
+                    v.push((format!("{{arm=\"{arm}\",tier=\"{t}\"}}"), f(c)));
+                }
+            }
+            v
+        };
         metric(
             "expert_hits_total",
             "counter",
             "Expert accesses served from a tier.",
-            &tiers
-                .iter()
-                .map(|(t, c)| (format!("{{tier=\"{t}\"}}"), c.hits as f64))
-                .collect::<Vec<_>>(),
+            &tier_samples(&|c| c.hits as f64),
         );
         metric(
             "expert_misses_total",
             "counter",
             "Expert accesses that missed a tier.",
-            &tiers
-                .iter()
-                .map(|(t, c)| (format!("{{tier=\"{t}\"}}"), c.misses as f64))
-                .collect::<Vec<_>>(),
+            &tier_samples(&|c| c.misses as f64),
         );
         metric(
             "expert_bytes_in_total",
             "counter",
             "Bytes copied into a tier.",
-            &tiers
-                .iter()
-                .map(|(t, c)| (format!("{{tier=\"{t}\"}}"), c.bytes_in as f64))
-                .collect::<Vec<_>>(),
+            &tier_samples(&|c| c.bytes_in as f64),
         );
         metric(
             "expert_wait_seconds_total",
             "counter",
             "Time the forward pass waited for experts.",
-            &[(String::new(), s.wait_ms / 1e3)],
+            &stats
+                .iter()
+                .map(|(arm, s)| (format!("{{arm=\"{arm}\"}}"), s.wait_ms / 1e3))
+                .collect::<Vec<_>>(),
         );
-        let pols = [
-            ("selection", &s.policies.selection),
-            ("eviction", &s.policies.eviction),
-            ("prefetch", &s.policies.prefetch),
-        ];
-        let label = |k: &str, p: &crate::policy::PolicyStats| {
-            format!("{{kind=\"{k}\",policy=\"{}\",arm=\"default\"}}", p.name)
+        let policy_samples = |f: &dyn Fn(&crate::policy::PolicyStats) -> f64| {
+            let mut v = Vec::new();
+            for (arm, s) in &stats {
+                for (k, p) in [
+                    ("selection", &s.policies.selection),
+                    ("eviction", &s.policies.eviction),
+                    ("prefetch", &s.policies.prefetch),
+                ] {
+                    v.push((
+                        format!("{{kind=\"{k}\",policy=\"{}\",arm=\"{arm}\"}}", p.name),
+                        f(p),
+                    ));
+                }
+            }
+            v
         };
         metric(
             "policy_calls_total",
             "counter",
             "Policy calls.",
-            &pols
-                .iter()
-                .map(|(k, p)| (label(k, p), p.calls as f64))
-                .collect::<Vec<_>>(),
+            &policy_samples(&|p| p.calls as f64),
         );
         metric(
             "policy_errors_total",
             "counter",
             "Policy calls that trapped, timed out, ran out of memory or answered invalidly.",
-            &pols
-                .iter()
-                .map(|(k, p)| {
-                    (
-                        label(k, p),
-                        (p.timeouts + p.out_of_memory + p.traps + p.invalid_answers) as f64,
-                    )
-                })
-                .collect::<Vec<_>>(),
+            &policy_samples(&|p| {
+                (p.timeouts + p.out_of_memory + p.traps + p.invalid_answers) as f64
+            }),
         );
         metric(
             "policy_fallbacks_total",
             "counter",
             "Policy calls served by the built-in policy.",
-            &pols
-                .iter()
-                .map(|(k, p)| (label(k, p), p.fallbacks as f64))
-                .collect::<Vec<_>>(),
+            &policy_samples(&|p| p.fallbacks as f64),
         );
         metric(
             "policy_swaps_total",
             "counter",
             "Hot swaps applied.",
-            &[(String::new(), s.policy_swaps as f64)],
+            &[(
+                String::new(),
+                stats.iter().map(|(_, s)| s.policy_swaps as f64).sum(),
+            )],
         );
+        if let Some(sh) = shadows {
+            let label = |s: &super::shadow::ShadowStats| {
+                format!(
+                    "{{arm=\"{}\",policy=\"{}\",role=\"{}\"}}",
+                    sh.arm,
+                    s.policy,
+                    if s.live { "live" } else { "shadow" }
+                )
+            };
+            let st = sh.stats();
+            metric(
+                "shadow_accesses_total",
+                "counter",
+                "Expert accesses replayed on a shadow policy's simulated cache.",
+                &st.iter()
+                    .map(|s| (label(s), s.accesses as f64))
+                    .collect::<Vec<_>>(),
+            );
+            metric(
+                "shadow_hits_total",
+                "counter",
+                "Hits on a shadow policy's simulated cache (role live: the live policies, simulated).",
+                &st.iter().map(|s| (label(s), s.hits as f64)).collect::<Vec<_>>(),
+            );
+            metric(
+                "shadow_hit_rate",
+                "gauge",
+                "Hit rate of a shadow policy's simulated cache.",
+                &st.iter()
+                    .map(|s| (label(s), s.hit_rate))
+                    .collect::<Vec<_>>(),
+            );
+            metric(
+                "shadow_fallbacks_total",
+                "counter",
+                "Shadow policy calls served by the built-in policy.",
+                &st.iter()
+                    .map(|s| (label(s), s.policy_fallbacks as f64))
+                    .collect::<Vec<_>>(),
+            );
+            metric(
+                "shadow_dropped_steps_total",
+                "counter",
+                "Live layer steps the shadows missed because they fell behind.",
+                &[(
+                    format!("{{arm=\"{}\"}}", sh.arm),
+                    sh.dropped_steps.load(Ordering::Relaxed) as f64,
+                )],
+            );
+        }
         o
     }
 }

@@ -4,12 +4,15 @@
 //!
 //! Owns: routing, request limits, the chat template, start-up and graceful shutdown. The model
 //! runs on one scheduler thread (`scheduler`); handlers only talk to it through a bounded queue.
-//! Not here yet: A/B policy arms and shadow policies (see ARCHITECTURE.md).
+//! Requests are routed to A/B policy arms (`arms`); shadow policies (`shadow`) replay the
+//! default arm's traffic on simulated caches.
 
 pub mod admin;
+pub mod arms;
 pub mod metrics;
 pub mod openai;
 pub mod scheduler;
+pub mod shadow;
 
 use anyhow::{Context, Result};
 use axum::extract::DefaultBodyLimit;
@@ -21,7 +24,6 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::engine::Engine;
-use crate::policy::PolicyKind;
 use crate::store::{StoreConfig, TieredExperts};
 use metrics::Metrics;
 use openai::ApiError;
@@ -35,6 +37,10 @@ pub struct ServeOptions {
     pub body_limit: usize,
     /// Enables the admin API.
     pub admin_token: Option<String>,
+    /// A/B arms beside the default one.
+    pub arms: Vec<arms::ArmSpec>,
+    /// Candidate policies shadowing the default arm on simulated caches.
+    pub shadows: Vec<shadow::ShadowSpec>,
 }
 
 impl Default for ServeOptions {
@@ -43,6 +49,8 @@ impl Default for ServeOptions {
             queue_capacity: 256,
             body_limit: 8 << 20,
             admin_token: None,
+            arms: Vec::new(),
+            shadows: Vec::new(),
         }
     }
 }
@@ -51,7 +59,10 @@ impl Default for ServeOptions {
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Arc<Engine>,
+    /// The default arm's store.
     pub store: Arc<TieredExperts>,
+    pub arms: Arc<arms::Arms>,
+    pub shadows: Arc<Option<shadow::Shadows>>,
     pub queue: mpsc::Sender<scheduler::GenRequest>,
     pub metrics: Arc<Metrics>,
     pub model_name: String,
@@ -130,27 +141,45 @@ pub fn start(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
+    let arms = Arc::new(arms::Arms::build(
+        &engine,
+        store.clone(),
+        store_config,
+        &opts.arms,
+    )?);
+    let shadows = if opts.shadows.is_empty() {
+        None
+    } else {
+        Some(shadow::Shadows::start(
+            arms::DEFAULT_ARM,
+            &store,
+            &store_config.eviction,
+            &store_config.prefetch,
+            &opts.shadows,
+            store_config.limits,
+        )?)
+    };
     let admin = match &opts.admin_token {
-        Some(t) => Some(Arc::new(admin::Admin::new(
-            t.clone(),
-            [
-                (PolicyKind::Selection, store_config.selection.clone()),
-                (PolicyKind::Eviction, store_config.eviction.clone()),
-                (PolicyKind::Prefetch, store_config.prefetch.clone()),
-            ],
-        )?)),
+        Some(t) => Some(Arc::new(admin::Admin::new(t.clone(), &arms)?)),
         None => None,
     };
     let chat = Arc::new(chat_template(&engine)?);
-    let (e, m, s) = (engine.clone(), metrics.clone(), stopping.clone());
+    let (e, a, m, s) = (
+        engine.clone(),
+        arms.clone(),
+        metrics.clone(),
+        stopping.clone(),
+    );
     let worker = std::thread::Builder::new()
         .name("moehost-scheduler".into())
-        .spawn(move || scheduler::run(e, rx, m, s))
+        .spawn(move || scheduler::run(e, a, rx, m, s))
         .context("cannot start the scheduler thread")?;
     Ok((
         AppState {
             engine,
             store,
+            arms,
+            shadows: Arc::new(shadows),
             queue: tx,
             metrics,
             model_name,
@@ -174,7 +203,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             get(
                 |axum::extract::State(s): axum::extract::State<AppState>| async move {
                     // The store's locks may be held by the forward thread: not on a worker.
-                    tokio::task::spawn_blocking(move || s.metrics.render(&s.store))
+                    tokio::task::spawn_blocking(move || s.metrics.render(&s.arms, &s.shadows))
                         .await
                         .unwrap_or_default()
                 },

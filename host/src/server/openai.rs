@@ -3,7 +3,7 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -147,9 +147,11 @@ enum Kind {
 
 pub async fn completions(
     State(app): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let result = async {
+        let arm = pick_arm(&app, &headers)?;
         let b: CompletionBody = parse(body)?;
         let prompts = b.prompt.into_vec();
         if prompts.len() != 1 {
@@ -161,7 +163,7 @@ pub async fn completions(
             .engine
             .encode(&prompts[0])
             .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
-        run(app.clone(), Kind::Completion, ids, b.common).await
+        run(app.clone(), arm, Kind::Completion, ids, b.common).await
     }
     .await;
     finish(&app, result)
@@ -169,9 +171,11 @@ pub async fn completions(
 
 pub async fn chat_completions(
     State(app): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let result = async {
+        let arm = pick_arm(&app, &headers)?;
         let b: ChatBody = parse(body)?;
         if b.messages.is_empty() {
             return Err(ApiError::invalid("messages must not be empty"));
@@ -186,7 +190,7 @@ pub async fn chat_completions(
             .engine
             .encode(&text)
             .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
-        run(app.clone(), Kind::Chat, ids, b.common).await
+        run(app.clone(), arm, Kind::Chat, ids, b.common).await
     }
     .await;
     finish(&app, result)
@@ -212,8 +216,23 @@ fn finish(app: &AppState, r: Result<Response, ApiError>) -> Response {
     }
 }
 
+/// The request's arm: the `x-moehost-arm` header's, else the next by weight.
+fn pick_arm(app: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
+    let header = match headers.get(super::arms::ARM_HEADER) {
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::invalid(format!(
+                "the {} header is not text",
+                super::arms::ARM_HEADER
+            ))
+        })?),
+        None => None,
+    };
+    app.arms.pick(header).map_err(ApiError::invalid)
+}
+
 async fn run(
     app: AppState,
+    arm: usize,
     kind: Kind,
     prompt_ids: Vec<u32>,
     c: Common,
@@ -281,6 +300,7 @@ async fn run(
         .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let request = GenRequest {
+        arm,
         prompt_ids,
         max_tokens,
         params,

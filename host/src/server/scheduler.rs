@@ -2,14 +2,17 @@
 //!
 //! New requests are prefilled one at a time (exactly as `moehost generate` does); then every
 //! active sequence advances by one token per batched forward pass (continuous batching), so
-//! concurrent requests share each layer step's expert loads. A request whose client went away
-//! is dropped at the next step. Owns: admission, batching, cancellation. Does not own: HTTP.
+//! concurrent requests share each layer step's expert loads. With A/B arms, each arm's
+//! sequences form their own batch on the arm's store, one forward pass per arm per step.
+//! A request whose client went away is dropped at the next step.
+//! Owns: admission, batching, cancellation. Does not own: HTTP, picking the arm.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
+use super::arms::Arms;
 use super::metrics::Metrics;
 use crate::engine::{Engine, SequenceState};
 use crate::sampling::SamplingParams;
@@ -17,6 +20,8 @@ use crate::Sequence;
 
 /// What a handler asks for.
 pub struct GenRequest {
+    /// Index into the server's arms.
+    pub arm: usize,
     pub prompt_ids: Vec<u32>,
     pub max_tokens: usize,
     pub params: SamplingParams,
@@ -38,6 +43,7 @@ pub enum GenEvent {
 }
 
 struct Active {
+    arm: usize,
     seq: SequenceState,
     events: mpsc::UnboundedSender<GenEvent>,
     received: Instant,
@@ -53,6 +59,7 @@ pub const MAX_BATCH: usize = 32;
 /// Runs until `queue` closes and every active sequence is done.
 pub fn run(
     engine: Arc<Engine>,
+    arms: Arc<Arms>,
     mut queue: mpsc::Receiver<GenRequest>,
     metrics: Arc<Metrics>,
     stopping: Arc<AtomicBool>,
@@ -62,13 +69,13 @@ pub fn run(
         // Admit: block when idle, otherwise take what is waiting (up to the batch size).
         if active.is_empty() {
             match queue.blocking_recv() {
-                Some(r) => admit(&engine, r, &mut active, &metrics),
+                Some(r) => admit(&engine, &arms, r, &mut active, &metrics),
                 None => return,
             }
         }
         while active.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(r) => admit(&engine, r, &mut active, &metrics),
+                Ok(r) => admit(&engine, &arms, r, &mut active, &metrics),
                 Err(_) => break,
             }
         }
@@ -83,47 +90,74 @@ pub fn run(
             }
             continue;
         }
-        // One decode step for every active sequence.
-        let inputs: Vec<[u32; 1]> = active
-            .iter()
-            .map(|a| [a.seq.next_input().expect("active")])
+        // One decode step for every active sequence: one batch per arm.
+        for arm in 0..arms.arms.len() {
+            decode_step(&engine, &arms, arm, &mut active, &metrics);
+        }
+    }
+}
+
+/// Advances every active sequence of `arm` by one token, in one batched forward pass on the
+/// arm's store.
+fn decode_step(
+    engine: &Engine,
+    arms: &Arms,
+    arm: usize,
+    active: &mut [Active],
+    metrics: &Metrics,
+) {
+    let mut batch: Vec<&mut Active> = active.iter_mut().filter(|a| a.arm == arm).collect();
+    if batch.is_empty() {
+        return;
+    }
+    let inputs: Vec<[u32; 1]> = batch
+        .iter()
+        .map(|a| [a.seq.next_input().expect("active")])
+        .collect();
+    let t0 = Instant::now();
+    let result = {
+        let mut seqs: Vec<Sequence> = batch
+            .iter_mut()
+            .zip(&inputs)
+            .map(|(a, ids)| Sequence {
+                ids,
+                cache: &mut a.seq.cache,
+            })
             .collect();
-        let t0 = Instant::now();
-        let result = {
-            let mut seqs: Vec<Sequence> = active
-                .iter_mut()
-                .zip(&inputs)
-                .map(|(a, ids)| Sequence {
-                    ids,
-                    cache: &mut a.seq.cache,
-                })
-                .collect();
-            engine.model.forward_batch(&mut seqs)
-        };
-        metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .decode_ns
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        match result {
-            Ok(logits) => {
-                for (a, l) in active.iter_mut().zip(&logits) {
-                    let r = a.seq.accept(&engine, l);
-                    deliver(a, r, &metrics);
-                }
+        engine
+            .model
+            .forward_batch_on(&*arms.arms[arm].store, &mut seqs)
+    };
+    let ns = t0.elapsed().as_nanos() as u64;
+    let am = &arms.arms[arm].metrics;
+    for (steps, time) in [
+        (&metrics.decode_steps, &metrics.decode_ns),
+        (&am.decode_steps, &am.decode_ns),
+    ] {
+        steps.fetch_add(1, Ordering::Relaxed);
+        time.fetch_add(ns, Ordering::Relaxed);
+    }
+    match result {
+        Ok(logits) => {
+            for (a, l) in batch.iter_mut().zip(&logits) {
+                let r = a.seq.accept(engine, l);
+                deliver(a, r, metrics, arms);
             }
-            Err(e) => {
-                for a in active.drain(..) {
-                    let _ = a.events.send(GenEvent::Error(format!("{e:#}")));
-                }
+        }
+        Err(e) => {
+            for a in batch {
+                let _ = a.events.send(GenEvent::Error(format!("{e:#}")));
+                a.seq.abort();
             }
         }
     }
 }
 
-fn admit(engine: &Engine, r: GenRequest, active: &mut Vec<Active>, metrics: &Metrics) {
+fn admit(engine: &Engine, arms: &Arms, r: GenRequest, active: &mut Vec<Active>, metrics: &Metrics) {
     if r.events.is_closed() {
         return;
     }
+    let arm = r.arm.min(arms.arms.len() - 1);
     let mut seq = match SequenceState::new(engine, &r.prompt_ids, r.max_tokens, &r.params, r.stop) {
         Ok(s) => s,
         Err(e) => {
@@ -131,34 +165,39 @@ fn admit(engine: &Engine, r: GenRequest, active: &mut Vec<Active>, metrics: &Met
             return;
         }
     };
-    metrics
-        .prompt_tokens
-        .fetch_add(r.prompt_ids.len() as u64, Ordering::Relaxed);
-    let first = seq.prefill(engine);
+    let am = &arms.arms[arm].metrics;
+    am.requests.fetch_add(1, Ordering::Relaxed);
+    for c in [&metrics.prompt_tokens, &am.prompt_tokens] {
+        c.fetch_add(r.prompt_ids.len() as u64, Ordering::Relaxed);
+    }
+    let first = seq.prefill_on(engine, Some(&*arms.arms[arm].store));
     let mut a = Active {
+        arm,
         seq,
         events: r.events,
         received: r.received,
         first_token: false,
         counted: 0,
     };
-    deliver(&mut a, first, metrics);
+    deliver(&mut a, first, metrics, arms);
     if !a.seq.is_finished() {
         active.push(a);
     }
 }
 
 /// Sends new text and, when the sequence ended, its summary.
-fn deliver(a: &mut Active, piece: anyhow::Result<Option<String>>, metrics: &Metrics) {
+fn deliver(a: &mut Active, piece: anyhow::Result<Option<String>>, metrics: &Metrics, arms: &Arms) {
+    let am = &arms.arms[a.arm].metrics;
     if !a.first_token {
         a.first_token = true;
         metrics.observe_ttft(a.received.elapsed());
+        am.observe_ttft(a.received.elapsed());
     }
     let produced = a.seq.completion_tokens().saturating_sub(a.counted);
     a.counted = a.seq.completion_tokens();
-    metrics
-        .completion_tokens
-        .fetch_add(produced as u64, Ordering::Relaxed);
+    for c in [&metrics.completion_tokens, &am.completion_tokens] {
+        c.fetch_add(produced as u64, Ordering::Relaxed);
+    }
     match piece {
         Ok(Some(text)) => {
             let _ = a.events.send(GenEvent::Text(text));
