@@ -109,6 +109,34 @@ fn small_device_tier_moves_experts_and_counts_it() {
     assert_eq!(s.device.resident, 45);
 }
 
+/// Prefetching makes room with `victims` requests between layer steps, when the eviction
+/// policy has not yet heard of the latest inserts: the host must only count residents it has
+/// reported, or a plugin tracking residency from the events comes up short (a regression).
+#[test]
+fn eviction_plugins_serve_prefetch_victim_requests_without_fallbacks() {
+    for eviction in ["lru", "lfu", "layer-cycle"] {
+        for prefetch in ["next-layer-gate", "transitions"] {
+            let c = config(
+                "topk",
+                eviction,
+                prefetch,
+                Some(10 * EXPERT_F32),
+                Some(40 * EXPERT_BF16),
+            );
+            let (engine, store) = open(&c);
+            assert_eq!(run(&engine), *baseline(), "{eviction}+{prefetch}");
+            let s = store.stats();
+            let p = &s.policies;
+            assert!(s.prefetch.issued > 0, "{eviction}+{prefetch}: {s:?}");
+            assert_eq!(
+                p.selection.fallbacks + p.eviction.fallbacks + p.prefetch.fallbacks,
+                0,
+                "{eviction}+{prefetch}: {p:?}"
+            );
+        }
+    }
+}
+
 /// A misbehaving eviction plugin: the host survives, counts the failure kind, serves the calls
 /// with LRU, produces the same tokens, and quarantines the plugin.
 fn misbehaving_eviction(fixture: &str) -> moehost::policy::PolicyStats {

@@ -212,6 +212,9 @@ struct State {
     host: HashMap<ExpertKey, Arc<ExpertBytes>>,
     /// Events not yet delivered to the eviction policy.
     events: Vec<Event>,
+    /// Residents whose insert event is among `events`: the policy does not know them yet, so
+    /// a victim request must not count them as candidates.
+    unreported: HashSet<(ExpertKey, Tier)>,
     /// Prefetched into the device tier and not used yet.
     prefetched_unused: HashSet<ExpertKey>,
     device_c: TierCounters,
@@ -550,12 +553,68 @@ impl StoreConfig {
     }
 }
 
-/// Device entries ready to compute (what the eviction policy was told is resident).
-fn ready_count(s: &State) -> usize {
-    s.device
-        .values()
-        .filter(|e| matches!(e, DeviceEntry::Ready(_)))
-        .count()
+impl State {
+    /// Records an event for the eviction policy's next call.
+    fn event(&mut self, kind: EventKind, tier: Tier, expert: ExpertKey) {
+        match kind {
+            EventKind::Insert => {
+                self.unreported.insert((expert, tier));
+            }
+            EventKind::Remove => {
+                self.unreported.remove(&(expert, tier));
+            }
+            EventKind::Access => {}
+        }
+        self.events.push(Event { kind, tier, expert });
+    }
+
+    /// The events since the policy's previous call; it knows every resident afterwards.
+    fn take_events(&mut self) -> Vec<Event> {
+        self.unreported.clear();
+        std::mem::take(&mut self.events)
+    }
+
+    /// Victim candidates in `tier`: residents (device: ready ones) the policy has been told
+    /// about, minus `excluded`.
+    fn is_candidate(&self, e: ExpertKey, tier: Tier, excluded: &[ExpertKey]) -> bool {
+        let resident = match tier {
+            Tier::Device => matches!(self.device.get(&e), Some(DeviceEntry::Ready(_))),
+            _ => self.host.contains_key(&e),
+        };
+        resident && !excluded.contains(&e) && !self.unreported.contains(&(e, tier))
+    }
+
+    /// How many candidates a request for `tier` with `excluded` has.
+    fn candidate_count(&self, tier: Tier, excluded: &[ExpertKey]) -> usize {
+        let resident = match tier {
+            Tier::Device => self
+                .device
+                .values()
+                .filter(|e| matches!(e, DeviceEntry::Ready(_)))
+                .count(),
+            _ => self.host.len(),
+        };
+        let resident_excluded = excluded
+            .iter()
+            .filter(|e| match tier {
+                Tier::Device => matches!(self.device.get(e), Some(DeviceEntry::Ready(_))),
+                _ => self.host.contains_key(e),
+            })
+            .count();
+        let unreported = self
+            .unreported
+            .iter()
+            .filter(|(e, t)| {
+                *t == tier && !excluded.contains(e) && {
+                    match tier {
+                        Tier::Device => matches!(self.device.get(e), Some(DeviceEntry::Ready(_))),
+                        _ => self.host.contains_key(e),
+                    }
+                }
+            })
+            .count();
+        resident - resident_excluded - unreported
+    }
 }
 
 /// A victim request's candidates: the residents of one tier (device: ready entries) minus
@@ -568,28 +627,17 @@ struct TierCandidates<'a> {
 
 impl Candidates for TierCandidates<'_> {
     fn contains(&self, e: ExpertKey) -> bool {
-        if self.excluded.contains(&e) {
-            return false;
-        }
         let s = self.inner.state.lock().unwrap();
-        match self.tier {
-            Tier::Device => matches!(s.device.get(&e), Some(DeviceEntry::Ready(_))),
-            _ => s.host.contains_key(&e),
-        }
+        s.is_candidate(e, self.tier, self.excluded)
     }
 
     fn list(&self) -> Vec<ExpertKey> {
         let s = self.inner.state.lock().unwrap();
         let mut v: Vec<ExpertKey> = match self.tier {
-            Tier::Device => s
-                .device
-                .iter()
-                .filter(|(_, e)| matches!(e, DeviceEntry::Ready(_)))
-                .map(|(k, _)| *k)
-                .collect(),
+            Tier::Device => s.device.keys().copied().collect(),
             _ => s.host.keys().copied().collect(),
         };
-        v.retain(|k| !self.excluded.contains(k));
+        v.retain(|k| s.is_candidate(*k, self.tier, self.excluded));
         v.sort_unstable();
         v
     }
@@ -699,11 +747,7 @@ impl Inner {
         for v in victims {
             if let Some(DeviceEntry::Ready(_)) = s.device.get(v) {
                 s.device.remove(v);
-                s.events.push(Event {
-                    kind: EventKind::Remove,
-                    tier: Tier::Device,
-                    expert: *v,
-                });
+                s.event(EventKind::Remove, Tier::Device, *v);
                 if s.prefetched_unused.remove(v) {
                     s.prefetch_c.wasted += 1;
                 }
@@ -726,10 +770,11 @@ impl Inner {
                 .filter(|k| s.host.contains_key(k))
                 .copied()
                 .collect();
+            let available = s.candidate_count(Tier::Host, &excluded);
             (
                 self.host_slots.saturating_sub(s.host.len()),
-                excluded.clone(),
-                s.host.len() - excluded.len(),
+                excluded,
+                available,
             )
         };
         let mut room = free;
@@ -751,11 +796,7 @@ impl Inner {
             for v in victims {
                 if s.host.remove(&v).is_some() {
                     room += 1;
-                    s.events.push(Event {
-                        kind: EventKind::Remove,
-                        tier: Tier::Host,
-                        expert: v,
-                    });
+                    s.event(EventKind::Remove, Tier::Host, v);
                 }
             }
         }
@@ -770,11 +811,7 @@ impl Inner {
                     }
                     s.host_c.bytes_in += b.storage_bytes() as u64;
                     s.host.insert(*k, Arc::new(b));
-                    s.events.push(Event {
-                        kind: EventKind::Insert,
-                        tier: Tier::Host,
-                        expert: *k,
-                    });
+                    s.event(EventKind::Insert, Tier::Host, *k);
                 }
                 Err(e) => eprintln!("moehost: cannot copy expert {k:?} to host memory: {e:#}"),
             }
@@ -840,11 +877,7 @@ impl Inner {
                         (Some(w), true) => {
                             s.device.insert(job.key, DeviceEntry::Ready(w.clone()));
                             s.prefetched_unused.insert(job.key);
-                            s.events.push(Event {
-                                kind: EventKind::Insert,
-                                tier: Tier::Device,
-                                expert: job.key,
-                            });
+                            s.event(EventKind::Insert, Tier::Device, job.key);
                         }
                         (None, true) => {
                             s.device.remove(&job.key);
@@ -869,11 +902,7 @@ impl Inner {
                         if s.host.len() < self.host_slots && !s.host.contains_key(&job.key) {
                             s.host_c.bytes_in += b.storage_bytes() as u64;
                             s.host.insert(job.key, Arc::new(b));
-                            s.events.push(Event {
-                                kind: EventKind::Insert,
-                                tier: Tier::Host,
-                                expert: job.key,
-                            });
+                            s.event(EventKind::Insert, Tier::Host, job.key);
                         }
                     }
                 }
@@ -933,11 +962,7 @@ impl ExpertProvider for TieredExperts {
         let (facts, need) = {
             let mut s = inner.state.lock().unwrap();
             for (i, k) in keys.iter().enumerate() {
-                s.events.push(Event {
-                    kind: EventKind::Access,
-                    tier: Tier::Device,
-                    expert: *k,
-                });
+                s.event(EventKind::Access, Tier::Device, *k);
                 match s.device.get(k) {
                     Some(DeviceEntry::Ready(w)) => {
                         ready[i] = Some(w.clone());
@@ -963,6 +988,12 @@ impl ExpertProvider for TieredExperts {
                     }
                 }
             }
+            // This call delivers every pending event, so the policy then knows every resident.
+            let facts = StepFacts {
+                step: inner.step.load(Ordering::Relaxed),
+                layer: keys.first().map_or(0, |k| k.layer),
+                events: s.take_events(),
+            };
             let free = inner.device_slots.saturating_sub(s.device.len());
             let need = if misses.len() > free {
                 let excluded: Vec<ExpertKey> = current
@@ -970,15 +1001,10 @@ impl ExpertProvider for TieredExperts {
                     .filter(|k| matches!(s.device.get(k), Some(DeviceEntry::Ready(_))))
                     .copied()
                     .collect();
-                let available = ready_count(&s) - excluded.len();
+                let available = s.candidate_count(Tier::Device, &excluded);
                 (available > 0).then(|| (((misses.len() - free).min(available)) as u32, excluded))
             } else {
                 None
-            };
-            let facts = StepFacts {
-                step: inner.step.load(Ordering::Relaxed),
-                layer: keys.first().map_or(0, |k| k.layer),
-                events: std::mem::take(&mut s.events),
             };
             (facts, need)
         };
@@ -1028,11 +1054,7 @@ impl ExpertProvider for TieredExperts {
             s.device_c.bytes_in += (w.gate_up.len() + w.down.len()) as u64 * 4;
             if n < room {
                 s.device.insert(keys[i], DeviceEntry::Ready(w.clone()));
-                s.events.push(Event {
-                    kind: EventKind::Insert,
-                    tier: Tier::Device,
-                    expert: keys[i],
-                });
+                s.event(EventKind::Insert, Tier::Device, keys[i]);
             } else {
                 s.streamed += 1;
             }
@@ -1156,7 +1178,7 @@ impl ExpertProvider for TieredExperts {
                     .collect();
                 excluded.sort_unstable();
                 excluded.dedup();
-                let available = ready_count(&s) - excluded.len();
+                let available = s.candidate_count(Tier::Device, &excluded);
                 (
                     inner.device_slots.saturating_sub(s.device.len()),
                     excluded,

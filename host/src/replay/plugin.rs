@@ -143,25 +143,33 @@ pub struct ContractEvictor<'p> {
     layer: u32,
     events: Vec<Event>,
     excluded: Vec<ExpertKey>,
+    /// Inserted since the policy's previous call (it has not heard of them): not candidates
+    /// of a `victims` request, as in the live store.
+    unreported: Vec<(u32, Tier)>,
 }
 
-/// A replay request's candidates, answered from the residency bitsets in O(1).
+/// A replay request's candidates, answered from the residency bitsets in O(1) (plus the few
+/// unreported inserts).
 struct ReplayCandidates<'a> {
     res: &'a Residency,
     request: Request,
+    hidden: &'a [u32],
 }
 
 impl Candidates for ReplayCandidates<'_> {
     fn contains(&self, e: ExpertKey) -> bool {
         self.res
             .dense(e)
-            .is_some_and(|k| self.res.is_candidate(k, &self.request))
+            .is_some_and(|k| self.res.is_candidate(k, &self.request) && !self.hidden.contains(&k))
     }
 
     fn list(&self) -> Vec<ExpertKey> {
         let mut v = Vec::new();
-        self.res
-            .candidates(&self.request, |k| v.push(self.res.key(k)));
+        self.res.candidates(&self.request, |k| {
+            if !self.hidden.contains(&k) {
+                v.push(self.res.key(k))
+            }
+        });
         v
     }
 }
@@ -175,6 +183,7 @@ impl<'p> ContractEvictor<'p> {
             layer: 0,
             events: Vec::new(),
             excluded: Vec::new(),
+            unreported: Vec::new(),
         }
     }
 
@@ -229,7 +238,13 @@ impl Evictor for ContractEvictor<'_> {
         if let Some(r) = &request {
             self.exclude(res, r);
         }
-        let candidates = request.map(|request| ReplayCandidates { res, request });
+        // This call delivers every pending event.
+        self.unreported.clear();
+        let candidates = request.map(|request| ReplayCandidates {
+            res,
+            request,
+            hidden: &[],
+        });
         let request = request
             .as_ref()
             .zip(candidates.as_ref())
@@ -250,10 +265,29 @@ impl Evictor for ContractEvictor<'_> {
 
     fn victims(&mut self, res: &Residency, request: Request, out: &mut Vec<u32>) {
         self.exclude(res, &request);
-        let candidates = ReplayCandidates { res, request };
+        let hidden: Vec<u32> = self
+            .unreported
+            .iter()
+            .filter(|(k, t)| *t == request.tier && res.is_candidate(*k, &request))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut count = request.count;
+        if !hidden.is_empty() {
+            let mut all = 0u32;
+            res.candidates(&request, |_| all += 1);
+            count = count.min(all - hidden.len() as u32);
+            if count == 0 {
+                return;
+            }
+        }
+        let candidates = ReplayCandidates {
+            res,
+            request,
+            hidden: &hidden,
+        };
         let r = VictimRequest {
             tier: request.tier,
-            count: request.count,
+            count,
             only_layer: res.per_layer.then_some(request.pool),
             excluded: &self.excluded,
             candidates: &candidates,
@@ -263,11 +297,13 @@ impl Evictor for ContractEvictor<'_> {
     }
 
     fn inserted(&mut self, key: u32, tier: Tier) {
+        self.unreported.push((key, tier));
         let k = self.key(key);
         self.event(EventKind::Insert, tier, k);
     }
 
     fn removed(&mut self, key: u32, tier: Tier) {
+        self.unreported.retain(|u| *u != (key, tier));
         let k = self.key(key);
         self.event(EventKind::Remove, tier, k);
     }

@@ -99,13 +99,7 @@ pub fn run(
 
 /// Advances every active sequence of `arm` by one token, in one batched forward pass on the
 /// arm's store.
-fn decode_step(
-    engine: &Engine,
-    arms: &Arms,
-    arm: usize,
-    active: &mut [Active],
-    metrics: &Metrics,
-) {
+fn decode_step(engine: &Engine, arms: &Arms, arm: usize, active: &mut [Active], metrics: &Metrics) {
     let mut batch: Vec<&mut Active> = active.iter_mut().filter(|a| a.arm == arm).collect();
     if batch.is_empty() {
         return;
