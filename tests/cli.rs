@@ -241,7 +241,11 @@ fn policy_check_reports_world_and_refuses_wasi() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("smoke test"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("smoke test") && err.contains("last failure: Timeout"),
+        "{err}"
+    );
 
     let out = moehost()
         .args(["policy", "check", "fixture-wasi-import"])

@@ -31,6 +31,8 @@ pub struct PolicyStats {
     pub quarantined: bool,
     /// Time spent in plugin calls (validation included), nanoseconds.
     pub call_ns: u64,
+    /// The most recent failure, e.g. `InvalidAnswer: returned 3 victims, 4 were asked for`.
+    pub last_error: Option<String>,
 }
 
 const LOG_FIRST: u64 = 5;
@@ -83,6 +85,7 @@ impl<P: ?Sized> Slot<P> {
         self.stats.fallbacks += 1;
         self.needs_init = true;
         self.consecutive_failures += 1;
+        self.stats.last_error = Some(e.to_string());
         let failures = self.stats.timeouts
             + self.stats.out_of_memory
             + self.stats.traps
@@ -103,7 +106,7 @@ impl<P: ?Sized> Slot<P> {
                 return;
             }
             eprintln!(
-                "moehost: {} policy {} quarantined after {} consecutive failures; using the built-in policy",
+                "moehost: {} policy {} quarantined after {failures} failures ({} in a row); using the built-in policy",
                 self.kind, self.stats.name, self.consecutive_failures
             );
         }

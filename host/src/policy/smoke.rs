@@ -17,11 +17,16 @@ fn scores(e: usize, salt: usize) -> Vec<f32> {
 
 fn rejected(kind: PolicyKind, stats: &PolicyStats) -> anyhow::Error {
     anyhow::anyhow!(
-        "{kind} policy failed its smoke test (timeouts {}, out of memory {}, traps {}, invalid answers {})",
+        "{kind} policy failed its smoke test (timeouts {}, out of memory {}, traps {}, invalid answers {}){}",
         stats.timeouts,
         stats.out_of_memory,
         stats.traps,
-        stats.invalid_answers
+        stats.invalid_answers,
+        stats
+            .last_error
+            .as_ref()
+            .map(|e| format!("; last failure: {e}"))
+            .unwrap_or_default()
     )
 }
 
