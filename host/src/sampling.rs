@@ -59,6 +59,9 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.params.temperature;
+        if self.params.top_k == 0 && self.params.top_p >= 1.0 {
+            return self.sample_full(logits, inv_t);
+        }
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
@@ -98,6 +101,42 @@ impl Sampler {
             r -= p;
         }
         cand.last().map(|c| c.0).unwrap_or(0)
+    }
+}
+
+impl Sampler {
+    /// The whole distribution (no top-k, no top-p): nothing to rank, so tokens are walked in
+    /// id order, O(vocab), no sort (a batch of 32 sequences sorted 32 vocabularies per step).
+    fn sample_full(&mut self, logits: &[f32], inv_t: f32) -> u32 {
+        let max = logits
+            .iter()
+            .filter(|l| !l.is_nan())
+            .fold(f32::NEG_INFINITY, |m, &l| m.max(l * inv_t));
+        if max == f32::NEG_INFINITY {
+            return argmax(logits);
+        }
+        // f32 exp (every weight is in (0, 1]), summed in f64.
+        let weight = |l: f32| {
+            if l.is_nan() {
+                0.0
+            } else {
+                f64::from((l * inv_t - max).exp())
+            }
+        };
+        let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+        let mut r = self.rng.random::<f64>() * total;
+        let mut last = None;
+        for (i, &l) in logits.iter().enumerate() {
+            let p = weight(l);
+            if p > 0.0 {
+                if r < p {
+                    return i as u32;
+                }
+                r -= p;
+                last = Some(i as u32);
+            }
+        }
+        last.unwrap_or_else(|| argmax(logits))
     }
 }
 
@@ -151,5 +190,25 @@ mod tests {
             seed: 1,
         });
         assert_eq!(s.sample(&[0.0, 5.0, 1.0]), 1);
+    }
+
+    #[test]
+    fn full_distribution_follows_the_softmax_and_skips_nan() {
+        let logits = [0.0, 2f32.ln(), f32::NAN, 4f32.ln()];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        });
+        let n = 70_000;
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            counts[s.sample(&logits) as usize] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        for (i, want) in [(0, 1.0 / 7.0), (1, 2.0 / 7.0), (3, 4.0 / 7.0)] {
+            let got = counts[i] as f64 / n as f64;
+            assert!((got - want).abs() < 0.01, "token {i}: {got} vs {want}");
+        }
     }
 }

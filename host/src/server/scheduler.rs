@@ -7,6 +7,7 @@
 //! A request whose client went away is dropped at the next step.
 //! Owns: admission, batching, cancellation. Does not own: HTTP, picking the arm.
 
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -133,8 +134,13 @@ fn decode_step(engine: &Engine, arms: &Arms, arm: usize, active: &mut [Active], 
     }
     match result {
         Ok(logits) => {
-            for (a, l) in batch.iter_mut().zip(&logits) {
-                let r = a.seq.accept(engine, l);
+            // Sampling and detokenizing are per sequence: spread them over the cores.
+            let pieces: Vec<_> = batch
+                .par_iter_mut()
+                .zip(logits.par_iter())
+                .map(|(a, l)| a.seq.accept(engine, l))
+                .collect();
+            for (a, r) in batch.iter_mut().zip(pieces) {
                 deliver(a, r, metrics, arms);
             }
         }
