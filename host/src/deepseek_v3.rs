@@ -280,7 +280,7 @@ impl DeepseekV3 {
         record_routing: bool,
     ) -> Result<ForwardOutput> {
         let mut seqs = [Sequence { ids, cache }];
-        let (out, routing) = self.forward_rows(experts, &mut seqs, logits, record_routing)?;
+        let (out, routing) = self.forward_rows(experts, &mut seqs, logits, record_routing, None)?;
         Ok(ForwardOutput {
             logits: out,
             routing,
@@ -303,8 +303,27 @@ impl DeepseekV3 {
         seqs: &mut [Sequence<'_>],
     ) -> Result<Vec<Vec<f32>>> {
         let v = self.cfg.vocab_size;
-        let (out, _) = self.forward_rows(experts, seqs, Logits::Last, false)?;
+        let (out, _) = self.forward_rows(experts, seqs, Logits::Last, false, None)?;
         Ok(out.chunks_exact(v).map(<[f32]>::to_vec).collect())
+    }
+
+    /// [`Self::forward`] with the routing recorded and `on_layer(l, hidden_in, hidden_out)`
+    /// called after every decoder layer with its input and output hidden states (`[t,
+    /// hidden]`): what calibration (`moehost profile`) measures layer importance with.
+    pub fn forward_observed(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        on_layer: &mut dyn FnMut(usize, &[f32], &[f32]),
+    ) -> Result<ForwardOutput> {
+        let mut seqs = [Sequence { ids, cache }];
+        let (out, routing) =
+            self.forward_rows(&*self.experts, &mut seqs, logits, true, Some(on_layer))?;
+        Ok(ForwardOutput {
+            logits: out,
+            routing,
+        })
     }
 
     /// The forward pass over the concatenated rows of `seqs`. Logits: every row (`All`) or
@@ -315,6 +334,7 @@ impl DeepseekV3 {
         seqs: &mut [Sequence<'_>],
         logits: Logits,
         record_routing: bool,
+        mut on_layer: Option<&mut dyn FnMut(usize, &[f32], &[f32])>,
     ) -> Result<(Vec<f32>, Vec<LayerRouting>)> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
@@ -348,6 +368,7 @@ impl DeepseekV3 {
         let mut xn = vec![0f32; t * h];
         let mut delta = vec![0f32; t * h];
         for (l, layer) in self.layers.iter().enumerate() {
+            let layer_in = on_layer.as_ref().map(|_| hidden.clone());
             // DeepseekV3DecoderLayer: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))
             rms_norm(&hidden, &layer.input_norm, cfg.rms_norm_eps, &mut xn);
             for (s, &start) in seqs.iter_mut().zip(&starts) {
@@ -379,6 +400,9 @@ impl DeepseekV3 {
                 }
             }
             add_inplace(&mut hidden, &delta);
+            if let (Some(f), Some(before)) = (on_layer.as_mut(), &layer_in) {
+                f(l, before, &hidden);
+            }
         }
         for s in seqs.iter_mut() {
             s.cache.len += s.ids.len();
@@ -619,7 +643,7 @@ fn add_inplace(a: &mut [f32], b: &[f32]) {
 
 /// Checks that every tensor the architecture reads exists with the right shape and a
 /// supported dtype, reading headers only.
-fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> {
+pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> {
     use safetensors::Dtype;
     let h = cfg.hidden_size;
     let nh = cfg.num_attention_heads;

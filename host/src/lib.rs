@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod compress;
 pub mod config;
 pub mod deepseek_v3;
 pub mod engine;

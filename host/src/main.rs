@@ -176,6 +176,71 @@ enum Command {
     },
     /// Replay routing traces through eviction and prefetch policies, next to Belady's optimum.
     Replay(Box<ReplayArgs>),
+    /// Run calibration text through a model and record layer importance (block influence) and
+    /// per-expert routing statistics, for `convert`.
+    Profile {
+        /// Model folder; default: the bundled tiny-k2.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Calibration text (UTF-8).
+        #[arg(long)]
+        text: PathBuf,
+        /// Use at most this many tokens of the text.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Tokens per forward pass (each window starts with BOS).
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a smaller checkpoint: the dense layers plus the most important MoE layers, the
+    /// top experts of each (by routed mass), router sliced to them, config.json made consistent.
+    Convert {
+        /// Source model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output folder (created; never the source).
+        #[arg(long)]
+        out: PathBuf,
+        /// Decoder layers to keep, dense ones included.
+        #[arg(long)]
+        layers: usize,
+        /// Routed experts to keep per MoE layer.
+        #[arg(long)]
+        experts: usize,
+        /// A profile from `moehost profile`: layers by block influence, experts by routed mass.
+        #[arg(long, conflicts_with = "uniform")]
+        profile: Option<PathBuf>,
+        /// Evenly spaced MoE layers instead (experts: by the profile if given, else the first M).
+        #[arg(long)]
+        uniform: bool,
+        /// Weights of the result: keep (as stored), bf16 (dequantize FP8) or fp8 (keep FP8).
+        #[arg(long, default_value = "keep", value_parser = ["keep", "bf16", "fp8"])]
+        dtype: String,
+        /// Largest shard, e.g. 4GiB.
+        #[arg(long, value_parser = parse_bytes, default_value = "4GiB")]
+        shard_size: u64,
+        /// Replace an existing non-empty output folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Perplexity of a model over a text, and forward tokens/s.
+    Eval {
+        /// Model folder; default: the bundled tiny-k2.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Tokens per forward pass (each window starts with BOS).
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -473,6 +538,14 @@ fn open(model: Option<PathBuf>) -> Result<Engine> {
     Engine::open(&dir)
 }
 
+/// A UTF-8 text file, with a clear error otherwise.
+fn read_text(path: &std::path::Path) -> Result<String> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read text {}", path.display()))?;
+    String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not UTF-8 text: {e}", path.display()))
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
@@ -621,6 +694,84 @@ fn run() -> Result<()> {
         },
         Command::Trace { command } => trace_command(command)?,
         Command::Replay(args) => replay_command(*args)?,
+        Command::Profile {
+            model,
+            text,
+            max_tokens,
+            window,
+            out,
+        } => {
+            let dir = model.unwrap_or_else(bundled_model_dir);
+            let engine = Engine::open(&dir)?;
+            let text = read_text(&text)?;
+            let windows = moehost::compress::windows(&engine, &text, window, max_tokens)?;
+            let profile = moehost::compress::profile::run(&engine, &windows, true)?;
+            std::fs::write(&out, serde_json::to_string_pretty(&profile)?)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!(
+                "moehost: profiled {} tokens into {}",
+                profile.tokens,
+                out.display()
+            );
+        }
+        Command::Convert {
+            model,
+            out,
+            layers,
+            experts,
+            profile,
+            uniform,
+            dtype,
+            shard_size,
+            force,
+        } => {
+            use moehost::compress::convert::{convert, ConvertOptions, LayerChoice, OutDtype};
+            let profile = profile
+                .as_deref()
+                .map(moehost::compress::profile::Profile::load)
+                .transpose()?;
+            let opts = ConvertOptions {
+                layers,
+                experts,
+                layer_choice: if uniform {
+                    LayerChoice::Uniform
+                } else {
+                    LayerChoice::Profile
+                },
+                profile,
+                dtype: match dtype.as_str() {
+                    "bf16" => OutDtype::Bf16,
+                    "fp8" => OutDtype::Fp8,
+                    _ => OutDtype::Keep,
+                },
+                force,
+                shard_bytes: shard_size.max(1),
+                show_progress: true,
+            };
+            let report = convert(&model, &out, &opts)?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Eval {
+            model,
+            text,
+            max_tokens,
+            window,
+            json,
+        } => {
+            let dir = model.unwrap_or_else(bundled_model_dir);
+            let engine = Engine::open(&dir)?;
+            let text = read_text(&text)?;
+            let windows = moehost::compress::windows(&engine, &text, window, max_tokens)?;
+            let r = moehost::compress::eval::run(&engine, &windows, true)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "perplexity {:.3} (nll {:.4} nats/token over {} tokens), {:.0} tokens/s",
+                    r.perplexity, r.nll, r.tokens, r.tokens_per_s
+                );
+            }
+        }
         Command::Bench {
             model,
             prompt_tokens,

@@ -1,0 +1,290 @@
+//! K2-Mini: `profile`, `convert` and `eval` on the bundled tiny-k2. A converted model is a valid
+//! DeepSeek-V3 checkpoint whose logits equal transformers' on the same folder; damaged sources
+//! fail cleanly and leave nothing behind; the source is never written to.
+
+mod support;
+
+use moehost::compress::convert::{convert, ConvertOptions, LayerChoice, OutDtype};
+use moehost::compress::profile::Profile;
+use moehost::{Engine, Logits};
+use std::path::{Path, PathBuf};
+use support::{assert_ok, bf16_model, data_dir, fp8_model, max_abs_diff, moehost, Golden};
+
+fn profile() -> Profile {
+    Profile::load(&data_dir().join("compression/profile.json")).unwrap()
+}
+
+fn options(layers: usize, experts: usize) -> ConvertOptions {
+    ConvertOptions {
+        layers,
+        experts,
+        layer_choice: LayerChoice::Profile,
+        profile: Some(profile()),
+        dtype: OutDtype::Keep,
+        force: false,
+        shard_bytes: 4 << 30,
+        show_progress: false,
+    }
+}
+
+fn leftovers(parent: &Path) -> Vec<String> {
+    std::fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".moehost-"))
+        .collect()
+}
+
+#[test]
+fn converted_model_matches_transformers_on_the_converted_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mini4");
+    let report = convert(&bf16_model(), &out, &options(4, 16)).unwrap();
+    // The dense layer plus the three most influential MoE layers of the profile.
+    assert_eq!(report.layers, vec![0, 1, 3, 5]);
+    assert_eq!(report.experts.len(), 3);
+    for ids in report.experts.values() {
+        assert_eq!(ids.len(), 16);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ascending: {ids:?}");
+    }
+    // config.json is consistent with the tensors.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["num_hidden_layers"], 4);
+    assert_eq!(cfg["n_routed_experts"], 16);
+    assert_eq!(cfg["num_experts_per_tok"], 6);
+    assert_eq!(cfg["n_group"], 1);
+    assert!(out.join("tokenizer.json").exists() && !out.join("README.md").exists());
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let names: Vec<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert!(names.contains(&"model.layers.3.mlp.experts.15.down_proj.weight"));
+    assert!(!names.iter().any(|n| n.starts_with("model.layers.4.")));
+    assert!(!names.contains(&"model.layers.1.mlp.experts.16.up_proj.weight"));
+    assert!(leftovers(tmp.path()).is_empty());
+
+    // The router moved with its experts: the kept rows, in order.
+    let src = Engine::open(&bf16_model()).unwrap();
+    let dst = Engine::open(&out).unwrap();
+    let (kept, moe1) = (&report.experts[&1], 1usize);
+    let src_gate = src
+        .checkpoint
+        .read_f32("model.layers.1.mlp.gate.weight", &[64, 256])
+        .unwrap();
+    let dst_gate = dst
+        .checkpoint
+        .read_f32(&format!("model.layers.{moe1}.mlp.gate.weight"), &[16, 256])
+        .unwrap();
+    for (j, &e) in kept.iter().enumerate() {
+        assert_eq!(
+            &dst_gate[j * 256..(j + 1) * 256],
+            &src_gate[e as usize * 256..(e as usize + 1) * 256]
+        );
+    }
+
+    // Logits and greedy tokens equal transformers' on this folder (tests/data/compression).
+    let golden = Golden::from_path(&data_dir().join("compression/golden-mini4.safetensors"));
+    assert_eq!(golden.prompts(), 2);
+    for p in 0..golden.prompts() {
+        let ids = golden.ids(p, "input_ids");
+        let out = dst
+            .model
+            .forward(&ids, &mut dst.model.new_cache(), Logits::All, false)
+            .unwrap();
+        let want = &golden.get(p, "logits").f32;
+        let diff = max_abs_diff(&out.logits, want);
+        assert!(diff < 1e-3, "prompt {p}: logits differ by {diff}");
+        let gen = dst.generate(&ids, 16, &Default::default(), |_| {}).unwrap();
+        assert_eq!(gen.ids, golden.ids(p, "greedy_ids"), "prompt {p}");
+    }
+}
+
+#[test]
+fn profile_and_eval_measure_and_compression_costs_perplexity() {
+    let text = data_dir().join("text/heldout.txt");
+    let cal = data_dir().join("text/calibration.txt");
+    let tmp = tempfile::tempdir().unwrap();
+    let prof = tmp.path().join("profile.json");
+    let out = moehost()
+        .args(["profile", "--text"])
+        .arg(&cal)
+        .args(["--max-tokens", "2000", "--out"])
+        .arg(&prof)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let p = Profile::load(&prof).unwrap();
+    assert_eq!(p.tokens, 2000 + 2000_u64.div_ceil(511));
+    assert_eq!(p.layers.len(), 8);
+    assert!(!p.layers[0].moe && p.layers[0].experts.is_empty());
+    for l in &p.layers[1..] {
+        assert!(l.moe && l.experts.len() == 64);
+        assert!(l.block_influence > 0.0 && l.block_influence < 1.0);
+        // Every token routes to 6 experts; the normalised weights of a token sum to 1.
+        let count: u64 = l.experts.iter().map(|e| e.count).sum();
+        let mass: f64 = l.experts.iter().map(|e| e.mass).sum();
+        assert_eq!(count, 6 * p.tokens);
+        assert!(
+            (mass - p.tokens as f64).abs() < 1e-2 * p.tokens as f64,
+            "{mass}"
+        );
+    }
+
+    let eval = |model: Option<&Path>| -> f64 {
+        let mut cmd = moehost();
+        cmd.args(["eval", "--json", "--max-tokens", "3000", "--text"])
+            .arg(&text);
+        if let Some(m) = model {
+            cmd.arg("--model").arg(m);
+        }
+        let out = cmd.output().unwrap();
+        assert_ok(&out);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["perplexity"].as_f64().unwrap()
+    };
+    let full = eval(None);
+    let mini = tmp.path().join("mini");
+    let out = moehost()
+        .args(["convert", "--model"])
+        .arg(bf16_model())
+        .arg("--out")
+        .arg(&mini)
+        .args(["--layers", "6", "--experts", "32", "--profile"])
+        .arg(&prof)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let small = eval(Some(&mini));
+    assert!(full > 1.0 && full < 200.0, "{full}");
+    assert!(
+        small > full,
+        "compression costs something: {small} vs {full}"
+    );
+}
+
+#[test]
+fn fp8_sources_keep_fp8_or_dequantize_to_bf16() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keep = tmp.path().join("fp8");
+    let bf16 = tmp.path().join("bf16");
+    let mut o = options(3, 8);
+    o.dtype = OutDtype::Fp8;
+    convert(&fp8_model(), &keep, &o).unwrap();
+    o.dtype = OutDtype::Bf16;
+    convert(&fp8_model(), &bf16, &o).unwrap();
+    let read = |d: &PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap()
+    };
+    assert!(read(&keep).get("quantization_config").is_some());
+    assert!(read(&bf16).get("quantization_config").is_none());
+    let a = Engine::open(&keep).unwrap();
+    let b = Engine::open(&bf16).unwrap();
+    let name = "model.layers.2.mlp.experts.7.down_proj.weight";
+    assert!(a.checkpoint.contains(&format!("{name}_scale_inv")));
+    assert!(!b.checkpoint.contains(&format!("{name}_scale_inv")));
+    assert_eq!(
+        b.checkpoint.raw(name).unwrap().dtype,
+        safetensors::Dtype::BF16
+    );
+    // The same weights, rounded to bf16 once: close logits.
+    let ids = a.encode("<|bos|>Copyright (C) the authors").unwrap();
+    let la = a
+        .model
+        .forward(&ids, &mut a.model.new_cache(), Logits::Last, false)
+        .unwrap()
+        .logits;
+    let lb = b
+        .model
+        .forward(&ids, &mut b.model.new_cache(), Logits::Last, false)
+        .unwrap()
+        .logits;
+    assert!(max_abs_diff(&la, &lb) < 0.1, "{}", max_abs_diff(&la, &lb));
+    // bf16 to FP8 is not a conversion this command makes.
+    let mut o = options(3, 8);
+    o.dtype = OutDtype::Fp8;
+    let err = convert(&bf16_model(), &tmp.path().join("x"), &o).unwrap_err();
+    assert!(format!("{err:#}").contains("not FP8"), "{err:#}");
+}
+
+#[test]
+fn damaged_sources_and_bad_outputs_fail_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |name: &str| -> PathBuf {
+        let d = tmp.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for e in std::fs::read_dir(bf16_model()).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        d
+    };
+    let fails = |src: &Path, want: &str| {
+        let out = tmp.path().join("out");
+        let err = convert(src, &out, &options(4, 16)).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(want), "{msg}");
+        assert!(!out.exists(), "no partial output");
+        assert!(
+            leftovers(tmp.path()).is_empty(),
+            "{:?}",
+            leftovers(tmp.path())
+        );
+    };
+    // A missing shard.
+    let missing = copy("missing");
+    std::fs::remove_file(missing.join("model-00002-of-00002.safetensors")).unwrap();
+    fails(&missing, "model-00002-of-00002.safetensors");
+    // A truncated shard.
+    let truncated = copy("truncated");
+    let shard = truncated.join("model-00001-of-00002.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    fails(&truncated, "model-00001-of-00002.safetensors");
+    // config.json promising a different shape than the tensors have.
+    let wrong = copy("wrong");
+    let cfg = std::fs::read_to_string(wrong.join("config.json")).unwrap();
+    std::fs::write(
+        wrong.join("config.json"),
+        cfg.replace(
+            "\"moe_intermediate_size\": 64",
+            "\"moe_intermediate_size\": 96",
+        ),
+    )
+    .unwrap();
+    fails(&wrong, "shape");
+
+    // Never into the source, never over a non-empty folder without --force.
+    let src = copy("src");
+    let err = convert(&src, &src.join("inside"), &options(4, 16)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("must not be the source"),
+        "{err:#}"
+    );
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("keep.txt"), "mine").unwrap();
+    let err = convert(&src, &busy, &options(4, 16)).unwrap_err();
+    assert!(format!("{err:#}").contains("--force"), "{err:#}");
+    assert!(busy.join("keep.txt").exists());
+    let mut o = options(4, 16);
+    o.force = true;
+    convert(&src, &busy, &o).unwrap();
+    assert!(!busy.join("keep.txt").exists() && busy.join("config.json").exists());
+    // Bad sizes name the limit.
+    let err = convert(&src, &tmp.path().join("o2"), &options(1, 16)).unwrap_err();
+    assert!(format!("{err:#}").contains("--layers 1"), "{err:#}");
+    let err = convert(&src, &tmp.path().join("o3"), &options(4, 65)).unwrap_err();
+    assert!(format!("{err:#}").contains("--experts 65"), "{err:#}");
+}
