@@ -94,6 +94,9 @@ impl KvCache {
     }
 }
 
+/// Called after each decoder layer with its index, input and output hidden states.
+type LayerObserver<'a> = &'a mut dyn FnMut(usize, &[f32], &[f32]);
+
 /// One sequence of a batched forward pass: the tokens to run and its cache.
 pub struct Sequence<'a> {
     pub ids: &'a [u32],
@@ -315,7 +318,7 @@ impl DeepseekV3 {
         ids: &[u32],
         cache: &mut KvCache,
         logits: Logits,
-        on_layer: &mut dyn FnMut(usize, &[f32], &[f32]),
+        on_layer: LayerObserver<'_>,
     ) -> Result<ForwardOutput> {
         let mut seqs = [Sequence { ids, cache }];
         let (out, routing) =
@@ -334,7 +337,7 @@ impl DeepseekV3 {
         seqs: &mut [Sequence<'_>],
         logits: Logits,
         record_routing: bool,
-        mut on_layer: Option<&mut dyn FnMut(usize, &[f32], &[f32])>,
+        mut on_layer: Option<LayerObserver<'_>>,
     ) -> Result<(Vec<f32>, Vec<LayerRouting>)> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;

@@ -198,32 +198,31 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut weight_map = BTreeMap::new();
-    let mut shard: Vec<(String, Dtype, Vec<usize>, Data<'_>)> = Vec::new();
+    let mut shard: Vec<OutTensor<'_>> = Vec::new();
     let mut shard_size = 0u64;
     let mut shard_files: Vec<Vec<String>> = Vec::new();
     let mut total = 0u64;
-    let flush = |shard: &mut Vec<(String, Dtype, Vec<usize>, Data<'_>)>,
-                 shard_files: &mut Vec<Vec<String>>|
-     -> Result<()> {
-        if shard.is_empty() {
-            return Ok(());
-        }
-        let n = shard_files.len() + 1;
-        let file = format!("model-{n:05}.safetensors");
-        let views: Vec<(String, TensorView<'_>)> = shard
-            .iter()
-            .map(|(name, dtype, shape, data)| {
-                TensorView::new(*dtype, shape.clone(), data.bytes())
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
-            })
-            .collect::<Result<_>>()?;
-        let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
-        safetensors::serialize_to_file(views, Some(meta), &tmp.path().join(&file))
-            .with_context(|| format!("cannot write {file}"))?;
-        shard_files.push(shard.drain(..).map(|(name, ..)| name).collect());
-        Ok(())
-    };
+    let flush =
+        |shard: &mut Vec<OutTensor<'_>>, shard_files: &mut Vec<Vec<String>>| -> Result<()> {
+            if shard.is_empty() {
+                return Ok(());
+            }
+            let n = shard_files.len() + 1;
+            let file = format!("model-{n:05}.safetensors");
+            let views: Vec<(String, TensorView<'_>)> = shard
+                .iter()
+                .map(|(name, dtype, shape, data)| {
+                    TensorView::new(*dtype, shape.clone(), data.bytes())
+                        .map(|v| (name.clone(), v))
+                        .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
+                })
+                .collect::<Result<_>>()?;
+            let meta = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+            safetensors::serialize_to_file(views, Some(meta), &tmp.path().join(&file))
+                .with_context(|| format!("cannot write {file}"))?;
+            shard_files.push(shard.drain(..).map(|(name, ..)| name).collect());
+            Ok(())
+        };
     for p in &plan {
         let raw = ckpt.raw(&p.source)?;
         let (dtype, shape, data) = if dequantize && raw.dtype == Dtype::F8_E4M3 {
@@ -354,6 +353,9 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
     })
 }
 
+/// An output tensor waiting in the current shard: name, dtype, shape, bytes.
+type OutTensor<'a> = (String, Dtype, Vec<usize>, Data<'a>);
+
 /// Bytes of an output tensor: borrowed from the source mapping, or built here.
 enum Data<'a> {
     Borrowed(&'a [u8]),
@@ -369,11 +371,11 @@ impl Data<'_> {
     }
 }
 
+/// Per kept source MoE layer, the experts kept (ascending).
+type KeptExperts = HashMap<usize, Vec<u32>>;
+
 /// The source layers to keep (ascending) and, per kept MoE layer, the experts to keep.
-fn choose(
-    cfg: &ModelConfig,
-    opts: &ConvertOptions,
-) -> Result<(Vec<usize>, HashMap<usize, Vec<u32>>)> {
+fn choose(cfg: &ModelConfig, opts: &ConvertOptions) -> Result<(Vec<usize>, KeptExperts)> {
     let moe = cfg.moe_layers();
     let dense: Vec<usize> = (0..cfg.num_hidden_layers)
         .filter(|l| !moe.contains(l))
@@ -453,7 +455,7 @@ fn choose(
 /// they still divide the experts (at least two per group, as DeepSeek scores a group by its
 /// top two), else one group.
 fn groups_for(n_group: usize, topk_group: usize, experts: usize) -> (usize, usize) {
-    if n_group > 1 && experts % n_group == 0 && experts / n_group >= 2 {
+    if n_group > 1 && experts.is_multiple_of(n_group) && experts / n_group >= 2 {
         (n_group, topk_group.min(n_group))
     } else {
         (1, 1)
