@@ -210,7 +210,7 @@ enum Command {
         #[arg(long)]
         experts: usize,
         /// A profile from `moehost profile`: layers by block influence, experts by routed mass.
-        #[arg(long, conflicts_with = "uniform")]
+        #[arg(long)]
         profile: Option<PathBuf>,
         /// Evenly spaced MoE layers instead (experts: by the profile if given, else the first M).
         #[arg(long)]
