@@ -162,15 +162,35 @@ impl Checkpoint {
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let raw = self.raw(name)?;
         ensure!(
-            raw.shape == shape,
+            raw.shape == crate::quant::stored_shape(raw.dtype, shape),
             "tensor {name} has shape {:?}, expected {shape:?} from config.json",
             raw.shape
         );
-        let scales = match raw.dtype {
-            Dtype::F8_E4M3 => Some(self.fp8_scales(&raw)?),
-            _ => None,
-        };
+        let scales = self.scales(&raw)?;
         decode_f32(&raw, scales.as_deref(), self.fp8_block)
+    }
+
+    /// The scales a stored tensor needs: FP8 block scales, or the group scales of moehost's
+    /// int8/int4 format (`crate::quant`); `None` for plain float tensors.
+    pub fn scales(&self, raw: &RawTensor<'_>) -> Result<Option<Vec<f32>>> {
+        Ok(match raw.dtype {
+            Dtype::F8_E4M3 => Some(self.fp8_scales(raw)?),
+            d if crate::quant::is_quantized(d) => {
+                let logical = crate::quant::logical_shape(d, raw.shape);
+                ensure!(
+                    logical.len() == 2,
+                    "quantized tensor {} must be 2-D, got shape {:?}",
+                    raw.name,
+                    raw.shape
+                );
+                let want = crate::quant::scale_shape(logical[0], logical[1]);
+                Some(
+                    self.read_f32(&format!("{}_qscale", raw.name), &want)
+                        .with_context(|| format!("scales of quantized tensor {}", raw.name))?,
+                )
+            }
+            _ => None,
+        })
     }
 
     /// The block scales of FP8 tensor `raw` (`<name>_scale_inv`, `ceil`-sized blocks).
@@ -207,6 +227,19 @@ pub fn decode_f32(
 ) -> Result<Vec<f32>> {
     let name = raw.name;
     let shape = raw.shape;
+    if crate::quant::is_quantized(raw.dtype) {
+        let logical = crate::quant::logical_shape(raw.dtype, shape);
+        ensure!(
+            logical.len() == 2,
+            "quantized tensor {name} must be 2-D, got shape {shape:?}"
+        );
+        let scales = scales.with_context(|| format!("quantized tensor {name} needs its scales"))?;
+        let mut out = vec![0f32; logical[0] * logical[1]];
+        crate::quant::dequantize(
+            name, raw.dtype, raw.bytes, logical[0], logical[1], scales, &mut out,
+        )?;
+        return Ok(out);
+    }
     let n: usize = shape.iter().product();
     let mut out = vec![0f32; n];
     match raw.dtype {
@@ -236,7 +269,7 @@ pub fn decode_f32(
             fp8::dequantize_blocks(raw.bytes, shape[0], shape[1], scales, block, &mut out);
         }
         other => bail!(
-            "tensor {name} has dtype {other:?}; moehost reads F32, BF16, F16 and F8_E4M3 weights"
+            "tensor {name} has dtype {other:?}; moehost reads F32, BF16, F16, F8_E4M3 and its own int8/int4 (I8/U8) weights"
         ),
     }
     Ok(out)

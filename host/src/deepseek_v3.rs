@@ -713,12 +713,25 @@ pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> 
     for (name, shape) in &want {
         let raw = ckpt.raw(name)?;
         ensure!(
-            raw.shape == shape.as_slice(),
+            raw.shape == crate::quant::stored_shape(raw.dtype, shape).as_slice(),
             "tensor {name} has shape {:?}, expected {shape:?} from config.json",
             raw.shape
         );
         match raw.dtype {
             Dtype::F32 | Dtype::BF16 | Dtype::F16 => {}
+            Dtype::I8 | Dtype::U8 => {
+                ensure!(shape.len() == 2, "tensor {name} is quantized but not a 2-D weight");
+                let scale_name = format!("{name}_qscale");
+                let scale = ckpt
+                    .raw(&scale_name)
+                    .with_context(|| format!("quantized tensor {name} needs its scales"))?;
+                let want_scale = crate::quant::scale_shape(shape[0], shape[1]);
+                ensure!(
+                    scale.shape == want_scale,
+                    "tensor {scale_name} has shape {:?}, expected {want_scale:?}",
+                    scale.shape
+                );
+            }
             Dtype::F8_E4M3 => {
                 ensure!(shape.len() == 2, "tensor {name} is F8_E4M3 but not a 2-D weight");
                 ensure!(
@@ -738,7 +751,7 @@ pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> 
                 );
             }
             other => anyhow::bail!(
-                "tensor {name} has dtype {other:?}; moehost reads F32, BF16, F16 and F8_E4M3 weights"
+                "tensor {name} has dtype {other:?}; moehost reads F32, BF16, F16, F8_E4M3 and its own int8/int4 (I8/U8) weights"
             ),
         }
     }

@@ -166,7 +166,7 @@ pub struct OwnedTensor {
     pub dtype: safetensors::Dtype,
     pub shape: Vec<usize>,
     pub bytes: Vec<u8>,
-    /// FP8 block scales, when the tensor is FP8.
+    /// FP8 block scales or int8/int4 group scales, when the tensor has them.
     pub scales: Option<Vec<f32>>,
 }
 
@@ -183,10 +183,7 @@ impl ExpertBytes {
         let prefix = expert_prefix(layer, expert);
         let one = |proj: &str| -> Result<OwnedTensor> {
             let raw = ckpt.raw(&format!("{prefix}.{proj}.weight"))?;
-            let scales = match raw.dtype {
-                safetensors::Dtype::F8_E4M3 => Some(ckpt.fp8_scales(&raw)?),
-                _ => None,
-            };
+            let scales = ckpt.scales(&raw)?;
             Ok(OwnedTensor {
                 name: raw.name.to_owned(),
                 dtype: raw.dtype,
@@ -225,7 +222,10 @@ impl ExpertBytes {
         Ok(FfnWeights {
             gate_up,
             down: decode(&self.tensors[2])?,
-            intermediate: self.tensors[0].shape[0],
+            intermediate: crate::quant::logical_shape(
+                self.tensors[0].dtype,
+                &self.tensors[0].shape,
+            )[0],
         })
     }
 }

@@ -16,6 +16,7 @@ pub mod forward_dump;
 pub mod fp8;
 pub mod kernels;
 pub mod policy;
+pub mod quant;
 pub mod replay;
 pub mod rope;
 pub mod router;

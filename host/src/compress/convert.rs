@@ -51,6 +51,8 @@ pub struct ConvertOptions {
     /// Without one, experts 0..M are kept.
     pub profile: Option<Profile>,
     pub dtype: OutDtype,
+    /// Store routed experts in moehost's int8/int4 format (`crate::quant`).
+    pub quantize_experts: Option<crate::quant::Bits>,
     /// Replace an existing non-empty output folder.
     pub force: bool,
     /// Largest shard, bytes.
@@ -76,6 +78,8 @@ struct Planned {
     source: String,
     /// Rows (first dimension) to keep, for the router's weight and bias.
     rows: Option<Vec<u32>>,
+    /// A routed expert's projection weight (quantized with `quantize_experts`).
+    expert_weight: bool,
 }
 
 pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
@@ -148,6 +152,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
             name: name.clone(),
             source: name.clone(),
             rows: None,
+            expert_weight: false,
         });
     }
     let mut kept_experts = BTreeMap::new();
@@ -177,15 +182,24 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
                 }
                 _ => None,
             };
+            let expert_weight = expert_of(rest).is_some_and(|(_, t)| t.ends_with("_proj.weight"));
             plan.push(Planned {
                 name: format!("model.layers.{j}.{out_rest}"),
                 source: name,
                 rows,
+                expert_weight,
             });
         }
     }
     if dequantize {
         plan.retain(|p| !p.source.ends_with("_scale_inv"));
+    }
+    if opts.quantize_experts.is_some() {
+        // Quantized experts carry their own scales.
+        plan.retain(|p| {
+            let own_scale = p.source.ends_with("_scale_inv") || p.source.ends_with("_qscale");
+            !(own_scale && layer_of(&p.source).is_some_and(|(_, r)| expert_of(r).is_some()))
+        });
     }
 
     // Write into a temporary folder beside the output.
@@ -225,6 +239,38 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
         };
     for p in &plan {
         let raw = ckpt.raw(&p.source)?;
+        if let (Some(bits), true) = (opts.quantize_experts, p.expert_weight) {
+            let logical = crate::quant::logical_shape(raw.dtype, raw.shape);
+            ensure!(logical.len() == 2, "tensor {} is not 2-D", p.source);
+            let w = ckpt.read_f32(&p.source, &logical)?;
+            let (data, scales) = crate::quant::quantize(&w, logical[0], logical[1], bits);
+            let scale_shape = crate::quant::scale_shape(logical[0], logical[1]).to_vec();
+            for (name, dtype, shape, bytes) in [
+                (
+                    p.name.clone(),
+                    bits.dtype(),
+                    crate::quant::stored_shape(bits.dtype(), &logical),
+                    data,
+                ),
+                (
+                    format!("{}_qscale", p.name),
+                    Dtype::F16,
+                    scale_shape,
+                    scales,
+                ),
+            ] {
+                let size = bytes.len() as u64;
+                if shard_size > 0 && shard_size + size > opts.shard_bytes {
+                    flush(&mut shard, &mut shard_files)?;
+                    shard_size = 0;
+                }
+                shard_size += size;
+                total += size;
+                shard.push((name, dtype, shape, Data::Owned(bytes)));
+            }
+            bar.inc(1);
+            continue;
+        }
         let (dtype, shape, data) = if dequantize && raw.dtype == Dtype::F8_E4M3 {
             let scales = ckpt.fp8_scales(&raw)?;
             let f = decode_f32(&raw, Some(&scales), cfg.fp8_block)?;
@@ -306,6 +352,14 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
     if dequantize {
         obj.remove("quantization_config");
         obj.insert("torch_dtype".into(), "bfloat16".into());
+    }
+    if let Some(bits) = opts.quantize_experts {
+        // Informative: the tensors' dtypes say how they are stored (see `crate::quant`).
+        obj.insert(
+            "moehost_quantization".into(),
+            serde_json::json!({"experts": bits.name(), "group_size": crate::quant::GROUP,
+                               "scale": "f16 per group of consecutive input columns"}),
+        );
     }
     std::fs::write(
         tmp.path().join("config.json"),
