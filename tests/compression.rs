@@ -20,6 +20,7 @@ fn options(layers: usize, experts: usize) -> ConvertOptions {
         experts,
         layer_choice: LayerChoice::Profile,
         profile: Some(profile()),
+        ranker: None,
         dtype: OutDtype::Keep,
         quantize_experts: None,
         force: false,
@@ -382,4 +383,56 @@ fn quantized_experts_load_run_close_to_bf16_and_fill_the_host_tier_denser() {
         host_slots[0],
         host_slots[1]
     );
+}
+
+#[test]
+fn a_pruning_plugin_ranks_the_experts_and_a_bad_one_falls_back_to_routed_mass() {
+    use moehost::policy::PolicySource;
+    let tmp = tempfile::tempdir().unwrap();
+    let p = profile();
+    let mut o = options(4, 16);
+    o.ranker = Some(PolicySource::parse("count-rank"));
+    let r = convert(&bf16_model(), &tmp.path().join("count"), &o).unwrap();
+    assert_eq!(
+        (r.experts_ranked_by.as_str(), r.ranker_fallbacks),
+        ("count-rank", 0)
+    );
+    for (j, kept) in &r.experts {
+        // The 16 experts with the most tokens in the profile (ties: mass, then id).
+        let stats = &p.layers[r.layers[*j]].experts;
+        let mut want: Vec<u32> = (0..64).collect();
+        want.sort_by(|&a, &b| {
+            let (x, y) = (&stats[a as usize], &stats[b as usize]);
+            y.count
+                .cmp(&x.count)
+                .then(y.mass.total_cmp(&x.mass))
+                .then(a.cmp(&b))
+        });
+        want.truncate(16);
+        want.sort_unstable();
+        assert_eq!(kept, &want, "layer {j}");
+    }
+    assert!(Engine::open(&tmp.path().join("count")).is_ok());
+
+    // Garbage answers: every layer falls back to the built-in ranking, and says so.
+    o.ranker = Some(PolicySource::parse("fixture-bad-rank"));
+    let bad = convert(&bf16_model(), &tmp.path().join("bad"), &o).unwrap();
+    let mass = convert(&bf16_model(), &tmp.path().join("mass"), &options(4, 16)).unwrap();
+    assert_eq!(bad.ranker_fallbacks, 3);
+    assert_eq!(bad.experts, mass.experts);
+    assert_eq!(mass.experts_ranked_by, "routed-mass");
+
+    // Not a ranker, or no statistics to rank by: clear errors, nothing written.
+    o.ranker = Some(PolicySource::parse("topk"));
+    let err = convert(&bf16_model(), &tmp.path().join("x"), &o).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("moehost:policy/pruning"),
+        "{err:#}"
+    );
+    o.ranker = Some(PolicySource::parse("count-rank"));
+    o.profile = None;
+    o.layer_choice = LayerChoice::Uniform;
+    let err = convert(&bf16_model(), &tmp.path().join("y"), &o).unwrap_err();
+    assert!(format!("{err:#}").contains("needs --profile"), "{err:#}");
+    assert!(!tmp.path().join("x").exists() && !tmp.path().join("y").exists());
 }

@@ -215,6 +215,10 @@ enum Command {
         /// Evenly spaced MoE layers instead (experts: by the profile if given, else the first M).
         #[arg(long)]
         uniform: bool,
+        /// Rank experts with a pruning plugin (a bundled name such as count-rank, or a .wasm
+        /// exporting moehost:policy/pruning) instead of by routed mass; needs --profile.
+        #[arg(long)]
+        selection: Option<String>,
         /// Weights of the result: keep (as stored), bf16 (dequantize FP8) or fp8 (keep FP8).
         #[arg(long, default_value = "keep", value_parser = ["keep", "bf16", "fp8"])]
         dtype: String,
@@ -712,7 +716,15 @@ fn run() -> Result<()> {
                     let src = PolicySource::Bundled(name.to_owned());
                     match moehost::policy::check::check(&src) {
                         Ok(r) => println!("{name:18} {:9} {}", r.kind.to_string(), r.description),
-                        Err(e) => println!("{name:18} error: {e:#}"),
+                        // Not a serving policy: maybe a pruning ranker (moehost convert).
+                        Err(e) => match moehost::policy::wasm::PruningPlugin::load(
+                            &src.bytes()?,
+                            name,
+                            Default::default(),
+                        ) {
+                            Ok(p) => println!("{name:18} {:9} {}", "pruning", p.description),
+                            Err(_) => println!("{name:18} error: {e:#}"),
+                        },
                     }
                 }
             }
@@ -746,6 +758,7 @@ fn run() -> Result<()> {
             experts,
             profile,
             uniform,
+            selection,
             dtype,
             quantize_experts,
             shard_size,
@@ -765,6 +778,7 @@ fn run() -> Result<()> {
                     LayerChoice::Profile
                 },
                 profile,
+                ranker: selection.as_deref().map(PolicySource::parse),
                 dtype: match dtype.as_str() {
                     "bf16" => OutDtype::Bf16,
                     "fp8" => OutDtype::Fp8,
@@ -792,6 +806,7 @@ fn run() -> Result<()> {
                 experts: cfg.n_routed_experts,
                 layer_choice: LayerChoice::Uniform,
                 profile: None,
+                ranker: None,
                 dtype: OutDtype::Keep,
                 quantize_experts: Some(bits_of(&experts)),
                 force,

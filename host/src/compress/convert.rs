@@ -51,6 +51,9 @@ pub struct ConvertOptions {
     /// Without one, experts 0..M are kept.
     pub profile: Option<Profile>,
     pub dtype: OutDtype,
+    /// Ranks experts with a pruning plugin (`wit/policy.wit`, interface `pruning`) instead of
+    /// by routed mass; needs a profile (its statistics are what the plugin sees).
+    pub ranker: Option<crate::policy::PolicySource>,
     /// Store routed experts in moehost's int8/int4 format (`crate::quant`).
     pub quantize_experts: Option<crate::quant::Bits>,
     /// Replace an existing non-empty output folder.
@@ -70,6 +73,10 @@ pub struct ConvertReport {
     pub tensors: usize,
     pub shards: usize,
     pub bytes: u64,
+    /// What ranked the experts: `routed-mass`, `expert-id` (no profile) or the plugin's name.
+    pub experts_ranked_by: String,
+    /// Layers where the plugin failed and routed mass ranked instead.
+    pub ranker_fallbacks: usize,
 }
 
 /// A tensor of the output and where its bytes come from.
@@ -125,7 +132,26 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
     crate::deepseek_v3::check_tensors(&cfg, &ckpt)
         .with_context(|| format!("{} is not a complete checkpoint", src.display()))?;
 
-    let (layers, experts) = choose(&cfg, opts)?;
+    let mut ranker = match &opts.ranker {
+        Some(src) => {
+            ensure!(
+                opts.profile.is_some(),
+                "ranking experts with a plugin needs --profile (the statistics it ranks by)"
+            );
+            Some(crate::policy::wasm::PruningPlugin::load(
+                &src.bytes()?,
+                &src.describe(),
+                crate::policy::wasm::RuntimeLimits::default(),
+            )?)
+        }
+        None => None,
+    };
+    let (layers, experts, ranker_fallbacks) = choose(&cfg, opts, ranker.as_mut())?;
+    let experts_ranked_by = match (&ranker, &opts.profile) {
+        (Some(r), _) => r.name.clone(),
+        (None, Some(_)) => "routed-mass".into(),
+        (None, None) => "expert-id".into(),
+    };
     let fp8_source = cfg.fp8_block.is_some();
     if opts.dtype == OutDtype::Fp8 {
         ensure!(
@@ -404,6 +430,8 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
         tensors: plan.len(),
         shards: count,
         bytes: total,
+        experts_ranked_by,
+        ranker_fallbacks,
     })
 }
 
@@ -428,8 +456,13 @@ impl Data<'_> {
 /// Per kept source MoE layer, the experts kept (ascending).
 type KeptExperts = HashMap<usize, Vec<u32>>;
 
-/// The source layers to keep (ascending) and, per kept MoE layer, the experts to keep.
-fn choose(cfg: &ModelConfig, opts: &ConvertOptions) -> Result<(Vec<usize>, KeptExperts)> {
+/// The source layers to keep (ascending), per kept MoE layer the experts to keep, and how
+/// often the ranker failed.
+fn choose(
+    cfg: &ModelConfig,
+    opts: &ConvertOptions,
+    mut ranker: Option<&mut crate::policy::wasm::PruningPlugin>,
+) -> Result<(Vec<usize>, KeptExperts, usize)> {
     let moe = cfg.moe_layers();
     let dense: Vec<usize> = (0..cfg.num_hidden_layers)
         .filter(|l| !moe.contains(l))
@@ -485,6 +518,8 @@ fn choose(cfg: &ModelConfig, opts: &ConvertOptions) -> Result<(Vec<usize>, KeptE
     kept.sort_unstable();
     kept.dedup();
     let mut experts = HashMap::new();
+    let mut fallbacks = 0;
+    let moe_index = |l: usize| moe.iter().position(|&x| x == l).unwrap_or(0) as u32;
     for &l in &kept {
         let mut ids: Vec<u32> = (0..cfg.n_routed_experts as u32).collect();
         if let Some(stats) = opts
@@ -496,13 +531,37 @@ fn choose(cfg: &ModelConfig, opts: &ConvertOptions) -> Result<(Vec<usize>, KeptE
             let mass = |e: u32| stats.experts[e as usize].mass;
             // Most routed mass first; ties to the lower id.
             ids.sort_by(|a, b| mass(*b).total_cmp(&mass(*a)).then(a.cmp(b)));
+            if let Some(r) = ranker.as_deref_mut() {
+                let shape = crate::policy::ModelShape {
+                    moe_layers: moe.len() as u32,
+                    experts_per_layer: cfg.n_routed_experts as u32,
+                    top_k: cfg.num_experts_per_tok as u32,
+                    expert_bytes: 0,
+                };
+                let counts: Vec<u32> = stats
+                    .experts
+                    .iter()
+                    .map(|e| e.count.min(u64::from(u32::MAX)) as u32)
+                    .collect();
+                let masses: Vec<f32> = stats.experts.iter().map(|e| e.mass as f32).collect();
+                match r.rank(shape, moe_index(l), &counts, &masses, m as u32) {
+                    Ok(ranked) => ids = ranked,
+                    Err(e) => {
+                        fallbacks += 1;
+                        eprintln!(
+                            "moehost: pruning plugin {} failed on layer {l} ({e}); ranked by routed mass",
+                            r.name
+                        );
+                    }
+                }
+            }
         }
         ids.truncate(m);
         ids.sort_unstable();
         experts.insert(l, ids);
     }
     let layers: Vec<usize> = dense.into_iter().chain(kept).collect();
-    Ok((layers, experts))
+    Ok((layers, experts, fallbacks))
 }
 
 /// Group-limited routing needs every group to hold experts: keep the source's groups when

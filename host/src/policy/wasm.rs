@@ -734,3 +734,134 @@ impl Prefetch for WasmPolicy {
         )
     }
 }
+
+use v2::exports::moehost::policy0_2_0::pruning as wpr;
+
+/// An expert-pruning ranker (`wit/policy.wit`, interface `pruning`): used offline by
+/// `moehost convert --selection`, under the same sandbox as every plugin (no imports, a
+/// deadline per call, a memory limit).
+pub struct PruningPlugin {
+    store: Store<StoreState>,
+    guest: wpr::Guest,
+    limits: RuntimeLimits,
+    pub name: String,
+    pub description: String,
+}
+
+impl PruningPlugin {
+    pub fn load(bytes: &[u8], origin: &str, limits: RuntimeLimits) -> Result<Self> {
+        let engine = engine();
+        let component = Component::from_binary(engine, bytes)
+            .map_err(|e| anyhow::anyhow!("{origin} is not a valid WebAssembly component: {e:#}"))?;
+        let ty = component.component_type();
+        let imports: Vec<String> = ty
+            .imports(engine)
+            .map(|(n, _)| n.to_owned())
+            .filter(|n| !n.starts_with(TYPES_PREFIX))
+            .collect();
+        if !imports.is_empty() {
+            bail!(
+                "{origin} imports {}: policies get no imports (no WASI, filesystem, network or clock)",
+                imports.join(", ")
+            );
+        }
+        let export = ty
+            .exports(engine)
+            .map(|(n, _)| n.to_owned())
+            .find(|n| n.starts_with("moehost:policy/pruning@0.2."));
+        if export.is_none() {
+            bail!(
+                "{origin} exports no moehost:policy/pruning@0.2.x (an expert-pruning ranker: world \
+                 pruning-policy in wit/policy.wit)"
+            );
+        }
+        let mut linker = Linker::<StoreState>::new(engine);
+        linker
+            .instance(&format!("{TYPES_PREFIX}{WIT_VERSION}"))
+            .map_err(|e| anyhow::anyhow!("cannot define the types interface: {e:#}"))?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow::anyhow!("cannot prepare {origin}: {e:#}"))?;
+        let store_limits = StoreLimitsBuilder::new()
+            .memory_size(limits.memory_bytes)
+            .instances(4)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(
+            engine,
+            StoreState {
+                limits: store_limits,
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(limits.init_timeout));
+        let instance = pre
+            .instantiate(&mut store)
+            .map_err(|e| anyhow::anyhow!("{origin}: {}", classify(&e)))?;
+        let guest = wpr::GuestIndices::new(&pre)
+            .and_then(|i| i.load(&mut store, &instance))
+            .map_err(|e| anyhow::anyhow!("{origin}: {}", classify(&e)))?;
+        let info = guest
+            .call_info(&mut store)
+            .map_err(|e| anyhow::anyhow!("{origin}: info failed: {}", classify(&e)))?;
+        Ok(Self {
+            store,
+            guest,
+            limits,
+            name: info.name,
+            description: info.description,
+        })
+    }
+
+    /// The plugin's ranking of one layer's experts, validated: the first `keep` are distinct
+    /// and in range. An error names what went wrong (the caller falls back).
+    pub fn rank(
+        &mut self,
+        shape: ModelShape,
+        layer: u32,
+        counts: &[u32],
+        mass: &[f32],
+        keep: u32,
+    ) -> PolicyResult<Vec<u32>> {
+        let s = &mut self.store;
+        s.set_epoch_deadline(deadline_ticks(self.limits.init_timeout));
+        let stats = wpr::LayerStats {
+            layer,
+            counts: counts.to_vec(),
+            mass: mass.to_vec(),
+        };
+        let wshape = wt::ModelShape {
+            moe_layers: shape.moe_layers,
+            experts_per_layer: shape.experts_per_layer,
+            top_k: shape.top_k,
+            expert_bytes: shape.expert_bytes,
+        };
+        let ranked = self
+            .guest
+            .call_rank_experts(&mut *s, wshape, &stats, keep)
+            .map_err(|e| classify(&e))?;
+        let e = shape.experts_per_layer;
+        let mut seen = vec![false; e as usize];
+        let mut out = Vec::with_capacity(keep as usize);
+        for &x in &ranked {
+            if out.len() == keep as usize {
+                break;
+            }
+            if x >= e || std::mem::replace(&mut seen[x as usize], true) {
+                return Err(PolicyError {
+                    kind: FailureKind::InvalidAnswer,
+                    message: format!("expert {x} out of range (0..{e}) or ranked twice"),
+                });
+            }
+            out.push(x);
+        }
+        if out.len() < keep as usize {
+            return Err(PolicyError {
+                kind: FailureKind::InvalidAnswer,
+                message: format!("ranked {} experts, {keep} are kept", out.len()),
+            });
+        }
+        Ok(out)
+    }
+}
