@@ -323,3 +323,56 @@ fn batched_decode_equals_single_stream_bit_for_bit() {
         }
     }
 }
+
+/// The server prefills short prompts of several requests in one forward pass; each prompt's
+/// logits must be exactly those of prefilling it alone (up to ROW_INVARIANT_MAX rows in all).
+#[test]
+fn grouped_prefill_equals_prefill_alone_bit_for_bit() {
+    use moehost::engine::SequenceState;
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let prompts = [
+        "<|bos|>The software is distributed",
+        "<|bos|>def main():\n    return",
+        "<|bos|>Fortune: you will",
+        "<|bos|>Copyright (C) 2024 the authors of this file",
+    ];
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| engine.encode(p).unwrap()).collect();
+    let total: usize = ids.iter().map(Vec::len).sum();
+    assert!(
+        total <= moehost::kernels::ROW_INVARIANT_MAX && total > 32,
+        "{total}"
+    );
+    let mut caches: Vec<_> = ids.iter().map(|_| engine.model.new_cache()).collect();
+    let grouped = {
+        let mut seqs: Vec<moehost::Sequence> = ids
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(i, c)| moehost::Sequence { ids: i, cache: c })
+            .collect();
+        engine.model.forward_batch(&mut seqs).unwrap()
+    };
+    for (i, g) in ids.iter().zip(&grouped) {
+        let alone = engine
+            .model
+            .forward(i, &mut engine.model.new_cache(), Logits::Last, false)
+            .unwrap()
+            .logits;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(g), bits(&alone));
+    }
+    // And through the scheduler's entry point, the first tokens agree with generate.
+    let params = Default::default();
+    let mut states: Vec<SequenceState> = ids
+        .iter()
+        .map(|i| SequenceState::new(&engine, i, 4, &params, vec![]).unwrap())
+        .collect();
+    let mut refs: Vec<&mut SequenceState> = states.iter_mut().collect();
+    let store =
+        moehost::experts::ResidentExperts::new(engine.checkpoint.clone(), engine.model.config());
+    let firsts = SequenceState::prefill_group(&engine, &store, &mut refs);
+    for ((s, first), i) in states.iter().zip(firsts).zip(&ids) {
+        first.unwrap();
+        let want = engine.generate(i, 1, &params, |_| {}).unwrap().ids;
+        assert_eq!(s.next_input(), want.first().copied());
+    }
+}

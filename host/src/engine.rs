@@ -205,6 +205,39 @@ impl SequenceState {
         self.accept(engine, &logits)
     }
 
+    /// Prefills `seqs` together in one forward pass on `experts` and takes each one's first
+    /// token. Each result is bit-identical to `prefill_on` alone when the prompts add up to at
+    /// most `kernels::ROW_INVARIANT_MAX` tokens (then every kernel computes each row on its
+    /// own); the caller keeps groups within that.
+    pub fn prefill_group(
+        engine: &Engine,
+        experts: &dyn crate::experts::ExpertProvider,
+        seqs: &mut [&mut SequenceState],
+    ) -> Vec<Result<Option<String>>> {
+        let logits = {
+            let mut batch: Vec<crate::Sequence<'_>> = seqs
+                .iter_mut()
+                .map(|s| crate::Sequence {
+                    ids: &s.prompt_ids,
+                    cache: &mut s.cache,
+                })
+                .collect();
+            engine.model.forward_batch_on(experts, &mut batch)
+        };
+        match logits {
+            Ok(logits) => seqs
+                .iter_mut()
+                .zip(&logits)
+                .map(|(s, l)| s.accept(engine, l))
+                .collect(),
+            Err(e) => seqs.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
+        }
+    }
+
+    pub fn prompt_tokens_len(&self) -> usize {
+        self.prompt_ids.len()
+    }
+
     /// The token to feed next, or `None` once finished.
     pub fn next_input(&self) -> Option<u32> {
         match self.finish_reason {

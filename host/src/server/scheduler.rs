@@ -68,18 +68,20 @@ pub fn run(
     let mut active: Vec<Active> = Vec::new();
     loop {
         // Admit: block when idle, otherwise take what is waiting (up to the batch size).
+        let mut admitted = Vec::new();
         if active.is_empty() {
             match queue.blocking_recv() {
-                Some(r) => admit(&engine, &arms, r, &mut active, &metrics),
+                Some(r) => admitted.extend(admit(&engine, &arms, r, &metrics)),
                 None => return,
             }
         }
-        while active.len() < MAX_BATCH {
+        while active.len() + admitted.len() < MAX_BATCH {
             match queue.try_recv() {
-                Ok(r) => admit(&engine, &arms, r, &mut active, &metrics),
+                Ok(r) => admitted.extend(admit(&engine, &arms, r, &metrics)),
                 Err(_) => break,
             }
         }
+        prefill(&engine, &arms, admitted, &mut active, &metrics);
         metrics
             .queue_depth
             .store(queue.len() as u64, Ordering::Relaxed);
@@ -153,16 +155,17 @@ fn decode_step(engine: &Engine, arms: &Arms, arm: usize, active: &mut [Active], 
     }
 }
 
-fn admit(engine: &Engine, arms: &Arms, r: GenRequest, active: &mut Vec<Active>, metrics: &Metrics) {
+/// A request accepted for generation, not prefilled yet (`None`: refused or gone).
+fn admit(engine: &Engine, arms: &Arms, r: GenRequest, metrics: &Metrics) -> Option<Active> {
     if r.events.is_closed() {
-        return;
+        return None;
     }
     let arm = r.arm.min(arms.arms.len() - 1);
-    let mut seq = match SequenceState::new(engine, &r.prompt_ids, r.max_tokens, &r.params, r.stop) {
+    let seq = match SequenceState::new(engine, &r.prompt_ids, r.max_tokens, &r.params, r.stop) {
         Ok(s) => s,
         Err(e) => {
             let _ = r.events.send(GenEvent::Error(format!("{e:#}")));
-            return;
+            return None;
         }
     };
     let am = &arms.arms[arm].metrics;
@@ -170,18 +173,59 @@ fn admit(engine: &Engine, arms: &Arms, r: GenRequest, active: &mut Vec<Active>, 
     for c in [&metrics.prompt_tokens, &am.prompt_tokens] {
         c.fetch_add(r.prompt_ids.len() as u64, Ordering::Relaxed);
     }
-    let first = seq.prefill_on(engine, Some(&*arms.arms[arm].store));
-    let mut a = Active {
+    Some(Active {
         arm,
         seq,
         events: r.events,
         received: r.received,
         first_token: false,
         counted: 0,
-    };
-    deliver(&mut a, first, metrics, arms);
-    if !a.seq.is_finished() {
-        active.push(a);
+    })
+}
+
+/// Prefills the admitted requests: short prompts of the same arm share a forward pass (up to
+/// `kernels::ROW_INVARIANT_MAX` prompt tokens in all, so each result is the one it would be
+/// alone); longer prompts run alone, as `generate` runs them.
+fn prefill(
+    engine: &Engine,
+    arms: &Arms,
+    admitted: Vec<Active>,
+    active: &mut Vec<Active>,
+    metrics: &Metrics,
+) {
+    let limit = crate::kernels::ROW_INVARIANT_MAX;
+    let mut pending = admitted;
+    while !pending.is_empty() {
+        let arm = pending[0].arm;
+        let mut group = Vec::new();
+        let mut rows = 0;
+        let mut rest = Vec::new();
+        for a in pending {
+            let n = a.seq.prompt_tokens_len();
+            if a.arm == arm && (group.is_empty() || rows + n <= limit) {
+                rows += n;
+                group.push(a);
+            } else {
+                rest.push(a);
+            }
+        }
+        pending = rest;
+        let store = &*arms.arms[arm].store;
+        let firsts = if group.len() == 1 || rows > limit {
+            group
+                .iter_mut()
+                .map(|a| a.seq.prefill_on(engine, Some(store)))
+                .collect()
+        } else {
+            let mut seqs: Vec<&mut SequenceState> = group.iter_mut().map(|a| &mut a.seq).collect();
+            SequenceState::prefill_group(engine, store, &mut seqs)
+        };
+        for (mut a, first) in group.into_iter().zip(firsts) {
+            deliver(&mut a, first, metrics, arms);
+            if !a.seq.is_finished() {
+                active.push(a);
+            }
+        }
     }
 }
 
