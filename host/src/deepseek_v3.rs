@@ -374,17 +374,27 @@ impl DeepseekV3 {
             let layer_in = on_layer.as_ref().map(|_| hidden.clone());
             // DeepseekV3DecoderLayer: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))
             rms_norm(&hidden, &layer.input_norm, cfg.rms_norm_eps, &mut xn);
-            for (s, &start) in seqs.iter_mut().zip(&starts) {
+            // Each sequence attends over its own cache: independent, so in parallel (a decode
+            // batch is many one-row sequences, too small to split inside).
+            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(seqs.len());
+            let mut rest = &mut delta[..];
+            for s in seqs.iter() {
+                let (mine, tail) = rest.split_at_mut(s.ids.len() * h);
+                outs.push(mine);
+                rest = tail;
+            }
+            let run = |((s, &start), out): ((&mut Sequence<'_>, &usize), &mut [f32])| {
                 let rows = start * h..(start + s.ids.len()) * h;
                 let pos0 = s.cache.len;
-                self.attention(
-                    &layer.attn,
-                    &xn[rows.clone()],
-                    l,
-                    pos0,
-                    s.cache,
-                    &mut delta[rows],
-                );
+                self.attention(&layer.attn, &xn[rows], l, pos0, s.cache, out);
+            };
+            if seqs.len() > 1 {
+                seqs.par_iter_mut()
+                    .zip(starts.par_iter())
+                    .zip(outs.into_par_iter())
+                    .for_each(run);
+            } else {
+                seqs.iter_mut().zip(&starts).zip(outs).for_each(run);
             }
             add_inplace(&mut hidden, &delta);
             rms_norm(
