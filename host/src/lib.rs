@@ -15,6 +15,7 @@ pub mod experts;
 pub mod forward_dump;
 pub mod fp8;
 pub mod kernels;
+pub mod plan;
 pub mod policy;
 pub mod quant;
 pub mod replay;

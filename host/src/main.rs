@@ -247,6 +247,40 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Memory layout and expected decode figures of a model on a machine, from config.json
+    /// alone (e.g. Kimi-K2 on one H100): experts per tier, bytes moved and the tokens/s ceiling.
+    Plan {
+        /// A config.json (e.g. Kimi-K2's), or a model folder holding one.
+        #[arg(long)]
+        config: PathBuf,
+        /// Device memory, e.g. 80GiB.
+        #[arg(long, value_parser = parse_bytes, default_value = "80GiB")]
+        device_mem: u64,
+        /// Host RAM for experts, e.g. 1TiB.
+        #[arg(long, value_parser = parse_bytes, default_value = "1TiB")]
+        host_mem: u64,
+        /// Link and memory bandwidths: h100-pcie5 or h100-pcie5-nvme5.
+        #[arg(long, default_value = "h100-pcie5")]
+        link: String,
+        /// Context tokens per sequence the KV cache holds.
+        #[arg(long, default_value_t = 8192)]
+        context: usize,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Expert storage: bf16, fp8, int8, int4 (default: the checkpoint's).
+        #[arg(long)]
+        experts: Option<String>,
+        /// Device memory kept for activations and workspace.
+        #[arg(long, value_parser = parse_bytes, default_value = "4GiB")]
+        reserve: u64,
+        /// Device-tier hit rate to assume (e.g. measured by `moehost replay`); default: the
+        /// device tier's share of experts (uniform routing).
+        #[arg(long)]
+        hit_rate: Option<f64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Perplexity of a model over a text, and forward tokens/s.
     Eval {
         /// Model folder; default: the bundled tiny-k2.
@@ -791,6 +825,57 @@ fn run() -> Result<()> {
             };
             let report = convert(&model, &out, &opts)?;
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Plan {
+            config,
+            device_mem,
+            host_mem,
+            link,
+            context,
+            batch,
+            experts,
+            reserve,
+            hit_rate,
+            json,
+        } => {
+            let path = if config.is_dir() {
+                config.join("config.json")
+            } else {
+                config
+            };
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let cfg = moehost::ModelConfig::from_json(&text)
+                .with_context(|| format!("in {}", path.display()))?;
+            anyhow::ensure!(
+                batch >= 1 && context >= 1,
+                "--batch and --context must be at least 1"
+            );
+            if let Some(h) = hit_rate {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&h),
+                    "--hit-rate must be in 0..1, got {h}"
+                );
+            }
+            let opts = moehost::plan::PlanOptions {
+                device_bytes: device_mem,
+                host_bytes: host_mem,
+                link: moehost::replay::cost::Link::preset(&link)?,
+                context,
+                batch,
+                experts: experts
+                    .as_deref()
+                    .map(moehost::plan::ExpertFormat::parse)
+                    .transpose()?,
+                reserve_bytes: reserve,
+                hit_rate,
+            };
+            let p = moehost::plan::plan(&cfg, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                println!("{}", p.summary());
+            }
         }
         Command::Quantize {
             model,

@@ -1,0 +1,126 @@
+//! `moehost plan`: Kimi-K2 on one H100 from its config alone, checked against the model's known
+//! figures (../shared/design/notes.md), and the planner's expert sizes against the live store.
+
+mod support;
+
+use moehost::plan::{plan, ExpertFormat, PlanOptions};
+use moehost::replay::cost::Link;
+use moehost::ModelConfig;
+use support::{assert_ok, data_dir, moehost};
+
+fn k2() -> ModelConfig {
+    ModelConfig::from_json(
+        &std::fs::read_to_string(data_dir().join("kimi-k2-config.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn h100(hit_rate: Option<f64>) -> PlanOptions {
+    PlanOptions {
+        device_bytes: 80 << 30,
+        host_bytes: 1 << 40,
+        link: Link::preset("h100-pcie5").unwrap(),
+        context: 8192,
+        batch: 1,
+        experts: None,
+        reserve_bytes: 4 << 30,
+        hit_rate,
+    }
+}
+
+#[test]
+fn kimi_k2_on_one_h100() {
+    let p = plan(&k2(), &h100(None)).unwrap();
+    // One FP8 expert with its 128x128 block scales; 23,040 of them; ~1T parameters, ~32B active.
+    assert_eq!(p.expert_bytes, 44_050_944);
+    assert_eq!(p.params.experts, 23_040);
+    assert!(
+        (1.0e12..1.05e12).contains(&(p.params.total as f64)),
+        "{:?}",
+        p.params
+    );
+    assert!(
+        (32e9..34e9).contains(&(p.params.active as f64)),
+        "{:?}",
+        p.params
+    );
+    // Always-resident weights in FP8: 12-15 GB; MLA KV cache ~70 KB per token.
+    assert!(
+        (12e9..15e9).contains(&(p.resident_bytes as f64)),
+        "{}",
+        p.resident_bytes
+    );
+    assert_eq!(p.kv_bytes_per_token, 61 * (512 + 64) * 2);
+    // ~1,300-1,600 experts on the device (about 6%), all of them in 1 TiB of host RAM.
+    assert!(
+        (1300..1700).contains(&p.device.expert_slots),
+        "{:?}",
+        p.device
+    );
+    assert_eq!((p.host.expert_slots, p.disk_experts), (23_040, 0));
+    // Missing (nearly) every expert moves 480 x 44 MB = 21.1 GB per token over 54.8 GB/s:
+    // about 2.6 tokens/s; 74% hits give about 10 tokens/s (the link bound, HBM time on top).
+    assert_eq!(p.per_token.expert_accesses, 480.0);
+    assert!(
+        (2.4..2.9).contains(&p.per_token.tokens_per_s),
+        "{:?}",
+        p.per_token
+    );
+    let hits = plan(&k2(), &h100(Some(0.74))).unwrap();
+    assert!(
+        (8.5..10.5).contains(&hits.per_token.tokens_per_s),
+        "{:?}",
+        hits.per_token
+    );
+    // int4 experts: about 11% on the device.
+    let mut o = h100(None);
+    o.experts = Some(ExpertFormat::Int4);
+    let q = plan(&k2(), &o).unwrap();
+    assert!((0.10..0.13).contains(&q.device.share), "{:?}", q.device);
+    // A device that cannot hold the resident part is refused, saying why.
+    let mut small = h100(None);
+    small.device_bytes = 10 << 30;
+    let err = plan(&k2(), &small).unwrap_err().to_string();
+    assert!(err.contains("always-resident weights"), "{err}");
+}
+
+#[test]
+fn the_planner_sizes_experts_as_the_store_does() {
+    use moehost::store::StoreConfig;
+    let dir = support::bf16_model();
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let budget = 2u64 << 20;
+    let mut o = h100(None);
+    o.host_bytes = budget;
+    let p = plan(&cfg, &o).unwrap();
+    assert_eq!(p.expert_bytes, 3 * 256 * 64 * 2);
+    let (_, store) = moehost::Engine::open_tiered(
+        &dir,
+        &StoreConfig {
+            host_bytes: Some(budget),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(store.slots().1 as u64, p.host.expert_slots);
+
+    let out = moehost()
+        .args(["plan", "--json", "--config"])
+        .arg(data_dir().join("kimi-k2-config.json"))
+        .args([
+            "--device-mem",
+            "80GiB",
+            "--host-mem",
+            "512GiB",
+            "--hit-rate",
+            "0.5",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 512 GiB holds about half the experts; the rest are read from disk.
+    assert!(v["disk_experts"].as_u64().unwrap() > 9000, "{v}");
+    assert!(v["per_token"]["disk_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["per_token"]["hit_rate"], 0.5);
+}
