@@ -110,16 +110,15 @@ struct PolicyHostIndicesPre {
     pre: InstancePre<StoreState>,
 }
 
-/// Compiles `bytes` and checks the component: one exported policy world of a supported
-/// version and no imports.
-pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
+/// Compiles `bytes` and refuses every import but the contract's type-only `types`
+/// interface (which the component model imports implicitly because the exported interfaces
+/// `use` it).
+fn compile(bytes: &[u8], origin: &str) -> Result<Component> {
     let engine = engine();
     let component = Component::from_binary(engine, bytes)
         .map_err(|e| anyhow::anyhow!("{origin} is not a valid WebAssembly component: {e:#}"))?;
-    let ty = component.component_type();
-    // The one import allowed is the contract's own type-only `types` interface, which the
-    // component model imports implicitly because the exported interfaces `use` it.
-    let imports: Vec<String> = ty
+    let imports: Vec<String> = component
+        .component_type()
         .imports(engine)
         .map(|(n, _)| n.to_owned())
         .filter(|n| !n.starts_with(TYPES_PREFIX))
@@ -131,8 +130,53 @@ pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
             imports.join(", ")
         );
     }
+    Ok(component)
+}
+
+/// Links `component` (its only import, `types`, has no functions: an empty instance of the
+/// version it imports, else `version`) and prepares it for instantiation.
+fn prepare(component: &Component, origin: &str, version: &str) -> Result<InstancePre<StoreState>> {
+    let engine = engine();
+    let mut linker = Linker::<StoreState>::new(engine);
+    let types = component
+        .component_type()
+        .imports(engine)
+        .map(|(n, _)| n.to_owned())
+        .find(|n| n.starts_with(TYPES_PREFIX))
+        .unwrap_or_else(|| format!("{TYPES_PREFIX}{version}"));
+    linker
+        .instance(&types)
+        .map_err(|e| anyhow::anyhow!("cannot define the types interface: {e:#}"))?;
+    linker
+        .instantiate_pre(component)
+        .map_err(|e| anyhow::anyhow!("cannot prepare {origin}: {e:#}"))
+}
+
+/// A fresh store with the plugin's memory limit and the `init` deadline set.
+fn new_store(limits: &RuntimeLimits) -> Store<StoreState> {
+    let store_limits = StoreLimitsBuilder::new()
+        .memory_size(limits.memory_bytes)
+        .instances(4)
+        .trap_on_grow_failure(true)
+        .build();
+    let mut store = Store::new(
+        engine(),
+        StoreState {
+            limits: store_limits,
+        },
+    );
+    store.limiter(|s| &mut s.limits);
+    store.epoch_deadline_trap();
+    store.set_epoch_deadline(deadline_ticks(limits.init_timeout));
+    store
+}
+
+/// Compiles `bytes` and checks the component: one exported policy world of a supported
+/// version and no imports.
+pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
+    let component = compile(bytes, origin)?;
     let mut found = Vec::new();
-    for (name, _) in ty.exports(engine) {
+    for (name, _) in component.component_type().exports(engine()) {
         for (kind, prefix) in [
             (PolicyKind::Selection, "moehost:policy/selection@"),
             (PolicyKind::Eviction, "moehost:policy/eviction@"),
@@ -156,19 +200,7 @@ pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
             "{origin} exports {export}, but this moehost supports moehost:policy@0.2.x and @0.1.x"
         );
     }
-    let mut linker = Linker::<StoreState>::new(engine);
-    // The types interface has no functions: an empty instance of the version the plugin uses.
-    let types = ty
-        .imports(engine)
-        .map(|(n, _)| n.to_owned())
-        .find(|n| n.starts_with(TYPES_PREFIX))
-        .unwrap_or_else(|| format!("{TYPES_PREFIX}{version}"));
-    linker
-        .instance(&types)
-        .map_err(|e| anyhow::anyhow!("cannot define the types interface: {e:#}"))?;
-    let pre = linker
-        .instantiate_pre(&component)
-        .map_err(|e| anyhow::anyhow!("cannot prepare {origin}: {e:#}"))?;
+    let pre = prepare(&component, origin, &version)?;
     Ok(LoadedComponent {
         kind,
         export,
@@ -227,15 +259,7 @@ impl WasmPolicy {
     /// A fresh store and instance (any previous one is dropped).
     fn instantiate(&mut self, shape: ModelShape) -> PolicyResult<&mut Live> {
         self.live = None;
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.memory_bytes)
-            .instances(4)
-            .trap_on_grow_failure(true)
-            .build();
-        let mut store = Store::new(engine(), StoreState { limits });
-        store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(deadline_ticks(self.limits.init_timeout));
+        let mut store = new_store(&self.limits);
         let pre = &self.component.pre.pre;
         let instance = pre.instantiate(&mut store).map_err(|e| classify(&e))?;
         let v1 = self.component.version.starts_with("0.1.");
@@ -750,52 +774,19 @@ pub struct PruningPlugin {
 
 impl PruningPlugin {
     pub fn load(bytes: &[u8], origin: &str, limits: RuntimeLimits) -> Result<Self> {
-        let engine = engine();
-        let component = Component::from_binary(engine, bytes)
-            .map_err(|e| anyhow::anyhow!("{origin} is not a valid WebAssembly component: {e:#}"))?;
-        let ty = component.component_type();
-        let imports: Vec<String> = ty
-            .imports(engine)
-            .map(|(n, _)| n.to_owned())
-            .filter(|n| !n.starts_with(TYPES_PREFIX))
-            .collect();
-        if !imports.is_empty() {
-            bail!(
-                "{origin} imports {}: policies get no imports (no WASI, filesystem, network or clock)",
-                imports.join(", ")
-            );
-        }
-        let export = ty
-            .exports(engine)
-            .map(|(n, _)| n.to_owned())
-            .find(|n| n.starts_with("moehost:policy/pruning@0.2."));
-        if export.is_none() {
+        let component = compile(bytes, origin)?;
+        let exports_pruning = component
+            .component_type()
+            .exports(engine())
+            .any(|(n, _)| n.starts_with("moehost:policy/pruning@0.2."));
+        if !exports_pruning {
             bail!(
                 "{origin} exports no moehost:policy/pruning@0.2.x (an expert-pruning ranker: world \
                  pruning-policy in wit/policy.wit)"
             );
         }
-        let mut linker = Linker::<StoreState>::new(engine);
-        linker
-            .instance(&format!("{TYPES_PREFIX}{WIT_VERSION}"))
-            .map_err(|e| anyhow::anyhow!("cannot define the types interface: {e:#}"))?;
-        let pre = linker
-            .instantiate_pre(&component)
-            .map_err(|e| anyhow::anyhow!("cannot prepare {origin}: {e:#}"))?;
-        let store_limits = StoreLimitsBuilder::new()
-            .memory_size(limits.memory_bytes)
-            .instances(4)
-            .trap_on_grow_failure(true)
-            .build();
-        let mut store = Store::new(
-            engine,
-            StoreState {
-                limits: store_limits,
-            },
-        );
-        store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(deadline_ticks(limits.init_timeout));
+        let pre = prepare(&component, origin, WIT_VERSION)?;
+        let mut store = new_store(&limits);
         let instance = pre
             .instantiate(&mut store)
             .map_err(|e| anyhow::anyhow!("{origin}: {}", classify(&e)))?;
