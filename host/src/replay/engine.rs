@@ -99,14 +99,7 @@ pub fn simulate(
         top_k: s.top_k,
         expert_bytes: cfg.expert_bytes,
     };
-    let mut sim = Sim {
-        res: Residency::new(shape, cfg.per_layer, cfg.capacity, cfg.host_capacity),
-        c: Counters::default(),
-        prefetched: super::residency::BitSet::new(s.n_keys()),
-        misses: Vec::new(),
-        victims: Vec::new(),
-        demote: Vec::new(),
-    };
+    let mut sim = Sim::new(shape, cfg);
     for (vi, v) in s.visits.iter().enumerate() {
         let keys = s.keys_of(v);
         sim.visit(vi, v, keys, cfg, ev);
@@ -134,6 +127,19 @@ struct Sim {
 }
 
 impl Sim {
+    fn new(shape: crate::policy::ModelShape, cfg: &SimConfig) -> Self {
+        Sim {
+            res: Residency::new(shape, cfg.per_layer, cfg.capacity, cfg.host_capacity),
+            c: Counters::default(),
+            prefetched: super::residency::BitSet::new(
+                (shape.moe_layers * shape.experts_per_layer) as usize,
+            ),
+            misses: Vec::new(),
+            victims: Vec::new(),
+            demote: Vec::new(),
+        }
+    }
+
     fn visit(&mut self, vi: usize, v: &Visit, keys: &[u32], cfg: &SimConfig, ev: &mut dyn Evictor) {
         for &k in keys {
             self.res.pinned.set(k);
@@ -416,26 +422,14 @@ impl Sim {
 pub struct OnlineSim {
     sim: Sim,
     cfg: SimConfig,
-    top_k: u32,
-    experts: u32,
     visits: usize,
 }
 
 impl OnlineSim {
     pub fn new(shape: crate::policy::ModelShape, cfg: SimConfig) -> Self {
-        let n = (shape.moe_layers * shape.experts_per_layer) as usize;
         Self {
-            sim: Sim {
-                res: Residency::new(shape, cfg.per_layer, cfg.capacity, cfg.host_capacity),
-                c: Counters::default(),
-                prefetched: super::residency::BitSet::new(n),
-                misses: Vec::new(),
-                victims: Vec::new(),
-                demote: Vec::new(),
-            },
+            sim: Sim::new(shape, &cfg),
             cfg,
-            top_k: shape.top_k,
-            experts: shape.experts_per_layer,
             visits: 0,
         }
     }
@@ -459,9 +453,9 @@ impl OnlineSim {
         ev: &mut dyn Evictor,
         pf: Option<&mut dyn Prefetcher>,
     ) {
-        let e = self.experts;
-        let res = &self.sim.res;
-        if layer >= res.shape.moe_layers {
+        let shape = self.sim.res.shape;
+        let e = shape.experts_per_layer;
+        if layer >= shape.moe_layers {
             return;
         }
         let keys: Vec<u32> = experts
@@ -485,7 +479,7 @@ impl OnlineSim {
         self.sim.visit(vi, &v, &keys, &self.cfg, ev);
         if let Some(pf) = pf {
             let outlook = match outlook {
-                Some((l, scores)) if pf.lookahead() > 0 && l < self.sim.res.shape.moe_layers => {
+                Some((l, scores)) if pf.lookahead() > 0 && l < shape.moe_layers => {
                     vec![Outlook {
                         layer: l,
                         scores: scores.to_vec(),
@@ -495,7 +489,7 @@ impl OnlineSim {
                 _ => Vec::new(),
             };
             self.sim
-                .prefetch_with(self.top_k, e, &v, &keys, outlook, ev, pf);
+                .prefetch_with(shape.top_k, e, &v, &keys, outlook, ev, pf);
         }
         for &k in &keys {
             self.sim.res.pinned.clear(k);
