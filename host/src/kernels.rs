@@ -97,18 +97,33 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
         i += 8;
     }
+    let mut total = hsum4(s0, s1, s2, s3);
+    while i < n {
+        total += *pa.add(i) * *pb.add(i);
+        i += 1;
+    }
+    total
+}
+
+/// The sum of four 8-lane accumulators, in the one fixed order every dot kernel uses (so
+/// `dot` and `dot2` agree bit for bit).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum4(
+    s0: std::arch::x86_64::__m256,
+    s1: std::arch::x86_64::__m256,
+    s2: std::arch::x86_64::__m256,
+    s3: std::arch::x86_64::__m256,
+) -> f32 {
+    use std::arch::x86_64::*;
     let s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
     let hi = _mm256_extractf128_ps(s, 1);
     let lo = _mm256_castps256_ps128(s);
     let q = _mm_add_ps(lo, hi);
     let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
     let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-    let mut total = _mm_cvtss_f32(q);
-    while i < n {
-        total += *pa.add(i) * *pb.add(i);
-        i += 1;
-    }
-    total
+    _mm_cvtss_f32(q)
 }
 
 /// `(dot(w, a), dot(w, b))`, bit for bit: each result takes exactly the operations `dot` does,
@@ -158,16 +173,7 @@ unsafe fn dot2_avx2(w: &[f32], a: &[f32], b: &[f32]) -> (f32, f32) {
         b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(pb.add(i)), b0);
         i += 8;
     }
-    let reduce = |s0, s1, s2, s3| {
-        let s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-        let hi = _mm256_extractf128_ps(s, 1);
-        let lo = _mm256_castps256_ps128(s);
-        let q = _mm_add_ps(lo, hi);
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        _mm_cvtss_f32(q)
-    };
-    let (mut ta, mut tb) = (reduce(a0, a1, a2, a3), reduce(b0, b1, b2, b3));
+    let (mut ta, mut tb) = (hsum4(a0, a1, a2, a3), hsum4(b0, b1, b2, b3));
     while i < n {
         ta += *pw.add(i) * *pa.add(i);
         tb += *pw.add(i) * *pb.add(i);
