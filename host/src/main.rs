@@ -179,18 +179,8 @@ enum Command {
     /// Run calibration text through a model and record layer importance (block influence) and
     /// per-expert routing statistics, for `convert`.
     Profile {
-        /// Model folder; default: the bundled tiny-k2.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Calibration text (UTF-8).
-        #[arg(long)]
-        text: PathBuf,
-        /// Use at most this many tokens of the text.
-        #[arg(long)]
-        max_tokens: Option<usize>,
-        /// Tokens per forward pass (each window starts with BOS).
-        #[arg(long, default_value_t = 512)]
-        window: usize,
+        #[command(flatten)]
+        text: TextArgs,
         #[arg(long)]
         out: PathBuf,
     },
@@ -283,16 +273,8 @@ enum Command {
     },
     /// Perplexity of a model over a text, and forward tokens/s.
     Eval {
-        /// Model folder; default: the bundled tiny-k2.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        #[arg(long)]
-        text: PathBuf,
-        #[arg(long)]
-        max_tokens: Option<usize>,
-        /// Tokens per forward pass (each window starts with BOS).
-        #[arg(long, default_value_t = 512)]
-        window: usize,
+        #[command(flatten)]
+        text: TextArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -601,12 +583,35 @@ fn bits_of(s: &str) -> moehost::quant::Bits {
     }
 }
 
-/// A UTF-8 text file, with a clear error otherwise.
-fn read_text(path: &std::path::Path) -> Result<String> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read text {}", path.display()))?;
-    String::from_utf8(bytes)
-        .map_err(|e| anyhow::anyhow!("{} is not UTF-8 text: {e}", path.display()))
+/// A model and a text to run through it in windows (`profile`, `eval`).
+#[derive(clap::Args)]
+struct TextArgs {
+    /// Model folder; default: the bundled tiny-k2.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The text (UTF-8): calibration text for `profile`, held-out text for `eval`.
+    #[arg(long)]
+    text: PathBuf,
+    /// Use at most this many tokens of the text.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Tokens per forward pass (each window starts with BOS).
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+}
+
+impl TextArgs {
+    /// The model, and the text's token windows.
+    fn open(&self) -> Result<(Engine, Vec<Vec<u32>>)> {
+        let dir = self.model.clone().unwrap_or_else(bundled_model_dir);
+        let engine = Engine::open(&dir)?;
+        let bytes = std::fs::read(&self.text)
+            .with_context(|| format!("cannot read text {}", self.text.display()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| anyhow::anyhow!("{} is not UTF-8 text: {e}", self.text.display()))?;
+        let windows = moehost::compress::windows(&engine, &text, self.window, self.max_tokens)?;
+        Ok((engine, windows))
+    }
 }
 
 fn main() {
@@ -765,17 +770,8 @@ fn run() -> Result<()> {
         },
         Command::Trace { command } => trace_command(command)?,
         Command::Replay(args) => replay_command(*args)?,
-        Command::Profile {
-            model,
-            text,
-            max_tokens,
-            window,
-            out,
-        } => {
-            let dir = model.unwrap_or_else(bundled_model_dir);
-            let engine = Engine::open(&dir)?;
-            let text = read_text(&text)?;
-            let windows = moehost::compress::windows(&engine, &text, window, max_tokens)?;
+        Command::Profile { text, out } => {
+            let (engine, windows) = text.open()?;
             let profile = moehost::compress::profile::run(&engine, &windows, true)?;
             std::fs::write(&out, serde_json::to_string_pretty(&profile)?)
                 .with_context(|| format!("cannot write {}", out.display()))?;
@@ -905,17 +901,8 @@ fn run() -> Result<()> {
                                    "shards": report.shards, "bytes": report.bytes})
             );
         }
-        Command::Eval {
-            model,
-            text,
-            max_tokens,
-            window,
-            json,
-        } => {
-            let dir = model.unwrap_or_else(bundled_model_dir);
-            let engine = Engine::open(&dir)?;
-            let text = read_text(&text)?;
-            let windows = moehost::compress::windows(&engine, &text, window, max_tokens)?;
+        Command::Eval { text, json } => {
+            let (engine, windows) = text.open()?;
             let r = moehost::compress::eval::run(&engine, &windows, true)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
