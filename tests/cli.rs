@@ -232,8 +232,8 @@ fn policy_check_reports_world_and_refuses_wasi() {
     assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["world"], "moehost:policy/eviction-policy");
-    assert_eq!(v["export"], "moehost:policy/eviction@0.2.0");
-    assert_eq!(v["version"], "0.2.0");
+    assert_eq!(v["export"], "moehost:policy/eviction@0.2.1");
+    assert_eq!(v["version"], "0.2.1");
     assert_eq!(v["name"], "layer-cycle");
 
     let out = moehost()

@@ -194,13 +194,106 @@ fn plugin_built_against_contract_0_1_still_works() {
     let s = store.stats().policies;
     assert_eq!(s.selection.name, "legacy-topk", "{s:?}");
     assert_eq!(s.selection.version, "0.1.0", "{s:?}");
-    assert_eq!(s.eviction.version, "0.2.0", "{s:?}");
+    assert_eq!(s.eviction.version, "0.2.1", "{s:?}");
     assert!(s.selection.calls > 0, "{s:?}");
     assert_eq!(
         s.selection.fallbacks + s.eviction.fallbacks + s.prefetch.fallbacks,
         0,
         "{s:?}"
     );
+}
+
+#[test]
+fn plugin_built_against_contract_0_2_0_loads_into_the_0_2_1_host() {
+    let c = config(
+        "fixture-legacy-v0.2",
+        "lru",
+        "none",
+        Some(45 * EXPERT_F32),
+        None,
+    );
+    let (engine, store) = open(&c);
+    assert_eq!(run(&engine), *baseline());
+    let s = store.stats().policies;
+    assert_eq!(s.selection.name, "legacy-v0.2", "{s:?}");
+    assert_eq!(s.selection.version, "0.2.0", "{s:?}");
+    assert!(s.selection.calls > 0, "{s:?}");
+    assert_eq!(s.selection.fallbacks, 0, "{s:?}");
+}
+
+/// A store with `placement` weighing the `link` preset.
+fn placed(placement: &str, link: &str, device_slots: u64, host_slots: Option<u64>) -> StoreConfig {
+    StoreConfig {
+        placement: PolicySource::parse(placement),
+        link: link.into(),
+        ..config(
+            "topk",
+            "lru",
+            "none",
+            Some(device_slots * EXPERT_F32),
+            host_slots.map(|s| s * EXPERT_BF16),
+        )
+    }
+}
+
+#[test]
+fn placement_never_changes_results() {
+    // (placement, link, device slots, host slots): the built-in cost model on each preset,
+    // the hot-fetch plugin, and a plugin whose answers are garbage.
+    let cases = [
+        ("cost-model", "local", 20, None),
+        ("cost-model", "slow-link", 0, None),
+        ("cost-model", "slow-link", 30, Some(10)),
+        ("cost-model", "h100-pcie5", 60, None),
+        ("hot-fetch", "h100-pcie5", 40, Some(100)),
+        ("fixture-bad-place", "slow-link", 10, None),
+    ];
+    for (placement, link, device, host) in cases {
+        let (engine, store) = open(&placed(placement, link, device, host));
+        let what = format!("{placement} on {link}, {device} device slots, host {host:?}");
+        assert!(run(&engine) == *baseline(), "{what}: results differ");
+        let st = store.stats();
+        let p = &st.placement;
+        assert_eq!(
+            p.fetched + p.on_host,
+            st.device.misses,
+            "{what}: every device miss is placed once: {p:?}"
+        );
+        assert!(st.device.resident <= st.device.slots, "{what}");
+        let pol = &st.policies.placement;
+        if placement == "fixture-bad-place" {
+            assert!(
+                pol.invalid_answers > 0 && pol.fallbacks > 0,
+                "{what}: {pol:?}"
+            );
+        } else {
+            assert_eq!(pol.fallbacks, 0, "{what}: {pol:?}");
+        }
+    }
+}
+
+#[test]
+fn cost_model_runs_missing_experts_on_the_host_when_the_link_is_slow() {
+    // Over a fast "local" link every miss is fetched (ties go to the device tier).
+    let (engine, store) = open(&placed("cost-model", "local", 10, None));
+    run(&engine);
+    let local = store.stats();
+    assert_eq!(local.placement.on_host, 0, "{:?}", local.placement);
+    assert!(local.device.bytes_in > 0);
+
+    // Over a 1 GB/s link one token is cheaper to compute where the expert lives: once the
+    // device slots are taken, misses run from the host tier and nothing is evicted.
+    let (engine, store) = open(&placed("cost-model", "slow-link", 10, None));
+    run(&engine);
+    let slow = store.stats();
+    assert!(
+        slow.placement.on_host > slow.placement.fetched,
+        "{:?}",
+        slow.placement
+    );
+    assert_eq!(slow.placement.fetched, 10, "only the free slots are filled");
+    assert!(slow.device.bytes_in < local.device.bytes_in);
+    assert!(slow.placement.host_tokens >= slow.placement.on_host);
 }
 
 #[test]
@@ -337,4 +430,35 @@ fn changing_the_plugin_file_swaps_the_policy() {
     let after = store.stats().policies.eviction.name;
     assert_eq!(store.stats().policy_swaps, 1);
     assert_ne!(before, after, "the new plugin's name is reported");
+}
+
+#[test]
+fn experts_run_from_their_storage_format_bit_for_bit() {
+    use moehost::checkpoint::Checkpoint;
+    use moehost::experts::ExpertBytes;
+    // bf16, and FP8 with 128x128 blocks over 64-row matrices (ragged edge blocks).
+    for dir in [support::bf16_model(), support::fp8_model()] {
+        let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+        let h = cfg.hidden_size;
+        for (layer, expert) in [(1, 0), (4, 37), (7, 63)] {
+            let stored = ExpertBytes::read(&ckpt, layer, expert).unwrap();
+            let compute = stored.to_ffn().unwrap();
+            // Up to the row-invariant kernels' limit and past it (the blocked GEMM).
+            for t in [1usize, 2, 7, 64, 65] {
+                let x: Vec<f32> = (0..t * h)
+                    .map(|i| ((i * 7919 + expert as usize) % 1000) as f32 / 500.0 - 1.0)
+                    .collect();
+                let (mut a, mut b) = (vec![0f32; t * h], vec![0f32; t * h]);
+                compute.forward(&x, h, &mut a);
+                stored.forward(&x, h, &mut b).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(&a) == bits(&b),
+                    "{}: expert {expert} of layer {layer}, {t} tokens",
+                    dir.display()
+                );
+            }
+        }
+    }
 }

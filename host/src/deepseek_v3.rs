@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::experts::{expert_prefix, ExpertProvider, FfnWeights};
-use crate::kernels::{axpy, dot, linear, rms_norm, rms_norm_inplace, softmax_inplace, swiglu};
+use crate::experts::{expert_prefix, ExpertProvider, ExpertWeights, FfnWeights};
+use crate::kernels::{axpy, dot, linear, rms_norm, rms_norm_inplace, softmax_inplace};
 use crate::rope::Rope;
 use crate::router::{Gate, LayerRouting};
 
@@ -404,7 +404,7 @@ impl DeepseekV3 {
                 &mut xn,
             );
             match &layer.ffn {
-                Ffn::Dense(mlp) => ffn_forward(mlp, &xn, h, &mut delta),
+                Ffn::Dense(mlp) => mlp.forward(&xn, h, &mut delta),
                 Ffn::Moe(moe) => {
                     let r = self.moe(experts, moe, l, &xn, &mut delta)?;
                     if record_routing {
@@ -580,8 +580,12 @@ impl DeepseekV3 {
         let ids: Vec<u32> = (0..n_experts as u32)
             .filter(|&e| !by_expert[e as usize].is_empty())
             .collect();
+        let tokens: Vec<u32> = ids
+            .iter()
+            .map(|&e| by_expert[e as usize].len() as u32)
+            .collect();
         let weights = provider
-            .fetch(layer, &ids)
+            .fetch(layer, &ids, &tokens)
             .with_context(|| format!("fetching experts of layer {layer}"))?;
         ensure!(
             weights.len() == ids.len(),
@@ -607,20 +611,27 @@ impl DeepseekV3 {
         } else {
             provider.routed(layer, t, &ids, &[]);
         }
-        let run = |(e, w): (&u32, &Arc<FfnWeights>)| -> Vec<f32> {
+        let run = |(e, w): (&u32, &ExpertWeights)| -> Result<Vec<f32>> {
             let rows = &by_expert[*e as usize];
             let mut x = Vec::with_capacity(rows.len() * h);
             for &(tok, _) in rows {
                 x.extend_from_slice(&xn[tok * h..(tok + 1) * h]);
             }
             let mut y = vec![0f32; rows.len() * h];
-            ffn_forward(w, &x, h, &mut y);
-            y
+            w.forward(&x, h, &mut y)
+                .with_context(|| format!("expert {e} of layer {layer}"))?;
+            Ok(y)
         };
         let outputs: Vec<Vec<f32>> = if t > 1 {
-            ids.par_iter().zip(weights.par_iter()).map(run).collect()
+            ids.par_iter()
+                .zip(weights.par_iter())
+                .map(run)
+                .collect::<Result<_>>()?
         } else {
-            ids.iter().zip(weights.iter()).map(run).collect()
+            ids.iter()
+                .zip(weights.iter())
+                .map(run)
+                .collect::<Result<_>>()?
         };
         out.iter_mut().for_each(|x| *x = 0.0);
         for (e, y) in ids.iter().zip(&outputs) {
@@ -630,22 +641,11 @@ impl DeepseekV3 {
         }
         if let Some(shared) = &moe.shared {
             let mut s = vec![0f32; t * h];
-            ffn_forward(shared, xn, h, &mut s);
+            shared.forward(xn, h, &mut s);
             add_inplace(out, &s);
         }
         Ok(routing)
     }
-}
-
-/// DeepseekV3MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))` for `[t, hidden]` inputs.
-fn ffn_forward(w: &FfnWeights, x: &[f32], hidden: usize, out: &mut [f32]) {
-    let t = x.len() / hidden;
-    let i = w.intermediate;
-    let mut gu = vec![0f32; t * 2 * i];
-    linear(x, &w.gate_up, hidden, &mut gu);
-    let mut act = vec![0f32; t * i];
-    swiglu(&gu, i, &mut act);
-    linear(&act, &w.down, i, out);
 }
 
 fn add_inplace(a: &mut [f32], b: &[f32]) {

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use std::sync::{Arc, OnceLock};
 
 use crate::checkpoint::Checkpoint;
+use crate::kernels::{linear, swiglu, ROW_INVARIANT_MAX};
 
 /// A SwiGLU feed-forward block in compute form: `down(silu(gate(x)) * up(x))`.
 /// Used for routed experts, shared experts and dense MLP layers alike.
@@ -50,6 +51,37 @@ impl FfnWeights {
     pub fn compute_bytes(&self) -> usize {
         (self.gate_up.len() + self.down.len()) * std::mem::size_of::<f32>()
     }
+
+    /// DeepseekV3MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))` for `[t, hidden]` inputs.
+    pub fn forward(&self, x: &[f32], hidden: usize, out: &mut [f32]) {
+        let t = x.len() / hidden;
+        let i = self.intermediate;
+        let mut gu = vec![0f32; t * 2 * i];
+        linear(x, &self.gate_up, hidden, &mut gu);
+        let mut act = vec![0f32; t * i];
+        swiglu(&gu, i, &mut act);
+        linear(&act, &self.down, i, out);
+    }
+}
+
+/// A routed expert's weights for one layer step, as the expert provider hands them out.
+#[derive(Clone)]
+pub enum ExpertWeights {
+    /// Compute form: the device tier (or a resident expert).
+    Compute(Arc<FfnWeights>),
+    /// Storage form, run where it lives (hybrid execution: placement chose not to fetch it).
+    Stored(Arc<ExpertBytes>),
+}
+
+impl ExpertWeights {
+    /// The expert's output for `[t, hidden]` inputs; the same bits either way.
+    pub fn forward(&self, x: &[f32], hidden: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            ExpertWeights::Compute(w) => w.forward(x, hidden, out),
+            ExpertWeights::Stored(b) => b.forward(x, hidden, out)?,
+        }
+        Ok(())
+    }
 }
 
 /// Where routed experts come from, and the hooks a memory manager needs around each MoE
@@ -57,7 +89,9 @@ impl FfnWeights {
 /// order asked, and must be safe to call from any thread. Layers are decoder-layer indices.
 pub trait ExpertProvider: Send + Sync {
     /// Weights of `experts` (distinct, ascending) of decoder layer `layer`, for one layer step.
-    fn fetch(&self, layer: usize, experts: &[u32]) -> Result<Vec<Arc<FfnWeights>>>;
+    /// `tokens[i]` is how many rows of the step are routed to `experts[i]` (placement weighs
+    /// it); the provider may answer with compute-form or storage-form weights.
+    fn fetch(&self, layer: usize, experts: &[u32], tokens: &[u32]) -> Result<Vec<ExpertWeights>>;
 
     /// A forward pass begins (a safe point to switch policies).
     fn begin_step(&self) {}
@@ -130,7 +164,7 @@ impl ResidentExperts {
 }
 
 impl ExpertProvider for ResidentExperts {
-    fn fetch(&self, layer: usize, experts: &[u32]) -> Result<Vec<Arc<FfnWeights>>> {
+    fn fetch(&self, layer: usize, experts: &[u32], _: &[u32]) -> Result<Vec<ExpertWeights>> {
         let slots = self
             .slots
             .get(layer)
@@ -146,7 +180,7 @@ impl ExpertProvider for ResidentExperts {
                 );
                 let slot = &slots[e as usize];
                 if let Some(w) = slot.get() {
-                    return Ok(w.clone());
+                    return Ok(ExpertWeights::Compute(w.clone()));
                 }
                 let w = Arc::new(FfnWeights::load(
                     &self.ckpt,
@@ -154,7 +188,7 @@ impl ExpertProvider for ResidentExperts {
                     self.hidden,
                     self.intermediate,
                 )?);
-                Ok(slot.get_or_init(|| w).clone())
+                Ok(ExpertWeights::Compute(slot.get_or_init(|| w).clone()))
             })
             .collect()
     }
@@ -208,24 +242,105 @@ impl ExpertBytes {
 
     /// The compute form: the same f32 values `FfnWeights::load` produces from the checkpoint.
     pub fn to_ffn(&self) -> Result<FfnWeights> {
-        let decode = |t: &OwnedTensor| {
-            let raw = crate::checkpoint::RawTensor {
-                name: &t.name,
-                dtype: t.dtype,
-                shape: &t.shape,
-                bytes: &t.bytes,
-            };
-            crate::checkpoint::decode_f32(&raw, t.scales.as_deref(), self.fp8_block)
-        };
-        let mut gate_up = decode(&self.tensors[0])?;
-        gate_up.extend(decode(&self.tensors[1])?);
+        let whole = |t: &OwnedTensor| t.decode_rows(0, t.rows(), self.fp8_block);
+        let mut gate_up = whole(&self.tensors[0])?;
+        gate_up.extend(whole(&self.tensors[1])?);
         Ok(FfnWeights {
             gate_up,
-            down: decode(&self.tensors[2])?,
-            intermediate: crate::quant::logical_shape(
-                self.tensors[0].dtype,
-                &self.tensors[0].shape,
-            )[0],
+            down: whole(&self.tensors[2])?,
+            intermediate: self.tensors[0].rows(),
         })
+    }
+
+    /// `FfnWeights::forward` computed straight from the storage format, bit for bit: weights
+    /// are decoded a block of rows at a time into a small buffer (never the whole expert) and
+    /// each output is the same per-row dot product the compute form runs. Above
+    /// `ROW_INVARIANT_MAX` rows the kernels switch to a blocked GEMM whose sums depend on the
+    /// matrix shape, so there the expert is decoded whole (still without being cached).
+    pub fn forward(&self, x: &[f32], hidden: usize, out: &mut [f32]) -> Result<()> {
+        let t = x.len() / hidden;
+        if t > ROW_INVARIANT_MAX {
+            self.to_ffn()?.forward(x, hidden, out);
+            return Ok(());
+        }
+        let i = self.tensors[0].rows();
+        let mut gu = vec![0f32; t * 2 * i];
+        self.linear_streamed(&self.tensors[0], x, hidden, &mut gu, 0)?;
+        self.linear_streamed(&self.tensors[1], x, hidden, &mut gu, i)?;
+        let mut act = vec![0f32; t * i];
+        swiglu(&gu, i, &mut act);
+        self.linear_streamed(&self.tensors[2], &act, i, out, 0)
+    }
+
+    /// `out[:, col..col + rows(w)] = x @ w^T`, `out` being `[t, width]`, decoding `w` in
+    /// blocks of rows aligned to the FP8 scale blocks.
+    fn linear_streamed(
+        &self,
+        w: &OwnedTensor,
+        x: &[f32],
+        k: usize,
+        out: &mut [f32],
+        col: usize,
+    ) -> Result<()> {
+        let t = x.len() / k;
+        let width = out.len() / t.max(1);
+        let step = self.fp8_block.map_or(STREAM_ROWS, |b| b[0].max(1));
+        let mut part = Vec::new();
+        for r0 in (0..w.rows()).step_by(step) {
+            let r1 = (r0 + step).min(w.rows());
+            let rows = w.decode_rows(r0, r1, self.fp8_block)?;
+            part.clear();
+            part.resize(t * (r1 - r0), 0.0);
+            linear(x, &rows, k, &mut part);
+            for (o, p) in out.chunks_exact_mut(width).zip(part.chunks_exact(r1 - r0)) {
+                o[col + r0..col + r1].copy_from_slice(p);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows decoded at a time when running from the storage format (FP8 uses its block height).
+const STREAM_ROWS: usize = 128;
+
+impl OwnedTensor {
+    /// Logical rows (`out_features`).
+    pub fn rows(&self) -> usize {
+        crate::quant::logical_shape(self.dtype, &self.shape)[0]
+    }
+
+    /// Rows `r0..r1` in f32. For FP8, `r0` must sit on a scale-block boundary.
+    pub fn decode_rows(
+        &self,
+        r0: usize,
+        r1: usize,
+        fp8_block: Option<[usize; 2]>,
+    ) -> Result<Vec<f32>> {
+        let rows = self.rows();
+        let bytes_per_row = self.bytes.len() / rows.max(1);
+        let mut shape = self.shape.clone();
+        shape[0] = r1 - r0;
+        let scales = match (&self.scales, self.dtype, fp8_block) {
+            (None, ..) => None,
+            (Some(s), safetensors::Dtype::F8_E4M3, Some([bm, _])) => {
+                anyhow::ensure!(
+                    r0.is_multiple_of(bm),
+                    "FP8 rows must start on a block ({r0} % {bm})"
+                );
+                let per_row = s.len() / rows.div_ceil(bm).max(1);
+                Some(&s[r0 / bm * per_row..r1.div_ceil(bm) * per_row])
+            }
+            (Some(s), ..) => {
+                let per_row = s.len() / rows.max(1);
+                Some(&s[r0 * per_row..r1 * per_row])
+            }
+        };
+        let raw = crate::checkpoint::RawTensor {
+            name: &self.name,
+            dtype: self.dtype,
+            shape: &shape,
+            bytes: &self.bytes[r0 * bytes_per_row..r1 * bytes_per_row],
+        };
+        crate::checkpoint::decode_f32(&raw, scales, fp8_block)
     }
 }

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 
-use moehost::policy::{PolicyKind, PolicySource};
+use moehost::policy::PolicySource;
 use moehost::store::{parse_bytes, StoreConfig, TieredExperts};
 use moehost::{bundled_model_dir, Engine};
 use std::sync::Arc;
@@ -32,6 +32,14 @@ struct ModelArgs {
     /// Prefetch policy: a bundled name (none, next-layer-gate, transitions) or a .wasm path.
     #[arg(long, default_value = "none")]
     prefetch: String,
+    /// Placement of experts missing from the device tier (fetch, or run from the host tier):
+    /// cost-model (built in), a bundled plugin (hot-fetch) or a .wasm path.
+    #[arg(long, default_value = "cost-model")]
+    placement: String,
+    /// Link and compute figures placement weighs: local (no separate device: always fetch),
+    /// h100-pcie5, h100-pcie4, slow-link.
+    #[arg(long, default_value = "local")]
+    link: String,
     /// Deadline of one policy call, milliseconds.
     #[arg(long, default_value_t = 10)]
     policy_timeout_ms: u64,
@@ -51,6 +59,8 @@ impl ModelArgs {
             selection: PolicySource::parse(&self.selection),
             eviction: PolicySource::parse(&self.eviction),
             prefetch: PolicySource::parse(&self.prefetch),
+            placement: PolicySource::parse(&self.placement),
+            link: self.link.clone(),
             ..Default::default()
         };
         c.limits.call_timeout = Duration::from_millis(self.policy_timeout_ms.max(1));
@@ -64,11 +74,7 @@ impl ModelArgs {
         let dir = self.model.clone().unwrap_or_else(bundled_model_dir);
         let config = self.store_config();
         let (engine, store) = Engine::open_tiered(&dir, &config)?;
-        for (kind, src) in [
-            (PolicyKind::Selection, &config.selection),
-            (PolicyKind::Eviction, &config.eviction),
-            (PolicyKind::Prefetch, &config.prefetch),
-        ] {
+        for (kind, src) in config.sources() {
             if let PolicySource::File(path) = src {
                 store.watch_policy(kind, path)?;
             }

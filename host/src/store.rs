@@ -5,7 +5,9 @@
 //! - host: host RAM in storage format (the checkpoint's bytes, e.g. FP8 + scales);
 //! - disk: the memory-mapped checkpoint, always complete.
 //!
-//! Owns: residency and budgets, promotion (disk/host -> device on a miss or a prefetch),
+//! Owns: residency and budgets, placement (a missing expert is fetched into the device tier or
+//! run where it lives, as the placement policy decides), promotion (disk/host -> device on a
+//! miss or a prefetch),
 //! demotion (device victims go to the host tier), pinning (the experts of the step being served
 //! are never offered as victims, and the model holds its `Arc`s while computing), the prefetch
 //! queue (worker threads, priorities, cancellation by newer requests), the counters, and hot
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::experts::{ExpertBytes, ExpertProvider, FfnWeights};
+use crate::experts::{ExpertBytes, ExpertProvider, ExpertWeights, FfnWeights};
 use crate::policy::smoke;
 use crate::policy::wasm::{load_component, RuntimeLimits, WasmPolicy};
 use crate::policy::*;
@@ -40,6 +42,10 @@ pub struct StoreConfig {
     pub selection: PolicySource,
     pub eviction: PolicySource,
     pub prefetch: PolicySource,
+    /// `cost-model` (built in) or a placement plugin.
+    pub placement: PolicySource,
+    /// The `LinkCosts` preset placement weighs (`local`, `h100-pcie5`, ...).
+    pub link: String,
     pub limits: RuntimeLimits,
     /// Threads serving the prefetch queue.
     pub prefetch_workers: usize,
@@ -53,6 +59,8 @@ impl Default for StoreConfig {
             selection: PolicySource::Bundled("topk".into()),
             eviction: PolicySource::Bundled("lru".into()),
             prefetch: PolicySource::Bundled("none".into()),
+            placement: PolicySource::Bundled(BUILTIN_PLACEMENT.into()),
+            link: "local".into(),
             limits: RuntimeLimits::default(),
             prefetch_workers: 2,
         }
@@ -86,8 +94,17 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     Ok((value * mult) as u64)
 }
 
+/// The placement source naming the built-in cost model (there is no bundled plugin of it).
+pub const BUILTIN_PLACEMENT: &str = "cost-model";
+
 /// Loads a policy of `kind` from `source` into its guarded slot (no plugin init yet).
 fn guarded(kind: PolicyKind, source: &PolicySource, limits: RuntimeLimits) -> Result<AnyGuarded> {
+    if kind == PolicyKind::Placement && *source == PolicySource::Bundled(BUILTIN_PLACEMENT.into()) {
+        let q = limits.quarantine_after;
+        return Ok(AnyGuarded::Placement(GuardedPlacement::new(
+            None, "builtin", "", q,
+        )));
+    }
     let bytes = source.bytes()?;
     let component = load_component(&bytes, &source.describe())?;
     anyhow::ensure!(
@@ -119,6 +136,12 @@ fn guarded(kind: PolicyKind, source: &PolicySource, limits: RuntimeLimits) -> Re
             &version,
             q,
         )),
+        PolicyKind::Placement => AnyGuarded::Placement(GuardedPlacement::new(
+            Some(Box::new(plugin)),
+            &src,
+            &version,
+            q,
+        )),
     })
 }
 
@@ -126,12 +149,14 @@ enum AnyGuarded {
     Selection(GuardedSelection),
     Eviction(GuardedEviction),
     Prefetch(GuardedPrefetch),
+    Placement(GuardedPlacement),
 }
 
 struct Policies {
     selection: GuardedSelection,
     eviction: GuardedEviction,
     prefetch: GuardedPrefetch,
+    placement: GuardedPlacement,
 }
 
 /// A device slot: ready, or being filled by a prefetch worker.
@@ -185,6 +210,17 @@ pub struct PrefetchCounters {
     pub cancelled: u64,
 }
 
+/// Where the experts missing from the device tier ran (hybrid execution).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PlacementCounters {
+    /// Fetched into the device tier and run there.
+    pub fetched: u64,
+    /// Run where they live, from the storage format.
+    pub on_host: u64,
+    /// Tokens those host runs computed.
+    pub host_tokens: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreStats {
     pub device: TierCounters,
@@ -192,6 +228,7 @@ pub struct StoreStats {
     pub disk: TierCounters,
     /// Experts computed without being cached because every resident one was pinned.
     pub streamed: u64,
+    pub placement: PlacementCounters,
     /// Time the forward pass waited for expert weights, milliseconds.
     pub wait_ms: f64,
     pub prefetch: PrefetchCounters,
@@ -204,6 +241,7 @@ pub struct PolicyStatsSet {
     pub selection: PolicyStats,
     pub eviction: PolicyStats,
     pub prefetch: PolicyStats,
+    pub placement: PolicyStats,
 }
 
 #[derive(Default)]
@@ -221,6 +259,7 @@ struct State {
     host_c: TierCounters,
     disk_c: TierCounters,
     streamed: u64,
+    placement_c: PlacementCounters,
     wait_ns: u64,
     prefetch_c: PrefetchCounters,
 }
@@ -283,6 +322,8 @@ struct Inner {
     step: AtomicU64,
     queue: Queue,
     limits: RuntimeLimits,
+    /// What placement weighs.
+    costs: LinkCosts,
 }
 
 /// The tiered expert store; the `ExpertProvider` the engine uses.
@@ -364,14 +405,17 @@ impl TieredExperts {
             expert_bytes: storage,
         };
         let take = |kind| guarded(kind, &config.source_of(kind), config.limits);
+        let costs = LinkCosts::preset(&config.link, cfg.hidden_size, cfg.moe_intermediate_size)?;
         let (
             AnyGuarded::Selection(selection),
             AnyGuarded::Eviction(eviction),
             AnyGuarded::Prefetch(prefetch),
+            AnyGuarded::Placement(placement),
         ) = (
             take(PolicyKind::Selection)?,
             take(PolicyKind::Eviction)?,
             take(PolicyKind::Prefetch)?,
+            take(PolicyKind::Placement)?,
         )
         else {
             unreachable!("guarded() returns the kind asked for")
@@ -394,12 +438,14 @@ impl TieredExperts {
                 selection,
                 eviction,
                 prefetch,
+                placement,
             }),
             pending: Mutex::new(Vec::new()),
             swaps: AtomicU64::new(0),
             step: AtomicU64::new(0),
             queue: Queue::default(),
             limits: config.limits,
+            costs,
         });
         {
             let args = inner.init_args();
@@ -416,6 +462,9 @@ impl TieredExperts {
             p.prefetch
                 .init(&args)
                 .map_err(|e| fail(PolicyKind::Prefetch, &config.prefetch, e))?;
+            p.placement
+                .init(&args)
+                .map_err(|e| fail(PolicyKind::Placement, &config.placement, e))?;
         }
         let workers = (0..config.prefetch_workers)
             .map(|i| {
@@ -452,6 +501,7 @@ impl TieredExperts {
             host,
             disk,
             streamed: s.streamed,
+            placement: s.placement_c.clone(),
             wait_ms: s.wait_ns as f64 / 1e6,
             prefetch: s.prefetch_c.clone(),
             policy_swaps: self.inner.swaps.load(Ordering::Relaxed),
@@ -459,6 +509,7 @@ impl TieredExperts {
                 selection: p.selection.stats().clone(),
                 eviction: p.eviction.stats().clone(),
                 prefetch: p.prefetch.stats().clone(),
+                placement: p.placement.stats().clone(),
             },
         }
     }
@@ -544,11 +595,22 @@ impl TieredExperts {
 }
 
 impl StoreConfig {
+    /// Every policy kind with its source.
+    pub fn sources(&self) -> [(PolicyKind, &PolicySource); 4] {
+        [
+            (PolicyKind::Selection, &self.selection),
+            (PolicyKind::Eviction, &self.eviction),
+            (PolicyKind::Prefetch, &self.prefetch),
+            (PolicyKind::Placement, &self.placement),
+        ]
+    }
+
     fn source_of(&self, kind: PolicyKind) -> PolicySource {
         match kind {
             PolicyKind::Selection => self.selection.clone(),
             PolicyKind::Eviction => self.eviction.clone(),
             PolicyKind::Prefetch => self.prefetch.clone(),
+            PolicyKind::Placement => self.placement.clone(),
         }
     }
 }
@@ -713,6 +775,7 @@ impl Inner {
             AnyGuarded::Selection(s) => smoke::selection(s, &args).map(drop),
             AnyGuarded::Eviction(v) => smoke::eviction(v, &args).map(drop),
             AnyGuarded::Prefetch(p) => smoke::prefetch(p, &args).map(drop),
+            AnyGuarded::Placement(p) => smoke::placement(p, &args).map(drop),
         }
         .with_context(what)?;
         self.pending.lock().unwrap().push(g);
@@ -733,6 +796,7 @@ impl Inner {
                 AnyGuarded::Selection(mut s) => s.init(&args).map(|_| p.selection = s).is_ok(),
                 AnyGuarded::Eviction(mut v) => v.init(&args).map(|_| p.eviction = v).is_ok(),
                 AnyGuarded::Prefetch(mut f) => f.init(&args).map(|_| p.prefetch = f).is_ok(),
+                AnyGuarded::Placement(mut f) => f.init(&args).map(|_| p.placement = f).is_ok(),
             };
             if ok {
                 self.swaps.fetch_add(1, Ordering::Relaxed);
@@ -941,7 +1005,7 @@ impl ExpertProvider for TieredExperts {
         live.max(observer) as usize
     }
 
-    fn fetch(&self, layer: usize, experts: &[u32]) -> Result<Vec<Arc<FfnWeights>>> {
+    fn fetch(&self, layer: usize, experts: &[u32], tokens: &[u32]) -> Result<Vec<ExpertWeights>> {
         let inner = &self.inner;
         let t0 = Instant::now();
         let keys: Vec<ExpertKey> = experts.iter().map(|&e| inner.key(layer, e)).collect();
@@ -956,16 +1020,17 @@ impl ExpertProvider for TieredExperts {
         let mut p = inner.policies.lock().unwrap();
 
         // 1. What is where; the step's accesses.
-        let mut ready: Vec<Option<Arc<FfnWeights>>> = vec![None; keys.len()];
+        let mut ready: Vec<Option<ExpertWeights>> = vec![None; keys.len()];
         let mut waiting: Vec<(usize, Arc<LoadCell>)> = Vec::new();
         let mut misses: Vec<usize> = Vec::new();
-        let (facts, need) = {
+        let mut miss_tiers: Vec<Tier> = Vec::new();
+        let (facts, free) = {
             let mut s = inner.state.lock().unwrap();
             for (i, k) in keys.iter().enumerate() {
                 s.event(EventKind::Access, Tier::Device, *k);
                 match s.device.get(k) {
                     Some(DeviceEntry::Ready(w)) => {
-                        ready[i] = Some(w.clone());
+                        ready[i] = Some(ExpertWeights::Compute(w.clone()));
                         s.device_c.hits += 1;
                         if s.prefetched_unused.remove(k) {
                             s.prefetch_c.used += 1;
@@ -980,9 +1045,11 @@ impl ExpertProvider for TieredExperts {
                         s.device_c.misses += 1;
                         if s.host.contains_key(k) {
                             s.host_c.hits += 1;
+                            miss_tiers.push(Tier::Host);
                         } else {
                             s.host_c.misses += 1;
                             s.disk_c.hits += 1;
+                            miss_tiers.push(Tier::Disk);
                         }
                         misses.push(i);
                     }
@@ -994,8 +1061,63 @@ impl ExpertProvider for TieredExperts {
                 layer: keys.first().map_or(0, |k| k.layer),
                 events: s.take_events(),
             };
-            let free = inner.device_slots.saturating_sub(s.device.len());
-            let need = if misses.len() > free {
+            (facts, inner.device_slots.saturating_sub(s.device.len()))
+        };
+
+        // 2. Placement: fetch each miss into the device tier, or run it where it lives.
+        if !misses.is_empty() {
+            let miss_keys: Vec<ExpertKey> = misses.iter().map(|&i| keys[i]).collect();
+            let miss_tokens: Vec<u32> = misses
+                .iter()
+                .map(|&i| tokens.get(i).copied().unwrap_or(1))
+                .collect();
+            let request = PlacementRequest {
+                layer: facts.layer,
+                experts: &miss_keys,
+                tokens: &miss_tokens,
+                tiers: &miss_tiers,
+                free_device_slots: free as u32,
+                expert_bytes: inner.shape.expert_bytes,
+                costs: inner.costs,
+            };
+            let places = p.placement.place(&request, &|| inner.init_args());
+            let mut fetched = Vec::with_capacity(misses.len());
+            let mut on_host = Vec::new();
+            for ((&i, place), t) in misses.iter().zip(places).zip(miss_tokens) {
+                match place {
+                    Place::Device => fetched.push(i),
+                    Place::Host => on_host.push((i, t)),
+                }
+            }
+            let hosts: Vec<Option<Arc<ExpertBytes>>> = {
+                let mut s = inner.state.lock().unwrap();
+                s.placement_c.fetched += fetched.len() as u64;
+                s.placement_c.on_host += on_host.len() as u64;
+                s.placement_c.host_tokens +=
+                    on_host.iter().map(|&(_, t)| u64::from(t)).sum::<u64>();
+                on_host
+                    .iter()
+                    .map(|&(i, _)| s.host.get(&keys[i]).cloned())
+                    .collect()
+            };
+            for (&(i, _), host) in on_host.iter().zip(hosts) {
+                let bytes = match host {
+                    Some(b) => b,
+                    None => Arc::new(ExpertBytes::read(
+                        &inner.ckpt,
+                        inner.moe_layers[keys[i].layer as usize],
+                        keys[i].expert,
+                    )?),
+                };
+                ready[i] = Some(ExpertWeights::Stored(bytes));
+            }
+            misses = fetched;
+        }
+
+        // 3. The eviction policy hears the facts and, if room is needed, names victims.
+        let need = {
+            let s = inner.state.lock().unwrap();
+            if misses.len() > free {
                 let excluded: Vec<ExpertKey> = current
                     .iter()
                     .filter(|k| matches!(s.device.get(k), Some(DeviceEntry::Ready(_))))
@@ -1005,11 +1127,8 @@ impl ExpertProvider for TieredExperts {
                 (available > 0).then(|| (((misses.len() - free).min(available)) as u32, excluded))
             } else {
                 None
-            };
-            (facts, need)
+            }
         };
-
-        // 2. The eviction policy hears the facts and, if needed, names victims.
         let candidates;
         let request = match &need {
             Some((count, excluded)) => {
@@ -1040,7 +1159,7 @@ impl ExpertProvider for TieredExperts {
         inner.admit_host(&mut p, &demote);
         drop(p);
 
-        // 3. Load the misses; cache as many as there is room for, stream the rest.
+        // 4. Load the fetched misses; cache as many as there is room for, stream the rest.
         let hosts: Vec<Option<Arc<ExpertBytes>>> = {
             let s = inner.state.lock().unwrap();
             misses
@@ -1058,11 +1177,11 @@ impl ExpertProvider for TieredExperts {
             } else {
                 s.streamed += 1;
             }
-            ready[i] = Some(w);
+            ready[i] = Some(ExpertWeights::Compute(w));
         }
-        // 4. Wait for prefetches in flight (a cancelled one is loaded here).
+        // 5. Wait for prefetches in flight (a cancelled one is loaded here).
         for (i, cell) in waiting {
-            ready[i] = Some(match cell.wait() {
+            ready[i] = Some(ExpertWeights::Compute(match cell.wait() {
                 Some(w) => {
                     let mut s = inner.state.lock().unwrap();
                     s.prefetched_unused.remove(&keys[i]);
@@ -1073,7 +1192,7 @@ impl ExpertProvider for TieredExperts {
                     let host = inner.state.lock().unwrap().host.get(&keys[i]).cloned();
                     inner.load_compute(keys[i], host)?
                 }
-            });
+            }));
         }
         inner.state.lock().unwrap().wait_ns += t0.elapsed().as_nanos() as u64;
         Ok(ready

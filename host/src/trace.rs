@@ -630,8 +630,13 @@ struct Recorder {
 }
 
 impl crate::experts::ExpertProvider for Recorder {
-    fn fetch(&self, layer: usize, experts: &[u32]) -> Result<Vec<Arc<crate::experts::FfnWeights>>> {
-        self.inner.fetch(layer, experts)
+    fn fetch(
+        &self,
+        layer: usize,
+        experts: &[u32],
+        tokens: &[u32],
+    ) -> Result<Vec<crate::experts::ExpertWeights>> {
+        self.inner.fetch(layer, experts, tokens)
     }
 
     fn lookahead(&self) -> usize {

@@ -1,7 +1,7 @@
 //! The built-in policies: the safe defaults every plugin call falls back to.
 //!
-//! Exact top-k (the model's own routing, bit for bit), LRU eviction, no prefetch. They never
-//! fail and answer within the contract for any valid input.
+//! Exact top-k (the model's own routing, bit for bit), LRU eviction, no prefetch, placement by
+//! cost model. They never fail and answer within the contract for any valid input.
 
 use super::*;
 use crate::router::top_k_indices;
@@ -256,5 +256,50 @@ impl Prefetch for NoPrefetch {
 
     fn on_routed(&mut self, _: &RoutedStep) -> PolicyResult<Vec<PrefetchRequest>> {
         Ok(Vec::new())
+    }
+}
+
+/// Placement by this step's cost: per expert, fetching it (copy over the link, run on the
+/// device) against running it where it lives (activations over the link, run on the host),
+/// each as a roofline time from `LinkCosts`. Ties go to the device, which keeps the expert
+/// cached. While device slots are free a fetch evicts nothing, so the first free slots are
+/// always filled.
+#[derive(Default)]
+pub struct CostModel;
+
+impl CostModel {
+    pub fn decide(r: &PlacementRequest<'_>) -> Vec<Place> {
+        let mut free = r.free_device_slots;
+        r.tokens
+            .iter()
+            .zip(r.tiers)
+            .map(|(&t, &tier)| {
+                if free > 0 {
+                    free -= 1;
+                    return Place::Device;
+                }
+                let host = r.costs.host_seconds(t, r.expert_bytes, tier);
+                if host < r.costs.fetch_seconds(t, r.expert_bytes) {
+                    Place::Host
+                } else {
+                    Place::Device
+                }
+            })
+            .collect()
+    }
+}
+
+impl Placement for CostModel {
+    fn init(&mut self, _: &InitArgs) -> PolicyResult<PolicyInfo> {
+        Ok(PolicyInfo {
+            name: "builtin-cost-model".into(),
+            description:
+                "fetch or run on the host, whichever this step's link and compute costs favour"
+                    .into(),
+        })
+    }
+
+    fn place(&mut self, r: &PlacementRequest<'_>) -> PolicyResult<Vec<Place>> {
+        Ok(Self::decide(r))
     }
 }

@@ -76,6 +76,10 @@ pub fn check(source: &PolicySource) -> Result<CheckReport> {
             let mut g = GuardedPrefetch::new(Some(Box::new(plugin)), &src, &version, 1);
             smoke::prefetch(&mut g, &args)?.info
         }
+        PolicyKind::Placement => {
+            let mut g = GuardedPlacement::new(Some(Box::new(plugin)), &src, &version, 1);
+            smoke::placement(&mut g, &args)?
+        }
     };
     Ok(CheckReport {
         source: src,

@@ -10,7 +10,7 @@
 use serde::Serialize;
 use std::time::Instant;
 
-use super::builtin::{ExactTopK, Lru, NoPrefetch};
+use super::builtin::{CostModel, ExactTopK, Lru, NoPrefetch};
 use super::*;
 
 /// Counters of one policy slot.
@@ -542,4 +542,81 @@ fn validate_prefetch(reqs: &[PrefetchRequest], shape: Option<ModelShape>) -> Res
         }
     }
     Ok(())
+}
+
+/// Placement with the built-in cost model as the safety net.
+pub struct GuardedPlacement {
+    slot: Slot<dyn Placement>,
+}
+
+impl GuardedPlacement {
+    /// Failures are counted but not logged (smoke tests report them themselves).
+    pub fn set_quiet(&mut self, quiet: bool) {
+        self.slot.quiet = quiet;
+    }
+
+    pub fn new(
+        plugin: Option<Box<dyn Placement>>,
+        source: &str,
+        version: &str,
+        quarantine_after: u32,
+    ) -> Self {
+        let mut slot = Slot::new(
+            PolicyKind::Placement,
+            plugin,
+            source,
+            version,
+            quarantine_after,
+        );
+        slot.stats.name = "builtin-cost-model".into();
+        Self { slot }
+    }
+
+    pub fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
+        let info = match self.slot.plugin.as_mut() {
+            Some(p) => p.init(args)?,
+            None => CostModel.init(args)?,
+        };
+        self.slot.stats.name = info.name.clone();
+        self.slot.needs_init = false;
+        Ok(info)
+    }
+
+    /// One placement per expert of `request`, in its order.
+    pub fn place(
+        &mut self,
+        request: &PlacementRequest<'_>,
+        args: &dyn Fn() -> InitArgs,
+    ) -> Vec<Place> {
+        if request.experts.is_empty() {
+            return Vec::new();
+        }
+        let reinit = std::cell::Cell::new(None);
+        let want = request.experts.len();
+        let answer = self.slot.run(
+            |p| {
+                reinit.set(Some(p.init(&args())?));
+                Ok(())
+            },
+            |p| p.place(request),
+            |places: &Vec<Place>| {
+                if places.len() == want {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "placed {} experts, {want} were asked about",
+                        places.len()
+                    ))
+                }
+            },
+        );
+        if let Some(info) = reinit.take() {
+            self.slot.stats.name = info.name;
+        }
+        answer.unwrap_or_else(|| CostModel::decide(request))
+    }
+
+    pub fn stats(&self) -> &PolicyStats {
+        &self.slot.stats
+    }
 }

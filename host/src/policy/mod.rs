@@ -1,6 +1,6 @@
-//! Memory policies: expert selection, cache eviction, prefetch prediction.
+//! Memory policies: expert selection, cache eviction, prefetch prediction, placement.
 //!
-//! Owns: the native mirror of the WIT types (`wit/policy.wit`), the three policy traits that
+//! Owns: the native mirror of the WIT types (`wit/policy.wit`), the four policy traits that
 //! both built-in and WebAssembly policies implement, and `Guarded*`, which is what the expert
 //! store calls: it validates every answer, counts and logs failures, serves failed calls with
 //! the built-in policy, re-initialises a failed plugin and quarantines one that keeps failing.
@@ -10,21 +10,40 @@ pub mod bench;
 pub mod builtin;
 pub mod bundled;
 pub mod check;
+pub mod costs;
 pub mod guard;
 pub mod smoke;
 pub mod wasm;
 
 use serde::Serialize;
 
-pub use guard::{GuardedEviction, GuardedPrefetch, GuardedSelection, PolicyStats};
+pub use guard::{
+    GuardedEviction, GuardedPlacement, GuardedPrefetch, GuardedSelection, PolicyStats,
+};
 
-/// The three kinds of policy.
+/// The kinds of policy the expert store runs (pruning, offline only, is not one of them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyKind {
     Selection,
     Eviction,
     Prefetch,
+    /// Hybrid execution (contract 0.2.1): fetch a missing expert or run it where it lives.
+    Placement,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 4] = [
+        PolicyKind::Selection,
+        PolicyKind::Eviction,
+        PolicyKind::Prefetch,
+        PolicyKind::Placement,
+    ];
+
+    /// `selection`, `eviction`, `prefetch` or `placement`.
+    pub fn parse(s: &str) -> Option<PolicyKind> {
+        PolicyKind::ALL.into_iter().find(|k| k.to_string() == s)
+    }
 }
 
 impl std::fmt::Display for PolicyKind {
@@ -33,6 +52,7 @@ impl std::fmt::Display for PolicyKind {
             PolicyKind::Selection => "selection",
             PolicyKind::Eviction => "eviction",
             PolicyKind::Prefetch => "prefetch",
+            PolicyKind::Placement => "placement",
         })
     }
 }
@@ -224,6 +244,58 @@ pub struct PrefetchRequest {
     pub priority: u32,
 }
 
+/// Where an expert that is not in the device tier runs this step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Place {
+    /// Copy it into the device tier (evicting if it is full) and run it there.
+    Device,
+    /// Run it where it lives: on the CPU, straight from its storage format.
+    Host,
+}
+
+impl Place {
+    /// The code in contract 0.2.1's `place` answer.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(c: u8) -> Option<Place> {
+        match c {
+            0 => Some(Place::Device),
+            1 => Some(Place::Host),
+            _ => None,
+        }
+    }
+}
+
+/// What placement weighs (WIT `link-costs`): bandwidths in bytes/s, throughputs in FLOP/s.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LinkCosts {
+    pub link_bytes_per_second: f64,
+    pub link_latency_seconds: f64,
+    pub device_flops: f64,
+    pub device_memory_bytes_per_second: f64,
+    pub host_flops: f64,
+    pub host_memory_bytes_per_second: f64,
+    pub flops_per_token: f64,
+    pub activation_bytes: u32,
+}
+
+/// A placement request: one layer step's routed experts that are neither in the device tier
+/// nor on their way there (ascending), with the tokens routed to each and the tier each is in.
+#[derive(Debug, Clone)]
+pub struct PlacementRequest<'a> {
+    pub layer: u32,
+    pub experts: &'a [ExpertKey],
+    pub tokens: &'a [u32],
+    pub tiers: &'a [Tier],
+    pub free_device_slots: u32,
+    /// Bytes one expert occupies in storage format (what a fetch moves).
+    pub expert_bytes: u64,
+    pub costs: LinkCosts,
+}
+
 /// Why a policy call was not used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -283,6 +355,12 @@ pub trait Eviction: Send {
 pub trait Prefetch: Send {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PrefetchInfo>;
     fn on_routed(&mut self, step: &RoutedStep) -> PolicyResult<Vec<PrefetchRequest>>;
+}
+
+/// Chooses where missing experts run (hybrid execution).
+pub trait Placement: Send {
+    fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo>;
+    fn place(&mut self, request: &PlacementRequest<'_>) -> PolicyResult<Vec<Place>>;
 }
 
 /// Where a policy comes from, as given on the command line: a bundled plugin's name or a

@@ -195,3 +195,38 @@ pub fn prefetch(g: &mut GuardedPrefetch, args: &InitArgs) -> anyhow::Result<Pref
     }
     Ok(info)
 }
+
+pub fn placement(g: &mut GuardedPlacement, args: &InitArgs) -> anyhow::Result<PolicyInfo> {
+    g.set_quiet(true);
+    let info = g
+        .init(args)
+        .map_err(|e| anyhow::anyhow!("placement policy init failed: {e}"))?;
+    let s = args.shape;
+    // Kimi-K2's expert; the figures only need to be plausible.
+    let costs = LinkCosts::preset("h100-pcie5", 7168, 2048).expect("preset exists");
+    for layer in 0..s.moe_layers.min(3) {
+        for n in [1u32, s.top_k, 3 * s.top_k] {
+            let n = n.min(s.experts_per_layer);
+            let experts: Vec<ExpertKey> = (0..n).map(|e| expert(layer, e)).collect();
+            let tokens: Vec<u32> = (0..n).map(|e| 1 + e % 5).collect();
+            let tiers: Vec<Tier> = (0..n)
+                .map(|e| if e % 2 == 0 { Tier::Host } else { Tier::Disk })
+                .collect();
+            let request = PlacementRequest {
+                layer,
+                experts: &experts,
+                tokens: &tokens,
+                tiers: &tiers,
+                free_device_slots: layer,
+                expert_bytes: s.expert_bytes,
+                costs,
+            };
+            g.place(&request, &|| args.clone());
+        }
+    }
+    g.set_quiet(false);
+    if g.stats().fallbacks > 0 {
+        return Err(rejected(PolicyKind::Placement, g.stats()));
+    }
+    Ok(info)
+}

@@ -14,11 +14,12 @@ use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 
 use super::*;
 
-/// Bindings of the current contract, `wit/policy.wit` (0.2).
+/// Bindings of the current contract, `wit/policy.wit` (0.2.1). Components built against
+/// 0.2.0 (`wit/deps/moehost-policy-0.2.0`) bind to them too: wasmtime matches 0.2.x exports.
 mod v2 {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "moehost:policy/policy-host@0.2.0",
+        world: "moehost:policy/policy-host@0.2.1",
     });
 }
 
@@ -34,13 +35,14 @@ use v1::exports::moehost::policy::eviction as wev1;
 use v1::exports::moehost::policy::prefetch as wpf1;
 use v1::exports::moehost::policy::selection as wsel1;
 use v1::moehost::policy::types as wt1;
-use v2::exports::moehost::policy0_2_0::eviction as wev;
-use v2::exports::moehost::policy0_2_0::prefetch as wpf;
-use v2::exports::moehost::policy0_2_0::selection as wsel;
-use v2::moehost::policy0_2_0::types as wt;
+use v2::exports::moehost::policy0_2_1::eviction as wev;
+use v2::exports::moehost::policy0_2_1::placement as wpl;
+use v2::exports::moehost::policy0_2_1::prefetch as wpf;
+use v2::exports::moehost::policy0_2_1::selection as wsel;
+use v2::moehost::policy0_2_1::types as wt;
 
 /// The WIT package version this host implements; components of 0.1.x and 0.2.x load.
-pub const WIT_VERSION: &str = "0.2.0";
+pub const WIT_VERSION: &str = "0.2.1";
 /// Contract versions a component may export (`major.minor.` prefixes).
 const SUPPORTED: [&str; 2] = ["0.2.", "0.1."];
 /// The type-only interface every plugin imports implicitly.
@@ -181,6 +183,7 @@ pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
             (PolicyKind::Selection, "moehost:policy/selection@"),
             (PolicyKind::Eviction, "moehost:policy/eviction@"),
             (PolicyKind::Prefetch, "moehost:policy/prefetch@"),
+            (PolicyKind::Placement, "moehost:policy/placement@"),
         ] {
             if let Some(version) = name.strip_prefix(prefix) {
                 found.push((kind, name.to_owned(), version.to_owned()));
@@ -189,8 +192,8 @@ pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
     }
     let (kind, export, version) = match found.len() {
         0 => bail!(
-            "{origin} exports no moehost policy (expected moehost:policy/selection, /eviction or \
-             /prefetch @{WIT_VERSION})"
+            "{origin} exports no moehost policy (expected moehost:policy/selection, /eviction, \
+             /prefetch or /placement @{WIT_VERSION})"
         ),
         1 => found.pop().unwrap(),
         _ => bail!("{origin} exports several policy interfaces; a plugin is one policy"),
@@ -217,6 +220,7 @@ enum Guest {
     Selection(wsel::Guest),
     Eviction(wev::Guest),
     Prefetch(wpf::Guest),
+    Placement(wpl::Guest),
     SelectionV1(wsel1::Guest),
     EvictionV1(wev1::Guest),
     PrefetchV1(wpf1::Guest),
@@ -280,6 +284,17 @@ impl WasmPolicy {
                     .and_then(|i| i.load(&mut store, &instance))
                     .map_err(load)?,
             ),
+            (PolicyKind::Placement, false) => Guest::Placement(
+                wpl::GuestIndices::new(pre)
+                    .and_then(|i| i.load(&mut store, &instance))
+                    .map_err(load)?,
+            ),
+            (PolicyKind::Placement, true) => {
+                return Err(PolicyError {
+                    kind: FailureKind::InvalidAnswer,
+                    message: "contract 0.1 has no placement interface".into(),
+                })
+            }
             (PolicyKind::Selection, true) => Guest::SelectionV1(
                 wsel1::GuestIndices::new(pre)
                     .and_then(|i| i.load(&mut store, &instance))
@@ -759,7 +774,65 @@ impl Prefetch for WasmPolicy {
     }
 }
 
-use v2::exports::moehost::policy0_2_0::pruning as wpr;
+impl Placement for WasmPolicy {
+    fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
+        self.init_with(args, PolicyKind::Placement, |l, a| {
+            Ok(match &l.guest {
+                Guest::Placement(g) => {
+                    let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
+                    Some(info_in(r.name, r.description))
+                }
+                _ => None,
+            })
+        })
+    }
+
+    fn place(&mut self, r: &PlacementRequest<'_>) -> PolicyResult<Vec<Place>> {
+        let timeout = self.limits.call_timeout;
+        let codes = self.call(
+            timeout,
+            |l| {
+                Ok(match &l.guest {
+                    Guest::Placement(g) => {
+                        let shape = l.shape;
+                        let c = r.costs;
+                        let request = wpl::PlacementRequest {
+                            layer: r.layer,
+                            experts: r.experts.iter().map(|e| shape.id_of(*e)).collect(),
+                            tokens: r.tokens.to_vec(),
+                            tiers: r.tiers.iter().map(|t| t.code()).collect(),
+                            free_device_slots: r.free_device_slots,
+                            costs: wpl::LinkCosts {
+                                link_bytes_per_second: c.link_bytes_per_second,
+                                link_latency_seconds: c.link_latency_seconds,
+                                device_flops: c.device_flops,
+                                device_memory_bytes_per_second: c.device_memory_bytes_per_second,
+                                host_flops: c.host_flops,
+                                host_memory_bytes_per_second: c.host_memory_bytes_per_second,
+                                flops_per_token: c.flops_per_token,
+                                activation_bytes: c.activation_bytes,
+                            },
+                        };
+                        Some(g.call_place(&mut l.store, &request)?)
+                    }
+                    _ => None,
+                })
+            },
+            PolicyKind::Placement,
+        )?;
+        codes
+            .iter()
+            .map(|&c| {
+                Place::from_code(c).ok_or_else(|| PolicyError {
+                    kind: FailureKind::InvalidAnswer,
+                    message: format!("placement code {c} is neither 0 (fetch) nor 1 (host)"),
+                })
+            })
+            .collect()
+    }
+}
+
+use v2::exports::moehost::policy0_2_1::pruning as wpr;
 
 /// An expert-pruning ranker (`wit/policy.wit`, interface `pruning`): used offline by
 /// `moehost convert --selection`, under the same sandbox as every plugin (no imports, a

@@ -40,11 +40,7 @@ impl Admin {
         anyhow::ensure!(!token.is_empty(), "the admin token must not be empty");
         let mut active = HashMap::new();
         for (i, a) in arms.arms.iter().enumerate() {
-            for (kind, source) in [
-                (PolicyKind::Selection, &a.config.selection),
-                (PolicyKind::Eviction, &a.config.eviction),
-                (PolicyKind::Prefetch, &a.config.prefetch),
-            ] {
+            for (kind, source) in a.config.sources() {
                 active.insert((i, kind), vec![source.clone()]);
             }
         }
@@ -218,14 +214,11 @@ fn arm_of(app: &AppState, req: &KindName) -> Result<usize, ApiError> {
 }
 
 fn kind_of(s: &str) -> Result<PolicyKind, ApiError> {
-    match s {
-        "selection" => Ok(PolicyKind::Selection),
-        "eviction" => Ok(PolicyKind::Eviction),
-        "prefetch" => Ok(PolicyKind::Prefetch),
-        other => Err(ApiError::invalid(format!(
-            "unknown policy kind {other:?}: selection, eviction or prefetch"
-        ))),
-    }
+    PolicyKind::parse(s).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "unknown policy kind {s:?}: selection, eviction, prefetch or placement"
+        ))
+    })
 }
 
 fn parse_body(body: &Bytes) -> Result<KindName, ApiError> {

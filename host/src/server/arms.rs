@@ -73,14 +73,11 @@ impl std::str::FromStr for ArmSpec {
                         })?;
                     continue;
                 }
-                "selection" => PolicyKind::Selection,
-                "eviction" => PolicyKind::Eviction,
-                "prefetch" => PolicyKind::Prefetch,
-                other => {
-                    return Err(format!(
-                    "arm {name}: unknown key {other:?} (selection, eviction, prefetch or weight)"
-                ))
-                }
+                other => PolicyKind::parse(other).ok_or_else(|| {
+                    format!(
+                        "arm {name}: unknown key {other:?} (selection, eviction, prefetch, placement or weight)"
+                    )
+                })?,
             };
             if spec.policies.iter().any(|(k, _)| *k == kind) {
                 return Err(format!("arm {name}: {kind} given twice"));
@@ -161,6 +158,7 @@ impl Arms {
                     PolicyKind::Selection => config.selection = source.clone(),
                     PolicyKind::Eviction => config.eviction = source.clone(),
                     PolicyKind::Prefetch => config.prefetch = source.clone(),
+                    PolicyKind::Placement => config.placement = source.clone(),
                 }
             }
             let store =
