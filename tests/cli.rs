@@ -265,3 +265,30 @@ fn policy_check_reports_world_and_refuses_wasi() {
     assert_eq!(out.status.code(), Some(2), "clap reports a bad size");
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid size"));
 }
+
+#[test]
+fn doctor_measures_this_machine_and_plans_kimi_k2_without_a_gpu() {
+    let out = support::moehost()
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    support::assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cpu = &v["cpu"];
+    for k in ["matmul_gflops", "memory_gbps", "fp8_dequant_gbps"] {
+        assert!(cpu[k].as_f64().unwrap() > 0.0, "{k}: {cpu}");
+    }
+    // The bundled model's shards were read in full.
+    assert!(
+        v["disk"]["bytes"].as_u64().unwrap() > 50_000_000,
+        "{}",
+        v["disk"]
+    );
+    // No GPU in CI: said plainly, and the plan falls back to an H100's preset figures.
+    if v["gpu"]["Err"].is_string() {
+        assert!(v["link_basis"].as_str().unwrap().contains("no GPU"));
+    }
+    // Kimi-K2's figures (the plan test checks them in detail).
+    assert_eq!(v["kimi_k2"]["expert_bytes"], 44_050_944);
+    assert!(v["kimi_k2"]["device"]["expert_slots"].as_u64().unwrap() > 1000);
+}

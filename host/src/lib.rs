@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod compress;
 pub mod config;
 pub mod deepseek_v3;
+pub mod doctor;
 pub mod engine;
 pub mod experts;
 pub mod forward_dump;
@@ -25,6 +26,7 @@ pub mod sampling;
 pub mod server;
 pub mod store;
 pub mod trace;
+pub mod transfer;
 
 pub use config::ModelConfig;
 pub use deepseek_v3::{DeepseekV3, ForwardOutput, KvCache, Logits, Sequence};

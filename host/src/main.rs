@@ -243,6 +243,16 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// What this machine offers a Kimi-K2 deployment, measured: CPU matmul, memory and FP8
+    /// dequantization speed, the model folder's read bandwidth, and with the `cuda` feature the
+    /// GPU, driver, free memory and host->device bandwidth (pinned vs pageable); then the plan.
+    Doctor {
+        /// Model folder whose read bandwidth stands for the disk tier (default: the bundled one).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Memory layout and expected decode figures of a model on a machine, from config.json
     /// alone (e.g. Kimi-K2 on one H100): experts per tier, bytes moved and the tokens/s ceiling.
     Plan {
@@ -827,6 +837,15 @@ fn run() -> Result<()> {
             };
             let report = convert(&model, &out, &opts)?;
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Doctor { model, json } => {
+            let dir = model.unwrap_or_else(bundled_model_dir);
+            let report = moehost::doctor::run(Some(&dir))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
         }
         Command::Plan {
             config,
