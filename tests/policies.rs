@@ -278,6 +278,7 @@ fn cost_model_runs_missing_experts_on_the_host_when_the_link_is_slow() {
     let (engine, store) = open(&placed("cost-model", "local", 10, None));
     run(&engine);
     let local = store.stats();
+    assert_eq!(local.device_backend, "cpu");
     assert_eq!(local.placement.on_host, 0, "{:?}", local.placement);
     assert!(local.device.bytes_in > 0);
 

@@ -71,6 +71,9 @@ pub enum ExpertWeights {
     Compute(Arc<FfnWeights>),
     /// Storage form, run where it lives (hybrid execution: placement chose not to fetch it).
     Stored(Arc<ExpertBytes>),
+    /// Compute form in GPU memory (the CUDA device tier).
+    #[cfg(feature = "cuda")]
+    Gpu(Arc<crate::gpu::GpuExpert>),
 }
 
 impl ExpertWeights {
@@ -79,8 +82,20 @@ impl ExpertWeights {
         match self {
             ExpertWeights::Compute(w) => w.forward(x, hidden, out),
             ExpertWeights::Stored(b) => b.forward(x, hidden, out)?,
+            #[cfg(feature = "cuda")]
+            ExpertWeights::Gpu(g) => g.forward(x, hidden, out)?,
         }
         Ok(())
+    }
+
+    /// Bytes this form occupies where it lives.
+    pub fn bytes(&self) -> usize {
+        match self {
+            ExpertWeights::Compute(w) => w.compute_bytes(),
+            ExpertWeights::Stored(b) => b.storage_bytes(),
+            #[cfg(feature = "cuda")]
+            ExpertWeights::Gpu(g) => g.device_bytes(),
+        }
     }
 }
 

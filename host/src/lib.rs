@@ -15,6 +15,8 @@ pub mod engine;
 pub mod experts;
 pub mod forward_dump;
 pub mod fp8;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod kernels;
 pub mod plan;
 pub mod policy;

@@ -36,6 +36,10 @@ struct ModelArgs {
     /// cost-model (built in), a bundled plugin (hot-fetch) or a .wasm path.
     #[arg(long, default_value = "cost-model")]
     placement: String,
+    /// Where the device tier lives and computes: cpu, or cuda (a `--features cuda` build with a
+    /// driver; otherwise it says why and runs on the CPU).
+    #[arg(long, default_value = "cpu", value_parser = moehost::store::Device::parse)]
+    device: moehost::store::Device,
     /// Link and compute figures placement weighs: local (no separate device: always fetch),
     /// h100-pcie5, h100-pcie4, slow-link.
     #[arg(long, default_value = "local")]
@@ -61,6 +65,7 @@ impl ModelArgs {
             prefetch: PolicySource::parse(&self.prefetch),
             placement: PolicySource::parse(&self.placement),
             link: self.link.clone(),
+            device: self.device,
             ..Default::default()
         };
         c.limits.call_timeout = Duration::from_millis(self.policy_timeout_ms.max(1));

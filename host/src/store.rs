@@ -46,6 +46,8 @@ pub struct StoreConfig {
     pub placement: PolicySource,
     /// The `LinkCosts` preset placement weighs (`local`, `h100-pcie5`, ...).
     pub link: String,
+    /// Where the device tier lives and computes.
+    pub device: Device,
     pub limits: RuntimeLimits,
     /// Threads serving the prefetch queue.
     pub prefetch_workers: usize,
@@ -61,6 +63,7 @@ impl Default for StoreConfig {
             prefetch: PolicySource::Bundled("none".into()),
             placement: PolicySource::Bundled(BUILTIN_PLACEMENT.into()),
             link: "local".into(),
+            device: Device::Cpu,
             limits: RuntimeLimits::default(),
             prefetch_workers: 2,
         }
@@ -92,6 +95,51 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
         "invalid size {s:?}: must be a non-negative number"
     );
     Ok((value * mult) as u64)
+}
+
+/// Where the device tier's experts live and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// Dequantized f32 in host RAM, computed by the CPU kernels.
+    Cpu,
+    /// GPU memory, computed by the CUDA kernel (feature `cuda`); falls back to `Cpu`, saying
+    /// why, when there is no driver, no device, or no `cuda` feature.
+    Cuda,
+}
+
+impl Device {
+    pub fn parse(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            other => anyhow::bail!("unknown device {other:?}: cpu or cuda"),
+        }
+    }
+}
+
+/// The GPU a `Device::Cuda` store computes on, or `None` after saying why not.
+#[cfg(feature = "cuda")]
+fn open_gpu(device: Device) -> Option<Arc<crate::gpu::Gpu>> {
+    if device != Device::Cuda {
+        return None;
+    }
+    match crate::gpu::gpu() {
+        Ok(g) => Some(g),
+        Err(why) => {
+            eprintln!("moehost: no CUDA device for the device tier ({why}); running on the CPU");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpu(device: Device) {
+    if device == Device::Cuda {
+        eprintln!(
+            "moehost: this moehost was built without the `cuda` feature; the device tier runs on the CPU"
+        );
+    }
 }
 
 /// The placement source naming the built-in cost model (there is no bundled plugin of it).
@@ -161,24 +209,24 @@ struct Policies {
 
 /// A device slot: ready, or being filled by a prefetch worker.
 enum DeviceEntry {
-    Ready(Arc<FfnWeights>),
+    Ready(ExpertWeights),
     Loading(Arc<LoadCell>),
 }
 
 /// Where a prefetch worker puts its result; `Some(None)` = cancelled or failed.
 #[derive(Default)]
 struct LoadCell {
-    value: Mutex<Option<Option<Arc<FfnWeights>>>>,
+    value: Mutex<Option<Option<ExpertWeights>>>,
     ready: Condvar,
 }
 
 impl LoadCell {
-    fn set(&self, v: Option<Arc<FfnWeights>>) {
+    fn set(&self, v: Option<ExpertWeights>) {
         *self.value.lock().unwrap() = Some(v);
         self.ready.notify_all();
     }
 
-    fn wait(&self) -> Option<Arc<FfnWeights>> {
+    fn wait(&self) -> Option<ExpertWeights> {
         let mut g = self.value.lock().unwrap();
         while g.is_none() {
             g = self.ready.wait(g).unwrap();
@@ -226,6 +274,8 @@ pub struct StoreStats {
     pub device: TierCounters,
     pub host: TierCounters,
     pub disk: TierCounters,
+    /// Where the device tier lives: `cpu`, or the GPU's name.
+    pub device_backend: String,
     /// Experts computed without being cached because every resident one was pinned.
     pub streamed: u64,
     pub placement: PlacementCounters,
@@ -324,6 +374,9 @@ struct Inner {
     limits: RuntimeLimits,
     /// What placement weighs.
     costs: LinkCosts,
+    /// The GPU the device tier lives on (`None`: the CPU).
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<crate::gpu::Gpu>>,
 }
 
 /// The tiered expert store; the `ExpertProvider` the engine uses.
@@ -406,6 +459,10 @@ impl TieredExperts {
         };
         let take = |kind| guarded(kind, &config.source_of(kind), config.limits);
         let costs = LinkCosts::preset(&config.link, cfg.hidden_size, cfg.moe_intermediate_size)?;
+        #[cfg(feature = "cuda")]
+        let gpu = open_gpu(config.device);
+        #[cfg(not(feature = "cuda"))]
+        open_gpu(config.device);
         let (
             AnyGuarded::Selection(selection),
             AnyGuarded::Eviction(eviction),
@@ -446,6 +503,8 @@ impl TieredExperts {
             queue: Queue::default(),
             limits: config.limits,
             costs,
+            #[cfg(feature = "cuda")]
+            gpu,
         });
         {
             let args = inner.init_args();
@@ -500,6 +559,7 @@ impl TieredExperts {
             device,
             host,
             disk,
+            device_backend: self.inner.device_backend(),
             streamed: s.streamed,
             placement: s.placement_c.clone(),
             wait_ms: s.wait_ns as f64 / 1e6,
@@ -706,6 +766,14 @@ impl Candidates for TierCandidates<'_> {
 }
 
 impl Inner {
+    fn device_backend(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.name.clone();
+        }
+        "cpu".into()
+    }
+
     fn key(&self, layer: usize, expert: u32) -> ExpertKey {
         ExpertKey {
             layer: self.moe_index[layer].expect("routed experts only in MoE layers"),
@@ -882,12 +950,13 @@ impl Inner {
         }
     }
 
-    /// The compute form of `key`, from the host tier if there, else from the checkpoint.
+    /// The compute form of `key`, from the host tier if there, else from the checkpoint; in
+    /// GPU memory when the store computes on a GPU.
     fn load_compute(
         &self,
         key: ExpertKey,
         host: Option<Arc<ExpertBytes>>,
-    ) -> Result<Arc<FfnWeights>> {
+    ) -> Result<ExpertWeights> {
         let layer = self.moe_layers[key.layer as usize];
         let w = match host {
             Some(b) => b.to_ffn()?,
@@ -898,7 +967,12 @@ impl Inner {
                 self.intermediate,
             )?,
         };
-        Ok(Arc::new(w))
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            let g = crate::gpu::GpuExpert::upload(gpu, &w)?;
+            return Ok(ExpertWeights::Gpu(Arc::new(g)));
+        }
+        Ok(ExpertWeights::Compute(Arc::new(w)))
     }
 
     fn worker(&self) {
@@ -926,7 +1000,7 @@ impl Inner {
                         match self.load_compute(job.key, host) {
                             Ok(w) => {
                                 let mut s = self.state.lock().unwrap();
-                                s.device_c.bytes_in += (w.gate_up.len() + w.down.len()) as u64 * 4;
+                                s.device_c.bytes_in += w.bytes() as u64;
                                 Some(w)
                             }
                             Err(e) => {
@@ -1030,7 +1104,7 @@ impl ExpertProvider for TieredExperts {
                 s.event(EventKind::Access, Tier::Device, *k);
                 match s.device.get(k) {
                     Some(DeviceEntry::Ready(w)) => {
-                        ready[i] = Some(ExpertWeights::Compute(w.clone()));
+                        ready[i] = Some(w.clone());
                         s.device_c.hits += 1;
                         if s.prefetched_unused.remove(k) {
                             s.prefetch_c.used += 1;
@@ -1170,18 +1244,18 @@ impl ExpertProvider for TieredExperts {
         for (n, (&i, host)) in misses.iter().zip(hosts).enumerate() {
             let w = inner.load_compute(keys[i], host)?;
             let mut s = inner.state.lock().unwrap();
-            s.device_c.bytes_in += (w.gate_up.len() + w.down.len()) as u64 * 4;
+            s.device_c.bytes_in += w.bytes() as u64;
             if n < room {
                 s.device.insert(keys[i], DeviceEntry::Ready(w.clone()));
                 s.event(EventKind::Insert, Tier::Device, keys[i]);
             } else {
                 s.streamed += 1;
             }
-            ready[i] = Some(ExpertWeights::Compute(w));
+            ready[i] = Some(w);
         }
         // 5. Wait for prefetches in flight (a cancelled one is loaded here).
         for (i, cell) in waiting {
-            ready[i] = Some(ExpertWeights::Compute(match cell.wait() {
+            ready[i] = Some(match cell.wait() {
                 Some(w) => {
                     let mut s = inner.state.lock().unwrap();
                     s.prefetched_unused.remove(&keys[i]);
@@ -1192,7 +1266,7 @@ impl ExpertProvider for TieredExperts {
                     let host = inner.state.lock().unwrap().host.get(&keys[i]).cloned();
                     inner.load_compute(keys[i], host)?
                 }
-            }));
+            });
         }
         inner.state.lock().unwrap().wait_ns += t0.elapsed().as_nanos() as u64;
         Ok(ready

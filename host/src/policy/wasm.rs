@@ -80,6 +80,10 @@ pub fn engine() -> &'static Engine {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // `MOEHOST_PERFMAP=1`: write /tmp/perf-<pid>.map so `perf` names plugin functions.
+        if std::env::var_os("MOEHOST_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).expect("wasmtime engine configuration is valid");
         let ticker = engine.weak();
         std::thread::Builder::new()

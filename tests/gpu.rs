@@ -1,0 +1,102 @@
+//! The GPU suite (`--features cuda`): routed experts computed on the GPU give the CPU's bits,
+//! and a generation whose device tier lives on the GPU equals the all-resident CPU run. Each
+//! test runs where a CUDA driver and device are present and says why it skipped elsewhere.
+#![cfg(feature = "cuda")]
+
+mod support;
+
+use moehost::checkpoint::Checkpoint;
+use moehost::experts::ExpertBytes;
+use moehost::gpu::{gpu, GpuExpert};
+use moehost::policy::PolicySource;
+use moehost::store::{Device, StoreConfig};
+use moehost::{Engine, Logits};
+
+fn device_or_skip() -> Option<std::sync::Arc<moehost::gpu::Gpu>> {
+    match gpu() {
+        Ok(g) => Some(g),
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
+#[test]
+fn experts_on_the_gpu_give_the_cpus_bits() {
+    let Some(g) = device_or_skip() else { return };
+    let dir = support::fp8_model();
+    let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    let h = cfg.hidden_size;
+    for (layer, expert) in [(1, 0), (4, 37), (7, 63)] {
+        let cpu = ExpertBytes::read(&ckpt, layer, expert)
+            .unwrap()
+            .to_ffn()
+            .unwrap();
+        let on_gpu = GpuExpert::upload(&g, &cpu).unwrap();
+        for t in [1usize, 2, 7, 64, 65] {
+            let x: Vec<f32> = (0..t * h)
+                .map(|i| ((i * 7919 + expert as usize) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let (mut a, mut b) = (vec![0f32; t * h], vec![0f32; t * h]);
+            cpu.forward(&x, h, &mut a);
+            on_gpu.forward(&x, h, &mut b).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(&a) == bits(&b),
+                "expert {expert} of layer {layer}, {t} tokens"
+            );
+        }
+    }
+}
+
+fn run(engine: &Engine) -> (Vec<u32>, Vec<u32>) {
+    let ids = engine
+        .encode("<|bos|>The software is distributed in the hope that it will be useful")
+        .unwrap();
+    let out = engine
+        .model
+        .forward(&ids, &mut engine.model.new_cache(), Logits::All, false)
+        .unwrap();
+    let gen = engine
+        .generate(&ids, 24, &Default::default(), |_| {})
+        .unwrap();
+    (out.logits.iter().map(|x| x.to_bits()).collect(), gen.ids)
+}
+
+#[test]
+fn a_device_tier_on_the_gpu_never_changes_a_token() {
+    if device_or_skip().is_none() {
+        return;
+    }
+    let dir = support::fp8_model();
+    let baseline = run(&Engine::open(&dir).unwrap());
+    const EXPERT_F32: u64 = 3 * 256 * 64 * 4;
+    for (slots, placement, link) in [
+        (None, "cost-model", "local"),
+        (Some(40), "cost-model", "local"),
+        (Some(40), "cost-model", "h100-pcie5"),
+        (Some(20), "hot-fetch", "h100-pcie5"),
+    ] {
+        let c = StoreConfig {
+            device_bytes: slots.map(|s| s * EXPERT_F32),
+            placement: PolicySource::parse(placement),
+            link: link.into(),
+            device: Device::Cuda,
+            ..Default::default()
+        };
+        let (engine, store) = Engine::open_tiered(&dir, &c).unwrap();
+        assert!(
+            run(&engine) == baseline,
+            "{slots:?} slots, {placement} on {link}: results differ"
+        );
+        let st = store.stats();
+        assert_ne!(
+            st.device_backend, "cpu",
+            "the device tier is not on the GPU"
+        );
+        assert!(st.device.bytes_in > 0, "nothing reached the GPU");
+        eprintln!("{slots:?} {placement} {link}: {:?}", st.placement);
+    }
+}
