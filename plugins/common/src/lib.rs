@@ -131,9 +131,82 @@ pub fn rank_cmp(row: &[f32], a: u32, b: u32) -> Ordering {
 /// experts. O(E) cheap float compares plus O(k) per insertion into a small sorted window; no
 /// allocation beyond `out`.
 pub fn top_k_into(row: &[f32], k: usize, out: &mut Vec<u32>) {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if top_k_simd8(row, k, out) {
+        return;
+    }
     if !top_k_by_chunk_bound(row, k, out) {
         top_k_filtered_into(row, k, |_| true, out)
     }
+}
+
+/// [`top_k_by_chunk_bound`] with eight fixed lanes in WebAssembly SIMD, for k <= 8 (Kimi-K2's
+/// 8, tiny-k2's 6) and rows of a multiple of 8 experts. Eight lane maxima bound the k-th best
+/// for any k <= 8 (eight distinct experts score at least their minimum). Pass one is two
+/// `f32x4.pmax` per 8 scores (`pmax(m, s)` = `m < s ? s : m`, the scalar pass's exact rule,
+/// NaN kept out); pass two tests 4 scores per `f32x4.ge` + bitmask and ranks only the rare
+/// candidates, with the scalar path's window. Returns false when it does not apply.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+fn top_k_simd8(row: &[f32], k: usize, out: &mut Vec<u32>) -> bool {
+    use core::arch::wasm32::*;
+    let n = row.len();
+    if k == 0 || k > 8 || k > FAST_K || n < 32 || !n.is_multiple_of(8) {
+        return false;
+    }
+    let p = row.as_ptr();
+    let mut m0 = f32x4_splat(f32::NEG_INFINITY);
+    let mut m1 = m0;
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i + 8 <= n (n is a multiple of 8); unaligned v128 loads are allowed.
+        unsafe {
+            m0 = f32x4_pmax(m0, v128_load(p.add(i) as *const v128));
+            m1 = f32x4_pmax(m1, v128_load(p.add(i + 4) as *const v128));
+        }
+        i += 8;
+    }
+    let lanes = [
+        f32x4_extract_lane::<0>(m0),
+        f32x4_extract_lane::<1>(m0),
+        f32x4_extract_lane::<2>(m0),
+        f32x4_extract_lane::<3>(m0),
+        f32x4_extract_lane::<0>(m1),
+        f32x4_extract_lane::<1>(m1),
+        f32x4_extract_lane::<2>(m1),
+        f32x4_extract_lane::<3>(m1),
+    ];
+    let bound = lanes
+        .iter()
+        .fold(f32::INFINITY, |b, &m| if m < b { m } else { b });
+    let b = f32x4_splat(bound);
+    let mut window = [0u64; FAST_K];
+    let mut candidates = 0;
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i + 4 <= n.
+        let v = unsafe { v128_load(p.add(i) as *const v128) };
+        let mut mask = i32x4_bitmask(f32x4_ge(v, b));
+        while mask != 0 {
+            let l = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            candidates += 1;
+            if candidates > CHUNK_CANDIDATES {
+                return false;
+            }
+            let key = rank_key(row[i + l], (i + l) as u32);
+            let filled = (candidates - 1).min(k);
+            if filled == k && key <= window[k - 1] {
+                continue;
+            }
+            insert_key(&mut window, filled.min(k - 1), key);
+        }
+        i += 4;
+    }
+    if candidates < k {
+        return false;
+    }
+    out.extend(window[..k].iter().map(|&key| !(key as u32)));
+    true
 }
 
 /// Most candidates [`top_k_by_chunk_bound`] ranks exactly before giving up.
