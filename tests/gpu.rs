@@ -36,15 +36,12 @@ fn experts_on_the_gpu_give_the_cpus_bits() {
             .unwrap();
         let on_gpu = GpuExpert::upload(&g, &cpu).unwrap();
         for t in [1usize, 2, 7, 64, 65] {
-            let x: Vec<f32> = (0..t * h)
-                .map(|i| ((i * 7919 + expert as usize) % 1000) as f32 / 500.0 - 1.0)
-                .collect();
+            let x = support::expert_input(t, h, expert);
             let (mut a, mut b) = (vec![0f32; t * h], vec![0f32; t * h]);
             cpu.forward(&x, h, &mut a);
             on_gpu.forward(&x, h, &mut b).unwrap();
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert!(
-                bits(&a) == bits(&b),
+                support::bits(&a) == support::bits(&b),
                 "expert {expert} of layer {layer}, {t} tokens"
             );
         }

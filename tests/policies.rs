@@ -447,15 +447,12 @@ fn experts_run_from_their_storage_format_bit_for_bit() {
             let compute = stored.to_ffn().unwrap();
             // Up to the row-invariant kernels' limit and past it (the blocked GEMM).
             for t in [1usize, 2, 7, 64, 65] {
-                let x: Vec<f32> = (0..t * h)
-                    .map(|i| ((i * 7919 + expert as usize) % 1000) as f32 / 500.0 - 1.0)
-                    .collect();
+                let x = support::expert_input(t, h, expert);
                 let (mut a, mut b) = (vec![0f32; t * h], vec![0f32; t * h]);
                 compute.forward(&x, h, &mut a);
                 stored.forward(&x, h, &mut b).unwrap();
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert!(
-                    bits(&a) == bits(&b),
+                    support::bits(&a) == support::bits(&b),
                     "{}: expert {expert} of layer {layer}, {t} tokens",
                     dir.display()
                 );

@@ -125,3 +125,15 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Deterministic inputs `[tokens, hidden]` in -1..1 for running one expert.
+pub fn expert_input(tokens: usize, hidden: usize, salt: u32) -> Vec<f32> {
+    (0..tokens * hidden)
+        .map(|i| ((i * 7919 + salt as usize) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+/// The bit patterns of `v`, for exact comparisons.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}

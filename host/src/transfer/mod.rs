@@ -176,15 +176,7 @@ impl<E: CopyEngine> TransferScheduler<E> {
         if let Some(r) = s.resident.get(&key) {
             if r.state == SlotState::Queued && priority == DEMAND {
                 // Raise it: re-queue at demand priority (the old entry is skipped when popped).
-                s.seq += 1;
-                let order = std::cmp::Reverse(s.seq);
-                s.queue.push(Queued {
-                    priority,
-                    order,
-                    key: (key.layer, key.expert),
-                    host_slot,
-                });
-                self.shared.changed.notify_all();
+                self.push(s, key, host_slot, priority);
             }
             return Ok(true);
         }
@@ -199,6 +191,12 @@ impl<E: CopyEngine> TransferScheduler<E> {
                 pins: 0,
             },
         );
+        self.push(s, key, host_slot, priority);
+        Ok(true)
+    }
+
+    /// Queues a copy request behind the older ones of its priority and wakes the dispatcher.
+    fn push(&self, s: &mut Sched<E::Event>, key: ExpertKey, host_slot: usize, priority: u32) {
         s.seq += 1;
         let order = std::cmp::Reverse(s.seq);
         s.queue.push(Queued {
@@ -208,7 +206,6 @@ impl<E: CopyEngine> TransferScheduler<E> {
             host_slot,
         });
         self.shared.changed.notify_all();
-        Ok(true)
     }
 
     /// The device slot holding `key`, once its copy has completed: queued at demand priority

@@ -140,6 +140,20 @@ pub fn top_k_into(row: &[f32], k: usize, out: &mut Vec<u32>) {
     }
 }
 
+/// Exact top-k for every token of a selection call: `tokens` rows of scores, `k` ids per row,
+/// best first (the model's own routing; what `topk` and the legacy fixtures answer).
+pub fn top_k_rows(scores: &[f32], tokens: u32, k: u32) -> Vec<u32> {
+    let mut out = Vec::with_capacity(tokens as usize * k as usize);
+    if tokens == 0 {
+        return out;
+    }
+    let experts = scores.len() / tokens as usize;
+    for row in scores.chunks_exact(experts.max(1)).take(tokens as usize) {
+        top_k_into(row, k as usize, &mut out);
+    }
+    out
+}
+
 /// [`top_k_by_chunk_bound`] with eight fixed lanes in WebAssembly SIMD, for k <= 8 (Kimi-K2's
 /// 8, tiny-k2's 6) and rows of a multiple of 8 experts. Eight lane maxima bound the k-th best
 /// for any k <= 8 (eight distinct experts score at least their minimum). Pass one is two

@@ -31,15 +31,7 @@ mod guest {
         }
 
         fn select(_layer: u32, tokens: u32, k: u32, scores: Vec<f32>, _: Vec<u8>) -> Vec<u32> {
-            let mut out = Vec::with_capacity(tokens as usize * k as usize);
-            if tokens == 0 {
-                return out;
-            }
-            let experts = scores.len() / tokens as usize;
-            for row in scores.chunks_exact(experts.max(1)).take(tokens as usize) {
-                common::top_k_into(row, k as usize, &mut out);
-            }
-            out
+            common::top_k_rows(&scores, tokens, k)
         }
     }
 
