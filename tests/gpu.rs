@@ -94,6 +94,13 @@ fn a_device_tier_on_the_gpu_never_changes_a_token() {
             "the device tier is not on the GPU"
         );
         assert!(st.device.bytes_in > 0, "nothing reached the GPU");
+        // Experts reach GPU memory through the pinned slab and the copy stream.
+        let copies = st
+            .gpu_transfers
+            .as_ref()
+            .expect("a GPU store reports its transfers");
+        assert!(copies.copies > 0 && copies.bytes > 0, "{copies:?}");
+        eprintln!("transfers: {copies:?}");
         eprintln!("{slots:?} {placement} {link}: {:?}", st.placement);
     }
 }

@@ -27,7 +27,7 @@ fn pattern(e: u32) -> Vec<u8> {
 fn link(host: usize, device: usize, mb_s: f64) -> SimulatedLink {
     let l = SimulatedLink::new(SLOT, host, device, mb_s * 1e6, Duration::from_micros(200));
     for e in 0..host {
-        l.stage(e, &pattern(e as u32)).unwrap();
+        l.stage(e, &[&pattern(e as u32)]).unwrap();
     }
     l
 }
@@ -156,7 +156,7 @@ fn gpu_copies_through_the_scheduler_complete_before_compute_reads_them() {
             .collect()
     };
     for e in 0..8 {
-        engine.stage(e as usize, &pat(e)).unwrap();
+        engine.stage(e as usize, &[&pat(e)]).unwrap();
     }
     let sched = TransferScheduler::new(engine, 2);
     for e in 0..4 {
@@ -171,7 +171,7 @@ fn gpu_copies_through_the_scheduler_complete_before_compute_reads_them() {
     }
     // Restaging a host slot waits for the copy reading it; the new bytes arrive intact.
     assert!(sched.evict(key(0)));
-    sched.engine().stage(4, &pat(40)).unwrap();
+    sched.engine().stage(4, &[&pat(40)]).unwrap();
     let p = sched.demand(key(4), 4).unwrap();
     assert!(sched.engine().read_device(p.slot).unwrap() == pat(40));
     let bw = measure_bandwidth(sched.engine(), 8).unwrap();

@@ -177,7 +177,7 @@ fn measure_gpu() -> std::result::Result<Gpu, String> {
     let verified = (|| -> Result<bool> {
         let e = CudaCopyEngine::new(ctx.clone(), 1 << 20, 2, 2, true)?;
         let pattern: Vec<u8> = (0..1 << 20).map(|i: usize| (i * 131 + 7) as u8).collect();
-        e.stage(1, &pattern)?;
+        e.stage(1, &[&pattern])?;
         let sched = TransferScheduler::new(e, 2);
         let key = crate::policy::ExpertKey {
             layer: 0,

@@ -118,23 +118,33 @@ impl Device {
     }
 }
 
-/// The GPU a `Device::Cuda` store computes on, or `None` after saying why not.
+/// The GPU memory a `Device::Cuda` store's device tier lives in (`slots` experts of
+/// `slot_bytes`, plus a few for experts still computing after their eviction), or `None`
+/// after saying why not.
 #[cfg(feature = "cuda")]
-fn open_gpu(device: Device) -> Option<Arc<crate::gpu::Gpu>> {
+fn open_gpu(
+    device: Device,
+    slot_bytes: usize,
+    slots: usize,
+    workers: usize,
+) -> Option<Arc<crate::gpu::GpuPool>> {
     if device != Device::Cuda {
         return None;
     }
-    match crate::gpu::gpu() {
-        Ok(g) => Some(g),
+    let pool = crate::gpu::gpu()
+        .map_err(|e| anyhow::anyhow!(e))
+        .and_then(|g| crate::gpu::GpuPool::new(&g, slot_bytes, slots + 8, workers + 2));
+    match pool {
+        Ok(p) => Some(Arc::new(p)),
         Err(why) => {
-            eprintln!("moehost: no CUDA device for the device tier ({why}); running on the CPU");
+            eprintln!("moehost: no CUDA device for the device tier ({why:#}); running on the CPU");
             None
         }
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_gpu(device: Device) {
+fn open_gpu(device: Device, _: usize, _: usize, _: usize) {
     if device == Device::Cuda {
         eprintln!(
             "moehost: this moehost was built without the `cuda` feature; the device tier runs on the CPU"
@@ -276,6 +286,8 @@ pub struct StoreStats {
     pub disk: TierCounters,
     /// Where the device tier lives: `cpu`, or the GPU's name.
     pub device_backend: String,
+    /// Copies into GPU memory through the pinned slab and the copy stream (GPU stores only).
+    pub gpu_transfers: Option<crate::transfer::TransferStats>,
     /// Experts computed without being cached because every resident one was pinned.
     pub streamed: u64,
     pub placement: PlacementCounters,
@@ -374,9 +386,9 @@ struct Inner {
     limits: RuntimeLimits,
     /// What placement weighs.
     costs: LinkCosts,
-    /// The GPU the device tier lives on (`None`: the CPU).
+    /// The GPU memory the device tier lives in (`None`: the CPU).
     #[cfg(feature = "cuda")]
-    gpu: Option<Arc<crate::gpu::Gpu>>,
+    gpu: Option<Arc<crate::gpu::GpuPool>>,
 }
 
 /// The tiered expert store; the `ExpertProvider` the engine uses.
@@ -459,10 +471,11 @@ impl TieredExperts {
         };
         let take = |kind| guarded(kind, &config.source_of(kind), config.limits);
         let costs = LinkCosts::preset(&config.link, cfg.hidden_size, cfg.moe_intermediate_size)?;
+        let workers = config.prefetch_workers;
         #[cfg(feature = "cuda")]
-        let gpu = open_gpu(config.device);
+        let gpu = open_gpu(config.device, compute as usize, device_slots, workers);
         #[cfg(not(feature = "cuda"))]
-        open_gpu(config.device);
+        open_gpu(config.device, compute as usize, device_slots, workers);
         let (
             AnyGuarded::Selection(selection),
             AnyGuarded::Eviction(eviction),
@@ -560,6 +573,7 @@ impl TieredExperts {
             host,
             disk,
             device_backend: self.inner.device_backend(),
+            gpu_transfers: self.inner.gpu_transfers(),
             streamed: s.streamed,
             placement: s.placement_c.clone(),
             wait_ms: s.wait_ns as f64 / 1e6,
@@ -766,10 +780,18 @@ impl Candidates for TierCandidates<'_> {
 }
 
 impl Inner {
+    fn gpu_transfers(&self) -> Option<crate::transfer::TransferStats> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Some(g.stats());
+        }
+        None
+    }
+
     fn device_backend(&self) -> String {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
-            return g.name.clone();
+            return g.name().to_owned();
         }
         "cpu".into()
     }
@@ -950,12 +972,14 @@ impl Inner {
         }
     }
 
-    /// The compute form of `key`, from the host tier if there, else from the checkpoint; in
-    /// GPU memory when the store computes on a GPU.
+    /// The compute form of `key`, from the host tier if there, else from the checkpoint. On a
+    /// GPU store an expert to be `cached` is copied into GPU memory (when a slot is free); one
+    /// computed once and dropped stays on the CPU.
     fn load_compute(
         &self,
         key: ExpertKey,
         host: Option<Arc<ExpertBytes>>,
+        cached: bool,
     ) -> Result<ExpertWeights> {
         let layer = self.moe_layers[key.layer as usize];
         let w = match host {
@@ -968,10 +992,13 @@ impl Inner {
             )?,
         };
         #[cfg(feature = "cuda")]
-        if let Some(gpu) = &self.gpu {
-            let g = crate::gpu::GpuExpert::upload(gpu, &w)?;
-            return Ok(ExpertWeights::Gpu(Arc::new(g)));
+        if let (Some(pool), true) = (&self.gpu, cached) {
+            if let Some(g) = pool.load(key, &w)? {
+                return Ok(ExpertWeights::Gpu(Arc::new(g)));
+            }
         }
+        #[cfg(not(feature = "cuda"))]
+        let _ = cached;
         Ok(ExpertWeights::Compute(Arc::new(w)))
     }
 
@@ -997,7 +1024,7 @@ impl Inner {
                         None
                     } else {
                         let host = self.state.lock().unwrap().host.get(&job.key).cloned();
-                        match self.load_compute(job.key, host) {
+                        match self.load_compute(job.key, host, true) {
                             Ok(w) => {
                                 let mut s = self.state.lock().unwrap();
                                 s.device_c.bytes_in += w.bytes() as u64;
@@ -1242,7 +1269,7 @@ impl ExpertProvider for TieredExperts {
                 .collect()
         };
         for (n, (&i, host)) in misses.iter().zip(hosts).enumerate() {
-            let w = inner.load_compute(keys[i], host)?;
+            let w = inner.load_compute(keys[i], host, n < room)?;
             let mut s = inner.state.lock().unwrap();
             s.device_c.bytes_in += w.bytes() as u64;
             if n < room {
@@ -1264,7 +1291,7 @@ impl ExpertProvider for TieredExperts {
                 }
                 None => {
                     let host = inner.state.lock().unwrap().host.get(&keys[i]).cloned();
-                    inner.load_compute(keys[i], host)?
+                    inner.load_compute(keys[i], host, false)?
                 }
             });
         }

@@ -137,6 +137,13 @@ impl CudaCopyEngine {
     }
 }
 
+impl CudaCopyEngine {
+    /// Device address of device slot `slot` (kernels read expert weights there).
+    pub fn device_ptr(&self, slot: usize) -> u64 {
+        self.device + (slot * self.slot_bytes) as u64
+    }
+}
+
 impl Drop for CudaCopyEngine {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
@@ -171,18 +178,21 @@ impl CopyEngine for CudaCopyEngine {
         self.device_slots
     }
 
-    fn stage(&self, slot: usize, bytes: &[u8]) -> Result<()> {
+    fn stage(&self, slot: usize, parts: &[&[u8]]) -> Result<()> {
         ensure!(slot < self.host_slots, "host slot {slot} out of range");
-        ensure!(
-            bytes.len() <= self.slot_bytes,
-            "{} bytes exceed a slot",
-            bytes.len()
-        );
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        ensure!(len <= self.slot_bytes, "{len} bytes exceed a slot");
         if let Some(reader) = self.readers.lock().unwrap()[slot].take() {
             reader.synchronize().map_err(|e| anyhow!("{e}"))?;
         }
-        // SAFETY: in bounds (checked above), and no copy reads the slot any more.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.host_slot(slot), bytes.len()) };
+        let mut at = 0;
+        for p in parts {
+            // SAFETY: in bounds (len checked above), and no copy reads the slot any more.
+            unsafe {
+                std::ptr::copy_nonoverlapping(p.as_ptr(), self.host_slot(slot).add(at), p.len())
+            };
+            at += p.len();
+        }
         Ok(())
     }
 

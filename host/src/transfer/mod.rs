@@ -32,8 +32,9 @@ pub trait CopyEngine: Send + Sync + 'static {
     fn slot_bytes(&self) -> usize;
     fn host_slots(&self) -> usize;
     fn device_slots(&self) -> usize;
-    /// Writes `bytes` into host slot `slot`, after any copy still reading it has finished.
-    fn stage(&self, slot: usize, bytes: &[u8]) -> Result<()>;
+    /// Writes `parts`, one after another, into host slot `slot`, after any copy still reading it
+    /// has finished.
+    fn stage(&self, slot: usize, parts: &[&[u8]]) -> Result<()>;
     /// Queues a copy of host slot `src` into device slot `dst` and returns at once.
     fn copy(&self, src: usize, dst: usize) -> Result<Self::Event>;
     /// Blocks until `event`'s copy has completed.
@@ -296,6 +297,16 @@ impl<E: CopyEngine> TransferScheduler<E> {
             }
             _ => false,
         }
+    }
+
+    /// Whether `key` holds a device slot (queued, in flight or ready).
+    pub fn is_resident(&self, key: ExpertKey) -> bool {
+        self.shared
+            .sched
+            .lock()
+            .unwrap()
+            .resident
+            .contains_key(&key)
     }
 
     pub fn is_ready(&self, key: ExpertKey) -> bool {

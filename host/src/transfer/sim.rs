@@ -122,17 +122,19 @@ impl CopyEngine for SimulatedLink {
         self.device.len()
     }
 
-    fn stage(&self, slot: usize, bytes: &[u8]) -> Result<()> {
+    fn stage(&self, slot: usize, parts: &[&[u8]]) -> Result<()> {
         ensure!(slot < self.host.len(), "host slot {slot} out of range");
-        ensure!(
-            bytes.len() <= self.slot_bytes,
-            "{} bytes exceed a slot",
-            bytes.len()
-        );
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        ensure!(len <= self.slot_bytes, "{len} bytes exceed a slot");
         if let Some(reader) = self.readers.lock().unwrap()[slot].take() {
             wait_event(&reader);
         }
-        self.host[slot].lock().unwrap()[..bytes.len()].copy_from_slice(bytes);
+        let mut host = self.host[slot].lock().unwrap();
+        let mut at = 0;
+        for p in parts {
+            host[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
         Ok(())
     }
 
