@@ -6,11 +6,13 @@
 mod support;
 
 use moehost::checkpoint::Checkpoint;
-use moehost::experts::ExpertBytes;
-use moehost::gpu::{gpu, GpuExpert};
+use moehost::experts::{ExpertBytes, OwnedTensor};
+use moehost::gpu::{gpu, ExpertSource, GpuExpert, GpuPool};
+use moehost::policy::ExpertKey;
 use moehost::policy::PolicySource;
 use moehost::store::{Device, StoreConfig};
 use moehost::{Engine, Logits};
+use std::sync::Arc;
 
 fn device_or_skip() -> Option<std::sync::Arc<moehost::gpu::Gpu>> {
     match gpu() {
@@ -103,4 +105,85 @@ fn a_device_tier_on_the_gpu_never_changes_a_token() {
         eprintln!("transfers: {copies:?}");
         eprintln!("{slots:?} {placement} {link}: {:?}", st.placement);
     }
+}
+
+/// bf16 storage of `w`'s values (truncated), shaped as the checkpoint's gate, up, down.
+fn bf16_expert(w: &moehost::experts::FfnWeights, hidden: usize) -> ExpertBytes {
+    let i = w.intermediate;
+    let t = |name: &str, v: &[f32], shape: [usize; 2]| OwnedTensor {
+        name: name.into(),
+        dtype: safetensors::Dtype::BF16,
+        shape: shape.to_vec(),
+        bytes: v
+            .iter()
+            .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
+            .collect(),
+        scales: None,
+    };
+    ExpertBytes::new(
+        [
+            t("gate", &w.gate_up[..i * hidden], [i, hidden]),
+            t("up", &w.gate_up[i * hidden..], [i, hidden]),
+            t("down", &w.down, [hidden, i]),
+        ],
+        None,
+    )
+}
+
+#[test]
+fn experts_loaded_through_the_pool_give_the_cpus_bits() {
+    let Some(g) = device_or_skip() else { return };
+    let dir = support::fp8_model();
+    let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+    let pool = Arc::new(GpuPool::new(&g, 3 * h * i * 4, 3, 2).unwrap());
+    let fp8 = ExpertBytes::read(&ckpt, 3, 11).unwrap();
+    let cpu = fp8.to_ffn().unwrap();
+    let bf16 = bf16_expert(&cpu, h);
+    let bf16_cpu = bf16.to_ffn().unwrap();
+    let key = |e| ExpertKey {
+        layer: 0,
+        expert: e,
+    };
+    // FP8 and bf16 converted on the GPU, f32 copied as is: three slots.
+    let loaded = [
+        (pool.load(key(0), ExpertSource::Stored(&fp8)).unwrap(), &cpu),
+        (
+            pool.load(key(1), ExpertSource::Stored(&bf16)).unwrap(),
+            &bf16_cpu,
+        ),
+        (
+            pool.load(key(2), ExpertSource::Compute(&cpu)).unwrap(),
+            &cpu,
+        ),
+    ];
+    for (n, (on_gpu, reference)) in loaded.iter().enumerate() {
+        let on_gpu = on_gpu.as_ref().expect("a free slot");
+        for t in [1usize, 5, 64] {
+            let x = support::expert_input(t, h, n as u32);
+            let (mut a, mut b) = (vec![0f32; t * h], vec![0f32; t * h]);
+            reference.forward(&x, h, &mut a);
+            on_gpu.forward(&x, h, &mut b).unwrap();
+            assert!(
+                support::bits(&a) == support::bits(&b),
+                "source {n}, {t} tokens"
+            );
+        }
+    }
+    // The pool is full until an expert is dropped.
+    assert!(pool
+        .load(key(3), ExpertSource::Compute(&cpu))
+        .unwrap()
+        .is_none());
+    drop(loaded);
+    assert!(pool
+        .load(key(3), ExpertSource::Compute(&cpu))
+        .unwrap()
+        .is_some());
+    let st = pool.stats();
+    assert_eq!(st.copies, 4, "{st:?}");
+    // FP8 and bf16 cross the link in their storage format: less than their f32 slots.
+    let f32_bytes = (3 * h * i * 4) as u64;
+    assert!(st.bytes < 4 * f32_bytes - f32_bytes / 2, "{st:?}");
 }

@@ -247,6 +247,16 @@ impl ExpertBytes {
         })
     }
 
+    /// An expert from its three tensors (gate, up, down) in storage format.
+    pub fn new(tensors: [OwnedTensor; 3], fp8_block: Option<[usize; 2]>) -> Self {
+        Self { tensors, fp8_block }
+    }
+
+    /// The checkpoint's FP8 block size, when its weights are FP8.
+    pub fn fp8_block(&self) -> Option<[usize; 2]> {
+        self.fp8_block
+    }
+
     /// Bytes held (weights and scales).
     pub fn storage_bytes(&self) -> usize {
         self.tensors

@@ -982,6 +982,21 @@ impl Inner {
         cached: bool,
     ) -> Result<ExpertWeights> {
         let layer = self.moe_layers[key.layer as usize];
+        #[cfg(feature = "cuda")]
+        if let (Some(pool), true) = (&self.gpu, cached) {
+            // The storage format crosses the link; the GPU converts FP8 and bf16 itself.
+            let bytes = match &host {
+                Some(b) => b.clone(),
+                None => Arc::new(ExpertBytes::read(&self.ckpt, layer, key.expert)?),
+            };
+            let source = crate::gpu::ExpertSource::Stored(&bytes);
+            if let Some(g) = pool.load(key, source)? {
+                return Ok(ExpertWeights::Gpu(Arc::new(g)));
+            }
+            return Ok(ExpertWeights::Compute(Arc::new(bytes.to_ffn()?)));
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = cached;
         let w = match host {
             Some(b) => b.to_ffn()?,
             None => FfnWeights::load(
@@ -991,14 +1006,6 @@ impl Inner {
                 self.intermediate,
             )?,
         };
-        #[cfg(feature = "cuda")]
-        if let (Some(pool), true) = (&self.gpu, cached) {
-            if let Some(g) = pool.load(key, &w)? {
-                return Ok(ExpertWeights::Gpu(Arc::new(g)));
-            }
-        }
-        #[cfg(not(feature = "cuda"))]
-        let _ = cached;
         Ok(ExpertWeights::Compute(Arc::new(w)))
     }
 

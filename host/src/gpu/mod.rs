@@ -20,13 +20,14 @@ use cudarc::driver::{
 };
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use crate::experts::FfnWeights;
+use crate::experts::{ExpertBytes, FfnWeights};
 use crate::kernels::{swiglu, ROW_INVARIANT_MAX};
 use crate::policy::ExpertKey;
 use crate::transfer::cuda::CudaCopyEngine;
-use crate::transfer::{CopyEngine, Pinned, TransferScheduler, DEMAND};
+use crate::transfer::{CopyEngine, TransferScheduler, DEMAND};
 
-/// The kernel, compiled from `rows_dot.cu` by `nvcc -ptx -arch=compute_80` (CUDA 13.0).
+/// The kernels (`rows_dot`, `dequant_fp8`, `dequant_bf16`), compiled from `rows_dot.cu` by
+/// `nvcc -ptx -arch=compute_80` (CUDA 13.0).
 const ROWS_DOT_PTX: &str = include_str!("rows_dot.ptx");
 const BLOCK: u32 = 128;
 
@@ -35,6 +36,8 @@ pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     rows_dot: CudaFunction,
+    dequant_fp8: CudaFunction,
+    dequant_bf16: CudaFunction,
     /// Expert calls come from the MoE's worker threads; one at a time keeps the stream simple.
     lock: Mutex<()>,
     pub name: String,
@@ -48,11 +51,12 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
         let setup = || -> Result<Gpu> {
             let stream = ctx.new_stream()?;
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ROWS_DOT_PTX))?;
-            let rows_dot = module.load_function("rows_dot")?;
             Ok(Gpu {
                 ctx: ctx.clone(),
                 stream,
-                rows_dot,
+                rows_dot: module.load_function("rows_dot")?,
+                dequant_fp8: module.load_function("dequant_fp8")?,
+                dequant_bf16: module.load_function("dequant_bf16")?,
                 lock: Mutex::new(()),
                 name: info.name.clone(),
             })
@@ -64,38 +68,137 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
     .clone()
 }
 
-/// The device tier's expert memory: slots filled through pinned staging and the copy stream.
+/// What `GpuPool::load` copies: the storage format (FP8 and bf16 are converted to f32 on the
+/// GPU) or the compute form (f32, copied as is).
+pub enum ExpertSource<'a> {
+    Stored(&'a ExpertBytes),
+    Compute(&'a FfnWeights),
+}
+
+/// The device tier's expert memory: f32 expert slots in one `cuMemAlloc` pool, filled through
+/// pinned staging slots, landing buffers and the copy stream (the transfer scheduler), then
+/// converted in place on the GPU.
 pub struct GpuPool {
     gpu: Arc<Gpu>,
+    /// Host staging slot i -> a landing buffer in device memory (the scheduler's device slots).
     sched: TransferScheduler<CudaCopyEngine>,
     /// Pinned staging slots not in use (a slot is held from staging until its copy completed).
     staging: Mutex<Vec<usize>>,
     staged: Condvar,
+    /// The expert slots: f32 gate_up then down, `slot_bytes` each.
+    base: u64,
+    slot_bytes: usize,
+    free: Mutex<Vec<usize>>,
+    /// `fp8::E4M3_TABLE` in device memory, so the GPU decodes FP8 with the CPU's values.
+    e4m3: CudaSlice<f32>,
+}
+
+// SAFETY: `base` is a device address owned by the pool; every use goes through the driver.
+unsafe impl Send for GpuPool {}
+unsafe impl Sync for GpuPool {}
+
+impl Drop for GpuPool {
+    fn drop(&mut self) {
+        let _ = self.gpu.ctx.bind_to_thread();
+        // SAFETY: allocated in `new`; no expert outlives the pool (each holds an `Arc` of it).
+        let _ = unsafe { cudarc::driver::result::free_sync(self.base) };
+    }
 }
 
 impl GpuPool {
-    /// `device_slots` experts of `slot_bytes` in device memory, `staging` pinned host slots.
+    /// `device_slots` experts of `slot_bytes` (their f32 compute form) in device memory, and
+    /// `staging` pinned host slots with as many landing buffers.
     pub fn new(
         gpu: &Arc<Gpu>,
         slot_bytes: usize,
         device_slots: usize,
         staging: usize,
     ) -> Result<Self> {
-        let engine = CudaCopyEngine::new(gpu.ctx.clone(), slot_bytes, staging, device_slots, true)?;
+        let engine = CudaCopyEngine::new(gpu.ctx.clone(), slot_bytes, staging, staging, true)?;
+        gpu.ctx.bind_to_thread()?;
+        // SAFETY: a plain device allocation, freed in Drop.
+        let base = unsafe { cudarc::driver::result::malloc_sync(slot_bytes * device_slots.max(1)) }
+            .map_err(|e| {
+                anyhow!("cannot allocate {device_slots} expert slots of {slot_bytes} bytes: {e}")
+            })?;
+        let e4m3 = gpu.stream.clone_htod(&crate::fp8::E4M3_TABLE[..])?;
         Ok(Self {
             gpu: gpu.clone(),
             sched: TransferScheduler::new(engine, 2),
             staging: Mutex::new((0..staging).collect()),
             staged: Condvar::new(),
+            base,
+            slot_bytes,
+            free: Mutex::new((0..device_slots).rev().collect()),
+            e4m3,
         })
     }
 
-    /// Copies `w` (compute form) into a device slot for `key`: staged in a pinned slot, copied on
-    /// the copy stream, waited for (this copy only). `None` when no device slot is free.
-    pub fn load(self: &Arc<Self>, key: ExpertKey, w: &FfnWeights) -> Result<Option<GpuExpert>> {
-        if self.sched.is_resident(key) {
-            // The store keeps one copy per expert; never share a slot between two owners.
+    /// Puts `key` in a device slot: its bytes are staged in a pinned slot, copied on the copy
+    /// stream into a landing buffer (waiting for this copy only), then converted to f32 into the
+    /// slot on the GPU. `None` when no slot is free.
+    pub fn load(
+        self: &Arc<Self>,
+        key: ExpertKey,
+        src: ExpertSource<'_>,
+    ) -> Result<Option<GpuExpert>> {
+        let Some(slot) = self.free.lock().unwrap().pop() else {
             return Ok(None);
+        };
+        let expert = self.fill(key, slot, src);
+        if !matches!(expert, Ok(Some(_))) {
+            self.free.lock().unwrap().push(slot);
+        }
+        expert
+    }
+
+    fn fill(
+        self: &Arc<Self>,
+        key: ExpertKey,
+        slot: usize,
+        src: ExpertSource<'_>,
+    ) -> Result<Option<GpuExpert>> {
+        // The storage format when the GPU converts it, else the compute form.
+        let converted;
+        let (w, stored) = match src {
+            ExpertSource::Stored(b) if on_gpu(b) => (None, Some(b)),
+            ExpertSource::Stored(b) => {
+                converted = b.to_ffn()?;
+                (Some(&converted), None)
+            }
+            ExpertSource::Compute(w) => (Some(w), None),
+        };
+        let (gate_up_len, down_len, intermediate, hidden) = match (w, stored) {
+            (Some(w), _) => (
+                w.gate_up.len(),
+                w.down.len(),
+                w.intermediate,
+                w.down.len() / w.intermediate.max(1),
+            ),
+            (None, Some(b)) => {
+                let [g, _, d] = &b.tensors;
+                let (i, h) = (g.rows(), d.rows());
+                (2 * i * h, h * i, i, h)
+            }
+            (None, None) => unreachable!("a source is either form"),
+        };
+        anyhow::ensure!(
+            (gate_up_len + down_len) * 4 <= self.slot_bytes,
+            "expert {key:?} does not fit a device slot"
+        );
+        let mut parts: Vec<&[u8]> = Vec::new();
+        match (w, stored) {
+            (Some(w), _) => parts.extend([as_bytes(&w.gate_up), as_bytes(&w.down)]),
+            (None, Some(b)) => {
+                parts.extend(b.tensors.iter().map(|t| t.bytes.as_slice()));
+                parts.extend(
+                    b.tensors
+                        .iter()
+                        .filter_map(|t| t.scales.as_deref())
+                        .map(as_bytes),
+                );
+            }
+            (None, None) => unreachable!(),
         }
         let host_slot = {
             let mut free = self.staging.lock().unwrap();
@@ -106,32 +209,94 @@ impl GpuPool {
                 free = self.staged.wait(free).unwrap();
             }
         };
-        let result = (|| -> Result<Option<GpuExpert>> {
-            let parts = [as_bytes(&w.gate_up), as_bytes(&w.down)];
+        let landed = (|| -> Result<()> {
             self.sched.engine().stage(host_slot, &parts)?;
-            if !self.sched.prefetch(key, host_slot, DEMAND)? {
-                return Ok(None);
-            }
+            anyhow::ensure!(
+                self.sched.prefetch(key, host_slot, DEMAND)?,
+                "no free landing buffer"
+            );
             let pin = self.sched.demand(key, host_slot)?;
-            let base = self.sched.engine().device_ptr(pin.slot);
-            Ok(Some(GpuExpert {
-                gpu: self.gpu.clone(),
-                weights: Weights::Pooled {
-                    pool: self.clone(),
-                    key,
-                    pin: Some(pin),
-                    gate_up: base,
-                    down: base + (w.gate_up.len() * 4) as u64,
-                },
-                gate_up_len: w.gate_up.len(),
-                down_len: w.down.len(),
-                intermediate: w.intermediate,
-                hidden: w.down.len() / w.intermediate.max(1),
-            }))
+            let landing = self.sched.engine().device_ptr(pin.slot);
+            let out = self.base + (slot * self.slot_bytes) as u64;
+            let convert = match stored {
+                Some(b) => self.convert(b, landing, out),
+                None => {
+                    let _one = self.gpu.lock.lock().unwrap();
+                    self.gpu.ctx.bind_to_thread()?;
+                    // SAFETY: both ranges lie in live device allocations of at least this size.
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtod_sync(
+                            out,
+                            landing,
+                            (gate_up_len + down_len) * 4,
+                        )
+                    }
+                    .map_err(|e| anyhow!("cuMemcpyDtoD: {e}"))
+                }
+            };
+            drop(pin);
+            self.sched.evict(key);
+            convert
         })();
         self.staging.lock().unwrap().push(host_slot);
         self.staged.notify_one();
-        result
+        landed?;
+        let gate_up = self.base + (slot * self.slot_bytes) as u64;
+        Ok(Some(GpuExpert {
+            gpu: self.gpu.clone(),
+            weights: Weights::Pooled {
+                pool: self.clone(),
+                slot,
+                gate_up,
+                down: gate_up + (gate_up_len * 4) as u64,
+            },
+            gate_up_len,
+            down_len,
+            intermediate,
+            hidden,
+        }))
+    }
+
+    /// The stored tensors in `landing` (gate, up, down bytes, then their scales) to f32 at `out`.
+    fn convert(&self, b: &ExpertBytes, landing: u64, out: u64) -> Result<()> {
+        let g = &self.gpu;
+        let _one = g.lock.lock().unwrap();
+        let s = &g.stream;
+        let mut at = landing;
+        let mut scales_at = landing + b.tensors.iter().map(|t| t.bytes.len() as u64).sum::<u64>();
+        let mut dst = out;
+        for t in &b.tensors {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let n = rows * cols;
+            let cfg = LaunchConfig {
+                grid_dim: ((n as u32).div_ceil(BLOCK), 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            match t.dtype {
+                safetensors::Dtype::F8_E4M3 => {
+                    let [br, bc] = b.fp8_block().expect("on_gpu checked the block size");
+                    let (r32, c32, br32, bc32) = (rows as i32, cols as i32, br as i32, bc as i32);
+                    let mut l = s.launch_builder(&g.dequant_fp8);
+                    l.arg(&at).arg(&scales_at).arg(&self.e4m3).arg(&dst);
+                    l.arg(&r32).arg(&c32).arg(&br32).arg(&bc32);
+                    // SAFETY: reads n bytes and the block scales, writes n floats, all in bounds.
+                    unsafe { l.launch(cfg) }.map_err(|e| anyhow!("dequant_fp8: {e}"))?;
+                    scales_at += (t.scales.as_ref().map_or(0, |v| v.len()) * 4) as u64;
+                }
+                _ => {
+                    let n32 = n as i32;
+                    let mut l = s.launch_builder(&g.dequant_bf16);
+                    l.arg(&at).arg(&dst).arg(&n32);
+                    // SAFETY: reads n bf16 values, writes n floats, all in bounds.
+                    unsafe { l.launch(cfg) }.map_err(|e| anyhow!("dequant_bf16: {e}"))?;
+                }
+            }
+            at += t.bytes.len() as u64;
+            dst += (n * 4) as u64;
+        }
+        s.synchronize()?;
+        Ok(())
     }
 
     /// The GPU's name.
@@ -143,6 +308,21 @@ impl GpuPool {
     pub fn stats(&self) -> crate::transfer::TransferStats {
         self.sched.stats()
     }
+}
+
+/// Whether the GPU converts this storage format itself: FP8 with block scales, or bf16.
+fn on_gpu(b: &ExpertBytes) -> bool {
+    // The scales follow the weights in the landing buffer: they must stay 4-byte aligned.
+    let weights: usize = b.tensors.iter().map(|t| t.bytes.len()).sum();
+    weights.is_multiple_of(4)
+        && b.tensors.iter().all(|t| {
+            t.shape.len() == 2
+                && match t.dtype {
+                    safetensors::Dtype::F8_E4M3 => t.scales.is_some() && b.fp8_block().is_some(),
+                    safetensors::Dtype::BF16 => t.scales.is_none(),
+                    _ => false,
+                }
+        })
 }
 
 fn as_bytes(v: &[f32]) -> &[u8] {
@@ -160,8 +340,7 @@ enum Weights {
     /// A slot of a `GpuPool`, freed when the expert is dropped.
     Pooled {
         pool: Arc<GpuPool>,
-        key: ExpertKey,
-        pin: Option<Pinned<CudaCopyEngine>>,
+        slot: usize,
         gate_up: u64,
         down: u64,
     },
@@ -185,9 +364,8 @@ pub struct GpuExpert {
 
 impl Drop for GpuExpert {
     fn drop(&mut self) {
-        if let Weights::Pooled { pool, key, pin, .. } = &mut self.weights {
-            drop(pin.take());
-            pool.sched.evict(*key);
+        if let Weights::Pooled { pool, slot, .. } = &self.weights {
+            pool.free.lock().unwrap().push(*slot);
         }
     }
 }

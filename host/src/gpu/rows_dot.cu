@@ -49,3 +49,27 @@ extern "C" __global__ void rows_dot(const float* __restrict__ w,
     for (; i < k; ++i) total = __fadd_rn(total, __fmul_rn(wr[i], xr[i]));
     out[(size_t)t * n + r] = total;
 }
+
+// An expert's FP8 (e4m3) weights to f32 on the GPU, bit for bit as the CPU's
+// `fp8::dequantize_blocks`: `out[r][c] = table[q[r][c]] * scale[r / br][c / bc]`, one rounded
+// f32 multiply, with the CPU's own 256-entry e4m3 table (copied to the device once).
+extern "C" __global__ void dequant_fp8(const unsigned char* __restrict__ q,
+                                       const float* __restrict__ scales,
+                                       const float* __restrict__ table,
+                                       float* __restrict__ out,
+                                       int rows, int cols, int br, int bc) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * cols) return;
+    int r = (int)(i / cols);
+    int c = (int)(i % cols);
+    int scale_cols = (cols + bc - 1) / bc;
+    out[i] = __fmul_rn(table[q[i]], scales[(r / br) * scale_cols + c / bc]);
+}
+
+// bf16 weights to f32: the bf16 bits are the high half of the f32 (exact, as on the CPU).
+extern "C" __global__ void dequant_bf16(const unsigned short* __restrict__ q,
+                                        float* __restrict__ out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = __uint_as_float(((unsigned int)q[i]) << 16);
+}

@@ -74,6 +74,9 @@ pub struct CudaCopyEngine {
     device: sys::CUdeviceptr,
     /// The last copy reading each host slot: staging into it waits for that copy.
     readers: Mutex<Vec<Option<Arc<CudaEvent>>>>,
+    /// Bytes staged in each host slot: a copy moves only those (an FP8 expert is a quarter of
+    /// its f32 slot).
+    staged: Mutex<Vec<usize>>,
     pinned: bool,
 }
 
@@ -125,6 +128,7 @@ impl CudaCopyEngine {
             host,
             device,
             readers: Mutex::new(vec![None; host_slots]),
+            staged: Mutex::new(vec![slot_bytes; host_slots]),
             pinned,
         })
     }
@@ -174,6 +178,10 @@ impl CopyEngine for CudaCopyEngine {
         self.host_slots
     }
 
+    fn staged_bytes(&self, slot: usize) -> usize {
+        self.staged.lock().unwrap()[slot]
+    }
+
     fn device_slots(&self) -> usize {
         self.device_slots
     }
@@ -185,6 +193,7 @@ impl CopyEngine for CudaCopyEngine {
         if let Some(reader) = self.readers.lock().unwrap()[slot].take() {
             reader.synchronize().map_err(|e| anyhow!("{e}"))?;
         }
+        self.staged.lock().unwrap()[slot] = len;
         let mut at = 0;
         for p in parts {
             // SAFETY: in bounds (len checked above), and no copy reads the slot any more.
@@ -205,8 +214,9 @@ impl CopyEngine for CudaCopyEngine {
         let dst_ptr = self.device + (dst * self.slot_bytes) as u64;
         // SAFETY: both ranges are in bounds of live allocations; the host slot is not written
         // until this copy's event completes (`stage` waits for it).
+        let len = self.staged_bytes(src);
         unsafe {
-            let src = std::slice::from_raw_parts(self.host_slot(src), self.slot_bytes);
+            let src = std::slice::from_raw_parts(self.host_slot(src), len);
             result::memcpy_htod_async(dst_ptr, src, self.stream.cu_stream())
         }
         .map_err(|e| anyhow!("cuMemcpyHtoDAsync: {e}"))?;

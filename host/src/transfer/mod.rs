@@ -35,6 +35,11 @@ pub trait CopyEngine: Send + Sync + 'static {
     /// Writes `parts`, one after another, into host slot `slot`, after any copy still reading it
     /// has finished.
     fn stage(&self, slot: usize, parts: &[&[u8]]) -> Result<()>;
+    /// Bytes a copy of host slot `slot` moves (what was staged there last; the whole slot by
+    /// default).
+    fn staged_bytes(&self, _slot: usize) -> usize {
+        self.slot_bytes()
+    }
     /// Queues a copy of host slot `src` into device slot `dst` and returns at once.
     fn copy(&self, src: usize, dst: usize) -> Result<Self::Event>;
     /// Blocks until `event`'s copy has completed.
@@ -361,7 +366,7 @@ impl<E: CopyEngine> Shared<E> {
                         s.resident.get_mut(&key).unwrap().state = SlotState::InFlight;
                         s.in_flight.push_back((key, Arc::new(ev)));
                         s.stats.copies += 1;
-                        s.stats.bytes += self.engine.slot_bytes() as u64;
+                        s.stats.bytes += self.engine.staged_bytes(q.host_slot) as u64;
                     }
                     Err(e) => {
                         s.error = Some(format!("{e:#}"));
