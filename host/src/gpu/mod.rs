@@ -210,6 +210,12 @@ impl GpuPool {
             }
         };
         let landed = (|| -> Result<()> {
+            // One load per expert at a time (the store guarantees it): a second would share the
+            // first's landing buffer and free it under it.
+            anyhow::ensure!(
+                !self.sched.is_resident(key),
+                "{key:?} is already being loaded"
+            );
             self.sched.engine().stage(host_slot, &parts)?;
             anyhow::ensure!(
                 self.sched.prefetch(key, host_slot, DEMAND)?,
