@@ -86,6 +86,11 @@ fn a_device_tier_on_the_gpu_never_changes_a_token() {
             ..Default::default()
         };
         let (engine, store) = Engine::open_tiered(&dir, &c).unwrap();
+        // The dense MLP and every shared expert moved to the GPU too.
+        assert_eq!(
+            engine.model.ffns_on_gpu(),
+            engine.model.config().num_hidden_layers
+        );
         assert!(
             run(&engine) == baseline,
             "{slots:?} slots, {placement} on {link}: results differ"

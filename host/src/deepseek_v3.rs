@@ -48,11 +48,13 @@ struct Attention {
 
 struct Moe {
     gate: Gate,
-    shared: Option<FfnWeights>,
+    /// Compute form, or on the GPU after `place_on_gpu`.
+    shared: Option<ExpertWeights>,
 }
 
 enum Ffn {
-    Dense(FfnWeights),
+    /// Compute form, or on the GPU after `place_on_gpu`.
+    Dense(ExpertWeights),
     Moe(Box<Moe>),
 }
 
@@ -203,23 +205,23 @@ impl DeepseekV3 {
                     norm_topk_prob: cfg.norm_topk_prob,
                 };
                 let shared = if cfg.n_shared_experts > 0 {
-                    Some(FfnWeights::load(
+                    Some(ExpertWeights::Compute(Arc::new(FfnWeights::load(
                         ckpt,
                         &format!("{p}.mlp.shared_experts"),
                         h,
                         cfg.moe_intermediate_size * cfg.n_shared_experts,
-                    )?)
+                    )?)))
                 } else {
                     None
                 };
                 Ffn::Moe(Box::new(Moe { gate, shared }))
             } else {
-                Ffn::Dense(FfnWeights::load(
+                Ffn::Dense(ExpertWeights::Compute(Arc::new(FfnWeights::load(
                     ckpt,
                     &format!("{p}.mlp"),
                     h,
                     cfg.intermediate_size,
-                )?)
+                )?)))
             };
             layers.push(Layer {
                 input_norm: ckpt.read_vec(&format!("{p}.input_layernorm.weight"), h)?,
@@ -245,6 +247,42 @@ impl DeepseekV3 {
             lm_head,
             experts,
         })
+    }
+
+    /// Moves the dense MLPs and shared experts into GPU memory (the CUDA device tier): they
+    /// then run the exact-order GPU kernel, giving the same bits. Returns how many moved.
+    #[cfg(feature = "cuda")]
+    pub fn place_on_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>) -> Result<usize> {
+        let mut moved = 0;
+        for layer in &mut self.layers {
+            let slot = match &mut layer.ffn {
+                Ffn::Dense(w) => Some(w),
+                Ffn::Moe(m) => m.shared.as_mut(),
+            };
+            if let Some(w) = slot {
+                if let ExpertWeights::Compute(f) = w {
+                    *w = ExpertWeights::Gpu(Arc::new(crate::gpu::GpuExpert::upload(gpu, f)?));
+                    moved += 1;
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Dense MLPs and shared experts that live in GPU memory.
+    pub fn ffns_on_gpu(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            self.layers
+                .iter()
+                .filter(|l| match &l.ffn {
+                    Ffn::Dense(w) => matches!(w, ExpertWeights::Gpu(_)),
+                    Ffn::Moe(m) => matches!(m.shared, Some(ExpertWeights::Gpu(_))),
+                })
+                .count()
+        }
+        #[cfg(not(feature = "cuda"))]
+        0
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -404,7 +442,9 @@ impl DeepseekV3 {
                 &mut xn,
             );
             match &layer.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&xn, h, &mut delta),
+                Ffn::Dense(mlp) => mlp
+                    .forward(&xn, h, &mut delta)
+                    .with_context(|| format!("dense MLP of layer {l}"))?,
                 Ffn::Moe(moe) => {
                     let r = self.moe(experts, moe, l, &xn, &mut delta)?;
                     if record_routing {
@@ -641,7 +681,9 @@ impl DeepseekV3 {
         }
         if let Some(shared) = &moe.shared {
             let mut s = vec![0f32; t * h];
-            shared.forward(xn, h, &mut s);
+            shared
+                .forward(xn, h, &mut s)
+                .with_context(|| format!("shared expert of layer {layer}"))?;
             add_inplace(out, &s);
         }
         Ok(routing)

@@ -394,7 +394,15 @@ impl Engine {
         if let Some(e) = error {
             return Err(e);
         }
-        let engine = engine?;
+        #[allow(unused_mut)]
+        let mut engine = engine?;
+        // The CUDA device tier also holds the dense MLPs and shared experts.
+        #[cfg(feature = "cuda")]
+        if config.device == crate::store::Device::Cuda {
+            if let Ok(gpu) = crate::gpu::gpu() {
+                engine.model.place_on_gpu(&gpu)?;
+            }
+        }
         Ok((engine, store_slot.expect("store built")))
     }
 }
