@@ -24,7 +24,7 @@ use crate::experts::{ExpertBytes, FfnWeights};
 use crate::kernels::{swiglu, ROW_INVARIANT_MAX};
 use crate::policy::ExpertKey;
 use crate::transfer::cuda::CudaCopyEngine;
-use crate::transfer::{CopyEngine, TransferScheduler, DEMAND};
+use crate::transfer::{CopyEngine, TransferScheduler};
 
 /// The kernels (`rows_dot`, `dequant_fp8`, `dequant_bf16`), compiled from `rows_dot.cu` by
 /// `nvcc -ptx -arch=compute_80` (CUDA 13.0).
@@ -73,6 +73,54 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
 pub enum ExpertSource<'a> {
     Stored(&'a ExpertBytes),
     Compute(&'a FfnWeights),
+}
+
+/// An expert's sizes in compute form.
+struct Dims {
+    gate_up_len: usize,
+    down_len: usize,
+    intermediate: usize,
+    hidden: usize,
+}
+
+impl ExpertSource<'_> {
+    fn dims(&self) -> Dims {
+        match self {
+            ExpertSource::Compute(w) => Dims {
+                gate_up_len: w.gate_up.len(),
+                down_len: w.down.len(),
+                intermediate: w.intermediate,
+                hidden: w.down.len() / w.intermediate.max(1),
+            },
+            ExpertSource::Stored(b) => {
+                let (i, h) = (b.tensors[0].rows(), b.tensors[2].rows());
+                Dims {
+                    gate_up_len: 2 * i * h,
+                    down_len: h * i,
+                    intermediate: i,
+                    hidden: h,
+                }
+            }
+        }
+    }
+
+    /// The bytes to stage: f32 gate_up then down; or the stored gate, up, down, then scales.
+    fn parts(&self) -> Vec<&[u8]> {
+        match self {
+            ExpertSource::Compute(w) => vec![as_bytes(&w.gate_up), as_bytes(&w.down)],
+            ExpertSource::Stored(b) => b
+                .tensors
+                .iter()
+                .map(|t| t.bytes.as_slice())
+                .chain(
+                    b.tensors
+                        .iter()
+                        .filter_map(|t| t.scales.as_deref())
+                        .map(as_bytes),
+                )
+                .collect(),
+        }
+    }
 }
 
 /// The device tier's expert memory: f32 expert slots in one `cuMemAlloc` pool, filled through
@@ -146,10 +194,10 @@ impl GpuPool {
             return Ok(None);
         };
         let expert = self.fill(key, slot, src);
-        if !matches!(expert, Ok(Some(_))) {
+        if expert.is_err() {
             self.free.lock().unwrap().push(slot);
         }
-        expert
+        expert.map(Some)
     }
 
     fn fill(
@@ -157,49 +205,23 @@ impl GpuPool {
         key: ExpertKey,
         slot: usize,
         src: ExpertSource<'_>,
-    ) -> Result<Option<GpuExpert>> {
-        // The storage format when the GPU converts it, else the compute form.
+    ) -> Result<GpuExpert> {
+        // The GPU converts FP8 and bf16 itself; any other stored format goes as f32.
         let converted;
-        let (w, stored) = match src {
-            ExpertSource::Stored(b) if on_gpu(b) => (None, Some(b)),
-            ExpertSource::Stored(b) => {
+        let src = match src {
+            ExpertSource::Stored(b) if !on_gpu(b) => {
                 converted = b.to_ffn()?;
-                (Some(&converted), None)
+                ExpertSource::Compute(&converted)
             }
-            ExpertSource::Compute(w) => (Some(w), None),
+            src => src,
         };
-        let (gate_up_len, down_len, intermediate, hidden) = match (w, stored) {
-            (Some(w), _) => (
-                w.gate_up.len(),
-                w.down.len(),
-                w.intermediate,
-                w.down.len() / w.intermediate.max(1),
-            ),
-            (None, Some(b)) => {
-                let [g, _, d] = &b.tensors;
-                let (i, h) = (g.rows(), d.rows());
-                (2 * i * h, h * i, i, h)
-            }
-            (None, None) => unreachable!("a source is either form"),
-        };
+        let dims = src.dims();
+        let f32_bytes = (dims.gate_up_len + dims.down_len) * 4;
         anyhow::ensure!(
-            (gate_up_len + down_len) * 4 <= self.slot_bytes,
+            f32_bytes <= self.slot_bytes,
             "expert {key:?} does not fit a device slot"
         );
-        let mut parts: Vec<&[u8]> = Vec::new();
-        match (w, stored) {
-            (Some(w), _) => parts.extend([as_bytes(&w.gate_up), as_bytes(&w.down)]),
-            (None, Some(b)) => {
-                parts.extend(b.tensors.iter().map(|t| t.bytes.as_slice()));
-                parts.extend(
-                    b.tensors
-                        .iter()
-                        .filter_map(|t| t.scales.as_deref())
-                        .map(as_bytes),
-                );
-            }
-            (None, None) => unreachable!(),
-        }
+        let parts = src.parts();
         let host_slot = {
             let mut free = self.staging.lock().unwrap();
             loop {
@@ -209,6 +231,7 @@ impl GpuPool {
                 free = self.staged.wait(free).unwrap();
             }
         };
+        let out = self.base + (slot * self.slot_bytes) as u64;
         let landed = (|| -> Result<()> {
             // One load per expert at a time (the store guarantees it): a second would share the
             // first's landing buffer and free it under it.
@@ -217,27 +240,16 @@ impl GpuPool {
                 "{key:?} is already being loaded"
             );
             self.sched.engine().stage(host_slot, &parts)?;
-            anyhow::ensure!(
-                self.sched.prefetch(key, host_slot, DEMAND)?,
-                "no free landing buffer"
-            );
             let pin = self.sched.demand(key, host_slot)?;
             let landing = self.sched.engine().device_ptr(pin.slot);
-            let out = self.base + (slot * self.slot_bytes) as u64;
-            let convert = match stored {
-                Some(b) => self.convert(b, landing, out),
-                None => {
+            let convert = match src {
+                ExpertSource::Stored(b) => self.convert(b, landing, out),
+                ExpertSource::Compute(_) => {
                     let _one = self.gpu.lock.lock().unwrap();
                     self.gpu.ctx.bind_to_thread()?;
                     // SAFETY: both ranges lie in live device allocations of at least this size.
-                    unsafe {
-                        cudarc::driver::result::memcpy_dtod_sync(
-                            out,
-                            landing,
-                            (gate_up_len + down_len) * 4,
-                        )
-                    }
-                    .map_err(|e| anyhow!("cuMemcpyDtoD: {e}"))
+                    unsafe { cudarc::driver::result::memcpy_dtod_sync(out, landing, f32_bytes) }
+                        .map_err(|e| anyhow!("cuMemcpyDtoD: {e}"))
                 }
             };
             drop(pin);
@@ -247,20 +259,16 @@ impl GpuPool {
         self.staging.lock().unwrap().push(host_slot);
         self.staged.notify_one();
         landed?;
-        let gate_up = self.base + (slot * self.slot_bytes) as u64;
-        Ok(Some(GpuExpert {
+        Ok(GpuExpert {
             gpu: self.gpu.clone(),
             weights: Weights::Pooled {
                 pool: self.clone(),
                 slot,
-                gate_up,
-                down: gate_up + (gate_up_len * 4) as u64,
+                gate_up: out,
+                down: out + (dims.gate_up_len * 4) as u64,
             },
-            gate_up_len,
-            down_len,
-            intermediate,
-            hidden,
-        }))
+            dims,
+        })
     }
 
     /// The stored tensors in `landing` (gate, up, down bytes, then their scales) to f32 at `out`.
@@ -362,10 +370,7 @@ enum Matrix {
 pub struct GpuExpert {
     gpu: Arc<Gpu>,
     weights: Weights,
-    gate_up_len: usize,
-    down_len: usize,
-    intermediate: usize,
-    hidden: usize,
+    dims: Dims,
 }
 
 impl Drop for GpuExpert {
@@ -386,16 +391,13 @@ impl GpuExpert {
         Ok(Self {
             gpu: gpu.clone(),
             weights: Weights::Owned { gate_up, down },
-            gate_up_len: w.gate_up.len(),
-            down_len: w.down.len(),
-            intermediate: w.intermediate,
-            hidden: w.down.len() / w.intermediate.max(1),
+            dims: ExpertSource::Compute(w).dims(),
         })
     }
 
     /// Bytes held in device memory.
     pub fn device_bytes(&self) -> usize {
-        (self.gate_up_len + self.down_len) * 4
+        (self.dims.gate_up_len + self.dims.down_len) * 4
     }
 
     /// `FfnWeights::forward`, on the GPU, with the same bits. Above `ROW_INVARIANT_MAX` rows
@@ -403,12 +405,12 @@ impl GpuExpert {
     /// a step copies the weights back and runs on the CPU.
     pub fn forward(&self, x: &[f32], hidden: usize, out: &mut [f32]) -> Result<()> {
         anyhow::ensure!(
-            hidden == self.hidden,
+            hidden == self.dims.hidden,
             "hidden size {hidden}, expert has {}",
-            self.hidden
+            self.dims.hidden
         );
         let t = x.len() / hidden;
-        let i = self.intermediate;
+        let i = self.dims.intermediate;
         if t > ROW_INVARIANT_MAX {
             let w = self.download()?;
             w.forward(x, hidden, out);
@@ -457,8 +459,8 @@ impl GpuExpert {
                 self.gpu.stream.clone_dtoh(down)?,
             ),
             Weights::Pooled { gate_up, down, .. } => {
-                let mut g = vec![0f32; self.gate_up_len];
-                let mut d = vec![0f32; self.down_len];
+                let mut g = vec![0f32; self.dims.gate_up_len];
+                let mut d = vec![0f32; self.dims.down_len];
                 self.gpu.ctx.bind_to_thread()?;
                 // SAFETY: the slot holds gate_up_len then down_len floats, copied completely.
                 unsafe {
@@ -471,7 +473,7 @@ impl GpuExpert {
         Ok(FfnWeights {
             gate_up,
             down,
-            intermediate: self.intermediate,
+            intermediate: self.dims.intermediate,
         })
     }
 }

@@ -83,7 +83,7 @@ struct Queued {
     priority: u32,
     /// Older first among equals (reversed).
     order: std::cmp::Reverse<u64>,
-    key: (u32, u32),
+    key: ExpertKey,
     host_slot: usize,
 }
 
@@ -208,7 +208,7 @@ impl<E: CopyEngine> TransferScheduler<E> {
         s.queue.push(Queued {
             priority,
             order,
-            key: (key.layer, key.expert),
+            key,
             host_slot,
         });
         self.shared.changed.notify_all();
@@ -263,17 +263,14 @@ impl<E: CopyEngine> TransferScheduler<E> {
     pub fn cancel_queued(&self) {
         let mut s = self.shared.sched.lock().unwrap();
         let queued: Vec<Queued> = s.queue.drain().collect();
-        let demanded: std::collections::HashSet<(u32, u32)> = queued
+        let demanded: std::collections::HashSet<ExpertKey> = queued
             .iter()
             .filter(|q| q.priority == DEMAND)
             .map(|q| q.key)
             .collect();
         for q in queued {
-            let key = ExpertKey {
-                layer: q.key.0,
-                expert: q.key.1,
-            };
-            if demanded.contains(&q.key) {
+            let key = q.key;
+            if demanded.contains(&key) {
                 if q.priority == DEMAND {
                     s.queue.push(q);
                 }
@@ -352,10 +349,7 @@ impl<E: CopyEngine> Shared<E> {
             }
             while s.in_flight.len() < self.window {
                 let Some(q) = s.queue.pop() else { break };
-                let key = ExpertKey {
-                    layer: q.key.0,
-                    expert: q.key.1,
-                };
+                let key = q.key;
                 let slot = match s.resident.get(&key) {
                     Some(r) if r.state == SlotState::Queued => r.slot,
                     // Cancelled, or a stale entry of a raised request.
