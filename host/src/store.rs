@@ -680,12 +680,12 @@ impl StoreConfig {
     }
 
     fn source_of(&self, kind: PolicyKind) -> PolicySource {
-        match kind {
-            PolicyKind::Selection => self.selection.clone(),
-            PolicyKind::Eviction => self.eviction.clone(),
-            PolicyKind::Prefetch => self.prefetch.clone(),
-            PolicyKind::Placement => self.placement.clone(),
-        }
+        let (_, source) = self
+            .sources()
+            .into_iter()
+            .find(|(k, _)| *k == kind)
+            .expect("every kind has a source");
+        source.clone()
     }
 }
 
@@ -972,6 +972,17 @@ impl Inner {
         }
     }
 
+    /// `key` in storage format: the host tier's copy if given, else read from the checkpoint.
+    fn stored(&self, key: ExpertKey, host: Option<Arc<ExpertBytes>>) -> Result<Arc<ExpertBytes>> {
+        match host {
+            Some(b) => Ok(b),
+            None => {
+                let layer = self.moe_layers[key.layer as usize];
+                Ok(Arc::new(ExpertBytes::read(&self.ckpt, layer, key.expert)?))
+            }
+        }
+    }
+
     /// The compute form of `key`, from the host tier if there, else from the checkpoint. On a
     /// GPU store an expert to be `cached` is copied into GPU memory (when a slot is free); one
     /// computed once and dropped stays on the CPU.
@@ -985,10 +996,7 @@ impl Inner {
         #[cfg(feature = "cuda")]
         if let (Some(pool), true) = (&self.gpu, cached) {
             // The storage format crosses the link; the GPU converts FP8 and bf16 itself.
-            let bytes = match &host {
-                Some(b) => b.clone(),
-                None => Arc::new(ExpertBytes::read(&self.ckpt, layer, key.expert)?),
-            };
+            let bytes = self.stored(key, host)?;
             let source = crate::gpu::ExpertSource::Stored(&bytes);
             if let Some(g) = pool.load(key, source)? {
                 return Ok(ExpertWeights::Gpu(Arc::new(g)));
@@ -1209,15 +1217,7 @@ impl ExpertProvider for TieredExperts {
                     .collect()
             };
             for (&(i, _), host) in on_host.iter().zip(hosts) {
-                let bytes = match host {
-                    Some(b) => b,
-                    None => Arc::new(ExpertBytes::read(
-                        &inner.ckpt,
-                        inner.moe_layers[keys[i].layer as usize],
-                        keys[i].expert,
-                    )?),
-                };
-                ready[i] = Some(ExpertWeights::Stored(bytes));
+                ready[i] = Some(ExpertWeights::Stored(inner.stored(keys[i], host)?));
             }
             misses = fetched;
         }
