@@ -60,7 +60,7 @@ pub struct Gpu {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub cpu: Cpu,
-    pub disk: Option<Disk>,
+    pub disk: Disk,
     /// Why there is no GPU, when there is none.
     pub gpu: std::result::Result<Gpu, String>,
     /// Whether this build has the `cuda` feature.
@@ -209,9 +209,9 @@ fn measure_gpu() -> std::result::Result<Gpu, String> {
 }
 
 /// Measures this machine; `model` is the folder whose read bandwidth stands for the disk tier.
-pub fn run(model: Option<&Path>) -> Result<Report> {
+pub fn run(model: &Path) -> Result<Report> {
     let cpu = measure_cpu();
-    let disk = model.map(measure_disk).transpose()?;
+    let disk = measure_disk(model)?;
     let gpu = measure_gpu();
     let k2 = ModelConfig::from_json(KIMI_K2_CONFIG)?;
     let mut link = Link::default();
@@ -229,9 +229,7 @@ pub fn run(model: Option<&Path>) -> Result<Report> {
         }
         Err(_) => "no GPU here: an H100 80 GiB with the h100-pcie5 preset (54.8 GB/s)".into(),
     };
-    if let Some(d) = &disk {
-        link.disk_gbps = d.read_gbps;
-    }
+    link.disk_gbps = disk.read_gbps;
     let host_bytes = cpu.ram_bytes.map_or(1 << 40, |r| r / 10 * 9);
     let kimi_k2 = plan(
         &k2,
@@ -276,14 +274,13 @@ impl Report {
             c.fp8_dequant_gbps,
             c.ram_bytes.map(|r| format!(", RAM {} GiB", r >> 30)).unwrap_or_default()
         );
-        if let Some(d) = &self.disk {
-            s += &format!(
-                "Disk: {} ({:.1} MB) read at {:.2} GB/s (the page cache counts if it was read recently)\n",
-                d.path,
-                d.bytes as f64 / 1e6,
-                d.read_gbps
-            );
-        }
+        let d = &self.disk;
+        s += &format!(
+            "Disk: {} ({:.1} MB) read at {:.2} GB/s (the page cache counts if it was read recently)\n",
+            d.path,
+            d.bytes as f64 / 1e6,
+            d.read_gbps
+        );
         match &self.gpu {
             Ok(g) => {
                 s += &format!(

@@ -845,7 +845,7 @@ fn run() -> Result<()> {
         }
         Command::Doctor { model, json } => {
             let dir = model.unwrap_or_else(bundled_model_dir);
-            let report = moehost::doctor::run(Some(&dir))?;
+            let report = moehost::doctor::run(&dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
