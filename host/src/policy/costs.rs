@@ -33,39 +33,39 @@ impl LinkCosts {
     /// Preset `name` for a model with this hidden size and expert intermediate size.
     pub fn preset(name: &str, hidden: usize, intermediate: usize) -> Result<LinkCosts> {
         let flops_per_token = 6.0 * hidden as f64 * intermediate as f64;
+        // The replay lab's H100 figures (link, HBM) are the one source for them.
+        let h100 = crate::replay::cost::Link::default();
         let gpu = |link: f64| LinkCosts {
             link_bytes_per_second: link,
             link_latency_seconds: 10e-6,
             device_flops: 989e12,
-            device_memory_bytes_per_second: 3.35e12,
+            device_memory_bytes_per_second: h100.hbm_gbps * 1e9,
             host_flops: 2e12,
             host_memory_bytes_per_second: 300e9,
             flops_per_token,
             // bf16 activations.
             activation_bytes: (hidden * 2) as u32,
         };
+        // A small CPU on both sides of a free link.
+        let local = LinkCosts {
+            link_bytes_per_second: f64::INFINITY,
+            link_latency_seconds: 0.0,
+            device_flops: 50e9,
+            device_memory_bytes_per_second: 10e9,
+            host_flops: 50e9,
+            host_memory_bytes_per_second: 10e9,
+            flops_per_token,
+            activation_bytes: 0,
+        };
         Ok(match name {
-            "local" => LinkCosts {
-                link_bytes_per_second: f64::INFINITY,
-                link_latency_seconds: 0.0,
-                device_flops: 50e9,
-                device_memory_bytes_per_second: 10e9,
-                host_flops: 50e9,
-                host_memory_bytes_per_second: 10e9,
-                flops_per_token,
-                activation_bytes: 0,
-            },
-            "h100-pcie5" => gpu(54.8e9),
+            "local" => local,
+            "h100-pcie5" => gpu(h100.h2d_gbps * 1e9),
             "h100-pcie4" => gpu(25e9),
             "slow-link" => LinkCosts {
                 link_bytes_per_second: 1e9,
                 link_latency_seconds: 10e-6,
-                device_flops: 50e9,
-                device_memory_bytes_per_second: 10e9,
-                host_flops: 50e9,
-                host_memory_bytes_per_second: 10e9,
-                flops_per_token,
                 activation_bytes: (hidden * 4) as u32,
+                ..local
             },
             other => bail!(
                 "no link preset named {other:?}; presets: {}",
