@@ -180,22 +180,23 @@ fn selection_with_out_of_range_ids_falls_back_to_exact_topk() {
 
 /// A plugin built against the frozen contract 0.1 still loads and routes exactly, next to
 /// 0.2 eviction and prefetch plugins, with a small device tier.
-#[test]
-fn plugin_built_against_contract_0_1_still_works() {
-    let c = config(
-        "fixture-legacy-v0.1",
-        "lru",
-        "next-layer-gate",
-        Some(45 * EXPERT_F32),
-        None,
-    );
+/// Serves the bundled model with a legacy selection fixture (and `prefetch`) at a small
+/// budget; the routing must equal the all-resident run's. Returns the policies' counters.
+fn legacy_selection(fixture: &str, prefetch: &str) -> moehost::store::PolicyStatsSet {
+    let c = config(fixture, "lru", prefetch, Some(45 * EXPERT_F32), None);
     let (engine, store) = open(&c);
     assert_eq!(run(&engine), *baseline());
     let s = store.stats().policies;
+    assert!(s.selection.calls > 0, "{s:?}");
+    s
+}
+
+#[test]
+fn plugin_built_against_contract_0_1_still_works() {
+    let s = legacy_selection("fixture-legacy-v0.1", "next-layer-gate");
     assert_eq!(s.selection.name, "legacy-topk", "{s:?}");
     assert_eq!(s.selection.version, "0.1.0", "{s:?}");
     assert_eq!(s.eviction.version, "0.2.1", "{s:?}");
-    assert!(s.selection.calls > 0, "{s:?}");
     assert_eq!(
         s.selection.fallbacks + s.eviction.fallbacks + s.prefetch.fallbacks,
         0,
@@ -205,19 +206,9 @@ fn plugin_built_against_contract_0_1_still_works() {
 
 #[test]
 fn plugin_built_against_contract_0_2_0_loads_into_the_0_2_1_host() {
-    let c = config(
-        "fixture-legacy-v0.2",
-        "lru",
-        "none",
-        Some(45 * EXPERT_F32),
-        None,
-    );
-    let (engine, store) = open(&c);
-    assert_eq!(run(&engine), *baseline());
-    let s = store.stats().policies;
+    let s = legacy_selection("fixture-legacy-v0.2", "none");
     assert_eq!(s.selection.name, "legacy-v0.2", "{s:?}");
     assert_eq!(s.selection.version, "0.2.0", "{s:?}");
-    assert!(s.selection.calls > 0, "{s:?}");
     assert_eq!(s.selection.fallbacks, 0, "{s:?}");
 }
 
