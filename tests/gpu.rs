@@ -7,7 +7,8 @@ mod support;
 
 use moehost::checkpoint::Checkpoint;
 use moehost::experts::{ExpertBytes, OwnedTensor};
-use moehost::gpu::{gpu, ExpertSource, GpuExpert, GpuPool};
+use moehost::gpu::{gpu, ExpertSource, GpuExpert, GpuMatrix, GpuPool};
+use moehost::kernels::{grouped_rows, linear};
 use moehost::policy::ExpertKey;
 use moehost::policy::PolicySource;
 use moehost::store::{Device, StoreConfig};
@@ -50,6 +51,108 @@ fn experts_on_the_gpu_give_the_cpus_bits() {
     }
 }
 
+#[test]
+fn attention_projections_on_the_gpu_give_the_cpus_bits() {
+    let Some(g) = device_or_skip() else { return };
+    let dir = support::fp8_model();
+    let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    let (h, nh, v) = (cfg.hidden_size, cfg.num_attention_heads, cfg.v_head_dim);
+    // o_proj [hidden, heads * v]: a plain projection, the CPU's matvec and row kernels.
+    let o = ckpt
+        .read_f32("model.layers.2.self_attn.o_proj.weight", &[h, nh * v])
+        .unwrap();
+    let on_gpu = GpuMatrix::upload(&g, &o, 1, nh * v).unwrap();
+    for t in [1usize, 2, 7, 64] {
+        let x = support::expert_input(t, nh * v, t as u32);
+        let (mut a, mut b) = (vec![0f32; t * h], vec![0f32; t * h]);
+        linear(&x, &o, nh * v, &mut a);
+        on_gpu.forward(&x, nh * v, &mut b).unwrap();
+        assert!(support::bits(&a) == support::bits(&b), "o_proj, {t} tokens");
+    }
+    // kv_b_proj as one matrix per head, over inputs wider than a head's rows (as W_UK^T reads
+    // q_nope out of [q_nope | q_rope]): the per-head kernel, at any token count.
+    let (nope, lora) = (cfg.qk_nope_head_dim, cfg.kv_lora_rank);
+    let kv_b = ckpt
+        .read_f32(
+            "model.layers.2.self_attn.kv_b_proj.weight",
+            &[nh * (nope + v), lora],
+        )
+        .unwrap();
+    let per_head = GpuMatrix::upload(&g, &kv_b, nh, lora).unwrap();
+    let stride = lora + 5;
+    for t in [1usize, 3, 65] {
+        let x = support::expert_input(t, nh * stride, 7);
+        let n = t * nh * (nope + v);
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        grouped_rows(&kv_b, nh, lora, &x, stride, &mut a);
+        per_head.forward(&x, stride, &mut b).unwrap();
+        assert!(
+            support::bits(&a) == support::bits(&b),
+            "per head, {t} tokens"
+        );
+    }
+}
+
+/// Above `ROW_INVARIANT_MAX` rows the CPU's projections switch to a blocked GEMM and the GPU's
+/// keep the row kernel, so a long prefill's bits are the backend's own: every budget and
+/// placement on the GPU gives the same ones, within float tolerance of the CPU's.
+#[test]
+fn a_long_prefill_on_the_gpu_is_the_same_under_every_budget() {
+    if device_or_skip().is_none() {
+        return;
+    }
+    let dir = support::fp8_model();
+    let prompt = "<|bos|>".to_owned()
+        + &"The software is distributed in the hope that it will be useful. ".repeat(8);
+    let logits = |engine: &Engine| {
+        let ids = engine.encode(&prompt).unwrap();
+        assert!(
+            ids.len() > moehost::kernels::ROW_INVARIANT_MAX,
+            "{} tokens",
+            ids.len()
+        );
+        let out = engine
+            .model
+            .forward(&ids, &mut engine.model.new_cache(), Logits::All, false)
+            .unwrap();
+        out.logits
+    };
+    let cpu = logits(&Engine::open(&dir).unwrap());
+    let mut first: Option<Vec<f32>> = None;
+    for (slots, placement, link) in [
+        (None, "cost-model", "local"),
+        (Some(30), "cost-model", "h100-pcie5"),
+        (Some(20), "hot-fetch", "h100-pcie5"),
+    ] {
+        let c = StoreConfig {
+            device_bytes: slots.map(|s| s * 3 * 256 * 64 * 4),
+            placement: PolicySource::parse(placement),
+            link: link.into(),
+            device: Device::Cuda,
+            ..Default::default()
+        };
+        let (engine, _store) = Engine::open_tiered(&dir, &c).unwrap();
+        let gpu = logits(&engine);
+        let worst = cpu
+            .iter()
+            .zip(&gpu)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-3,
+            "{slots:?} {placement} {link}: off the CPU by {worst}"
+        );
+        match &first {
+            None => first = Some(gpu),
+            Some(f) => assert!(
+                support::bits(f) == support::bits(&gpu),
+                "{slots:?} slots, {placement} on {link}: results differ from the first GPU run"
+            ),
+        }
+    }
+}
+
 fn run(engine: &Engine) -> (Vec<u32>, Vec<u32>) {
     let ids = engine
         .encode("<|bos|>The software is distributed in the hope that it will be useful")
@@ -86,11 +189,10 @@ fn a_device_tier_on_the_gpu_never_changes_a_token() {
             ..Default::default()
         };
         let (engine, store) = Engine::open_tiered(&dir, &c).unwrap();
-        // The dense MLP and every shared expert moved to the GPU too.
-        assert_eq!(
-            engine.model.ffns_on_gpu(),
-            engine.model.config().num_hidden_layers
-        );
+        // Attention, the dense MLP and every shared expert moved to the GPU too.
+        let layers = engine.model.config().num_hidden_layers;
+        assert_eq!(engine.model.ffns_on_gpu(), layers);
+        assert_eq!(engine.model.attention_on_gpu(), layers);
         assert!(
             run(&engine) == baseline,
             "{slots:?} slots, {placement} on {link}: results differ"

@@ -1,4 +1,6 @@
-//! DeepSeek-V3 / Kimi-K2 (`DeepseekV3ForCausalLM`) forward pass on the CPU, in f32.
+//! DeepSeek-V3 / Kimi-K2 (`DeepseekV3ForCausalLM`) forward pass in f32, on the CPU; with
+//! `place_on_gpu` (feature `cuda`) attention's projections and the dense and shared FFNs run
+//! the GPU's exact-order kernel instead.
 //!
 //! Each step follows transformers' `modeling_deepseek_v3.py` (module names cited below) and
 //! matches it to float tolerance. Owns: embedding, RMSNorm, MLA attention over a cache of the
@@ -14,20 +16,60 @@ use std::sync::Arc;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::experts::{expert_prefix, ExpertProvider, ExpertWeights, FfnWeights};
-use crate::kernels::{axpy, dot, linear, rms_norm, rms_norm_inplace, softmax_inplace};
+use crate::kernels::{
+    axpy, dot, grouped_rows, linear, rms_norm, rms_norm_inplace, softmax_inplace,
+};
 use crate::rope::Rope;
 use crate::router::{Gate, LayerRouting};
+
+/// An attention weight: `groups` matrices `[n, k]` (one for a projection, one per head for
+/// MLA's W_UK^T and W_UV), in host memory or, after `place_on_gpu`, in GPU memory.
+enum Proj {
+    Host {
+        w: Vec<f32>,
+        groups: usize,
+        k: usize,
+    },
+    #[cfg(feature = "cuda")]
+    Gpu(crate::gpu::GpuMatrix),
+}
+
+impl Proj {
+    fn linear(w: Vec<f32>, k: usize) -> Self {
+        Proj::Host { w, groups: 1, k }
+    }
+
+    /// `out [t, groups, n]`: each group's matrix times `x [t, groups, x_stride]`'s first `k`
+    /// values (a plain projection: one group, `x_stride = k`).
+    fn apply(&self, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Proj::Host { w, groups: 1, k } if x_stride == *k => linear(x, w, *k, out),
+            Proj::Host { w, groups, k } => grouped_rows(w, *groups, *k, x, x_stride, out),
+            #[cfg(feature = "cuda")]
+            Proj::Gpu(m) => m.forward(x, x_stride, out)?,
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn move_to_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>) -> Result<()> {
+        if let Proj::Host { w, groups, k } = self {
+            *self = Proj::Gpu(crate::gpu::GpuMatrix::upload(gpu, w, *groups, *k)?);
+        }
+        Ok(())
+    }
+}
 
 enum QProj {
     /// `q_b_proj(q_a_layernorm(q_a_proj(x)))` when `q_lora_rank` is set.
     Lora {
-        a: Vec<f32>,
+        a: Proj,
         norm: Vec<f32>,
-        b: Vec<f32>,
+        b: Proj,
         rank: usize,
     },
     /// `q_proj(x)` when `q_lora_rank` is null.
-    Full(Vec<f32>),
+    Full(Proj),
 }
 
 /// DeepseekV3Attention with the up-projections absorbed, so the cache holds only the
@@ -36,14 +78,31 @@ enum QProj {
 struct Attention {
     q: QProj,
     /// `kv_a_proj_with_mqa`: `[kv_lora_rank + qk_rope_head_dim, hidden]`.
-    kv_a: Vec<f32>,
+    kv_a: Proj,
     kv_a_norm: Vec<f32>,
     /// `kv_b_proj`'s key rows per head, transposed: `[heads, kv_lora_rank, qk_nope_head_dim]`.
-    w_uk_t: Vec<f32>,
+    w_uk_t: Proj,
     /// `kv_b_proj`'s value rows per head: `[heads, v_head_dim, kv_lora_rank]`.
-    w_uv: Vec<f32>,
+    w_uv: Proj,
     /// `o_proj`: `[hidden, heads * v_head_dim]`.
-    o_proj: Vec<f32>,
+    o_proj: Proj,
+}
+
+#[cfg(feature = "cuda")]
+impl Attention {
+    fn projections(&mut self) -> Vec<&mut Proj> {
+        let mut v = match &mut self.q {
+            QProj::Lora { a, b, .. } => vec![a, b],
+            QProj::Full(w) => vec![w],
+        };
+        v.extend([
+            &mut self.kv_a,
+            &mut self.w_uk_t,
+            &mut self.w_uv,
+            &mut self.o_proj,
+        ]);
+        v
+    }
 }
 
 struct Moe {
@@ -162,12 +221,21 @@ impl DeepseekV3 {
             let a = format!("{p}.self_attn");
             let q = match cfg.q_lora_rank {
                 Some(rank) => QProj::Lora {
-                    a: ckpt.read_f32(&format!("{a}.q_a_proj.weight"), &[rank, h])?,
+                    a: Proj::linear(
+                        ckpt.read_f32(&format!("{a}.q_a_proj.weight"), &[rank, h])?,
+                        h,
+                    ),
                     norm: ckpt.read_vec(&format!("{a}.q_a_layernorm.weight"), rank)?,
-                    b: ckpt.read_f32(&format!("{a}.q_b_proj.weight"), &[nh * qk, rank])?,
+                    b: Proj::linear(
+                        ckpt.read_f32(&format!("{a}.q_b_proj.weight"), &[nh * qk, rank])?,
+                        rank,
+                    ),
                     rank,
                 },
-                None => QProj::Full(ckpt.read_f32(&format!("{a}.q_proj.weight"), &[nh * qk, h])?),
+                None => QProj::Full(Proj::linear(
+                    ckpt.read_f32(&format!("{a}.q_proj.weight"), &[nh * qk, h])?,
+                    h,
+                )),
             };
             // kv_b_proj rows, per head: qk_nope_head_dim key rows then v_head_dim value rows.
             let kv_b = ckpt.read_f32(&format!("{a}.kv_b_proj.weight"), &[nh * (nope + v), lora])?;
@@ -185,14 +253,28 @@ impl DeepseekV3 {
             }
             let attn = Attention {
                 q,
-                kv_a: ckpt.read_f32(
-                    &format!("{a}.kv_a_proj_with_mqa.weight"),
-                    &[lora + rope_d, h],
-                )?,
+                kv_a: Proj::linear(
+                    ckpt.read_f32(
+                        &format!("{a}.kv_a_proj_with_mqa.weight"),
+                        &[lora + rope_d, h],
+                    )?,
+                    h,
+                ),
                 kv_a_norm: ckpt.read_vec(&format!("{a}.kv_a_layernorm.weight"), lora)?,
-                w_uk_t,
-                w_uv,
-                o_proj: ckpt.read_f32(&format!("{a}.o_proj.weight"), &[h, nh * v])?,
+                w_uk_t: Proj::Host {
+                    w: w_uk_t,
+                    groups: nh,
+                    k: nope,
+                },
+                w_uv: Proj::Host {
+                    w: w_uv,
+                    groups: nh,
+                    k: lora,
+                },
+                o_proj: Proj::linear(
+                    ckpt.read_f32(&format!("{a}.o_proj.weight"), &[h, nh * v])?,
+                    nh * v,
+                ),
             };
             let ffn = if cfg.is_moe_layer(l) {
                 let e = cfg.n_routed_experts;
@@ -249,12 +331,16 @@ impl DeepseekV3 {
         })
     }
 
-    /// Moves the dense MLPs and shared experts into GPU memory (the CUDA device tier): they
-    /// then run the exact-order GPU kernel, giving the same bits. Returns how many moved.
+    /// Moves attention's projections, the dense MLPs and the shared experts into GPU memory
+    /// (the CUDA device tier): they then run the exact-order GPU kernel, giving the CPU's bits
+    /// up to `ROW_INVARIANT_MAX` rows (see `gpu::GpuMatrix` above). Returns how many FFNs moved.
     #[cfg(feature = "cuda")]
     pub fn place_on_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>) -> Result<usize> {
         let mut moved = 0;
         for layer in &mut self.layers {
+            for p in layer.attn.projections() {
+                p.move_to_gpu(gpu)?;
+            }
             let slot = match &mut layer.ffn {
                 Ffn::Dense(w) => Some(w),
                 Ffn::Moe(m) => m.shared.as_mut(),
@@ -267,6 +353,28 @@ impl DeepseekV3 {
             }
         }
         Ok(moved)
+    }
+
+    /// Layers whose attention projections all live in GPU memory.
+    pub fn attention_on_gpu(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        {
+            self.layers
+                .iter()
+                .filter(|l| {
+                    let a = &l.attn;
+                    let q = match &a.q {
+                        QProj::Lora { a, b, .. } => vec![a, b],
+                        QProj::Full(w) => vec![w],
+                    };
+                    q.into_iter()
+                        .chain([&a.kv_a, &a.w_uk_t, &a.w_uv, &a.o_proj])
+                        .all(|p| matches!(p, Proj::Gpu(_)))
+                })
+                .count()
+        }
+        #[cfg(not(feature = "cuda"))]
+        0
     }
 
     /// Dense MLPs and shared experts that live in GPU memory.
@@ -424,15 +532,17 @@ impl DeepseekV3 {
             let run = |((s, &start), out): ((&mut Sequence<'_>, &usize), &mut [f32])| {
                 let rows = start * h..(start + s.ids.len()) * h;
                 let pos0 = s.cache.len;
-                self.attention(&layer.attn, &xn[rows], l, pos0, s.cache, out);
+                self.attention(&layer.attn, &xn[rows], l, pos0, s.cache, out)
+                    .with_context(|| format!("attention of layer {l}"))
             };
             if seqs.len() > 1 {
                 seqs.par_iter_mut()
                     .zip(starts.par_iter())
                     .zip(outs.into_par_iter())
-                    .for_each(run);
+                    .map(run)
+                    .collect::<Result<()>>()?;
             } else {
-                seqs.iter_mut().zip(&starts).zip(outs).for_each(run);
+                seqs.iter_mut().zip(&starts).zip(outs).try_for_each(run)?;
             }
             add_inplace(&mut hidden, &delta);
             rms_norm(
@@ -490,7 +600,7 @@ impl DeepseekV3 {
         pos0: usize,
         cache: &mut KvCache,
         out: &mut [f32],
-    ) {
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
         let t = xn.len() / h;
@@ -507,20 +617,22 @@ impl DeepseekV3 {
         match &attn.q {
             QProj::Lora { a, norm, b, rank } => {
                 let mut qa = vec![0f32; t * rank];
-                linear(xn, a, h, &mut qa);
+                a.apply(xn, h, &mut qa)?;
                 rms_norm_inplace(&mut qa, norm, cfg.rms_norm_eps);
-                linear(&qa, b, *rank, &mut q);
+                b.apply(&qa, *rank, &mut q)?;
             }
-            QProj::Full(w) => linear(xn, w, h, &mut q),
+            QProj::Full(w) => w.apply(xn, h, &mut q)?,
         }
         // compressed_kv = kv_a_proj_with_mqa(x) = [latent (kv_lora_rank) | k_rot (qk_rope_head_dim)]
         let mut kv = vec![0f32; t * (lora + rope_d)];
-        linear(xn, &attn.kv_a, h, &mut kv);
+        attn.kv_a.apply(xn, h, &mut kv)?;
+        // Absorb W_UK: q_lat = W_UK^T q_nope, per token and head (RoPE leaves q_nope alone).
+        let mut q_lat = vec![0f32; t * nh * lora];
+        attn.w_uk_t.apply(&q, qk, &mut q_lat)?;
         let half = self.rope.half_dim();
         let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
         let latent_cache = &mut cache.latent[layer];
         let rope_cache = &mut cache.k_rope[layer];
-        let mut q_lat = vec![0f32; t * nh * lora];
         for i in 0..t {
             self.rope.cos_sin(pos0 + i, &mut cos, &mut sin);
             let row = &kv[i * (lora + rope_d)..(i + 1) * (lora + rope_d)];
@@ -539,21 +651,16 @@ impl DeepseekV3 {
             for head in 0..nh {
                 let qh = &mut q[(i * nh + head) * qk..(i * nh + head + 1) * qk];
                 self.rope.rotate(&mut qh[nope..], &cos, &sin);
-                // Absorb W_UK: q_lat = W_UK^T q_nope.
-                let ql = &mut q_lat[(i * nh + head) * lora..(i * nh + head + 1) * lora];
-                let wk = &attn.w_uk_t[head * lora * nope..(head + 1) * lora * nope];
-                for (c, o) in ql.iter_mut().enumerate() {
-                    *o = dot(&wk[c * nope..(c + 1) * nope], &qh[..nope]);
-                }
             }
         }
         let latent_cache = &cache.latent[layer];
         let rope_cache = &cache.k_rope[layer];
-        // Eager attention: softmax(q k^T * scale + causal mask) v, then W_UV; [t, heads * v].
-        let mut o = vec![0f32; t * nh * v];
+        // Eager attention: softmax(q k^T * scale + causal mask) v over the latents, per token
+        // and head: [t, heads, kv_lora_rank].
+        let mut ctx = vec![0f32; t * nh * lora];
         let scale = self.softmax_scale;
-        let attend = |idx: usize, oh: &mut [f32]| {
-            let (i, head) = (idx / nh, idx % nh);
+        let attend = |idx: usize, ctx: &mut [f32]| {
+            let i = idx / nh;
             let n_ctx = pos0 + i + 1;
             let ql = &q_lat[idx * lora..(idx + 1) * lora];
             let qr = &q[idx * qk + nope..(idx + 1) * qk];
@@ -565,26 +672,24 @@ impl DeepseekV3 {
                 })
                 .collect();
             softmax_inplace(&mut scores);
-            let mut ctx = vec![0f32; lora];
             for (j, &p) in scores.iter().enumerate() {
-                axpy(p, &latent_cache[j * lora..(j + 1) * lora], &mut ctx);
-            }
-            let wv = &attn.w_uv[head * v * lora..(head + 1) * v * lora];
-            for (d, od) in oh.iter_mut().enumerate() {
-                *od = dot(&wv[d * lora..(d + 1) * lora], &ctx);
+                axpy(p, &latent_cache[j * lora..(j + 1) * lora], ctx);
             }
         };
         let work = t * nh * (pos0 + t) * (lora + rope_d);
         if work > 1 << 16 {
-            o.par_chunks_mut(v)
+            ctx.par_chunks_mut(lora)
                 .enumerate()
-                .for_each(|(idx, oh)| attend(idx, oh));
+                .for_each(|(idx, c)| attend(idx, c));
         } else {
-            o.chunks_mut(v)
+            ctx.chunks_mut(lora)
                 .enumerate()
-                .for_each(|(idx, oh)| attend(idx, oh));
+                .for_each(|(idx, c)| attend(idx, c));
         }
-        linear(&o, &attn.o_proj, nh * v, out);
+        // Absorbed W_UV per head: [t, heads * v_head_dim]; then o_proj.
+        let mut o = vec![0f32; t * nh * v];
+        attn.w_uv.apply(&ctx, lora, &mut o)?;
+        attn.o_proj.apply(&o, nh * v, out)
     }
 
     /// DeepseekV3MoE: route, run the routed experts (ascending id, each output times its

@@ -268,6 +268,35 @@ pub fn matvec(w: &[f32], k: usize, x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out[t, g, :] = w[g] @ x[t, g, ..k]` for `groups` matrices `w [groups, n, k]` and inputs
+/// `x [tokens, groups, x_stride]`: MLA's per-head W_UK^T and W_UV, each row a `dot`, in any
+/// number of tokens (so the GPU's `rows_dot` kernel gives the same bits).
+pub fn grouped_rows(
+    w: &[f32],
+    groups: usize,
+    k: usize,
+    x: &[f32],
+    x_stride: usize,
+    out: &mut [f32],
+) {
+    let n = w.len() / (groups * k);
+    debug_assert_eq!(w.len(), groups * n * k);
+    debug_assert_eq!(x.len() / (groups * x_stride), out.len() / (groups * n));
+    let one = |(idx, o): (usize, &mut [f32])| {
+        let g = idx % groups;
+        let xg = &x[idx * x_stride..idx * x_stride + k];
+        let wg = &w[g * n * k..(g + 1) * n * k];
+        for (r, or) in o.iter_mut().enumerate() {
+            *or = dot(&wg[r * k..(r + 1) * k], xg);
+        }
+    };
+    if out.len() * k >= PAR_MIN_WORK && spread() {
+        out.par_chunks_mut(n).enumerate().for_each(one);
+    } else {
+        out.chunks_mut(n).enumerate().for_each(one);
+    }
+}
+
 /// `out = x @ w^T` through the gemm crate (the engine under candle's CPU matmul).
 fn gemm_xwt(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32]) {
     let par = if t * n * k >= PAR_MIN_WORK * 4 {

@@ -1,4 +1,4 @@
-//! Routed experts computed on the GPU (feature `cuda`), bit for bit what the CPU computes.
+//! Experts and attention projections computed on the GPU (feature `cuda`), bit for bit what the CPU computes.
 //!
 //! Owns: the process's CUDA device for expert compute (found once; `None`, with the reason, when
 //! there is no driver or device), `GpuExpert` (an expert's compute-form weights in device
@@ -11,12 +11,13 @@
 //! transfer scheduler (`transfer::TransferScheduler` over `CudaCopyEngine`): an expert's compute
 //! form is staged in a pinned host slot and copied on the dedicated copy stream, and compute
 //! waits for that expert's copy only. A pooled expert frees its slot when dropped.
-//! Does not own: which experts live on the device (`store`), attention and dense layers (still
-//! on the CPU).
+//! `GpuMatrix` holds attention's projections (and MLA's per-head W_UK^T, W_UV) for the same
+//! kernel; attention's scores, softmax, RoPE and norms, and the KV cache, stay on the CPU.
+//! Does not own: which experts live on the device (`store`), which weights move (`deepseek_v3`).
 
 use anyhow::{anyhow, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
@@ -41,6 +42,101 @@ pub struct Gpu {
     /// Expert calls come from the MoE's worker threads; one at a time keeps the stream simple.
     lock: Mutex<()>,
     pub name: String,
+}
+
+impl Gpu {
+    /// `out [t, groups, n]` with `out[t, g, r] = dot(w[g][r, :], x[t, g, ..k])` for the
+    /// matrices `w [groups, n, k]` at device address `w` and `x [t, groups, x_stride]`: the
+    /// `rows_dot` kernel, result back on the host. The caller holds `self.lock`.
+    fn rows_dot(
+        &self,
+        w: u64,
+        [groups, n, k]: [usize; 3],
+        x: &[f32],
+        x_stride: usize,
+    ) -> Result<Vec<f32>> {
+        let s = &self.stream;
+        let t = x.len() / (groups * x_stride);
+        anyhow::ensure!(
+            t * groups * x_stride == x.len() && k <= x_stride && t < 1 << 16,
+            "rows_dot: {} inputs are not [tokens < 65536, {groups}, {x_stride}]",
+            x.len()
+        );
+        let xd = s.clone_htod(x)?;
+        let mut out = s.alloc_zeros::<f32>(t * groups * n)?;
+        let ints = [n, k, t, groups, x_stride].map(|v| v as i32);
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(BLOCK), t as u32, groups as u32),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = s.launch_builder(&self.rows_dot);
+        launch.arg(&w).arg(&xd).arg(&mut out);
+        for v in &ints {
+            launch.arg(v);
+        }
+        // SAFETY: the kernel reads groups*n*k weights (the caller's matrices) and the t*groups
+        // x_stride-wide inputs allocated above, and writes the t*groups*n outputs allocated above.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("rows_dot launch: {e}"))?;
+        Ok(s.clone_dtoh(&out)?)
+    }
+}
+
+/// A linear layer's weight `[n, k]`, or `groups` of them (MLA's per-head W_UK^T and W_UV), in
+/// device memory: attention's projections on the GPU. Computed with `rows_dot` at every token
+/// count, so up to `ROW_INVARIANT_MAX` tokens it gives the CPU's bits; above, where the CPU
+/// switches to a blocked GEMM, it gives the row kernel's (deterministic, and the same whatever
+/// the expert policies and budgets: the invariant holds per backend).
+pub struct GpuMatrix {
+    gpu: Arc<Gpu>,
+    w: CudaSlice<f32>,
+    groups: usize,
+    n: usize,
+    k: usize,
+}
+
+impl GpuMatrix {
+    /// Copies `w [groups, n, k]` into device memory.
+    pub fn upload(gpu: &Arc<Gpu>, w: &[f32], groups: usize, k: usize) -> Result<Self> {
+        let n = w.len() / (groups * k).max(1);
+        anyhow::ensure!(
+            groups * n * k == w.len(),
+            "{} weights are not {groups} x [n, {k}]",
+            w.len()
+        );
+        let _one = gpu.lock.lock().unwrap();
+        let d = gpu.stream.clone_htod(w)?;
+        gpu.stream.synchronize()?;
+        Ok(Self {
+            gpu: gpu.clone(),
+            w: d,
+            groups,
+            n,
+            k,
+        })
+    }
+
+    /// Bytes held in device memory.
+    pub fn device_bytes(&self) -> usize {
+        self.groups * self.n * self.k * 4
+    }
+
+    /// `out [t, groups, n]` = each group's matrix times `x [t, groups, x_stride]`'s first `k`.
+    pub fn forward(&self, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
+        let _one = self.gpu.lock.lock().unwrap();
+        let w = self.w.device_ptr(&self.gpu.stream).0;
+        let y = self
+            .gpu
+            .rows_dot(w, [self.groups, self.n, self.k], x, x_stride)?;
+        anyhow::ensure!(
+            y.len() == out.len(),
+            "output of {} for {}",
+            out.len(),
+            y.len()
+        );
+        out.copy_from_slice(&y);
+        Ok(())
+    }
 }
 
 /// Device 0, found and set up once per process.
@@ -427,28 +523,15 @@ impl GpuExpert {
 
     /// `x [t, k] @ w^T` for `w [n, k]`, one of the expert's matrices; back on the host.
     fn rows(&self, which: Matrix, n: usize, k: usize, x: &[f32]) -> Result<Vec<f32>> {
-        let s = &self.gpu.stream;
-        let t = x.len() / k;
-        let xd = s.clone_htod(x)?;
-        let mut out = s.alloc_zeros::<f32>(t * n)?;
-        let (n32, k32, t32) = (n as i32, k as i32, t as i32);
-        let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(BLOCK), t as u32, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = s.launch_builder(&self.gpu.rows_dot);
         // A pooled slot's copy completed before the expert was handed out (`GpuPool::load`).
-        match (&self.weights, which) {
-            (Weights::Owned { gate_up, .. }, Matrix::GateUp) => launch.arg(gate_up),
-            (Weights::Owned { down, .. }, Matrix::Down) => launch.arg(down),
-            (Weights::Pooled { gate_up, .. }, Matrix::GateUp) => launch.arg(gate_up),
-            (Weights::Pooled { down, .. }, Matrix::Down) => launch.arg(down),
+        let s = &self.gpu.stream;
+        let w = match (&self.weights, which) {
+            (Weights::Owned { gate_up, .. }, Matrix::GateUp) => gate_up.device_ptr(s).0,
+            (Weights::Owned { down, .. }, Matrix::Down) => down.device_ptr(s).0,
+            (Weights::Pooled { gate_up, .. }, Matrix::GateUp) => *gate_up,
+            (Weights::Pooled { down, .. }, Matrix::Down) => *down,
         };
-        launch.arg(&xd).arg(&mut out).arg(&n32).arg(&k32).arg(&t32);
-        // SAFETY: the kernel reads n*k and t*k floats and writes t*n, the sizes allocated.
-        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("rows_dot launch: {e}"))?;
-        Ok(s.clone_dtoh(&out)?)
+        self.gpu.rows_dot(w, [1, n, k], x, k)
     }
 
     fn download(&self) -> Result<FfnWeights> {

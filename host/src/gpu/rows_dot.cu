@@ -1,5 +1,7 @@
-// moehost's GPU expert kernel: out[t][r] = dot(w[r, :], x[t, :]) for a row-major weight
-// matrix w [n, k] and inputs x [tokens, k], with each dot product computed in exactly the
+// moehost's GPU linear kernel: out[t][g][r] = dot(w[g][r, :], x[t][g][:k]) for `groups`
+// row-major weight matrices w [groups, n, k] and inputs x [tokens, groups, x_stride] (a plain
+// linear layer is one group with x_stride = k; MLA's per-head W_UK and W_UV are one group per
+// head), with each dot product computed in exactly the
 // order of the CPU's `kernels::dot` (AVX2 path): four 8-lane accumulators over 32-element
 // chunks, fused multiply-adds, then 8-element steps into the first accumulator, the fixed
 // horizontal sum of `hsum4`, then the scalar tail as separate multiply and add. So a routed
@@ -12,12 +14,13 @@
 extern "C" __global__ void rows_dot(const float* __restrict__ w,
                                     const float* __restrict__ x,
                                     float* __restrict__ out,
-                                    int n, int k, int tokens) {
+                                    int n, int k, int tokens, int groups, int x_stride) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     int t = blockIdx.y;
-    if (r >= n || t >= tokens) return;
-    const float* wr = w + (size_t)r * k;
-    const float* xr = x + (size_t)t * k;
+    int g = blockIdx.z;
+    if (r >= n || t >= tokens || g >= groups) return;
+    const float* wr = w + ((size_t)g * n + r) * k;
+    const float* xr = x + ((size_t)t * groups + g) * x_stride;
     float s[4][8];
     #pragma unroll
     for (int j = 0; j < 4; ++j)
@@ -47,7 +50,7 @@ extern "C" __global__ void rows_dot(const float* __restrict__ w,
     float q3 = __fadd_rn(v[3], v[7]);
     float total = __fadd_rn(__fadd_rn(q0, q2), __fadd_rn(q1, q3));
     for (; i < k; ++i) total = __fadd_rn(total, __fmul_rn(wr[i], xr[i]));
-    out[(size_t)t * n + r] = total;
+    out[((size_t)t * groups + g) * n + r] = total;
 }
 
 // An expert's FP8 (e4m3) weights to f32 on the GPU, bit for bit as the CPU's
