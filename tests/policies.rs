@@ -451,3 +451,79 @@ fn experts_run_from_their_storage_format_bit_for_bit() {
         }
     }
 }
+
+/// Score rows that stress the guests' vectorised top-k against the host's own routing order
+/// (higher score first, NaN last, then the lower id): random, every score tied (too many
+/// candidates for the fast path), a few ties at the top, NaN and infinities, signed zeros, and
+/// the real router's scores of one token.
+fn adversarial_rows(experts: usize) -> Vec<Vec<f32>> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 40) as f32 / (1u64 << 24) as f32
+    };
+    let random: Vec<f32> = (0..experts).map(|_| next()).collect();
+    let mut top_ties = random.clone();
+    for e in (3..experts).step_by(experts / 5) {
+        top_ties[e] = 2.0;
+    }
+    let mut specials = random.clone();
+    for (e, s) in specials.iter_mut().enumerate() {
+        match e % 11 {
+            0 => *s = f32::NAN,
+            3 => *s = f32::NEG_INFINITY,
+            7 if e % 3 == 0 => *s = f32::INFINITY,
+            _ => {}
+        }
+    }
+    let zeros: Vec<f32> = (0..experts)
+        .map(|e| match e % 4 {
+            0 => 0.0,
+            1 => -0.0,
+            2 => -1.0,
+            _ => f32::NAN,
+        })
+        .collect();
+    let quantised: Vec<f32> = (0..experts).map(|_| (next() * 16.0).floor()).collect();
+    vec![
+        random,
+        vec![0.5; experts],
+        top_ties,
+        specials,
+        zeros,
+        quantised,
+    ]
+}
+
+#[test]
+fn the_topk_guest_routes_exactly_as_the_host_on_adversarial_scores() {
+    use moehost::policy::builtin::ExactTopK;
+    use moehost::policy::wasm::{load_component, RuntimeLimits, WasmPolicy};
+    use moehost::policy::{Selection, Tier};
+    let mut args = moehost::policy::check::k2_init_args();
+    let src = PolicySource::parse("topk");
+    for experts in [384u32, 64, 72] {
+        args.shape.experts_per_layer = experts;
+        let mut guest = WasmPolicy::new(
+            load_component(&src.bytes().unwrap(), "topk").unwrap(),
+            RuntimeLimits::default(),
+        );
+        Selection::init(&mut guest, &args).unwrap();
+        let residency = vec![Tier::Disk; experts as usize];
+        let rows = adversarial_rows(experts as usize);
+        for (r, row) in rows.iter().enumerate() {
+            for k in 1..=8 {
+                let want = ExactTopK.select(0, 1, k, row, &residency).unwrap();
+                let got = guest.select(0, 1, k, row, &residency).unwrap();
+                assert_eq!(got, want, "{experts} experts, row {r}, k {k}");
+            }
+        }
+        // All rows in one call, as a batched step sends them.
+        let all: Vec<f32> = rows.concat();
+        let t = rows.len() as u32;
+        let want = ExactTopK.select(0, t, 8, &all, &residency).unwrap();
+        assert_eq!(guest.select(0, t, 8, &all, &residency).unwrap(), want);
+    }
+}

@@ -158,25 +158,26 @@ pub fn top_k_rows(scores: &[f32], tokens: u32, k: u32) -> Vec<u32> {
 /// 8, tiny-k2's 6) and rows of a multiple of 8 experts. Eight lane maxima bound the k-th best
 /// for any k <= 8 (eight distinct experts score at least their minimum). Pass one is two
 /// `f32x4.pmax` per 8 scores (`pmax(m, s)` = `m < s ? s : m`, the scalar pass's exact rule,
-/// NaN kept out); pass two tests 4 scores per `f32x4.ge` + bitmask and ranks only the rare
-/// candidates, with the scalar path's window. Returns false when it does not apply.
+/// NaN kept out); pass two tests 16 scores per branch (four `f32x4.ge`, or-ed, one
+/// `v128.any_true`) and ranks only the rare candidates, with the scalar path's rule, in an
+/// 8-key window on the stack (a larger one would be zeroed by a `memory.fill`, which wasmtime
+/// runs as a call into the host). Returns false when it does not apply.
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 fn top_k_simd8(row: &[f32], k: usize, out: &mut Vec<u32>) -> bool {
     use core::arch::wasm32::*;
     let n = row.len();
-    if k == 0 || k > 8 || k > FAST_K || n < 32 || !n.is_multiple_of(8) {
+    if k == 0 || k > 8 || n < 32 || !n.is_multiple_of(8) {
         return false;
     }
     let p = row.as_ptr();
+    // SAFETY (every load below): `at + 4 <= n`; unaligned v128 loads are allowed.
+    let load = |at: usize| unsafe { v128_load(p.add(at) as *const v128) };
     let mut m0 = f32x4_splat(f32::NEG_INFINITY);
     let mut m1 = m0;
     let mut i = 0;
     while i < n {
-        // SAFETY: i + 8 <= n (n is a multiple of 8); unaligned v128 loads are allowed.
-        unsafe {
-            m0 = f32x4_pmax(m0, v128_load(p.add(i) as *const v128));
-            m1 = f32x4_pmax(m1, v128_load(p.add(i + 4) as *const v128));
-        }
+        m0 = f32x4_pmax(m0, load(i));
+        m1 = f32x4_pmax(m1, load(i + 4));
         i += 8;
     }
     let lanes = [
@@ -193,34 +194,87 @@ fn top_k_simd8(row: &[f32], k: usize, out: &mut Vec<u32>) -> bool {
         .iter()
         .fold(f32::INFINITY, |b, &m| if m < b { m } else { b });
     let b = f32x4_splat(bound);
-    let mut window = [0u64; FAST_K];
-    let mut candidates = 0;
+    let mut w = Candidates::<8>::new(k);
     let mut i = 0;
+    while i + 16 <= n {
+        let c0 = f32x4_ge(load(i), b);
+        let c1 = f32x4_ge(load(i + 4), b);
+        let c2 = f32x4_ge(load(i + 8), b);
+        let c3 = f32x4_ge(load(i + 12), b);
+        if v128_any_true(v128_or(v128_or(c0, c1), v128_or(c2, c3)))
+            && !(w.offer_lanes(row, i, i32x4_bitmask(c0))
+                && w.offer_lanes(row, i + 4, i32x4_bitmask(c1))
+                && w.offer_lanes(row, i + 8, i32x4_bitmask(c2))
+                && w.offer_lanes(row, i + 12, i32x4_bitmask(c3)))
+        {
+            return false;
+        }
+        i += 16;
+    }
     while i < n {
-        // SAFETY: i + 4 <= n.
-        let v = unsafe { v128_load(p.add(i) as *const v128) };
-        let mut mask = i32x4_bitmask(f32x4_ge(v, b));
-        while mask != 0 {
-            let l = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            candidates += 1;
-            if candidates > CHUNK_CANDIDATES {
-                return false;
-            }
-            let key = rank_key(row[i + l], (i + l) as u32);
-            let filled = (candidates - 1).min(k);
-            if filled == k && key <= window[k - 1] {
-                continue;
-            }
-            insert_key(&mut window, filled.min(k - 1), key);
+        if !w.offer_lanes(row, i, i32x4_bitmask(f32x4_ge(load(i), b))) {
+            return false;
         }
         i += 4;
     }
-    if candidates < k {
-        return false;
+    w.finish(out)
+}
+
+/// The chunk-bound paths' ranked candidates: the best `k` of at most [`CHUNK_CANDIDATES`]
+/// keys offered, descending, in a window of `N >= k` keys on the stack.
+struct Candidates<const N: usize> {
+    keys: [u64; N],
+    offered: usize,
+    k: usize,
+}
+
+impl<const N: usize> Candidates<N> {
+    fn new(k: usize) -> Self {
+        Self {
+            keys: [0; N],
+            offered: 0,
+            k,
+        }
     }
-    out.extend(window[..k].iter().map(|&key| !(key as u32)));
-    true
+
+    /// Ranks score `s` of expert `id`; false once more than [`CHUNK_CANDIDATES`] were offered.
+    #[inline(always)]
+    fn offer(&mut self, s: f32, id: usize) -> bool {
+        self.offered += 1;
+        if self.offered > CHUNK_CANDIDATES {
+            return false;
+        }
+        let key = rank_key(s, id as u32);
+        let filled = (self.offered - 1).min(self.k);
+        if filled < self.k || key > self.keys[self.k - 1] {
+            insert_key(&mut self.keys, filled.min(self.k - 1), key);
+        }
+        true
+    }
+
+    /// Offers the scores `row[at..at + 4]` whose bits are set in `mask`.
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    #[inline(always)]
+    fn offer_lanes(&mut self, row: &[f32], at: usize, mask: u8) -> bool {
+        let mut mask = mask;
+        while mask != 0 {
+            let l = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            if !self.offer(row[at + l], at + l) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Appends the `k` best ids to `out`; false when fewer than `k` were offered.
+    fn finish(&self, out: &mut Vec<u32>) -> bool {
+        if self.offered < self.k {
+            return false;
+        }
+        out.extend(self.keys[..self.k].iter().map(|&key| !(key as u32)));
+        true
+    }
 }
 
 /// Most candidates [`top_k_by_chunk_bound`] ranks exactly before giving up.
@@ -254,27 +308,13 @@ fn top_k_by_chunk_bound(row: &[f32], k: usize, out: &mut Vec<u32>) -> bool {
         .iter()
         .fold(f32::INFINITY, |b, &m| if m < b { m } else { b });
     // Rank the candidates into a descending window of k keys.
-    let mut window = [0u64; FAST_K];
-    let mut candidates = 0;
+    let mut w = Candidates::<FAST_K>::new(k);
     for (i, &s) in row.iter().enumerate() {
-        if s >= bound {
-            candidates += 1;
-            if candidates > CHUNK_CANDIDATES {
-                return false;
-            }
-            let key = rank_key(s, i as u32);
-            let filled = (candidates - 1).min(k);
-            if filled == k && key <= window[k - 1] {
-                continue;
-            }
-            insert_key(&mut window, filled.min(k - 1), key);
+        if s >= bound && !w.offer(s, i) {
+            return false;
         }
     }
-    if candidates < k {
-        return false;
-    }
-    out.extend(window[..k].iter().map(|&key| !(key as u32)));
-    true
+    w.finish(out)
 }
 
 /// [`top_k_into`] among the experts `keep` accepts (fewer than `k` when too few are kept).
@@ -347,7 +387,7 @@ pub fn rank_key(s: f32, id: u32) -> u64 {
 
 /// Inserts `key` into the descending `window[..len]` (one slot free at `len`).
 #[inline]
-fn insert_key(window: &mut [u64; FAST_K], len: usize, key: u64) {
+fn insert_key(window: &mut [u64], len: usize, key: u64) {
     let mut pos = len;
     while pos > 0 && window[pos - 1] < key {
         window[pos] = window[pos - 1];

@@ -17,18 +17,32 @@ pub fn requests(
     k: usize,
     resident: impl Fn(u32) -> bool,
 ) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    requests_into(scores, tokens, k, resident, &mut Vec::new(), &mut out);
+    out
+}
+
+/// [`requests`] into `out`, with `best` as scratch: the guest keeps both between calls, so a
+/// step allocates nothing.
+pub fn requests_into(
+    scores: &[f32],
+    tokens: usize,
+    k: usize,
+    resident: impl Fn(u32) -> bool,
+    best: &mut Vec<u32>,
+    out: &mut Vec<(u32, u32)>,
+) {
+    out.clear();
     if tokens == 0 || scores.len() < tokens {
-        return Vec::new();
+        return;
     }
     let experts = scores.len() / tokens;
     // (expert, priority) of every token's non-resident picks: tokens x k entries, no
     // per-expert table (a decode step has only k of them).
-    let mut out: Vec<(u32, u32)> = Vec::with_capacity(tokens * k);
-    let mut best = Vec::with_capacity(k);
     for row in scores.chunks_exact(experts).take(tokens) {
         best.clear();
-        common::top_k_into(row, k, &mut best);
-        for &e in &best {
+        common::top_k_into(row, k, best);
+        for &e in best.iter() {
             if !resident(e) {
                 let p = (row[e as usize] * 1e6) as u32; // saturating cast, NaN -> 0
                 out.push((e, p));
@@ -41,7 +55,6 @@ pub fn requests(
         out.dedup_by_key(|r| r.0);
     }
     out.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    out
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -60,6 +73,8 @@ mod guest {
 
     /// The model's shape (from init): layers, experts per layer, top-k.
     static SHAPE: Global<(u32, u32, u32)> = Global::new((0, 0, 0));
+    /// `requests_into`'s scratch and result buffers, kept between calls.
+    static SCRATCH: Global<(Vec<u32>, Vec<(u32, u32)>)> = Global::new((Vec::new(), Vec::new()));
 
     struct NextLayerGate;
 
@@ -86,17 +101,20 @@ mod guest {
                 }
                 let on_device =
                     |e: u32| outlook.residency.get(e as usize) == Some(&common::tier::DEVICE);
-                let reqs = requests(&outlook.scores, step.tokens as usize, k as usize, on_device);
                 let base = outlook.layer * experts;
-                out.extend(
-                    reqs.into_iter()
-                        .filter(|&(e, _)| e < experts)
-                        .map(|(e, priority)| PrefetchRequest {
-                            expert: base + e,
-                            tier: Tier::Device,
-                            priority,
-                        }),
-                );
+                SCRATCH.with(|(best, reqs)| {
+                    let tokens = step.tokens as usize;
+                    requests_into(&outlook.scores, tokens, k as usize, on_device, best, reqs);
+                    out.extend(
+                        reqs.iter()
+                            .filter(|&&(e, _)| e < experts)
+                            .map(|&(e, priority)| PrefetchRequest {
+                                expert: base + e,
+                                tier: Tier::Device,
+                                priority,
+                            }),
+                    );
+                });
             }
             out
         }
