@@ -73,8 +73,9 @@ mod guest {
 
     /// The model's shape (from init): layers, experts per layer, top-k.
     static SHAPE: Global<(u32, u32, u32)> = Global::new((0, 0, 0));
-    /// `requests_into`'s scratch and result buffers, kept between calls.
-    static SCRATCH: Global<(Vec<u32>, Vec<(u32, u32)>)> = Global::new((Vec::new(), Vec::new()));
+    /// `requests_into`'s scratch (top-k ids) and result buffers, kept between calls.
+    type Scratch = (Vec<u32>, Vec<(u32, u32)>);
+    static SCRATCH: Global<Scratch> = Global::new((Vec::new(), Vec::new()));
 
     struct NextLayerGate;
 
