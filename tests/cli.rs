@@ -292,3 +292,28 @@ fn doctor_measures_this_machine_and_plans_kimi_k2_without_a_gpu() {
     assert_eq!(v["kimi_k2"]["expert_bytes"], 44_050_944);
     assert!(v["kimi_k2"]["device"]["expert_slots"].as_u64().unwrap() > 1000);
 }
+
+#[test]
+fn bench_on_cuda_says_where_it_ran() {
+    let out = support::moehost()
+        .args([
+            "bench",
+            "--device",
+            "cuda",
+            "--json",
+            "--prompt-tokens",
+            "8",
+        ])
+        .args(["--decode-tokens", "2", "--repeats", "1"])
+        .output()
+        .unwrap();
+    support::assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let device = v["device"].as_str().unwrap();
+    // Without a GPU (or the `cuda` feature) it says why on stderr and runs on the CPU.
+    if device == "cpu" {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("runs on the CPU"), "{err}");
+    }
+}

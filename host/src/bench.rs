@@ -16,6 +16,8 @@ use crate::sampling::argmax;
 pub struct BenchReport {
     pub model: String,
     pub threads: usize,
+    /// Where the weights computed: "cpu", or the GPU's name (`--device cuda`).
+    pub device: String,
     pub prompt_tokens: usize,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens: usize,
@@ -83,6 +85,7 @@ pub fn run(
     Ok(BenchReport {
         model: engine.dir.display().to_string(),
         threads: rayon::current_num_threads(),
+        device: "cpu".into(),
         prompt_tokens,
         prefill_tokens_per_s: prompt_tokens as f64 / best_prefill,
         decode_tokens,

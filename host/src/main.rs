@@ -141,6 +141,11 @@ enum Command {
     Bench {
         #[arg(long)]
         model: Option<PathBuf>,
+        /// cpu: every weight in host memory (the plain engine). cuda: attention, dense and
+        /// shared FFNs and every routed expert in GPU memory (the tiered engine with its
+        /// default policies, all experts resident); without a GPU it says why and runs on the CPU.
+        #[arg(long, default_value = "cpu", value_parser = moehost::store::Device::parse)]
+        device: moehost::store::Device,
         #[arg(long, default_value_t = 512)]
         prompt_tokens: usize,
         #[arg(long, default_value_t = 128)]
@@ -945,18 +950,32 @@ fn run() -> Result<()> {
         }
         Command::Bench {
             model,
+            device,
             prompt_tokens,
             decode_tokens,
             repeats,
             json,
         } => {
-            let engine = open(model)?;
-            let r = moehost::bench::run(&engine, prompt_tokens, decode_tokens, repeats)?;
+            let (engine, backend) = match device {
+                moehost::store::Device::Cpu => (open(model)?, "cpu".to_owned()),
+                device => {
+                    let dir = model.unwrap_or_else(bundled_model_dir);
+                    let config = StoreConfig {
+                        device,
+                        ..Default::default()
+                    };
+                    let (engine, store) = Engine::open_tiered(&dir, &config)?;
+                    (engine, store.stats().device_backend)
+                }
+            };
+            let mut r = moehost::bench::run(&engine, prompt_tokens, decode_tokens, repeats)?;
+            r.device = backend;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!("model:   {}", r.model);
                 println!("threads: {}", r.threads);
+                println!("device:  {}", r.device);
                 println!(
                     "prefill: {:.0} tokens/s ({} tokens)",
                     r.prefill_tokens_per_s, r.prompt_tokens
