@@ -385,6 +385,64 @@ fn concurrent_requests_are_batched_and_equal_generate() {
     assert!(metrics.contains("moehost_expert_hits_total{arm=\"default\",tier=\"device\"}"));
 }
 
+/// Prompts that arrive while others decode ride in the running batch's forward pass (no pass of
+/// their own) and still produce `generate`'s tokens, as do the sequences they joined.
+#[test]
+fn late_prompts_join_running_decode_steps_and_equal_generate() {
+    let srv = default_server();
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let addr = srv.addr;
+    let wave = |prompts: Vec<String>, max_tokens: usize| {
+        prompts
+            .into_iter()
+            .map(|p| {
+                std::thread::spawn(move || {
+                    let body = json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0});
+                    (p, max_tokens, post(addr, "/v1/completions", body))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let early = wave(
+        (0..3)
+            .map(|i| format!("<|bos|>Early request {i} says"))
+            .collect(),
+        150,
+    );
+    // Wait until the early requests are decoding, then send the late ones.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, m) = http(addr, "GET", "/metrics", None, b"");
+        if metric(&m, "moehost_decode_steps_total") >= 3.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no decode step: {m}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let late = wave(
+        (0..3)
+            .map(|i| format!("<|bos|>Late request {i} asks"))
+            .collect(),
+        20,
+    );
+    for h in early.into_iter().chain(late) {
+        let (prompt, max_tokens, (status, v)) = h.join().unwrap();
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v["choices"][0]["text"],
+            generate_alone(&engine, &prompt, max_tokens).as_str(),
+            "{prompt}"
+        );
+    }
+    let (_, m) = http(addr, "GET", "/metrics", None, b"");
+    assert!(
+        metric(&m, "moehost_prefills_in_step_total") >= 1.0,
+        "no prompt joined a decode step: {m}"
+    );
+    // Short prompts never need a pass of their own.
+    assert_eq!(metric(&m, "moehost_prefill_passes_total"), 0.0, "{m}");
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))

@@ -238,6 +238,25 @@ impl SequenceState {
         self.prompt_ids.len()
     }
 
+    /// Whether the prompt has not run yet (and the sequence is not finished).
+    pub fn awaits_prefill(&self) -> bool {
+        self.finish_reason.is_none() && self.ids.is_empty() && self.cache.is_empty()
+    }
+
+    /// This sequence's rows in a batched forward pass: its prompt while it awaits prefill,
+    /// otherwise `next` (its [`Self::next_input`]). Feed the pass's logits to [`Self::accept`].
+    pub fn step_input<'a>(&'a mut self, next: &'a [u32]) -> crate::Sequence<'a> {
+        let ids = if self.awaits_prefill() {
+            &self.prompt_ids[..]
+        } else {
+            next
+        };
+        crate::Sequence {
+            ids,
+            cache: &mut self.cache,
+        }
+    }
+
     /// The token to feed next, or `None` once finished.
     pub fn next_input(&self) -> Option<u32> {
         match self.finish_reason {

@@ -18,6 +18,10 @@ pub struct Metrics {
     pub active: AtomicU64,
     pub decode_steps: AtomicU64,
     pub decode_ns: AtomicU64,
+    /// Prompts prefilled inside a decode step's forward pass, beside decoding sequences.
+    pub prefills_in_step: AtomicU64,
+    /// Forward passes that prefilled prompts alone (too long to join a step).
+    pub prefill_passes: AtomicU64,
     pub ttft_count: AtomicU64,
     pub ttft_ns: AtomicU64,
     pub started: std::sync::OnceLock<std::time::Instant>,
@@ -107,6 +111,18 @@ impl Metrics {
             "counter",
             "Batched decode forward passes.",
             &[(String::new(), g(&self.decode_steps) as f64)],
+        );
+        metric(
+            "prefills_in_step_total",
+            "counter",
+            "Prompts prefilled inside a batched step, beside decoding sequences.",
+            &[(String::new(), g(&self.prefills_in_step) as f64)],
+        );
+        metric(
+            "prefill_passes_total",
+            "counter",
+            "Forward passes that prefilled prompts too long to join a step.",
+            &[(String::new(), g(&self.prefill_passes) as f64)],
         );
         let per_arm = |f: &dyn Fn(&super::arms::Arm) -> f64| -> Vec<(String, f64)> {
             arms.arms

@@ -1,9 +1,12 @@
 //! The batching scheduler: one thread owns the model's forward passes.
 //!
-//! New requests are prefilled one at a time (exactly as `moehost generate` does); then every
-//! active sequence advances by one token per batched forward pass (continuous batching), so
-//! concurrent requests share each layer step's expert loads. With A/B arms, each arm's
-//! sequences form their own batch on the arm's store, one forward pass per arm per step.
+//! Every active sequence advances by one token per batched forward pass (continuous batching),
+//! so concurrent requests share each layer step's expert loads. A new request's prompt rides in
+//! the same pass as the decoding sequences when the rows fit the row-invariant kernels
+//! (`kernels::ROW_INVARIANT_MAX`), so an arrival costs no pass of its own; a prompt too long to
+//! fit beside them is prefilled alone, exactly as `moehost generate` does. Either way every
+//! token is the one `generate` produces. With A/B arms, each arm's sequences form their own
+//! batch on the arm's store, one forward pass per arm per step.
 //! A request whose client went away is dropped at the next step.
 //! Owns: admission, batching, cancellation. Does not own: HTTP, picking the arm.
 
@@ -81,7 +84,21 @@ pub fn run(
                 Err(_) => break,
             }
         }
-        prefill(&engine, &arms, admitted, &mut active, &metrics);
+        // A prompt that cannot share a pass with its arm's decoding sequences runs alone now;
+        // the others join the next steps.
+        active.extend(admitted);
+        let mut decoding = vec![0; arms.arms.len()];
+        for a in active.iter().filter(|a| a.seq.next_input().is_some()) {
+            decoding[a.arm] += 1;
+        }
+        let (alone, rest): (Vec<Active>, Vec<Active>) =
+            std::mem::take(&mut active).into_iter().partition(|a| {
+                a.seq.awaits_prefill()
+                    && decoding[a.arm] + a.seq.prompt_tokens_len()
+                        > crate::kernels::ROW_INVARIANT_MAX
+            });
+        active = rest;
+        prefill(&engine, &arms, alone, &mut active, &metrics);
         metrics
             .queue_depth
             .store(queue.len() as u64, Ordering::Relaxed);
@@ -93,33 +110,49 @@ pub fn run(
             }
             continue;
         }
-        // One decode step for every active sequence: one batch per arm.
+        // One step for every active sequence: one batch per arm.
         for arm in 0..arms.arms.len() {
-            decode_step(&engine, &arms, arm, &mut active, &metrics);
+            step(&engine, &arms, arm, &mut active, &metrics);
         }
     }
 }
 
-/// Advances every active sequence of `arm` by one token, in one batched forward pass on the
-/// arm's store.
-fn decode_step(engine: &Engine, arms: &Arms, arm: usize, active: &mut [Active], metrics: &Metrics) {
-    let mut batch: Vec<&mut Active> = active.iter_mut().filter(|a| a.arm == arm).collect();
+/// Advances every decoding sequence of `arm` by one token and prefills the waiting prompts that
+/// fit beside them (`kernels::ROW_INVARIANT_MAX` rows in all, so each row's result is the one
+/// it would have alone), in one batched forward pass on the arm's store.
+fn step(engine: &Engine, arms: &Arms, arm: usize, active: &mut [Active], metrics: &Metrics) {
+    let decoding = active
+        .iter()
+        .filter(|a| a.arm == arm && a.seq.next_input().is_some())
+        .count();
+    let mut rows = decoding;
+    let mut batch: Vec<&mut Active> = Vec::new();
+    for a in active.iter_mut().filter(|a| a.arm == arm) {
+        if a.seq.next_input().is_some() {
+            batch.push(a);
+        } else if a.seq.awaits_prefill()
+            && rows + a.seq.prompt_tokens_len() <= crate::kernels::ROW_INVARIANT_MAX
+        {
+            rows += a.seq.prompt_tokens_len();
+            if decoding > 0 {
+                metrics.prefills_in_step.fetch_add(1, Ordering::Relaxed);
+            }
+            batch.push(a);
+        }
+    }
     if batch.is_empty() {
         return;
     }
     let inputs: Vec<[u32; 1]> = batch
         .iter()
-        .map(|a| [a.seq.next_input().expect("active")])
+        .map(|a| [a.seq.next_input().unwrap_or_default()])
         .collect();
     let t0 = Instant::now();
     let result = {
         let mut seqs: Vec<Sequence> = batch
             .iter_mut()
             .zip(&inputs)
-            .map(|(a, ids)| Sequence {
-                ids,
-                cache: &mut a.seq.cache,
-            })
+            .map(|(a, next)| a.seq.step_input(next))
             .collect();
         engine
             .model
@@ -183,9 +216,9 @@ fn admit(engine: &Engine, arms: &Arms, r: GenRequest, metrics: &Metrics) -> Opti
     })
 }
 
-/// Prefills the admitted requests: short prompts of the same arm share a forward pass (up to
-/// `kernels::ROW_INVARIANT_MAX` prompt tokens in all, so each result is the one it would be
-/// alone); longer prompts run alone, as `generate` runs them.
+/// Prefills admitted requests that cannot join a step: short prompts of the same arm share a
+/// forward pass (up to `kernels::ROW_INVARIANT_MAX` prompt tokens in all, so each result is the
+/// one it would be alone); longer prompts run alone, as `generate` runs them.
 fn prefill(
     engine: &Engine,
     arms: &Arms,
@@ -210,6 +243,14 @@ fn prefill(
             }
         }
         pending = rest;
+        metrics.prefill_passes.fetch_add(
+            if group.len() == 1 || rows > limit {
+                group.len() as u64
+            } else {
+                1
+            },
+            Ordering::Relaxed,
+        );
         let store = &*arms.arms[arm].store;
         let firsts = if group.len() == 1 || rows > limit {
             group
