@@ -10,6 +10,9 @@
 //
 // Regenerate the checked-in PTX (any nvcc >= 12; compute_80 PTX is JIT-compiled by the driver
 // for Hopper): nvcc -ptx -arch=compute_80 -o rows_dot.ptx rows_dot.cu
+// No GPU is needed: PyPI's nvidia-cuda-nvcc, nvidia-nvvm, nvidia-cuda-crt and
+// nvidia-cuda-runtime 13.0 wheels, unpacked into one tree, give nvcc 13.0.88, which reproduces
+// the checked-in PTX byte for byte.
 
 extern "C" __global__ void rows_dot(const float* __restrict__ w,
                                     const float* __restrict__ x,
