@@ -126,60 +126,66 @@ unsafe fn hsum4(
     _mm_cvtss_f32(q)
 }
 
-/// `(dot(w, a), dot(w, b))`, bit for bit: each result takes exactly the operations `dot` does,
-/// in the same order; the two chains share the loads of `w` and run interleaved (more
-/// instruction-level parallelism than two `dot` calls). Equal lengths.
+/// `[dot(w, xs[0]), .., dot(w, xs[R - 1])]`, bit for bit: each result takes exactly the
+/// operations `dot` does, in the same order; the `R` chains share the loads of `w` and run
+/// interleaved (more instruction-level parallelism, and `R` rows per weight load). Equal
+/// lengths. `R <= 3` keeps the 4 x `R` accumulators and a weight vector in the 16 AVX2
+/// registers.
 #[inline]
-fn dot2(w: &[f32], a: &[f32], b: &[f32]) -> (f32, f32) {
+fn dot_rows<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            return unsafe { dot2_avx2(w, a, b) };
+            return unsafe { dot_rows_avx2(w, xs) };
         }
     }
-    (dot_portable(w, a), dot_portable(w, b))
+    xs.map(|x| dot_portable(w, x))
+}
+
+/// `(dot(w, a), dot(w, b))`, bit for bit (see [`dot_rows`]).
+#[inline]
+fn dot2(w: &[f32], a: &[f32], b: &[f32]) -> (f32, f32) {
+    let [da, db] = dot_rows(w, [a, b]);
+    (da, db)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot2_avx2(w: &[f32], a: &[f32], b: &[f32]) -> (f32, f32) {
+unsafe fn dot_rows_avx2<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
-    let n = w.len().min(a.len()).min(b.len());
-    let (pw, pa, pb) = (w.as_ptr(), a.as_ptr(), b.as_ptr());
-    let z = _mm256_setzero_ps;
-    let (mut a0, mut a1, mut a2, mut a3) = (z(), z(), z(), z());
-    let (mut b0, mut b1, mut b2, mut b3) = (z(), z(), z(), z());
+    let n = xs.iter().fold(w.len(), |n, x| n.min(x.len()));
+    let pw = w.as_ptr();
+    let px = xs.map(|x| x.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
     let mut i = 0;
     // `dot_avx2(w, x)` computes fmadd(w, x, acc): keep the operand order.
     while i + 32 <= n {
-        let w0 = _mm256_loadu_ps(pw.add(i));
-        let w1 = _mm256_loadu_ps(pw.add(i + 8));
-        let w2 = _mm256_loadu_ps(pw.add(i + 16));
-        let w3 = _mm256_loadu_ps(pw.add(i + 24));
-        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(pa.add(i)), a0);
-        b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(pb.add(i)), b0);
-        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(pa.add(i + 8)), a1);
-        b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(pb.add(i + 8)), b1);
-        a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(pa.add(i + 16)), a2);
-        b2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(pb.add(i + 16)), b2);
-        a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(pa.add(i + 24)), a3);
-        b3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(pb.add(i + 24)), b3);
+        for j in 0..4 {
+            let at = i + 8 * j;
+            let wj = _mm256_loadu_ps(pw.add(at));
+            for (a, p) in acc.iter_mut().zip(&px) {
+                a[j] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(p.add(at)), a[j]);
+            }
+        }
         i += 32;
     }
     while i + 8 <= n {
         let w0 = _mm256_loadu_ps(pw.add(i));
-        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(pa.add(i)), a0);
-        b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(pb.add(i)), b0);
+        for (a, p) in acc.iter_mut().zip(&px) {
+            a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p.add(i)), a[0]);
+        }
         i += 8;
     }
-    let (mut ta, mut tb) = (hsum4(a0, a1, a2, a3), hsum4(b0, b1, b2, b3));
-    while i < n {
-        ta += *pw.add(i) * *pa.add(i);
-        tb += *pw.add(i) * *pb.add(i);
-        i += 1;
+    let mut out = [0f32; R];
+    for ((o, [s0, s1, s2, s3]), p) in out.iter_mut().zip(acc).zip(px) {
+        let mut t = hsum4(s0, s1, s2, s3);
+        for k in i..n {
+            t += *pw.add(k) * *p.add(k);
+        }
+        *o = t;
     }
-    (ta, tb)
+    out
 }
 
 /// `y += a * x`.
@@ -219,15 +225,18 @@ fn rows_dot(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32])
         for (j, orow) in o.chunks_exact_mut(t).enumerate() {
             let r = c * ROWS + j;
             let wr = &w[r * k..(r + 1) * k];
-            let mut pairs = orow.chunks_exact_mut(2);
-            for (p, pair) in (&mut pairs).enumerate() {
-                let i = 2 * p;
-                let (a, b) = dot2(wr, &x[i * k..(i + 1) * k], &x[(i + 1) * k..(i + 2) * k]);
-                pair[0] = a;
-                pair[1] = b;
+            // Three rows per weight load, then a pair or a single row.
+            let row = |i: usize| &x[i * k..(i + 1) * k];
+            let mut triples = orow.chunks_exact_mut(3);
+            for (p, o) in (&mut triples).enumerate() {
+                let i = 3 * p;
+                o.copy_from_slice(&dot_rows(wr, [row(i), row(i + 1), row(i + 2)]));
             }
-            if let [last] = pairs.into_remainder() {
-                *last = dot(wr, &x[(t - 1) * k..t * k]);
+            let done = t - t % 3;
+            match triples.into_remainder() {
+                [a, b] => (*a, *b) = dot2(wr, row(done), row(done + 1)),
+                [a] => *a = dot(wr, row(done)),
+                _ => {}
             }
         }
     };
@@ -472,6 +481,11 @@ mod tests {
             let (da, db) = dot2(&w, &a, &b);
             assert_eq!(da.to_bits(), dot(&w, &a).to_bits(), "n {n}");
             assert_eq!(db.to_bits(), dot(&w, &b).to_bits(), "n {n}");
+            let c: Vec<f32> = (0..n).map(|_| -next()).collect();
+            let three = dot_rows(&w, [&a[..], &b[..], &c[..]]);
+            for (d, x) in three.iter().zip([&a, &b, &c]) {
+                assert_eq!(d.to_bits(), dot(&w, x).to_bits(), "n {n}");
+            }
         }
     }
 
@@ -481,7 +495,7 @@ mod tests {
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 7919) % 1013) as f32 / 517.0 - 1.0)
             .collect();
-        for t in [2, 3, 5, 8] {
+        for t in [2, 3, 4, 5, 7, 8] {
             let x: Vec<f32> = (0..t * k)
                 .map(|i| ((i * 104_729) % 997) as f32 / 333.0 - 1.5)
                 .collect();
