@@ -106,7 +106,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The sum of four 8-lane accumulators, in the one fixed order every dot kernel uses (so
-/// `dot` and `dot2` agree bit for bit).
+/// `dot` and `dot_rows` agree bit for bit).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -141,13 +141,6 @@ fn dot_rows<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
         }
     }
     xs.map(|x| dot_portable(w, x))
-}
-
-/// `(dot(w, a), dot(w, b))`, bit for bit (see [`dot_rows`]).
-#[inline]
-fn dot2(w: &[f32], a: &[f32], b: &[f32]) -> (f32, f32) {
-    let [da, db] = dot_rows(w, [a, b]);
-    (da, db)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -234,7 +227,7 @@ fn rows_dot(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32])
             }
             let done = t - t % 3;
             match triples.into_remainder() {
-                [a, b] => (*a, *b) = dot2(wr, row(done), row(done + 1)),
+                [a, b] => [*a, *b] = dot_rows(wr, [row(done), row(done + 1)]),
                 [a] => *a = dot(wr, row(done)),
                 _ => {}
             }
@@ -466,7 +459,7 @@ mod tests {
     }
 
     #[test]
-    fn dot2_is_two_dots_bit_for_bit() {
+    fn dot_rows_are_single_dots_bit_for_bit() {
         let mut x = 0x2545f4914f6cdd1du64;
         let mut next = || {
             x ^= x << 13;
@@ -478,10 +471,10 @@ mod tests {
             let w: Vec<f32> = (0..n).map(|_| next()).collect();
             let a: Vec<f32> = (0..n).map(|_| next()).collect();
             let b: Vec<f32> = (0..n).map(|_| next() * 1e3).collect();
-            let (da, db) = dot2(&w, &a, &b);
+            let c: Vec<f32> = (0..n).map(|_| -next()).collect();
+            let [da, db] = dot_rows(&w, [&a[..], &b[..]]);
             assert_eq!(da.to_bits(), dot(&w, &a).to_bits(), "n {n}");
             assert_eq!(db.to_bits(), dot(&w, &b).to_bits(), "n {n}");
-            let c: Vec<f32> = (0..n).map(|_| -next()).collect();
             let three = dot_rows(&w, [&a[..], &b[..], &c[..]]);
             for (d, x) in three.iter().zip([&a, &b, &c]) {
                 assert_eq!(d.to_bits(), dot(&w, x).to_bits(), "n {n}");
