@@ -91,13 +91,13 @@ pub fn run(
         for a in active.iter().filter(|a| a.seq.next_input().is_some()) {
             decoding[a.arm] += 1;
         }
-        let (alone, rest): (Vec<Active>, Vec<Active>) =
-            std::mem::take(&mut active).into_iter().partition(|a| {
+        let alone: Vec<Active> = active
+            .extract_if(.., |a| {
                 a.seq.awaits_prefill()
                     && decoding[a.arm] + a.seq.prompt_tokens_len()
                         > crate::kernels::ROW_INVARIANT_MAX
-            });
-        active = rest;
+            })
+            .collect();
         prefill(&engine, &arms, alone, &mut active, &metrics);
         metrics
             .queue_depth
@@ -243,16 +243,13 @@ fn prefill(
             }
         }
         pending = rest;
-        metrics.prefill_passes.fetch_add(
-            if group.len() == 1 || rows > limit {
-                group.len() as u64
-            } else {
-                1
-            },
-            Ordering::Relaxed,
-        );
+        let one_by_one = group.len() == 1 || rows > limit;
+        let passes = if one_by_one { group.len() } else { 1 };
+        metrics
+            .prefill_passes
+            .fetch_add(passes as u64, Ordering::Relaxed);
         let store = &*arms.arms[arm].store;
-        let firsts = if group.len() == 1 || rows > limit {
+        let firsts = if one_by_one {
             group
                 .iter_mut()
                 .map(|a| a.seq.prefill_on(engine, Some(store)))
