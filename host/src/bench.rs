@@ -37,8 +37,10 @@ fn text_ids(engine: &Engine, n: usize) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// Benchmarks `engine`; `device` (where its weights compute) is reported as given.
 pub fn run(
     engine: &Engine,
+    device: String,
     prompt_tokens: usize,
     decode_tokens: usize,
     repeats: usize,
@@ -85,7 +87,7 @@ pub fn run(
     Ok(BenchReport {
         model: engine.dir.display().to_string(),
         threads: rayon::current_num_threads(),
-        device: "cpu".into(),
+        device,
         prompt_tokens,
         prefill_tokens_per_s: prompt_tokens as f64 / best_prefill,
         decode_tokens,

@@ -415,7 +415,8 @@ impl Engine {
         }
         #[allow(unused_mut)]
         let mut engine = engine?;
-        // The CUDA device tier also holds the dense MLPs and shared experts.
+        // The CUDA device tier also holds attention's projections, the dense MLPs and the
+        // shared experts.
         #[cfg(feature = "cuda")]
         if config.device == crate::store::Device::Cuda {
             if let Ok(gpu) = crate::gpu::gpu() {

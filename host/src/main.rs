@@ -968,8 +968,7 @@ fn run() -> Result<()> {
                     (engine, store.stats().device_backend)
                 }
             };
-            let mut r = moehost::bench::run(&engine, prompt_tokens, decode_tokens, repeats)?;
-            r.device = backend;
+            let r = moehost::bench::run(&engine, backend, prompt_tokens, decode_tokens, repeats)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
