@@ -38,16 +38,14 @@ fn experts_on_the_gpu_give_the_cpus_bits() {
             .to_ffn()
             .unwrap();
         let on_gpu = GpuExpert::upload(&g, &cpu).unwrap();
-        for t in [1usize, 2, 7, 64, 65] {
-            let x = support::expert_input(t, h, expert);
-            let (mut a, mut b) = (vec![0f32; t * h], vec![0f32; t * h]);
-            cpu.forward(&x, h, &mut a);
-            on_gpu.forward(&x, h, &mut b).unwrap();
-            assert!(
-                support::bits(&a) == support::bits(&b),
-                "expert {expert} of layer {layer}, {t} tokens"
-            );
-        }
+        support::assert_same_bits(
+            &[1, 2, 7, 64, 65],
+            [h, h],
+            expert,
+            |x, out| cpu.forward(x, h, out),
+            |x, out| on_gpu.forward(x, h, out).unwrap(),
+            &format!("expert {expert} of layer {layer}"),
+        );
     }
 }
 
@@ -63,13 +61,14 @@ fn attention_projections_on_the_gpu_give_the_cpus_bits() {
         .read_f32("model.layers.2.self_attn.o_proj.weight", &[h, nh * v])
         .unwrap();
     let on_gpu = GpuMatrix::upload(&g, &o, 1, nh * v).unwrap();
-    for t in [1usize, 2, 7, 64] {
-        let x = support::expert_input(t, nh * v, t as u32);
-        let (mut a, mut b) = (vec![0f32; t * h], vec![0f32; t * h]);
-        linear(&x, &o, nh * v, &mut a);
-        on_gpu.forward(&x, nh * v, &mut b).unwrap();
-        assert!(support::bits(&a) == support::bits(&b), "o_proj, {t} tokens");
-    }
+    support::assert_same_bits(
+        &[1, 2, 7, 64],
+        [nh * v, h],
+        2,
+        |x, out| linear(x, &o, nh * v, out),
+        |x, out| on_gpu.forward(x, nh * v, out).unwrap(),
+        "o_proj",
+    );
     // kv_b_proj as one matrix per head, over inputs wider than a head's rows (as W_UK^T reads
     // q_nope out of [q_nope | q_rope]): the per-head kernel, at any token count.
     let (nope, lora) = (cfg.qk_nope_head_dim, cfg.kv_lora_rank);
@@ -81,17 +80,14 @@ fn attention_projections_on_the_gpu_give_the_cpus_bits() {
         .unwrap();
     let per_head = GpuMatrix::upload(&g, &kv_b, nh, lora).unwrap();
     let stride = lora + 5;
-    for t in [1usize, 3, 65] {
-        let x = support::expert_input(t, nh * stride, 7);
-        let n = t * nh * (nope + v);
-        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
-        grouped_rows(&kv_b, nh, lora, &x, stride, &mut a);
-        per_head.forward(&x, stride, &mut b).unwrap();
-        assert!(
-            support::bits(&a) == support::bits(&b),
-            "per head, {t} tokens"
-        );
-    }
+    support::assert_same_bits(
+        &[1, 3, 65],
+        [nh * stride, nh * (nope + v)],
+        7,
+        |x, out| grouped_rows(&kv_b, nh, lora, x, stride, out),
+        |x, out| per_head.forward(x, stride, out).unwrap(),
+        "per head",
+    );
 }
 
 /// Above `ROW_INVARIANT_MAX` rows the CPU's projections switch to a blocked GEMM and the GPU's
@@ -267,16 +263,14 @@ fn experts_loaded_through_the_pool_give_the_cpus_bits() {
     ];
     for (n, (on_gpu, reference)) in loaded.iter().enumerate() {
         let on_gpu = on_gpu.as_ref().expect("a free slot");
-        for t in [1usize, 5, 64] {
-            let x = support::expert_input(t, h, n as u32);
-            let (mut a, mut b) = (vec![0f32; t * h], vec![0f32; t * h]);
-            reference.forward(&x, h, &mut a);
-            on_gpu.forward(&x, h, &mut b).unwrap();
-            assert!(
-                support::bits(&a) == support::bits(&b),
-                "source {n}, {t} tokens"
-            );
-        }
+        support::assert_same_bits(
+            &[1, 5, 64],
+            [h, h],
+            n as u32,
+            |x, out| reference.forward(x, h, out),
+            |x, out| on_gpu.forward(x, h, out).unwrap(),
+            &format!("source {n}"),
+        );
     }
     // The pool is full until an expert is dropped.
     assert!(pool

@@ -437,17 +437,14 @@ fn experts_run_from_their_storage_format_bit_for_bit() {
             let stored = ExpertBytes::read(&ckpt, layer, expert).unwrap();
             let compute = stored.to_ffn().unwrap();
             // Up to the row-invariant kernels' limit and past it (the blocked GEMM).
-            for t in [1usize, 2, 7, 64, 65] {
-                let x = support::expert_input(t, h, expert);
-                let (mut a, mut b) = (vec![0f32; t * h], vec![0f32; t * h]);
-                compute.forward(&x, h, &mut a);
-                stored.forward(&x, h, &mut b).unwrap();
-                assert!(
-                    support::bits(&a) == support::bits(&b),
-                    "{}: expert {expert} of layer {layer}, {t} tokens",
-                    dir.display()
-                );
-            }
+            support::assert_same_bits(
+                &[1, 2, 7, 64, 65],
+                [h, h],
+                expert,
+                |x, out| compute.forward(x, h, out),
+                |x, out| stored.forward(x, h, out).unwrap(),
+                &format!("{}: expert {expert} of layer {layer}", dir.display()),
+            );
         }
     }
 }

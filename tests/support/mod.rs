@@ -133,6 +133,25 @@ pub fn expert_input(tokens: usize, hidden: usize, salt: u32) -> Vec<f32> {
         .collect()
 }
 
+/// For each token count, runs `reference` and `candidate` on the same
+/// `expert_input(t, width_in, salt)` into `[t, width_out]` and asserts identical bits.
+pub fn assert_same_bits(
+    tokens: &[usize],
+    [width_in, width_out]: [usize; 2],
+    salt: u32,
+    mut reference: impl FnMut(&[f32], &mut [f32]),
+    mut candidate: impl FnMut(&[f32], &mut [f32]),
+    what: &str,
+) {
+    for &t in tokens {
+        let x = expert_input(t, width_in, salt);
+        let (mut a, mut b) = (vec![0f32; t * width_out], vec![0f32; t * width_out]);
+        reference(&x, &mut a);
+        candidate(&x, &mut b);
+        assert!(bits(&a) == bits(&b), "{what}, {t} tokens");
+    }
+}
+
 /// The bit patterns of `v`, for exact comparisons.
 pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
