@@ -200,7 +200,7 @@ fn stats_follow_the_json_output() {
         ])
         .args([
             "--device-mem",
-            "800KiB",
+            "400KiB",
             "--eviction",
             "lfu",
             "--prefetch",
@@ -215,7 +215,8 @@ fn stats_follow_the_json_output() {
     let result: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
     assert_eq!(result["ids"].as_array().unwrap().len(), 8);
     let stats: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
-    // 800 KiB holds 4 f32 tiny-k2 experts (3 x 256 x 64 x 4 = 192 KiB each).
+    // 400 KiB holds 4 tiny-k2 experts: the CPU's compute form keeps a BF16 checkpoint's
+    // weights as they are (3 x 256 x 64 x 2 = 96 KiB each).
     assert_eq!(stats["device"]["slots"], 4);
     assert!(stats["device"]["misses"].as_u64().unwrap() > 0);
     assert_eq!(stats["policies"]["eviction"]["name"], "lfu");
@@ -291,6 +292,37 @@ fn doctor_measures_this_machine_and_plans_kimi_k2_without_a_gpu() {
     // Kimi-K2's figures (the plan test checks them in detail).
     assert_eq!(v["kimi_k2"]["expert_bytes"], 44_050_944);
     assert!(v["kimi_k2"]["device"]["expert_slots"].as_u64().unwrap() > 1000);
+}
+
+#[test]
+fn bench_measures_batched_decode_against_the_single_stream() {
+    let bench = |extra: &[&str]| -> serde_json::Value {
+        let out = support::moehost()
+            .args(["bench", "--json", "--prompt-tokens", "8"])
+            .args(["--decode-tokens", "3", "--repeats", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        support::assert_ok(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = bench(&["--batch", "4"]);
+    assert_eq!(v["batch"], 4, "{v}");
+    let batched = v["batch_decode_tokens_per_s"].as_f64().unwrap();
+    let single = v["decode_tokens_per_s"].as_f64().unwrap();
+    assert!(batched > 0.0 && single > 0.0, "{v}");
+    let speedup = v["batch_speedup"].as_f64().unwrap();
+    assert!((speedup - batched / single).abs() < 1e-9 * speedup, "{v}");
+    // Without --batch nothing batched is measured.
+    let v = bench(&[]);
+    assert_eq!(v["batch"], 1);
+    assert!(v["batch_decode_tokens_per_s"].is_null() && v["batch_speedup"].is_null());
+    let out = support::moehost()
+        .args(["bench", "--batch", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch"));
 }
 
 #[test]

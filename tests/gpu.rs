@@ -223,11 +223,12 @@ fn bf16_expert(w: &moehost::experts::FfnWeights, hidden: usize) -> ExpertBytes {
             .collect(),
         scales: None,
     };
+    let (gate_up, down) = (w.gate_up.to_f32(), w.down.to_f32());
     ExpertBytes::new(
         [
-            t("gate", &w.gate_up[..i * hidden], [i, hidden]),
-            t("up", &w.gate_up[i * hidden..], [i, hidden]),
-            t("down", &w.down, [hidden, i]),
+            t("gate", &gate_up[..i * hidden], [i, hidden]),
+            t("up", &gate_up[i * hidden..], [i, hidden]),
+            t("down", &down, [hidden, i]),
         ],
         None,
     )

@@ -53,9 +53,11 @@ fn open(c: &StoreConfig) -> (Engine, Arc<TieredExperts>) {
     Engine::open_tiered(&support::bf16_model(), c).unwrap()
 }
 
-/// One tiny-k2 expert in f32: 3 x 256 x 64 x 4 bytes.
-const EXPERT_F32: u64 = 3 * 256 * 64 * 4;
-/// One tiny-k2 expert in bf16.
+/// One tiny-k2 expert in the device tier's compute form. The CPU keeps a BF16 checkpoint's
+/// weights as they are stored (kernels widen them exactly), so this is its bf16 size:
+/// 3 x 256 x 64 x 2 bytes.
+const EXPERT_COMPUTE: u64 = 3 * 256 * 64 * 2;
+/// One tiny-k2 expert in the host tier's storage format (bf16).
 const EXPERT_BF16: u64 = 3 * 256 * 64 * 2;
 
 proptest! {
@@ -70,7 +72,7 @@ proptest! {
         device_slots in prop::option::weighted(0.85, 0u64..=460),
         host_slots in prop::option::weighted(0.7, 0u64..=460),
     ) {
-        let c = config("topk", eviction, prefetch, device_slots.map(|s| s * EXPERT_F32), host_slots.map(|s| s * EXPERT_BF16));
+        let c = config("topk", eviction, prefetch, device_slots.map(|s| s * EXPERT_COMPUTE), host_slots.map(|s| s * EXPERT_BF16));
         let (engine, store) = open(&c);
         let got = run(&engine);
         let stats = store.stats();
@@ -88,7 +90,7 @@ fn small_device_tier_moves_experts_and_counts_it() {
         "topk",
         "lru",
         "next-layer-gate",
-        Some(45 * EXPERT_F32),
+        Some(45 * EXPERT_COMPUTE),
         Some(112 * EXPERT_BF16),
     );
     let (engine, store) = open(&c);
@@ -120,7 +122,7 @@ fn eviction_plugins_serve_prefetch_victim_requests_without_fallbacks() {
                 "topk",
                 eviction,
                 prefetch,
-                Some(10 * EXPERT_F32),
+                Some(10 * EXPERT_COMPUTE),
                 Some(40 * EXPERT_BF16),
             );
             let (engine, store) = open(&c);
@@ -140,7 +142,7 @@ fn eviction_plugins_serve_prefetch_victim_requests_without_fallbacks() {
 /// A misbehaving eviction plugin: the host survives, counts the failure kind, serves the calls
 /// with LRU, produces the same tokens, and quarantines the plugin.
 fn misbehaving_eviction(fixture: &str) -> moehost::policy::PolicyStats {
-    let mut c = config("topk", fixture, "none", Some(30 * EXPERT_F32), None);
+    let mut c = config("topk", fixture, "none", Some(30 * EXPERT_COMPUTE), None);
     // A small memory limit, so the allocation bomb meets it well within the call deadline.
     c.limits.memory_bytes = 4 << 20;
     let (engine, store) = open(&c);
@@ -183,7 +185,7 @@ fn selection_with_out_of_range_ids_falls_back_to_exact_topk() {
 /// Serves the bundled model with a legacy selection fixture (and `prefetch`) at a small
 /// budget; the routing must equal the all-resident run's. Returns the policies' counters.
 fn legacy_selection(fixture: &str, prefetch: &str) -> moehost::store::PolicyStatsSet {
-    let c = config(fixture, "lru", prefetch, Some(45 * EXPERT_F32), None);
+    let c = config(fixture, "lru", prefetch, Some(45 * EXPERT_COMPUTE), None);
     let (engine, store) = open(&c);
     assert_eq!(run(&engine), *baseline());
     let s = store.stats().policies;
@@ -221,7 +223,7 @@ fn placed(placement: &str, link: &str, device_slots: u64, host_slots: Option<u64
             "topk",
             "lru",
             "none",
-            Some(device_slots * EXPERT_F32),
+            Some(device_slots * EXPERT_COMPUTE),
             host_slots.map(|s| s * EXPERT_BF16),
         )
     }
@@ -350,7 +352,7 @@ fn hot_swap_during_a_running_generation() {
         "topk",
         "lru",
         "none",
-        Some(40 * EXPERT_F32),
+        Some(40 * EXPERT_COMPUTE),
         Some(100 * EXPERT_BF16),
     );
     let (engine, store) = open(&c);
@@ -402,7 +404,7 @@ fn changing_the_plugin_file_swaps_the_policy() {
         "topk",
         path.to_str().unwrap(),
         "none",
-        Some(40 * EXPERT_F32),
+        Some(40 * EXPERT_COMPUTE),
         None,
     );
     let (engine, store) = open(&c);

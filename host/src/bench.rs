@@ -2,13 +2,16 @@
 //!
 //! Prefill: one forward pass over a prompt of `prompt_tokens` tokens, best of `repeats`.
 //! Decode: `decode_tokens` single-token steps on the cache after a short prompt (greedy),
-//! best of `repeats`. Each figure is tokens per second of wall time.
+//! best of `repeats`. Batched decode (`batch` > 1): `batch` sequences with different short
+//! prompts decode together, one batched forward pass per step (what the server's scheduler
+//! runs), best of `repeats`; its speed-up is against the single stream of the same run. Each
+//! figure is tokens per second of wall time.
 
 use anyhow::{ensure, Result};
 use serde::Serialize;
 use std::time::Instant;
 
-use crate::deepseek_v3::Logits;
+use crate::deepseek_v3::{Logits, Sequence};
 use crate::engine::Engine;
 use crate::sampling::argmax;
 
@@ -22,6 +25,12 @@ pub struct BenchReport {
     pub prefill_tokens_per_s: f64,
     pub decode_tokens: usize,
     pub decode_tokens_per_s: f64,
+    /// Sequences decoding together in the batched figure (1: not measured).
+    pub batch: usize,
+    /// Tokens per second of all `batch` sequences together.
+    pub batch_decode_tokens_per_s: Option<f64>,
+    /// `batch_decode_tokens_per_s / decode_tokens_per_s`.
+    pub batch_speedup: Option<f64>,
 }
 
 /// Token ids of real text: the bundled model card (models/tiny-k2/README.md), repeated until long enough.
@@ -44,6 +53,7 @@ pub fn run(
     prompt_tokens: usize,
     decode_tokens: usize,
     repeats: usize,
+    batch: usize,
 ) -> Result<BenchReport> {
     let model = &engine.model;
     let max = model.config().max_position_embeddings;
@@ -84,6 +94,10 @@ pub fn run(
         }
         best_decode = best_decode.min(t0.elapsed().as_secs_f64());
     }
+    let decode_tokens_per_s = decode_tokens as f64 / best_decode;
+    let batch_decode_tokens_per_s = (batch > 1)
+        .then(|| batch_decode(engine, &prompt, batch, decode_tokens, repeats))
+        .transpose()?;
     Ok(BenchReport {
         model: engine.dir.display().to_string(),
         threads: rayon::current_num_threads(),
@@ -91,6 +105,54 @@ pub fn run(
         prompt_tokens,
         prefill_tokens_per_s: prompt_tokens as f64 / best_prefill,
         decode_tokens,
-        decode_tokens_per_s: decode_tokens as f64 / best_decode,
+        decode_tokens_per_s,
+        batch: batch.max(1),
+        batch_decode_tokens_per_s,
+        batch_speedup: batch_decode_tokens_per_s.map(|b| b / decode_tokens_per_s),
     })
+}
+
+/// Tokens per second of `batch` sequences decoding `decode_tokens` steps together (greedy),
+/// best of `repeats`. Sequence i starts from its own 16 tokens of `text` (BOS + a window at
+/// offset i), so the batch routes like distinct requests do.
+fn batch_decode(
+    engine: &Engine,
+    text: &[u32],
+    batch: usize,
+    decode_tokens: usize,
+    repeats: usize,
+) -> Result<f64> {
+    let model = &engine.model;
+    let bos = engine.bos_ids();
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|i| {
+            let start = (1 + 7 * i) % text.len().saturating_sub(16).max(1);
+            let mut p = bos.clone();
+            p.extend(text.iter().skip(start).take(16 - bos.len().min(16)));
+            p
+        })
+        .collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
+        let mut next = Vec::with_capacity(batch);
+        for (p, cache) in prompts.iter().zip(&mut caches) {
+            next.push(argmax(
+                &model.forward(p, cache, Logits::Last, false)?.logits,
+            ));
+        }
+        let t0 = Instant::now();
+        for _ in 0..decode_tokens {
+            let ids: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let mut seqs: Vec<Sequence> = ids
+                .iter()
+                .zip(&mut caches)
+                .map(|(ids, cache)| Sequence { ids, cache })
+                .collect();
+            let logits = model.forward_batch(&mut seqs)?;
+            next = logits.iter().map(|l| argmax(l)).collect();
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok((batch * decode_tokens) as f64 / best)
 }

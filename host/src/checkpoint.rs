@@ -170,6 +170,23 @@ impl Checkpoint {
         decode_f32(&raw, scales.as_deref(), self.fp8_block)
     }
 
+    /// Reads weight matrix `name` in compute form (see [`Matrix`]): a BF16 tensor as it is
+    /// stored, any other as [`Checkpoint::read_f32`] does.
+    pub fn read_matrix(&self, name: &str, shape: &[usize]) -> Result<crate::kernels::Matrix> {
+        let raw = self.raw(name)?;
+        match bf16_values(raw.dtype, raw.bytes) {
+            Some(w) => {
+                ensure!(
+                    raw.shape == shape,
+                    "tensor {name} has shape {:?}, expected {shape:?} from config.json",
+                    raw.shape
+                );
+                Ok(crate::kernels::Matrix::Bf16(w))
+            }
+            None => Ok(crate::kernels::Matrix::F32(self.read_f32(name, shape)?)),
+        }
+    }
+
     /// The scales a stored tensor needs: FP8 block scales, or the group scales of moehost's
     /// int8/int4 format (`crate::quant`); `None` for plain float tensors.
     pub fn scales(&self, raw: &RawTensor<'_>) -> Result<Option<Vec<f32>>> {
@@ -217,6 +234,16 @@ impl Checkpoint {
     pub fn read_vec(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         self.read_f32(name, &[len])
     }
+}
+
+/// A BF16 tensor's values (little-endian bf16 bits); `None` for any other dtype.
+pub fn bf16_values(dtype: Dtype, bytes: &[u8]) -> Option<Vec<crate::kernels::Bf16>> {
+    (dtype == Dtype::BF16).then(|| {
+        bytes
+            .chunks_exact(2)
+            .map(|c| crate::kernels::Bf16(u16::from_le_bytes([c[0], c[1]])))
+            .collect()
+    })
 }
 
 /// Converts a stored tensor to f32. FP8 needs its block `scales` and the block size.

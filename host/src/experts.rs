@@ -10,15 +10,16 @@ use anyhow::{Context, Result};
 use std::sync::{Arc, OnceLock};
 
 use crate::checkpoint::Checkpoint;
-use crate::kernels::{linear, swiglu, ROW_INVARIANT_MAX};
+use crate::kernels::{linear, swiglu, Matrix, ROW_INVARIANT_MAX};
 
 /// A SwiGLU feed-forward block in compute form: `down(silu(gate(x)) * up(x))`.
-/// Used for routed experts, shared experts and dense MLP layers alike.
+/// Used for routed experts, shared experts and dense MLP layers alike. A BF16 checkpoint's
+/// weights stay bf16 (exact, half the bytes to stream); others are f32.
 pub struct FfnWeights {
     /// `gate_proj` rows then `up_proj` rows: `[2 * intermediate, hidden]`.
-    pub gate_up: Vec<f32>,
+    pub gate_up: Matrix,
     /// `down_proj`: `[hidden, intermediate]`.
-    pub down: Vec<f32>,
+    pub down: Matrix,
     pub intermediate: usize,
 }
 
@@ -30,13 +31,13 @@ impl FfnWeights {
         hidden: usize,
         intermediate: usize,
     ) -> Result<Self> {
-        let mut gate_up = ckpt.read_f32(
+        let gate = ckpt.read_matrix(
             &format!("{prefix}.gate_proj.weight"),
             &[intermediate, hidden],
         )?;
-        gate_up
-            .extend(ckpt.read_f32(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?);
-        let down = ckpt.read_f32(
+        let up = ckpt.read_matrix(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?;
+        let gate_up = gate.append(up);
+        let down = ckpt.read_matrix(
             &format!("{prefix}.down_proj.weight"),
             &[hidden, intermediate],
         )?;
@@ -49,7 +50,7 @@ impl FfnWeights {
 
     /// Bytes this block occupies in compute form.
     pub fn compute_bytes(&self) -> usize {
-        (self.gate_up.len() + self.down.len()) * std::mem::size_of::<f32>()
+        self.gate_up.bytes() + self.down.bytes()
     }
 
     /// DeepseekV3MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))` for `[t, hidden]` inputs.
@@ -57,10 +58,10 @@ impl FfnWeights {
         let t = x.len() / hidden;
         let i = self.intermediate;
         let mut gu = vec![0f32; t * 2 * i];
-        linear(x, &self.gate_up, hidden, &mut gu);
+        self.gate_up.linear(x, hidden, &mut gu);
         let mut act = vec![0f32; t * i];
         swiglu(&gu, i, &mut act);
-        linear(&act, &self.down, i, out);
+        self.down.linear(&act, i, out);
     }
 }
 
@@ -265,11 +266,15 @@ impl ExpertBytes {
             .sum()
     }
 
-    /// The compute form: the same f32 values `FfnWeights::load` produces from the checkpoint.
+    /// The compute form: the same values `FfnWeights::load` produces from the checkpoint.
     pub fn to_ffn(&self) -> Result<FfnWeights> {
-        let whole = |t: &OwnedTensor| t.decode_rows(0, t.rows(), self.fp8_block);
-        let mut gate_up = whole(&self.tensors[0])?;
-        gate_up.extend(whole(&self.tensors[1])?);
+        let whole = |t: &OwnedTensor| -> Result<Matrix> {
+            Ok(match crate::checkpoint::bf16_values(t.dtype, &t.bytes) {
+                Some(w) => Matrix::Bf16(w),
+                None => Matrix::F32(t.decode_rows(0, t.rows(), self.fp8_block)?),
+            })
+        };
+        let gate_up = whole(&self.tensors[0])?.append(whole(&self.tensors[1])?);
         Ok(FfnWeights {
             gate_up,
             down: whole(&self.tensors[2])?,

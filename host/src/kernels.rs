@@ -18,6 +18,130 @@ pub const ROW_INVARIANT_MAX: usize = 64;
 /// Multiply-adds below which a matvec is not worth spreading over threads.
 const PAR_MIN_WORK: usize = 1 << 17;
 
+/// An element of a weight matrix in compute form. Kernels widen it to f32 exactly (in
+/// registers), so a matrix gives the same bits in either element type: bf16 only halves the
+/// bytes a kernel streams from memory, which is what bounds a decode step.
+pub trait Weight: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+
+    /// The slice itself when the weights are f32 already.
+    fn as_f32(w: &[Self]) -> Option<&[f32]>;
+
+    /// Eight consecutive weights from `p`, widened.
+    ///
+    /// # Safety
+    /// `p..p + 8` must be readable and the CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    fn as_f32(w: &[f32]) -> Option<&[f32]> {
+        Some(w)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+/// A bf16 value's bits: widening is a 16-bit shift, exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl Weight for Bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits(u32::from(self.0) << 16)
+    }
+
+    fn as_f32(_: &[Bf16]) -> Option<&[f32]> {
+        None
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let half = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16))
+    }
+}
+
+/// A weight matrix in compute form, row-major `[rows, cols]` (the checkpoint's `[out, in]`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Matrix {
+    /// f32: dequantized FP8 or int weights, or an F32 checkpoint's.
+    F32(Vec<f32>),
+    /// A BF16 checkpoint's values as they are stored: every bf16 is exactly an f32, so this is
+    /// the same matrix in half the bytes.
+    Bf16(Vec<Bf16>),
+}
+
+impl Matrix {
+    pub fn len(&self) -> usize {
+        match self {
+            Matrix::F32(w) => w.len(),
+            Matrix::Bf16(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the values occupy.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Matrix::F32(w) => w.len() * 4,
+            Matrix::Bf16(w) => w.len() * 2,
+        }
+    }
+
+    /// The values as f32 (borrowed when they are f32 already).
+    pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Matrix::F32(w) => std::borrow::Cow::Borrowed(w),
+            Matrix::Bf16(w) => std::borrow::Cow::Owned(w.iter().map(|v| v.to_f32()).collect()),
+        }
+    }
+
+    /// [`linear`] with this matrix as `w`.
+    pub fn linear(&self, x: &[f32], k: usize, out: &mut [f32]) {
+        match self {
+            Matrix::F32(w) => linear(x, w, k, out),
+            Matrix::Bf16(w) => linear(x, w, k, out),
+        }
+    }
+
+    /// Appends `other`'s rows (same element type, or the result is f32).
+    pub fn append(self, other: Matrix) -> Matrix {
+        match (self, other) {
+            (Matrix::F32(mut a), Matrix::F32(b)) => {
+                a.extend(b);
+                Matrix::F32(a)
+            }
+            (Matrix::Bf16(mut a), Matrix::Bf16(b)) => {
+                a.extend(b);
+                Matrix::Bf16(a)
+            }
+            (a, b) => {
+                let mut v = a.to_f32().into_owned();
+                v.extend_from_slice(&b.to_f32());
+                Matrix::F32(v)
+            }
+        }
+    }
+}
+
 /// Dot product of two equal-length slices.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -48,17 +172,17 @@ fn has_avx2_fma() -> bool {
     }
 }
 
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+fn dot_portable<W: Weight>(a: &[W], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
         for i in 0..8 {
-            acc[i] += a[c * 8 + i] * b[c * 8 + i];
+            acc[i] += a[c * 8 + i].to_f32() * b[c * 8 + i];
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+        s += a[i].to_f32() * b[i];
     }
     s
 }
@@ -131,8 +255,9 @@ unsafe fn hsum4(
 /// interleaved (more instruction-level parallelism, and `R` rows per weight load). Equal
 /// lengths. `R <= 3` keeps the 4 x `R` accumulators and a weight vector in the 16 AVX2
 /// registers.
+/// `w` may be any [`Weight`]: widened exactly, it takes the same operations.
 #[inline]
-fn dot_rows<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+fn dot_rows<W: Weight, const R: usize>(w: &[W], xs: [&[f32]; R]) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma() {
@@ -145,7 +270,7 @@ fn dot_rows<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_rows_avx2<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+unsafe fn dot_rows_avx2<W: Weight, const R: usize>(w: &[W], xs: [&[f32]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
     let n = xs.iter().fold(w.len(), |n, x| n.min(x.len()));
     let pw = w.as_ptr();
@@ -156,7 +281,7 @@ unsafe fn dot_rows_avx2<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] 
     while i + 32 <= n {
         for j in 0..4 {
             let at = i + 8 * j;
-            let wj = _mm256_loadu_ps(pw.add(at));
+            let wj = W::load8(pw.add(at));
             for (a, p) in acc.iter_mut().zip(&px) {
                 a[j] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(p.add(at)), a[j]);
             }
@@ -164,7 +289,7 @@ unsafe fn dot_rows_avx2<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] 
         i += 32;
     }
     while i + 8 <= n {
-        let w0 = _mm256_loadu_ps(pw.add(i));
+        let w0 = W::load8(pw.add(i));
         for (a, p) in acc.iter_mut().zip(&px) {
             a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p.add(i)), a[0]);
         }
@@ -174,7 +299,7 @@ unsafe fn dot_rows_avx2<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] 
     for ((o, [s0, s1, s2, s3]), p) in out.iter_mut().zip(acc).zip(px) {
         let mut t = hsum4(s0, s1, s2, s3);
         for k in i..n {
-            t += *pw.add(k) * *p.add(k);
+            t += (*pw.add(k)).to_f32() * *p.add(k);
         }
         *o = t;
     }
@@ -191,7 +316,8 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 
 /// A linear layer without bias, as `torch.nn.functional.linear`: `out[t, :] = w @ x[t, :]`.
 /// `x` is `[t, k]`, `w` is `[n, k]` (the checkpoint's `[out, in]` layout), `out` is `[t, n]`.
-pub fn linear(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+/// `w` in bf16 ([`Bf16`]) gives the bits of its f32 widening.
+pub fn linear<W: Weight>(x: &[f32], w: &[W], k: usize, out: &mut [f32]) {
     let n = w.len() / k;
     let t = x.len() / k;
     debug_assert_eq!(w.len(), n * k);
@@ -203,44 +329,58 @@ pub fn linear(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
         matvec(w, k, x, out);
     } else if t <= ROW_INVARIANT_MAX {
         rows_dot(x, t, w, n, k, out);
-    } else {
+    } else if let Some(w) = W::as_f32(w) {
         gemm_xwt(x, t, w, n, k, out);
+    } else {
+        // Long prefills only: gemm wants f32.
+        let w: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+        gemm_xwt(x, t, &w, n, k, out);
     }
 }
 
 /// `out[i, r] = dot(w[r, :], x[i, :])` for a few rows: each weight row is loaded once and
-/// dotted with every input row while it is in cache. Threaded over weight rows.
-fn rows_dot(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32]) {
+/// dotted with every input row while it is in cache. Threaded over weight rows when large.
+fn rows_dot<W: Weight>(x: &[f32], t: usize, w: &[W], n: usize, k: usize, out: &mut [f32]) {
     const ROWS: usize = 32;
-    // Transposed result [n, t]: each thread owns a contiguous block of weight rows.
-    let mut tr = vec![0f32; n * t];
-    let block = |(c, o): (usize, &mut [f32])| {
-        for (j, orow) in o.chunks_exact_mut(t).enumerate() {
-            let r = c * ROWS + j;
-            let wr = &w[r * k..(r + 1) * k];
-            // Three rows per weight load, then a pair or a single row.
-            let row = |i: usize| &x[i * k..(i + 1) * k];
-            let mut triples = orow.chunks_exact_mut(3);
-            for (p, o) in (&mut triples).enumerate() {
-                let i = 3 * p;
-                o.copy_from_slice(&dot_rows(wr, [row(i), row(i + 1), row(i + 2)]));
-            }
-            let done = t - t % 3;
-            match triples.into_remainder() {
-                [a, b] => [*a, *b] = dot_rows(wr, [row(done), row(done + 1)]),
-                [a] => *a = dot(wr, row(done)),
-                _ => {}
-            }
+    let row = |i: usize| &x[i * k..(i + 1) * k];
+    // Weight row r against every input row into `col` ([t]): three rows per weight load, then
+    // a pair or a single row.
+    let one_row = |r: usize, col: &mut [f32]| {
+        let wr = &w[r * k..(r + 1) * k];
+        let mut triples = col.chunks_exact_mut(3);
+        for (p, o) in (&mut triples).enumerate() {
+            let i = 3 * p;
+            o.copy_from_slice(&dot_rows(wr, [row(i), row(i + 1), row(i + 2)]));
+        }
+        let done = t - t % 3;
+        match triples.into_remainder() {
+            [a, b] => [*a, *b] = dot_rows(wr, [row(done), row(done + 1)]),
+            [a] => [*a] = dot_rows(wr, [row(done)]),
+            _ => {}
         }
     };
     if n * k * t >= PAR_MIN_WORK && spread() {
-        tr.par_chunks_mut(ROWS * t).enumerate().for_each(block);
+        // Transposed result [n, t]: each thread owns a contiguous block of weight rows.
+        let mut tr = vec![0f32; n * t];
+        tr.par_chunks_mut(ROWS * t).enumerate().for_each(|(c, o)| {
+            for (j, col) in o.chunks_exact_mut(t).enumerate() {
+                one_row(c * ROWS + j, col);
+            }
+        });
+        for (r, col) in tr.chunks_exact(t).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                out[i * n + r] = v;
+            }
+        }
     } else {
-        tr.chunks_mut(ROWS * t).enumerate().for_each(block);
-    }
-    for (r, col) in tr.chunks_exact(t).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            out[i * n + r] = v;
+        // Serial (e.g. inside the MoE's parallel experts): no buffer to allocate and zero.
+        let mut col = [0f32; ROW_INVARIANT_MAX];
+        let col = &mut col[..t];
+        for r in 0..n {
+            one_row(r, col);
+            for (i, &v) in col.iter().enumerate() {
+                out[i * n + r] = v;
+            }
         }
     }
 }
@@ -253,19 +393,19 @@ fn spread() -> bool {
 }
 
 /// `out[i] = dot(w[i, :], x)`, threaded over rows when the layer is large.
-pub fn matvec(w: &[f32], k: usize, x: &[f32], out: &mut [f32]) {
+pub fn matvec<W: Weight>(w: &[W], k: usize, x: &[f32], out: &mut [f32]) {
     let n = out.len();
+    let one = |r: usize| dot_rows(&w[r * k..(r + 1) * k], [x])[0];
     if n * k >= PAR_MIN_WORK && spread() {
         const ROWS: usize = 64;
         out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
             for (j, oj) in o.iter_mut().enumerate() {
-                let r = c * ROWS + j;
-                *oj = dot(&w[r * k..(r + 1) * k], x);
+                *oj = one(c * ROWS + j);
             }
         });
     } else {
         for (r, o) in out.iter_mut().enumerate() {
-            *o = dot(&w[r * k..(r + 1) * k], x);
+            *o = one(r);
         }
     }
 }
@@ -475,11 +615,45 @@ mod tests {
             let [da, db] = dot_rows(&w, [&a[..], &b[..]]);
             assert_eq!(da.to_bits(), dot(&w, &a).to_bits(), "n {n}");
             assert_eq!(db.to_bits(), dot(&w, &b).to_bits(), "n {n}");
+            assert_eq!(dot_rows(&w, [&a[..]])[0].to_bits(), dot(&w, &a).to_bits());
             let three = dot_rows(&w, [&a[..], &b[..], &c[..]]);
             for (d, x) in three.iter().zip([&a, &b, &c]) {
                 assert_eq!(d.to_bits(), dot(&w, x).to_bits(), "n {n}");
             }
         }
+    }
+
+    #[test]
+    fn bf16_weights_give_the_bits_of_their_f32_widening() {
+        // Values that are exactly bf16 (the low 16 bits zero), as a BF16 checkpoint's are.
+        let (k, n) = (300, 37);
+        let bits: Vec<u16> = (0..n * k)
+            .map(|i| {
+                let sign = if i % 3 == 0 { 0x8000 } else { 0 };
+                (0x3c00 + ((i * 7919) % 0x0800) as u16) | sign
+            })
+            .collect();
+        let bf: Vec<Bf16> = bits.iter().map(|&b| Bf16(b)).collect();
+        let wide: Vec<f32> = bf.iter().map(|b| b.to_f32()).collect();
+        for t in [1, 2, 3, 4, 7, 64, 65] {
+            let x: Vec<f32> = (0..t * k)
+                .map(|i| ((i * 104_729) % 997) as f32 / 333.0 - 1.5)
+                .collect();
+            let mut a = vec![0f32; t * n];
+            let mut b = vec![0f32; t * n];
+            linear(&x, &wide, k, &mut a);
+            Matrix::Bf16(bf.clone()).linear(&x, k, &mut b);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "t {t}");
+        }
+        // The portable path widens the same way.
+        let x: Vec<f32> = (0..k).map(|i| i as f32 * 0.01 - 1.0).collect();
+        let one = dot_portable(&bf[..k], &x);
+        assert_eq!(one.to_bits(), dot_portable(&wide[..k], &x).to_bits());
+        assert_eq!(
+            Matrix::Bf16(bf.clone()).bytes() * 2,
+            Matrix::F32(wide).bytes()
+        );
     }
 
     #[test]

@@ -152,6 +152,10 @@ enum Command {
         decode_tokens: usize,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Also measure this many sequences decoding together in batched forward passes (what
+        /// the server runs for concurrent requests), and the speed-up over the single stream.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        batch: u16,
         #[arg(long)]
         json: bool,
     },
@@ -954,6 +958,7 @@ fn run() -> Result<()> {
             prompt_tokens,
             decode_tokens,
             repeats,
+            batch,
             json,
         } => {
             let (engine, backend) = match device {
@@ -968,7 +973,14 @@ fn run() -> Result<()> {
                     (engine, store.stats().device_backend)
                 }
             };
-            let r = moehost::bench::run(&engine, backend, prompt_tokens, decode_tokens, repeats)?;
+            let r = moehost::bench::run(
+                &engine,
+                backend,
+                prompt_tokens,
+                decode_tokens,
+                repeats,
+                batch.into(),
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -983,6 +995,12 @@ fn run() -> Result<()> {
                     "decode:  {:.0} tokens/s ({} tokens, single stream)",
                     r.decode_tokens_per_s, r.decode_tokens
                 );
+                if let (Some(b), Some(x)) = (r.batch_decode_tokens_per_s, r.batch_speedup) {
+                    println!(
+                        "batched: {b:.0} tokens/s ({} sequences x {} tokens, {x:.2}x the single stream)",
+                        r.batch, r.decode_tokens
+                    );
+                }
             }
         }
     }

@@ -444,16 +444,25 @@ impl TieredExperts {
             Some(&l) => {
                 let prefix = crate::experts::expert_prefix(l, 0);
                 let mut storage = 0u64;
+                let mut bf16 = true;
                 for p in ["gate_proj", "up_proj", "down_proj"] {
                     let raw = ckpt.raw(&format!("{prefix}.{p}.weight"))?;
                     storage += raw.bytes.len() as u64;
+                    bf16 &= raw.dtype == safetensors::Dtype::BF16;
                     if let Ok(s) = ckpt.raw(&format!("{prefix}.{p}.weight_scale_inv")) {
                         storage += s.bytes.len() as u64;
                     }
                 }
+                // The CPU's compute form keeps BF16 weights as they are (FfnWeights); other
+                // dtypes, and the GPU's slots, are f32.
+                let element = if bf16 && config.device == Device::Cpu {
+                    2
+                } else {
+                    4
+                };
                 (
                     storage,
-                    (3 * cfg.hidden_size * cfg.moe_intermediate_size * 4) as u64,
+                    (3 * cfg.hidden_size * cfg.moe_intermediate_size * element) as u64,
                 )
             }
             None => (1, 1),

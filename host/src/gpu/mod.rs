@@ -22,10 +22,11 @@ use cudarc::driver::{
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::experts::{ExpertBytes, FfnWeights};
-use crate::kernels::{swiglu, ROW_INVARIANT_MAX};
+use crate::kernels::{self, swiglu, ROW_INVARIANT_MAX};
 use crate::policy::ExpertKey;
 use crate::transfer::cuda::CudaCopyEngine;
 use crate::transfer::{CopyEngine, TransferScheduler};
+use std::borrow::Cow;
 
 /// The kernels (`rows_dot`, `dequant_fp8`, `dequant_bf16`), compiled from `rows_dot.cu` by
 /// `nvcc -ptx -arch=compute_80` (CUDA 13.0).
@@ -200,10 +201,17 @@ impl ExpertSource<'_> {
         }
     }
 
-    /// The bytes to stage: f32 gate_up then down; or the stored gate, up, down, then scales.
-    fn parts(&self) -> Vec<&[u8]> {
+    /// The bytes to stage: f32 gate_up then down (widened when the compute form is bf16); or
+    /// the stored gate, up, down, then scales.
+    fn parts(&self) -> Vec<Cow<'_, [u8]>> {
+        fn f32_bytes(m: &kernels::Matrix) -> Cow<'_, [u8]> {
+            match m {
+                kernels::Matrix::F32(v) => Cow::Borrowed(as_bytes(v)),
+                m => Cow::Owned(as_bytes(&m.to_f32()).to_vec()),
+            }
+        }
         match self {
-            ExpertSource::Compute(w) => vec![as_bytes(&w.gate_up), as_bytes(&w.down)],
+            ExpertSource::Compute(w) => vec![f32_bytes(&w.gate_up), f32_bytes(&w.down)],
             ExpertSource::Stored(b) => b
                 .tensors
                 .iter()
@@ -214,6 +222,7 @@ impl ExpertSource<'_> {
                         .filter_map(|t| t.scales.as_deref())
                         .map(as_bytes),
                 )
+                .map(Cow::Borrowed)
                 .collect(),
         }
     }
@@ -318,6 +327,7 @@ impl GpuPool {
             "expert {key:?} does not fit a device slot"
         );
         let parts = src.parts();
+        let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
         let host_slot = {
             let mut free = self.staging.lock().unwrap();
             loop {
@@ -481,8 +491,8 @@ impl GpuExpert {
     /// Copies `w` into allocations of its own (synchronously, from pageable memory).
     pub fn upload(gpu: &Arc<Gpu>, w: &FfnWeights) -> Result<Self> {
         let _one = gpu.lock.lock().unwrap();
-        let gate_up = gpu.stream.clone_htod(&w.gate_up)?;
-        let down = gpu.stream.clone_htod(&w.down)?;
+        let gate_up = gpu.stream.clone_htod(w.gate_up.to_f32().as_ref())?;
+        let down = gpu.stream.clone_htod(w.down.to_f32().as_ref())?;
         gpu.stream.synchronize()?;
         Ok(Self {
             gpu: gpu.clone(),
@@ -554,8 +564,8 @@ impl GpuExpert {
             }
         };
         Ok(FfnWeights {
-            gate_up,
-            down,
+            gate_up: kernels::Matrix::F32(gate_up),
+            down: kernels::Matrix::F32(down),
             intermediate: self.dims.intermediate,
         })
     }
