@@ -17,7 +17,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::experts::{expert_prefix, ExpertProvider, ExpertWeights, FfnWeights};
 use crate::kernels::{
-    axpy, dot, grouped_rows, linear, rms_norm, rms_norm_inplace, softmax_inplace,
+    self, axpy, dot, grouped_rows, linear, rms_norm, rms_norm_inplace, softmax_inplace,
 };
 use crate::rope::Rope;
 use crate::router::{Gate, LayerRouting};
@@ -452,7 +452,14 @@ impl DeepseekV3 {
         seqs: &mut [Sequence<'_>],
     ) -> Result<Vec<Vec<f32>>> {
         let v = self.cfg.vocab_size;
-        let (out, _) = self.forward_rows(experts, seqs, Logits::Last, false, None)?;
+        let mut pass = || self.forward_rows(experts, seqs, Logits::Last, false, None);
+        // From a pool thread, the pass's many parallel sections fork from a worker that takes
+        // part, instead of each waking a blocked caller when it ends.
+        let (out, _) = if rayon::current_thread_index().is_some() {
+            pass()
+        } else {
+            rayon::scope(|_| pass())
+        }?;
         Ok(out.chunks_exact(v).map(<[f32]>::to_vec).collect())
     }
 
@@ -539,7 +546,7 @@ impl DeepseekV3 {
                 seqs.par_iter_mut()
                     .zip(starts.par_iter())
                     .zip(outs.into_par_iter())
-                    .map(run)
+                    .map(|job| kernels::as_task(|| run(job)))
                     .collect::<Result<()>>()?;
             } else {
                 seqs.iter_mut().zip(&starts).zip(outs).try_for_each(run)?;
@@ -770,7 +777,7 @@ impl DeepseekV3 {
         let outputs: Vec<Vec<f32>> = if t > 1 {
             ids.par_iter()
                 .zip(weights.par_iter())
-                .map(run)
+                .map(|job| kernels::as_task(|| run(job)))
                 .collect::<Result<_>>()?
         } else {
             ids.iter()

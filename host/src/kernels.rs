@@ -385,11 +385,25 @@ fn rows_dot<W: Weight>(x: &[f32], t: usize, w: &[W], n: usize, k: usize, out: &m
     }
 }
 
-/// Whether to split a kernel over threads: not when there is one, nor inside work that is
-/// already spread over them (the MoE runs its experts in parallel; splitting each expert's
-/// few rows again only adds scheduling overhead). Either way the results are the same.
+thread_local! {
+    /// Set while this thread runs one of many parallel tasks (see [`as_task`]).
+    static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as one of many parallel tasks (an expert of a MoE layer step, one sequence's
+/// attention): the kernels it calls stay on this thread, since splitting a task's few rows
+/// again only adds scheduling overhead. Results are the same either way.
+pub fn as_task<R>(f: impl FnOnce() -> R) -> R {
+    let outer = IN_TASK.with(|c| c.replace(true));
+    let r = f();
+    IN_TASK.with(|c| c.set(outer));
+    r
+}
+
+/// Whether to split a kernel over threads: not when there is one, nor inside a task that is
+/// already one of many (see [`as_task`]). Either way the results are the same.
 fn spread() -> bool {
-    rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none()
+    rayon::current_num_threads() > 1 && !IN_TASK.with(|c| c.get())
 }
 
 /// `out[i] = dot(w[i, :], x)`, threaded over rows when the layer is large.
@@ -662,7 +676,7 @@ mod tests {
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 7919) % 1013) as f32 / 517.0 - 1.0)
             .collect();
-        for t in [2, 3, 4, 5, 7, 8] {
+        for t in [2, 3, 4, 5, 7, 8, 32, 64] {
             let x: Vec<f32> = (0..t * k)
                 .map(|i| ((i * 104_729) % 997) as f32 / 333.0 - 1.5)
                 .collect();
