@@ -108,7 +108,14 @@ fn small_device_tier_moves_experts_and_counts_it() {
         s.prefetch.used + s.prefetch.wasted <= s.prefetch.issued + s.prefetch.used,
         "{s:?}"
     );
-    assert_eq!(s.device.resident, 45);
+    // Full, but for what the last layer step's prefetches hold: a queued device prefetch whose
+    // victim already left is cancelled by the next call and gives its slot back, and one call
+    // asks for at most top-k (6) of them per decoded token.
+    assert!(
+        (45 - 6..=45).contains(&s.device.resident),
+        "{}",
+        s.device.resident
+    );
 }
 
 /// Prefetching makes room with `victims` requests between layer steps, when the eviction

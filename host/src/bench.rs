@@ -34,7 +34,7 @@ pub struct BenchReport {
 }
 
 /// Token ids of real text: the bundled model card (models/tiny-k2/README.md), repeated until long enough.
-fn text_ids(engine: &Engine, n: usize) -> Result<Vec<u32>> {
+pub fn text_ids(engine: &Engine, n: usize) -> Result<Vec<u32>> {
     const TEXT: &str = include_str!("../models/tiny-k2/README.md");
     let mut ids = engine.bos_ids();
     let chunk = engine.encode(TEXT)?;
@@ -115,7 +115,7 @@ pub fn run(
 /// Tokens per second of `batch` sequences decoding `decode_tokens` steps together (greedy),
 /// best of `repeats`. Sequence i starts from its own 16 tokens of `text` (BOS + a window at
 /// offset i), so the batch routes like distinct requests do.
-fn batch_decode(
+pub fn batch_decode(
     engine: &Engine,
     text: &[u32],
     batch: usize,

@@ -189,7 +189,8 @@ pub struct DeepseekV3 {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     /// `None` when `tie_word_embeddings` (the embedding is used).
-    lm_head: Option<Vec<f32>>,
+    /// Untied output projection in compute form (bf16 as stored for a BF16 checkpoint).
+    lm_head: Option<kernels::Matrix>,
     rope: Rope,
     softmax_scale: f32,
     experts: Arc<dyn ExpertProvider>,
@@ -317,7 +318,7 @@ impl DeepseekV3 {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(ckpt.read_f32("lm_head.weight", &[cfg.vocab_size, h])?)
+            Some(ckpt.read_matrix("lm_head.weight", &[cfg.vocab_size, h])?)
         };
         Ok(Self {
             rope: Rope::new(&cfg),
@@ -591,9 +592,11 @@ impl DeepseekV3 {
         };
         let mut normed = vec![0f32; rows.len()];
         rms_norm(&rows, &self.norm, cfg.rms_norm_eps, &mut normed);
-        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
         let mut out = vec![0f32; rows.len() / h * cfg.vocab_size];
-        linear(&normed, head, h, &mut out);
+        match &self.lm_head {
+            Some(head) => head.linear(&normed, h, &mut out),
+            None => linear(&normed, &self.embed, h, &mut out),
+        }
         Ok((out, routing))
     }
 
