@@ -15,8 +15,12 @@ use rayon::prelude::*;
 /// exactly as a single-row matvec computes it: a row's result does not depend on which other
 /// rows share the call (decode batches give the same bits as single-stream decode). Above, gemm.
 pub const ROW_INVARIANT_MAX: usize = 64;
-/// Multiply-adds below which a matvec is not worth spreading over threads.
+/// Multiply-adds below which a multi-row kernel is not worth spreading over threads.
 const PAR_MIN_WORK: usize = 1 << 17;
+/// The same for one row (a single-stream decode step's matvec): waking another thread costs
+/// more than a tiny-k2 lm_head's 1M multiply-adds save (measured: decode 15% slower on 2
+/// threads than on 1); a Kimi-K2 layer's matvecs (7168 wide) stay well above it.
+const PAR_MIN_MATVEC: usize = 1 << 21;
 
 /// An element of a weight matrix in compute form. Kernels widen it to f32 exactly (in
 /// registers), so a matrix gives the same bits in either element type: bf16 only halves the
@@ -410,7 +414,7 @@ fn spread() -> bool {
 pub fn matvec<W: Weight>(w: &[W], k: usize, x: &[f32], out: &mut [f32]) {
     let n = out.len();
     let one = |r: usize| dot_rows(&w[r * k..(r + 1) * k], [x])[0];
-    if n * k >= PAR_MIN_WORK && spread() {
+    if n * k >= PAR_MIN_MATVEC && spread() {
         const ROWS: usize = 64;
         out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
             for (j, oj) in o.iter_mut().enumerate() {
