@@ -146,18 +146,15 @@ impl Matrix {
     }
 }
 
-/// Dot product of two equal-length slices.
+/// Dot product of two equal-length slices, `a` any [`Weight`]. On AVX2: four 8-lane
+/// accumulators over 32-element blocks (accumulator j takes the chunk at 8j of each block), the
+/// remaining 8-element chunks into the first, [`hsum4`], then the last elements one by one
+/// (the order the GPU's `rows_dot` kernel follows). It is [`dot_rows`] with one row, so every
+/// multi-row kernel gives its bits.
 #[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<W: Weight>(a: &[W], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx2_fma() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_portable(a, b)
+    dot_rows(a, [b])[0]
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -189,48 +186,6 @@ fn dot_portable<W: Weight>(a: &[W], b: &[f32]) -> f32 {
         s += a[i].to_f32() * b[i];
     }
     s
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut s0 = _mm256_setzero_ps();
-    let mut s1 = _mm256_setzero_ps();
-    let mut s2 = _mm256_setzero_ps();
-    let mut s3 = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 32 <= n {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-        s1 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 8)),
-            _mm256_loadu_ps(pb.add(i + 8)),
-            s1,
-        );
-        s2 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 16)),
-            _mm256_loadu_ps(pb.add(i + 16)),
-            s2,
-        );
-        s3 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 24)),
-            _mm256_loadu_ps(pb.add(i + 24)),
-            s3,
-        );
-        i += 32;
-    }
-    while i + 8 <= n {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-        i += 8;
-    }
-    let mut total = hsum4(s0, s1, s2, s3);
-    while i < n {
-        total += *pa.add(i) * *pb.add(i);
-        i += 1;
-    }
-    total
 }
 
 /// The sum of four 8-lane accumulators, in the one fixed order every dot kernel uses (so
@@ -281,7 +236,7 @@ unsafe fn dot_rows_avx2<W: Weight, const R: usize>(w: &[W], xs: [&[f32]; R]) -> 
     let px = xs.map(|x| x.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); 4]; R];
     let mut i = 0;
-    // `dot_avx2(w, x)` computes fmadd(w, x, acc): keep the operand order.
+    // fmadd(w, x, acc), the operand order every dot kernel keeps.
     while i + 32 <= n {
         for j in 0..4 {
             let at = i + 8 * j;
@@ -359,7 +314,7 @@ fn rows_dot<W: Weight>(x: &[f32], t: usize, w: &[W], n: usize, k: usize, out: &m
         let done = t - t % 3;
         match triples.into_remainder() {
             [a, b] => [*a, *b] = dot_rows(wr, [row(done), row(done + 1)]),
-            [a] => [*a] = dot_rows(wr, [row(done)]),
+            [a] => *a = dot(wr, row(done)),
             _ => {}
         }
     };
@@ -413,7 +368,7 @@ fn spread() -> bool {
 /// `out[i] = dot(w[i, :], x)`, threaded over rows when the layer is large.
 pub fn matvec<W: Weight>(w: &[W], k: usize, x: &[f32], out: &mut [f32]) {
     let n = out.len();
-    let one = |r: usize| dot_rows(&w[r * k..(r + 1) * k], [x])[0];
+    let one = |r: usize| dot(&w[r * k..(r + 1) * k], x);
     if n * k >= PAR_MIN_MATVEC && spread() {
         const ROWS: usize = 64;
         out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
