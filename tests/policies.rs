@@ -533,3 +533,35 @@ fn the_topk_guest_routes_exactly_as_the_host_on_adversarial_scores() {
         assert_eq!(guest.select(0, t, 8, &all, &residency).unwrap(), want);
     }
 }
+
+#[test]
+fn direct_calls_answer_exactly_as_the_generic_component_path() {
+    // `policy bench` drives every call twice, into the core module directly and through
+    // wasmtime's generic component path, and fails unless a digest of every answer (experts
+    // chosen, victims, prefetch requests) is the same.
+    for (selection, eviction, prefetch) in [
+        ("topk", "lru", "next-layer-gate"),
+        ("cache-aware", "lfu", "transitions"),
+        ("topk", "layer-cycle", "none"),
+    ] {
+        let report = moehost::policy::bench::run(selection, eviction, prefetch, 6)
+            .unwrap_or_else(|e| panic!("{selection}/{eviction}/{prefetch}: {e:#}"));
+        assert!(report.direct_calls, "{selection}/{eviction}/{prefetch}");
+    }
+}
+
+#[test]
+fn which_components_are_called_directly() {
+    use moehost::policy::wasm::load_component;
+    let loaded = |name: &str| {
+        let src = PolicySource::parse(name);
+        load_component(&src.bytes().unwrap(), name).unwrap()
+    };
+    // Contract 0.2.x, plain wit-bindgen shape: direct (0.2.0 under its own export names).
+    assert!(loaded("lru").is_direct());
+    assert!(loaded("fixture-legacy-v0.2").is_direct());
+    // Contract 0.1 and placement policies run on wasmtime's generic component path.
+    assert!(!loaded("fixture-legacy-v0.1").is_direct());
+    assert!(!loaded("hot-fetch").is_direct());
+    assert!(!loaded("lru").generic_path().is_direct());
+}

@@ -6,9 +6,15 @@
 //! token's 384 scores, eviction with the step's events and a request for 8 victims among the
 //! ~1,300 resident candidates, prefetch with the routed experts and the outlook the policy
 //! asks for.
+//!
+//! The same calls run twice: with direct calls into each plugin's core module
+//! (`policy::direct`, what moehost uses for plain-shaped 0.2 components) and on wasmtime's
+//! generic component path. Both must give the same answers (checked: a digest of every
+//! answer), and the report gives both costs.
 
 use anyhow::Result;
 use serde::Serialize;
+use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
 use super::builtin::{ExactTopK, Lru};
@@ -36,6 +42,10 @@ pub struct PolicyBenchReport {
     pub native_per_token_us: f64,
     /// `total_per_token_us` as a share of a 50 ms Kimi-K2 decode step.
     pub share_of_50ms_step: f64,
+    /// Whether all three plugins were called directly (`policy::direct`).
+    pub direct_calls: bool,
+    /// The same calls on wasmtime's generic component path, per token (the same answers).
+    pub generic_path_per_token_us: f64,
 }
 
 /// A deterministic stream of routing-like facts.
@@ -125,12 +135,28 @@ impl Candidates for Resident {
     }
 }
 
-fn source_plugin(name: &str) -> Result<WasmPolicy> {
+fn source_plugin(name: &str, generic: bool) -> Result<WasmPolicy> {
     let src = PolicySource::parse(name);
+    let component = load_component(&src.bytes()?, &src.describe())?;
     Ok(WasmPolicy::new(
-        load_component(&src.bytes()?, &src.describe())?,
+        if generic {
+            component.generic_path()
+        } else {
+            component
+        },
         RuntimeLimits::default(),
     ))
+}
+
+/// One pass of the benchmark's calls: seconds per kind, native seconds, a digest of every
+/// answer, and whether every plugin was called directly.
+struct Pass {
+    selection: f64,
+    eviction: f64,
+    prefetch: f64,
+    native: f64,
+    digest: u64,
+    direct: bool,
 }
 
 pub fn run(
@@ -139,6 +165,42 @@ pub fn run(
     prefetch: &str,
     tokens: usize,
 ) -> Result<PolicyBenchReport> {
+    let generic = drive(selection, eviction, prefetch, tokens, true)?;
+    let direct = drive(selection, eviction, prefetch, tokens, false)?;
+    anyhow::ensure!(
+        direct.digest == generic.digest,
+        "direct calls answered differently from the generic component path"
+    );
+    let layers = k2_init_args().shape.moe_layers;
+    let calls = (tokens * layers as usize) as f64;
+    let cost = |policy: &str, t: f64| KindCost {
+        policy: policy.to_owned(),
+        per_call_us: t / calls * 1e6,
+        per_token_us: t / tokens as f64 * 1e6,
+    };
+    let per_token = |p: &Pass| (p.selection + p.eviction + p.prefetch) / tokens as f64 * 1e6;
+    let total = per_token(&direct);
+    Ok(PolicyBenchReport {
+        tokens,
+        moe_layers: layers,
+        selection: cost(selection, direct.selection),
+        eviction: cost(eviction, direct.eviction),
+        prefetch: cost(prefetch, direct.prefetch),
+        total_per_token_us: total,
+        native_per_token_us: direct.native / tokens as f64 * 1e6,
+        share_of_50ms_step: total / 50_000.0,
+        direct_calls: direct.direct,
+        generic_path_per_token_us: per_token(&generic),
+    })
+}
+
+fn drive(
+    selection: &str,
+    eviction: &str,
+    prefetch: &str,
+    tokens: usize,
+    generic: bool,
+) -> Result<Pass> {
     let mut args = k2_init_args();
     let shape = args.shape;
     let e = shape.experts_per_layer as usize;
@@ -161,13 +223,19 @@ pub fn run(
         .collect();
     let init = || args.clone();
 
-    let mut sel =
-        GuardedSelection::new(Some(Box::new(source_plugin(selection)?)), selection, "", 3);
+    let plugins = [selection, eviction, prefetch]
+        .map(|name| source_plugin(name, generic))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let direct = plugins.iter().all(|p| p.is_direct());
+    let [sp, ep, pp]: [WasmPolicy; 3] = plugins.try_into().ok().expect("three plugins");
+    let mut sel = GuardedSelection::new(Some(Box::new(sp)), selection, "", 3);
     sel.init(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut ev = GuardedEviction::new(Some(Box::new(source_plugin(eviction)?)), eviction, "", 3);
+    let mut ev = GuardedEviction::new(Some(Box::new(ep)), eviction, "", 3);
     ev.init(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut pf = GuardedPrefetch::new(Some(Box::new(source_plugin(prefetch)?)), prefetch, "", 3);
+    let mut pf = GuardedPrefetch::new(Some(Box::new(pp)), prefetch, "", 3);
     pf.init(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut digest = std::collections::hash_map::DefaultHasher::new();
 
     let mut wl = Workload {
         rng: 0x9e3779b97f4a7c15,
@@ -185,6 +253,7 @@ pub fn run(
             let t0 = Instant::now();
             let chosen = sel.select(layer, 1, k, &scores, &residency, &init);
             t_sel += t0.elapsed().as_secs_f64();
+            chosen.hash(&mut digest);
             let t0 = Instant::now();
             let native_chosen = native_sel.select(layer, 1, k, &scores, &residency).unwrap();
             t_native += t0.elapsed().as_secs_f64();
@@ -218,6 +287,9 @@ pub fn run(
             let t0 = Instant::now();
             let victims = ev.on_step(&facts, request.as_ref(), &init);
             t_ev += t0.elapsed().as_secs_f64();
+            for v in &victims {
+                (v.layer, v.expert).hash(&mut digest);
+            }
             let t0 = Instant::now();
             let _ = native_ev.on_step(&facts, request.as_ref());
             t_native += t0.elapsed().as_secs_f64();
@@ -260,8 +332,11 @@ pub fn run(
                 outlook,
             };
             let t0 = Instant::now();
-            let _ = pf.on_routed(&routed, &init);
+            let requests = pf.on_routed(&routed, &init);
             t_pf += t0.elapsed().as_secs_f64();
+            for r in &requests {
+                (r.expert.layer, r.expert.expert, r.tier.code(), r.priority).hash(&mut digest);
+            }
         }
     }
     for (name, st) in [
@@ -274,21 +349,12 @@ pub fn run(
             "{name} plugin failed during the benchmark: {st:?}"
         );
     }
-    let calls = (tokens * layers as usize) as f64;
-    let cost = |policy: &str, t: f64| KindCost {
-        policy: policy.to_owned(),
-        per_call_us: t / calls * 1e6,
-        per_token_us: t / tokens as f64 * 1e6,
-    };
-    let total = (t_sel + t_ev + t_pf) / tokens as f64 * 1e6;
-    Ok(PolicyBenchReport {
-        tokens,
-        moe_layers: layers,
-        selection: cost(selection, t_sel),
-        eviction: cost(eviction, t_ev),
-        prefetch: cost(prefetch, t_pf),
-        total_per_token_us: total,
-        native_per_token_us: t_native / tokens as f64 * 1e6,
-        share_of_50ms_step: total / 50_000.0,
+    Ok(Pass {
+        selection: t_sel,
+        eviction: t_ev,
+        prefetch: t_pf,
+        native: t_native,
+        digest: digest.finish(),
+        direct,
     })
 }

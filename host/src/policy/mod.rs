@@ -11,6 +11,7 @@ pub mod builtin;
 pub mod bundled;
 pub mod check;
 pub mod costs;
+mod direct;
 pub mod guard;
 pub mod smoke;
 pub mod wasm;

@@ -7,11 +7,13 @@
 //! Does not own: validating answers or falling back (`guard`).
 
 use anyhow::{bail, Result};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 
+use super::direct::{DirectGuest, DirectModule, InitFlat, OutlookFlat, VictimsFlat};
 use super::*;
 
 /// Bindings of the current contract, `wit/policy.wit` (0.2.1). Components built against
@@ -109,6 +111,22 @@ pub struct LoadedComponent {
     /// The version part of `export`.
     pub version: String,
     pre: PolicyHostIndicesPre,
+    /// The core module, called directly (`direct`), when the component has the plain shape.
+    direct: Option<Arc<DirectModule<StoreState>>>,
+}
+
+impl LoadedComponent {
+    /// Whether calls go straight to the core module (`policy::direct`) rather than through
+    /// wasmtime's generic component path.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// The same component on wasmtime's generic component path (to compare the two paths).
+    pub fn generic_path(mut self) -> Self {
+        self.direct = None;
+        self
+    }
 }
 
 #[derive(Clone)]
@@ -208,11 +226,18 @@ pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
         );
     }
     let pre = prepare(&component, origin, &version)?;
+    // Not the plain shape (or its core module will not compile on its own): the generic
+    // component path serves it, with the same results.
+    let direct = DirectModule::new(engine(), bytes, kind, &export)
+        .ok()
+        .flatten()
+        .map(Arc::new);
     Ok(LoadedComponent {
         kind,
         export,
         version,
         pre: PolicyHostIndicesPre { pre },
+        direct,
     })
 }
 
@@ -228,6 +253,7 @@ enum Guest {
     SelectionV1(wsel1::Guest),
     EvictionV1(wev1::Guest),
     PrefetchV1(wpf1::Guest),
+    Direct(Box<DirectGuest>),
 }
 
 struct Live {
@@ -238,6 +264,7 @@ struct Live {
     /// Reused buffers for the flat lists of 0.2 calls.
     codes: Vec<u8>,
     ids: Vec<u32>,
+    excluded: Vec<u32>,
 }
 
 /// One plugin: its component and, once initialised, a live instance.
@@ -264,10 +291,26 @@ impl WasmPolicy {
         &self.component.version
     }
 
+    /// Whether calls go straight to the core module (see [`LoadedComponent::is_direct`]).
+    pub fn is_direct(&self) -> bool {
+        self.component.is_direct()
+    }
+
     /// A fresh store and instance (any previous one is dropped).
     fn instantiate(&mut self, shape: ModelShape) -> PolicyResult<&mut Live> {
         self.live = None;
         let mut store = new_store(&self.limits);
+        if let Some(direct) = &self.component.direct {
+            let guest = direct.instantiate(&mut store).map_err(|e| classify(&e))?;
+            return Ok(self.live.insert(Live {
+                store,
+                guest: Guest::Direct(Box::new(guest)),
+                shape,
+                codes: Vec::new(),
+                ids: Vec::new(),
+                excluded: Vec::new(),
+            }));
+        }
         let pre = &self.component.pre.pre;
         let instance = pre.instantiate(&mut store).map_err(|e| classify(&e))?;
         let v1 = self.component.version.starts_with("0.1.");
@@ -321,6 +364,7 @@ impl WasmPolicy {
             shape,
             codes: Vec::new(),
             ids: Vec::new(),
+            excluded: Vec::new(),
         }))
     }
 
@@ -371,6 +415,8 @@ struct Init {
     shape1: wt1::ModelShape,
     caps1: Vec<wt1::TierCapacity>,
     resident1: Vec<wt1::Residency>,
+    /// `(tier code, slots, bytes)` per tier, for the direct path.
+    caps_flat: Vec<(u8, u32, u64)>,
 }
 
 impl Init {
@@ -411,6 +457,11 @@ impl Init {
                     bytes: c.bytes,
                 })
                 .collect(),
+            caps_flat: args
+                .capacities
+                .iter()
+                .map(|c| (c.tier.code(), c.slots, c.bytes))
+                .collect(),
             resident1: args
                 .resident
                 .iter()
@@ -419,6 +470,20 @@ impl Init {
                     tier: tier_out1(*t),
                 })
                 .collect(),
+        }
+    }
+}
+
+impl Init {
+    fn flat(&self) -> InitFlat<'_> {
+        InitFlat {
+            moe_layers: self.shape.moe_layers,
+            experts_per_layer: self.shape.experts_per_layer,
+            top_k: self.shape.top_k,
+            expert_bytes: self.shape.expert_bytes,
+            capacities: &self.caps_flat,
+            resident_ids: &self.resident.experts,
+            resident_tiers: &self.resident.tiers,
         }
     }
 }
@@ -534,6 +599,22 @@ fn request_out(shape: &ModelShape, r: &VictimRequest<'_>) -> wev::VictimRequest 
     }
 }
 
+/// A victim request in 0.2's flat encoding; `excluded` is the buffer for its ids.
+fn victims_flat<'a>(
+    shape: &ModelShape,
+    r: &VictimRequest<'_>,
+    excluded: &'a mut Vec<u32>,
+) -> VictimsFlat<'a> {
+    excluded.clear();
+    excluded.extend(r.excluded.iter().map(|e| shape.id_of(*e)));
+    VictimsFlat {
+        tier: r.tier.code(),
+        count: r.count,
+        excluded,
+        only_layer: r.only_layer,
+    }
+}
+
 fn codes_into(out: &mut Vec<u8>, tiers: &[Tier]) {
     out.clear();
     out.extend(tiers.iter().map(|t| t.code()));
@@ -542,7 +623,7 @@ fn codes_into(out: &mut Vec<u8>, tiers: &[Tier]) {
 impl Selection for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<SelectionInfo> {
         self.init_with(args, PolicyKind::Selection, |l, a| {
-            Ok(match &l.guest {
+            Ok(match &mut l.guest {
                 Guest::Selection(g) => {
                     let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
                     Some(SelectionInfo {
@@ -554,6 +635,13 @@ impl Selection for WasmPolicy {
                     let r = g.call_init(&mut l.store, a.shape1, &a.caps1, &a.resident1)?;
                     Some(SelectionInfo {
                         info: info_in(r.info.name, r.info.description),
+                        max_score_gap: r.max_score_gap,
+                    })
+                }
+                Guest::Direct(g) if g.kind() == PolicyKind::Selection => {
+                    let r = g.init(&mut l.store, &a.flat())?;
+                    Some(SelectionInfo {
+                        info: info_in(r.name, r.description),
                         max_score_gap: r.max_score_gap,
                     })
                 }
@@ -574,7 +662,7 @@ impl Selection for WasmPolicy {
         self.call(
             timeout,
             |l| {
-                Ok(match &l.guest {
+                Ok(match &mut l.guest {
                     Guest::Selection(g) => {
                         codes_into(&mut l.codes, residency);
                         Some(g.call_select(&mut l.store, layer, tokens, k, scores, &l.codes)?)
@@ -583,6 +671,10 @@ impl Selection for WasmPolicy {
                         let residency: Vec<wt1::Tier> =
                             residency.iter().map(|t| tier_out1(*t)).collect();
                         Some(g.call_select(&mut l.store, layer, tokens, k, scores, &residency)?)
+                    }
+                    Guest::Direct(g) => {
+                        codes_into(&mut l.codes, residency);
+                        g.select(&mut l.store, layer, tokens, k, scores, &l.codes)?
                     }
                     _ => None,
                 })
@@ -595,13 +687,17 @@ impl Selection for WasmPolicy {
 impl Eviction for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
         self.init_with(args, PolicyKind::Eviction, |l, a| {
-            Ok(match &l.guest {
+            Ok(match &mut l.guest {
                 Guest::Eviction(g) => {
                     let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
                     Some(info_in(r.name, r.description))
                 }
                 Guest::EvictionV1(g) => {
                     let r = g.call_init(&mut l.store, a.shape1, &a.caps1, &a.resident1)?;
+                    Some(info_in(r.name, r.description))
+                }
+                Guest::Direct(g) if g.kind() == PolicyKind::Eviction => {
+                    let r = g.init(&mut l.store, &a.flat())?;
                     Some(info_in(r.name, r.description))
                 }
                 _ => None,
@@ -618,7 +714,7 @@ impl Eviction for WasmPolicy {
         self.call(
             timeout,
             |l| {
-                Ok(match &l.guest {
+                Ok(match &mut l.guest {
                     Guest::Eviction(g) => {
                         let shape = l.shape;
                         l.ids.clear();
@@ -656,6 +752,16 @@ impl Eviction for WasmPolicy {
                         let v = g.call_on_step(&mut l.store, &f, r.as_ref())?;
                         Some(v.into_iter().map(key_in1).collect())
                     }
+                    Guest::Direct(g) => {
+                        let shape = l.shape;
+                        l.ids.clear();
+                        l.ids
+                            .extend(facts.events.iter().map(|e| event_out(&shape, e)));
+                        let r = request.map(|r| victims_flat(&shape, r, &mut l.excluded));
+                        let v =
+                            g.on_step(&mut l.store, facts.step, facts.layer, &l.ids, r.as_ref())?;
+                        v.map(|v| v.into_iter().map(|id| key_in(&shape, id)).collect())
+                    }
                     _ => None,
                 })
             },
@@ -668,7 +774,7 @@ impl Eviction for WasmPolicy {
         self.call(
             timeout,
             |l| {
-                Ok(match &l.guest {
+                Ok(match &mut l.guest {
                     Guest::Eviction(g) => {
                         let shape = l.shape;
                         let v = g.call_victims(&mut l.store, &request_out(&shape, request))?;
@@ -677,6 +783,12 @@ impl Eviction for WasmPolicy {
                     Guest::EvictionV1(g) => {
                         let v = g.call_victims(&mut l.store, &request_out1(request))?;
                         Some(v.into_iter().map(key_in1).collect())
+                    }
+                    Guest::Direct(g) => {
+                        let shape = l.shape;
+                        let r = victims_flat(&shape, request, &mut l.excluded);
+                        let v = g.victims(&mut l.store, &r)?;
+                        v.map(|v| v.into_iter().map(|id| key_in(&shape, id)).collect())
                     }
                     _ => None,
                 })
@@ -689,7 +801,7 @@ impl Eviction for WasmPolicy {
 impl Prefetch for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PrefetchInfo> {
         self.init_with(args, PolicyKind::Prefetch, |l, a| {
-            Ok(match &l.guest {
+            Ok(match &mut l.guest {
                 Guest::Prefetch(g) => {
                     let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
                     Some(PrefetchInfo {
@@ -704,6 +816,13 @@ impl Prefetch for WasmPolicy {
                         lookahead: r.lookahead,
                     })
                 }
+                Guest::Direct(g) if g.kind() == PolicyKind::Prefetch => {
+                    let r = g.init(&mut l.store, &a.flat())?;
+                    Some(PrefetchInfo {
+                        info: info_in(r.name, r.description),
+                        lookahead: r.lookahead,
+                    })
+                }
                 _ => None,
             })
         })
@@ -714,7 +833,7 @@ impl Prefetch for WasmPolicy {
         self.call(
             timeout,
             |l| {
-                Ok(match &l.guest {
+                Ok(match &mut l.guest {
                     Guest::Prefetch(g) => {
                         let shape = l.shape;
                         let s = wpf::RoutedStep {
@@ -770,6 +889,45 @@ impl Prefetch for WasmPolicy {
                                 .collect(),
                         )
                     }
+                    Guest::Direct(g) => {
+                        let shape = l.shape;
+                        l.codes.clear();
+                        for o in &step.outlook {
+                            l.codes.extend(o.residency.iter().map(|t| t.code()));
+                        }
+                        let mut codes = l.codes.as_slice();
+                        let outlook: Vec<OutlookFlat<'_>> = step
+                            .outlook
+                            .iter()
+                            .map(|o| {
+                                let (residency, rest) = codes.split_at(o.residency.len());
+                                codes = rest;
+                                OutlookFlat {
+                                    layer: o.layer,
+                                    scores: &o.scores,
+                                    residency,
+                                }
+                            })
+                            .collect();
+                        let r = g.on_routed(
+                            &mut l.store,
+                            step.step,
+                            step.layer,
+                            step.tokens,
+                            &step.experts,
+                            &outlook,
+                        )?;
+                        r.map(|r| {
+                            r.into_iter()
+                                .map(|(expert, tier, priority)| PrefetchRequest {
+                                    expert: key_in(&shape, expert),
+                                    // `direct` checked the code (0..=2).
+                                    tier: Tier::from_code(tier).unwrap_or(Tier::Disk),
+                                    priority,
+                                })
+                                .collect()
+                        })
+                    }
                     _ => None,
                 })
             },
@@ -781,7 +939,7 @@ impl Prefetch for WasmPolicy {
 impl Placement for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
         self.init_with(args, PolicyKind::Placement, |l, a| {
-            Ok(match &l.guest {
+            Ok(match &mut l.guest {
                 Guest::Placement(g) => {
                     let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
                     Some(info_in(r.name, r.description))
@@ -796,7 +954,7 @@ impl Placement for WasmPolicy {
         let codes = self.call(
             timeout,
             |l| {
-                Ok(match &l.guest {
+                Ok(match &mut l.guest {
                     Guest::Placement(g) => {
                         let shape = l.shape;
                         let c = r.costs;
