@@ -58,25 +58,24 @@ impl Lru {
 
     /// An access: the expert becomes the most recent wherever it is resident.
     pub fn touch(&mut self, e: u32) {
+        self.touch_in(e, None);
+    }
+
+    /// [`Lru::touch`], with tier `t` (a list index) made to hold `e` first when given.
+    fn touch_in(&mut self, e: u32, t: Option<usize>) {
         let layer = self.layer_of(e);
-        for t in &mut self.tiers {
-            if t.all.contains(e) {
-                t.all.touch(e);
-                t.by_layer.push(layer, e);
+        for (i, lists) in self.tiers.iter_mut().enumerate() {
+            if Some(i) == t || lists.all.contains(e) {
+                lists.all.touch(e);
+                lists.by_layer.push(layer, e);
             }
         }
     }
 
     /// The expert became resident in tier `t` (disk: only a touch).
     pub fn insert(&mut self, e: u32, t: u8) {
-        let layer = self.layer_of(e);
-        if let Some(t) = self.tiers.get_mut(t as usize) {
-            if t.all.in_range(e) {
-                t.all.touch(e);
-                t.by_layer.push(layer, e);
-            }
-        }
-        self.touch(e);
+        let cached = (t as usize) < self.tiers.len() && self.tiers[0].all.in_range(e);
+        self.touch_in(e, cached.then_some(t as usize));
     }
 
     /// The expert left tier `t` (nothing when it was not there).
