@@ -236,6 +236,7 @@ fn policy_check_reports_world_and_refuses_wasi() {
     assert_eq!(v["export"], "moehost:policy/eviction@0.2.1");
     assert_eq!(v["version"], "0.2.1");
     assert_eq!(v["name"], "layer-cycle");
+    assert_eq!(v["direct_calls"], true);
 
     let out = moehost()
         .args(["policy", "check", "fixture-loop-forever"])

@@ -19,6 +19,10 @@ pub struct CheckReport {
     pub name: String,
     pub description: String,
     pub bytes: usize,
+    /// Whether moehost calls its core module directly (`policy::direct`: a 0.2 selection,
+    /// eviction or prefetch component of the plain shape wit-bindgen produces), rather than
+    /// through wasmtime's generic component path (same answers, ~5 us more per call).
+    pub direct_calls: bool,
     /// init plus the smoke test's calls at Kimi-K2's shape, microseconds.
     pub smoke_test_us: f64,
 }
@@ -59,6 +63,7 @@ pub fn check(source: &PolicySource) -> Result<CheckReport> {
     let kind = component.kind;
     let export = component.export.clone();
     let version = component.version.clone();
+    let direct_calls = component.is_direct();
     let plugin = WasmPolicy::new(component, RuntimeLimits::default());
     let args = k2_init_args();
     let src = source.describe();
@@ -90,6 +95,7 @@ pub fn check(source: &PolicySource) -> Result<CheckReport> {
         name: info.name,
         description: info.description,
         bytes: bytes.len(),
+        direct_calls,
         smoke_test_us: t0.elapsed().as_secs_f64() * 1e6,
     })
 }

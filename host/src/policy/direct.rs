@@ -552,7 +552,9 @@ impl DirectGuest {
         }
         let ex = self.lower(store, experts, 4)?;
         // list<layer-outlook>: {layer u32 @0, scores (ptr @4, len @8), residency (ptr @12,
-        // len @16)}, 20 bytes, align 4.
+        // len @16)}, 20 bytes, align 4. Allocated in the canonical ABI's order: the list, then
+        // each element's lists.
+        let ol = self.alloc(store, outlook.len() * 20, 4)?;
         let mut records = std::mem::take(&mut self.bytes);
         records.clear();
         for o in outlook {
@@ -562,8 +564,9 @@ impl DirectGuest {
                 records.extend_from_slice(&v.to_le_bytes());
             }
         }
+        self.memory.data_mut(&mut *store)[ol as usize..][..records.len()].copy_from_slice(&records);
         self.bytes = records;
-        let ol = self.lower_bytes(store, 4)?;
+        let ol = ol as i32;
         let Calls::Prefetch { on_routed } = &self.calls else {
             unreachable!()
         };
