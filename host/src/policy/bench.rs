@@ -230,7 +230,11 @@ fn drive(
     let direct = plugins.iter().all(|p| p.is_direct());
     let [sp, ep, pp]: [WasmPolicy; 3] = plugins.try_into().ok().expect("three plugins");
     let mut sel = GuardedSelection::new(Some(Box::new(sp)), selection, "", 3);
-    sel.init(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let exact = sel
+        .init(&args)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .max_score_gap
+        == 0.0;
     let mut ev = GuardedEviction::new(Some(Box::new(ep)), eviction, "", 3);
     ev.init(&args).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut pf = GuardedPrefetch::new(Some(Box::new(pp)), prefetch, "", 3);
@@ -257,7 +261,8 @@ fn drive(
             let t0 = Instant::now();
             let native_chosen = native_sel.select(layer, 1, k, &scores, &residency).unwrap();
             t_native += t0.elapsed().as_secs_f64();
-            debug_assert_eq!(chosen, native_chosen);
+            // A cache-aware policy may substitute within its declared gap.
+            debug_assert!(!exact || chosen == native_chosen);
 
             // The step's accesses; the misses need room in the full tier.
             let keys: Vec<ExpertKey> = chosen
