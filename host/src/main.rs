@@ -6,6 +6,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use moehost::policy::PolicySource;
+
+/// mimalloc: a batched step allocates and frees a few hundred KiB of activations; glibc's
+/// malloc returned them to the kernel and took page faults and page clearing on the next step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use moehost::store::{parse_bytes, StoreConfig, TieredExperts};
 use moehost::{bundled_model_dir, Engine};
 use std::sync::Arc;
