@@ -306,6 +306,12 @@ fn slice(memory: &[u8], at: u32, len: usize) -> Result<&[u8]> {
         .ok_or_else(|| bad("pointer out of bounds"))
 }
 
+/// `at + offset`, a field of a result record: an error rather than a wrap past 4 GiB.
+fn field(at: u32, offset: u32) -> Result<u32> {
+    at.checked_add(offset)
+        .ok_or_else(|| bad("pointer out of bounds"))
+}
+
 fn read_u32(memory: &[u8], at: u32) -> Result<u32> {
     Ok(u32::from_le_bytes(
         slice(memory, at, 4)?.try_into().unwrap(),
@@ -318,7 +324,7 @@ fn list_at(memory: &[u8], at: u32, size: usize, align: u32) -> Result<(u32, usiz
     if !at.is_multiple_of(4) {
         return Err(bad("misaligned result pointer"));
     }
-    let (ptr, len) = (read_u32(memory, at)?, read_u32(memory, at + 4)?);
+    let (ptr, len) = (read_u32(memory, at)?, read_u32(memory, field(at, 4)?)?);
     if !ptr.is_multiple_of(align) {
         return Err(bad("misaligned list"));
     }
@@ -440,11 +446,11 @@ impl DirectGuest {
             }
             let number = match kind {
                 PolicyKind::Eviction | PolicyKind::Placement => 0,
-                _ => read_u32(m, at + 16)?,
+                _ => read_u32(m, field(at, 16)?)?,
             };
             Ok(InitAnswer {
                 name: string_at(m, at)?,
-                description: string_at(m, at + 8)?,
+                description: string_at(m, field(at, 8)?)?,
                 max_score_gap: f32::from_bits(number),
                 lookahead: number,
             })
