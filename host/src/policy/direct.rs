@@ -141,11 +141,12 @@ impl<T: 'static> DirectModule<T> {
     }
 }
 
-/// The single core module of `component`, instantiated once; `None` when there are several
-/// modules or instances of them. (Nested components are fine: wit-component wraps each
+/// The single core module of `component`, instantiated once, its functions lifted with the
+/// plain options (UTF-8, memory, realloc, post-return); `None` otherwise (several modules or
+/// instances of them, UTF-16 strings, the async or GC ABI). (Nested components are fine: wit-component wraps each
 /// exported interface in one that only re-exports lifted functions with their types.)
 fn only_core_module(component: &[u8]) -> anyhow::Result<Option<&[u8]>> {
-    use wasmparser::{Instance, Parser, Payload};
+    use wasmparser::{CanonicalFunction, CanonicalOption, Instance, Parser, Payload};
     let (mut module, mut modules, mut instantiations) = (None, 0, 0);
     for payload in Parser::new(0).parse_all(component) {
         match payload? {
@@ -159,6 +160,26 @@ fn only_core_module(component: &[u8]) -> anyhow::Result<Option<&[u8]>> {
                 for i in instances {
                     if matches!(i?, Instance::Instantiate { .. }) {
                         instantiations += 1;
+                    }
+                }
+            }
+            // Lifted with UTF-16 strings, the async ABI or the GC ABI: not what `direct`
+            // implements.
+            Payload::ComponentCanonicalSection(canon) => {
+                for f in canon {
+                    if let CanonicalFunction::Lift { options, .. } = f? {
+                        let unusual = options.iter().any(|o| {
+                            !matches!(
+                                o,
+                                CanonicalOption::UTF8
+                                    | CanonicalOption::Memory(_)
+                                    | CanonicalOption::Realloc(_)
+                                    | CanonicalOption::PostReturn(_)
+                            )
+                        });
+                        if unusual {
+                            return Ok(None);
+                        }
                     }
                 }
             }
