@@ -729,14 +729,22 @@ mod tests {
         assert!(v[1] > v[0] && v[0] > v[2]);
     }
 
-    #[test]
-    fn eight_row_kernels_give_each_rows_dot_bit_for_bit() {
-        // Magnitudes from 1e-3 to 1e3 and both signs: a different summation order would show.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
+    /// A deterministic xorshift64 stream.
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
+            x
+        }
+    }
+
+    #[test]
+    fn eight_row_kernels_give_each_rows_dot_bit_for_bit() {
+        // Magnitudes from 1e-3 to 1e3 and both signs: a different summation order would show.
+        let mut bits = xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut next = || {
+            let x = bits();
             let u = (x >> 40) as f32 / (1u64 << 24) as f32;
             (u - 0.5) * 10f32.powi((x % 7) as i32 - 3)
         };
@@ -767,13 +775,8 @@ mod tests {
 
     #[test]
     fn dot_rows_are_single_dots_bit_for_bit() {
-        let mut x = 0x2545f4914f6cdd1du64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut bits = xorshift(0x2545f4914f6cdd1d);
+        let mut next = || (bits() >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
         for n in [0, 1, 7, 8, 9, 31, 32, 33, 64, 100, 256, 257, 1000] {
             let w: Vec<f32> = (0..n).map(|_| next()).collect();
             let a: Vec<f32> = (0..n).map(|_| next()).collect();
