@@ -17,7 +17,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::experts::{expert_prefix, ExpertProvider, ExpertWeights, FfnWeights};
 use crate::kernels::{
-    self, axpy, dot, grouped_rows, linear, rms_norm, rms_norm_inplace, softmax_inplace,
+    self, axpy, dots_one_input, grouped_rows, linear, rms_norm, rms_norm_inplace, softmax_inplace,
 };
 use crate::rope::Rope;
 use crate::router::{Gate, LayerRouting};
@@ -674,13 +674,15 @@ impl DeepseekV3 {
             let n_ctx = pos0 + i + 1;
             let ql = &q_lat[idx * lora..(idx + 1) * lora];
             let qr = &q[idx * qk + nope..(idx + 1) * qk];
-            let mut scores: Vec<f32> = (0..n_ctx)
-                .map(|j| {
-                    (dot(ql, &latent_cache[j * lora..(j + 1) * lora])
-                        + dot(qr, &rope_cache[j * rope_d..(j + 1) * rope_d]))
-                        * scale
-                })
-                .collect();
+            // (dot(ql, latent_j) + dot(qr, rope_j)) * scale for every cached position j, eight
+            // positions at a time (the same bits as one by one).
+            let mut scores = vec![0f32; n_ctx];
+            let mut rope_scores = vec![0f32; n_ctx];
+            dots_one_input(&latent_cache[..n_ctx * lora], lora, ql, &mut scores);
+            dots_one_input(&rope_cache[..n_ctx * rope_d], rope_d, qr, &mut rope_scores);
+            for (s, r) in scores.iter_mut().zip(&rope_scores) {
+                *s = (*s + r) * scale;
+            }
             softmax_inplace(&mut scores);
             for (j, &p) in scores.iter().enumerate() {
                 axpy(p, &latent_cache[j * lora..(j + 1) * lora], ctx);

@@ -372,8 +372,10 @@ fn dot8_applies(k: usize) -> bool {
 }
 
 /// `out[r] = dot(w[r, :], x)` for the rows of `w [out.len(), k]`: eight rows at a time when
-/// [`dot8_applies`], the same bits either way.
-fn dots_one_input<W: Weight>(w: &[W], k: usize, x: &[f32], out: &mut [f32]) {
+/// [`dot8_applies`], the same bits either way. Also `dot(x, w[r, :])` bit for bit (a product
+/// inside a fused multiply-add is exact, so the operands' order does not matter): attention's
+/// scores of one query against every cached position.
+pub fn dots_one_input<W: Weight>(w: &[W], k: usize, x: &[f32], out: &mut [f32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if dot8_applies(k) {
@@ -765,6 +767,9 @@ mod tests {
                             let want_b = dot(&wb[r * k..(r + 1) * k], xi);
                             let at = i * n + r;
                             assert_eq!(got[at].to_bits(), want.to_bits(), "k {k} n {n} t {t}");
+                            // The operands swapped (attention's scores): the same bits.
+                            let swapped = dot(xi, &w[r * k..(r + 1) * k]);
+                            assert_eq!(got[at].to_bits(), swapped.to_bits(), "k {k} n {n}");
                             assert_eq!(got_b[at].to_bits(), want_b.to_bits(), "bf16 k {k} n {n}");
                         }
                     }
