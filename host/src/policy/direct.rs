@@ -7,9 +7,10 @@
 //! step. A core call costs a few hundred. This is the same code the component would run: the
 //! component is checked (world, version, no imports) by `wasm`, and this path only applies when
 //! the component is the plain shape wit-bindgen and other componentizers produce: exactly one
-//! core module, importing nothing, exporting `memory`, `cabi_realloc` and the contract's
-//! functions under their canonical names (`moehost:policy/selection@0.2.1#select`) with their
-//! canonical core signatures. Anything else runs on the generic path.
+//! core module, instantiated once and importing nothing, exporting `memory`, `cabi_realloc`
+//! and the contract's functions under their canonical names
+//! (`moehost:policy/selection@0.2.1#select`) with their canonical core signatures, lifted with
+//! UTF-8 strings and the synchronous ABI. Anything else runs on the generic path.
 //!
 //! Owns: finding and checking the core module, instantiating it, lowering arguments into guest
 //! memory through `cabi_realloc`, lifting results back with every pointer, length, alignment,
