@@ -21,7 +21,7 @@ pub struct CheckReport {
     pub bytes: usize,
     /// Whether moehost calls its core module directly (`policy::direct`: a 0.2 selection,
     /// eviction or prefetch component of the plain shape wit-bindgen produces), rather than
-    /// through wasmtime's generic component path (same answers, ~5 us more per call).
+    /// through wasmtime's generic component path (same answers, ~0.3 us more per call here).
     pub direct_calls: bool,
     /// init plus the smoke test's calls at Kimi-K2's shape, microseconds.
     pub smoke_test_us: f64,
