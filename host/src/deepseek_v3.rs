@@ -676,13 +676,14 @@ impl DeepseekV3 {
             let qr = &q[idx * qk + nope..(idx + 1) * qk];
             // (dot(ql, latent_j) + dot(qr, rope_j)) * scale for every cached position j, eight
             // positions at a time (the same bits as one by one).
-            let mut scores = vec![0f32; n_ctx];
-            let mut rope_scores = vec![0f32; n_ctx];
-            dots_one_input(&latent_cache[..n_ctx * lora], lora, ql, &mut scores);
-            dots_one_input(&rope_cache[..n_ctx * rope_d], rope_d, qr, &mut rope_scores);
-            for (s, r) in scores.iter_mut().zip(&rope_scores) {
+            let mut scores = vec![0f32; 2 * n_ctx];
+            let (latent, rope_scores) = scores.split_at_mut(n_ctx);
+            dots_one_input(&latent_cache[..n_ctx * lora], lora, ql, latent);
+            dots_one_input(&rope_cache[..n_ctx * rope_d], rope_d, qr, rope_scores);
+            for (s, r) in latent.iter_mut().zip(&*rope_scores) {
                 *s = (*s + r) * scale;
             }
+            scores.truncate(n_ctx);
             softmax_inplace(&mut scores);
             for (j, &p) in scores.iter().enumerate() {
                 axpy(p, &latent_cache[j * lora..(j + 1) * lora], ctx);

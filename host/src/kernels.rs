@@ -376,6 +376,7 @@ fn dot8_applies(k: usize) -> bool {
 /// inside a fused multiply-add is exact, so the operands' order does not matter): attention's
 /// scores of one query against every cached position.
 pub fn dots_one_input<W: Weight>(w: &[W], k: usize, x: &[f32], out: &mut [f32]) {
+    #[allow(unused_mut)]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if dot8_applies(k) {

@@ -6,15 +6,15 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use moehost::policy::PolicySource;
+use moehost::store::{parse_bytes, StoreConfig, TieredExperts};
+use moehost::{bundled_model_dir, Engine};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// mimalloc: a batched step allocates and frees a few hundred KiB of activations; glibc's
 /// malloc returned them to the kernel and took page faults and page clearing on the next step.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use moehost::store::{parse_bytes, StoreConfig, TieredExperts};
-use moehost::{bundled_model_dir, Engine};
-use std::sync::Arc;
-use std::time::Duration;
 
 /// Model folder, memory budgets and policies: shared by the commands that run the model.
 #[derive(clap::Args, Clone)]

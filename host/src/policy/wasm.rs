@@ -300,40 +300,47 @@ impl WasmPolicy {
     fn instantiate(&mut self, shape: ModelShape) -> PolicyResult<&mut Live> {
         self.live = None;
         let mut store = new_store(&self.limits);
-        if let Some(direct) = &self.component.direct {
-            let guest = direct.instantiate(&mut store).map_err(|e| classify(&e))?;
-            return Ok(self.live.insert(Live {
-                store,
-                guest: Guest::Direct(Box::new(guest)),
-                shape,
-                codes: Vec::new(),
-                ids: Vec::new(),
-                excluded: Vec::new(),
-            }));
-        }
+        let guest = match &self.component.direct {
+            Some(direct) => Guest::Direct(Box::new(
+                direct.instantiate(&mut store).map_err(|e| classify(&e))?,
+            )),
+            None => self.component_guest(&mut store)?,
+        };
+        Ok(self.live.insert(Live {
+            store,
+            guest,
+            shape,
+            codes: Vec::new(),
+            ids: Vec::new(),
+            excluded: Vec::new(),
+        }))
+    }
+
+    /// An instance on wasmtime's generic component path, with the bindings of its version.
+    fn component_guest(&self, store: &mut Store<StoreState>) -> PolicyResult<Guest> {
         let pre = &self.component.pre.pre;
-        let instance = pre.instantiate(&mut store).map_err(|e| classify(&e))?;
+        let instance = pre.instantiate(&mut *store).map_err(|e| classify(&e))?;
         let v1 = self.component.version.starts_with("0.1.");
         let load = |e: wasmtime::Error| classify(&e);
         let guest = match (self.component.kind, v1) {
             (PolicyKind::Selection, false) => Guest::Selection(
                 wsel::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut store, &instance))
+                    .and_then(|i| i.load(&mut *store, &instance))
                     .map_err(load)?,
             ),
             (PolicyKind::Eviction, false) => Guest::Eviction(
                 wev::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut store, &instance))
+                    .and_then(|i| i.load(&mut *store, &instance))
                     .map_err(load)?,
             ),
             (PolicyKind::Prefetch, false) => Guest::Prefetch(
                 wpf::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut store, &instance))
+                    .and_then(|i| i.load(&mut *store, &instance))
                     .map_err(load)?,
             ),
             (PolicyKind::Placement, false) => Guest::Placement(
                 wpl::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut store, &instance))
+                    .and_then(|i| i.load(&mut *store, &instance))
                     .map_err(load)?,
             ),
             (PolicyKind::Placement, true) => {
@@ -344,28 +351,21 @@ impl WasmPolicy {
             }
             (PolicyKind::Selection, true) => Guest::SelectionV1(
                 wsel1::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut store, &instance))
+                    .and_then(|i| i.load(&mut *store, &instance))
                     .map_err(load)?,
             ),
             (PolicyKind::Eviction, true) => Guest::EvictionV1(
                 wev1::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut store, &instance))
+                    .and_then(|i| i.load(&mut *store, &instance))
                     .map_err(load)?,
             ),
             (PolicyKind::Prefetch, true) => Guest::PrefetchV1(
                 wpf1::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut store, &instance))
+                    .and_then(|i| i.load(&mut *store, &instance))
                     .map_err(load)?,
             ),
         };
-        Ok(self.live.insert(Live {
-            store,
-            guest,
-            shape,
-            codes: Vec::new(),
-            ids: Vec::new(),
-            excluded: Vec::new(),
-        }))
+        Ok(guest)
     }
 
     /// Runs `f` on the live instance under the call deadline; a failure kills the instance.
@@ -615,6 +615,12 @@ fn victims_flat<'a>(
     }
 }
 
+/// 0.2's packed events (see [`event_out`]) into `out`.
+fn events_into(out: &mut Vec<u32>, shape: &ModelShape, events: &[Event]) {
+    out.clear();
+    out.extend(events.iter().map(|e| event_out(shape, e)));
+}
+
 fn codes_into(out: &mut Vec<u8>, tiers: &[Tier]) {
     out.clear();
     out.extend(tiers.iter().map(|t| t.code()));
@@ -717,9 +723,7 @@ impl Eviction for WasmPolicy {
                 Ok(match &mut l.guest {
                     Guest::Eviction(g) => {
                         let shape = l.shape;
-                        l.ids.clear();
-                        l.ids
-                            .extend(facts.events.iter().map(|e| event_out(&shape, e)));
+                        events_into(&mut l.ids, &shape, &facts.events);
                         let f = wev::StepFacts {
                             step: facts.step,
                             layer: facts.layer,
@@ -754,9 +758,7 @@ impl Eviction for WasmPolicy {
                     }
                     Guest::Direct(g) => {
                         let shape = l.shape;
-                        l.ids.clear();
-                        l.ids
-                            .extend(facts.events.iter().map(|e| event_out(&shape, e)));
+                        events_into(&mut l.ids, &shape, &facts.events);
                         let r = request.map(|r| victims_flat(&shape, r, &mut l.excluded));
                         let v =
                             g.on_step(&mut l.store, facts.step, facts.layer, &l.ids, r.as_ref())?;
