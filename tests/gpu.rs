@@ -7,7 +7,7 @@ mod support;
 
 use moehost::checkpoint::Checkpoint;
 use moehost::experts::{ExpertBytes, OwnedTensor};
-use moehost::gpu::{gpu, ExpertSource, GpuExpert, GpuMatrix, GpuPool};
+use moehost::gpu::{gpu, ExpertSource, Format, GpuExpert, GpuMatrix, GpuPool};
 use moehost::kernels::{grouped_rows, linear};
 use moehost::policy::ExpertKey;
 use moehost::policy::PolicySource;
@@ -199,6 +199,10 @@ fn a_device_tier_on_the_gpu_never_changes_a_token() {
             "the device tier is not on the GPU"
         );
         assert!(st.device.bytes_in > 0, "nothing reached the GPU");
+        // The experts stay FP8 in GPU memory: a budget of `s` f32 experts holds over 3x as many.
+        if let Some(s) = slots {
+            assert!(st.device.slots >= 3 * s, "{} slots", st.device.slots);
+        }
         // Experts reach GPU memory through the pinned slab and the copy stream.
         let copies = st
             .gpu_transfers
@@ -241,51 +245,225 @@ fn experts_loaded_through_the_pool_give_the_cpus_bits() {
     let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
     let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
-    let pool = Arc::new(GpuPool::new(&g, 3 * h * i * 4, 3, 2).unwrap());
+    let pool = Arc::new(GpuPool::new(&g, 3 * h * i * 4, 5, 2).unwrap());
     let fp8 = ExpertBytes::read(&ckpt, 3, 11).unwrap();
     let cpu = fp8.to_ffn().unwrap();
     let bf16 = bf16_expert(&cpu, h);
     let bf16_cpu = bf16.to_ffn().unwrap();
+    let int8 = quantized_expert(&cpu, h, moehost::quant::Bits::Int8);
+    let int8_cpu = int8.to_ffn().unwrap();
+    let int4 = quantized_expert(&cpu, h, moehost::quant::Bits::Int4);
+    let int4_cpu = int4.to_ffn().unwrap();
     let key = |e| ExpertKey {
         layer: 0,
         expert: e,
     };
-    // FP8 and bf16 converted on the GPU, f32 copied as is: three slots.
+    // Every format stays as stored in its slot, f32 (the compute form) included: five slots.
     let loaded = [
-        (pool.load(key(0), ExpertSource::Stored(&fp8)).unwrap(), &cpu),
-        (
-            pool.load(key(1), ExpertSource::Stored(&bf16)).unwrap(),
-            &bf16_cpu,
-        ),
-        (
-            pool.load(key(2), ExpertSource::Compute(&cpu)).unwrap(),
-            &cpu,
-        ),
-    ];
-    for (n, (on_gpu, reference)) in loaded.iter().enumerate() {
-        let on_gpu = on_gpu.as_ref().expect("a free slot");
+        (ExpertSource::Stored(&fp8), &cpu, Format::Fp8),
+        (ExpertSource::Stored(&bf16), &bf16_cpu, Format::Bf16),
+        (ExpertSource::Stored(&int8), &int8_cpu, Format::Int8),
+        (ExpertSource::Stored(&int4), &int4_cpu, Format::Int4),
+        (ExpertSource::Compute(&cpu), &cpu, Format::F32),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(n, (src, reference, format))| {
+        let on_gpu = pool.load(key(n as u32), src).unwrap().expect("a free slot");
+        assert_eq!(on_gpu.formats(), [format; 2]);
         support::assert_same_bits(
-            &[1, 5, 64],
+            &[1, 5, 64, 65],
             [h, h],
             n as u32,
             |x, out| reference.forward(x, h, out),
             |x, out| on_gpu.forward(x, h, out).unwrap(),
-            &format!("source {n}"),
+            &format!("{format:?}"),
         );
-    }
+        on_gpu
+    })
+    .collect::<Vec<_>>();
+    // FP8 in device memory: a quarter of its f32 form and scales.
+    assert!(loaded[0].device_bytes() < 3 * h * i + 3 * h * i / 8);
     // The pool is full until an expert is dropped.
     assert!(pool
-        .load(key(3), ExpertSource::Compute(&cpu))
+        .load(key(5), ExpertSource::Stored(&fp8))
         .unwrap()
         .is_none());
     drop(loaded);
     assert!(pool
-        .load(key(3), ExpertSource::Compute(&cpu))
+        .load(key(5), ExpertSource::Stored(&fp8))
         .unwrap()
         .is_some());
     let st = pool.stats();
-    assert_eq!(st.copies, 4, "{st:?}");
-    // FP8 and bf16 cross the link in their storage format: less than their f32 slots.
+    assert_eq!(st.copies, 6, "{st:?}");
+    // Six experts cross the link in less than three f32 experts' bytes: FP8, bf16, int8 and
+    // int4 travel in their storage format.
     let f32_bytes = (3 * h * i * 4) as u64;
-    assert!(st.bytes < 4 * f32_bytes - f32_bytes / 2, "{st:?}");
+    assert!(st.bytes < 3 * f32_bytes, "{st:?}");
+}
+
+/// `w`'s values quantized to moehost's int8 or int4 format, shaped as gate, up, down.
+fn quantized_expert(
+    w: &moehost::experts::FfnWeights,
+    hidden: usize,
+    bits: moehost::quant::Bits,
+) -> ExpertBytes {
+    let i = w.intermediate;
+    let t = |name: &str, v: &[f32], [rows, cols]: [usize; 2]| {
+        let (bytes, scale_bytes) = moehost::quant::quantize(v, rows, cols, bits);
+        OwnedTensor {
+            name: name.into(),
+            dtype: bits.dtype(),
+            shape: moehost::quant::stored_shape(bits.dtype(), &[rows, cols]),
+            bytes,
+            scales: Some(
+                scale_bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+        }
+    };
+    let (gate_up, down) = (w.gate_up.to_f32(), w.down.to_f32());
+    ExpertBytes::new(
+        [
+            t("gate", &gate_up[..i * hidden], [i, hidden]),
+            t("up", &gate_up[i * hidden..], [i, hidden]),
+            t("down", &down, [hidden, i]),
+        ],
+        None,
+    )
+}
+
+/// A stored tensor `[n, k]` of `dtype` with pseudo-random contents: FP8 (finite codes, block
+/// scales), int8/int4 (group scales), bf16 or f32.
+fn synthetic(dtype: safetensors::Dtype, n: usize, k: usize, block: [usize; 2]) -> OwnedTensor {
+    let mut state = 0x9e37_79b9_u32 ^ (n * 31 + k) as u32;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    let values: Vec<f32> = (0..n * k)
+        .map(|_| (next() % 20_001) as f32 / 10_000.0 - 1.0)
+        .collect();
+    let (bytes, scales) = match dtype {
+        safetensors::Dtype::F8_E4M3 => {
+            // Any byte but the two NaN codes; one scale per [128, 128] block.
+            let bytes = (0..n * k)
+                .map(|_| match next() as u8 {
+                    0x7f => 0x7e,
+                    0xff => 0xfe,
+                    b => b,
+                })
+                .collect();
+            let blocks = n.div_ceil(block[0]) * k.div_ceil(block[1]);
+            let scales = (0..blocks)
+                .map(|_| (1 + next() % 997) as f32 / 3_000.0)
+                .collect();
+            (bytes, Some(scales))
+        }
+        safetensors::Dtype::I8 | safetensors::Dtype::U8 => {
+            let bits = if dtype == safetensors::Dtype::I8 {
+                moehost::quant::Bits::Int8
+            } else {
+                moehost::quant::Bits::Int4
+            };
+            let (bytes, scale_bytes) = moehost::quant::quantize(&values, n, k, bits);
+            let scales = scale_bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect();
+            (bytes, Some(scales))
+        }
+        safetensors::Dtype::BF16 => (
+            values
+                .iter()
+                .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+                .collect(),
+            None,
+        ),
+        _ => (values.iter().flat_map(|v| v.to_le_bytes()).collect(), None),
+    };
+    OwnedTensor {
+        name: format!("synthetic.{dtype:?}"),
+        dtype,
+        shape: moehost::quant::stored_shape(dtype, &[n, k]),
+        bytes,
+        scales,
+    }
+}
+
+/// Every storage format the kernels read, at shapes whose rows fill no whole block of warps
+/// and whose columns end in every tail the CPU's order has (32-wide chunks, 8-wide steps,
+/// single elements), and at token counts across the kernel's 8-token tiles: the GPU decodes
+/// each weight as the CPU does and gives the CPU's bits.
+#[test]
+fn every_storage_format_gives_the_cpus_bits() {
+    let Some(g) = device_or_skip() else { return };
+    use safetensors::Dtype;
+    let block = [128, 128];
+    let formats = [
+        (Dtype::F32, Format::F32),
+        (Dtype::BF16, Format::Bf16),
+        (Dtype::F8_E4M3, Format::Fp8),
+        (Dtype::I8, Format::Int8),
+        (Dtype::U8, Format::Int4),
+    ];
+    for (dtype, format) in formats {
+        for (n, k) in [(13, 77), (200, 300), (8, 7), (130, 129)] {
+            // int4 packs two columns a byte: its logical width is even.
+            let k = if dtype == Dtype::U8 { k + k % 2 } else { k };
+            let t = synthetic(dtype, n, k, block);
+            let w = t.decode_rows(0, n, Some(block)).unwrap();
+            let on_gpu = GpuMatrix::upload_stored(&g, &t, k, Some(block))
+                .unwrap()
+                .expect("a kernel reads this format");
+            assert_eq!(on_gpu.format(), format);
+            support::assert_same_bits(
+                &[1, 2, 8, 9, 17, 64],
+                [k, n],
+                n as u32,
+                |x, out| linear(x, &w, k, out),
+                |x, out| on_gpu.forward(x, k, out).unwrap(),
+                &format!("{dtype:?} [{n}, {k}]"),
+            );
+        }
+    }
+    // F16 has no kernel: it is decoded on the CPU first.
+    let f16 = OwnedTensor {
+        dtype: Dtype::F16,
+        ..synthetic(Dtype::BF16, 4, 8, block)
+    };
+    assert!(GpuMatrix::upload_stored(&g, &f16, 8, None)
+        .unwrap()
+        .is_none());
+}
+
+/// Attention's projections go to the GPU as the checkpoint stores them (FP8: a quarter of the
+/// f32 bytes) and give the bits of the CPU's f32 decode.
+#[test]
+fn stored_attention_projections_give_the_cpus_bits() {
+    let Some(g) = device_or_skip() else { return };
+    let dir = support::fp8_model();
+    let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    let (h, nh, v) = (cfg.hidden_size, cfg.num_attention_heads, cfg.v_head_dim);
+    let name = "model.layers.5.self_attn.o_proj.weight";
+    let o = ckpt.read_f32(name, &[h, nh * v]).unwrap();
+    let stored = OwnedTensor::read(&ckpt, name).unwrap();
+    let on_gpu = GpuMatrix::upload_stored(&g, &stored, nh * v, ckpt.fp8_block())
+        .unwrap()
+        .expect("FP8 has a kernel");
+    assert_eq!(on_gpu.format(), Format::Fp8);
+    assert!(on_gpu.device_bytes() < o.len() * 4 / 3, "kept as FP8");
+    support::assert_same_bits(
+        &[1, 2, 7, 64],
+        [nh * v, h],
+        5,
+        |x, out| linear(x, &o, nh * v, out),
+        |x, out| on_gpu.forward(x, nh * v, out).unwrap(),
+        "stored o_proj",
+    );
 }

@@ -29,22 +29,34 @@ enum Proj {
         w: Vec<f32>,
         groups: usize,
         k: usize,
+        /// The checkpoint tensor `w` was decoded from, if it is one (not a derived matrix):
+        /// the GPU takes it as stored.
+        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+        stored: Option<String>,
     },
     #[cfg(feature = "cuda")]
     Gpu(crate::gpu::GpuMatrix),
 }
 
 impl Proj {
-    fn linear(w: Vec<f32>, k: usize) -> Self {
-        Proj::Host { w, groups: 1, k }
+    /// Checkpoint tensor `name` of shape `[n, k]`, decoded to f32.
+    fn linear(ckpt: &Checkpoint, name: String, [n, k]: [usize; 2]) -> Result<Self> {
+        Ok(Proj::Host {
+            w: ckpt.read_f32(&name, &[n, k])?,
+            groups: 1,
+            k,
+            stored: Some(name),
+        })
     }
 
     /// `out [t, groups, n]`: each group's matrix times `x [t, groups, x_stride]`'s first `k`
     /// values (a plain projection: one group, `x_stride = k`).
     fn apply(&self, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
         match self {
-            Proj::Host { w, groups: 1, k } if x_stride == *k => linear(x, w, *k, out),
-            Proj::Host { w, groups, k } => grouped_rows(w, *groups, *k, x, x_stride, out),
+            Proj::Host {
+                w, groups: 1, k, ..
+            } if x_stride == *k => linear(x, w, *k, out),
+            Proj::Host { w, groups, k, .. } => grouped_rows(w, *groups, *k, x, x_stride, out),
             #[cfg(feature = "cuda")]
             Proj::Gpu(m) => m.forward(x, x_stride, out)?,
         }
@@ -52,9 +64,27 @@ impl Proj {
     }
 
     #[cfg(feature = "cuda")]
-    fn move_to_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>) -> Result<()> {
-        if let Proj::Host { w, groups, k } = self {
-            *self = Proj::Gpu(crate::gpu::GpuMatrix::upload(gpu, w, *groups, *k)?);
+    fn move_to_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>, ckpt: &Checkpoint) -> Result<()> {
+        use crate::gpu::GpuMatrix;
+        if let Proj::Host {
+            w,
+            groups,
+            k,
+            stored,
+        } = self
+        {
+            // As stored (FP8: a quarter of the f32 bytes) when a kernel reads the format.
+            let from_checkpoint = match stored {
+                Some(name) => {
+                    let t = crate::experts::OwnedTensor::read(ckpt, name)?;
+                    GpuMatrix::upload_stored(gpu, &t, *k, ckpt.fp8_block())?
+                }
+                None => None,
+            };
+            *self = Proj::Gpu(match from_checkpoint {
+                Some(m) => m,
+                None => GpuMatrix::upload(gpu, w, *groups, *k)?,
+            });
         }
         Ok(())
     }
@@ -222,21 +252,16 @@ impl DeepseekV3 {
             let a = format!("{p}.self_attn");
             let q = match cfg.q_lora_rank {
                 Some(rank) => QProj::Lora {
-                    a: Proj::linear(
-                        ckpt.read_f32(&format!("{a}.q_a_proj.weight"), &[rank, h])?,
-                        h,
-                    ),
+                    a: Proj::linear(ckpt, format!("{a}.q_a_proj.weight"), [rank, h])?,
                     norm: ckpt.read_vec(&format!("{a}.q_a_layernorm.weight"), rank)?,
-                    b: Proj::linear(
-                        ckpt.read_f32(&format!("{a}.q_b_proj.weight"), &[nh * qk, rank])?,
-                        rank,
-                    ),
+                    b: Proj::linear(ckpt, format!("{a}.q_b_proj.weight"), [nh * qk, rank])?,
                     rank,
                 },
                 None => QProj::Full(Proj::linear(
-                    ckpt.read_f32(&format!("{a}.q_proj.weight"), &[nh * qk, h])?,
-                    h,
-                )),
+                    ckpt,
+                    format!("{a}.q_proj.weight"),
+                    [nh * qk, h],
+                )?),
             };
             // kv_b_proj rows, per head: qk_nope_head_dim key rows then v_head_dim value rows.
             let kv_b = ckpt.read_f32(&format!("{a}.kv_b_proj.weight"), &[nh * (nope + v), lora])?;
@@ -255,27 +280,24 @@ impl DeepseekV3 {
             let attn = Attention {
                 q,
                 kv_a: Proj::linear(
-                    ckpt.read_f32(
-                        &format!("{a}.kv_a_proj_with_mqa.weight"),
-                        &[lora + rope_d, h],
-                    )?,
-                    h,
-                ),
+                    ckpt,
+                    format!("{a}.kv_a_proj_with_mqa.weight"),
+                    [lora + rope_d, h],
+                )?,
                 kv_a_norm: ckpt.read_vec(&format!("{a}.kv_a_layernorm.weight"), lora)?,
                 w_uk_t: Proj::Host {
                     w: w_uk_t,
                     groups: nh,
                     k: nope,
+                    stored: None,
                 },
                 w_uv: Proj::Host {
                     w: w_uv,
                     groups: nh,
                     k: lora,
+                    stored: None,
                 },
-                o_proj: Proj::linear(
-                    ckpt.read_f32(&format!("{a}.o_proj.weight"), &[h, nh * v])?,
-                    nh * v,
-                ),
+                o_proj: Proj::linear(ckpt, format!("{a}.o_proj.weight"), [h, nh * v])?,
             };
             let ffn = if cfg.is_moe_layer(l) {
                 let e = cfg.n_routed_experts;
@@ -336,19 +358,25 @@ impl DeepseekV3 {
     /// (the CUDA device tier): they then run the exact-order GPU kernel, giving the CPU's bits
     /// up to `ROW_INVARIANT_MAX` rows (see `gpu::GpuMatrix` above). Returns how many FFNs moved.
     #[cfg(feature = "cuda")]
-    pub fn place_on_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>) -> Result<usize> {
+    pub fn place_on_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>, ckpt: &Checkpoint) -> Result<usize> {
         let mut moved = 0;
-        for layer in &mut self.layers {
+        for (l, layer) in self.layers.iter_mut().enumerate() {
             for p in layer.attn.projections() {
-                p.move_to_gpu(gpu)?;
+                p.move_to_gpu(gpu, ckpt)?;
             }
-            let slot = match &mut layer.ffn {
-                Ffn::Dense(w) => Some(w),
-                Ffn::Moe(m) => m.shared.as_mut(),
+            let (slot, prefix) = match &mut layer.ffn {
+                Ffn::Dense(w) => (Some(w), format!("model.layers.{l}.mlp")),
+                Ffn::Moe(m) => (
+                    m.shared.as_mut(),
+                    format!("model.layers.{l}.mlp.shared_experts"),
+                ),
             };
             if let Some(w) = slot {
-                if let ExpertWeights::Compute(f) = w {
-                    *w = ExpertWeights::Gpu(Arc::new(crate::gpu::GpuExpert::upload(gpu, f)?));
+                if let ExpertWeights::Compute(_) = w {
+                    // As stored, like the routed experts: the same values the CPU decoded.
+                    let stored = crate::experts::ExpertBytes::read_prefix(ckpt, &prefix)?;
+                    let g = crate::gpu::GpuExpert::upload_stored(gpu, &stored)?;
+                    *w = ExpertWeights::Gpu(Arc::new(g));
                     moved += 1;
                 }
             }
@@ -769,39 +797,37 @@ impl DeepseekV3 {
         } else {
             provider.routed(layer, t, &ids, &[]);
         }
-        let run = |(e, w): (&u32, &ExpertWeights)| -> Result<Vec<f32>> {
-            let rows = &by_expert[*e as usize];
-            let mut x = Vec::with_capacity(rows.len() * h);
-            for &(tok, _) in rows {
-                x.extend_from_slice(&xn[tok * h..(tok + 1) * h]);
-            }
-            let mut y = vec![0f32; rows.len() * h];
-            w.forward(&x, h, &mut y)
-                .with_context(|| format!("expert {e} of layer {layer}"))?;
-            Ok(y)
-        };
-        let outputs: Vec<Vec<f32>> = if t > 1 {
-            ids.par_iter()
-                .zip(weights.par_iter())
-                .map(|job| kernels::as_task(|| run(job)))
-                .collect::<Result<_>>()?
-        } else {
-            ids.iter()
-                .zip(weights.iter())
-                .map(run)
-                .collect::<Result<_>>()?
-        };
+        // Each expert's rows, then every expert (the shared one last) in one call: those in GPU
+        // memory run together.
+        let inputs: Vec<Vec<f32>> = ids
+            .iter()
+            .map(|e| {
+                let rows = &by_expert[*e as usize];
+                let mut x = Vec::with_capacity(rows.len() * h);
+                for &(tok, _) in rows {
+                    x.extend_from_slice(&xn[tok * h..(tok + 1) * h]);
+                }
+                x
+            })
+            .collect();
+        let mut jobs: Vec<(&ExpertWeights, &[f32])> = weights
+            .iter()
+            .zip(&inputs)
+            .map(|(w, x)| (w, &x[..]))
+            .collect();
+        if let Some(shared) = &moe.shared {
+            jobs.push((shared, xn));
+        }
+        let mut outputs = ExpertWeights::forward_all(&jobs, h, t > 1)
+            .with_context(|| format!("experts of layer {layer}"))?;
+        let shared = moe.shared.as_ref().and(outputs.pop());
         out.iter_mut().for_each(|x| *x = 0.0);
         for (e, y) in ids.iter().zip(&outputs) {
             for (r, &(tok, w)) in by_expert[*e as usize].iter().enumerate() {
                 axpy(w, &y[r * h..(r + 1) * h], &mut out[tok * h..(tok + 1) * h]);
             }
         }
-        if let Some(shared) = &moe.shared {
-            let mut s = vec![0f32; t * h];
-            shared
-                .forward(xn, h, &mut s)
-                .with_context(|| format!("shared expert of layer {layer}"))?;
+        if let Some(s) = shared {
             add_inplace(out, &s);
         }
         Ok(routing)

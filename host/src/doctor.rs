@@ -55,6 +55,22 @@ pub struct Gpu {
     pub h2d_pageable_gbps: f64,
     /// A copy through the transfer scheduler read back byte for byte.
     pub copy_verified: bool,
+    /// One Kimi-K2-shaped FP8 expert through moehost's exact kernels, against the device's
+    /// own copy bandwidth; or why it could not be measured.
+    pub k2_expert: std::result::Result<ExpertSpeed, String>,
+}
+
+/// Figures for `moehost doctor`: one Kimi-K2-shaped FP8 expert on this GPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertSpeed {
+    /// Seconds per `GpuExpert::forward` at 1 and at 8 tokens (inputs up, both projections, the
+    /// CPU's SwiGLU between them, outputs down).
+    pub one_token_s: f64,
+    pub eight_tokens_s: f64,
+    /// The expert's FP8 bytes over `one_token_s`.
+    pub weights_gbps: f64,
+    /// Device-to-device copy bandwidth (bytes read + written), the memory's practical ceiling.
+    pub dtod_gbps: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -200,6 +216,10 @@ fn measure_gpu() -> std::result::Result<Gpu, String> {
         h2d_pinned_gbps: pinned / 1e9,
         h2d_pageable_gbps: pageable / 1e9,
         copy_verified: verified,
+        k2_expert: crate::gpu::gpu().and_then(|g| {
+            let k2 = ModelConfig::from_json(KIMI_K2_CONFIG).map_err(err)?;
+            crate::gpu::measure_expert(&g, k2.hidden_size, k2.moe_intermediate_size).map_err(err)
+        }),
     })
 }
 
@@ -300,6 +320,17 @@ impl Report {
                     g.h2d_pinned_gbps / g.h2d_pageable_gbps.max(1e-9),
                     g.copy_verified
                 );
+                match &g.k2_expert {
+                    Ok(e) => s += &format!(
+                        "Kimi-K2 FP8 expert on the GPU (exact kernels): {:.0} us at 1 token ({:.0} GB/s of weights, {:.0}% of the device's {:.0} GB/s copy rate), {:.0} us at 8 tokens\n",
+                        e.one_token_s * 1e6,
+                        e.weights_gbps,
+                        100.0 * e.weights_gbps / e.dtod_gbps.max(1e-9),
+                        e.dtod_gbps,
+                        e.eight_tokens_s * 1e6
+                    ),
+                    Err(why) => s += &format!("Kimi-K2 FP8 expert on the GPU: not measured ({why})\n"),
+                }
             }
             Err(why) => s += &format!("GPU: none ({why}); everything runs on the CPU\n"),
         }

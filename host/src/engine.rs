@@ -420,7 +420,8 @@ impl Engine {
         #[cfg(feature = "cuda")]
         if config.device == crate::store::Device::Cuda {
             if let Ok(gpu) = crate::gpu::gpu() {
-                engine.model.place_on_gpu(&gpu)?;
+                let ckpt = engine.checkpoint.clone();
+                engine.model.place_on_gpu(&gpu, &ckpt)?;
             }
         }
         Ok((engine, store_slot.expect("store built")))

@@ -89,6 +89,57 @@ impl ExpertWeights {
         Ok(())
     }
 
+    /// Each job's output, `jobs[i] = (expert, x [t_i, hidden])`, the same bits as `forward`
+    /// one by one. Experts in GPU memory run together, with two host round trips in all
+    /// (`gpu::forward_experts`); the others run on the CPU, in parallel when `parallel`.
+    pub fn forward_all(
+        jobs: &[(&ExpertWeights, &[f32])],
+        hidden: usize,
+        parallel: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        use rayon::prelude::*;
+        let run = |&(w, x): &(&ExpertWeights, &[f32])| -> Result<Vec<f32>> {
+            let mut y = vec![0f32; x.len()];
+            w.forward(x, hidden, &mut y)?;
+            Ok(y)
+        };
+        #[cfg(feature = "cuda")]
+        let (gpu, jobs): (Vec<_>, Vec<_>) = jobs
+            .iter()
+            .enumerate()
+            .partition(|(_, (w, _))| matches!(w, ExpertWeights::Gpu(_)));
+        #[cfg(not(feature = "cuda"))]
+        let jobs: Vec<_> = jobs.iter().enumerate().collect();
+        let mut out = vec![Vec::new(); jobs.len()];
+        #[cfg(feature = "cuda")]
+        {
+            out.resize(jobs.len() + gpu.len(), Vec::new());
+            let group: Vec<_> = gpu
+                .iter()
+                .map(|(_, (w, x))| match w {
+                    ExpertWeights::Gpu(g) => (&**g, *x),
+                    _ => unreachable!("partitioned above"),
+                })
+                .collect();
+            for ((n, _), y) in gpu.iter().zip(crate::gpu::forward_experts(&group, hidden)?) {
+                out[*n] = y;
+            }
+        }
+        let cpu: Vec<Vec<f32>> = if parallel {
+            jobs.par_iter()
+                .map(|(_, job)| crate::kernels::as_task(|| run(job)))
+                .collect::<Result<_>>()?
+        } else {
+            jobs.iter()
+                .map(|(_, job)| run(job))
+                .collect::<Result<_>>()?
+        };
+        for ((n, _), y) in jobs.iter().zip(cpu) {
+            out[*n] = y;
+        }
+        Ok(out)
+    }
+
     /// Bytes this form occupies where it lives.
     pub fn bytes(&self) -> usize {
         match self {
@@ -230,18 +281,13 @@ pub struct ExpertBytes {
 impl ExpertBytes {
     /// Copies expert `expert` of decoder layer `layer` out of the memory-mapped checkpoint.
     pub fn read(ckpt: &Checkpoint, layer: usize, expert: u32) -> Result<Self> {
-        let prefix = expert_prefix(layer, expert);
-        let one = |proj: &str| -> Result<OwnedTensor> {
-            let raw = ckpt.raw(&format!("{prefix}.{proj}.weight"))?;
-            let scales = ckpt.scales(&raw)?;
-            Ok(OwnedTensor {
-                name: raw.name.to_owned(),
-                dtype: raw.dtype,
-                shape: raw.shape.to_vec(),
-                bytes: raw.bytes.to_vec(),
-                scales,
-            })
-        };
+        Self::read_prefix(ckpt, &expert_prefix(layer, expert))
+    }
+
+    /// Copies the FFN at `prefix` (`<prefix>.{gate,up,down}_proj.weight`: a routed expert, a
+    /// shared expert or a dense MLP) out of the checkpoint, as stored.
+    pub fn read_prefix(ckpt: &Checkpoint, prefix: &str) -> Result<Self> {
+        let one = |proj: &str| OwnedTensor::read(ckpt, &format!("{prefix}.{proj}.weight"));
         Ok(Self {
             tensors: [one("gate_proj")?, one("up_proj")?, one("down_proj")?],
             fp8_block: ckpt.fp8_block(),
@@ -334,6 +380,19 @@ impl ExpertBytes {
 const STREAM_ROWS: usize = 128;
 
 impl OwnedTensor {
+    /// Copies tensor `name` (and its FP8 block or int group scales) out of the checkpoint.
+    pub fn read(ckpt: &Checkpoint, name: &str) -> Result<Self> {
+        let raw = ckpt.raw(name)?;
+        let scales = ckpt.scales(&raw)?;
+        Ok(Self {
+            name: raw.name.to_owned(),
+            dtype: raw.dtype,
+            shape: raw.shape.to_vec(),
+            bytes: raw.bytes.to_vec(),
+            scales,
+        })
+    }
+
     /// Logical rows (`out_features`).
     pub fn rows(&self) -> usize {
         crate::quant::logical_shape(self.dtype, &self.shape)[0]

@@ -1,142 +1,322 @@
 //! Experts and attention projections computed on the GPU (feature `cuda`), bit for bit what the CPU computes.
 //!
 //! Owns: the process's CUDA device for expert compute (found once; `None`, with the reason, when
-//! there is no driver or device), `GpuExpert` (an expert's compute-form weights in device
-//! memory, `cuMemAlloc`, never managed memory) and its forward pass: both projections run the
-//! `rows_dot` kernel (`rows_dot.cu`, checked in as PTX and JIT-compiled by the driver), which
-//! sums each dot product in exactly the order of the CPU's `kernels::dot`; the SwiGLU between
-//! them runs on the CPU, whose `exp` the GPU's would not match bit for bit. So an expert gives
-//! the same bits on either side and placement never changes a token.
+//! there is no driver or device), `GpuExpert` (an expert's weights in device memory, in their
+//! storage format: f32, bf16, FP8 with block scales, int8/int4 with group scales; `cuMemAlloc`,
+//! never managed memory) and its forward pass: both projections run the `rows_dot_*` kernels
+//! (`rows_dot.cu`, checked in as PTX and JIT-compiled by the driver), which decode each weight
+//! in a register exactly as the CPU decodes it and sum each dot product in exactly the order of
+//! the CPU's `kernels::dot`, one warp per row; the SwiGLU between them runs on the CPU, whose
+//! `exp` the GPU's would not match bit for bit. So an expert gives the same bits on either side
+//! and placement never changes a token.
 //! `GpuPool` is the device tier's memory: one `cuMemAlloc` pool of expert slots filled by the
-//! transfer scheduler (`transfer::TransferScheduler` over `CudaCopyEngine`): an expert's compute
-//! form is staged in a pinned host slot and copied on the dedicated copy stream, and compute
+//! transfer scheduler (`transfer::TransferScheduler` over `CudaCopyEngine`): an expert's stored
+//! bytes are staged in a pinned host slot and copied on the dedicated copy stream, and compute
 //! waits for that expert's copy only. A pooled expert frees its slot when dropped.
-//! `GpuMatrix` holds attention's projections (and MLA's per-head W_UK^T, W_UV) for the same
-//! kernel; attention's scores, softmax, RoPE and norms, and the KV cache, stay on the CPU.
+//! `GpuMatrix` holds attention's projections (stored format) and MLA's per-head W_UK^T, W_UV
+//! (f32, derived at load) for the same kernels; attention's scores, softmax, RoPE and norms, and
+//! the KV cache, stay on the CPU.
 //! Does not own: which experts live on the device (`store`), which weights move (`deepseek_v3`).
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, ensure, Result};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
+use safetensors::Dtype;
+use std::borrow::Cow;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use crate::experts::{ExpertBytes, FfnWeights};
+use crate::experts::{ExpertBytes, FfnWeights, OwnedTensor};
 use crate::kernels::{self, swiglu, ROW_INVARIANT_MAX};
 use crate::policy::ExpertKey;
 use crate::transfer::cuda::CudaCopyEngine;
 use crate::transfer::{CopyEngine, TransferScheduler};
-use std::borrow::Cow;
 
-/// The kernels (`rows_dot`, `dequant_fp8`, `dequant_bf16`), compiled from `rows_dot.cu` by
-/// `nvcc -ptx -arch=compute_80` (CUDA 13.0).
+/// The kernels (`rows_dot_{f32,bf16,fp8,int8,int4}` and their one-token `_t1` twins), compiled
+/// from `rows_dot.cu` by `nvcc -ptx -arch=compute_80` (CUDA 13.0).
 const ROWS_DOT_PTX: &str = include_str!("rows_dot.ptx");
-const BLOCK: u32 = 128;
+/// Rows per block (one warp each), as `WARPS` in the kernel; tokens per warp in the kernels
+/// without `_t1`.
+const WARPS: u32 = 8;
+const TOKENS: u32 = 8;
+const FORMATS: [&str; 5] = ["f32", "bf16", "fp8", "int8", "int4"];
+/// Every tensor (and its scales) starts this aligned in device memory.
+const ALIGN: usize = 256;
 
-/// One CUDA device with the expert kernel loaded.
+/// How a weight matrix is stored in device memory; the kernel for each decodes a weight as the
+/// CPU does (`checkpoint::decode_f32`, `fp8`, `quant`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    F32,
+    Bf16,
+    /// e4m3 with `[rows, cols]` block scales.
+    Fp8,
+    /// moehost's int8 (`I8`) and packed int4 (`U8`), a scale per 32 columns.
+    Int8,
+    Int4,
+}
+
+impl Format {
+    /// The format the kernels read for a stored tensor, if any: FP8 needs its scales and the
+    /// checkpoint's block size, the int formats their scales, f32 and bf16 none.
+    pub fn of(dtype: Dtype, has_scales: bool, fp8_block: Option<[usize; 2]>) -> Option<Self> {
+        match (dtype, has_scales) {
+            (Dtype::F32, false) => Some(Format::F32),
+            (Dtype::BF16, false) => Some(Format::Bf16),
+            (Dtype::F8_E4M3, true) if fp8_block.is_some() => Some(Format::Fp8),
+            (Dtype::I8, true) => Some(Format::Int8),
+            (Dtype::U8, true) => Some(Format::Int4),
+            _ => None,
+        }
+    }
+
+    fn kernel(self) -> usize {
+        self as usize
+    }
+}
+
+/// Bytes an expert of these three stored tensors (weight bytes, scale count) takes in a device
+/// slot: each part aligned.
+pub fn expert_slot_bytes(parts: [(usize, usize); 3]) -> usize {
+    parts
+        .iter()
+        .map(|&(bytes, scales)| aligned(bytes) + aligned(scales * 4))
+        .sum()
+}
+
+fn aligned(n: usize) -> usize {
+    n.next_multiple_of(ALIGN)
+}
+
+/// One CUDA device with the kernels loaded.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    rows_dot: CudaFunction,
-    dequant_fp8: CudaFunction,
-    dequant_bf16: CudaFunction,
+    /// By `Format` code: 8 tokens per warp, then 1 (decode steps).
+    kernels: [[CudaFunction; 5]; 2],
+    /// `fp8::E4M3_TABLE` in device memory, so the GPU decodes FP8 with the CPU's values (the
+    /// slice owns the memory, the kernels take its address).
+    _e4m3: CudaSlice<f32>,
+    e4m3_ptr: u64,
     /// Expert calls come from the MoE's worker threads; one at a time keeps the stream simple.
-    lock: Mutex<()>,
+    /// The lock holds the input and output buffers the calls reuse.
+    scratch: Mutex<Scratch>,
     pub name: String,
 }
 
-impl Gpu {
-    /// `out [t, groups, n]` with `out[t, g, r] = dot(w[g][r, :], x[t, g, ..k])` for the
-    /// matrices `w [groups, n, k]` at device address `w` and `x [t, groups, x_stride]`: the
-    /// `rows_dot` kernel, result back on the host. The caller holds `self.lock`.
-    fn rows_dot(
-        &self,
-        w: u64,
-        [groups, n, k]: [usize; 3],
-        x: &[f32],
-        x_stride: usize,
-    ) -> Result<Vec<f32>> {
-        let s = &self.stream;
-        let t = x.len() / (groups * x_stride);
-        anyhow::ensure!(
-            t * groups * x_stride == x.len() && k <= x_stride && t < 1 << 16,
-            "rows_dot: {} inputs are not [tokens < 65536, {groups}, {x_stride}]",
-            x.len()
-        );
-        let xd = s.clone_htod(x)?;
-        let mut out = s.alloc_zeros::<f32>(t * groups * n)?;
-        let ints = [n, k, t, groups, x_stride].map(|v| v as i32);
-        let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(BLOCK), t as u32, groups as u32),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = s.launch_builder(&self.rows_dot);
-        launch.arg(&w).arg(&xd).arg(&mut out);
-        for v in &ints {
-            launch.arg(v);
+/// A call's inputs and outputs: pinned host buffers and device buffers of `floats` each, grown
+/// as needed. Raw driver memory, so a call costs two copies, a launch and one synchronisation,
+/// with no per-call allocation or event bookkeeping.
+struct Scratch {
+    floats: usize,
+    host: [*mut f32; 2],
+    device: [u64; 2],
+}
+
+// SAFETY: the pointers are driver allocations owned by the scratch, used under `Gpu::scratch`.
+unsafe impl Send for Scratch {}
+
+impl Scratch {
+    fn reserve(&mut self, floats: usize) -> Result<()> {
+        if floats <= self.floats {
+            return Ok(());
         }
-        // SAFETY: the kernel reads groups*n*k weights (the caller's matrices) and the t*groups
-        // x_stride-wide inputs allocated above, and writes the t*groups*n outputs allocated above.
-        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("rows_dot launch: {e}"))?;
-        Ok(s.clone_dtoh(&out)?)
+        self.release();
+        let floats = floats.next_power_of_two();
+        for i in 0..2 {
+            // SAFETY: plain allocations of `floats` f32s, freed in `release`.
+            unsafe {
+                self.host[i] = cudarc::driver::result::malloc_host(floats * 4, 0)? as *mut f32;
+                self.device[i] = cudarc::driver::result::malloc_sync(floats * 4)?;
+            }
+        }
+        self.floats = floats;
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        if self.floats > 0 {
+            for i in 0..2 {
+                // SAFETY: allocated in `reserve`, no copy in flight (calls synchronise).
+                unsafe {
+                    let _ = cudarc::driver::result::free_host(self.host[i] as *mut _);
+                    let _ = cudarc::driver::result::free_sync(self.device[i]);
+                }
+            }
+        }
+        self.floats = 0;
     }
 }
 
-/// A linear layer's weight `[n, k]`, or `groups` of them (MLA's per-head W_UK^T and W_UV), in
-/// device memory: attention's projections on the GPU. Computed with `rows_dot` at every token
-/// count, so up to `ROW_INVARIANT_MAX` tokens it gives the CPU's bits; above, where the CPU
-/// switches to a blocked GEMM, it gives the row kernel's (deterministic, and the same whatever
-/// the expert policies and budgets: the invariant holds per backend).
-pub struct GpuMatrix {
-    gpu: Arc<Gpu>,
-    w: CudaSlice<f32>,
-    groups: usize,
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Where one stored tensor and its scales sit in device memory.
+#[derive(Clone, Copy)]
+struct Placed {
+    data: u64,
+    scales: u64,
+}
+
+/// A linear layer as the kernels read it: `groups` matrices `[n, k]` in `format`, rows
+/// `[0, split)` from `a` and the rest from `b` (an expert's gate and up tensors).
+#[derive(Clone, Copy)]
+struct Linear {
+    format: Format,
+    a: Placed,
+    b: Placed,
+    split: usize,
     n: usize,
     k: usize,
+    groups: usize,
+    fp8_block: [usize; 2],
 }
 
-impl GpuMatrix {
-    /// Copies `w [groups, n, k]` into device memory.
-    pub fn upload(gpu: &Arc<Gpu>, w: &[f32], groups: usize, k: usize) -> Result<Self> {
-        let n = w.len() / (groups * k).max(1);
-        anyhow::ensure!(
-            groups * n * k == w.len(),
-            "{} weights are not {groups} x [n, {k}]",
-            w.len()
-        );
-        let _one = gpu.lock.lock().unwrap();
-        let d = gpu.stream.clone_htod(w)?;
-        gpu.stream.synchronize()?;
-        Ok(Self {
-            gpu: gpu.clone(),
-            w: d,
-            groups,
-            n,
-            k,
-        })
-    }
-
-    /// Bytes held in device memory.
-    pub fn device_bytes(&self) -> usize {
-        self.groups * self.n * self.k * 4
-    }
-
-    /// `out [t, groups, n]` = each group's matrix times `x [t, groups, x_stride]`'s first `k`.
-    pub fn forward(&self, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
-        let _one = self.gpu.lock.lock().unwrap();
-        let w = self.w.device_ptr(&self.gpu.stream).0;
-        let y = self
-            .gpu
-            .rows_dot(w, [self.groups, self.n, self.k], x, x_stride)?;
-        anyhow::ensure!(
-            y.len() == out.len(),
-            "output of {} for {}",
+impl Gpu {
+    /// `out [t, groups, n]` with `out[t, g, r] = dot(w[g][r, :], x[t, g, ..k])`: the format's
+    /// kernel, the result back on the host.
+    fn rows_dot(&self, w: &Linear, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
+        let y = self.rows_dot_many(&[(w, x, x_stride)])?;
+        ensure!(
+            out.len() == y[0].len(),
+            "rows_dot: output of {} for {}",
             out.len(),
-            y.len()
+            y[0].len()
         );
-        out.copy_from_slice(&y);
+        out.copy_from_slice(&y[0]);
         Ok(())
+    }
+
+    /// `rows_dot` for several layers at once with one host round trip: every input goes up in
+    /// one copy, every kernel runs, every output comes down in one copy.
+    fn rows_dot_many(&self, calls: &[(&Linear, &[f32], usize)]) -> Result<Vec<Vec<f32>>> {
+        let mut shapes = Vec::with_capacity(calls.len());
+        for &(w, x, x_stride) in calls {
+            let groups = w.groups;
+            let t = x.len() / (groups * x_stride).max(1);
+            ensure!(
+                t * groups * x_stride == x.len() && w.k <= x_stride && t < 1 << 16,
+                "rows_dot: {} inputs are not [tokens < 65536, {groups}, {x_stride}]",
+                x.len()
+            );
+            shapes.push((t, t * groups * w.n));
+        }
+        let in_len: usize = calls.iter().map(|c| c.1.len()).sum();
+        let out_len: usize = shapes.iter().map(|s| s.1).sum();
+        if out_len == 0 {
+            return Ok(shapes.iter().map(|_| Vec::new()).collect());
+        }
+        let s = &self.stream;
+        let mut scratch = self.scratch.lock().unwrap();
+        self.ctx.bind_to_thread()?;
+        scratch.reserve(in_len.max(out_len))?;
+        let ([hx, hout], [xp, op]) = (scratch.host, scratch.device);
+        // SAFETY: both host buffers hold `floats` >= in_len, out_len values; the inputs are in
+        // `hx` before the copy is queued, and the stream is synchronised before `hout` is read.
+        unsafe {
+            let hx = std::slice::from_raw_parts_mut(hx, in_len);
+            let mut at = 0;
+            for &(_, x, _) in calls {
+                hx[at..at + x.len()].copy_from_slice(x);
+                at += x.len();
+            }
+            cudarc::driver::result::memcpy_htod_async(xp, hx, s.cu_stream())?;
+        }
+        let (mut x_at, mut out_at) = (0u64, 0u64);
+        for (&(w, x, x_stride), &(t, n_out)) in calls.iter().zip(&shapes) {
+            if t > 0 {
+                self.launch(w, xp + 4 * x_at, x_stride, t, op + 4 * out_at)?;
+            }
+            x_at += x.len() as u64;
+            out_at += n_out as u64;
+        }
+        // SAFETY: as above; `hout` is read only after the synchronisation.
+        let hout = unsafe {
+            let hout = std::slice::from_raw_parts_mut(hout, out_len);
+            cudarc::driver::result::memcpy_dtoh_async(hout, op, s.cu_stream())?;
+            s.synchronize()?;
+            &*hout
+        };
+        let mut at = 0;
+        Ok(shapes
+            .iter()
+            .map(|&(_, n)| {
+                at += n;
+                hout[at - n..at].to_vec()
+            })
+            .collect())
+    }
+
+    /// Queues the format's kernel on `t` rows of inputs at device address `xp` (`[t, groups,
+    /// x_stride]`), writing `[t, groups, n]` at `op`. The caller holds the scratch lock.
+    fn launch(&self, w: &Linear, xp: u64, x_stride: usize, t: usize, op: u64) -> Result<()> {
+        let scale_cols = match w.format {
+            Format::Fp8 => w.k.div_ceil(w.fp8_block[1]),
+            Format::Int8 | Format::Int4 => w.k.div_ceil(crate::quant::GROUP),
+            Format::F32 | Format::Bf16 => 0,
+        };
+        // The vector path reads FP8 scales by shift (blocks are 128 wide in every checkpoint).
+        let bc = w.fp8_block[1];
+        let bc_log2 = if bc.is_power_of_two() {
+            bc.trailing_zeros() as usize
+        } else {
+            0
+        };
+        let ints = [
+            w.split,
+            w.fp8_block[0],
+            bc,
+            bc_log2,
+            scale_cols,
+            w.n,
+            w.k,
+            t,
+            w.groups,
+            x_stride,
+        ]
+        .map(|v| v as i32);
+        let tile = if t == 1 { 1 } else { TOKENS };
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (w.n as u32).div_ceil(WARPS),
+                (t as u32).div_ceil(tile),
+                w.groups as u32,
+            ),
+            block_dim: (WARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let kernel = &self.kernels[(t == 1) as usize][w.format.kernel()];
+        let mut launch = self.stream.launch_builder(kernel);
+        launch.arg(&w.a.data).arg(&w.a.scales);
+        launch.arg(&w.b.data).arg(&w.b.scales);
+        for v in &ints[..5] {
+            launch.arg(v);
+        }
+        launch.arg(&self.e4m3_ptr).arg(&xp).arg(&op);
+        for v in &ints[5..] {
+            launch.arg(v);
+        }
+        // SAFETY: the kernel reads groups*n rows of k weights (and their scales) from the
+        // caller's tensors, whose placement `Linear` describes, and t*groups x_stride-wide
+        // inputs at `xp`, and writes t*groups*n outputs at `op`: the caller sized both.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("rows_dot launch: {e}"))?;
+        Ok(())
+    }
+
+    /// Copies `tensors` (each part aligned) into one new device allocation.
+    fn to_device(&self, tensors: &[HostTensor<'_>]) -> Result<(CudaSlice<u8>, Vec<Placed>)> {
+        let mut bytes = Vec::new();
+        for p in parts(tensors) {
+            bytes.extend_from_slice(p);
+        }
+        let _one = self.scratch.lock().unwrap();
+        let d = self.stream.clone_htod(&bytes)?;
+        self.stream.synchronize()?;
+        let base = d.device_ptr(&self.stream).0;
+        Ok((d, placements(base, tensors)))
     }
 }
 
@@ -148,13 +328,26 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
         let setup = || -> Result<Gpu> {
             let stream = ctx.new_stream()?;
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ROWS_DOT_PTX))?;
+            let kernels = |suffix: &str| -> Result<[CudaFunction; 5]> {
+                let f: Result<Vec<_>, _> = FORMATS
+                    .iter()
+                    .map(|f| module.load_function(&format!("rows_dot_{f}{suffix}")))
+                    .collect();
+                Ok(f?.try_into().expect("five formats"))
+            };
+            let e4m3 = stream.clone_htod(&crate::fp8::E4M3_TABLE[..])?;
+            let e4m3_ptr = e4m3.device_ptr(&stream).0;
             Ok(Gpu {
                 ctx: ctx.clone(),
+                kernels: [kernels("")?, kernels("_t1")?],
+                _e4m3: e4m3,
+                e4m3_ptr,
+                scratch: Mutex::new(Scratch {
+                    floats: 0,
+                    host: [std::ptr::null_mut(); 2],
+                    device: [0; 2],
+                }),
                 stream,
-                rows_dot: module.load_function("rows_dot")?,
-                dequant_fp8: module.load_function("dequant_fp8")?,
-                dequant_bf16: module.load_function("dequant_bf16")?,
-                lock: Mutex::new(()),
                 name: info.name.clone(),
             })
         };
@@ -165,72 +358,210 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
     .clone()
 }
 
-/// What `GpuPool::load` copies: the storage format (FP8 and bf16 are converted to f32 on the
-/// GPU) or the compute form (f32, copied as is).
+/// A tensor as it goes to device memory: its stored bytes and (f32) scales.
+struct HostTensor<'a> {
+    format: Format,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Cow<'a, [u8]>,
+    scales: Option<&'a [f32]>,
+}
+
+impl<'a> HostTensor<'a> {
+    fn stored(t: &'a OwnedTensor, fp8_block: Option<[usize; 2]>) -> Option<Self> {
+        Some(Self {
+            format: Format::of(t.dtype, t.scales.is_some(), fp8_block)?,
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            bytes: Cow::Borrowed(&t.bytes),
+            scales: t.scales.as_deref(),
+        })
+    }
+
+    /// Rows `rows` of a compute-form matrix with `k` columns.
+    fn compute(m: &'a kernels::Matrix, rows: std::ops::Range<usize>, k: usize) -> Self {
+        let shape = vec![rows.len(), k];
+        let (start, end) = (rows.start * k, rows.end * k);
+        match m {
+            kernels::Matrix::F32(v) => Self {
+                format: Format::F32,
+                dtype: Dtype::F32,
+                shape,
+                bytes: Cow::Borrowed(as_bytes(&v[start..end])),
+                scales: None,
+            },
+            kernels::Matrix::Bf16(v) => Self {
+                format: Format::Bf16,
+                dtype: Dtype::BF16,
+                shape,
+                bytes: Cow::Owned(
+                    v[start..end]
+                        .iter()
+                        .flat_map(|b| b.0.to_le_bytes())
+                        .collect(),
+                ),
+                scales: None,
+            },
+        }
+    }
+}
+
+/// The bytes to copy for `tensors`: each one's data, then its scales, each part padded to
+/// `ALIGN`.
+fn parts<'a>(tensors: &'a [HostTensor<'_>]) -> Vec<&'a [u8]> {
+    static ZEROS: [u8; ALIGN] = [0; ALIGN];
+    let mut v = Vec::new();
+    for t in tensors {
+        for p in [&t.bytes[..], t.scales.map_or(&[][..], as_bytes)] {
+            v.push(p);
+            v.push(&ZEROS[..aligned(p.len()) - p.len()]);
+        }
+    }
+    v
+}
+
+/// Where `parts(tensors)` put each tensor, copied to `base`.
+fn placements(base: u64, tensors: &[HostTensor<'_>]) -> Vec<Placed> {
+    let mut at = base;
+    tensors
+        .iter()
+        .map(|t| {
+            let data = at;
+            let scales = data + aligned(t.bytes.len()) as u64;
+            at = scales + aligned(t.scales.map_or(0, |s| s.len() * 4)) as u64;
+            Placed { data, scales }
+        })
+        .collect()
+}
+
+/// A linear layer's weight `[n, k]`, or `groups` of them (MLA's per-head W_UK^T and W_UV), in
+/// device memory: attention's projections on the GPU. Computed with the row kernels at every
+/// token count, so up to `ROW_INVARIANT_MAX` tokens it gives the CPU's bits; above, where the
+/// CPU switches to a blocked GEMM, it gives the row kernel's (deterministic, and the same
+/// whatever the expert policies and budgets: the invariant holds per backend).
+pub struct GpuMatrix {
+    gpu: Arc<Gpu>,
+    _mem: CudaSlice<u8>,
+    linear: Linear,
+}
+
+impl GpuMatrix {
+    /// Copies `w [groups, n, k]` (f32) into device memory.
+    pub fn upload(gpu: &Arc<Gpu>, w: &[f32], groups: usize, k: usize) -> Result<Self> {
+        let n = w.len() / (groups * k).max(1);
+        ensure!(
+            groups * n * k == w.len(),
+            "{} weights are not {groups} x [n, {k}]",
+            w.len()
+        );
+        let t = HostTensor {
+            format: Format::F32,
+            dtype: Dtype::F32,
+            shape: vec![groups * n, k],
+            bytes: Cow::Borrowed(as_bytes(w)),
+            scales: None,
+        };
+        Self::place(gpu, t, groups, n, k, None)
+    }
+
+    /// Copies a stored tensor of logical shape `[n, k]` into device memory as it is stored
+    /// (FP8, bf16, int8/int4 or f32); `None` when no kernel reads its format.
+    pub fn upload_stored(
+        gpu: &Arc<Gpu>,
+        t: &OwnedTensor,
+        k: usize,
+        fp8_block: Option<[usize; 2]>,
+    ) -> Result<Option<Self>> {
+        let Some(h) = HostTensor::stored(t, fp8_block) else {
+            return Ok(None);
+        };
+        Self::place(gpu, h, 1, t.rows(), k, fp8_block).map(Some)
+    }
+
+    fn place(
+        gpu: &Arc<Gpu>,
+        t: HostTensor<'_>,
+        groups: usize,
+        n: usize,
+        k: usize,
+        fp8_block: Option<[usize; 2]>,
+    ) -> Result<Self> {
+        let format = t.format;
+        let (mem, placed) = gpu.to_device(&[t])?;
+        Ok(Self {
+            gpu: gpu.clone(),
+            _mem: mem,
+            linear: Linear {
+                format,
+                a: placed[0],
+                b: placed[0],
+                split: n,
+                n,
+                k,
+                groups,
+                fp8_block: fp8_block.unwrap_or([1, 1]),
+            },
+        })
+    }
+
+    /// Bytes held in device memory.
+    pub fn device_bytes(&self) -> usize {
+        self._mem.len()
+    }
+
+    /// The storage format the kernel reads.
+    pub fn format(&self) -> Format {
+        self.linear.format
+    }
+
+    /// `out [t, groups, n]` = each group's matrix times `x [t, groups, x_stride]`'s first `k`.
+    pub fn forward(&self, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
+        self.gpu.rows_dot(&self.linear, x, x_stride, out)
+    }
+}
+
+/// What `GpuPool::load` copies: the storage format, or the compute form.
 pub enum ExpertSource<'a> {
     Stored(&'a ExpertBytes),
     Compute(&'a FfnWeights),
 }
 
-/// An expert's sizes in compute form.
-struct Dims {
-    gate_up_len: usize,
-    down_len: usize,
-    intermediate: usize,
-    hidden: usize,
-}
-
-impl ExpertSource<'_> {
-    fn dims(&self) -> Dims {
-        match self {
-            ExpertSource::Compute(w) => Dims {
-                gate_up_len: w.gate_up.len(),
-                down_len: w.down.len(),
-                intermediate: w.intermediate,
-                hidden: w.down.len() / w.intermediate.max(1),
-            },
-            ExpertSource::Stored(b) => {
-                let (i, h) = (b.tensors[0].rows(), b.tensors[2].rows());
-                Dims {
-                    gate_up_len: 2 * i * h,
-                    down_len: h * i,
-                    intermediate: i,
-                    hidden: h,
-                }
-            }
-        }
-    }
-
-    /// The bytes to stage: f32 gate_up then down (widened when the compute form is bf16); or
-    /// the stored gate, up, down, then scales.
-    fn parts(&self) -> Vec<Cow<'_, [u8]>> {
-        fn f32_bytes(m: &kernels::Matrix) -> Cow<'_, [u8]> {
-            match m {
-                kernels::Matrix::F32(v) => Cow::Borrowed(as_bytes(v)),
-                m => Cow::Owned(as_bytes(&m.to_f32()).to_vec()),
-            }
-        }
-        match self {
-            ExpertSource::Compute(w) => vec![f32_bytes(&w.gate_up), f32_bytes(&w.down)],
-            ExpertSource::Stored(b) => b
+/// An expert's three tensors (gate, up, down) as they go to device memory: stored as they are
+/// when a kernel reads their format, else decoded to the compute form (f32 or bf16) first.
+/// `converted` keeps that compute form alive.
+fn expert_tensors<'a>(
+    src: &ExpertSource<'a>,
+    converted: &'a mut Option<FfnWeights>,
+) -> Result<(Vec<HostTensor<'a>>, Option<[usize; 2]>)> {
+    let w = match *src {
+        ExpertSource::Stored(b) => {
+            let stored: Option<Vec<_>> = b
                 .tensors
                 .iter()
-                .map(|t| t.bytes.as_slice())
-                .chain(
-                    b.tensors
-                        .iter()
-                        .filter_map(|t| t.scales.as_deref())
-                        .map(as_bytes),
-                )
-                .map(Cow::Borrowed)
-                .collect(),
+                .map(|t| HostTensor::stored(t, b.fp8_block()))
+                .collect();
+            match stored {
+                Some(v) if v[0].format == v[1].format => return Ok((v, b.fp8_block())),
+                _ => &*converted.insert(b.to_ffn()?),
+            }
         }
-    }
+        ExpertSource::Compute(w) => w,
+    };
+    let i = w.intermediate;
+    let hidden = w.down.len() / i.max(1);
+    Ok((
+        vec![
+            HostTensor::compute(&w.gate_up, 0..i, hidden),
+            HostTensor::compute(&w.gate_up, i..2 * i, hidden),
+            HostTensor::compute(&w.down, 0..hidden, i),
+        ],
+        None,
+    ))
 }
 
-/// The device tier's expert memory: f32 expert slots in one `cuMemAlloc` pool, filled through
-/// pinned staging slots, landing buffers and the copy stream (the transfer scheduler), then
-/// converted in place on the GPU.
+/// The device tier's expert memory: expert slots in one `cuMemAlloc` pool, filled through
+/// pinned staging slots, landing buffers and the copy stream (the transfer scheduler). An
+/// expert keeps its storage format in its slot.
 pub struct GpuPool {
     gpu: Arc<Gpu>,
     /// Host staging slot i -> a landing buffer in device memory (the scheduler's device slots).
@@ -238,12 +569,10 @@ pub struct GpuPool {
     /// Pinned staging slots not in use (a slot is held from staging until its copy completed).
     staging: Mutex<Vec<usize>>,
     staged: Condvar,
-    /// The expert slots: f32 gate_up then down, `slot_bytes` each.
+    /// The expert slots, `slot_bytes` each.
     base: u64,
     slot_bytes: usize,
     free: Mutex<Vec<usize>>,
-    /// `fp8::E4M3_TABLE` in device memory, so the GPU decodes FP8 with the CPU's values.
-    e4m3: CudaSlice<f32>,
 }
 
 // SAFETY: `base` is a device address owned by the pool; every use goes through the driver.
@@ -259,7 +588,7 @@ impl Drop for GpuPool {
 }
 
 impl GpuPool {
-    /// `device_slots` experts of `slot_bytes` (their f32 compute form) in device memory, and
+    /// `device_slots` experts of `slot_bytes` (see `expert_slot_bytes`) in device memory, and
     /// `staging` pinned host slots with as many landing buffers.
     pub fn new(
         gpu: &Arc<Gpu>,
@@ -274,7 +603,6 @@ impl GpuPool {
             .map_err(|e| {
                 anyhow!("cannot allocate {device_slots} expert slots of {slot_bytes} bytes: {e}")
             })?;
-        let e4m3 = gpu.stream.clone_htod(&crate::fp8::E4M3_TABLE[..])?;
         Ok(Self {
             gpu: gpu.clone(),
             sched: TransferScheduler::new(engine, 2),
@@ -283,13 +611,12 @@ impl GpuPool {
             base,
             slot_bytes,
             free: Mutex::new((0..device_slots).rev().collect()),
-            e4m3,
         })
     }
 
     /// Puts `key` in a device slot: its bytes are staged in a pinned slot, copied on the copy
-    /// stream into a landing buffer (waiting for this copy only), then converted to f32 into the
-    /// slot on the GPU. `None` when no slot is free.
+    /// stream into a landing buffer (waiting for this copy only), then moved into the slot.
+    /// `None` when no slot is free.
     pub fn load(
         self: &Arc<Self>,
         key: ExpertKey,
@@ -311,23 +638,15 @@ impl GpuPool {
         slot: usize,
         src: ExpertSource<'_>,
     ) -> Result<GpuExpert> {
-        // The GPU converts FP8 and bf16 itself; any other stored format goes as f32.
-        let converted;
-        let src = match src {
-            ExpertSource::Stored(b) if !on_gpu(b) => {
-                converted = b.to_ffn()?;
-                ExpertSource::Compute(&converted)
-            }
-            src => src,
-        };
-        let dims = src.dims();
-        let f32_bytes = (dims.gate_up_len + dims.down_len) * 4;
-        anyhow::ensure!(
-            f32_bytes <= self.slot_bytes,
-            "expert {key:?} does not fit a device slot"
+        let mut converted = None;
+        let (tensors, fp8_block) = expert_tensors(&src, &mut converted)?;
+        let parts = parts(&tensors);
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        ensure!(
+            len <= self.slot_bytes,
+            "expert {key:?} ({len} bytes) does not fit a device slot of {}",
+            self.slot_bytes
         );
-        let parts = src.parts();
-        let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
         let host_slot = {
             let mut free = self.staging.lock().unwrap();
             loop {
@@ -341,82 +660,37 @@ impl GpuPool {
         let landed = (|| -> Result<()> {
             // One load per expert at a time (the store guarantees it): a second would share the
             // first's landing buffer and free it under it.
-            anyhow::ensure!(
+            ensure!(
                 !self.sched.is_resident(key),
                 "{key:?} is already being loaded"
             );
             self.sched.engine().stage(host_slot, &parts)?;
             let pin = self.sched.demand(key, host_slot)?;
             let landing = self.sched.engine().device_ptr(pin.slot);
-            let convert = match src {
-                ExpertSource::Stored(b) => self.convert(b, landing, out),
-                ExpertSource::Compute(_) => {
-                    let _one = self.gpu.lock.lock().unwrap();
-                    self.gpu.ctx.bind_to_thread()?;
-                    // SAFETY: both ranges lie in live device allocations of at least this size.
-                    unsafe { cudarc::driver::result::memcpy_dtod_sync(out, landing, f32_bytes) }
-                        .map_err(|e| anyhow!("cuMemcpyDtoD: {e}"))
-                }
+            let moved = {
+                let _one = self.gpu.scratch.lock().unwrap();
+                self.gpu.ctx.bind_to_thread()?;
+                // SAFETY: both ranges lie in live device allocations of at least `len` bytes.
+                unsafe { cudarc::driver::result::memcpy_dtod_sync(out, landing, len) }
+                    .map_err(|e| anyhow!("cuMemcpyDtoD: {e}"))
             };
             drop(pin);
             self.sched.evict(key);
-            convert
+            moved
         })();
         self.staging.lock().unwrap().push(host_slot);
         self.staged.notify_one();
         landed?;
-        Ok(GpuExpert {
-            gpu: self.gpu.clone(),
-            weights: Weights::Pooled {
+        GpuExpert::new(
+            &self.gpu,
+            Memory::Pooled {
                 pool: self.clone(),
                 slot,
-                gate_up: out,
-                down: out + (dims.gate_up_len * 4) as u64,
             },
-            dims,
-        })
-    }
-
-    /// The stored tensors in `landing` (gate, up, down bytes, then their scales) to f32 at `out`.
-    fn convert(&self, b: &ExpertBytes, landing: u64, out: u64) -> Result<()> {
-        let g = &self.gpu;
-        let _one = g.lock.lock().unwrap();
-        let s = &g.stream;
-        let mut at = landing;
-        let mut scales_at = landing + b.tensors.iter().map(|t| t.bytes.len() as u64).sum::<u64>();
-        let mut dst = out;
-        for t in &b.tensors {
-            let (rows, cols) = (t.shape[0], t.shape[1]);
-            let n = rows * cols;
-            let cfg = LaunchConfig {
-                grid_dim: ((n as u32).div_ceil(BLOCK), 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            match t.dtype {
-                safetensors::Dtype::F8_E4M3 => {
-                    let [br, bc] = b.fp8_block().expect("on_gpu checked the block size");
-                    let (r32, c32, br32, bc32) = (rows as i32, cols as i32, br as i32, bc as i32);
-                    let mut l = s.launch_builder(&g.dequant_fp8);
-                    l.arg(&at).arg(&scales_at).arg(&self.e4m3).arg(&dst);
-                    l.arg(&r32).arg(&c32).arg(&br32).arg(&bc32);
-                    // SAFETY: reads n bytes and the block scales, writes n floats, all in bounds.
-                    unsafe { l.launch(cfg) }.map_err(|e| anyhow!("dequant_fp8: {e}"))?;
-                    scales_at += (t.scales.as_ref().map_or(0, |v| v.len()) * 4) as u64;
-                }
-                _ => {
-                    let n32 = n as i32;
-                    let mut l = s.launch_builder(&g.dequant_bf16);
-                    l.arg(&at).arg(&dst).arg(&n32);
-                    // SAFETY: reads n bf16 values, writes n floats, all in bounds.
-                    unsafe { l.launch(cfg) }.map_err(|e| anyhow!("dequant_bf16: {e}"))?;
-                }
-            }
-            at += t.bytes.len() as u64;
-            dst += (n * 4) as u64;
-        }
-        s.synchronize()?;
-        Ok(())
+            &tensors,
+            placements(out, &tensors),
+            fp8_block,
+        )
     }
 
     /// The GPU's name.
@@ -430,143 +704,314 @@ impl GpuPool {
     }
 }
 
-/// Whether the GPU converts this storage format itself: FP8 with block scales, or bf16.
-fn on_gpu(b: &ExpertBytes) -> bool {
-    // The scales follow the weights in the landing buffer: they must stay 4-byte aligned.
-    let weights: usize = b.tensors.iter().map(|t| t.bytes.len()).sum();
-    weights.is_multiple_of(4)
-        && b.tensors.iter().all(|t| {
-            t.shape.len() == 2
-                && match t.dtype {
-                    safetensors::Dtype::F8_E4M3 => t.scales.is_some() && b.fp8_block().is_some(),
-                    safetensors::Dtype::BF16 => t.scales.is_none(),
-                    _ => false,
-                }
-        })
-}
-
 fn as_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: any f32 is 4 plain bytes; the length is in bytes.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-/// Where an expert's weights are in device memory.
-enum Weights {
-    /// Its own allocations (`GpuExpert::upload`).
-    Owned {
-        gate_up: CudaSlice<f32>,
-        down: CudaSlice<f32>,
-    },
+/// Whose device memory an expert's weights are in.
+enum Memory {
+    /// Its own allocation (`GpuExpert::upload`), freed when the expert is dropped.
+    Owned(#[allow(dead_code)] CudaSlice<u8>),
     /// A slot of a `GpuPool`, freed when the expert is dropped.
-    Pooled {
-        pool: Arc<GpuPool>,
-        slot: usize,
-        gate_up: u64,
-        down: u64,
-    },
+    Pooled { pool: Arc<GpuPool>, slot: usize },
 }
 
-#[derive(Clone, Copy)]
-enum Matrix {
-    GateUp,
-    Down,
+/// What it takes to copy one of an expert's tensors back (for steps the CPU must compute).
+struct Stored {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    at: Placed,
+    bytes: usize,
+    scales: Option<usize>,
 }
 
-/// An expert's compute-form weights in device memory.
+/// An expert's weights in device memory, in their storage format.
 pub struct GpuExpert {
     gpu: Arc<Gpu>,
-    weights: Weights,
-    dims: Dims,
+    memory: Memory,
+    gate_up: Linear,
+    down: Linear,
+    tensors: Vec<Stored>,
+    fp8_block: Option<[usize; 2]>,
+    hidden: usize,
+    intermediate: usize,
 }
 
 impl Drop for GpuExpert {
     fn drop(&mut self) {
-        if let Weights::Pooled { pool, slot, .. } = &self.weights {
+        if let Memory::Pooled { pool, slot } = &self.memory {
             pool.free.lock().unwrap().push(*slot);
         }
     }
 }
 
 impl GpuExpert {
-    /// Copies `w` into allocations of its own (synchronously, from pageable memory).
+    /// Copies `w` (its compute form: f32, or bf16 as stored) into an allocation of its own.
     pub fn upload(gpu: &Arc<Gpu>, w: &FfnWeights) -> Result<Self> {
-        let _one = gpu.lock.lock().unwrap();
-        let gate_up = gpu.stream.clone_htod(w.gate_up.to_f32().as_ref())?;
-        let down = gpu.stream.clone_htod(w.down.to_f32().as_ref())?;
-        gpu.stream.synchronize()?;
+        Self::upload_source(gpu, ExpertSource::Compute(w))
+    }
+
+    /// Copies an expert (or a dense MLP, a shared expert) into an allocation of its own, in its
+    /// storage format when a kernel reads it.
+    pub fn upload_stored(gpu: &Arc<Gpu>, b: &ExpertBytes) -> Result<Self> {
+        Self::upload_source(gpu, ExpertSource::Stored(b))
+    }
+
+    fn upload_source(gpu: &Arc<Gpu>, src: ExpertSource<'_>) -> Result<Self> {
+        let mut converted = None;
+        let (tensors, fp8_block) = expert_tensors(&src, &mut converted)?;
+        let (mem, placed) = gpu.to_device(&tensors)?;
+        Self::new(gpu, Memory::Owned(mem), &tensors, placed, fp8_block)
+    }
+
+    fn new(
+        gpu: &Arc<Gpu>,
+        memory: Memory,
+        tensors: &[HostTensor<'_>],
+        placed: Vec<Placed>,
+        fp8_block: Option<[usize; 2]>,
+    ) -> Result<Self> {
+        let rows = |t: &HostTensor<'_>| crate::quant::logical_shape(t.dtype, &t.shape)[0];
+        let (intermediate, hidden) = (rows(&tensors[0]), rows(&tensors[2]));
+        ensure!(
+            rows(&tensors[1]) == intermediate,
+            "gate and up projections differ in rows"
+        );
+        let linear = |format, a, b, split, n, k| Linear {
+            format,
+            a,
+            b,
+            split,
+            n,
+            k,
+            groups: 1,
+            fp8_block: fp8_block.unwrap_or([1, 1]),
+        };
         Ok(Self {
             gpu: gpu.clone(),
-            weights: Weights::Owned { gate_up, down },
-            dims: ExpertSource::Compute(w).dims(),
+            memory,
+            gate_up: linear(
+                tensors[0].format,
+                placed[0],
+                placed[1],
+                intermediate,
+                2 * intermediate,
+                hidden,
+            ),
+            down: linear(
+                tensors[2].format,
+                placed[2],
+                placed[2],
+                hidden,
+                hidden,
+                intermediate,
+            ),
+            tensors: tensors
+                .iter()
+                .zip(&placed)
+                .map(|(t, &at)| Stored {
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    at,
+                    bytes: t.bytes.len(),
+                    scales: t.scales.map(|s| s.len()),
+                })
+                .collect(),
+            fp8_block,
+            hidden,
+            intermediate,
         })
     }
 
-    /// Bytes held in device memory.
+    /// Bytes held in device memory (weights and scales, as stored there).
     pub fn device_bytes(&self) -> usize {
-        (self.dims.gate_up_len + self.dims.down_len) * 4
+        self.tensors
+            .iter()
+            .map(|t| t.bytes + t.scales.unwrap_or(0) * 4)
+            .sum()
     }
 
-    /// `FfnWeights::forward`, on the GPU, with the same bits. Above `ROW_INVARIANT_MAX` rows
-    /// the CPU's kernels switch to a blocked GEMM whose sums no row kernel reproduces, so such
-    /// a step copies the weights back and runs on the CPU.
+    /// The storage formats the kernels read: gate_up's and down's.
+    pub fn formats(&self) -> [Format; 2] {
+        [self.gate_up.format, self.down.format]
+    }
+
+    /// `FfnWeights::forward`, on the GPU, with the same bits (see `forward_experts`).
     pub fn forward(&self, x: &[f32], hidden: usize, out: &mut [f32]) -> Result<()> {
-        anyhow::ensure!(
-            hidden == self.dims.hidden,
-            "hidden size {hidden}, expert has {}",
-            self.dims.hidden
+        ensure!(
+            out.len() == x.len(),
+            "{} outputs for {} inputs",
+            out.len(),
+            x.len()
         );
-        let t = x.len() / hidden;
-        let i = self.dims.intermediate;
-        if t > ROW_INVARIANT_MAX {
-            let w = self.download()?;
-            w.forward(x, hidden, out);
-            return Ok(());
-        }
-        let _one = self.gpu.lock.lock().unwrap();
-        let gu = self.rows(Matrix::GateUp, 2 * i, hidden, x)?;
-        let mut act = vec![0f32; t * i];
-        swiglu(&gu, i, &mut act);
-        let y = self.rows(Matrix::Down, hidden, i, &act)?;
-        out.copy_from_slice(&y);
+        let y = forward_experts(&[(self, x)], hidden)?;
+        out.copy_from_slice(&y[0]);
         Ok(())
     }
 
-    /// `x [t, k] @ w^T` for `w [n, k]`, one of the expert's matrices; back on the host.
-    fn rows(&self, which: Matrix, n: usize, k: usize, x: &[f32]) -> Result<Vec<f32>> {
-        // A pooled slot's copy completed before the expert was handed out (`GpuPool::load`).
-        let s = &self.gpu.stream;
-        let w = match (&self.weights, which) {
-            (Weights::Owned { gate_up, .. }, Matrix::GateUp) => gate_up.device_ptr(s).0,
-            (Weights::Owned { down, .. }, Matrix::Down) => down.device_ptr(s).0,
-            (Weights::Pooled { gate_up, .. }, Matrix::GateUp) => *gate_up,
-            (Weights::Pooled { down, .. }, Matrix::Down) => *down,
-        };
-        self.gpu.rows_dot(w, [1, n, k], x, k)
-    }
-
-    fn download(&self) -> Result<FfnWeights> {
-        let _one = self.gpu.lock.lock().unwrap();
-        let (gate_up, down) = match &self.weights {
-            Weights::Owned { gate_up, down } => (
-                self.gpu.stream.clone_dtoh(gate_up)?,
-                self.gpu.stream.clone_dtoh(down)?,
-            ),
-            Weights::Pooled { gate_up, down, .. } => {
-                let mut g = vec![0f32; self.dims.gate_up_len];
-                let mut d = vec![0f32; self.dims.down_len];
-                self.gpu.ctx.bind_to_thread()?;
-                // SAFETY: the slot holds gate_up_len then down_len floats, copied completely.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_sync(&mut g, *gate_up)?;
-                    cudarc::driver::result::memcpy_dtoh_sync(&mut d, *down)?;
+    /// The stored tensors, copied back to the host.
+    fn download(&self) -> Result<ExpertBytes> {
+        let _one = self.gpu.scratch.lock().unwrap();
+        self.gpu.ctx.bind_to_thread()?;
+        let back = |t: &Stored, name: &str| -> Result<OwnedTensor> {
+            let mut bytes = vec![0u8; t.bytes];
+            // SAFETY: the tensor's bytes and scales were copied completely to these addresses.
+            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut bytes, t.at.data)? };
+            let scales = match t.scales {
+                Some(n) => {
+                    let mut s = vec![0f32; n];
+                    // SAFETY: as above.
+                    unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut s, t.at.scales)? };
+                    Some(s)
                 }
-                (g, d)
-            }
+                None => None,
+            };
+            Ok(OwnedTensor {
+                name: name.into(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                bytes,
+                scales,
+            })
         };
-        Ok(FfnWeights {
-            gate_up: kernels::Matrix::F32(gate_up),
-            down: kernels::Matrix::F32(down),
-            intermediate: self.dims.intermediate,
-        })
+        let [g, u, d] = [0, 1, 2].map(|n| &self.tensors[n]);
+        Ok(ExpertBytes::new(
+            [
+                back(g, "gate_proj")?,
+                back(u, "up_proj")?,
+                back(d, "down_proj")?,
+            ],
+            self.fp8_block,
+        ))
     }
+}
+
+/// Times an FP8 expert of `hidden` x `intermediate` (pseudo-random weights) on `gpu`, and a
+/// device-to-device copy of the same size, in one run.
+pub fn measure_expert(
+    gpu: &Arc<Gpu>,
+    hidden: usize,
+    intermediate: usize,
+) -> Result<crate::doctor::ExpertSpeed> {
+    let block = [128, 128];
+    let mut state = 0x2545_f491_u32;
+    let tensor = |name: &str, rows: usize, cols: usize, state: &mut u32| {
+        let bytes = (0..rows * cols)
+            .map(|_| {
+                *state ^= *state << 13;
+                *state ^= *state >> 17;
+                *state ^= *state << 5;
+                // Any e4m3 code but NaN.
+                (*state as u8) & 0xfe
+            })
+            .collect();
+        let scales = vec![1.0 / 4096.0; rows.div_ceil(block[0]) * cols.div_ceil(block[1])];
+        OwnedTensor {
+            name: name.into(),
+            dtype: Dtype::F8_E4M3,
+            shape: vec![rows, cols],
+            bytes,
+            scales: Some(scales),
+        }
+    };
+    let expert = ExpertBytes::new(
+        [
+            tensor("gate", intermediate, hidden, &mut state),
+            tensor("up", intermediate, hidden, &mut state),
+            tensor("down", hidden, intermediate, &mut state),
+        ],
+        Some(block),
+    );
+    let on_gpu = GpuExpert::upload_stored(gpu, &expert)?;
+    let time = |tokens: usize| -> Result<f64> {
+        let x: Vec<f32> = (0..tokens * hidden)
+            .map(|i| (i % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let mut out = vec![0f32; tokens * hidden];
+        on_gpu.forward(&x, hidden, &mut out)?; // warm up
+        let reps = 20;
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            on_gpu.forward(&x, hidden, &mut out)?;
+        }
+        Ok(t0.elapsed().as_secs_f64() / reps as f64)
+    };
+    let one_token_s = time(1)?;
+    let eight_tokens_s = time(8)?;
+    let bytes = expert.storage_bytes();
+    let dtod_gbps = {
+        let _one = gpu.scratch.lock().unwrap();
+        let s = &gpu.stream;
+        let src = s.alloc_zeros::<u8>(bytes)?;
+        let mut dst = s.alloc_zeros::<u8>(bytes)?;
+        s.memcpy_dtod(&src, &mut dst)?;
+        s.synchronize()?;
+        let reps = 20;
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            s.memcpy_dtod(&src, &mut dst)?;
+        }
+        s.synchronize()?;
+        (2 * bytes * reps) as f64 / t0.elapsed().as_secs_f64() / 1e9
+    };
+    Ok(crate::doctor::ExpertSpeed {
+        one_token_s,
+        eight_tokens_s,
+        weights_gbps: bytes as f64 / one_token_s / 1e9,
+        dtod_gbps,
+    })
+}
+
+/// Several experts' `FfnWeights::forward` on the GPU, bit for bit, with two host round trips in
+/// all (one before and one after the CPU's SwiGLU), not two per expert: a MoE layer step's
+/// experts run together. Above `ROW_INVARIANT_MAX` rows the CPU's kernels switch to a blocked
+/// GEMM whose sums no row kernel reproduces, so such an expert is copied back and runs on the
+/// CPU.
+pub fn forward_experts(jobs: &[(&GpuExpert, &[f32])], hidden: usize) -> Result<Vec<Vec<f32>>> {
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); jobs.len()];
+    let mut on_gpu = Vec::new();
+    for (n, &(e, x)) in jobs.iter().enumerate() {
+        ensure!(
+            hidden == e.hidden && x.len() % hidden == 0,
+            "{} inputs of hidden size {hidden} for an expert of hidden size {}",
+            x.len(),
+            e.hidden
+        );
+        if x.len() / hidden > ROW_INVARIANT_MAX {
+            out[n] = vec![0f32; x.len()];
+            e.download()?.to_ffn()?.forward(x, hidden, &mut out[n]);
+        } else {
+            on_gpu.push(n);
+        }
+    }
+    let Some(&first) = on_gpu.first() else {
+        return Ok(out);
+    };
+    let gpu = &jobs[first].0.gpu;
+    // A pooled slot's copy completed before the expert was handed out (`GpuPool::load`).
+    let gate_up: Vec<_> = on_gpu
+        .iter()
+        .map(|&n| (&jobs[n].0.gate_up, jobs[n].1, hidden))
+        .collect();
+    let gu = gpu.rows_dot_many(&gate_up)?;
+    let act: Vec<Vec<f32>> = on_gpu
+        .iter()
+        .zip(&gu)
+        .map(|(&n, gu)| {
+            let i = jobs[n].0.intermediate;
+            let mut act = vec![0f32; gu.len() / 2];
+            swiglu(gu, i, &mut act);
+            act
+        })
+        .collect();
+    let down: Vec<_> = on_gpu
+        .iter()
+        .zip(&act)
+        .map(|(&n, a)| (&jobs[n].0.down, &a[..], jobs[n].0.intermediate))
+        .collect();
+    for (&n, y) in on_gpu.iter().zip(gpu.rows_dot_many(&down)?) {
+        out[n] = y;
+    }
+    Ok(out)
 }

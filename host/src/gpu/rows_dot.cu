@@ -1,12 +1,19 @@
-// moehost's GPU linear kernel: out[t][g][r] = dot(w[g][r, :], x[t][g][:k]) for `groups`
+// moehost's GPU linear kernels: out[t][g][r] = dot(w[g][r, :], x[t][g][:k]) for `groups`
 // row-major weight matrices w [groups, n, k] and inputs x [tokens, groups, x_stride] (a plain
 // linear layer is one group with x_stride = k; MLA's per-head W_UK and W_UV are one group per
-// head), with each dot product computed in exactly the
-// order of the CPU's `kernels::dot` (AVX2 path): four 8-lane accumulators over 32-element
-// chunks, fused multiply-adds, then 8-element steps into the first accumulator, the fixed
-// horizontal sum of `hsum4`, then the scalar tail as separate multiply and add. So a routed
-// expert gives the same bits on the GPU as on the CPU, and placement (GPU or CPU) never
-// changes a token. One thread per (row, token); speed is secondary to exactness here.
+// head; an expert's gate_up is two stored tensors, rows [0, split) from `a` and the rest from
+// `b`).
+//
+// Exactness. Each dot product is summed in exactly the order of the CPU's `kernels::dot` (AVX2
+// path): four 8-lane accumulators over 32-element chunks (accumulator lane m = 8j + l takes
+// elements m, m + 32, m + 64, ...), fused multiply-adds, then 8-element steps into the first
+// accumulator, the fixed horizontal sum of `hsum4`, then the scalar tail as separate multiply
+// and add. A warp computes one row: its lane m *is* accumulator lane m, so the 32 partial sums
+// are the CPU's and the loads are coalesced (whole 32-bit words, redistributed by shuffles). The weights stay in their storage format (f32,
+// bf16, FP8 e4m3 with 128x128 block scales, moehost's int8/int4 with a scale per 32 columns)
+// and each is decoded in a register exactly as the CPU decodes it (one rounded f32 multiply by
+// its scale, the CPU's own e4m3 table), so a routed expert gives the same bits on the GPU as on
+// the CPU whatever its format, and placement (GPU or CPU) never changes a token.
 //
 // Regenerate the checked-in PTX (any nvcc >= 12; compute_80 PTX is JIT-compiled by the driver
 // for Hopper): nvcc -ptx -arch=compute_80 -o rows_dot.ptx rows_dot.cu
@@ -14,68 +21,209 @@
 // nvidia-cuda-runtime 13.0 wheels, unpacked into one tree, give nvcc 13.0.88, which reproduces
 // the checked-in PTX byte for byte.
 
-extern "C" __global__ void rows_dot(const float* __restrict__ w,
-                                    const float* __restrict__ x,
-                                    float* __restrict__ out,
-                                    int n, int k, int tokens, int groups, int x_stride) {
-    int r = blockIdx.x * blockDim.x + threadIdx.x;
-    int t = blockIdx.y;
+#define FULL 0xffffffffu
+// Rows per block (a warp each). Tokens per warp (TT, a template parameter: 1 for decode
+// steps, 8 otherwise): each weight is loaded once for up to that many inputs.
+#define WARPS 8
+
+// Format codes, as `gpu::Format` in Rust.
+#define F32 0
+#define BF16 1
+#define FP8 2
+#define INT8 3
+#define INT4 4
+
+template <int F>
+__device__ __forceinline__ float weight(const unsigned char* __restrict__ d,
+                                        const float* __restrict__ s,
+                                        const float* __restrict__ table, size_t row, int c,
+                                        int k, int br, int bc, int scale_cols) {
+    if (F == F32) return ((const float*)d)[row * k + c];
+    if (F == BF16)
+        return __uint_as_float(((unsigned int)((const unsigned short*)d)[row * k + c]) << 16);
+    if (F == FP8)
+        return __fmul_rn(table[d[row * k + c]], s[(row / br) * scale_cols + c / bc]);
+    if (F == INT8)
+        return __fmul_rn((float)(signed char)d[row * k + c], s[row * scale_cols + c / 32]);
+    // INT4: two per byte, low nibble first, stored with an offset of 8.
+    unsigned char b = d[row * (size_t)((k + 1) / 2) + c / 2];
+    int nib = (c & 1) ? (b >> 4) : (b & 15);
+    return __fmul_rn((float)(nib - 8), s[row * scale_cols + c / 32]);
+}
+
+// Elements of format F in one 32-bit word, and bytes per stored row of k.
+template <int F> __device__ __forceinline__ int per_word() {
+    return F == F32 ? 1 : F == BF16 ? 2 : F == INT4 ? 8 : 4;
+}
+template <int F> __device__ __forceinline__ size_t row_bytes(int k) {
+    return F == F32 ? 4 * (size_t)k : F == BF16 ? 2 * (size_t)k : F == INT4 ? (k + 1) / 2 : k;
+}
+
+// Element `sub` of a little-endian 32-bit word of format F, with its scale: the same value
+// `weight` gives.
+template <int F>
+__device__ __forceinline__ float unpack(unsigned int w, int sub, float scale,
+                                        const float* __restrict__ table) {
+    if (F == F32) return __uint_as_float(w);
+    if (F == BF16) return __uint_as_float(((w >> (16 * sub)) & 0xffffu) << 16);
+    if (F == FP8) return __fmul_rn(table[(w >> (8 * sub)) & 0xffu], scale);
+    if (F == INT8) return __fmul_rn((float)(signed char)((w >> (8 * sub)) & 0xffu), scale);
+    return __fmul_rn((float)((int)((w >> (4 * sub)) & 15u) - 8), scale);
+}
+
+// One 32 * E-element stretch of a row: lane m brought word m; shuffles hand accumulator lane
+// a its element of each 32-element chunk in turn. `xp` is the stretch's first input of token 0,
+// `xstride` the distance between tokens.
+template <int F, int TT>
+__device__ __forceinline__ void stretch(float (&acc)[TT], unsigned int word, int c0, int nt,
+                                        const float* xp, size_t xstride,
+                                        const float* __restrict__ row_scales, int bc_log2,
+                                        const float* __restrict__ table, int lane) {
+    const int E = per_word<F>();
+#pragma unroll
+    for (int q = 0; q < E; ++q) {
+        int c = c0 + q * 32;  // this chunk's first element, the same in every lane
+        float scale = 0.0f;
+        if (F == FP8) scale = row_scales[c >> bc_log2];
+        if (F == INT8 || F == INT4) scale = row_scales[c >> 5];
+        unsigned int mine = E == 1 ? word : __shfl_sync(FULL, word, q * (32 / E) + lane / E);
+        float w = unpack<F>(mine, lane % E, scale, table);
+#pragma unroll
+        for (int j = 0; j < TT; ++j)
+            if (j < nt) acc[j] = __fmaf_rn(w, xp[j * xstride + q * 32 + lane], acc[j]);
+    }
+}
+
+// Inputs per shared-memory tile of the multi-token kernels (a multiple of every 32 * E).
+#define XTILE 512
+
+template <int F, int TT>
+__device__ void rows_dot(const unsigned char* __restrict__ a, const float* __restrict__ as,
+                         const unsigned char* __restrict__ b, const float* __restrict__ bs,
+                         int split, int br, int bc, int bc_log2, int scale_cols,
+                         const float* __restrict__ e4m3, const float* __restrict__ x,
+                         float* __restrict__ out, int n, int k, int tokens, int groups,
+                         int x_stride) {
+    __shared__ float table[256];
+    if (F == FP8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) table[i] = e4m3[i];
+        __syncthreads();
+    }
+    int lane = threadIdx.x & 31;
+    int r = blockIdx.x * WARPS + threadIdx.x / 32;
+    int t0 = blockIdx.y * TT;
     int g = blockIdx.z;
-    if (r >= n || t >= tokens || g >= groups) return;
-    const float* wr = w + ((size_t)g * n + r) * k;
-    const float* xr = x + ((size_t)t * groups + g) * x_stride;
-    float s[4][8];
-    #pragma unroll
-    for (int j = 0; j < 4; ++j)
-        #pragma unroll
-        for (int l = 0; l < 8; ++l) s[j][l] = 0.0f;
-    int i = 0;
-    for (; i + 32 <= k; i += 32) {
-        #pragma unroll
-        for (int j = 0; j < 4; ++j)
-            #pragma unroll
-            for (int l = 0; l < 8; ++l)
-                s[j][l] = __fmaf_rn(wr[i + j * 8 + l], xr[i + j * 8 + l], s[j][l]);
+    // A warp past the last row still joins the block's barriers, then leaves whole, so the
+    // shuffles always see all 32 lanes.
+    bool active = r < n;
+    const unsigned char* d = a;
+    const float* s = as;
+    size_t row = (size_t)g * n + (active ? r : 0);
+    if (active && r >= split) {
+        d = b;
+        s = bs;
+        row = r - split;
     }
-    for (; i + 8 <= k; i += 8) {
-        #pragma unroll
-        for (int l = 0; l < 8; ++l) s[0][l] = __fmaf_rn(wr[i + l], xr[i + l], s[0][l]);
+    int nt = min(TT, tokens - t0);
+    size_t xt = (size_t)groups * x_stride;
+    const float* xs = x + ((size_t)t0 * groups + g) * x_stride;
+    float acc[TT];
+#pragma unroll
+    for (int j = 0; j < TT; ++j) acc[j] = 0.0f;
+    int k32 = k & ~31;
+    // Whole words per lane where rows are word-aligned (and, for FP8, scale blocks are a
+    // power of two wide, >= 32): lane m loads word m of each 32 * E-element stretch,
+    // and shuffles hand accumulator lane a its element of each 32-element chunk in turn, so
+    // the sums keep the order above with a quarter (FP8) of the load instructions.
+    const int E = per_word<F>();
+    size_t rb = row_bytes<F>(k);
+    int vec = (rb % 4 == 0 && (F != FP8 || bc_log2 >= 5)) ? k / (32 * E) : 0;
+    const unsigned int* words = (const unsigned int*)(d + row * rb);
+    const float* row_scales = s + (F == FP8 ? (row / br) : row) * scale_cols;
+    int nvec = vec * 32 * E;
+    if (TT > 1) {
+        // Several tokens: the block's 8 rows share each input, staged once in shared memory
+        // rather than read by every warp from L2.
+        __shared__ float xsm[TT][XTILE];
+        for (int base = 0; base < nvec; base += XTILE) {
+            int len = min(XTILE, nvec - base);
+            __syncthreads();
+            for (int i = threadIdx.x; i < TT * len; i += blockDim.x) {
+                int j = i / len, c = i % len;
+                xsm[j][c] = j < nt ? xs[j * xt + base + c] : 0.0f;
+            }
+            __syncthreads();
+            if (!active) continue;
+#pragma unroll 4
+            for (int c0 = base; c0 < base + len; c0 += 32 * E)
+                stretch<F, TT>(acc, words[c0 / E + lane], c0, nt, &xsm[0][c0 - base], XTILE,
+                               row_scales, bc_log2, table, lane);
+        }
+    } else if (active) {
+#pragma unroll 4
+        for (int c0 = 0; c0 < nvec; c0 += 32 * E)
+            stretch<F, TT>(acc, words[c0 / E + lane], c0, nt, xs + c0, xt, row_scales, bc_log2,
+                           table, lane);
     }
-    // hsum4: lanes (s0 + s1) + (s2 + s3); then high half onto low half; then movehl; then
-    // lane 1 onto lane 0.
-    float v[8];
-    #pragma unroll
-    for (int l = 0; l < 8; ++l)
-        v[l] = __fadd_rn(__fadd_rn(s[0][l], s[1][l]), __fadd_rn(s[2][l], s[3][l]));
-    float q0 = __fadd_rn(v[0], v[4]);
-    float q1 = __fadd_rn(v[1], v[5]);
-    float q2 = __fadd_rn(v[2], v[6]);
-    float q3 = __fadd_rn(v[3], v[7]);
-    float total = __fadd_rn(__fadd_rn(q0, q2), __fadd_rn(q1, q3));
-    for (; i < k; ++i) total = __fadd_rn(total, __fmul_rn(wr[i], xr[i]));
-    out[((size_t)t * groups + g) * n + r] = total;
+    if (!active) return;
+#pragma unroll 4
+    for (int c = vec * 32 * E + lane; c < k32; c += 32) {
+        float w = weight<F>(d, s, table, row, c, k, br, bc, scale_cols);
+#pragma unroll
+        for (int j = 0; j < TT; ++j)
+            if (j < nt) acc[j] = __fmaf_rn(w, xs[j * xt + c], acc[j]);
+    }
+    // 8-element steps go into the first accumulator: lanes 0..7.
+    int k8 = k32 + ((k - k32) & ~7);
+    if (lane < 8) {
+#pragma unroll 1
+        for (int c = k32 + lane; c < k8; c += 8) {
+            float w = weight<F>(d, s, table, row, c, k, br, bc, scale_cols);
+#pragma unroll
+            for (int j = 0; j < TT; ++j)
+                if (j < nt) acc[j] = __fmaf_rn(w, xs[j * xt + c], acc[j]);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < TT; ++j) {
+        if (j >= nt) break;  // nt is the same in every lane: the warp stays converged.
+        // hsum4, in its order, by shuffles: lane m = 8j + l holds accumulator j's lane l.
+        // (s0 + s1) and (s2 + s3) per lane, then their sum; then the high half onto the low
+        // half; then movehl; then lane 1 onto lane 0.
+        float v = acc[j];
+        v = __fadd_rn(v, __shfl_down_sync(FULL, v, 8));
+        v = __fadd_rn(v, __shfl_down_sync(FULL, v, 16));
+        v = __fadd_rn(v, __shfl_down_sync(FULL, v, 4));
+        v = __fadd_rn(v, __shfl_down_sync(FULL, v, 2));
+        float total = __fadd_rn(v, __shfl_down_sync(FULL, v, 1));
+        if (lane == 0) {
+#pragma unroll 1
+            for (int c = k8; c < k; ++c) {
+                float w = weight<F>(d, s, table, row, c, k, br, bc, scale_cols);
+                total = __fadd_rn(total, __fmul_rn(w, xs[j * xt + c]));
+            }
+            out[((size_t)(t0 + j) * groups + g) * n + r] = total;
+        }
+    }
 }
 
-// An expert's FP8 (e4m3) weights to f32 on the GPU, bit for bit as the CPU's
-// `fp8::dequantize_blocks`: `out[r][c] = table[q[r][c]] * scale[r / br][c / bc]`, one rounded
-// f32 multiply, with the CPU's own 256-entry e4m3 table (copied to the device once).
-extern "C" __global__ void dequant_fp8(const unsigned char* __restrict__ q,
-                                       const float* __restrict__ scales,
-                                       const float* __restrict__ table,
-                                       float* __restrict__ out,
-                                       int rows, int cols, int br, int bc) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)rows * cols) return;
-    int r = (int)(i / cols);
-    int c = (int)(i % cols);
-    int scale_cols = (cols + bc - 1) / bc;
-    out[i] = __fmul_rn(table[q[i]], scales[(r / br) * scale_cols + c / bc]);
-}
+#define ROWS_DOT(name, F, TT)                                                                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                  \
+        name(const unsigned char* a, const float* as, const unsigned char* b,                 \
+             const float* bs, int split, int br, int bc, int bc_log2, int scale_cols,         \
+             const float* e4m3, const float* x, float* out, int n, int k, int tokens,         \
+             int groups, int x_stride) {                                                      \
+        rows_dot<F, TT>(a, as, b, bs, split, br, bc, bc_log2, scale_cols, e4m3, x, out, n, k, \
+                        tokens, groups, x_stride);                                            \
+    }
 
-// bf16 weights to f32: the bf16 bits are the high half of the f32 (exact, as on the CPU).
-extern "C" __global__ void dequant_bf16(const unsigned short* __restrict__ q,
-                                        float* __restrict__ out, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    out[i] = __uint_as_float(((unsigned int)q[i]) << 16);
-}
+ROWS_DOT(rows_dot_f32, F32, 8)
+ROWS_DOT(rows_dot_bf16, BF16, 8)
+ROWS_DOT(rows_dot_fp8, FP8, 8)
+ROWS_DOT(rows_dot_int8, INT8, 8)
+ROWS_DOT(rows_dot_int4, INT4, 8)
+ROWS_DOT(rows_dot_f32_t1, F32, 1)
+ROWS_DOT(rows_dot_bf16_t1, BF16, 1)
+ROWS_DOT(rows_dot_fp8_t1, FP8, 1)
+ROWS_DOT(rows_dot_int8_t1, INT8, 1)
+ROWS_DOT(rows_dot_int4_t1, INT4, 1)
