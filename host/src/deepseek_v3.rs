@@ -63,6 +63,46 @@ impl Proj {
         Ok(())
     }
 
+    /// `(groups, n)`: the output is `[t, groups, n]`.
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Proj::Host { w, groups, k, .. } => (*groups, w.len() / (groups * k).max(1)),
+            #[cfg(feature = "cuda")]
+            Proj::Gpu(m) => m.shape(),
+        }
+    }
+
+    /// Every step's output, `steps[i] = (projection, input, x_stride)` with each input host
+    /// data or an earlier step's output. When every projection is in GPU memory this is one
+    /// host round trip, the chained outputs staying on the device; the same bits either way.
+    fn run(steps: &[(&Proj, Input<'_>, usize)]) -> Result<Vec<Vec<f32>>> {
+        #[cfg(feature = "cuda")]
+        {
+            let on_gpu: Option<Vec<_>> = steps
+                .iter()
+                .map(|&(p, x, stride)| match p {
+                    Proj::Gpu(m) => Some((m, x, stride)),
+                    Proj::Host { .. } => None,
+                })
+                .collect();
+            if let Some(on_gpu) = on_gpu {
+                return crate::gpu::GpuMatrix::run(&on_gpu);
+            }
+        }
+        let mut outs: Vec<Vec<f32>> = Vec::with_capacity(steps.len());
+        for &(p, x, stride) in steps {
+            let x = match x {
+                Input::Host(x) => x,
+                Input::Output(i) => &outs[i][..],
+            };
+            let (groups, n) = p.shape();
+            let mut y = vec![0f32; x.len() / (groups * stride).max(1) * groups * n];
+            p.apply(x, stride, &mut y)?;
+            outs.push(y);
+        }
+        Ok(outs)
+    }
+
     #[cfg(feature = "cuda")]
     fn move_to_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>, ckpt: &Checkpoint) -> Result<()> {
         use crate::gpu::GpuMatrix;
@@ -88,6 +128,16 @@ impl Proj {
         }
         Ok(())
     }
+}
+
+/// A projection's input in `Proj::run`.
+#[cfg(feature = "cuda")]
+use crate::gpu::Input;
+#[cfg(not(feature = "cuda"))]
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Host(&'a [f32]),
+    Output(usize),
 }
 
 enum QProj {
@@ -651,22 +701,35 @@ impl DeepseekV3 {
         );
         let qk = nope + rope_d;
         // Queries: q_b_proj(q_a_layernorm(q_a_proj(x))) or q_proj(x); [t, heads, qk_head_dim].
-        let mut q = vec![0f32; t * nh * qk];
-        match &attn.q {
-            QProj::Lora { a, norm, b, rank } => {
-                let mut qa = vec![0f32; t * rank];
-                a.apply(xn, h, &mut qa)?;
-                rms_norm_inplace(&mut qa, norm, cfg.rms_norm_eps);
-                b.apply(&qa, *rank, &mut q)?;
-            }
-            QProj::Full(w) => w.apply(xn, h, &mut q)?,
-        }
         // compressed_kv = kv_a_proj_with_mqa(x) = [latent (kv_lora_rank) | k_rot (qk_rope_head_dim)]
-        let mut kv = vec![0f32; t * (lora + rope_d)];
-        attn.kv_a.apply(xn, h, &mut kv)?;
         // Absorb W_UK: q_lat = W_UK^T q_nope, per token and head (RoPE leaves q_nope alone).
-        let mut q_lat = vec![0f32; t * nh * lora];
-        attn.w_uk_t.apply(&q, qk, &mut q_lat)?;
+        // Projections run in as few steps as their inputs allow (one GPU round trip each).
+        let (mut q, kv, q_lat) = match &attn.q {
+            QProj::Lora { a, norm, b, rank } => {
+                let [mut qa, kv]: [Vec<f32>; 2] =
+                    Proj::run(&[(a, Input::Host(xn), h), (&attn.kv_a, Input::Host(xn), h)])?
+                        .try_into()
+                        .expect("two steps");
+                rms_norm_inplace(&mut qa, norm, cfg.rms_norm_eps);
+                let [q, q_lat]: [Vec<f32>; 2] = Proj::run(&[
+                    (b, Input::Host(&qa), *rank),
+                    (&attn.w_uk_t, Input::Output(0), qk),
+                ])?
+                .try_into()
+                .expect("two steps");
+                (q, kv, q_lat)
+            }
+            QProj::Full(w) => {
+                let [q, kv, q_lat]: [Vec<f32>; 3] = Proj::run(&[
+                    (w, Input::Host(xn), h),
+                    (&attn.kv_a, Input::Host(xn), h),
+                    (&attn.w_uk_t, Input::Output(0), qk),
+                ])?
+                .try_into()
+                .expect("three steps");
+                (q, kv, q_lat)
+            }
+        };
         let half = self.rope.half_dim();
         let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
         let latent_cache = &mut cache.latent[layer];
@@ -728,9 +791,14 @@ impl DeepseekV3 {
                 .for_each(|(idx, c)| attend(idx, c));
         }
         // Absorbed W_UV per head: [t, heads * v_head_dim]; then o_proj.
-        let mut o = vec![0f32; t * nh * v];
-        attn.w_uv.apply(&ctx, lora, &mut o)?;
-        attn.o_proj.apply(&o, nh * v, out)
+        let [_, o]: [Vec<f32>; 2] = Proj::run(&[
+            (&attn.w_uv, Input::Host(&ctx), lora),
+            (&attn.o_proj, Input::Output(0), nh * v),
+        ])?
+        .try_into()
+        .expect("two steps");
+        out.copy_from_slice(&o);
+        Ok(())
     }
 
     /// DeepseekV3MoE: route, run the routed experts (ascending id, each output times its

@@ -154,6 +154,14 @@ impl Drop for Scratch {
     }
 }
 
+/// A step's inputs (`GpuMatrix::run`): host data, or the output of an earlier step of the same
+/// call, which never leaves device memory.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    Host(&'a [f32]),
+    Output(usize),
+}
+
 /// Where one stored tensor and its scales sit in device memory.
 #[derive(Clone, Copy)]
 struct Placed {
@@ -193,19 +201,44 @@ impl Gpu {
     /// `rows_dot` for several layers at once with one host round trip: every input goes up in
     /// one copy, every kernel runs, every output comes down in one copy.
     fn rows_dot_many(&self, calls: &[(&Linear, &[f32], usize)]) -> Result<Vec<Vec<f32>>> {
-        let mut shapes = Vec::with_capacity(calls.len());
-        for &(w, x, x_stride) in calls {
+        let steps: Vec<_> = calls
+            .iter()
+            .map(|&(w, x, x_stride)| (w, Input::Host(x), x_stride))
+            .collect();
+        self.run(&steps)
+    }
+
+    /// Runs `steps` in order with one host round trip: the host inputs go up in one copy, each
+    /// step reads host data or an earlier step's output (which stays in device memory), and
+    /// every output comes down in one copy. The same bits as step by step.
+    fn run(&self, steps: &[(&Linear, Input<'_>, usize)]) -> Result<Vec<Vec<f32>>> {
+        // (tokens, output length, output offset) per step.
+        let mut shapes: Vec<(usize, usize, usize)> = Vec::with_capacity(steps.len());
+        let mut in_len = 0;
+        let mut out_len = 0;
+        for (n, (w, x, x_stride)) in steps.iter().enumerate() {
+            let len = match *x {
+                Input::Host(x) => {
+                    in_len += x.len();
+                    x.len()
+                }
+                Input::Output(i) => {
+                    ensure!(
+                        i < n,
+                        "step {n} reads the output of step {i}, not run before it"
+                    );
+                    shapes[i].1
+                }
+            };
             let groups = w.groups;
-            let t = x.len() / (groups * x_stride).max(1);
+            let t = len / (groups * x_stride).max(1);
             ensure!(
-                t * groups * x_stride == x.len() && w.k <= x_stride && t < 1 << 16,
-                "rows_dot: {} inputs are not [tokens < 65536, {groups}, {x_stride}]",
-                x.len()
+                t * groups * x_stride == len && w.k <= *x_stride && t < 1 << 16,
+                "rows_dot: {len} inputs are not [tokens < 65536, {groups}, {x_stride}]"
             );
-            shapes.push((t, t * groups * w.n));
+            shapes.push((t, t * groups * w.n, out_len));
+            out_len += t * groups * w.n;
         }
-        let in_len: usize = calls.iter().map(|c| c.1.len()).sum();
-        let out_len: usize = shapes.iter().map(|s| s.1).sum();
         if out_len == 0 {
             return Ok(shapes.iter().map(|_| Vec::new()).collect());
         }
@@ -219,19 +252,26 @@ impl Gpu {
         unsafe {
             let hx = std::slice::from_raw_parts_mut(hx, in_len);
             let mut at = 0;
-            for &(_, x, _) in calls {
-                hx[at..at + x.len()].copy_from_slice(x);
-                at += x.len();
+            for (_, x, _) in steps {
+                if let Input::Host(x) = x {
+                    hx[at..at + x.len()].copy_from_slice(x);
+                    at += x.len();
+                }
             }
             cudarc::driver::result::memcpy_htod_async(xp, hx, s.cu_stream())?;
         }
-        let (mut x_at, mut out_at) = (0u64, 0u64);
-        for (&(w, x, x_stride), &(t, n_out)) in calls.iter().zip(&shapes) {
+        let mut x_at = 0u64;
+        for ((w, x, x_stride), &(t, _, out_at)) in steps.iter().zip(&shapes) {
+            let input = match *x {
+                Input::Host(x) => {
+                    x_at += x.len() as u64;
+                    xp + 4 * (x_at - x.len() as u64)
+                }
+                Input::Output(i) => op + 4 * shapes[i].2 as u64,
+            };
             if t > 0 {
-                self.launch(w, xp + 4 * x_at, x_stride, t, op + 4 * out_at)?;
+                self.launch(w, input, *x_stride, t, op + 4 * out_at as u64)?;
             }
-            x_at += x.len() as u64;
-            out_at += n_out as u64;
         }
         // SAFETY: as above; `hout` is read only after the synchronisation.
         let hout = unsafe {
@@ -240,13 +280,9 @@ impl Gpu {
             s.synchronize()?;
             &*hout
         };
-        let mut at = 0;
         Ok(shapes
             .iter()
-            .map(|&(_, n)| {
-                at += n;
-                hout[at - n..at].to_vec()
-            })
+            .map(|&(_, n, at)| hout[at..at + n].to_vec())
             .collect())
     }
 
@@ -509,6 +545,11 @@ impl GpuMatrix {
         self._mem.len()
     }
 
+    /// `(groups, n)`: the matrices and rows of each.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.linear.groups, self.linear.n)
+    }
+
     /// The storage format the kernel reads.
     pub fn format(&self) -> Format {
         self.linear.format
@@ -517,6 +558,21 @@ impl GpuMatrix {
     /// `out [t, groups, n]` = each group's matrix times `x [t, groups, x_stride]`'s first `k`.
     pub fn forward(&self, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
         self.gpu.rows_dot(&self.linear, x, x_stride, out)
+    }
+
+    /// Several projections with one host round trip: `steps[i] = (matrix, input, x_stride)`,
+    /// each input host data or an earlier step's output, which stays in device memory (q_b
+    /// then W_UK^T; W_UV then o_proj). Every step's output, the same bits as `forward` one by
+    /// one.
+    pub fn run(steps: &[(&GpuMatrix, Input<'_>, usize)]) -> Result<Vec<Vec<f32>>> {
+        let Some((first, ..)) = steps.first() else {
+            return Ok(Vec::new());
+        };
+        let steps: Vec<_> = steps
+            .iter()
+            .map(|&(m, x, stride)| (&m.linear, x, stride))
+            .collect();
+        first.gpu.run(&steps)
     }
 }
 
