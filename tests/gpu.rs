@@ -467,3 +467,56 @@ fn stored_attention_projections_give_the_cpus_bits() {
         "stored o_proj",
     );
 }
+
+/// A MoE layer step's experts run together (`forward_experts`: one grouped launch per
+/// projection, two host round trips in all), each with its own token count, and every one
+/// gives the CPU's bits: FP8 experts through the pool, a bf16 one uploaded, one with no
+/// tokens, and one above `ROW_INVARIANT_MAX` rows (computed on the CPU from its GPU copy).
+#[test]
+fn a_layer_steps_experts_run_together_with_the_cpus_bits() {
+    let Some(g) = device_or_skip() else { return };
+    let dir = support::fp8_model();
+    let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    let h = cfg.hidden_size;
+    let stored: Vec<ExpertBytes> = (0..5)
+        .map(|e| ExpertBytes::read(&ckpt, 2, e * 11).unwrap())
+        .collect();
+    let cpu: Vec<_> = stored.iter().map(|b| b.to_ffn().unwrap()).collect();
+    let pool = Arc::new(GpuPool::new(&g, 3 * h * 64 * 4, 4, 2).unwrap());
+    let mut on_gpu: Vec<GpuExpert> = stored[..4]
+        .iter()
+        .enumerate()
+        .map(|(n, b)| {
+            let key = ExpertKey {
+                layer: 2,
+                expert: n as u32,
+            };
+            pool.load(key, ExpertSource::Stored(b)).unwrap().unwrap()
+        })
+        .collect();
+    let bf16 = bf16_expert(&cpu[4], h);
+    on_gpu.push(GpuExpert::upload_stored(&g, &bf16).unwrap());
+    let references = [&cpu[0], &cpu[1], &cpu[2], &cpu[3], &bf16.to_ffn().unwrap()];
+    let tokens = [1, 3, 0, 70, 9];
+    let inputs: Vec<Vec<f32>> = tokens
+        .iter()
+        .enumerate()
+        .map(|(n, &t)| support::expert_input(t, h, n as u32))
+        .collect();
+    let jobs: Vec<_> = on_gpu
+        .iter()
+        .zip(&inputs)
+        .map(|(e, x)| (e, &x[..]))
+        .collect();
+    let together = moehost::gpu::forward_experts(&jobs, h).unwrap();
+    for (n, (reference, x)) in references.iter().zip(&inputs).enumerate() {
+        let mut want = vec![0f32; x.len()];
+        reference.forward(x, h, &mut want);
+        assert!(
+            support::bits(&want) == support::bits(&together[n]),
+            "expert {n} ({} tokens)",
+            tokens[n]
+        );
+    }
+}

@@ -69,6 +69,11 @@ pub struct ExpertSpeed {
     pub eight_tokens_s: f64,
     /// The expert's FP8 bytes over `one_token_s`.
     pub weights_gbps: f64,
+    /// `layer_step_experts` distinct experts at 1 token each in one call (a MoE layer step:
+    /// two host round trips in all), its seconds and weight bytes per second.
+    pub layer_step_experts: usize,
+    pub layer_step_s: f64,
+    pub layer_step_gbps: f64,
     /// Device-to-device copy bandwidth (bytes read + written), the memory's practical ceiling.
     pub dtod_gbps: f64,
 }
@@ -322,12 +327,16 @@ impl Report {
                 );
                 match &g.k2_expert {
                     Ok(e) => s += &format!(
-                        "Kimi-K2 FP8 expert on the GPU (exact kernels): {:.0} us at 1 token ({:.0} GB/s of weights, {:.0}% of the device's {:.0} GB/s copy rate), {:.0} us at 8 tokens\n",
+                        "Kimi-K2 FP8 expert on the GPU (exact kernels): {:.0} us at 1 token ({:.0} GB/s of weights, {:.0}% of the device's {:.0} GB/s copy rate), {:.0} us at 8 tokens; a layer step of {} experts at 1 token: {:.0} us ({:.0} GB/s, {:.0}%)\n",
                         e.one_token_s * 1e6,
                         e.weights_gbps,
                         100.0 * e.weights_gbps / e.dtod_gbps.max(1e-9),
                         e.dtod_gbps,
-                        e.eight_tokens_s * 1e6
+                        e.eight_tokens_s * 1e6,
+                        e.layer_step_experts,
+                        e.layer_step_s * 1e6,
+                        e.layer_step_gbps,
+                        100.0 * e.layer_step_gbps / e.dtod_gbps.max(1e-9),
                     ),
                     Err(why) => s += &format!("Kimi-K2 FP8 expert on the GPU: not measured ({why})\n"),
                 }

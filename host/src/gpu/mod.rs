@@ -169,6 +169,20 @@ struct Placed {
     scales: u64,
 }
 
+/// One job of a grouped launch, as `Job` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Job {
+    a: u64,
+    a_scales: u64,
+    b: u64,
+    b_scales: u64,
+    x: u64,
+    out: u64,
+    tokens: i32,
+    pad: i32,
+}
+
 /// A linear layer as the kernels read it: `groups` matrices `[n, k]` in `format`, rows
 /// `[0, split)` from `a` and the rest from `b` (an expert's gate and up tensors).
 #[derive(Clone, Copy)]
@@ -181,6 +195,16 @@ struct Linear {
     k: usize,
     groups: usize,
     fp8_block: [usize; 2],
+}
+
+impl Linear {
+    /// Whether one grouped launch can run both: a single matrix each, of one shape and format.
+    fn same_shape(&self, o: &Linear) -> bool {
+        self.groups == 1
+            && o.groups == 1
+            && (self.format, self.split, self.n, self.k, self.fp8_block)
+                == (o.format, o.split, o.n, o.k, o.fp8_block)
+    }
 }
 
 impl Gpu {
@@ -210,67 +234,114 @@ impl Gpu {
 
     /// Runs `steps` in order with one host round trip: the host inputs go up in one copy, each
     /// step reads host data or an earlier step's output (which stays in device memory), and
-    /// every output comes down in one copy. The same bits as step by step.
+    /// every output comes down in one copy. Steps of one shape and format on host inputs (a
+    /// MoE layer step's experts) share one grouped launch, which fills the GPU where one
+    /// expert's rows would not. The same bits as step by step.
     fn run(&self, steps: &[(&Linear, Input<'_>, usize)]) -> Result<Vec<Vec<f32>>> {
-        // (tokens, output length, output offset) per step.
-        let mut shapes: Vec<(usize, usize, usize)> = Vec::with_capacity(steps.len());
+        // (tokens, output length, output offset, input offset) per step.
+        let mut shapes: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(steps.len());
         let mut in_len = 0;
         let mut out_len = 0;
-        for (n, (w, x, x_stride)) in steps.iter().enumerate() {
-            let len = match *x {
-                Input::Host(x) => {
-                    in_len += x.len();
-                    x.len()
-                }
+        // Launches: the steps each runs (one, or a group).
+        let mut launches: Vec<Vec<usize>> = Vec::new();
+        for (n, &(w, x, x_stride)) in steps.iter().enumerate() {
+            let (len, x_at) = match x {
+                Input::Host(x) => (x.len(), in_len),
                 Input::Output(i) => {
                     ensure!(
                         i < n,
                         "step {n} reads the output of step {i}, not run before it"
                     );
-                    shapes[i].1
+                    (shapes[i].1, shapes[i].2)
                 }
             };
             let groups = w.groups;
             let t = len / (groups * x_stride).max(1);
             ensure!(
-                t * groups * x_stride == len && w.k <= *x_stride && t < 1 << 16,
+                t * groups * x_stride == len && w.k <= x_stride && t < 1 << 16,
                 "rows_dot: {len} inputs are not [tokens < 65536, {groups}, {x_stride}]"
             );
-            shapes.push((t, t * groups * w.n, out_len));
+            shapes.push((t, t * groups * w.n, out_len, x_at));
             out_len += t * groups * w.n;
+            let groupable = matches!(x, Input::Host(_)) && groups == 1;
+            if let Input::Host(x) = x {
+                in_len += x.len();
+            }
+            let joins = launches.iter_mut().find(|l| {
+                let (v, _, stride) = steps[l[0]];
+                groupable
+                    && matches!(steps[l[0]].1, Input::Host(_))
+                    && v.same_shape(w)
+                    && stride == x_stride
+            });
+            match joins {
+                Some(l) => l.push(n),
+                None => launches.push(vec![n]),
+            }
         }
         if out_len == 0 {
             return Ok(shapes.iter().map(|_| Vec::new()).collect());
         }
+        // Job tables of grouped launches follow the inputs, 8-byte aligned.
+        let tables_at = in_len.next_multiple_of(2);
+        let jobs: usize = launches
+            .iter()
+            .filter(|l| l.len() > 1)
+            .map(|l| l.len())
+            .sum();
+        let in_floats = tables_at + jobs * std::mem::size_of::<Job>() / 4;
         let s = &self.stream;
         let mut scratch = self.scratch.lock().unwrap();
         self.ctx.bind_to_thread()?;
-        scratch.reserve(in_len.max(out_len))?;
+        scratch.reserve(in_floats.max(out_len))?;
         let ([hx, hout], [xp, op]) = (scratch.host, scratch.device);
-        // SAFETY: both host buffers hold `floats` >= in_len, out_len values; the inputs are in
-        // `hx` before the copy is queued, and the stream is synchronised before `hout` is read.
+        let device_in = |step: usize| match steps[step].1 {
+            Input::Host(_) => xp + 4 * shapes[step].3 as u64,
+            Input::Output(i) => op + 4 * shapes[i].2 as u64,
+        };
+        let device_out = |step: usize| op + 4 * shapes[step].2 as u64;
+        // SAFETY: both host buffers hold `floats` >= in_floats, out_len values (the job tables
+        // 8-byte aligned within the page-aligned buffer); the inputs are in `hx` before the
+        // copy is queued, and the stream is synchronised before `hout` is read.
         unsafe {
-            let hx = std::slice::from_raw_parts_mut(hx, in_len);
-            let mut at = 0;
-            for (_, x, _) in steps {
+            let host = std::slice::from_raw_parts_mut(hx, in_len);
+            for (&(_, x, _), shape) in steps.iter().zip(&shapes) {
                 if let Input::Host(x) = x {
-                    hx[at..at + x.len()].copy_from_slice(x);
-                    at += x.len();
+                    host[shape.3..shape.3 + x.len()].copy_from_slice(x);
                 }
             }
-            cudarc::driver::result::memcpy_htod_async(xp, hx, s.cu_stream())?;
-        }
-        let mut x_at = 0u64;
-        for ((w, x, x_stride), &(t, _, out_at)) in steps.iter().zip(&shapes) {
-            let input = match *x {
-                Input::Host(x) => {
-                    x_at += x.len() as u64;
-                    xp + 4 * (x_at - x.len() as u64)
+            let mut table = hx.add(tables_at) as *mut Job;
+            for l in launches.iter().filter(|l| l.len() > 1) {
+                for &n in l {
+                    let w = steps[n].0;
+                    table.write(Job {
+                        a: w.a.data,
+                        a_scales: w.a.scales,
+                        b: w.b.data,
+                        b_scales: w.b.scales,
+                        x: device_in(n),
+                        out: device_out(n),
+                        tokens: shapes[n].0 as i32,
+                        pad: 0,
+                    });
+                    table = table.add(1);
                 }
-                Input::Output(i) => op + 4 * shapes[i].2 as u64,
-            };
-            if t > 0 {
-                self.launch(w, input, *x_stride, t, op + 4 * out_at as u64)?;
+            }
+            let staged = std::slice::from_raw_parts(hx, in_floats);
+            cudarc::driver::result::memcpy_htod_async(xp, staged, s.cu_stream())?;
+        }
+        let mut table_at = xp + 4 * tables_at as u64;
+        for l in &launches {
+            let (w, _, x_stride) = steps[l[0]];
+            let t = l.iter().map(|&n| shapes[n].0).max().unwrap_or(0);
+            if t == 0 {
+                continue;
+            }
+            if l.len() == 1 {
+                self.launch(w, device_in(l[0]), x_stride, t, device_out(l[0]), None)?;
+            } else {
+                self.launch(w, 0, x_stride, t, 0, Some((table_at, l.len())))?;
+                table_at += (l.len() * std::mem::size_of::<Job>()) as u64;
             }
         }
         // SAFETY: as above; `hout` is read only after the synchronisation.
@@ -282,13 +353,23 @@ impl Gpu {
         };
         Ok(shapes
             .iter()
-            .map(|&(_, n, at)| hout[at..at + n].to_vec())
+            .map(|&(_, n, at, _)| hout[at..at + n].to_vec())
             .collect())
     }
 
     /// Queues the format's kernel on `t` rows of inputs at device address `xp` (`[t, groups,
-    /// x_stride]`), writing `[t, groups, n]` at `op`. The caller holds the scratch lock.
-    fn launch(&self, w: &Linear, xp: u64, x_stride: usize, t: usize, op: u64) -> Result<()> {
+    /// x_stride]`), writing `[t, groups, n]` at `op`; or, with `jobs` (a device table and its
+    /// length), on every job of that table, `t` being the most tokens of any. The caller
+    /// holds the scratch lock.
+    fn launch(
+        &self,
+        w: &Linear,
+        xp: u64,
+        x_stride: usize,
+        t: usize,
+        op: u64,
+        jobs: Option<(u64, usize)>,
+    ) -> Result<()> {
         let scale_cols = match w.format {
             Format::Fp8 => w.k.div_ceil(w.fp8_block[1]),
             Format::Int8 | Format::Int4 => w.k.div_ceil(crate::quant::GROUP),
@@ -319,7 +400,7 @@ impl Gpu {
             grid_dim: (
                 (w.n as u32).div_ceil(WARPS),
                 (t as u32).div_ceil(tile),
-                w.groups as u32,
+                jobs.map_or(w.groups, |j| j.1) as u32,
             ),
             block_dim: (WARPS * 32, 1, 1),
             shared_mem_bytes: 0,
@@ -335,9 +416,12 @@ impl Gpu {
         for v in &ints[5..] {
             launch.arg(v);
         }
+        let table = jobs.map_or(0, |j| j.0);
+        launch.arg(&table);
         // SAFETY: the kernel reads groups*n rows of k weights (and their scales) from the
         // caller's tensors, whose placement `Linear` describes, and t*groups x_stride-wide
-        // inputs at `xp`, and writes t*groups*n outputs at `op`: the caller sized both.
+        // inputs at `xp`, and writes t*groups*n outputs at `op` (or the same for each job of
+        // the table, every one of this shape): the caller sized them all.
         unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("rows_dot launch: {e}"))?;
         Ok(())
     }
@@ -943,8 +1027,12 @@ impl GpuExpert {
     }
 }
 
-/// Times an FP8 expert of `hidden` x `intermediate` (pseudo-random weights) on `gpu`, and a
-/// device-to-device copy of the same size, in one run.
+/// Experts in one timed layer step of `measure_expert`.
+const LAYER_STEP_EXPERTS: usize = 9;
+
+/// Times FP8 experts of `hidden` x `intermediate` (pseudo-random weights) on `gpu`: one alone,
+/// and a layer step's worth together; and a device-to-device copy of an expert's size, in one
+/// run.
 pub fn measure_expert(
     gpu: &Arc<Gpu>,
     hidden: usize,
@@ -971,31 +1059,39 @@ pub fn measure_expert(
             scales: Some(scales),
         }
     };
-    let expert = ExpertBytes::new(
-        [
-            tensor("gate", intermediate, hidden, &mut state),
-            tensor("up", intermediate, hidden, &mut state),
-            tensor("down", hidden, intermediate, &mut state),
-        ],
-        Some(block),
-    );
-    let on_gpu = GpuExpert::upload_stored(gpu, &expert)?;
-    let time = |tokens: usize| -> Result<f64> {
+    // A layer step's worth of distinct experts (K2: 8 routed + 1 shared), so none is read
+    // from the L2 cache of the one before.
+    let mut bytes = 0;
+    let experts = (0..LAYER_STEP_EXPERTS)
+        .map(|_| {
+            let expert = ExpertBytes::new(
+                [
+                    tensor("gate", intermediate, hidden, &mut state),
+                    tensor("up", intermediate, hidden, &mut state),
+                    tensor("down", hidden, intermediate, &mut state),
+                ],
+                Some(block),
+            );
+            bytes = expert.storage_bytes();
+            GpuExpert::upload_stored(gpu, &expert)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let time = |experts: &[GpuExpert], tokens: usize| -> Result<f64> {
         let x: Vec<f32> = (0..tokens * hidden)
             .map(|i| (i % 97) as f32 / 97.0 - 0.5)
             .collect();
-        let mut out = vec![0f32; tokens * hidden];
-        on_gpu.forward(&x, hidden, &mut out)?; // warm up
+        let jobs: Vec<_> = experts.iter().map(|e| (e, &x[..])).collect();
+        forward_experts(&jobs, hidden)?; // warm up
         let reps = 20;
         let t0 = std::time::Instant::now();
         for _ in 0..reps {
-            on_gpu.forward(&x, hidden, &mut out)?;
+            forward_experts(&jobs, hidden)?;
         }
         Ok(t0.elapsed().as_secs_f64() / reps as f64)
     };
-    let one_token_s = time(1)?;
-    let eight_tokens_s = time(8)?;
-    let bytes = expert.storage_bytes();
+    let one_token_s = time(&experts[..1], 1)?;
+    let eight_tokens_s = time(&experts[..1], 8)?;
+    let layer_step_s = time(&experts, 1)?;
     let dtod_gbps = {
         let _one = gpu.scratch.lock().unwrap();
         let s = &gpu.stream;
@@ -1015,6 +1111,9 @@ pub fn measure_expert(
         one_token_s,
         eight_tokens_s,
         weights_gbps: bytes as f64 / one_token_s / 1e9,
+        layer_step_experts: LAYER_STEP_EXPERTS,
+        layer_step_s,
+        layer_step_gbps: (LAYER_STEP_EXPERTS * bytes) as f64 / layer_step_s / 1e9,
         dtod_gbps,
     })
 }

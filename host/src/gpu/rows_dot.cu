@@ -9,11 +9,12 @@
 // elements m, m + 32, m + 64, ...), fused multiply-adds, then 8-element steps into the first
 // accumulator, the fixed horizontal sum of `hsum4`, then the scalar tail as separate multiply
 // and add. A warp computes one row: its lane m *is* accumulator lane m, so the 32 partial sums
-// are the CPU's and the loads are coalesced (whole 32-bit words, redistributed by shuffles). The weights stay in their storage format (f32,
-// bf16, FP8 e4m3 with 128x128 block scales, moehost's int8/int4 with a scale per 32 columns)
-// and each is decoded in a register exactly as the CPU decodes it (one rounded f32 multiply by
-// its scale, the CPU's own e4m3 table), so a routed expert gives the same bits on the GPU as on
-// the CPU whatever its format, and placement (GPU or CPU) never changes a token.
+// are the CPU's and the loads are coalesced (whole 32-bit words, redistributed by shuffles).
+// The weights stay in their storage format (f32, bf16, FP8 e4m3 with 128x128 block scales,
+// moehost's int8/int4 with a scale per 32 columns) and each is decoded in a register exactly
+// as the CPU decodes it (one rounded f32 multiply by its scale; e4m3 values built from their
+// bits, as the CPU's table holds them), so a routed expert gives the same bits on the GPU as
+// on the CPU whatever its format, and placement (GPU or CPU) never changes a token.
 //
 // Regenerate the checked-in PTX (any nvcc >= 12; compute_80 PTX is JIT-compiled by the driver
 // for Hopper): nvcc -ptx -arch=compute_80 -o rows_dot.ptx rows_dot.cu
@@ -33,6 +34,16 @@
 #define INT8 3
 #define INT4 4
 
+// An e4m3 code's value, built from its bits (exactly the CPU's table entry: the values are
+// all representable in f32); NaN codes read the CPU's table itself.
+__device__ __forceinline__ float e4m3(unsigned int q, const float* __restrict__ table) {
+    unsigned int em = q & 0x7fu, sign = (q & 0x80u) << 24;
+    if (em == 0x7fu) return table[q];
+    // Normal: exponent e - 7 + 127 over the 3 mantissa bits; subnormal: m * 2^-9.
+    if (em >= 8u) return __uint_as_float(sign | ((em + (120u << 3)) << 20));
+    return __uint_as_float(sign | __float_as_uint(__uint2float_rn(em) * 0.001953125f));
+}
+
 template <int F>
 __device__ __forceinline__ float weight(const unsigned char* __restrict__ d,
                                         const float* __restrict__ s,
@@ -42,7 +53,7 @@ __device__ __forceinline__ float weight(const unsigned char* __restrict__ d,
     if (F == BF16)
         return __uint_as_float(((unsigned int)((const unsigned short*)d)[row * k + c]) << 16);
     if (F == FP8)
-        return __fmul_rn(table[d[row * k + c]], s[(row / br) * scale_cols + c / bc]);
+        return __fmul_rn(e4m3(d[row * k + c], table), s[(row / br) * scale_cols + c / bc]);
     if (F == INT8)
         return __fmul_rn((float)(signed char)d[row * k + c], s[row * scale_cols + c / 32]);
     // INT4: two per byte, low nibble first, stored with an offset of 8.
@@ -66,7 +77,7 @@ __device__ __forceinline__ float unpack(unsigned int w, int sub, float scale,
                                         const float* __restrict__ table) {
     if (F == F32) return __uint_as_float(w);
     if (F == BF16) return __uint_as_float(((w >> (16 * sub)) & 0xffffu) << 16);
-    if (F == FP8) return __fmul_rn(table[(w >> (8 * sub)) & 0xffu], scale);
+    if (F == FP8) return __fmul_rn(e4m3((w >> (8 * sub)) & 0xffu, table), scale);
     if (F == INT8) return __fmul_rn((float)(signed char)((w >> (8 * sub)) & 0xffu), scale);
     return __fmul_rn((float)((int)((w >> (4 * sub)) & 15u) - 8), scale);
 }
@@ -80,11 +91,12 @@ __device__ __forceinline__ void stretch(float (&acc)[TT], unsigned int word, int
                                         const float* __restrict__ row_scales, int bc_log2,
                                         const float* __restrict__ table, int lane) {
     const int E = per_word<F>();
+    // FP8 blocks are at least a stretch wide (bc_log2 >= 7 on the vector path): one scale.
+    float fp8_scale = F == FP8 ? row_scales[c0 >> bc_log2] : 0.0f;
 #pragma unroll
     for (int q = 0; q < E; ++q) {
         int c = c0 + q * 32;  // this chunk's first element, the same in every lane
-        float scale = 0.0f;
-        if (F == FP8) scale = row_scales[c >> bc_log2];
+        float scale = fp8_scale;
         if (F == INT8 || F == INT4) scale = row_scales[c >> 5];
         unsigned int mine = E == 1 ? word : __shfl_sync(FULL, word, q * (32 / E) + lane / E);
         float w = unpack<F>(mine, lane % E, scale, table);
@@ -94,6 +106,19 @@ __device__ __forceinline__ void stretch(float (&acc)[TT], unsigned int word, int
     }
 }
 
+// One job of a grouped launch (`gpu::Job`): blockIdx.z picks it. Every job has the launch's
+// shape and format (a MoE layer step's experts), its own weights, inputs, outputs and tokens.
+struct Job {
+    const unsigned char* a;
+    const float* as;
+    const unsigned char* b;
+    const float* bs;
+    const float* x;
+    float* out;
+    int tokens;
+    int pad;
+};
+
 // Inputs per shared-memory tile of the multi-token kernels (a multiple of every 32 * E).
 #define XTILE 512
 
@@ -101,18 +126,28 @@ template <int F, int TT>
 __device__ void rows_dot(const unsigned char* __restrict__ a, const float* __restrict__ as,
                          const unsigned char* __restrict__ b, const float* __restrict__ bs,
                          int split, int br, int bc, int bc_log2, int scale_cols,
-                         const float* __restrict__ e4m3, const float* __restrict__ x,
+                         const float* __restrict__ e4m3_table, const float* __restrict__ x,
                          float* __restrict__ out, int n, int k, int tokens, int groups,
-                         int x_stride) {
-    __shared__ float table[256];
-    if (F == FP8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) table[i] = e4m3[i];
-        __syncthreads();
+                         int x_stride, const Job* __restrict__ jobs) {
+    int g = blockIdx.z;
+    if (jobs) {
+        const Job& job = jobs[g];
+        a = job.a;
+        as = job.as;
+        b = job.b;
+        bs = job.bs;
+        x = job.x;
+        out = job.out;
+        tokens = job.tokens;
+        groups = 1;
+        g = 0;
     }
+    // Blocks past this job's tokens leave whole, before any barrier.
+    if (blockIdx.y * TT >= tokens) return;
+    const float* table = e4m3_table;
     int lane = threadIdx.x & 31;
     int r = blockIdx.x * WARPS + threadIdx.x / 32;
     int t0 = blockIdx.y * TT;
-    int g = blockIdx.z;
     // A warp past the last row still joins the block's barriers, then leaves whole, so the
     // shuffles always see all 32 lanes.
     bool active = r < n;
@@ -132,12 +167,12 @@ __device__ void rows_dot(const unsigned char* __restrict__ a, const float* __res
     for (int j = 0; j < TT; ++j) acc[j] = 0.0f;
     int k32 = k & ~31;
     // Whole words per lane where rows are word-aligned (and, for FP8, scale blocks are a
-    // power of two wide, >= 32): lane m loads word m of each 32 * E-element stretch,
+    // power of two wide, >= a 128-element stretch): lane m loads word m of each stretch,
     // and shuffles hand accumulator lane a its element of each 32-element chunk in turn, so
     // the sums keep the order above with a quarter (FP8) of the load instructions.
     const int E = per_word<F>();
     size_t rb = row_bytes<F>(k);
-    int vec = (rb % 4 == 0 && (F != FP8 || bc_log2 >= 5)) ? k / (32 * E) : 0;
+    int vec = (rb % 4 == 0 && (F != FP8 || bc_log2 >= 7)) ? k / (32 * E) : 0;
     const unsigned int* words = (const unsigned int*)(d + row * rb);
     const float* row_scales = s + (F == FP8 ? (row / br) : row) * scale_cols;
     int nvec = vec * 32 * E;
@@ -154,19 +189,19 @@ __device__ void rows_dot(const unsigned char* __restrict__ a, const float* __res
             }
             __syncthreads();
             if (!active) continue;
-#pragma unroll 4
+#pragma unroll 8
             for (int c0 = base; c0 < base + len; c0 += 32 * E)
                 stretch<F, TT>(acc, words[c0 / E + lane], c0, nt, &xsm[0][c0 - base], XTILE,
                                row_scales, bc_log2, table, lane);
         }
     } else if (active) {
-#pragma unroll 4
+#pragma unroll 8
         for (int c0 = 0; c0 < nvec; c0 += 32 * E)
             stretch<F, TT>(acc, words[c0 / E + lane], c0, nt, xs + c0, xt, row_scales, bc_log2,
                            table, lane);
     }
     if (!active) return;
-#pragma unroll 4
+#pragma unroll 8
     for (int c = vec * 32 * E + lane; c < k32; c += 32) {
         float w = weight<F>(d, s, table, row, c, k, br, bc, scale_cols);
 #pragma unroll
@@ -212,9 +247,9 @@ __device__ void rows_dot(const unsigned char* __restrict__ a, const float* __res
         name(const unsigned char* a, const float* as, const unsigned char* b,                 \
              const float* bs, int split, int br, int bc, int bc_log2, int scale_cols,         \
              const float* e4m3, const float* x, float* out, int n, int k, int tokens,         \
-             int groups, int x_stride) {                                                      \
+             int groups, int x_stride, const Job* jobs) {                                     \
         rows_dot<F, TT>(a, as, b, bs, split, br, bc, bc_log2, scale_cols, e4m3, x, out, n, k, \
-                        tokens, groups, x_stride);                                            \
+                        tokens, groups, x_stride, jobs);                                      \
     }
 
 ROWS_DOT(rows_dot_f32, F32, 8)
