@@ -22,7 +22,7 @@ struct ModelArgs {
     /// Model folder (config.json, *.safetensors, tokenizer.json); default: the bundled tiny-k2.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Device-tier budget for routed experts (compute-ready), e.g. 512MiB. Default: all fit.
+    /// Device-tier budget for routed experts (compute-ready: on the CPU f32, or bf16 as stored; in GPU memory their storage format), e.g. 512MiB. Default: all fit.
     #[arg(long, value_parser = parse_bytes)]
     device_mem: Option<u64>,
     /// Host-tier budget for routed experts (storage format), e.g. 2GiB. Default: all fit.

@@ -1,7 +1,8 @@
 //! The tiered expert store: every routed expert stays available, spread over three tiers with
 //! byte budgets, moved by policies.
 //!
-//! - device: compute-ready weights (on the CPU, experts dequantized to f32);
+//! - device: compute-ready weights (on the CPU, f32 or bf16 as stored; in GPU memory, the
+//!   storage format the GPU kernels read);
 //! - host: host RAM in storage format (the checkpoint's bytes, e.g. FP8 + scales);
 //! - disk: the memory-mapped checkpoint, always complete.
 //!
