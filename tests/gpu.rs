@@ -216,8 +216,7 @@ fn a_device_tier_on_the_gpu_never_changes_a_token() {
 
 /// bf16 storage of `w`'s values (truncated), shaped as the checkpoint's gate, up, down.
 fn bf16_expert(w: &moehost::experts::FfnWeights, hidden: usize) -> ExpertBytes {
-    let i = w.intermediate;
-    let t = |name: &str, v: &[f32], shape: [usize; 2]| OwnedTensor {
+    stored_expert(w, hidden, |name, v, shape| OwnedTensor {
         name: name.into(),
         dtype: safetensors::Dtype::BF16,
         shape: shape.to_vec(),
@@ -226,13 +225,22 @@ fn bf16_expert(w: &moehost::experts::FfnWeights, hidden: usize) -> ExpertBytes {
             .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
             .collect(),
         scales: None,
-    };
+    })
+}
+
+/// `w`'s gate, up and down, each stored by `tensor(name, values, [rows, cols])`.
+fn stored_expert(
+    w: &moehost::experts::FfnWeights,
+    hidden: usize,
+    tensor: impl Fn(&str, &[f32], [usize; 2]) -> OwnedTensor,
+) -> ExpertBytes {
+    let i = w.intermediate;
     let (gate_up, down) = (w.gate_up.to_f32(), w.down.to_f32());
     ExpertBytes::new(
         [
-            t("gate", &gate_up[..i * hidden], [i, hidden]),
-            t("up", &gate_up[i * hidden..], [i, hidden]),
-            t("down", &down, [hidden, i]),
+            tensor("gate", &gate_up[..i * hidden], [i, hidden]),
+            tensor("up", &gate_up[i * hidden..], [i, hidden]),
+            tensor("down", &down, [hidden, i]),
         ],
         None,
     )
@@ -308,31 +316,24 @@ fn quantized_expert(
     hidden: usize,
     bits: moehost::quant::Bits,
 ) -> ExpertBytes {
-    let i = w.intermediate;
-    let t = |name: &str, v: &[f32], [rows, cols]: [usize; 2]| {
+    stored_expert(w, hidden, |name, v, [rows, cols]| {
         let (bytes, scale_bytes) = moehost::quant::quantize(v, rows, cols, bits);
         OwnedTensor {
             name: name.into(),
             dtype: bits.dtype(),
             shape: moehost::quant::stored_shape(bits.dtype(), &[rows, cols]),
             bytes,
-            scales: Some(
-                scale_bytes
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-            ),
+            scales: Some(f16_values(&scale_bytes)),
         }
-    };
-    let (gate_up, down) = (w.gate_up.to_f32(), w.down.to_f32());
-    ExpertBytes::new(
-        [
-            t("gate", &gate_up[..i * hidden], [i, hidden]),
-            t("up", &gate_up[i * hidden..], [i, hidden]),
-            t("down", &down, [hidden, i]),
-        ],
-        None,
-    )
+    })
+}
+
+/// Little-endian f16 bytes as f32 values.
+fn f16_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
 }
 
 /// A stored tensor `[n, k]` of `dtype` with pseudo-random contents: FP8 (finite codes, block
@@ -371,11 +372,7 @@ fn synthetic(dtype: safetensors::Dtype, n: usize, k: usize, block: [usize; 2]) -
                 moehost::quant::Bits::Int4
             };
             let (bytes, scale_bytes) = moehost::quant::quantize(&values, n, k, bits);
-            let scales = scale_bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect();
-            (bytes, Some(scales))
+            (bytes, Some(f16_values(&scale_bytes)))
         }
         safetensors::Dtype::BF16 => (
             values
@@ -469,9 +466,10 @@ fn stored_attention_projections_give_the_cpus_bits() {
 }
 
 /// A MoE layer step's experts run together (`forward_experts`: one grouped launch per
-/// projection, two host round trips in all), each with its own token count, and every one
-/// gives the CPU's bits: FP8 experts through the pool, a bf16 one uploaded, one with no
-/// tokens, and one above `ROW_INVARIANT_MAX` rows (computed on the CPU from its GPU copy).
+/// projection and format, two host round trips in all), each with its own token count, and
+/// every one gives the CPU's bits: FP8 experts through the pool, bf16 and int8 ones uploaded,
+/// a whole group with no tokens before two groups that have some, and one expert above
+/// `ROW_INVARIANT_MAX` rows (computed on the CPU from its GPU copy).
 #[test]
 fn a_layer_steps_experts_run_together_with_the_cpus_bits() {
     let Some(g) = device_or_skip() else { return };
@@ -479,26 +477,34 @@ fn a_layer_steps_experts_run_together_with_the_cpus_bits() {
     let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
     let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
     let h = cfg.hidden_size;
-    let stored: Vec<ExpertBytes> = (0..5)
+    let stored: Vec<ExpertBytes> = (0..4)
         .map(|e| ExpertBytes::read(&ckpt, 2, e * 11).unwrap())
         .collect();
     let cpu: Vec<_> = stored.iter().map(|b| b.to_ffn().unwrap()).collect();
     let pool = Arc::new(GpuPool::new(&g, 3 * h * 64 * 4, 4, 2).unwrap());
-    let mut on_gpu: Vec<GpuExpert> = stored[..4]
-        .iter()
-        .enumerate()
-        .map(|(n, b)| {
-            let key = ExpertKey {
-                layer: 2,
-                expert: n as u32,
-            };
-            pool.load(key, ExpertSource::Stored(b)).unwrap().unwrap()
-        })
-        .collect();
-    let bf16 = bf16_expert(&cpu[4], h);
-    on_gpu.push(GpuExpert::upload_stored(&g, &bf16).unwrap());
-    let references = [&cpu[0], &cpu[1], &cpu[2], &cpu[3], &bf16.to_ffn().unwrap()];
-    let tokens = [1, 3, 0, 70, 9];
+    let mut uploaded = Vec::new();
+    let mut references = Vec::new();
+    // Two bf16 experts (the group without tokens), then the FP8 ones, then two int8 ones.
+    for w in &cpu[..2] {
+        let b = bf16_expert(w, h);
+        uploaded.push(GpuExpert::upload_stored(&g, &b).unwrap());
+        references.push(b.to_ffn().unwrap());
+    }
+    for (n, b) in stored.iter().enumerate() {
+        let key = ExpertKey {
+            layer: 2,
+            expert: n as u32,
+        };
+        uploaded.push(pool.load(key, ExpertSource::Stored(b)).unwrap().unwrap());
+        references.push(b.to_ffn().unwrap());
+    }
+    for w in &cpu[2..] {
+        let b = quantized_expert(w, h, moehost::quant::Bits::Int8);
+        uploaded.push(GpuExpert::upload_stored(&g, &b).unwrap());
+        references.push(b.to_ffn().unwrap());
+    }
+    let on_gpu = uploaded;
+    let tokens = [0, 0, 1, 3, 0, 70, 9, 2];
     let inputs: Vec<Vec<f32>> = tokens
         .iter()
         .enumerate()

@@ -443,8 +443,10 @@ impl TieredExperts {
         // A CUDA device tier keeps experts as stored where a kernel reads the format.
         #[cfg(feature = "cuda")]
         let on_gpu = config.device == Device::Cuda && crate::gpu::gpu().is_ok();
-        // Byte sizes from the first expert's headers (all experts share them).
-        let (storage, compute) = match moe_layers.first() {
+        // Byte sizes from the first expert's headers (all experts share them): storage, device
+        // slot, and the CPU's compute form (the device tier's if the GPU cannot be used).
+        #[allow(unused_variables)]
+        let (storage, compute, cpu_compute) = match moe_layers.first() {
             Some(&l) => {
                 let prefix = crate::experts::expert_prefix(l, 0);
                 let mut storage = 0u64;
@@ -492,14 +494,17 @@ impl TieredExperts {
                 } else {
                     compute
                 };
-                (storage, compute)
+                let cpu_compute =
+                    (3 * cfg.hidden_size * cfg.moe_intermediate_size * element) as u64;
+                (storage, compute, cpu_compute)
             }
-            None => (1, 1),
+            None => (1, 1, 1),
         };
         let slots = |budget: Option<u64>, per: u64| {
             budget.map_or(total, |b| ((b / per.max(1)) as usize).min(total))
         };
-        let device_slots = slots(config.device_bytes, compute);
+        #[allow(unused_mut)]
+        let (mut compute, mut device_slots) = (compute, slots(config.device_bytes, compute));
         let host_slots = slots(config.host_bytes, storage);
         let shape = ModelShape {
             moe_layers: moe_layers.len() as u32,
@@ -512,6 +517,13 @@ impl TieredExperts {
         let workers = config.prefetch_workers;
         #[cfg(feature = "cuda")]
         let gpu = open_gpu(config.device, compute as usize, device_slots, workers);
+        // Slots sized for the GPU's storage format, but the tier runs on the CPU after all (e.g.
+        // its memory could not be allocated): the budget buys compute-form experts there.
+        #[cfg(feature = "cuda")]
+        if gpu.is_none() && compute != cpu_compute {
+            compute = cpu_compute;
+            device_slots = slots(config.device_bytes, compute);
+        }
         #[cfg(not(feature = "cuda"))]
         open_gpu(config.device, compute as usize, device_slots, workers);
         let (

@@ -331,26 +331,37 @@ impl Gpu {
             cudarc::driver::result::memcpy_htod_async(xp, staged, s.cu_stream())?;
         }
         let mut table_at = xp + 4 * tables_at as u64;
-        for l in &launches {
-            let (w, _, x_stride) = steps[l[0]];
-            let t = l.iter().map(|&n| shapes[n].0).max().unwrap_or(0);
-            if t == 0 {
-                continue;
+        let launched = (|| -> Result<()> {
+            for l in &launches {
+                let (w, _, x_stride) = steps[l[0]];
+                let t = l.iter().map(|&n| shapes[n].0).max().unwrap_or(0);
+                let table = table_at;
+                if l.len() > 1 {
+                    table_at += (l.len() * std::mem::size_of::<Job>()) as u64;
+                }
+                if t == 0 || w.n == 0 {
+                    continue;
+                }
+                if l.len() == 1 {
+                    self.launch(w, device_in(l[0]), x_stride, t, device_out(l[0]), None)?;
+                } else {
+                    self.launch(w, 0, x_stride, t, 0, Some((table, l.len())))?;
+                }
             }
-            if l.len() == 1 {
-                self.launch(w, device_in(l[0]), x_stride, t, device_out(l[0]), None)?;
-            } else {
-                self.launch(w, 0, x_stride, t, 0, Some((table_at, l.len())))?;
-                table_at += (l.len() * std::mem::size_of::<Job>()) as u64;
+            // SAFETY: `hout` holds `floats` >= out_len values, read only after the
+            // synchronisation below.
+            unsafe {
+                let hout = std::slice::from_raw_parts_mut(hout, out_len);
+                cudarc::driver::result::memcpy_dtoh_async(hout, op, s.cu_stream())?;
             }
-        }
-        // SAFETY: as above; `hout` is read only after the synchronisation.
-        let hout = unsafe {
-            let hout = std::slice::from_raw_parts_mut(hout, out_len);
-            cudarc::driver::result::memcpy_dtoh_async(hout, op, s.cu_stream())?;
-            s.synchronize()?;
-            &*hout
-        };
+            Ok(())
+        })();
+        // Whatever happened, nothing queued may still use the scratch buffers after the lock.
+        let synced = s.synchronize();
+        launched?;
+        synced?;
+        // SAFETY: the copy into `hout` completed (synchronised above).
+        let hout = unsafe { std::slice::from_raw_parts(hout, out_len) };
         Ok(shapes
             .iter()
             .map(|&(_, n, at, _)| hout[at..at + n].to_vec())
@@ -810,9 +821,16 @@ impl GpuPool {
             let moved = {
                 let _one = self.gpu.scratch.lock().unwrap();
                 self.gpu.ctx.bind_to_thread()?;
+                let s = &self.gpu.stream;
+                // On the compute stream, then synchronised: no kernel reads the slot, and the
+                // landing buffer is not released, before the copy completed (a device-to-device
+                // cuMemcpyDtoD would not wait).
                 // SAFETY: both ranges lie in live device allocations of at least `len` bytes.
-                unsafe { cudarc::driver::result::memcpy_dtod_sync(out, landing, len) }
-                    .map_err(|e| anyhow!("cuMemcpyDtoD: {e}"))
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(out, landing, len, s.cu_stream())
+                }
+                .and_then(|()| s.synchronize())
+                .map_err(|e| anyhow!("device-to-device copy into the slot: {e}"))
             };
             drop(pin);
             self.sched.evict(key);
