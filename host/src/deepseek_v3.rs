@@ -607,28 +607,35 @@ impl DeepseekV3 {
             // DeepseekV3DecoderLayer: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))
             rms_norm(&hidden, &layer.input_norm, cfg.rms_norm_eps, &mut xn);
             // Each sequence attends over its own cache: independent, so in parallel (a decode
-            // batch is many one-row sequences, too small to split inside).
-            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(seqs.len());
-            let mut rest = &mut delta[..];
-            for s in seqs.iter() {
-                let (mine, tail) = rest.split_at_mut(s.ids.len() * h);
-                outs.push(mine);
-                rest = tail;
-            }
-            let run = |((s, &start), out): ((&mut Sequence<'_>, &usize), &mut [f32])| {
-                let rows = start * h..(start + s.ids.len()) * h;
-                let pos0 = s.cache.len;
-                self.attention(&layer.attn, &xn[rows], l, pos0, s.cache, out)
-                    .with_context(|| format!("attention of layer {l}"))
-            };
-            if seqs.len() > 1 {
-                seqs.par_iter_mut()
-                    .zip(starts.par_iter())
-                    .zip(outs.into_par_iter())
-                    .map(|job| kernels::as_task(|| run(job)))
-                    .collect::<Result<()>>()?;
+            // batch is many one-row sequences, too small to split inside). While all the rows
+            // fit the row-invariant kernels, the projections run once over every sequence's
+            // rows (the same bits per row; one weight pass, one GPU round trip per step).
+            if seqs.len() > 1 && t <= kernels::ROW_INVARIANT_MAX {
+                self.attention_merged(&layer.attn, &xn, l, seqs, &starts, &mut delta)
+                    .with_context(|| format!("attention of layer {l}"))?;
             } else {
-                seqs.iter_mut().zip(&starts).zip(outs).try_for_each(run)?;
+                let mut outs: Vec<&mut [f32]> = Vec::with_capacity(seqs.len());
+                let mut rest = &mut delta[..];
+                for s in seqs.iter() {
+                    let (mine, tail) = rest.split_at_mut(s.ids.len() * h);
+                    outs.push(mine);
+                    rest = tail;
+                }
+                let run = |((s, &start), out): ((&mut Sequence<'_>, &usize), &mut [f32])| {
+                    let rows = start * h..(start + s.ids.len()) * h;
+                    let pos0 = s.cache.len;
+                    self.attention(&layer.attn, &xn[rows], l, pos0, s.cache, out)
+                        .with_context(|| format!("attention of layer {l}"))
+                };
+                if seqs.len() > 1 {
+                    seqs.par_iter_mut()
+                        .zip(starts.par_iter())
+                        .zip(outs.into_par_iter())
+                        .map(|job| kernels::as_task(|| run(job)))
+                        .collect::<Result<()>>()?;
+                } else {
+                    seqs.iter_mut().zip(&starts).zip(outs).try_for_each(run)?;
+                }
             }
             add_inplace(&mut hidden, &delta);
             rms_norm(
@@ -689,22 +696,61 @@ impl DeepseekV3 {
         cache: &mut KvCache,
         out: &mut [f32],
     ) -> Result<()> {
+        let (mut q, kv, q_lat) = self.attention_in(attn, xn)?;
+        let ctx = self.attend(attn, &mut q, &kv, &q_lat, layer, pos0, cache);
+        self.attention_out(attn, &ctx, out)
+    }
+
+    /// `attention` for several sequences whose rows (`starts`, in `xn`) run through the
+    /// projections together; each sequence attends over its own cache, in parallel.
+    fn attention_merged(
+        &self,
+        attn: &Attention,
+        xn: &[f32],
+        layer: usize,
+        seqs: &mut [Sequence<'_>],
+        starts: &[usize],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let nh = cfg.num_attention_heads;
+        let (qk, lora, rope_d) = (cfg.qk_head_dim(), cfg.kv_lora_rank, cfg.qk_rope_head_dim);
+        let (mut q, kv, q_lat) = self.attention_in(attn, xn)?;
+        // Each sequence's rows of q (rotated in place) and of kv and q_lat.
+        let mut qs: Vec<&mut [f32]> = Vec::with_capacity(seqs.len());
+        let mut rest = &mut q[..];
+        for s in seqs.iter() {
+            let (mine, tail) = rest.split_at_mut(s.ids.len() * nh * qk);
+            qs.push(mine);
+            rest = tail;
+        }
+        let ctx: Vec<Vec<f32>> = seqs
+            .par_iter_mut()
+            .zip(starts.par_iter())
+            .zip(qs.into_par_iter())
+            .map(|((s, &start), q)| {
+                let rows = start..start + s.ids.len();
+                let kv = &kv[rows.start * (lora + rope_d)..rows.end * (lora + rope_d)];
+                let q_lat = &q_lat[rows.start * nh * lora..rows.end * nh * lora];
+                let pos0 = s.cache.len;
+                kernels::as_task(|| self.attend(attn, q, kv, q_lat, layer, pos0, s.cache))
+            })
+            .collect();
+        self.attention_out(attn, &ctx.concat(), out)
+    }
+
+    /// Attention's input projections for rows `xn` (any number of sequences: each row on its
+    /// own): `(q [t, heads, qk_head_dim], kv [t, kv_lora_rank + qk_rope_head_dim], q_lat [t,
+    /// heads, kv_lora_rank])`.
+    fn attention_in(&self, attn: &Attention, xn: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
-        let t = xn.len() / h;
-        let nh = cfg.num_attention_heads;
-        let (nope, rope_d, v, lora) = (
-            cfg.qk_nope_head_dim,
-            cfg.qk_rope_head_dim,
-            cfg.v_head_dim,
-            cfg.kv_lora_rank,
-        );
-        let qk = nope + rope_d;
+        let qk = cfg.qk_head_dim();
         // Queries: q_b_proj(q_a_layernorm(q_a_proj(x))) or q_proj(x); [t, heads, qk_head_dim].
         // compressed_kv = kv_a_proj_with_mqa(x) = [latent (kv_lora_rank) | k_rot (qk_rope_head_dim)]
         // Absorb W_UK: q_lat = W_UK^T q_nope, per token and head (RoPE leaves q_nope alone).
         // Projections run in as few steps as their inputs allow (one GPU round trip each).
-        let (mut q, kv, q_lat) = match &attn.q {
+        Ok(match &attn.q {
             QProj::Lora { a, norm, b, rank } => {
                 let [mut qa, kv]: [Vec<f32>; 2] =
                     Proj::run(&[(a, Input::Host(xn), h), (&attn.kv_a, Input::Host(xn), h)])?
@@ -729,7 +775,28 @@ impl DeepseekV3 {
                 .expect("three steps");
                 (q, kv, q_lat)
             }
-        };
+        })
+    }
+
+    /// One sequence's attention over its cache: RoPE on `q` and the new keys, the new rows
+    /// appended to `cache`, then softmax(q k^T * scale + causal mask) over the latents: `[t,
+    /// heads, kv_lora_rank]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        attn: &Attention,
+        q: &mut [f32],
+        kv: &[f32],
+        q_lat: &[f32],
+        layer: usize,
+        pos0: usize,
+        cache: &mut KvCache,
+    ) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let nh = cfg.num_attention_heads;
+        let (nope, rope_d, lora) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank);
+        let qk = nope + rope_d;
+        let t = kv.len() / (lora + rope_d);
         let half = self.rope.half_dim();
         let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
         let latent_cache = &mut cache.latent[layer];
@@ -790,9 +857,16 @@ impl DeepseekV3 {
                 .enumerate()
                 .for_each(|(idx, c)| attend(idx, c));
         }
-        // Absorbed W_UV per head: [t, heads * v_head_dim]; then o_proj.
+        ctx
+    }
+
+    /// Absorbed W_UV per head, then o_proj: `out [t, hidden]` for `ctx [t, heads,
+    /// kv_lora_rank]` (rows of any number of sequences).
+    fn attention_out(&self, attn: &Attention, ctx: &[f32], out: &mut [f32]) -> Result<()> {
+        let cfg = &self.cfg;
+        let (nh, v, lora) = (cfg.num_attention_heads, cfg.v_head_dim, cfg.kv_lora_rank);
         let [_, o]: [Vec<f32>; 2] = Proj::run(&[
-            (&attn.w_uv, Input::Host(&ctx), lora),
+            (&attn.w_uv, Input::Host(ctx), lora),
             (&attn.o_proj, Input::Output(0), nh * v),
         ])?
         .try_into()
