@@ -526,3 +526,83 @@ fn a_layer_steps_experts_run_together_with_the_cpus_bits() {
         );
     }
 }
+
+/// Sequences in one batched pass on the GPU (their attention projections run once over every
+/// sequence's rows) give the bits each gives alone on the CPU: prompts of different lengths
+/// prefilled together, then greedy decode steps together.
+#[test]
+fn batched_steps_on_the_gpu_equal_each_sequence_alone_on_the_cpu() {
+    if device_or_skip().is_none() {
+        return;
+    }
+    let dir = support::fp8_model();
+    let cpu = Engine::open(&dir).unwrap();
+    let c = StoreConfig {
+        device: Device::Cuda,
+        ..Default::default()
+    };
+    let (gpu, _store) = Engine::open_tiered(&dir, &c).unwrap();
+    assert_eq!(
+        gpu.model.attention_on_gpu(),
+        gpu.model.config().num_hidden_layers
+    );
+    let prompts: Vec<Vec<u32>> = [
+        "<|bos|>The software is distributed",
+        "<|bos|>In the beginning",
+        "<|bos|>A quick brown fox jumps over the lazy dog and",
+        "<|bos|>Once",
+    ]
+    .iter()
+    .map(|p| gpu.encode(p).unwrap())
+    .collect();
+    let argmax = |l: &[f32]| {
+        l.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0 as u32
+    };
+    let steps = 8;
+    // Alone on the CPU: the prefill's last logits, then each decode step's.
+    let alone: Vec<Vec<Vec<u32>>> = prompts
+        .iter()
+        .map(|ids| {
+            let model = &cpu.model;
+            let mut cache = model.new_cache();
+            let mut logits = model
+                .forward(ids, &mut cache, Logits::Last, false)
+                .unwrap()
+                .logits;
+            let mut all = vec![support::bits(&logits)];
+            for _ in 0..steps {
+                let next = argmax(&logits);
+                logits = model
+                    .forward(&[next], &mut cache, Logits::Last, false)
+                    .unwrap()
+                    .logits;
+                all.push(support::bits(&logits));
+            }
+            all
+        })
+        .collect();
+    // Together on the GPU: one pass prefills every prompt, then one pass per decode step.
+    let model = &gpu.model;
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut inputs: Vec<Vec<u32>> = prompts.clone();
+    #[allow(clippy::needless_range_loop)] // `step` indexes every sequence's history
+    for step in 0..=steps {
+        let mut seqs: Vec<moehost::Sequence> = inputs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(ids, cache)| moehost::Sequence { ids, cache })
+            .collect();
+        let out = model.forward_batch(&mut seqs).unwrap();
+        for (s, logits) in out.iter().enumerate() {
+            assert!(
+                support::bits(logits) == alone[s][step],
+                "sequence {s} step {step}: the GPU's batched logits differ from the CPU alone"
+            );
+            inputs[s] = vec![argmax(logits)];
+        }
+    }
+}

@@ -168,6 +168,16 @@ struct Attention {
     o_proj: Proj,
 }
 
+impl Attention {
+    /// Whether the projections live in GPU memory (`place_on_gpu`).
+    fn on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return matches!(self.o_proj, Proj::Gpu(_));
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+}
+
 #[cfg(feature = "cuda")]
 impl Attention {
     fn projections(&mut self) -> Vec<&mut Proj> {
@@ -607,10 +617,11 @@ impl DeepseekV3 {
             // DeepseekV3DecoderLayer: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))
             rms_norm(&hidden, &layer.input_norm, cfg.rms_norm_eps, &mut xn);
             // Each sequence attends over its own cache: independent, so in parallel (a decode
-            // batch is many one-row sequences, too small to split inside). While all the rows
-            // fit the row-invariant kernels, the projections run once over every sequence's
-            // rows (the same bits per row; one weight pass, one GPU round trip per step).
-            if seqs.len() > 1 && t <= kernels::ROW_INVARIANT_MAX {
+            // batch is many one-row sequences, too small to split inside). On the GPU, while
+            // all the rows fit the row-invariant kernels, the projections run once over every
+            // sequence's rows (the same bits per row; one set of round trips per step). The
+            // CPU keeps them per sequence: spread over its cores, that measured faster.
+            if seqs.len() > 1 && t <= kernels::ROW_INVARIANT_MAX && layer.attn.on_gpu() {
                 self.attention_merged(&layer.attn, &xn, l, seqs, &starts, &mut delta)
                     .with_context(|| format!("attention of layer {l}"))?;
             } else {
