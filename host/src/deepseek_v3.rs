@@ -952,28 +952,43 @@ impl DeepseekV3 {
         }
         // Each expert's rows, then every expert (the shared one last) in one call: those in GPU
         // memory run together.
-        let inputs: Vec<Vec<f32>> = ids
-            .iter()
-            .map(|e| {
-                let rows = &by_expert[*e as usize];
-                let mut x = Vec::with_capacity(rows.len() * h);
-                for &(tok, _) in rows {
-                    x.extend_from_slice(&xn[tok * h..(tok + 1) * h]);
-                }
-                x
-            })
-            .collect();
+        let gather = |e: &u32| {
+            let rows = &by_expert[*e as usize];
+            let mut x = Vec::with_capacity(rows.len() * h);
+            for &(tok, _) in rows {
+                x.extend_from_slice(&xn[tok * h..(tok + 1) * h]);
+            }
+            x
+        };
+        let inputs: Vec<Vec<f32>> = if t > 1 {
+            ids.par_iter().map(gather).collect()
+        } else {
+            ids.iter().map(gather).collect()
+        };
         let mut jobs: Vec<(&ExpertWeights, &[f32])> = weights
             .iter()
             .zip(&inputs)
             .map(|(w, x)| (w, &x[..]))
             .collect();
-        if let Some(shared) = &moe.shared {
+        // A GPU shared expert joins the routed ones' launches; on the CPU it runs after them
+        // with every core (as one task among the routed experts it would run on one).
+        let shared_with_routed = moe.shared.as_ref().filter(|s| s.on_gpu());
+        if let Some(shared) = shared_with_routed {
             jobs.push((shared, xn));
         }
         let mut outputs = ExpertWeights::forward_all(&jobs, h, t > 1)
             .with_context(|| format!("experts of layer {layer}"))?;
-        let shared = moe.shared.as_ref().and(outputs.pop());
+        let shared = match (&moe.shared, shared_with_routed) {
+            (Some(_), Some(_)) => outputs.pop(),
+            (Some(shared), None) => {
+                let mut s = vec![0f32; t * h];
+                shared
+                    .forward(xn, h, &mut s)
+                    .with_context(|| format!("shared expert of layer {layer}"))?;
+                Some(s)
+            }
+            (None, _) => None,
+        };
         out.iter_mut().for_each(|x| *x = 0.0);
         for (e, y) in ids.iter().zip(&outputs) {
             for (r, &(tok, w)) in by_expert[*e as usize].iter().enumerate() {

@@ -89,6 +89,14 @@ impl ExpertWeights {
         Ok(())
     }
 
+    /// Whether the weights live in GPU memory.
+    pub fn on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return matches!(self, ExpertWeights::Gpu(_));
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
     /// Each job's output, `jobs[i] = (expert, x [t_i, hidden])`, the same bits as `forward`
     /// one by one. Experts in GPU memory run together, with two host round trips in all
     /// (`gpu::forward_experts`); the others run on the CPU, in parallel when `parallel`.
