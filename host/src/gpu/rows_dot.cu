@@ -119,6 +119,21 @@ struct Job {
     int pad;
 };
 
+// `stretch` for one token with its inputs and scales already in registers (`xv`, `sv`: one
+// per 32-element chunk), so a warp can have several stretches' loads in flight.
+template <int F>
+__device__ __forceinline__ float stretch1(float acc, unsigned int word, const float (&xv)[8],
+                                          const float (&sv)[8], const float* __restrict__ table,
+                                          int lane) {
+    const int E = per_word<F>();
+#pragma unroll
+    for (int q = 0; q < E; ++q) {
+        unsigned int mine = E == 1 ? word : __shfl_sync(FULL, word, q * (32 / E) + lane / E);
+        acc = __fmaf_rn(unpack<F>(mine, lane % E, sv[q], table), xv[q], acc);
+    }
+    return acc;
+}
+
 // Inputs per shared-memory tile of the multi-token kernels (a multiple of every 32 * E).
 #define XTILE 512
 
@@ -195,8 +210,29 @@ __device__ void rows_dot(const unsigned char* __restrict__ a, const float* __res
                                row_scales, bc_log2, table, lane);
         }
     } else if (active) {
-#pragma unroll 8
-        for (int c0 = 0; c0 < nvec; c0 += 32 * E)
+        // One token: U stretches' weight words, inputs and scales are loaded before any is
+        // used, then summed stretch by stretch in the same order.
+        const int U = 4;
+        int c0 = 0;
+        for (; c0 + U * 32 * E <= nvec; c0 += U * 32 * E) {
+            unsigned int wv[U];
+            float xv[U][8], sv[U][8];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                int cu = c0 + u * 32 * E;
+                wv[u] = words[cu / E + lane];
+#pragma unroll
+                for (int q = 0; q < E; ++q) {
+                    xv[u][q] = xs[cu + q * 32 + lane];
+                    sv[u][q] = F == FP8 ? row_scales[cu >> bc_log2]
+                               : (F == INT8 || F == INT4) ? row_scales[(cu + q * 32) >> 5]
+                                                          : 0.0f;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) acc[0] = stretch1<F>(acc[0], wv[u], xv[u], sv[u], table, lane);
+        }
+        for (; c0 < nvec; c0 += 32 * E)
             stretch<F, TT>(acc, words[c0 / E + lane], c0, nt, xs + c0, xt, row_scales, bc_log2,
                            table, lane);
     }
