@@ -63,7 +63,7 @@ __device__ __forceinline__ float weight(const unsigned char* __restrict__ d,
 }
 
 // Elements of format F in one 32-bit word, and bytes per stored row of k.
-template <int F> __device__ __forceinline__ int per_word() {
+template <int F> __device__ constexpr int per_word() {
     return F == F32 ? 1 : F == BF16 ? 2 : F == INT4 ? 8 : 4;
 }
 template <int F> __device__ __forceinline__ size_t row_bytes(int k) {
@@ -204,10 +204,18 @@ __device__ void rows_dot(const unsigned char* __restrict__ a, const float* __res
             }
             __syncthreads();
             if (!active) continue;
-#pragma unroll 8
-            for (int c0 = base; c0 < base + len; c0 += 32 * E)
-                stretch<F, TT>(acc, words[c0 / E + lane], c0, nt, &xsm[0][c0 - base], XTILE,
-                               row_scales, bc_log2, table, lane);
+            // The tile's weight words are all loaded before the first is used.
+            constexpr int S = XTILE / (32 * per_word<F>());
+            int ns = len / (32 * E);
+            unsigned int wv[S];
+#pragma unroll
+            for (int u = 0; u < S; ++u)
+                if (u < ns) wv[u] = words[(base + u * 32 * E) / E + lane];
+#pragma unroll
+            for (int u = 0; u < S; ++u)
+                if (u < ns)
+                    stretch<F, TT>(acc, wv[u], base + u * 32 * E, nt, &xsm[0][u * 32 * E], XTILE,
+                                   row_scales, bc_log2, table, lane);
         }
     } else if (active) {
         // One token: U stretches' weight words, inputs and scales are loaded before any is
