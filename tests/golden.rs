@@ -307,12 +307,7 @@ fn batched_decode_equals_single_stream_bit_for_bit() {
     #[allow(clippy::needless_range_loop)] // `step` indexes every sequence's history
     for step in 0..steps {
         let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let mut seqs: Vec<moehost::Sequence> = tokens
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(ids, cache)| moehost::Sequence { ids, cache })
-            .collect();
-        let out = model.forward_batch(&mut seqs).unwrap();
+        let out = support::forward_batch(model, &tokens, &mut caches);
         for (s, logits) in out.iter().enumerate() {
             let bits: Vec<u32> = logits.iter().map(|x| x.to_bits()).collect();
             assert!(
@@ -343,14 +338,7 @@ fn grouped_prefill_equals_prefill_alone_bit_for_bit() {
         "{total}"
     );
     let mut caches: Vec<_> = ids.iter().map(|_| engine.model.new_cache()).collect();
-    let grouped = {
-        let mut seqs: Vec<moehost::Sequence> = ids
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(i, c)| moehost::Sequence { ids: i, cache: c })
-            .collect();
-        engine.model.forward_batch(&mut seqs).unwrap()
-    };
+    let grouped = support::forward_batch(&engine.model, &ids, &mut caches);
     for (i, g) in ids.iter().zip(&grouped) {
         let alone = engine
             .model

@@ -11,6 +11,7 @@ use moehost::gpu::{gpu, ExpertSource, Format, GpuExpert, GpuMatrix, GpuPool};
 use moehost::kernels::{grouped_rows, linear};
 use moehost::policy::ExpertKey;
 use moehost::policy::PolicySource;
+use moehost::sampling::argmax;
 use moehost::store::{Device, StoreConfig};
 use moehost::{Engine, Logits};
 use std::sync::Arc;
@@ -555,13 +556,6 @@ fn batched_steps_on_the_gpu_equal_each_sequence_alone_on_the_cpu() {
     .iter()
     .map(|p| gpu.encode(p).unwrap())
     .collect();
-    let argmax = |l: &[f32]| {
-        l.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0 as u32
-    };
     let steps = 8;
     // Alone on the CPU: the prefill's last logits, then each decode step's.
     let alone: Vec<Vec<Vec<u32>>> = prompts
@@ -591,12 +585,7 @@ fn batched_steps_on_the_gpu_equal_each_sequence_alone_on_the_cpu() {
     let mut inputs: Vec<Vec<u32>> = prompts.clone();
     #[allow(clippy::needless_range_loop)] // `step` indexes every sequence's history
     for step in 0..=steps {
-        let mut seqs: Vec<moehost::Sequence> = inputs
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(ids, cache)| moehost::Sequence { ids, cache })
-            .collect();
-        let out = model.forward_batch(&mut seqs).unwrap();
+        let out = support::forward_batch(model, &inputs, &mut caches);
         for (s, logits) in out.iter().enumerate() {
             assert!(
                 support::bits(logits) == alone[s][step],

@@ -625,13 +625,7 @@ impl DeepseekV3 {
                 self.attention_merged(&layer.attn, &xn, l, seqs, &starts, &mut delta)
                     .with_context(|| format!("attention of layer {l}"))?;
             } else {
-                let mut outs: Vec<&mut [f32]> = Vec::with_capacity(seqs.len());
-                let mut rest = &mut delta[..];
-                for s in seqs.iter() {
-                    let (mine, tail) = rest.split_at_mut(s.ids.len() * h);
-                    outs.push(mine);
-                    rest = tail;
-                }
+                let outs = per_sequence(&mut delta, seqs, h);
                 let run = |((s, &start), out): ((&mut Sequence<'_>, &usize), &mut [f32])| {
                     let rows = start * h..(start + s.ids.len()) * h;
                     let pos0 = s.cache.len;
@@ -728,13 +722,7 @@ impl DeepseekV3 {
         let (qk, lora, rope_d) = (cfg.qk_head_dim(), cfg.kv_lora_rank, cfg.qk_rope_head_dim);
         let (mut q, kv, q_lat) = self.attention_in(attn, xn)?;
         // Each sequence's rows of q (rotated in place) and of kv and q_lat.
-        let mut qs: Vec<&mut [f32]> = Vec::with_capacity(seqs.len());
-        let mut rest = &mut q[..];
-        for s in seqs.iter() {
-            let (mine, tail) = rest.split_at_mut(s.ids.len() * nh * qk);
-            qs.push(mine);
-            rest = tail;
-        }
+        let qs = per_sequence(&mut q, seqs, nh * qk);
         let ctx: Vec<Vec<f32>> = seqs
             .par_iter_mut()
             .zip(starts.par_iter())
@@ -1000,6 +988,22 @@ impl DeepseekV3 {
         }
         Ok(routing)
     }
+}
+
+/// `rows` split into each sequence's rows of `width` values, in order.
+fn per_sequence<'a>(
+    rows: &'a mut [f32],
+    seqs: &[Sequence<'_>],
+    width: usize,
+) -> Vec<&'a mut [f32]> {
+    let mut parts = Vec::with_capacity(seqs.len());
+    let mut rest = rows;
+    for s in seqs {
+        let (mine, tail) = rest.split_at_mut(s.ids.len() * width);
+        parts.push(mine);
+        rest = tail;
+    }
+    parts
 }
 
 fn add_inplace(a: &mut [f32], b: &[f32]) {

@@ -111,17 +111,13 @@ impl ExpertWeights {
             w.forward(x, hidden, &mut y)?;
             Ok(y)
         };
-        #[cfg(feature = "cuda")]
-        let (gpu, jobs): (Vec<_>, Vec<_>) = jobs
-            .iter()
-            .enumerate()
-            .partition(|(_, (w, _))| matches!(w, ExpertWeights::Gpu(_)));
-        #[cfg(not(feature = "cuda"))]
-        let jobs: Vec<_> = jobs.iter().enumerate().collect();
         let mut out = vec![Vec::new(); jobs.len()];
+        let (gpu, jobs): (Vec<_>, Vec<_>) =
+            jobs.iter().enumerate().partition(|(_, (w, _))| w.on_gpu());
+        #[cfg(not(feature = "cuda"))]
+        debug_assert!(gpu.is_empty());
         #[cfg(feature = "cuda")]
         {
-            out.resize(jobs.len() + gpu.len(), Vec::new());
             let group: Vec<_> = gpu
                 .iter()
                 .map(|(_, (w, x))| match w {

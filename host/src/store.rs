@@ -440,41 +440,19 @@ impl TieredExperts {
             moe_index[l] = Some(i as u32);
         }
         let total = moe_layers.len() * cfg.n_routed_experts;
-        // A CUDA device tier keeps experts as stored where a kernel reads the format.
-        #[cfg(feature = "cuda")]
-        let on_gpu = config.device == Device::Cuda && crate::gpu::gpu().is_ok();
-        // Byte sizes from the first expert's headers (all experts share them): storage, device
-        // slot, and the CPU's compute form (the device tier's if the GPU cannot be used).
-        #[allow(unused_variables)]
-        let (storage, compute, cpu_compute) = match moe_layers.first() {
+        // Byte sizes from the first expert's headers (all experts share them).
+        let (storage, cpu_compute) = match moe_layers.first() {
             Some(&l) => {
                 let prefix = crate::experts::expert_prefix(l, 0);
                 let mut storage = 0u64;
                 let mut bf16 = true;
-                #[allow(unused_mut, unused_variables)]
-                let mut device_parts: Vec<Option<(usize, usize)>> = Vec::new();
                 for p in ["gate_proj", "up_proj", "down_proj"] {
                     let raw = ckpt.raw(&format!("{prefix}.{p}.weight"))?;
                     storage += raw.bytes.len() as u64;
                     bf16 &= raw.dtype == safetensors::Dtype::BF16;
-                    let fp8_scales = ckpt.raw(&format!("{prefix}.{p}.weight_scale_inv"));
-                    if let Ok(s) = &fp8_scales {
+                    if let Ok(s) = ckpt.raw(&format!("{prefix}.{p}.weight_scale_inv")) {
                         storage += s.bytes.len() as u64;
                     }
-                    #[cfg(feature = "cuda")]
-                    let scales =
-                        fp8_scales.or_else(|_| ckpt.raw(&format!("{prefix}.{p}.weight_qscale")));
-                    #[cfg(feature = "cuda")]
-                    device_parts.push(
-                        crate::gpu::Format::of(raw.dtype, scales.is_ok(), ckpt.fp8_block()).map(
-                            |_| {
-                                let count = scales
-                                    .as_ref()
-                                    .map_or(0, |s| s.bytes.len() * 8 / s.dtype.bitsize().max(1));
-                                (raw.bytes.len(), count)
-                            },
-                        ),
-                    );
                 }
                 // The CPU's compute form keeps BF16 weights as they are (FfnWeights); other
                 // dtypes are f32.
@@ -483,28 +461,32 @@ impl TieredExperts {
                 } else {
                     4
                 };
-                let compute = (3 * cfg.hidden_size * cfg.moe_intermediate_size * element) as u64;
-                #[cfg(feature = "cuda")]
-                let compute = if on_gpu {
-                    // Else decoded to f32 on the CPU first.
-                    let f32_part = (cfg.hidden_size * cfg.moe_intermediate_size * 4, 0);
-                    let parts: Option<Vec<_>> = device_parts.into_iter().collect();
-                    let parts = parts.map_or([f32_part; 3], |p| [p[0], p[1], p[2]]);
-                    crate::gpu::expert_slot_bytes(parts) as u64
-                } else {
-                    compute
-                };
-                let cpu_compute =
-                    (3 * cfg.hidden_size * cfg.moe_intermediate_size * element) as u64;
-                (storage, compute, cpu_compute)
+                (
+                    storage,
+                    (3 * cfg.hidden_size * cfg.moe_intermediate_size * element) as u64,
+                )
             }
-            None => (1, 1, 1),
+            None => (1, 1),
+        };
+        // A CUDA device tier's slot: what `GpuPool` stages for the first expert (its storage
+        // format where a kernel reads it).
+        #[cfg(feature = "cuda")]
+        let gpu_compute = match moe_layers.first() {
+            Some(&l) if config.device == Device::Cuda && crate::gpu::gpu().is_ok() => {
+                let first = ExpertBytes::read(&ckpt, l, 0)?;
+                Some(crate::gpu::expert_slot_bytes(&first)? as u64)
+            }
+            _ => None,
         };
         let slots = |budget: Option<u64>, per: u64| {
             budget.map_or(total, |b| ((b / per.max(1)) as usize).min(total))
         };
+        #[cfg(feature = "cuda")]
+        let mut compute = gpu_compute.unwrap_or(cpu_compute);
+        #[cfg(not(feature = "cuda"))]
+        let compute = cpu_compute;
         #[allow(unused_mut)]
-        let (mut compute, mut device_slots) = (compute, slots(config.device_bytes, compute));
+        let mut device_slots = slots(config.device_bytes, compute);
         let host_slots = slots(config.host_bytes, storage);
         let shape = ModelShape {
             moe_layers: moe_layers.len() as u32,

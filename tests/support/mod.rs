@@ -152,6 +152,24 @@ pub fn assert_same_bits(
     }
 }
 
+/// One batched forward pass of `model`: sequence `i` feeds `inputs[i]` through `caches[i]`;
+/// each sequence's last logits.
+pub fn forward_batch<I: AsRef<[u32]>>(
+    model: &moehost::DeepseekV3,
+    inputs: &[I],
+    caches: &mut [moehost::KvCache],
+) -> Vec<Vec<f32>> {
+    let mut seqs: Vec<moehost::Sequence> = inputs
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(ids, cache)| moehost::Sequence {
+            ids: ids.as_ref(),
+            cache,
+        })
+        .collect();
+    model.forward_batch(&mut seqs).unwrap()
+}
+
 /// The bit patterns of `v`, for exact comparisons.
 pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()

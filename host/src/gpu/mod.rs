@@ -75,15 +75,6 @@ impl Format {
     }
 }
 
-/// Bytes an expert of these three stored tensors (weight bytes, scale count) takes in a device
-/// slot: each part aligned.
-pub fn expert_slot_bytes(parts: [(usize, usize); 3]) -> usize {
-    parts
-        .iter()
-        .map(|&(bytes, scales)| aligned(bytes) + aligned(scales * 4))
-        .sum()
-}
-
 fn aligned(n: usize) -> usize {
     n.next_multiple_of(ALIGN)
 }
@@ -710,6 +701,17 @@ fn expert_tensors<'a>(
     ))
 }
 
+/// The bytes `GpuPool::load` stages for `b`, each part aligned: the device slot it needs.
+pub fn expert_slot_bytes(b: &ExpertBytes) -> Result<usize> {
+    let mut converted = None;
+    let (tensors, _) = expert_tensors(&ExpertSource::Stored(b), &mut converted)?;
+    Ok(staged_bytes(&parts(&tensors)))
+}
+
+fn staged_bytes(parts: &[&[u8]]) -> usize {
+    parts.iter().map(|p| p.len()).sum()
+}
+
 /// The device tier's expert memory: expert slots in one `cuMemAlloc` pool, filled through
 /// pinned staging slots, landing buffers and the copy stream (the transfer scheduler). An
 /// expert keeps its storage format in its slot.
@@ -792,7 +794,7 @@ impl GpuPool {
         let mut converted = None;
         let (tensors, fp8_block) = expert_tensors(&src, &mut converted)?;
         let parts = parts(&tensors);
-        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let len = staged_bytes(&parts);
         ensure!(
             len <= self.slot_bytes,
             "expert {key:?} ({len} bytes) does not fit a device slot of {}",
