@@ -595,3 +595,67 @@ fn batched_steps_on_the_gpu_equal_each_sequence_alone_on_the_cpu() {
         }
     }
 }
+
+/// With attention on the GPU its cache lives in device memory: a decode long enough to grow
+/// that cache twice, then a prefix reused after `truncate` with a new continuation, give the
+/// CPU's bits at every step.
+#[test]
+fn attention_on_the_gpu_keeps_the_cpus_bits_over_a_growing_device_cache() {
+    if device_or_skip().is_none() {
+        return;
+    }
+    let dir = support::fp8_model();
+    let cpu = Engine::open(&dir).unwrap();
+    let c = StoreConfig {
+        device: Device::Cuda,
+        ..Default::default()
+    };
+    let (gpu, _store) = Engine::open_tiered(&dir, &c).unwrap();
+    let layers = gpu.model.config().num_hidden_layers;
+    assert_eq!(gpu.model.attention_on_gpu(), layers);
+    let prompt = gpu.encode("<|bos|>In the beginning").unwrap();
+    let (mut on_cpu, mut on_gpu) = (cpu.model.new_cache(), gpu.model.new_cache());
+    let step = |ids: &[u32], c: &mut moehost::KvCache, g: &mut moehost::KvCache, at: &str| {
+        let a = cpu
+            .model
+            .forward(ids, c, Logits::All, false)
+            .unwrap()
+            .logits;
+        let b = gpu
+            .model
+            .forward(ids, g, Logits::All, false)
+            .unwrap()
+            .logits;
+        assert!(
+            support::bits(&a) == support::bits(&b),
+            "{at}: the GPU's logits differ from the CPU's"
+        );
+        argmax(&b[b.len() - a.len() / ids.len()..])
+    };
+    let mut next = step(&prompt, &mut on_cpu, &mut on_gpu, "prefill");
+    let first = on_gpu.device_bytes();
+    assert!(first > 0, "the cache is not in GPU memory");
+    assert_eq!(on_cpu.device_bytes(), 0);
+    // Past 64 and 128 positions: the device cache is reallocated and its rows carried over.
+    while on_gpu.len() < 140 {
+        let at = format!("position {}", on_gpu.len());
+        next = step(&[next], &mut on_cpu, &mut on_gpu, &at);
+    }
+    assert!(
+        on_gpu.device_bytes() >= 2 * first,
+        "the device cache did not grow"
+    );
+    let cfg = gpu.model.config();
+    on_cpu.truncate(prompt.len() + 3, cfg);
+    on_gpu.truncate(prompt.len() + 3, cfg);
+    let other = gpu.encode(" and then there was light").unwrap();
+    let mut next = step(&other, &mut on_cpu, &mut on_gpu, "after truncate");
+    for i in 0..4 {
+        next = step(
+            &[next],
+            &mut on_cpu,
+            &mut on_gpu,
+            &format!("decode {i} after truncate"),
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! DeepSeek-V3 / Kimi-K2 (`DeepseekV3ForCausalLM`) forward pass in f32, on the CPU; with
-//! `place_on_gpu` (feature `cuda`) attention's projections and the dense and shared FFNs run
-//! the GPU's exact-order kernel instead.
+//! `place_on_gpu` (feature `cuda`) the whole of attention (projections, norms, RoPE, scores,
+//! softmax, a KV cache in device memory: `gpu::GpuMla`) and the dense and shared FFNs run the
+//! GPU's exact-order kernels instead, with the same bits.
 //!
 //! Each step follows transformers' `modeling_deepseek_v3.py` (module names cited below) and
 //! matches it to float tolerance. Owns: embedding, RMSNorm, MLA attention over a cache of the
@@ -166,16 +167,10 @@ struct Attention {
     w_uv: Proj,
     /// `o_proj`: `[hidden, heads * v_head_dim]`.
     o_proj: Proj,
-}
-
-impl Attention {
-    /// Whether the projections live in GPU memory (`place_on_gpu`).
-    fn on_gpu(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        return matches!(self.o_proj, Proj::Gpu(_));
-        #[cfg(not(feature = "cuda"))]
-        false
-    }
+    /// With every projection in GPU memory (`place_on_gpu`): the norms there too, and the
+    /// whole of attention runs on the GPU over a device cache.
+    #[cfg(feature = "cuda")]
+    core: Option<crate::gpu::GpuMla>,
 }
 
 #[cfg(feature = "cuda")]
@@ -221,6 +216,10 @@ pub struct KvCache {
     len: usize,
     latent: Vec<Vec<f32>>,
     k_rope: Vec<Vec<f32>>,
+    /// Per layer, for a layer whose attention runs on the GPU: the same rows in device memory
+    /// (positions from `len` on are stale, so `truncate` needs nothing here).
+    #[cfg(feature = "cuda")]
+    device: Vec<crate::gpu::DeviceKv>,
 }
 
 impl KvCache {
@@ -231,6 +230,14 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Bytes of this cache in GPU memory (layers whose attention runs there).
+    pub fn device_bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        return self.device.iter().map(|d| d.device_bytes()).sum();
+        #[cfg(not(feature = "cuda"))]
+        0
     }
 
     /// Forgets positions from `len` on (e.g. to reuse a shared prefix).
@@ -358,6 +365,8 @@ impl DeepseekV3 {
                     stored: None,
                 },
                 o_proj: Proj::linear(ckpt, format!("{a}.o_proj.weight"), [h, nh * v])?,
+                #[cfg(feature = "cuda")]
+                core: None,
             };
             let ffn = if cfg.is_moe_layer(l) {
                 let e = cfg.n_routed_experts;
@@ -420,10 +429,29 @@ impl DeepseekV3 {
     #[cfg(feature = "cuda")]
     pub fn place_on_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>, ckpt: &Checkpoint) -> Result<usize> {
         let mut moved = 0;
+        let cfg = &self.cfg;
+        let dims = crate::gpu::MlaDims {
+            hidden: cfg.hidden_size,
+            heads: cfg.num_attention_heads,
+            q_rank: cfg.q_lora_rank,
+            nope: cfg.qk_nope_head_dim,
+            rope: cfg.qk_rope_head_dim,
+            lora: cfg.kv_lora_rank,
+            v: cfg.v_head_dim,
+            eps: cfg.rms_norm_eps,
+            scale: self.softmax_scale,
+            interleave: self.rope.interleave(),
+        };
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            for p in layer.attn.projections() {
+            let attn = &mut layer.attn;
+            for p in attn.projections() {
                 p.move_to_gpu(gpu, ckpt)?;
             }
+            let q_norm = match &attn.q {
+                QProj::Lora { norm, .. } => Some(&norm[..]),
+                QProj::Full(_) => None,
+            };
+            attn.core = Some(crate::gpu::GpuMla::new(gpu, q_norm, &attn.kv_a_norm, dims)?);
             let (slot, prefix) = match &mut layer.ffn {
                 Ffn::Dense(w) => (Some(w), format!("model.layers.{l}.mlp")),
                 Ffn::Moe(m) => (
@@ -492,6 +520,10 @@ impl DeepseekV3 {
             len: 0,
             latent: vec![Vec::new(); self.cfg.num_hidden_layers],
             k_rope: vec![Vec::new(); self.cfg.num_hidden_layers],
+            #[cfg(feature = "cuda")]
+            device: (0..self.cfg.num_hidden_layers)
+                .map(|_| Default::default())
+                .collect(),
         }
     }
 
@@ -621,9 +653,14 @@ impl DeepseekV3 {
             // all the rows fit the row-invariant kernels, the projections run once over every
             // sequence's rows (the same bits per row; one set of round trips per step). The
             // CPU keeps them per sequence: spread over its cores, that measured faster.
-            if seqs.len() > 1 && t <= kernels::ROW_INVARIANT_MAX && layer.attn.on_gpu() {
-                self.attention_merged(&layer.attn, &xn, l, seqs, &starts, &mut delta)
-                    .with_context(|| format!("attention of layer {l}"))?;
+            #[cfg(feature = "cuda")]
+            let on_gpu = layer.attn.core.as_ref();
+            #[cfg(not(feature = "cuda"))]
+            let on_gpu: Option<()> = None;
+            if let Some(_core) = on_gpu {
+                #[cfg(feature = "cuda")]
+                self.attention_gpu(&layer.attn, _core, &xn, l, seqs, &mut delta)
+                    .with_context(|| format!("attention of layer {l} on the GPU"))?;
             } else {
                 let outs = per_sequence(&mut delta, seqs, h);
                 let run = |((s, &start), out): ((&mut Sequence<'_>, &usize), &mut [f32])| {
@@ -706,36 +743,59 @@ impl DeepseekV3 {
         self.attention_out(attn, &ctx, out)
     }
 
-    /// `attention` for several sequences whose rows (`starts`, in `xn`) run through the
-    /// projections together; each sequence attends over its own cache, in parallel.
-    fn attention_merged(
+    /// `attention` on the GPU for every sequence of the step at once (their rows through the
+    /// projections together; each attends over its own device cache): one round trip.
+    #[cfg(feature = "cuda")]
+    fn attention_gpu(
         &self,
         attn: &Attention,
+        core: &crate::gpu::GpuMla,
         xn: &[f32],
         layer: usize,
         seqs: &mut [Sequence<'_>],
-        starts: &[usize],
         out: &mut [f32],
     ) -> Result<()> {
-        let cfg = &self.cfg;
-        let nh = cfg.num_attention_heads;
-        let (qk, lora, rope_d) = (cfg.qk_head_dim(), cfg.kv_lora_rank, cfg.qk_rope_head_dim);
-        let (mut q, kv, q_lat) = self.attention_in(attn, xn)?;
-        // Each sequence's rows of q (rotated in place) and of kv and q_lat.
-        let qs = per_sequence(&mut q, seqs, nh * qk);
-        let ctx: Vec<Vec<f32>> = seqs
-            .par_iter_mut()
-            .zip(starts.par_iter())
-            .zip(qs.into_par_iter())
-            .map(|((s, &start), q)| {
-                let rows = start..start + s.ids.len();
-                let kv = &kv[rows.start * (lora + rope_d)..rows.end * (lora + rope_d)];
-                let q_lat = &q_lat[rows.start * nh * lora..rows.end * nh * lora];
-                let pos0 = s.cache.len;
-                kernels::as_task(|| self.attend(attn, q, kv, q_lat, layer, pos0, s.cache))
+        use crate::gpu::{GpuMatrix, MlaSeq, MlaWeights};
+        let half = self.rope.half_dim();
+        let mut cos_sin = vec![0f32; xn.len() / self.cfg.hidden_size * 2 * half];
+        let mut rows = cos_sin.chunks_exact_mut(2 * half);
+        for s in seqs.iter() {
+            ensure!(
+                s.cache.latent[layer].is_empty(),
+                "a cache filled on the CPU cannot go on on the GPU"
+            );
+            for pos in s.cache.len..s.cache.len + s.ids.len() {
+                let (cos, sin) = rows.next().expect("a row per token").split_at_mut(half);
+                self.rope.cos_sin(pos, cos, sin);
+            }
+        }
+        fn m(p: &Proj) -> Result<&GpuMatrix> {
+            match p {
+                Proj::Gpu(m) => Ok(m),
+                Proj::Host { .. } => anyhow::bail!("a projection is not in GPU memory"),
+            }
+        }
+        let q = match &attn.q {
+            QProj::Lora { a, b, .. } => vec![m(a)?, m(b)?],
+            QProj::Full(w) => vec![m(w)?],
+        };
+        let weights = MlaWeights {
+            q: &q,
+            kv_a: m(&attn.kv_a)?,
+            w_uk_t: m(&attn.w_uk_t)?,
+            w_uv: m(&attn.w_uv)?,
+            o_proj: m(&attn.o_proj)?,
+        };
+        let mut on_device: Vec<MlaSeq<'_>> = seqs
+            .iter_mut()
+            .map(|s| MlaSeq {
+                rows: s.ids.len(),
+                pos0: s.cache.len,
+                kv: &mut s.cache.device[layer],
             })
             .collect();
-        self.attention_out(attn, &ctx.concat(), out)
+        out.copy_from_slice(&core.forward(&weights, xn, &cos_sin, &mut on_device)?);
+        Ok(())
     }
 
     /// Attention's input projections for rows `xn` (any number of sequences: each row on its

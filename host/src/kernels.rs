@@ -642,12 +642,60 @@ pub fn swiglu(gate_up: &[f32], i: usize, act: &mut [f32]) {
     }
 }
 
-/// Numerically stable softmax in place.
+/// `e^x` from rounded f32 multiplies and adds only (cephes' `expf`: Cody-Waite reduction by
+/// ln 2, a degree-5 polynomial, then a power of two), so the GPU's attention kernel
+/// (`gpu/mla.cu`, the same constants by their bits, the same operations in the same order)
+/// gets the same bits; the platform's `exp` (libm here, `expf` there) differs between the two.
+/// Within 2 ulp of `e^x`.
+#[inline]
+pub fn exp_portable(x: f32) -> f32 {
+    const LOG2_E: u32 = 0x3fb8_aa3b;
+    // ln 2 in two parts; the first has few enough bits that n * LN2_HI is exact.
+    const LN2_HI: u32 = 0x3f31_8000;
+    const LN2_LO: u32 = 0xb95e_8083;
+    const P: [u32; 6] = [
+        0x3950_6968,
+        0x3ab7_43ce,
+        0x3c08_8908,
+        0x3d2a_a9c1,
+        0x3e2a_aaaa,
+        0x3f00_0000,
+    ];
+    const MAX: u32 = 0x42b1_7218;
+    const MIN: u32 = 0xc2cf_f1b4;
+    let c = f32::from_bits;
+    if x.is_nan() {
+        return x;
+    }
+    if x > c(MAX) {
+        return f32::INFINITY;
+    }
+    if x < c(MIN) {
+        return 0.0;
+    }
+    let n = (x * c(LOG2_E)).round_ties_even();
+    let r = (x - n * c(LN2_HI)) - n * c(LN2_LO);
+    let z = r * r;
+    let p = P[1..].iter().fold(c(P[0]), |p, &k| p * r + c(k));
+    let y = (p * z + r) + 1.0;
+    let pow2 = |e: i32| c(((e + 127) as u32) << 23);
+    let n = n as i32;
+    if n > 127 {
+        y * pow2(127) * pow2(n - 127)
+    } else if n < -126 {
+        y * pow2(n + 64) * pow2(-64)
+    } else {
+        y * pow2(n)
+    }
+}
+
+/// Numerically stable softmax in place, with [`exp_portable`] (attention's softmax, which the
+/// GPU computes too) and the sum in index order.
 pub fn softmax_inplace(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
+        *v = exp_portable(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
@@ -722,6 +770,34 @@ mod tests {
         let a: Vec<f32> = (0..100).map(|i| i as f32 * 0.25).collect();
         let b: Vec<f32> = (0..100).map(|i| 1.0 - i as f32 * 0.01).collect();
         assert!((dot(&a, &b) - dot_portable(&a, &b)).abs() < 1e-3);
+    }
+
+    #[test]
+    fn portable_exp_is_within_two_ulp_of_exp() {
+        let ulp = |v: f32| f32::from_bits(v.to_bits() + 1) - v;
+        let mut worst = 0f64;
+        let mut bits = xorshift(0x2545_f491_4f6c_dd1d);
+        let sweep = (-2000..=2000).map(|i| i as f32 * 0.05);
+        let random =
+            (0..200_000).map(|_| ((bits() >> 40) as f32 / (1u64 << 24) as f32 - 0.8) * 110.0);
+        for x in sweep.chain(random).filter(|x| (-87.0..88.0).contains(x)) {
+            let want = (x as f64).exp();
+            let got = exp_portable(x) as f64;
+            worst = worst.max((got - want).abs() / ulp(want as f32) as f64);
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp_portable(0.0), 1.0);
+        assert_eq!(exp_portable(-200.0), 0.0);
+        assert_eq!(exp_portable(100.0), f32::INFINITY);
+        assert!(exp_portable(f32::NAN).is_nan());
+        // Subnormal results and the top of the range stay close too.
+        for x in [-100.0f32, -95.5, -88.0, 88.5, 88.72] {
+            let (got, want) = (exp_portable(x) as f64, (x as f64).exp());
+            assert!(
+                (got - want).abs() <= want * 1e-6 + 1e-44,
+                "{x}: {got} vs {want}"
+            );
+        }
     }
 
     #[test]

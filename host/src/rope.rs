@@ -104,6 +104,11 @@ impl Rope {
         }
     }
 
+    /// Whether pairs are `(2i, 2i + 1)` (else `(i, i + half)`).
+    pub fn interleave(&self) -> bool {
+        self.interleave
+    }
+
     pub fn half_dim(&self) -> usize {
         self.inv_freq.len()
     }

@@ -14,8 +14,8 @@
 //! bytes are staged in a pinned host slot and copied on the dedicated copy stream, and compute
 //! waits for that expert's copy only. A pooled expert frees its slot when dropped.
 //! `GpuMatrix` holds attention's projections (stored format) and MLA's per-head W_UK^T, W_UV
-//! (f32, derived at load) for the same kernels; attention's scores, softmax, RoPE and norms, and
-//! the KV cache, stay on the CPU.
+//! (f32, derived at load) for the same kernels; `mla` chains them with attention's norms, RoPE,
+//! scores, softmax and context over a KV cache in device memory, one round trip per layer.
 //! Does not own: which experts live on the device (`store`), which weights move (`deepseek_v3`).
 
 use anyhow::{anyhow, ensure, Result};
@@ -31,6 +31,9 @@ use crate::kernels::{self, swiglu, ROW_INVARIANT_MAX};
 use crate::policy::ExpertKey;
 use crate::transfer::cuda::CudaCopyEngine;
 use crate::transfer::{CopyEngine, TransferScheduler};
+
+mod mla;
+pub use mla::{DeviceKv, GpuMla, MlaDims, MlaSeq, MlaWeights};
 
 /// The kernels (`rows_dot_{f32,bf16,fp8,int8,int4}` and their one-token `_t1` twins), compiled
 /// from `rows_dot.cu` by `nvcc -ptx -arch=compute_80` (CUDA 13.0).
@@ -89,6 +92,8 @@ pub struct Gpu {
     /// slice owns the memory, the kernels take its address).
     _e4m3: CudaSlice<f32>,
     e4m3_ptr: u64,
+    /// Attention's kernels besides the projections (`mla`).
+    mla: mla::MlaKernels,
     /// Expert calls come from the MoE's worker threads; one at a time keeps the stream simple.
     /// The lock holds the input and output buffers the calls reuse.
     scratch: Mutex<Scratch>,
@@ -102,6 +107,9 @@ struct Scratch {
     floats: usize,
     host: [*mut f32; 2],
     device: [u64; 2],
+    /// Device-only room for a call's intermediates (`mla`), `work_floats` of them.
+    work: u64,
+    work_floats: usize,
 }
 
 // SAFETY: the pointers are driver allocations owned by the scratch, used under `Gpu::scratch`.
@@ -125,7 +133,30 @@ impl Scratch {
         Ok(())
     }
 
+    /// The work buffer, with room for `floats` values.
+    fn reserve_work(&mut self, floats: usize) -> Result<u64> {
+        if floats > self.work_floats {
+            self.release_work();
+            let floats = floats.next_power_of_two();
+            // SAFETY: a plain allocation of `floats` f32s, freed in `release_work`.
+            self.work = unsafe { cudarc::driver::result::malloc_sync(floats * 4)? };
+            self.work_floats = floats;
+        }
+        Ok(self.work)
+    }
+
+    fn release_work(&mut self) {
+        if self.work_floats > 0 {
+            // SAFETY: allocated in `reserve_work`, no kernel in flight (calls synchronise).
+            unsafe {
+                let _ = cudarc::driver::result::free_sync(self.work);
+            }
+        }
+        self.work_floats = 0;
+    }
+
     fn release(&mut self) {
+        self.release_work();
         if self.floats > 0 {
             for i in 0..2 {
                 // SAFETY: allocated in `reserve`, no copy in flight (calls synchronise).
@@ -462,12 +493,15 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
             Ok(Gpu {
                 ctx: ctx.clone(),
                 kernels: [kernels("")?, kernels("_t1")?],
+                mla: mla::MlaKernels::load(&ctx)?,
                 _e4m3: e4m3,
                 e4m3_ptr,
                 scratch: Mutex::new(Scratch {
                     floats: 0,
                     host: [std::ptr::null_mut(); 2],
                     device: [0; 2],
+                    work: 0,
+                    work_floats: 0,
                 }),
                 stream,
                 name: info.name.clone(),
