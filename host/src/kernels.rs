@@ -632,12 +632,13 @@ pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
-/// SwiGLU on fused rows `[gate (i) | up (i)]`: `act[r, j] = silu(gate[r, j]) * up[r, j]`.
+/// SwiGLU on fused rows `[gate (i) | up (i)]`: `act[r, j] = silu(gate[r, j]) * up[r, j]`, with
+/// [`exp_portable`] (the GPU runs it too, between an expert's projections).
 pub fn swiglu(gate_up: &[f32], i: usize, act: &mut [f32]) {
     for (gu, a) in gate_up.chunks_exact(2 * i).zip(act.chunks_exact_mut(i)) {
         let (g, u) = gu.split_at(i);
         for ((aj, &gj), &uj) in a.iter_mut().zip(g).zip(u) {
-            *aj = gj / (1.0 + (-gj).exp()) * uj;
+            *aj = gj / (1.0 + exp_portable(-gj)) * uj;
         }
     }
 }

@@ -11,6 +11,8 @@
 //
 // Regenerate the checked-in PTX as rows_dot.ptx: nvcc -ptx -arch=compute_80 -o mla.ptx mla.cu
 
+#include "exp_portable.cuh"
+
 #define FULL 0xffffffffu
 // Warps per block of mla_attend and rms_norm_rows.
 #define WARPS 8
@@ -51,31 +53,6 @@ __device__ __forceinline__ void norm_row(const float* x, const float* __restrict
     float ss = warp_dot(x, x, d, lane);
     float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, (float)d), eps)));
     for (int c = lane; c < d; c += 32) out[c] = __fmul_rn(w[c], __fmul_rn(x[c], inv));
-}
-
-// 2^e for e in [-126, 127].
-__device__ __forceinline__ float pow2(int e) { return __uint_as_float((unsigned)(e + 127) << 23); }
-
-// `kernels::exp_portable`, constant for constant.
-__device__ __forceinline__ float exp_portable(float x) {
-    if (isnan(x)) return x;
-    if (x > __uint_as_float(0x42b17218u)) return __uint_as_float(0x7f800000u);
-    if (x < __uint_as_float(0xc2cff1b4u)) return 0.0f;
-    float n = rintf(__fmul_rn(x, __uint_as_float(0x3fb8aa3bu)));
-    float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, __uint_as_float(0x3f318000u))),
-                        __fmul_rn(n, __uint_as_float(0xb95e8083u)));
-    float z = __fmul_rn(r, r);
-    float p = __uint_as_float(0x39506968u);
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3ab743ceu));
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3c088908u));
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3d2aa9c1u));
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3e2aaaaau));
-    p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3f000000u));
-    float y = __fadd_rn(__fadd_rn(__fmul_rn(p, z), r), 1.0f);
-    int e = (int)n;
-    if (e > 127) return __fmul_rn(__fmul_rn(y, pow2(127)), pow2(e - 127));
-    if (e < -126) return __fmul_rn(__fmul_rn(y, pow2(e + 64)), pow2(-64));
-    return __fmul_rn(y, pow2(e));
 }
 
 // RoPE's rotation of the pair (a, b) by (cos, sin), as `Rope::rotate`.

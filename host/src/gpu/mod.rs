@@ -27,7 +27,7 @@ use std::borrow::Cow;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::experts::{ExpertBytes, FfnWeights, OwnedTensor};
-use crate::kernels::{self, swiglu, ROW_INVARIANT_MAX};
+use crate::kernels::{self, ROW_INVARIANT_MAX};
 use crate::policy::ExpertKey;
 use crate::transfer::cuda::CudaCopyEngine;
 use crate::transfer::{CopyEngine, TransferScheduler};
@@ -92,6 +92,8 @@ pub struct Gpu {
     /// slice owns the memory, the kernels take its address).
     _e4m3: CudaSlice<f32>,
     e4m3_ptr: u64,
+    /// `swiglu_rows`: an expert's activations between its projections.
+    swiglu: CudaFunction,
     /// Attention's kernels besides the projections (`mla`).
     mla: mla::MlaKernels,
     /// Expert calls come from the MoE's worker threads; one at a time keeps the stream simple.
@@ -184,6 +186,25 @@ pub enum Input<'a> {
     Output(usize),
 }
 
+/// A step's input inside `Gpu::run`: `Input`'s two, or the SwiGLU of an earlier step's fused
+/// `[gate | up]` rows (an expert's activations), computed in device memory.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Host(&'a [f32]),
+    Output(usize),
+    Swiglu(usize),
+}
+
+/// One job of `swiglu_rows`, as `SwigluJob` in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SwigluJob {
+    gate_up: u64,
+    act: u64,
+    rows: i32,
+    inter: i32,
+}
+
 /// Where one stored tensor and its scales sit in device memory.
 #[derive(Clone, Copy)]
 struct Placed {
@@ -249,32 +270,51 @@ impl Gpu {
     fn rows_dot_many(&self, calls: &[(&Linear, &[f32], usize)]) -> Result<Vec<Vec<f32>>> {
         let steps: Vec<_> = calls
             .iter()
-            .map(|&(w, x, x_stride)| (w, Input::Host(x), x_stride))
+            .map(|&(w, x, x_stride)| (w, Src::Host(x), x_stride))
             .collect();
         self.run(&steps)
     }
 
     /// Runs `steps` in order with one host round trip: the host inputs go up in one copy, each
-    /// step reads host data or an earlier step's output (which stays in device memory), and
-    /// every output comes down in one copy. Steps of one shape and format on host inputs (a
-    /// MoE layer step's experts) share one grouped launch, which fills the GPU where one
-    /// expert's rows would not. The same bits as step by step.
-    fn run(&self, steps: &[(&Linear, Input<'_>, usize)]) -> Result<Vec<Vec<f32>>> {
-        // (tokens, output length, output offset, input offset) per step.
-        let mut shapes: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(steps.len());
+    /// step reads host data, an earlier step's output or the SwiGLU of one (both computed and
+    /// kept in device memory), and the outputs come down in one copy; a step whose output feeds
+    /// a SwiGLU returns nothing (its output stays on the device). Steps of one shape and format
+    /// on host or SwiGLU inputs (a MoE layer step's experts) share one grouped launch, which
+    /// fills the GPU where one expert's rows would not. The same bits as step by step.
+    fn run(&self, steps: &[(&Linear, Src<'_>, usize)]) -> Result<Vec<Vec<f32>>> {
+        let mut on_device = vec![false; steps.len()];
+        for (n, &(_, x, _)) in steps.iter().enumerate() {
+            if let Src::Output(i) | Src::Swiglu(i) = x {
+                ensure!(
+                    i < n,
+                    "step {n} reads the output of step {i}, not run before it"
+                );
+            }
+            if let Src::Swiglu(i) = x {
+                on_device[i] = true;
+            }
+        }
+        // Per step: tokens, output length, output offset, input offset (in the host inputs,
+        // the outputs or the SwiGLU buffers), all in floats.
+        struct Shape {
+            t: usize,
+            len: usize,
+            out_at: usize,
+            in_at: usize,
+        }
+        let mut shapes: Vec<Shape> = Vec::with_capacity(steps.len());
         let mut in_len = 0;
-        let mut out_len = 0;
-        // Launches: the steps each runs (one, or a group).
-        let mut launches: Vec<Vec<usize>> = Vec::new();
         for (n, &(w, x, x_stride)) in steps.iter().enumerate() {
-            let (len, x_at) = match x {
-                Input::Host(x) => (x.len(), in_len),
-                Input::Output(i) => {
+            let len = match x {
+                Src::Host(x) => x.len(),
+                Src::Output(i) => shapes[i].len,
+                Src::Swiglu(i) => {
+                    let gu = steps[i].0;
                     ensure!(
-                        i < n,
-                        "step {n} reads the output of step {i}, not run before it"
+                        gu.groups == 1 && gu.n.is_multiple_of(2),
+                        "step {n}: step {i}'s output is not fused [gate | up] rows"
                     );
-                    (shapes[i].1, shapes[i].2)
+                    shapes[i].len / 2
                 }
             };
             let groups = w.groups;
@@ -283,53 +323,116 @@ impl Gpu {
                 t * groups * x_stride == len && w.k <= x_stride && t < 1 << 16,
                 "rows_dot: {len} inputs are not [tokens < 65536, {groups}, {x_stride}]"
             );
-            shapes.push((t, t * groups * w.n, out_len, x_at));
-            out_len += t * groups * w.n;
-            let groupable = matches!(x, Input::Host(_)) && groups == 1;
-            if let Input::Host(x) = x {
-                in_len += x.len();
+            if let Src::Swiglu(i) = x {
+                ensure!(
+                    2 * x_stride == steps[i].0.n && t == shapes[i].t,
+                    "step {n}: a SwiGLU of {} columns read {x_stride} wide",
+                    steps[i].0.n
+                );
             }
-            let joins = launches.iter_mut().find(|l| {
-                let (v, _, stride) = steps[l[0]];
+            let in_at = if let Src::Host(x) = x {
+                in_len += x.len();
+                in_len - x.len()
+            } else {
+                0
+            };
+            shapes.push(Shape {
+                t,
+                len: t * groups * w.n,
+                out_at: 0,
+                in_at,
+            });
+        }
+        // The outputs that come back first, then those that stay, then the SwiGLU buffers.
+        let mut at = 0;
+        for stays in [false, true] {
+            for (shape, _) in shapes.iter_mut().zip(&on_device).filter(|s| *s.1 == stays) {
+                shape.out_at = at;
+                at += shape.len;
+            }
+        }
+        let out_len = shapes
+            .iter()
+            .zip(&on_device)
+            .filter(|s| !*s.1)
+            .map(|s| s.0.len)
+            .sum::<usize>();
+        for n in 0..steps.len() {
+            match steps[n].1 {
+                Src::Output(i) => shapes[n].in_at = shapes[i].out_at,
+                Src::Swiglu(_) => {
+                    shapes[n].in_at = at;
+                    at += shapes[n].t * steps[n].2;
+                }
+                Src::Host(_) => {}
+            }
+        }
+        let device_floats = at;
+        // Launches: the steps each runs (one, or a group), in order; a step joins a group only
+        // if what it reads was launched before that group.
+        let mut launches: Vec<Vec<usize>> = Vec::new();
+        let mut launch_of = vec![0; steps.len()];
+        for (n, &(w, x, x_stride)) in steps.iter().enumerate() {
+            let groupable = !matches!(x, Src::Output(_)) && w.groups == 1;
+            let joins = launches.iter().position(|l| {
+                let (v, y, stride) = steps[l[0]];
+                let ready = match x {
+                    Src::Swiglu(i) => launch_of[i] < launch_of[l[0]],
+                    _ => true,
+                };
                 groupable
-                    && matches!(steps[l[0]].1, Input::Host(_))
+                    && ready
+                    && !matches!(y, Src::Output(_))
                     && v.same_shape(w)
                     && stride == x_stride
             });
             match joins {
-                Some(l) => l.push(n),
-                None => launches.push(vec![n]),
+                Some(l) => {
+                    launches[l].push(n);
+                    launch_of[n] = l;
+                }
+                None => {
+                    launch_of[n] = launches.len();
+                    launches.push(vec![n]);
+                }
             }
         }
-        if out_len == 0 {
+        if shapes.iter().all(|s| s.len == 0) {
             return Ok(shapes.iter().map(|_| Vec::new()).collect());
         }
-        // Job tables of grouped launches follow the inputs, 8-byte aligned.
+        // Job tables of grouped launches, then of SwiGLU launches, follow the inputs, 8-byte
+        // aligned.
         let tables_at = in_len.next_multiple_of(2);
         let jobs: usize = launches
             .iter()
             .filter(|l| l.len() > 1)
             .map(|l| l.len())
             .sum();
-        let in_floats = tables_at + jobs * std::mem::size_of::<Job>() / 4;
+        let swiglu_at = tables_at + jobs * std::mem::size_of::<Job>() / 4;
+        let swiglus = steps
+            .iter()
+            .filter(|s| matches!(s.1, Src::Swiglu(_)))
+            .count();
+        let in_floats = swiglu_at + swiglus * std::mem::size_of::<SwigluJob>() / 4;
         let s = &self.stream;
         let mut scratch = self.scratch.lock().unwrap();
         self.ctx.bind_to_thread()?;
-        scratch.reserve(in_floats.max(out_len))?;
+        scratch.reserve(in_floats.max(device_floats))?;
         let ([hx, hout], [xp, op]) = (scratch.host, scratch.device);
         let device_in = |step: usize| match steps[step].1 {
-            Input::Host(_) => xp + 4 * shapes[step].3 as u64,
-            Input::Output(i) => op + 4 * shapes[i].2 as u64,
+            Src::Host(_) => xp + 4 * shapes[step].in_at as u64,
+            Src::Output(_) | Src::Swiglu(_) => op + 4 * shapes[step].in_at as u64,
         };
-        let device_out = |step: usize| op + 4 * shapes[step].2 as u64;
-        // SAFETY: both host buffers hold `floats` >= in_floats, out_len values (the job tables
-        // 8-byte aligned within the page-aligned buffer); the inputs are in `hx` before the
-        // copy is queued, and the stream is synchronised before `hout` is read.
+        let device_out = |step: usize| op + 4 * shapes[step].out_at as u64;
+        // SAFETY: the host input buffer holds `floats` >= in_floats values (the job tables
+        // 8-byte aligned within the page-aligned buffer), the device output buffer `floats`
+        // >= device_floats; the inputs are in `hx` before the copy is queued, and the stream
+        // is synchronised before `hout` is read.
         unsafe {
             let host = std::slice::from_raw_parts_mut(hx, in_len);
             for (&(_, x, _), shape) in steps.iter().zip(&shapes) {
-                if let Input::Host(x) = x {
-                    host[shape.3..shape.3 + x.len()].copy_from_slice(x);
+                if let Src::Host(x) = x {
+                    host[shape.in_at..shape.in_at + x.len()].copy_from_slice(x);
                 }
             }
             let mut table = hx.add(tables_at) as *mut Job;
@@ -343,8 +446,21 @@ impl Gpu {
                         b_scales: w.b.scales,
                         x: device_in(n),
                         out: device_out(n),
-                        tokens: shapes[n].0 as i32,
+                        tokens: shapes[n].t as i32,
                         pad: 0,
+                    });
+                    table = table.add(1);
+                }
+            }
+            // SwiGLU jobs in launch order, so each launch's are consecutive.
+            let mut table = hx.add(swiglu_at) as *mut SwigluJob;
+            for &n in launches.iter().flatten() {
+                if let Src::Swiglu(i) = steps[n].1 {
+                    table.write(SwigluJob {
+                        gate_up: device_out(i),
+                        act: device_in(n),
+                        rows: shapes[n].t as i32,
+                        inter: steps[n].2 as i32,
                     });
                     table = table.add(1);
                 }
@@ -353,10 +469,22 @@ impl Gpu {
             cudarc::driver::result::memcpy_htod_async(xp, staged, s.cu_stream())?;
         }
         let mut table_at = xp + 4 * tables_at as u64;
+        let mut swiglu_table = xp + 4 * swiglu_at as u64;
         let launched = (|| -> Result<()> {
             for l in &launches {
                 let (w, _, x_stride) = steps[l[0]];
-                let t = l.iter().map(|&n| shapes[n].0).max().unwrap_or(0);
+                // The SwiGLUs this launch reads, in one launch of their own first.
+                let acts: Vec<usize> = l
+                    .iter()
+                    .copied()
+                    .filter(|&n| matches!(steps[n].1, Src::Swiglu(_)))
+                    .collect();
+                if !acts.is_empty() {
+                    let most = acts.iter().map(|&n| shapes[n].t * steps[n].2).max();
+                    self.swiglu(swiglu_table, acts.len(), most.unwrap_or(0))?;
+                    swiglu_table += (acts.len() * std::mem::size_of::<SwigluJob>()) as u64;
+                }
+                let t = l.iter().map(|&n| shapes[n].t).max().unwrap_or(0);
                 let table = table_at;
                 if l.len() > 1 {
                     table_at += (l.len() * std::mem::size_of::<Job>()) as u64;
@@ -386,8 +514,31 @@ impl Gpu {
         let hout = unsafe { std::slice::from_raw_parts(hout, out_len) };
         Ok(shapes
             .iter()
-            .map(|&(_, n, at, _)| hout[at..at + n].to_vec())
+            .zip(&on_device)
+            .map(|(sh, &kept)| match kept {
+                true => Vec::new(),
+                false => hout[sh.out_at..sh.out_at + sh.len].to_vec(),
+            })
             .collect())
+    }
+
+    /// Queues `swiglu_rows` over `jobs` SwiGLU jobs of the device table at `table`, the
+    /// largest `most` outputs. The caller holds the scratch lock.
+    fn swiglu(&self, table: u64, jobs: usize, most: usize) -> Result<()> {
+        if most == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((most as u32).div_ceil(256).min(1024), jobs as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.swiglu);
+        launch.arg(&table);
+        // SAFETY: each job of the table reads rows x 2 inter values and writes rows x inter,
+        // in buffers `run` sized for them.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("swiglu launch: {e}"))?;
+        Ok(())
     }
 
     /// Queues the format's kernel on `t` rows of inputs at device address `xp` (`[t, groups,
@@ -493,6 +644,7 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
             Ok(Gpu {
                 ctx: ctx.clone(),
                 kernels: [kernels("")?, kernels("_t1")?],
+                swiglu: module.load_function("swiglu_rows")?,
                 mla: mla::MlaKernels::load(&ctx)?,
                 _e4m3: e4m3,
                 e4m3_ptr,
@@ -690,7 +842,13 @@ impl GpuMatrix {
         };
         let steps: Vec<_> = steps
             .iter()
-            .map(|&(m, x, stride)| (&m.linear, x, stride))
+            .map(|&(m, x, stride)| {
+                let x = match x {
+                    Input::Host(x) => Src::Host(x),
+                    Input::Output(i) => Src::Output(i),
+                };
+                (&m.linear, x, stride)
+            })
             .collect();
         first.gpu.run(&steps)
     }
@@ -1172,8 +1330,8 @@ pub fn measure_expert(
     })
 }
 
-/// Several experts' `FfnWeights::forward` on the GPU, bit for bit, with two host round trips in
-/// all (one before and one after the CPU's SwiGLU), not two per expert: a MoE layer step's
+/// Several experts' `FfnWeights::forward` on the GPU, bit for bit, with one host round trip in
+/// all (gate_up, SwiGLU and down stay in device memory), not one per expert: a MoE layer step's
 /// experts run together. Above `ROW_INVARIANT_MAX` rows the CPU's kernels switch to a blocked
 /// GEMM whose sums no row kernel reproduces, so such an expert is copied back and runs on the
 /// CPU.
@@ -1199,27 +1357,17 @@ pub fn forward_experts(jobs: &[(&GpuExpert, &[f32])], hidden: usize) -> Result<V
     };
     let gpu = &jobs[first].0.gpu;
     // A pooled slot's copy completed before the expert was handed out (`GpuPool::load`).
-    let gate_up: Vec<_> = on_gpu
+    // Every gate_up, their SwiGLUs and every down in one round trip.
+    let gate_up = on_gpu
         .iter()
-        .map(|&n| (&jobs[n].0.gate_up, jobs[n].1, hidden))
-        .collect();
-    let gu = gpu.rows_dot_many(&gate_up)?;
-    let act: Vec<Vec<f32>> = on_gpu
-        .iter()
-        .zip(&gu)
-        .map(|(&n, gu)| {
-            let i = jobs[n].0.intermediate;
-            let mut act = vec![0f32; gu.len() / 2];
-            swiglu(gu, i, &mut act);
-            act
-        })
-        .collect();
-    let down: Vec<_> = on_gpu
-        .iter()
-        .zip(&act)
-        .map(|(&n, a)| (&jobs[n].0.down, &a[..], jobs[n].0.intermediate))
-        .collect();
-    for (&n, y) in on_gpu.iter().zip(gpu.rows_dot_many(&down)?) {
+        .map(|&n| (&jobs[n].0.gate_up, Src::Host(jobs[n].1), hidden));
+    let down = on_gpu.iter().enumerate().map(|(step, &n)| {
+        let e = jobs[n].0;
+        (&e.down, Src::Swiglu(step), e.intermediate)
+    });
+    let steps: Vec<_> = gate_up.chain(down).collect();
+    let ys = gpu.run(&steps)?;
+    for (&n, y) in on_gpu.iter().zip(ys.into_iter().skip(on_gpu.len())) {
         out[n] = y;
     }
     Ok(out)

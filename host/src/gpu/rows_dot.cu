@@ -22,6 +22,8 @@
 // nvidia-cuda-runtime 13.0 wheels, unpacked into one tree, give nvcc 13.0.88, which reproduces
 // the checked-in PTX byte for byte.
 
+#include "exp_portable.cuh"
+
 #define FULL 0xffffffffu
 // Rows per block (a warp each). Tokens per warp (TT, a template parameter: 1 for decode
 // steps, 8 otherwise): each weight is loaded once for up to that many inputs.
@@ -306,3 +308,26 @@ ROWS_DOT(rows_dot_bf16_t1, BF16, 1)
 ROWS_DOT(rows_dot_fp8_t1, FP8, 1)
 ROWS_DOT(rows_dot_int8_t1, INT8, 1)
 ROWS_DOT(rows_dot_int4_t1, INT4, 1)
+
+// One job of `swiglu_rows` (`gpu::SwigluJob`): an expert's fused [gate | up] rows and its
+// activations.
+struct SwigluJob {
+    const float* gate_up;
+    float* act;
+    int rows;
+    int inter;
+};
+
+// `kernels::swiglu` for every job of the table (blockIdx.y picks it): act[r, j] =
+// gate[r, j] / (1 + exp_portable(-gate[r, j])) * up[r, j], the CPU's operations in its order.
+extern "C" __global__ void swiglu_rows(const SwigluJob* jobs) {
+    SwigluJob job = jobs[blockIdx.y];
+    size_t n = (size_t)job.rows * job.inter;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (size_t)gridDim.x * blockDim.x) {
+        size_t r = e / job.inter, c = e % job.inter;
+        const float* row = job.gate_up + r * 2 * job.inter;
+        float g = row[c], u = row[job.inter + c];
+        job.act[e] = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, exp_portable(-g))), u);
+    }
+}
