@@ -117,10 +117,12 @@ fn a_long_prefill_on_the_gpu_is_the_same_under_every_budget() {
     };
     let cpu = logits(&Engine::open(&dir).unwrap());
     let mut first: Option<Vec<f32>> = None;
-    for (slots, placement, link) in [
-        (None, "cost-model", "local"),
-        (Some(30), "cost-model", "h100-pcie5"),
-        (Some(20), "hot-fetch", "h100-pcie5"),
+    for (slots, placement, link, scores) in [
+        (None, "cost-model", "local", None),
+        (Some(30), "cost-model", "h100-pcie5", None),
+        (Some(20), "hot-fetch", "h100-pcie5", None),
+        // Scores for only a few tokens at a time: attention runs in chunks of the prompt.
+        (None, "cost-model", "local", Some(3 * 4 * 100)),
     ] {
         let c = StoreConfig {
             device_bytes: slots.map(|s| s * 3 * 256 * 64 * 4),
@@ -129,7 +131,10 @@ fn a_long_prefill_on_the_gpu_is_the_same_under_every_budget() {
             device: Device::Cuda,
             ..Default::default()
         };
-        let (engine, _store) = Engine::open_tiered(&dir, &c).unwrap();
+        let (mut engine, _store) = Engine::open_tiered(&dir, &c).unwrap();
+        if let Some(floats) = scores {
+            engine.model.set_gpu_attention_scores_max(floats);
+        }
         let gpu = logits(&engine);
         let worst = cpu
             .iter()
@@ -138,13 +143,13 @@ fn a_long_prefill_on_the_gpu_is_the_same_under_every_budget() {
             .fold(0f32, f32::max);
         assert!(
             worst < 1e-3,
-            "{slots:?} {placement} {link}: off the CPU by {worst}"
+            "{slots:?} {placement} {link} {scores:?}: off the CPU by {worst}"
         );
         match &first {
             None => first = Some(gpu),
             Some(f) => assert!(
                 support::bits(f) == support::bits(&gpu),
-                "{slots:?} slots, {placement} on {link}: results differ from the first GPU run"
+                "{slots:?} slots, {placement} on {link}, {scores:?} scores: results differ from the first GPU run"
             ),
         }
     }

@@ -472,6 +472,17 @@ impl DeepseekV3 {
         Ok(moved)
     }
 
+    /// Bounds the attention scores each GPU layer holds at once to `floats` (by default 256 MiB
+    /// of them): a long prefill then attends in chunks of its tokens, with the same bits.
+    #[cfg(feature = "cuda")]
+    pub fn set_gpu_attention_scores_max(&mut self, floats: usize) {
+        for l in &mut self.layers {
+            if let Some(core) = &mut l.attn.core {
+                core.set_scores_max(floats);
+            }
+        }
+    }
+
     /// Layers whose attention projections all live in GPU memory.
     pub fn attention_on_gpu(&self) -> usize {
         #[cfg(feature = "cuda")]

@@ -644,10 +644,10 @@ pub fn swiglu(gate_up: &[f32], i: usize, act: &mut [f32]) {
 }
 
 /// `e^x` from rounded f32 multiplies and adds only (cephes' `expf`: Cody-Waite reduction by
-/// ln 2, a degree-5 polynomial, then a power of two), so the GPU's attention kernel
-/// (`gpu/mla.cu`, the same constants by their bits, the same operations in the same order)
-/// gets the same bits; the platform's `exp` (libm here, `expf` there) differs between the two.
-/// Within 2 ulp of `e^x`.
+/// ln 2, a degree-5 polynomial, then a power of two), so the GPU's kernels
+/// (`gpu/exp_portable.cuh`: the same constants by their bits, the same operations in the same
+/// order) get the same bits; the platform's `exp` (libm here, `expf` there) differs between
+/// the two. Within 2 ulp of `e^x`. Branch-free, so loops over it vectorise.
 #[inline]
 pub fn exp_portable(x: f32) -> f32 {
     const LOG2_E: u32 = 0x3fb8_aa3b;
@@ -664,29 +664,29 @@ pub fn exp_portable(x: f32) -> f32 {
     ];
     const MAX: u32 = 0x42b1_7218;
     const MIN: u32 = 0xc2cf_f1b4;
+    // 1.5 * 2^23: adding and subtracting it rounds to an integer, ties to even.
+    const ROUND: f32 = 12_582_912.0;
     let c = f32::from_bits;
-    if x.is_nan() {
-        return x;
-    }
-    if x > c(MAX) {
-        return f32::INFINITY;
-    }
-    if x < c(MIN) {
-        return 0.0;
-    }
-    let n = (x * c(LOG2_E)).round_ties_even();
-    let r = (x - n * c(LN2_HI)) - n * c(LN2_LO);
+    let xc = x.clamp(c(MIN), c(MAX));
+    let n = (xc * c(LOG2_E) + ROUND) - ROUND;
+    let r = (xc - n * c(LN2_HI)) - n * c(LN2_LO);
     let z = r * r;
     let p = P[1..].iter().fold(c(P[0]), |p, &k| p * r + c(k));
     let y = (p * z + r) + 1.0;
-    let pow2 = |e: i32| c(((e + 127) as u32) << 23);
+    // 2^n in two halves, each a normal f32 for n in [-150, 128]: exact where the result is
+    // normal, one rounding where it is subnormal.
     let n = n as i32;
-    if n > 127 {
-        y * pow2(127) * pow2(n - 127)
-    } else if n < -126 {
-        y * pow2(n + 64) * pow2(-64)
+    let half = n / 2;
+    let pow2 = |e: i32| c(((e + 127) as u32) << 23);
+    let e = y * pow2(half) * pow2(n - half);
+    if x > c(MAX) {
+        f32::INFINITY
+    } else if x < c(MIN) {
+        0.0
+    } else if x.is_nan() {
+        x
     } else {
-        y * pow2(n)
+        e
     }
 }
 
@@ -694,9 +694,11 @@ pub fn exp_portable(x: f32) -> f32 {
 /// GPU computes too) and the sum in index order.
 pub fn softmax_inplace(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
     for v in x.iter_mut() {
         *v = exp_portable(*v - max);
+    }
+    let mut sum = 0.0;
+    for v in x.iter() {
         sum += *v;
     }
     let inv = 1.0 / sum;

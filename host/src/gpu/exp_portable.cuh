@@ -8,11 +8,11 @@ __device__ __forceinline__ float pow2(int e) { return __uint_as_float((unsigned)
 
 // `kernels::exp_portable`, constant for constant.
 __device__ __forceinline__ float exp_portable(float x) {
-    if (isnan(x)) return x;
-    if (x > __uint_as_float(0x42b17218u)) return __uint_as_float(0x7f800000u);
-    if (x < __uint_as_float(0xc2cff1b4u)) return 0.0f;
-    float n = rintf(__fmul_rn(x, __uint_as_float(0x3fb8aa3bu)));
-    float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, __uint_as_float(0x3f318000u))),
+    const float max = __uint_as_float(0x42b17218u), min = __uint_as_float(0xc2cff1b4u);
+    const float round = 12582912.0f;  // 1.5 * 2^23
+    float xc = fminf(fmaxf(x, min), max);
+    float n = __fsub_rn(__fadd_rn(__fmul_rn(xc, __uint_as_float(0x3fb8aa3bu)), round), round);
+    float r = __fsub_rn(__fsub_rn(xc, __fmul_rn(n, __uint_as_float(0x3f318000u))),
                         __fmul_rn(n, __uint_as_float(0xb95e8083u)));
     float z = __fmul_rn(r, r);
     float p = __uint_as_float(0x39506968u);
@@ -22,9 +22,10 @@ __device__ __forceinline__ float exp_portable(float x) {
     p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3e2aaaaau));
     p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(0x3f000000u));
     float y = __fadd_rn(__fadd_rn(__fmul_rn(p, z), r), 1.0f);
-    int e = (int)n;
-    if (e > 127) return __fmul_rn(__fmul_rn(y, pow2(127)), pow2(e - 127));
-    if (e < -126) return __fmul_rn(__fmul_rn(y, pow2(e + 64)), pow2(-64));
-    return __fmul_rn(y, pow2(e));
+    int e = (int)n, half = e / 2;
+    float v = __fmul_rn(__fmul_rn(y, pow2(half)), pow2(e - half));
+    if (x > max) return __uint_as_float(0x7f800000u);
+    if (x < min) return 0.0f;
+    if (isnan(x)) return x;
+    return v;
 }
-

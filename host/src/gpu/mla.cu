@@ -96,19 +96,19 @@ extern "C" __global__ void __launch_bounds__(128)
     }
 }
 
-// One block per (head, token): scores against every cached position up to the token's own,
-// softmax, and the context sum over the latents: ctx [t, heads, lora]. `scores` is scratch of
-// max_ctx per (token, head).
+// One block per (head, token tok0 + blockIdx.y): scores against every cached position up to
+// the token's own, softmax, and the context sum over the latents: ctx [t, heads, lora].
+// `scores` is scratch of max_ctx per (head, token of this launch).
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
-    mla_attend(const float* q, const float* q_lat, const Tok* toks, float* scores, int max_ctx,
-               float* ctx, int nh, int qk, int lora, int rope_d, float scale) {
-    int head = blockIdx.x, i = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+    mla_attend(const float* q, const float* q_lat, const Tok* toks, int tok0, float* scores,
+               int max_ctx, float* ctx, int nh, int qk, int lora, int rope_d, float scale) {
+    int head = blockIdx.x, i = tok0 + blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x / 32;
     size_t idx = (size_t)i * nh + head;
     Tok tk = toks[i];
     int n_ctx = tk.pos + 1, w = lora + rope_d;
     const float* ql = q_lat + idx * lora;
     const float* qr = q + idx * qk + (qk - rope_d);
-    float* s = scores + idx * max_ctx;
+    float* s = scores + ((size_t)blockIdx.y * nh + head) * max_ctx;
     // (dot(latent_j, ql) + dot(rope_j, qr)) * scale, a warp per position.
     for (int j = warp; j < n_ctx; j += WARPS) {
         const float* cached = tk.cache + (size_t)j * w;

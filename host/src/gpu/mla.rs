@@ -24,6 +24,9 @@ use super::{Gpu, GpuMatrix};
 const MLA_PTX: &str = include_str!("mla.ptx");
 /// Warps per block of `rms_norm_rows` and `mla_attend`, as `WARPS` in the kernels.
 const WARPS: u32 = 8;
+/// By default, at most this many attention scores in scratch at once (256 MiB): a long prefill
+/// attends in chunks of its tokens.
+const SCORES_MAX: usize = 64 << 20;
 
 pub(super) struct MlaKernels {
     norm: CudaFunction,
@@ -127,6 +130,7 @@ pub struct GpuMla {
     q_a_norm: Option<CudaSlice<f32>>,
     kv_a_norm: CudaSlice<f32>,
     dims: MlaDims,
+    scores_max: usize,
 }
 
 impl GpuMla {
@@ -151,7 +155,14 @@ impl GpuMla {
             q_a_norm,
             kv_a_norm,
             dims,
+            scores_max: SCORES_MAX,
         })
+    }
+
+    /// Bounds the scores held at once to `floats` (at least one token's are): fewer tokens
+    /// attend per launch, the same bits.
+    pub fn set_scores_max(&mut self, floats: usize) {
+        self.scores_max = floats;
     }
 
     /// DeepseekV3Attention for the rows `xn [t, hidden]` of `seqs` (normalised inputs), with
@@ -181,6 +192,7 @@ impl GpuMla {
             w.q.len()
         );
         let max_ctx = seqs.iter().map(|s| s.pos0 + s.rows).max().unwrap_or(0);
+        let chunk = (self.scores_max / (nh * max_ctx).max(1)).clamp(1, t);
         // Device work buffer: every intermediate, each part 256-byte aligned.
         let mut at = 0;
         let mut part = |n: usize| {
@@ -194,7 +206,7 @@ impl GpuMla {
         let q_lat = part(t * nh * lora);
         let ctx = part(t * nh * lora);
         let uv = part(t * nh * d.v);
-        let scores = part(t * nh * max_ctx);
+        let scores = part(chunk * nh * max_ctx);
         let work_floats = at;
         // Inputs: xn, then cos/sin, then the token table (8-byte aligned).
         let toks_at = (t * h + t * rope).next_multiple_of(2);
@@ -289,29 +301,25 @@ impl GpuMla {
                 // row at its position within the capacity reserved above.
                 unsafe { l.launch(cfg) }.map_err(|e| anyhow!("mla_append: {e}"))?;
             }
-            {
-                let (q_dev, q_lat_dev, scores_dev, ctx_dev) =
-                    (work + q, work + q_lat, work + scores, work + ctx);
-                let max_ctx_i = max_ctx as i32;
+            let (q_dev, q_lat_dev, scores_dev, ctx_dev) =
+                (work + q, work + q_lat, work + scores, work + ctx);
+            let dims = [max_ctx, nh, qk, lora, rope].map(|v| v as i32);
+            for tok0 in (0..t).step_by(chunk) {
+                let tok0_i = tok0 as i32;
                 let mut l = s.launch_builder(&gpu.mla.attend);
-                l.arg(&q_dev)
-                    .arg(&q_lat_dev)
-                    .arg(&toks_dev)
-                    .arg(&scores_dev);
-                l.arg(&max_ctx_i).arg(&ctx_dev);
-                let (nh_i, qk_i, lora_i, rope_i) = (nh as i32, qk as i32, lora as i32, rope as i32);
-                l.arg(&nh_i)
-                    .arg(&qk_i)
-                    .arg(&lora_i)
-                    .arg(&rope_i)
-                    .arg(&d.scale);
+                l.arg(&q_dev).arg(&q_lat_dev).arg(&toks_dev).arg(&tok0_i);
+                l.arg(&scores_dev).arg(&dims[0]).arg(&ctx_dev);
+                for v in &dims[1..] {
+                    l.arg(v);
+                }
+                l.arg(&d.scale);
                 let cfg = LaunchConfig {
-                    grid_dim: (nh as u32, t as u32, 1),
+                    grid_dim: (nh as u32, chunk.min(t - tok0) as u32, 1),
                     block_dim: (WARPS * 32, 1, 1),
                     shared_mem_bytes: 0,
                 };
                 // SAFETY: t x heads queries and latent queries, max_ctx scores per (token,
-                // head), each token's cache rows up to its position.
+                // head) for up to `chunk` tokens, each token's cache rows up to its position.
                 unsafe { l.launch(cfg) }.map_err(|e| anyhow!("mla_attend: {e}"))?;
             }
             // Absorbed W_UV per head, then o_proj, into the output buffer.
