@@ -533,25 +533,32 @@ fn a_layer_steps_experts_run_together_with_the_cpus_bits() {
     }
 }
 
-/// Sequences in one batched pass on the GPU (their attention projections run once over every
-/// sequence's rows) give the bits each gives alone on the CPU: prompts of different lengths
-/// prefilled together, then greedy decode steps together.
-#[test]
-fn batched_steps_on_the_gpu_equal_each_sequence_alone_on_the_cpu() {
-    if device_or_skip().is_none() {
-        return;
-    }
+/// The FP8 model all-resident on the CPU, and on the GPU with attention there (and the store
+/// that serves its experts); `None` without a GPU.
+fn cpu_and_gpu_engines() -> Option<(Engine, Engine, impl Sized)> {
+    device_or_skip()?;
     let dir = support::fp8_model();
     let cpu = Engine::open(&dir).unwrap();
     let c = StoreConfig {
         device: Device::Cuda,
         ..Default::default()
     };
-    let (gpu, _store) = Engine::open_tiered(&dir, &c).unwrap();
+    let (gpu, store) = Engine::open_tiered(&dir, &c).unwrap();
     assert_eq!(
         gpu.model.attention_on_gpu(),
         gpu.model.config().num_hidden_layers
     );
+    Some((cpu, gpu, store))
+}
+
+/// Sequences in one batched pass on the GPU (their attention projections run once over every
+/// sequence's rows) give the bits each gives alone on the CPU: prompts of different lengths
+/// prefilled together, then greedy decode steps together.
+#[test]
+fn batched_steps_on_the_gpu_equal_each_sequence_alone_on_the_cpu() {
+    let Some((cpu, gpu, _store)) = cpu_and_gpu_engines() else {
+        return;
+    };
     let prompts: Vec<Vec<u32>> = [
         "<|bos|>The software is distributed",
         "<|bos|>In the beginning",
@@ -606,18 +613,9 @@ fn batched_steps_on_the_gpu_equal_each_sequence_alone_on_the_cpu() {
 /// CPU's bits at every step.
 #[test]
 fn attention_on_the_gpu_keeps_the_cpus_bits_over_a_growing_device_cache() {
-    if device_or_skip().is_none() {
+    let Some((cpu, gpu, _store)) = cpu_and_gpu_engines() else {
         return;
-    }
-    let dir = support::fp8_model();
-    let cpu = Engine::open(&dir).unwrap();
-    let c = StoreConfig {
-        device: Device::Cuda,
-        ..Default::default()
     };
-    let (gpu, _store) = Engine::open_tiered(&dir, &c).unwrap();
-    let layers = gpu.model.config().num_hidden_layers;
-    assert_eq!(gpu.model.attention_on_gpu(), layers);
     let prompt = gpu.encode("<|bos|>In the beginning").unwrap();
     let (mut on_cpu, mut on_gpu) = (cpu.model.new_cache(), gpu.model.new_cache());
     let step = |ids: &[u32], c: &mut moehost::KvCache, g: &mut moehost::KvCache, at: &str| {
