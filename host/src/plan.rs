@@ -63,7 +63,7 @@ pub struct Plan {
     /// Every always-resident weight: embeddings, attention, dense layers, shared experts,
     /// routers, norms (linear weights in FP8 when the checkpoint is FP8).
     pub resident_bytes: u64,
-    /// KV cache (MLA latent + rope key, bf16) per token, and for `context x batch` tokens.
+    /// KV cache (MLA latent + rope key, f32) per token, and for `context x batch` tokens.
     pub kv_bytes_per_token: u64,
     pub kv_cache_bytes: u64,
     pub device: Tier,
@@ -184,7 +184,8 @@ pub fn plan(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Plan> {
         })
         .sum::<u64>();
 
-    let kv_bytes_per_token = cfg.num_hidden_layers as u64 * (lora + rope) * 2;
+    // moehost's cache holds f32 (on the CPU and in GPU memory): the latent and the rope key.
+    let kv_bytes_per_token = cfg.num_hidden_layers as u64 * (lora + rope) * 4;
     let kv_cache_bytes = kv_bytes_per_token * (opts.context * opts.batch) as u64;
     let fixed = resident_bytes + kv_cache_bytes + opts.reserve_bytes;
     ensure!(

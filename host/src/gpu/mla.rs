@@ -235,6 +235,8 @@ impl GpuMla {
             let host = std::slice::from_raw_parts_mut(hx, toks_at);
             host[..t * h].copy_from_slice(xn);
             host[t * h..t * h + t * rope].copy_from_slice(cos_sin);
+            // The alignment padding too: every value copied up has been written.
+            host[t * h + t * rope..].fill(0.0);
             let table = hx.add(toks_at) as *mut Tok;
             for (i, tok) in toks.iter().enumerate() {
                 table.add(i).write(*tok);

@@ -429,12 +429,14 @@ impl Gpu {
         // >= device_floats; the inputs are in `hx` before the copy is queued, and the stream
         // is synchronised before `hout` is read.
         unsafe {
-            let host = std::slice::from_raw_parts_mut(hx, in_len);
+            let host = std::slice::from_raw_parts_mut(hx, tables_at);
             for (&(_, x, _), shape) in steps.iter().zip(&shapes) {
                 if let Src::Host(x) = x {
                     host[shape.in_at..shape.in_at + x.len()].copy_from_slice(x);
                 }
             }
+            // The alignment padding too: every value copied up has been written.
+            host[in_len..].fill(0.0);
             let mut table = hx.add(tables_at) as *mut Job;
             for l in launches.iter().filter(|l| l.len() > 1) {
                 for &n in l {
