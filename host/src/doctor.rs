@@ -30,6 +30,12 @@ pub struct Cpu {
     pub memory_gbps: f64,
     /// FP8 (128 x 128 blocks) -> f32 dequantization, GB of FP8 per second.
     pub fp8_dequant_gbps: f64,
+    /// A MoE layer step of `LAYER_STEP_EXPERTS` distinct Kimi-K2-shaped FP8 experts at one
+    /// token each, computed on the CPU from their storage format (the host tier's experts
+    /// that placement leaves there), in parallel as the MoE runs them: seconds, and GB of
+    /// weights per second.
+    pub k2_layer_step_s: f64,
+    pub k2_expert_gbps: f64,
     /// Total RAM from /proc/meminfo.
     pub ram_bytes: Option<u64>,
 }
@@ -97,6 +103,37 @@ fn gbps(bytes: f64, secs: f64) -> f64 {
     bytes / secs.max(1e-9) / 1e9
 }
 
+/// Distinct experts in a Kimi-K2 MoE layer step: 8 routed and the shared one.
+pub const LAYER_STEP_EXPERTS: usize = 9;
+
+/// A layer step of Kimi-K2-shaped FP8 experts on the CPU from their storage format, as the
+/// MoE runs them (one task per expert): seconds per step and weight GB/s.
+fn measure_cpu_experts() -> (f64, f64) {
+    use rayon::prelude::*;
+    let k2 = ModelConfig::from_json(KIMI_K2_CONFIG).expect("the bundled Kimi-K2 config parses");
+    let (h, i) = (k2.hidden_size, k2.moe_intermediate_size);
+    let mut state = 0x9e37_79b9_u32;
+    let experts: Vec<_> = (0..LAYER_STEP_EXPERTS)
+        .map(|_| crate::experts::ExpertBytes::synthetic_fp8(h, i, &mut state))
+        .collect();
+    let bytes: usize = experts.iter().map(|e| e.storage_bytes()).sum();
+    let x: Vec<f32> = (0..h).map(|v| (v % 97) as f32 / 97.0 - 0.5).collect();
+    let step = || {
+        experts.par_iter().for_each(|e| {
+            let mut out = vec![0f32; h];
+            crate::kernels::as_task(|| e.forward(&x, h, &mut out)).expect("a synthetic expert");
+        })
+    };
+    step(); // warm up
+    let reps = 3;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        step();
+    }
+    let s = t0.elapsed().as_secs_f64() / reps as f64;
+    (s, gbps(bytes as f64, s))
+}
+
 fn measure_cpu() -> Cpu {
     let (t, n, k) = (256usize, 2048usize, 2048usize);
     let x: Vec<f32> = (0..t * k).map(|i| (i % 97) as f32 / 97.0).collect();
@@ -130,9 +167,12 @@ fn measure_cpu() -> Cpu {
     let fp8: Vec<u8> = (0..rows * cols).map(|i| (i % 251) as u8 & 0x7e).collect();
     let scales = vec![0.01f32; rows.div_ceil(128) * cols.div_ceil(128)];
     let mut f = vec![0f32; rows * cols];
+    f.fill(1.0); // fault the pages in first: the rate is the decoder's, not the kernel's
     let t0 = Instant::now();
     crate::fp8::dequantize_blocks(&fp8, rows, cols, &scales, [128, 128], &mut f);
     let fp8_dequant_gbps = gbps(fp8.len() as f64, t0.elapsed().as_secs_f64());
+
+    let (k2_layer_step_s, k2_expert_gbps) = measure_cpu_experts();
 
     let ram_bytes = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
@@ -145,6 +185,8 @@ fn measure_cpu() -> Cpu {
         matmul_gflops,
         memory_gbps,
         fp8_dequant_gbps,
+        k2_layer_step_s,
+        k2_expert_gbps,
         ram_bytes,
     }
 }
@@ -272,7 +314,8 @@ pub fn run(model: &Path) -> Result<Report> {
     let mut costs = LinkCosts::preset("h100-pcie5", k2.hidden_size, k2.moe_intermediate_size)?;
     costs.link_bytes_per_second = link.h2d_gbps * 1e9;
     costs.host_flops = cpu.matmul_gflops * 1e9;
-    costs.host_memory_bytes_per_second = cpu.memory_gbps * 1e9;
+    // The CPU computes an expert no faster than it was measured to, nor than memory allows.
+    costs.host_memory_bytes_per_second = cpu.memory_gbps.min(cpu.k2_expert_gbps) * 1e9;
     let bytes = kimi_k2.expert_bytes;
     let fetch_pays_from_tokens = (1..=4096)
         .find(|&t| costs.fetch_seconds(t, bytes) <= costs.host_seconds(t, bytes, Tier::Host));
@@ -298,6 +341,11 @@ impl Report {
             c.memory_gbps,
             c.fp8_dequant_gbps,
             c.ram_bytes.map(|r| format!(", RAM {} GiB", r >> 30)).unwrap_or_default()
+        );
+        s += &format!(
+            "CPU experts: a Kimi-K2 FP8 layer step ({LAYER_STEP_EXPERTS} experts at 1 token, from their storage format) in {:.1} ms, {:.2} GB/s of weights\n",
+            c.k2_layer_step_s * 1e3,
+            c.k2_expert_gbps
         );
         let d = &self.disk;
         s += &format!(

@@ -303,6 +303,39 @@ impl ExpertBytes {
         Self { tensors, fp8_block }
     }
 
+    /// An expert of pseudo-random FP8 weights (any e4m3 code but NaN, 128 x 128 blocks, scales
+    /// 1/4096) at the given shape, from the xorshift32 `state`: what `doctor` times at
+    /// Kimi-K2's shape.
+    pub fn synthetic_fp8(hidden: usize, intermediate: usize, state: &mut u32) -> Self {
+        let block = [128, 128];
+        let mut tensor = |name: &str, rows: usize, cols: usize| {
+            let bytes = (0..rows * cols)
+                .map(|_| {
+                    *state ^= *state << 13;
+                    *state ^= *state >> 17;
+                    *state ^= *state << 5;
+                    (*state as u8) & 0xfe
+                })
+                .collect();
+            let scales = vec![1.0 / 4096.0; rows.div_ceil(block[0]) * cols.div_ceil(block[1])];
+            OwnedTensor {
+                name: name.into(),
+                dtype: safetensors::Dtype::F8_E4M3,
+                shape: vec![rows, cols],
+                bytes,
+                scales: Some(scales),
+            }
+        };
+        Self::new(
+            [
+                tensor("gate", intermediate, hidden),
+                tensor("up", intermediate, hidden),
+                tensor("down", hidden, intermediate),
+            ],
+            Some(block),
+        )
+    }
+
     /// The checkpoint's FP8 block size, when its weights are FP8.
     pub fn fp8_block(&self) -> Option<[usize; 2]> {
         self.fp8_block
@@ -364,14 +397,33 @@ impl ExpertBytes {
     ) -> Result<()> {
         let t = x.len() / k;
         let width = out.len() / t.max(1);
-        let step = self.fp8_block.map_or(STREAM_ROWS, |b| b[0].max(1));
+        let fp8 = match (w.dtype, self.fp8_block, &w.scales) {
+            (safetensors::Dtype::F8_E4M3, Some(block), Some(scales)) => Some((block, scales)),
+            _ => None,
+        };
+        let step = match fp8 {
+            // A few rows at a time, decoded into one buffer that stays in cache for the dots.
+            Some(_) => FP8_STREAM_ROWS,
+            None => STREAM_ROWS,
+        };
         let mut part = Vec::new();
+        let mut decoded = Vec::new();
         for r0 in (0..w.rows()).step_by(step) {
             let r1 = (r0 + step).min(w.rows());
-            let rows = w.decode_rows(r0, r1, self.fp8_block)?;
+            let rows = match fp8 {
+                Some((block, scales)) => {
+                    decoded.resize((r1 - r0) * k, 0f32);
+                    decode_fp8_rows(&w.bytes, scales, k, block, r0..r1, &mut decoded)?;
+                    &decoded[..]
+                }
+                None => {
+                    decoded = w.decode_rows(r0, r1, self.fp8_block)?;
+                    &decoded[..]
+                }
+            };
             part.clear();
             part.resize(t * (r1 - r0), 0.0);
-            linear(x, &rows, k, &mut part);
+            linear(x, rows, k, &mut part);
             for (o, p) in out.chunks_exact_mut(width).zip(part.chunks_exact(r1 - r0)) {
                 o[col + r0..col + r1].copy_from_slice(p);
             }
@@ -380,8 +432,41 @@ impl ExpertBytes {
     }
 }
 
-/// Rows decoded at a time when running from the storage format (FP8 uses its block height).
+/// Rows decoded at a time when running from the storage format.
 const STREAM_ROWS: usize = 128;
+/// FP8 rows decoded at a time (with their block's scales) when running from the storage format.
+const FP8_STREAM_ROWS: usize = 16;
+
+/// Rows `rows` of an FP8 matrix with `k` columns and `block` scales, decoded into `out`: the
+/// values `fp8::dequantize_blocks` gives, for any first row.
+fn decode_fp8_rows(
+    bytes: &[u8],
+    scales: &[f32],
+    k: usize,
+    block: [usize; 2],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) -> Result<()> {
+    let [br, bc] = block;
+    let scale_cols = k.div_ceil(bc);
+    anyhow::ensure!(
+        br > 0
+            && bc > 0
+            && bytes.len() >= rows.end * k
+            && scales.len() >= rows.end.div_ceil(br) * scale_cols,
+        "FP8 rows {rows:?} of {k} columns are not in {} bytes and {} scales",
+        bytes.len(),
+        scales.len()
+    );
+    for (r, dst) in rows.zip(out.chunks_exact_mut(k)) {
+        let src = &bytes[r * k..(r + 1) * k];
+        let srow = &scales[(r / br) * scale_cols..(r / br + 1) * scale_cols];
+        for ((d, q), &s) in dst.chunks_mut(bc).zip(src.chunks(bc)).zip(srow) {
+            crate::fp8::decode_scaled(q, s, d);
+        }
+    }
+    Ok(())
+}
 
 impl OwnedTensor {
     /// Copies tensor `name` (and its FP8 block or int group scales) out of the checkpoint.
@@ -435,5 +520,53 @@ impl OwnedTensor {
             bytes: &self.bytes[r0 * bytes_per_row..r1 * bytes_per_row],
         };
         crate::checkpoint::decode_f32(&raw, scales, fp8_block)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An FP8 expert run from its storage format (rows decoded a few at a time, vector
+    /// decoder) gives the bits of weights decoded one by one from the e4m3 table, at shapes
+    /// whose rows and columns end mid-block, with a different scale in every block.
+    #[test]
+    fn fp8_experts_stream_with_the_tables_bits() {
+        let (hidden, inter) = (136, 200);
+        let mut state = 0x1357_9bdf_u32;
+        let mut e = ExpertBytes::synthetic_fp8(hidden, inter, &mut state);
+        for (n, t) in e.tensors.iter_mut().enumerate() {
+            for (i, s) in t.scales.as_mut().unwrap().iter_mut().enumerate() {
+                *s = (1 + (i * 7 + n) % 13) as f32 / 3000.0;
+            }
+        }
+        let table = |t: &OwnedTensor| -> Vec<f32> {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let sc = t.scales.as_ref().unwrap();
+            (0..rows * cols)
+                .map(|at| {
+                    let (r, c) = (at / cols, at % cols);
+                    let s = sc[(r / 128) * cols.div_ceil(128) + c / 128];
+                    crate::fp8::E4M3_TABLE[t.bytes[at] as usize] * s
+                })
+                .collect()
+        };
+        let mut gate_up = table(&e.tensors[0]);
+        gate_up.extend(table(&e.tensors[1]));
+        let reference = FfnWeights {
+            gate_up: Matrix::F32(gate_up),
+            down: Matrix::F32(table(&e.tensors[2])),
+            intermediate: inter,
+        };
+        for t in [1, 3] {
+            let x: Vec<f32> = (0..t * hidden)
+                .map(|i| ((i * 31 % 23) as f32 - 11.0) / 7.0)
+                .collect();
+            let (mut want, mut got) = (vec![0f32; t * hidden], vec![0f32; t * hidden]);
+            reference.forward(&x, hidden, &mut want);
+            e.forward(&x, hidden, &mut got).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{t} tokens");
+        }
     }
 }

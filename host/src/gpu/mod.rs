@@ -26,6 +26,7 @@ use safetensors::Dtype;
 use std::borrow::Cow;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
+use crate::doctor::LAYER_STEP_EXPERTS;
 use crate::experts::{ExpertBytes, FfnWeights, OwnedTensor};
 use crate::kernels::{self, ROW_INVARIANT_MAX};
 use crate::policy::ExpertKey;
@@ -1241,9 +1242,6 @@ impl GpuExpert {
     }
 }
 
-/// Experts in one timed layer step of `measure_expert`.
-const LAYER_STEP_EXPERTS: usize = 9;
-
 /// Times FP8 experts of `hidden` x `intermediate` (pseudo-random weights) on `gpu`: one alone,
 /// and a layer step's worth together; and a device-to-device copy of an expert's size, in one
 /// run.
@@ -1252,40 +1250,13 @@ pub fn measure_expert(
     hidden: usize,
     intermediate: usize,
 ) -> Result<crate::doctor::ExpertSpeed> {
-    let block = [128, 128];
     let mut state = 0x2545_f491_u32;
-    let tensor = |name: &str, rows: usize, cols: usize, state: &mut u32| {
-        let bytes = (0..rows * cols)
-            .map(|_| {
-                *state ^= *state << 13;
-                *state ^= *state >> 17;
-                *state ^= *state << 5;
-                // Any e4m3 code but NaN.
-                (*state as u8) & 0xfe
-            })
-            .collect();
-        let scales = vec![1.0 / 4096.0; rows.div_ceil(block[0]) * cols.div_ceil(block[1])];
-        OwnedTensor {
-            name: name.into(),
-            dtype: Dtype::F8_E4M3,
-            shape: vec![rows, cols],
-            bytes,
-            scales: Some(scales),
-        }
-    };
     // A layer step's worth of distinct experts (K2: 8 routed + 1 shared), so none is read
     // from the L2 cache of the one before.
     let mut bytes = 0;
     let experts = (0..LAYER_STEP_EXPERTS)
         .map(|_| {
-            let expert = ExpertBytes::new(
-                [
-                    tensor("gate", intermediate, hidden, &mut state),
-                    tensor("up", intermediate, hidden, &mut state),
-                    tensor("down", hidden, intermediate, &mut state),
-                ],
-                Some(block),
-            );
+            let expert = ExpertBytes::synthetic_fp8(hidden, intermediate, &mut state);
             bytes = expert.storage_bytes();
             GpuExpert::upload_stored(gpu, &expert)
         })
