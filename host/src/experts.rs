@@ -437,8 +437,8 @@ const STREAM_ROWS: usize = 128;
 /// FP8 rows decoded at a time (with their block's scales) when running from the storage format.
 const FP8_STREAM_ROWS: usize = 16;
 
-/// Rows `rows` of an FP8 matrix with `k` columns and `block` scales, decoded into `out`: the
-/// values `fp8::dequantize_blocks` gives, for any first row.
+/// Rows `rows` of an FP8 matrix with `k` columns and `block` scales, decoded into `out`
+/// (`fp8::dequantize_rows`), after checking they are there.
 fn decode_fp8_rows(
     bytes: &[u8],
     scales: &[f32],
@@ -448,23 +448,16 @@ fn decode_fp8_rows(
     out: &mut [f32],
 ) -> Result<()> {
     let [br, bc] = block;
-    let scale_cols = k.div_ceil(bc);
     anyhow::ensure!(
         br > 0
             && bc > 0
             && bytes.len() >= rows.end * k
-            && scales.len() >= rows.end.div_ceil(br) * scale_cols,
+            && scales.len() >= rows.end.div_ceil(br) * k.div_ceil(bc),
         "FP8 rows {rows:?} of {k} columns are not in {} bytes and {} scales",
         bytes.len(),
         scales.len()
     );
-    for (r, dst) in rows.zip(out.chunks_exact_mut(k)) {
-        let src = &bytes[r * k..(r + 1) * k];
-        let srow = &scales[(r / br) * scale_cols..(r / br + 1) * scale_cols];
-        for ((d, q), &s) in dst.chunks_mut(bc).zip(src.chunks(bc)).zip(srow) {
-            crate::fp8::decode_scaled(q, s, d);
-        }
-    }
+    crate::fp8::dequantize_rows(bytes, k, scales, block, rows, out);
     Ok(())
 }
 

@@ -55,18 +55,30 @@ pub fn dequantize_blocks(
     block: [usize; 2],
     out: &mut [f32],
 ) {
-    let [br, bc] = block;
-    let scale_cols = cols.div_ceil(bc);
     debug_assert_eq!(bytes.len(), rows * cols);
-    debug_assert_eq!(scales.len(), rows.div_ceil(br) * scale_cols);
-    for i in 0..rows {
+    debug_assert_eq!(
+        scales.len(),
+        rows.div_ceil(block[0]) * cols.div_ceil(block[1])
+    );
+    dequantize_rows(bytes, cols, scales, block, 0..rows, out);
+}
+
+/// Rows `rows` of [`dequantize_blocks`]'s matrix (`bytes` and `scales` of the whole matrix)
+/// into `out` (`rows.len() x cols`): any first row, so a few rows can be decoded at a time.
+pub fn dequantize_rows(
+    bytes: &[u8],
+    cols: usize,
+    scales: &[f32],
+    [br, bc]: [usize; 2],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let scale_cols = cols.div_ceil(bc);
+    for (i, dst) in rows.zip(out.chunks_exact_mut(cols)) {
         let srow = &scales[(i / br) * scale_cols..(i / br + 1) * scale_cols];
         let src = &bytes[i * cols..(i + 1) * cols];
-        let dst = &mut out[i * cols..(i + 1) * cols];
-        for (jb, &s) in srow.iter().enumerate() {
-            let lo = jb * bc;
-            let hi = (lo + bc).min(cols);
-            decode_scaled(&src[lo..hi], s, &mut dst[lo..hi]);
+        for ((d, q), &s) in dst.chunks_mut(bc).zip(src.chunks(bc)).zip(srow) {
+            decode_scaled(q, s, d);
         }
     }
 }
