@@ -472,7 +472,7 @@ fn stored_attention_projections_give_the_cpus_bits() {
 }
 
 /// A MoE layer step's experts run together (`forward_experts`: one grouped launch per
-/// projection and format, two host round trips in all), each with its own token count, and
+/// projection and format, one host round trip in all), each with its own token count, and
 /// every one gives the CPU's bits: FP8 experts through the pool, bf16 and int8 ones uploaded,
 /// a whole group with no tokens before two groups that have some, and one expert above
 /// `ROW_INVARIANT_MAX` rows (computed on the CPU from its GPU copy).

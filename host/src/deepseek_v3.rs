@@ -64,46 +64,6 @@ impl Proj {
         Ok(())
     }
 
-    /// `(groups, n)`: the output is `[t, groups, n]`.
-    fn shape(&self) -> (usize, usize) {
-        match self {
-            Proj::Host { w, groups, k, .. } => (*groups, w.len() / (groups * k).max(1)),
-            #[cfg(feature = "cuda")]
-            Proj::Gpu(m) => m.shape(),
-        }
-    }
-
-    /// Every step's output, `steps[i] = (projection, input, x_stride)` with each input host
-    /// data or an earlier step's output. When every projection is in GPU memory this is one
-    /// host round trip, the chained outputs staying on the device; the same bits either way.
-    fn run(steps: &[(&Proj, Input<'_>, usize)]) -> Result<Vec<Vec<f32>>> {
-        #[cfg(feature = "cuda")]
-        {
-            let on_gpu: Option<Vec<_>> = steps
-                .iter()
-                .map(|&(p, x, stride)| match p {
-                    Proj::Gpu(m) => Some((m, x, stride)),
-                    Proj::Host { .. } => None,
-                })
-                .collect();
-            if let Some(on_gpu) = on_gpu {
-                return crate::gpu::GpuMatrix::run(&on_gpu);
-            }
-        }
-        let mut outs: Vec<Vec<f32>> = Vec::with_capacity(steps.len());
-        for &(p, x, stride) in steps {
-            let x = match x {
-                Input::Host(x) => x,
-                Input::Output(i) => &outs[i][..],
-            };
-            let (groups, n) = p.shape();
-            let mut y = vec![0f32; x.len() / (groups * stride).max(1) * groups * n];
-            p.apply(x, stride, &mut y)?;
-            outs.push(y);
-        }
-        Ok(outs)
-    }
-
     #[cfg(feature = "cuda")]
     fn move_to_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>, ckpt: &Checkpoint) -> Result<()> {
         use crate::gpu::GpuMatrix;
@@ -129,16 +89,6 @@ impl Proj {
         }
         Ok(())
     }
-}
-
-/// A projection's input in `Proj::run`.
-#[cfg(feature = "cuda")]
-use crate::gpu::Input;
-#[cfg(not(feature = "cuda"))]
-#[derive(Clone, Copy)]
-enum Input<'a> {
-    Host(&'a [f32]),
-    Output(usize),
 }
 
 enum QProj {
@@ -483,24 +433,10 @@ impl DeepseekV3 {
         }
     }
 
-    /// Layers whose attention projections all live in GPU memory.
+    /// Layers whose attention (projections, norms, KV cache) runs on the GPU.
     pub fn attention_on_gpu(&self) -> usize {
         #[cfg(feature = "cuda")]
-        {
-            self.layers
-                .iter()
-                .filter(|l| {
-                    let a = &l.attn;
-                    let q = match &a.q {
-                        QProj::Lora { a, b, .. } => vec![a, b],
-                        QProj::Full(w) => vec![w],
-                    };
-                    q.into_iter()
-                        .chain([&a.kv_a, &a.w_uk_t, &a.w_uv, &a.o_proj])
-                        .all(|p| matches!(p, Proj::Gpu(_)))
-                })
-                .count()
-        }
+        return self.layers.iter().filter(|l| l.attn.core.is_some()).count();
         #[cfg(not(feature = "cuda"))]
         0
     }
@@ -660,10 +596,10 @@ impl DeepseekV3 {
             // DeepseekV3DecoderLayer: h += attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))
             rms_norm(&hidden, &layer.input_norm, cfg.rms_norm_eps, &mut xn);
             // Each sequence attends over its own cache: independent, so in parallel (a decode
-            // batch is many one-row sequences, too small to split inside). On the GPU, while
-            // all the rows fit the row-invariant kernels, the projections run once over every
-            // sequence's rows (the same bits per row; one set of round trips per step). The
-            // CPU keeps them per sequence: spread over its cores, that measured faster.
+            // batch is many one-row sequences, too small to split inside). On the GPU every
+            // sequence's rows go through one call (the same bits per row; one round trip per
+            // step). The CPU keeps attention per sequence: spread over its cores, that measured
+            // faster.
             #[cfg(feature = "cuda")]
             let on_gpu = layer.attn.core.as_ref();
             #[cfg(not(feature = "cuda"))]
@@ -809,43 +745,32 @@ impl DeepseekV3 {
         Ok(())
     }
 
-    /// Attention's input projections for rows `xn` (any number of sequences: each row on its
-    /// own): `(q [t, heads, qk_head_dim], kv [t, kv_lora_rank + qk_rope_head_dim], q_lat [t,
-    /// heads, kv_lora_rank])`.
+    /// Attention's input projections for rows `xn`: `(q [t, heads, qk_head_dim], kv [t,
+    /// kv_lora_rank + qk_rope_head_dim], q_lat [t, heads, kv_lora_rank])`.
     fn attention_in(&self, attn: &Attention, xn: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
-        let qk = cfg.qk_head_dim();
+        let t = xn.len() / h;
+        let (nh, qk) = (cfg.num_attention_heads, cfg.qk_head_dim());
+        let (lora, rope_d) = (cfg.kv_lora_rank, cfg.qk_rope_head_dim);
         // Queries: q_b_proj(q_a_layernorm(q_a_proj(x))) or q_proj(x); [t, heads, qk_head_dim].
-        // compressed_kv = kv_a_proj_with_mqa(x) = [latent (kv_lora_rank) | k_rot (qk_rope_head_dim)]
-        // Absorb W_UK: q_lat = W_UK^T q_nope, per token and head (RoPE leaves q_nope alone).
-        // Projections run in as few steps as their inputs allow (one GPU round trip each).
-        Ok(match &attn.q {
+        let mut q = vec![0f32; t * nh * qk];
+        match &attn.q {
             QProj::Lora { a, norm, b, rank } => {
-                let [mut qa, kv]: [Vec<f32>; 2] =
-                    Proj::run(&[(a, Input::Host(xn), h), (&attn.kv_a, Input::Host(xn), h)])?
-                        .try_into()
-                        .expect("two steps");
+                let mut qa = vec![0f32; t * rank];
+                a.apply(xn, h, &mut qa)?;
                 rms_norm_inplace(&mut qa, norm, cfg.rms_norm_eps);
-                let [q, q_lat]: [Vec<f32>; 2] = Proj::run(&[
-                    (b, Input::Host(&qa), *rank),
-                    (&attn.w_uk_t, Input::Output(0), qk),
-                ])?
-                .try_into()
-                .expect("two steps");
-                (q, kv, q_lat)
+                b.apply(&qa, *rank, &mut q)?;
             }
-            QProj::Full(w) => {
-                let [q, kv, q_lat]: [Vec<f32>; 3] = Proj::run(&[
-                    (w, Input::Host(xn), h),
-                    (&attn.kv_a, Input::Host(xn), h),
-                    (&attn.w_uk_t, Input::Output(0), qk),
-                ])?
-                .try_into()
-                .expect("three steps");
-                (q, kv, q_lat)
-            }
-        })
+            QProj::Full(w) => w.apply(xn, h, &mut q)?,
+        }
+        // compressed_kv = kv_a_proj_with_mqa(x) = [latent (kv_lora_rank) | k_rot (qk_rope_head_dim)]
+        let mut kv = vec![0f32; t * (lora + rope_d)];
+        attn.kv_a.apply(xn, h, &mut kv)?;
+        // Absorb W_UK: q_lat = W_UK^T q_nope, per token and head (RoPE leaves q_nope alone).
+        let mut q_lat = vec![0f32; t * nh * lora];
+        attn.w_uk_t.apply(&q, qk, &mut q_lat)?;
+        Ok((q, kv, q_lat))
     }
 
     /// One sequence's attention over its cache: RoPE on `q` and the new keys, the new rows
@@ -931,18 +856,13 @@ impl DeepseekV3 {
     }
 
     /// Absorbed W_UV per head, then o_proj: `out [t, hidden]` for `ctx [t, heads,
-    /// kv_lora_rank]` (rows of any number of sequences).
+    /// kv_lora_rank]`.
     fn attention_out(&self, attn: &Attention, ctx: &[f32], out: &mut [f32]) -> Result<()> {
         let cfg = &self.cfg;
         let (nh, v, lora) = (cfg.num_attention_heads, cfg.v_head_dim, cfg.kv_lora_rank);
-        let [_, o]: [Vec<f32>; 2] = Proj::run(&[
-            (&attn.w_uv, Input::Host(ctx), lora),
-            (&attn.o_proj, Input::Output(0), nh * v),
-        ])?
-        .try_into()
-        .expect("two steps");
-        out.copy_from_slice(&o);
-        Ok(())
+        let mut o = vec![0f32; ctx.len() / lora * v];
+        attn.w_uv.apply(ctx, lora, &mut o)?;
+        attn.o_proj.apply(&o, nh * v, out)
     }
 
     /// DeepseekV3MoE: route, run the routed experts (ascending id, each output times its

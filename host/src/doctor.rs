@@ -69,14 +69,14 @@ pub struct Gpu {
 /// Figures for `moehost doctor`: one Kimi-K2-shaped FP8 expert on this GPU.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExpertSpeed {
-    /// Seconds per `GpuExpert::forward` at 1 and at 8 tokens (inputs up, both projections, the
-    /// CPU's SwiGLU between them, outputs down).
+    /// Seconds per `GpuExpert::forward` at 1 and at 8 tokens (inputs up, both projections and
+    /// the SwiGLU between them, outputs down).
     pub one_token_s: f64,
     pub eight_tokens_s: f64,
     /// The expert's FP8 bytes over `one_token_s`.
     pub weights_gbps: f64,
     /// `layer_step_experts` distinct experts at 1 token each in one call (a MoE layer step:
-    /// two host round trips in all), its seconds and weight bytes per second.
+    /// one host round trip in all), its seconds and weight bytes per second.
     pub layer_step_experts: usize,
     pub layer_step_s: f64,
     pub layer_step_gbps: f64,

@@ -98,7 +98,7 @@ impl ExpertWeights {
     }
 
     /// Each job's output, `jobs[i] = (expert, x [t_i, hidden])`, the same bits as `forward`
-    /// one by one. Experts in GPU memory run together, with two host round trips in all
+    /// one by one. Experts in GPU memory run together, with one host round trip in all
     /// (`gpu::forward_experts`); the others run on the CPU, in parallel when `parallel`.
     pub fn forward_all(
         jobs: &[(&ExpertWeights, &[f32])],

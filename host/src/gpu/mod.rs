@@ -6,8 +6,8 @@
 //! never managed memory) and its forward pass: both projections run the `rows_dot_*` kernels
 //! (`rows_dot.cu`, checked in as PTX and JIT-compiled by the driver), which decode each weight
 //! in a register exactly as the CPU decodes it and sum each dot product in exactly the order of
-//! the CPU's `kernels::dot`, one warp per row; the SwiGLU between them runs on the CPU, whose
-//! `exp` the GPU's would not match bit for bit. So an expert gives the same bits on either side
+//! the CPU's `kernels::dot`, one warp per row; the SwiGLU between them (`swiglu_rows`) uses
+//! `kernels::exp_portable`, as the CPU does. So an expert gives the same bits on either side
 //! and placement never changes a token.
 //! `GpuPool` is the device tier's memory: one `cuMemAlloc` pool of expert slots filled by the
 //! transfer scheduler (`transfer::TransferScheduler` over `CudaCopyEngine`): an expert's stored
@@ -179,20 +179,11 @@ impl Drop for Scratch {
     }
 }
 
-/// A step's inputs (`GpuMatrix::run`): host data, or the output of an earlier step of the same
-/// call, which never leaves device memory.
-#[derive(Clone, Copy)]
-pub enum Input<'a> {
-    Host(&'a [f32]),
-    Output(usize),
-}
-
-/// A step's input inside `Gpu::run`: `Input`'s two, or the SwiGLU of an earlier step's fused
+/// A step's input in `Gpu::run`: host data, or the SwiGLU of an earlier step's fused
 /// `[gate | up]` rows (an expert's activations), computed in device memory.
 #[derive(Clone, Copy)]
 enum Src<'a> {
     Host(&'a [f32]),
-    Output(usize),
     Swiglu(usize),
 }
 
@@ -255,7 +246,7 @@ impl Gpu {
     /// `out [t, groups, n]` with `out[t, g, r] = dot(w[g][r, :], x[t, g, ..k])`: the format's
     /// kernel, the result back on the host.
     fn rows_dot(&self, w: &Linear, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
-        let y = self.rows_dot_many(&[(w, x, x_stride)])?;
+        let y = self.run(&[(w, Src::Host(x), x_stride)])?;
         ensure!(
             out.len() == y[0].len(),
             "rows_dot: output of {} for {}",
@@ -266,32 +257,20 @@ impl Gpu {
         Ok(())
     }
 
-    /// `rows_dot` for several layers at once with one host round trip: every input goes up in
-    /// one copy, every kernel runs, every output comes down in one copy.
-    fn rows_dot_many(&self, calls: &[(&Linear, &[f32], usize)]) -> Result<Vec<Vec<f32>>> {
-        let steps: Vec<_> = calls
-            .iter()
-            .map(|&(w, x, x_stride)| (w, Src::Host(x), x_stride))
-            .collect();
-        self.run(&steps)
-    }
-
     /// Runs `steps` in order with one host round trip: the host inputs go up in one copy, each
-    /// step reads host data, an earlier step's output or the SwiGLU of one (both computed and
-    /// kept in device memory), and the outputs come down in one copy; a step whose output feeds
-    /// a SwiGLU returns nothing (its output stays on the device). Steps of one shape and format
-    /// on host or SwiGLU inputs (a MoE layer step's experts) share one grouped launch, which
-    /// fills the GPU where one expert's rows would not. The same bits as step by step.
+    /// step reads host data or the SwiGLU of an earlier step's output (computed and kept in
+    /// device memory), and the outputs come down in one copy; a step whose output feeds a
+    /// SwiGLU returns nothing (its output stays on the device). Steps of one shape and format
+    /// (a MoE layer step's experts) share one grouped launch, which fills the GPU where one
+    /// expert's rows would not. The same bits as step by step.
     fn run(&self, steps: &[(&Linear, Src<'_>, usize)]) -> Result<Vec<Vec<f32>>> {
         let mut on_device = vec![false; steps.len()];
         for (n, &(_, x, _)) in steps.iter().enumerate() {
-            if let Src::Output(i) | Src::Swiglu(i) = x {
+            if let Src::Swiglu(i) = x {
                 ensure!(
                     i < n,
                     "step {n} reads the output of step {i}, not run before it"
                 );
-            }
-            if let Src::Swiglu(i) = x {
                 on_device[i] = true;
             }
         }
@@ -308,7 +287,6 @@ impl Gpu {
         for (n, &(w, x, x_stride)) in steps.iter().enumerate() {
             let len = match x {
                 Src::Host(x) => x.len(),
-                Src::Output(i) => shapes[i].len,
                 Src::Swiglu(i) => {
                     let gu = steps[i].0;
                     ensure!(
@@ -359,13 +337,9 @@ impl Gpu {
             .map(|s| s.0.len)
             .sum::<usize>();
         for n in 0..steps.len() {
-            match steps[n].1 {
-                Src::Output(i) => shapes[n].in_at = shapes[i].out_at,
-                Src::Swiglu(_) => {
-                    shapes[n].in_at = at;
-                    at += shapes[n].t * steps[n].2;
-                }
-                Src::Host(_) => {}
+            if let Src::Swiglu(_) = steps[n].1 {
+                shapes[n].in_at = at;
+                at += shapes[n].t * steps[n].2;
             }
         }
         let device_floats = at;
@@ -374,18 +348,13 @@ impl Gpu {
         let mut launches: Vec<Vec<usize>> = Vec::new();
         let mut launch_of = vec![0; steps.len()];
         for (n, &(w, x, x_stride)) in steps.iter().enumerate() {
-            let groupable = !matches!(x, Src::Output(_)) && w.groups == 1;
             let joins = launches.iter().position(|l| {
-                let (v, y, stride) = steps[l[0]];
+                let (v, _, stride) = steps[l[0]];
                 let ready = match x {
                     Src::Swiglu(i) => launch_of[i] < launch_of[l[0]],
-                    _ => true,
+                    Src::Host(_) => true,
                 };
-                groupable
-                    && ready
-                    && !matches!(y, Src::Output(_))
-                    && v.same_shape(w)
-                    && stride == x_stride
+                ready && v.same_shape(w) && stride == x_stride
             });
             match joins {
                 Some(l) => {
@@ -422,7 +391,7 @@ impl Gpu {
         let ([hx, hout], [xp, op]) = (scratch.host, scratch.device);
         let device_in = |step: usize| match steps[step].1 {
             Src::Host(_) => xp + 4 * shapes[step].in_at as u64,
-            Src::Output(_) | Src::Swiglu(_) => op + 4 * shapes[step].in_at as u64,
+            Src::Swiglu(_) => op + 4 * shapes[step].in_at as u64,
         };
         let device_out = |step: usize| op + 4 * shapes[step].out_at as u64;
         // SAFETY: the host input buffer holds `floats` >= in_floats values (the job tables
@@ -820,11 +789,6 @@ impl GpuMatrix {
         self._mem.len()
     }
 
-    /// `(groups, n)`: the matrices and rows of each.
-    pub fn shape(&self) -> (usize, usize) {
-        (self.linear.groups, self.linear.n)
-    }
-
     /// The storage format the kernel reads.
     pub fn format(&self) -> Format {
         self.linear.format
@@ -833,27 +797,6 @@ impl GpuMatrix {
     /// `out [t, groups, n]` = each group's matrix times `x [t, groups, x_stride]`'s first `k`.
     pub fn forward(&self, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
         self.gpu.rows_dot(&self.linear, x, x_stride, out)
-    }
-
-    /// Several projections with one host round trip: `steps[i] = (matrix, input, x_stride)`,
-    /// each input host data or an earlier step's output, which stays in device memory (q_b
-    /// then W_UK^T; W_UV then o_proj). Every step's output, the same bits as `forward` one by
-    /// one.
-    pub fn run(steps: &[(&GpuMatrix, Input<'_>, usize)]) -> Result<Vec<Vec<f32>>> {
-        let Some((first, ..)) = steps.first() else {
-            return Ok(Vec::new());
-        };
-        let steps: Vec<_> = steps
-            .iter()
-            .map(|&(m, x, stride)| {
-                let x = match x {
-                    Input::Host(x) => Src::Host(x),
-                    Input::Output(i) => Src::Output(i),
-                };
-                (&m.linear, x, stride)
-            })
-            .collect();
-        first.gpu.run(&steps)
     }
 }
 
