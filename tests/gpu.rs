@@ -26,12 +26,20 @@ fn device_or_skip() -> Option<std::sync::Arc<moehost::gpu::Gpu>> {
     }
 }
 
-#[test]
-fn experts_on_the_gpu_give_the_cpus_bits() {
-    let Some(g) = device_or_skip() else { return };
+/// The GPU and the FP8 tiny-k2's config and checkpoint; `None` without a GPU.
+fn gpu_and_fp8_model() -> Option<(Arc<moehost::gpu::Gpu>, moehost::ModelConfig, Checkpoint)> {
+    let g = device_or_skip()?;
     let dir = support::fp8_model();
     let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
     let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    Some((g, cfg, ckpt))
+}
+
+#[test]
+fn experts_on_the_gpu_give_the_cpus_bits() {
+    let Some((g, cfg, ckpt)) = gpu_and_fp8_model() else {
+        return;
+    };
     let h = cfg.hidden_size;
     for (layer, expert) in [(1, 0), (4, 37), (7, 63)] {
         let cpu = ExpertBytes::read(&ckpt, layer, expert)
@@ -52,10 +60,9 @@ fn experts_on_the_gpu_give_the_cpus_bits() {
 
 #[test]
 fn attention_projections_on_the_gpu_give_the_cpus_bits() {
-    let Some(g) = device_or_skip() else { return };
-    let dir = support::fp8_model();
-    let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
-    let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    let Some((g, cfg, ckpt)) = gpu_and_fp8_model() else {
+        return;
+    };
     let (h, nh, v) = (cfg.hidden_size, cfg.num_attention_heads, cfg.v_head_dim);
     // o_proj [hidden, heads * v]: a plain projection, the CPU's matvec and row kernels.
     let o = ckpt
@@ -254,10 +261,9 @@ fn stored_expert(
 
 #[test]
 fn experts_loaded_through_the_pool_give_the_cpus_bits() {
-    let Some(g) = device_or_skip() else { return };
-    let dir = support::fp8_model();
-    let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
-    let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    let Some((g, cfg, ckpt)) = gpu_and_fp8_model() else {
+        return;
+    };
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
     let pool = Arc::new(GpuPool::new(&g, 3 * h * i * 4, 5, 2).unwrap());
     let fp8 = ExpertBytes::read(&ckpt, 3, 11).unwrap();
@@ -448,10 +454,9 @@ fn every_storage_format_gives_the_cpus_bits() {
 /// f32 bytes) and give the bits of the CPU's f32 decode.
 #[test]
 fn stored_attention_projections_give_the_cpus_bits() {
-    let Some(g) = device_or_skip() else { return };
-    let dir = support::fp8_model();
-    let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
-    let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    let Some((g, cfg, ckpt)) = gpu_and_fp8_model() else {
+        return;
+    };
     let (h, nh, v) = (cfg.hidden_size, cfg.num_attention_heads, cfg.v_head_dim);
     let name = "model.layers.5.self_attn.o_proj.weight";
     let o = ckpt.read_f32(name, &[h, nh * v]).unwrap();
@@ -478,10 +483,9 @@ fn stored_attention_projections_give_the_cpus_bits() {
 /// `ROW_INVARIANT_MAX` rows (computed on the CPU from its GPU copy).
 #[test]
 fn a_layer_steps_experts_run_together_with_the_cpus_bits() {
-    let Some(g) = device_or_skip() else { return };
-    let dir = support::fp8_model();
-    let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
-    let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    let Some((g, cfg, ckpt)) = gpu_and_fp8_model() else {
+        return;
+    };
     let h = cfg.hidden_size;
     let stored: Vec<ExpertBytes> = (0..4)
         .map(|e| ExpertBytes::read(&ckpt, 2, e * 11).unwrap())
