@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::config::ModelConfig;
+use crate::experts::ExpertBytes;
 use crate::plan::{plan, Plan, PlanOptions};
 use crate::policy::{LinkCosts, Tier};
 use crate::replay::cost::Link;
@@ -106,16 +107,19 @@ fn gbps(bytes: f64, secs: f64) -> f64 {
 /// Distinct experts in a Kimi-K2 MoE layer step: 8 routed and the shared one.
 pub const LAYER_STEP_EXPERTS: usize = 9;
 
-/// A layer step of Kimi-K2-shaped FP8 experts on the CPU from their storage format, as the
-/// MoE runs them (one task per expert): seconds per step and weight GB/s.
-fn measure_cpu_experts() -> (f64, f64) {
-    use rayon::prelude::*;
-    let k2 = ModelConfig::from_json(KIMI_K2_CONFIG).expect("the bundled Kimi-K2 config parses");
-    let (h, i) = (k2.hidden_size, k2.moe_intermediate_size);
+/// A Kimi-K2 MoE layer step's distinct experts, pseudo-random FP8 at K2's shape: what both
+/// the CPU and the GPU measurements time (built once, ~400 MB).
+fn k2_layer_step(k2: &ModelConfig) -> Vec<ExpertBytes> {
     let mut state = 0x9e37_79b9_u32;
-    let experts: Vec<_> = (0..LAYER_STEP_EXPERTS)
-        .map(|_| crate::experts::ExpertBytes::synthetic_fp8(h, i, &mut state))
-        .collect();
+    (0..LAYER_STEP_EXPERTS)
+        .map(|_| ExpertBytes::synthetic_fp8(k2.hidden_size, k2.moe_intermediate_size, &mut state))
+        .collect()
+}
+
+/// A layer step of experts (hidden size `h`) on the CPU from their storage format, as the MoE
+/// runs them (one task per expert): seconds per step and weight GB/s.
+fn measure_cpu_experts(experts: &[ExpertBytes], h: usize) -> (f64, f64) {
+    use rayon::prelude::*;
     let bytes: usize = experts.iter().map(|e| e.storage_bytes()).sum();
     let x: Vec<f32> = (0..h).map(|v| (v % 97) as f32 / 97.0 - 0.5).collect();
     let step = || {
@@ -134,7 +138,7 @@ fn measure_cpu_experts() -> (f64, f64) {
     (s, gbps(bytes as f64, s))
 }
 
-fn measure_cpu() -> Cpu {
+fn measure_cpu(k2_experts: &[ExpertBytes], hidden: usize) -> Cpu {
     let (t, n, k) = (256usize, 2048usize, 2048usize);
     let x: Vec<f32> = (0..t * k).map(|i| (i % 97) as f32 / 97.0).collect();
     let w: Vec<f32> = (0..n * k).map(|i| (i % 89) as f32 / 89.0).collect();
@@ -172,7 +176,7 @@ fn measure_cpu() -> Cpu {
     crate::fp8::dequantize_blocks(&fp8, rows, cols, &scales, [128, 128], &mut f);
     let fp8_dequant_gbps = gbps(fp8.len() as f64, t0.elapsed().as_secs_f64());
 
-    let (k2_layer_step_s, k2_expert_gbps) = measure_cpu_experts();
+    let (k2_layer_step_s, k2_expert_gbps) = measure_cpu_experts(k2_experts, hidden);
 
     let ram_bytes = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
@@ -224,7 +228,7 @@ fn measure_disk(dir: &Path) -> Result<Disk> {
 }
 
 #[cfg(feature = "cuda")]
-fn measure_gpu() -> std::result::Result<Gpu, String> {
+fn measure_gpu(k2_experts: &[ExpertBytes], hidden: usize) -> std::result::Result<Gpu, String> {
     use crate::transfer::cuda::{probe, CudaCopyEngine};
     use crate::transfer::{measure_bandwidth, CopyEngine, TransferScheduler};
     let (ctx, info) = probe()?;
@@ -263,24 +267,24 @@ fn measure_gpu() -> std::result::Result<Gpu, String> {
         h2d_pinned_gbps: pinned / 1e9,
         h2d_pageable_gbps: pageable / 1e9,
         copy_verified: verified,
-        k2_expert: crate::gpu::gpu().and_then(|g| {
-            let k2 = ModelConfig::from_json(KIMI_K2_CONFIG).map_err(err)?;
-            crate::gpu::measure_expert(&g, k2.hidden_size, k2.moe_intermediate_size).map_err(err)
-        }),
+        k2_expert: crate::gpu::gpu()
+            .and_then(|g| crate::gpu::measure_expert(&g, k2_experts, hidden).map_err(err)),
     })
 }
 
 #[cfg(not(feature = "cuda"))]
-fn measure_gpu() -> std::result::Result<Gpu, String> {
+fn measure_gpu(_: &[ExpertBytes], _: usize) -> std::result::Result<Gpu, String> {
     Err("this moehost was built without the `cuda` feature (cargo build --features cuda)".into())
 }
 
 /// Measures this machine; `model` is the folder whose read bandwidth stands for the disk tier.
 pub fn run(model: &Path) -> Result<Report> {
-    let cpu = measure_cpu();
-    let disk = measure_disk(model)?;
-    let gpu = measure_gpu();
     let k2 = ModelConfig::from_json(KIMI_K2_CONFIG)?;
+    let k2_experts = k2_layer_step(&k2);
+    let cpu = measure_cpu(&k2_experts, k2.hidden_size);
+    let disk = measure_disk(model)?;
+    let gpu = measure_gpu(&k2_experts, k2.hidden_size);
+    drop(k2_experts);
     let mut link = Link::default();
     let mut device_bytes = 80u64 << 30;
     let link_basis = match &gpu {

@@ -26,7 +26,6 @@ use safetensors::Dtype;
 use std::borrow::Cow;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use crate::doctor::LAYER_STEP_EXPERTS;
 use crate::experts::{ExpertBytes, FfnWeights, OwnedTensor};
 use crate::kernels::{self, ROW_INVARIANT_MAX};
 use crate::policy::ExpertKey;
@@ -1185,24 +1184,21 @@ impl GpuExpert {
     }
 }
 
-/// Times FP8 experts of `hidden` x `intermediate` (pseudo-random weights) on `gpu`: one alone,
-/// and a layer step's worth together; and a device-to-device copy of an expert's size, in one
-/// run.
+/// Times a layer step's experts (`doctor`'s pseudo-random FP8 ones of hidden size `hidden`) on
+/// `gpu`: the first alone, and all of them together; and a device-to-device copy of an
+/// expert's size, in one run.
 pub fn measure_expert(
     gpu: &Arc<Gpu>,
+    layer_step: &[ExpertBytes],
     hidden: usize,
-    intermediate: usize,
 ) -> Result<crate::doctor::ExpertSpeed> {
-    let mut state = 0x2545_f491_u32;
     // A layer step's worth of distinct experts (K2: 8 routed + 1 shared), so none is read
     // from the L2 cache of the one before.
-    let mut bytes = 0;
-    let experts = (0..LAYER_STEP_EXPERTS)
-        .map(|_| {
-            let expert = ExpertBytes::synthetic_fp8(hidden, intermediate, &mut state);
-            bytes = expert.storage_bytes();
-            GpuExpert::upload_stored(gpu, &expert)
-        })
+    ensure!(!layer_step.is_empty(), "no experts to time");
+    let bytes = layer_step[0].storage_bytes();
+    let experts = layer_step
+        .iter()
+        .map(|e| GpuExpert::upload_stored(gpu, e))
         .collect::<Result<Vec<_>>>()?;
     let time = |experts: &[GpuExpert], tokens: usize| -> Result<f64> {
         let x: Vec<f32> = (0..tokens * hidden)
@@ -1239,9 +1235,9 @@ pub fn measure_expert(
         one_token_s,
         eight_tokens_s,
         weights_gbps: bytes as f64 / one_token_s / 1e9,
-        layer_step_experts: LAYER_STEP_EXPERTS,
+        layer_step_experts: experts.len(),
         layer_step_s,
-        layer_step_gbps: (LAYER_STEP_EXPERTS * bytes) as f64 / layer_step_s / 1e9,
+        layer_step_gbps: (experts.len() * bytes) as f64 / layer_step_s / 1e9,
         dtod_gbps,
     })
 }
