@@ -33,7 +33,11 @@ impl Drop for Server {
 }
 
 fn start(store_config: StoreConfig, opts: ServeOptions) -> Server {
-    let (engine, store) = Engine::open_tiered(&support::bf16_model(), &store_config).unwrap();
+    start_model(&support::bf16_model(), store_config, opts)
+}
+
+fn start_model(dir: &std::path::Path, store_config: StoreConfig, opts: ServeOptions) -> Server {
+    let (engine, store) = Engine::open_tiered(dir, &store_config).unwrap();
     let (state, _scheduler, _) =
         server::start(Arc::new(engine), store, &store_config, &opts).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -163,6 +167,76 @@ fn sse_text(body: &str) -> (String, Vec<Value>) {
         chunks.push(v);
     }
     (text, chunks)
+}
+
+/// DeepSeek-V3's group-limited routing (64 experts in 8 groups, 4 kept, top-8) served under a
+/// device tier of a few experts and non-default policies: the greedy completion of a prompt
+/// given as token ids is transformers' (the golden continuation, read through the folder's
+/// tokenizer), streamed or not.
+#[test]
+fn group_routed_model_serves_the_reference_tokens_under_a_tight_budget() {
+    let dir = support::data_dir().join("variants/dsv3-groups");
+    let golden = support::Golden::from_path(&dir.join("golden.safetensors"));
+    let config = StoreConfig {
+        device_bytes: Some(64 << 10),
+        host_bytes: Some(128 << 10),
+        eviction: PolicySource::parse("layer-cycle"),
+        prefetch: PolicySource::parse("next-layer-gate"),
+        ..Default::default()
+    };
+    let srv = start_model(&dir, config, ServeOptions::default());
+    let engine = Engine::open(&dir).unwrap();
+    for p in 0..golden.prompts() {
+        let ids = golden.ids(p, "input_ids");
+        let greedy = golden.ids(p, "greedy_ids");
+        let want_ids: Vec<u32> = greedy.iter().copied().take_while(|&x| x != 1).collect();
+        let want = engine.decode(&want_ids).unwrap();
+        let body = json!({"prompt": ids, "max_tokens": greedy.len(), "temperature": 0});
+        let (status, v) = post(srv.addr, "/v1/completions", body.clone());
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"], want.as_str(), "prompt{p}");
+        assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+        let mut stream = body;
+        stream["stream"] = json!(true);
+        let (status, raw) = http(
+            srv.addr,
+            "POST",
+            "/v1/completions",
+            None,
+            stream.to_string().as_bytes(),
+        );
+        assert_eq!(status, 200);
+        assert_eq!(sse_text(&raw).0, want, "prompt{p} streamed");
+    }
+    // Token ids outside the vocabulary are the client's error.
+    let (status, v) = post(srv.addr, "/v1/completions", json!({"prompt": [0, 256]}));
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "prompt");
+}
+
+/// A folder laid out as Kimi-K2 publishes it (tiktoken.model, tokenizer_config.json with its
+/// chat template, no tokenizer.json) serves chat: the rendered prompt is tokenized as the
+/// `tiktoken` library does.
+#[test]
+fn kimi_layout_folder_serves_chat() {
+    let dir = support::kimi_layout_folder();
+    let expected = support::kimi_expected();
+    let srv = start_model(dir.path(), StoreConfig::default(), ServeOptions::default());
+    let (status, v) = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": expected.chat, "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let chat_ids = &expected.cases.last().unwrap().1;
+    assert_eq!(v["usage"]["prompt_tokens"], chat_ids.len());
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    let engine = Engine::open(dir.path()).unwrap();
+    let want = engine
+        .generate(chat_ids, 4, &Default::default(), |_| {})
+        .unwrap()
+        .text;
+    assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Shapes tiny-k2 does not have, against transformers (see tests/data/variants/README.md):
 //! grouped routing (n_group 4, topk_group 2) with 2 shared experts and tied embeddings, no
 //! q-LoRA with rope_interleave false and no rope scaling and 2 dense layers, and 8 heads with
-//! v_head_dim != qk_nope_head_dim under YaRN.
+//! v_head_dim != qk_nope_head_dim under YaRN, and DeepSeek-V3's routing shape (64 experts in 8
+//! groups, the 4 best kept, top-8).
 
 mod support;
 
@@ -80,4 +81,9 @@ fn no_q_lora_no_rope_scaling_rotate_half() {
 #[test]
 fn wide_heads_yarn() {
     check("wide-heads");
+}
+
+#[test]
+fn deepseek_v3_group_routing_64_experts_8_groups_top_8() {
+    check("dsv3-groups");
 }

@@ -14,6 +14,9 @@ struct RawConfig {
     #[serde(default)]
     architectures: Option<Vec<String>>,
     model_type: Option<String>,
+    /// DeepSeek-V3's multi-token-prediction layers (`model.layers.{num_hidden_layers}.*`).
+    #[serde(default)]
+    num_nextn_predict_layers: usize,
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -129,6 +132,9 @@ pub struct Yarn {
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub model_type: String,
+    /// Multi-token-prediction layers in the checkpoint, after the decoder layers. They only
+    /// draft tokens for speculative decoding, which moehost does not do: never read.
+    pub num_nextn_predict_layers: usize,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -178,6 +184,12 @@ impl ModelConfig {
 
     fn validate(raw: RawConfig) -> Result<Self> {
         let model_type = raw.model_type.clone().unwrap_or_default();
+        ensure!(
+            model_type != "deepseek_v32",
+            "model_type \"deepseek_v32\" (DeepSeek-V3.2) is not supported: its attention is \
+             DeepSeek Sparse Attention (a lightning indexer picks the keys each query attends to), \
+             which moehost does not implement; DeepSeek-V3, V3.1, R1 and Kimi-K2 are supported"
+        );
         ensure!(
             matches!(model_type.as_str(), "deepseek_v3" | "kimi_k2"),
             "unsupported model_type {model_type:?}: moehost runs DeepSeek-V3-family models \
@@ -300,6 +312,7 @@ impl ModelConfig {
         };
         Ok(Self {
             model_type,
+            num_nextn_predict_layers: raw.num_nextn_predict_layers,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
@@ -482,6 +495,11 @@ mod tests {
             ("scoring_func", serde_json::json!("softmax"), "scoring_func"),
             ("topk_method", serde_json::json!("greedy"), "topk_method"),
             ("model_type", serde_json::json!("llama"), "model_type"),
+            (
+                "model_type",
+                serde_json::json!("deepseek_v32"),
+                "DeepSeek Sparse Attention",
+            ),
             ("n_group", serde_json::json!(3), "divisible"),
             (
                 "rope_scaling",

@@ -879,9 +879,12 @@ impl DeepseekV3 {
         let t = xn.len() / h;
         let k = moe.gate.top_k;
         let scores = moe.gate.scores(xn, h);
-        let experts = match provider.select(layer, t, k, &scores.biased) {
+        // Policies rank the model's own selection scores (group limit applied), so exact top-k
+        // on them is the model's routing whatever the provider.
+        let choice = moe.gate.selection_scores(&scores);
+        let experts = match provider.select(layer, t, k, &choice) {
             Some(chosen) => chosen,
-            None => moe.gate.select_topk(&scores),
+            None => moe.gate.top_k_rows(&choice),
         };
         let weights = moe.gate.weights_for(&scores, &experts);
         let routing = LayerRouting {
@@ -920,7 +923,10 @@ impl DeepseekV3 {
                 .enumerate()
                 .skip(layer + 1)
                 .filter_map(|(l, next)| match &next.ffn {
-                    Ffn::Moe(m) => Some((l, m.gate.scores(xn, h).biased)),
+                    Ffn::Moe(m) => {
+                        let scores = m.gate.scores(xn, h);
+                        Some((l, m.gate.selection_scores(&scores).into_owned()))
+                    }
                     Ffn::Dense(_) => None,
                 })
                 .take(lookahead)

@@ -7,13 +7,13 @@
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokenizers::Tokenizer;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{parse_token_ids, ModelConfig};
 use crate::deepseek_v3::{DeepseekV3, KvCache, Logits};
 use crate::experts::{ExpertProvider, ResidentExperts};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
 
 /// The model bundled with moehost (the trained tiny-k2), used when no `--model` is given.
 /// `MOEHOST_BUNDLED_MODEL` overrides its location (e.g. for an installed binary).
@@ -39,6 +39,8 @@ pub struct Engine {
     pub dir: PathBuf,
     pub model: DeepseekV3,
     pub tokenizer: Tokenizer,
+    /// The folder's chat template, if it has one.
+    pub chat_template: Option<crate::chat::ChatTemplate>,
     pub defaults: GenerationDefaults,
     pub checkpoint: Arc<Checkpoint>,
 }
@@ -69,39 +71,43 @@ impl Engine {
             "model folder {} does not exist",
             dir.display()
         );
+        // The cheap files first: a bad config or tokenizer is reported before any weight is read.
         let cfg = ModelConfig::from_dir(dir)?;
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        ensure!(
+            tokenizer.vocab_size() <= cfg.vocab_size,
+            "the tokenizer of {} has {} tokens, more than config.json's vocab_size {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            cfg.vocab_size
+        );
+        let chat_template = crate::chat::ChatTemplate::from_dir(dir)?;
+        let defaults = read_generation_defaults(dir, &cfg)?;
         let ckpt = Arc::new(Checkpoint::open(dir, cfg.fp8_block)?);
         let experts = make_experts(ckpt.clone(), &cfg);
-        let defaults = read_generation_defaults(dir, &cfg)?;
         let model = DeepseekV3::load(cfg, &ckpt, experts)
             .with_context(|| format!("cannot load the model in {}", dir.display()))?;
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tok_path)
-            .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", tok_path.display()))?;
         Ok(Self {
             dir: dir.to_owned(),
             model,
             tokenizer,
+            chat_template,
             defaults,
             checkpoint: ckpt,
         })
     }
 
     /// Token ids of `text`. Special tokens written in the text (e.g. `<|bos|>`) are recognised;
-    /// nothing is added that the tokenizer's post-processor does not add.
+    /// nothing is added that the tokenizer does not add (its post-processor, or a tiktoken
+    /// folder's `add_bos_token`), and a text that starts with the BOS token gets no second one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        self.tokenizer
+            .encode(text, self.model.config().bos_token_id)
     }
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| anyhow::anyhow!("cannot decode tokens: {e}"))
+        self.tokenizer.decode(ids, true)
     }
 
     /// Generates up to `max_tokens` after `prompt_ids`, calling `on_text` with each new piece

@@ -167,7 +167,8 @@ pub trait ExpertProvider: Send + Sync {
     /// A forward pass begins (a safe point to switch policies).
     fn begin_step(&self) {}
 
-    /// A selection policy's choice for `tokens` rows of `biased` scores (sigmoid + bias),
+    /// A selection policy's choice for `tokens` rows of the model's selection scores
+    /// (`Gate::selection_scores`: sigmoid + bias, groups outside the `topk_group` best at 0.0),
     /// `k` per token; `None` keeps the model's exact top-k.
     fn select(
         &self,
@@ -185,7 +186,7 @@ pub trait ExpertProvider: Send + Sync {
     }
 
     /// After layer `layer` is routed: its distinct experts, and for the next `lookahead()` MoE
-    /// layers `(decoder layer, biased scores [tokens x experts])` from their gates applied to
+    /// layers `(decoder layer, selection scores [tokens x experts])` from their gates applied to
     /// the current hidden state.
     fn routed(
         &self,

@@ -6,6 +6,7 @@
 //! `forward_dump` writes the verification tensors; `bench` measures throughput.
 
 pub mod bench;
+pub mod chat;
 pub mod checkpoint;
 pub mod compress;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod router;
 pub mod sampling;
 pub mod server;
 pub mod store;
+pub mod tokenizer;
 pub mod trace;
 pub mod transfer;
 

@@ -84,6 +84,14 @@ impl ModelArgs {
         let dir = self.model.clone().unwrap_or_else(bundled_model_dir);
         let config = self.store_config();
         let (engine, store) = Engine::open_tiered(&dir, &config)?;
+        let mtp = engine.model.config().num_nextn_predict_layers;
+        if mtp > 0 {
+            eprintln!(
+                "moehost: not loading the {mtp} multi-token-prediction layer(s) \
+                 (model.layers.{}.*): they only draft tokens for speculative decoding",
+                engine.model.config().num_hidden_layers
+            );
+        }
         for (kind, src) in config.sources() {
             if let PolicySource::File(path) = src {
                 store.watch_policy(kind, path)?;
@@ -114,8 +122,15 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// The prompt text. Special tokens written in it (e.g. <|bos|>) are recognised.
-        #[arg(long)]
-        prompt: String,
+        #[arg(
+            long,
+            required_unless_present = "prompt_ids",
+            conflicts_with = "prompt_ids"
+        )]
+        prompt: Option<String>,
+        /// The prompt as comma-separated token ids (e.g. 0,412,93), taken as they are.
+        #[arg(long, value_delimiter = ',')]
+        prompt_ids: Option<Vec<u32>>,
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
         /// 0 = greedy. Default: generation_config.json's (greedy unless it samples).
@@ -668,6 +683,7 @@ fn run() -> Result<()> {
         Command::Generate {
             model,
             prompt,
+            prompt_ids,
             max_tokens,
             temperature,
             top_p,
@@ -687,7 +703,11 @@ fn run() -> Result<()> {
                 params.top_k = k;
             }
             params.seed = seed;
-            let prompt_ids = engine.encode(&prompt)?;
+            let prompt_ids = match (prompt_ids, prompt) {
+                (Some(ids), _) => ids,
+                (None, Some(text)) => engine.encode(&text)?,
+                (None, None) => unreachable!("clap requires --prompt or --prompt-ids"),
+            };
             let stdout = std::io::stdout();
             let gen = engine.generate(&prompt_ids, max_tokens, &params, |piece| {
                 if !json {

@@ -4,10 +4,13 @@
 //! unbiased scores, normalised, later scaled by `routed_scaling_factor`.
 //!
 //! Owns: turning router logits into (experts, weights) per token. Does not own: running
-//! experts (see `experts`) or where they live. Selection is a separate step (`select_topk`) so a
-//! selection policy can replace it; the weights always come from the model's own scores.
+//! experts (see `experts`) or where they live. Selection is a separate step so a selection
+//! policy can replace it: the group limit is applied first (`selection_scores`), so a policy
+//! ranks exactly what the model's top-k ranks; the weights always come from the model's own
+//! scores.
 
 use crate::kernels::{linear, sigmoid};
+use std::borrow::Cow;
 
 /// One MoE layer's router.
 pub struct Gate {
@@ -68,37 +71,50 @@ impl Gate {
         }
     }
 
-    /// The model's own selection: group-limited top-k on the biased scores, per token.
-    /// Ties go to the lower expert id.
-    pub fn select_topk(&self, scores: &RouterScores) -> Vec<u32> {
+    /// The scores the model's top-k ranks (transformers' `scores_for_choice` after group
+    /// masking): the biased scores where groups are off (`n_group` 1, or every group kept), else
+    /// each token's `topk_group` best groups (a group scores the sum of its two best) keep theirs
+    /// and every other expert's is 0.0 (`masked_fill(~mask, 0.0)`). Exact top-k over these rows
+    /// is the model's selection; these are what selection policies are given.
+    pub fn selection_scores<'a>(&self, scores: &'a RouterScores) -> Cow<'a, [f32]> {
         let e = scores.n_experts;
-        let group_size = e / self.n_group;
-        let mut out = Vec::with_capacity(scores.tokens() * self.top_k);
-        let mut masked = vec![0f32; e];
-        for row in scores.biased.chunks_exact(e) {
-            let choice: &[f32] = if self.n_group > 1 && self.topk_group < self.n_group {
-                // group score = sum of the group's two best; keep the topk_group best groups,
-                // the others' scores are set to 0.0 (masked_fill(~mask, 0.0) in the reference).
-                let group_scores: Vec<f32> = row
-                    .chunks_exact(group_size)
-                    .map(|g| {
-                        let top = top_k_indices(g, 2);
-                        g[top[0] as usize] + g[top[1] as usize]
-                    })
-                    .collect();
-                let keep = top_k_indices(&group_scores, self.topk_group);
-                masked.iter_mut().for_each(|m| *m = 0.0);
-                for &g in &keep {
-                    let r = g as usize * group_size..(g as usize + 1) * group_size;
-                    masked[r.clone()].copy_from_slice(&row[r]);
-                }
-                &masked
-            } else {
-                row
-            };
-            out.extend(top_k_indices(choice, self.top_k));
+        if self.n_group <= 1 || self.topk_group >= self.n_group {
+            return Cow::Borrowed(&scores.biased);
         }
-        out
+        let group_size = e / self.n_group;
+        let mut masked = vec![0f32; scores.biased.len()];
+        for (row, out) in scores
+            .biased
+            .chunks_exact(e)
+            .zip(masked.chunks_exact_mut(e))
+        {
+            let group_scores: Vec<f32> = row
+                .chunks_exact(group_size)
+                .map(|g| {
+                    let top = top_k_indices(g, 2);
+                    g[top[0] as usize] + g[top[1] as usize]
+                })
+                .collect();
+            for g in top_k_indices(&group_scores, self.topk_group) {
+                let r = g as usize * group_size..(g as usize + 1) * group_size;
+                out[r.clone()].copy_from_slice(&row[r]);
+            }
+        }
+        Cow::Owned(masked)
+    }
+
+    /// The model's own selection: exact top-k of [`Gate::selection_scores`] per token, highest
+    /// first. Ties go to the lower expert id.
+    pub fn select_topk(&self, scores: &RouterScores) -> Vec<u32> {
+        self.top_k_rows(&self.selection_scores(scores))
+    }
+
+    /// Exact top-k of each row of `[tokens x experts]` selection scores.
+    pub fn top_k_rows(&self, choice: &[f32]) -> Vec<u32> {
+        choice
+            .chunks_exact(self.n_experts())
+            .flat_map(|row| top_k_indices(row, self.top_k))
+            .collect()
     }
 
     /// Weights of the selected experts: the unbiased sigmoid scores, normalised to sum 1 when

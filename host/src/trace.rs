@@ -55,7 +55,7 @@ pub struct Trace {
     /// Optional input token ids `[tokens]`.
     pub token_ids: Option<Vec<i32>>,
     /// Optional speculative scores `[tokens, layers, n_routed_experts]`: row `(t, l)` is MoE
-    /// layer `l`'s gate (sigmoid + bias) applied to the hidden state that entered MoE layer
+    /// layer `l`'s gate (sigmoid + bias, group limit applied) applied to the hidden state that entered MoE layer
     /// `l - 1` for token `t` (what a lookahead-1 prefetch policy sees); row `l = 0` is unused.
     pub speculative: Option<Vec<f32>>,
 }

@@ -174,3 +174,68 @@ pub fn forward_batch<I: AsRef<[u32]>>(
 pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
 }
+
+/// The committed Kimi-K2 tokenizer fixture (tests/data/kimi-k2-tokenizer: `tiktoken.model`,
+/// `tokenizer_config.json`, made with the `tiktoken` package).
+pub fn kimi_tokenizer_dir() -> PathBuf {
+    data_dir().join("kimi-k2-tokenizer")
+}
+
+/// What the `tiktoken` library gave for the fixture (tests/data/kimi-k2-tokenizer/expected.json).
+pub struct KimiExpected {
+    /// Number of ranks; the special tokens follow (`[BOS]` = ranks, `[EOS]` = ranks + 1).
+    pub ranks: u32,
+    /// The chat messages whose rendered prompt is the last case.
+    pub chat: serde_json::Value,
+    /// `(text, ids)`.
+    pub cases: Vec<(String, Vec<u32>)>,
+}
+
+pub fn kimi_expected() -> KimiExpected {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(kimi_tokenizer_dir().join("expected.json")).unwrap())
+            .unwrap();
+    let cases = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let ids = c["ids"].as_array().unwrap();
+            (
+                c["text"].as_str().unwrap().to_owned(),
+                ids.iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+            )
+        })
+        .collect();
+    KimiExpected {
+        ranks: v["ranks"].as_u64().unwrap() as u32,
+        chat: v["chat"].clone(),
+        cases,
+    }
+}
+
+/// A model folder laid out as Kimi-K2-Instruct publishes it: `config.json`, the safetensors
+/// shards and index (the bundled tiny-k2's weights, linked), `tiktoken.model` and
+/// `tokenizer_config.json` from the fixture, and no `tokenizer.json`. config.json's bos/eos are
+/// the fixture's `[BOS]`/`[EOS]`.
+pub fn kimi_layout_folder() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = bf16_model();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.ends_with(".safetensors") || name == "model.safetensors.index.json" {
+            std::os::unix::fs::symlink(&path, tmp.path().join(&name)).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    let ranks = kimi_expected().ranks;
+    cfg["bos_token_id"] = ranks.into();
+    cfg["eos_token_id"] = (ranks + 1).into();
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    for name in ["tiktoken.model", "tokenizer_config.json"] {
+        std::fs::copy(kimi_tokenizer_dir().join(name), tmp.path().join(name)).unwrap();
+    }
+    tmp
+}

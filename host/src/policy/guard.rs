@@ -201,7 +201,8 @@ impl GuardedSelection {
         Ok(info)
     }
 
-    /// `tokens x k` expert ids for `scores` (`tokens x experts`, sigmoid + bias).
+    /// `tokens x k` expert ids for `scores` (`tokens x experts`: the model's selection scores,
+    /// sigmoid + bias with the group limit applied).
     pub fn select(
         &mut self,
         layer: u32,

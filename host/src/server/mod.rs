@@ -2,7 +2,7 @@
 //! tiered expert store, with continuous batching, Prometheus metrics and an admin API for
 //! policies.
 //!
-//! Owns: routing, request limits, the chat template, start-up and graceful shutdown. The model
+//! Owns: routing, request limits, start-up and graceful shutdown. The model
 //! runs on one scheduler thread (`scheduler`); handlers only talk to it through a bounded queue.
 //! Requests are routed to A/B policy arms (`arms`); shadow policies (`shadow`) replay the
 //! default arm's traffic on simulated caches.
@@ -67,62 +67,19 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub model_name: String,
     pub admin: Option<Arc<admin::Admin>>,
-    chat: Arc<Option<ChatTemplate>>,
-}
-
-struct ChatTemplate {
-    env: minijinja::Environment<'static>,
-    bos: String,
-    eos: String,
 }
 
 impl AppState {
     /// The prompt text of a chat, through the model's own template.
     pub fn render_chat(&self, messages: &[(&str, &str)]) -> Result<String, ApiError> {
-        let t = self.chat.as_ref().as_ref().ok_or_else(|| {
-            ApiError::invalid("this model has no chat_template in tokenizer_config.json")
+        let t = self.engine.chat_template.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "this model has no chat template (chat_template.jinja or tokenizer_config.json's chat_template)",
+            )
         })?;
-        let msgs: Vec<_> = messages
-            .iter()
-            .map(|(role, content)| minijinja::context! { role => role, content => content })
-            .collect();
-        let tmpl = t.env.get_template("chat").expect("added at start-up");
-        tmpl.render(minijinja::context! {
-            messages => msgs, bos_token => t.bos, eos_token => t.eos, add_generation_prompt => true
-        })
-        .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e}")))
+        t.render(messages)
+            .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e}")))
     }
-}
-
-fn chat_template(engine: &Engine) -> Result<Option<ChatTemplate>> {
-    let path = engine.dir.join("tokenizer_config.json");
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(None);
-    };
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    let Some(template) = json.get("chat_template").and_then(|t| t.as_str()) else {
-        return Ok(None);
-    };
-    let token = |key: &str| -> String {
-        match json.get(key) {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(v) => v
-                .get("content")
-                .and_then(|c| c.as_str())
-                .unwrap_or_default()
-                .to_owned(),
-            None => String::new(),
-        }
-    };
-    let mut env = minijinja::Environment::new();
-    env.add_template_owned("chat", template.to_owned())
-        .with_context(|| format!("the chat_template of {} does not parse", path.display()))?;
-    Ok(Some(ChatTemplate {
-        env,
-        bos: token("bos_token"),
-        eos: token("eos_token"),
-    }))
 }
 
 /// Builds the state and starts the scheduler thread.
@@ -163,7 +120,6 @@ pub fn start(
         Some(t) => Some(Arc::new(admin::Admin::new(t.clone(), &arms)?)),
         None => None,
     };
-    let chat = Arc::new(chat_template(&engine)?);
     let (e, a, m, s) = (
         engine.clone(),
         arms.clone(),
@@ -184,7 +140,6 @@ pub fn start(
             metrics,
             model_name,
             admin,
-            chat,
         },
         worker,
         stopping,

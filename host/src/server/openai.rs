@@ -73,6 +73,16 @@ impl OneOrMany {
     }
 }
 
+/// A completions prompt as OpenAI takes it: text, or token ids (a single prompt of either).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+    IdLists(Vec<Vec<u32>>),
+}
+
 /// Fields shared by both endpoints (unknown fields are ignored, as OpenAI's clients send many).
 #[derive(Deserialize)]
 struct Common {
@@ -98,7 +108,7 @@ struct Common {
 
 #[derive(Deserialize)]
 struct CompletionBody {
-    prompt: OneOrMany,
+    prompt: Prompt,
     #[serde(flatten)]
     common: Common,
 }
@@ -153,20 +163,48 @@ pub async fn completions(
     let result = async {
         let arm = pick_arm(&app, &headers)?;
         let b: CompletionBody = parse(body)?;
-        let prompts = b.prompt.into_vec();
-        if prompts.len() != 1 {
-            return Err(ApiError::invalid(
-                "prompt must be one string (batches of prompts are not supported)",
-            ));
-        }
+        let one = || {
+            ApiError::invalid(
+                "prompt must be one string or one list of token ids (batches of prompts are not supported)",
+            )
+        };
+        let text = match b.prompt {
+            Prompt::Text(t) => Some(t),
+            Prompt::Texts(v) if v.len() == 1 => v.into_iter().next(),
+            Prompt::Ids(ids) => return run_ids(app.clone(), arm, ids, b.common).await,
+            Prompt::IdLists(v) if v.len() == 1 => {
+                let ids = v.into_iter().next().unwrap_or_default();
+                return run_ids(app.clone(), arm, ids, b.common).await;
+            }
+            Prompt::Texts(_) | Prompt::IdLists(_) => return Err(one()),
+        };
         let ids = app
             .engine
-            .encode(&prompts[0])
+            .encode(&text.unwrap_or_default())
             .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
         run(app.clone(), arm, Kind::Completion, ids, b.common).await
     }
     .await;
     finish(&app, result)
+}
+
+/// A completion of a prompt given as token ids, each checked against the vocabulary.
+async fn run_ids(
+    app: AppState,
+    arm: usize,
+    ids: Vec<u32>,
+    common: Common,
+) -> Result<Response, ApiError> {
+    let vocab = app.engine.model.config().vocab_size;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ApiError {
+            param: Some("prompt"),
+            ..ApiError::invalid(format!(
+                "token id {bad} in the prompt is out of range (vocab_size {vocab})"
+            ))
+        });
+    }
+    run(app, arm, Kind::Completion, ids, common).await
 }
 
 pub async fn chat_completions(

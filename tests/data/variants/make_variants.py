@@ -6,6 +6,7 @@ Usage (from the repo root; needs torch, transformers>=5, safetensors, numpy; CPU
 
     python3 tests/data/variants/make_variants.py            # all variants
     python3 tests/data/variants/make_variants.py grouped    # just one
+    python3 tests/data/variants/make_variants.py --tokenizer-only [names]   # only tokenizer.json
 
 Outputs, per variant, in tests/data/variants/<name>/:
   config.json         every field explicit, in the style of the real DeepSeek-V3 / Kimi-K2 config.json
@@ -113,6 +114,21 @@ VARIANTS = {
         v_head_dim=24, hidden_size=96, q_lora_rank=24,
         n_routed_experts=12, num_experts_per_tok=3, n_group=1, topk_group=1,
         first_k_dense_replace=1, num_hidden_layers=3, n_shared_experts=1, routed_scaling_factor=2.5,
+        rope_interleave=True,
+        max_position_embeddings=256,
+        rope_scaling={
+            "type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+        },
+        tie_word_embeddings=False,
+    ),
+    # DeepSeek-V3's routing shape: 64 experts in 8 groups, the 4 best groups kept, top-8 (the real model: 256
+    # experts, n_group 8, topk_group 4, top-8), with its YaRN style (mscale == mscale_all_dim).
+    "dsv3-groups": dict(
+        seed=4001,
+        n_group=8, topk_group=4, n_routed_experts=64, num_experts_per_tok=8,
+        q_lora_rank=32, first_k_dense_replace=1, num_hidden_layers=3,
+        n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
         rope_interleave=True,
         max_position_embeddings=256,
         rope_scaling={
@@ -396,6 +412,7 @@ def build(name):
     cfg_out = dict(cfg)
     os.makedirs(out_dir, exist_ok=True)
     save_checkpoint(model, cfg_out, out_dir)
+    write_tokenizer(out_dir, cfg_out)
     save_file(gold, os.path.join(out_dir, "golden.safetensors"), metadata={
         "generator": json.dumps({"transformers": transformers.__version__, "torch": torch.__version__, "seed": s},
                                 sort_keys=True)})
@@ -417,7 +434,33 @@ def build(name):
     return dict(name=name, seed=s, stats=stats)
 
 
+def write_tokenizer(out_dir, cfg):
+    """A byte-level tokenizer.json made with the `tokenizers` library, so the folder runs through every
+    command (generate, serve) as a published folder does: ids 0 and 1 are the bos/eos specials, every
+    other id is the byte of the same value (GPT-2's byte-to-unicode alphabet), no merges, no
+    post-processor (nothing is added to a prompt)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    assert cfg["vocab_size"] == 256 and (cfg["bos_token_id"], cfg["eos_token_id"]) == (0, 1)
+    b2u = bytes_to_unicode()
+    vocab = {"<|bos|>": 0, "<|eos|>": 1}
+    vocab.update({b2u[b]: b for b in range(2, 256)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<|bos|>", special=True), AddedToken("<|eos|>", special=True)])
+    assert tok.get_vocab_size() == 256
+    assert tok.encode("<|bos|>Hi").ids == [0, ord("H"), ord("i")]
+    assert tok.decode([0, ord("H"), ord("i"), 1], skip_special_tokens=True) == "Hi"
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+
+
 def main():
+    if sys.argv[1:2] == ["--tokenizer-only"]:
+        for n in sys.argv[2:] or list(VARIANTS):
+            write_tokenizer(os.path.join(HERE, n), full_config(n)[1])
+        return
     names = sys.argv[1:] or list(VARIANTS)
     torch.set_num_threads(1)  # deterministic summation order
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")

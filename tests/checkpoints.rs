@@ -1,0 +1,195 @@
+//! Model folders as their owners publish them: Kimi-K2's `tiktoken.model` tokenizer (against
+//! ids the `tiktoken` library gave), the cheap files checked before any weight is read, and the
+//! parts of a folder moehost refuses or skips on purpose.
+
+mod support;
+
+use moehost::tokenizer::Tokenizer;
+use support::{assert_ok, moehost};
+
+#[test]
+fn kimi_tiktoken_folder_tokenizes_exactly_as_tiktoken() {
+    let tok = Tokenizer::from_dir(&support::kimi_tokenizer_dir()).unwrap();
+    assert!(matches!(tok, Tokenizer::Tiktoken { .. }));
+    let expected = support::kimi_expected();
+    assert!(expected.cases.len() >= 10);
+    for (text, ids) in &expected.cases {
+        assert_eq!(&tok.encode(text, None).unwrap(), ids, "{text:?}");
+        assert_eq!(&tok.decode(ids, false).unwrap(), text);
+    }
+    // Special tokens by name, at Kimi-K2's offsets after the ranks.
+    let r = expected.ranks;
+    for (name, offset) in [
+        ("[BOS]", 0),
+        ("[EOS]", 1),
+        ("<|im_end|>", 2),
+        ("<|im_user|>", 3),
+        ("<|im_assistant|>", 4),
+        ("<|im_system|>", 10),
+        ("<|tool_calls_section_begin|>", 11),
+        ("<|tool_call_end|>", 15),
+        ("<|im_middle|>", 17),
+    ] {
+        assert_eq!(tok.token_to_id(name), Some(r + offset), "{name}");
+    }
+    let reserved = format!("<|reserved_token_{}|>", r + 100);
+    assert_eq!(tok.token_to_id(&reserved), Some(r + 100));
+    assert_eq!(tok.vocab_size(), r as usize + 256);
+    // Decoding for the user leaves special tokens out.
+    let chat = &expected.cases.last().unwrap().1;
+    let plain = tok.decode(chat, true).unwrap();
+    assert!(!plain.contains("<|im_") && plain.contains("What is 2+2?"));
+}
+
+#[test]
+fn kimi_layout_folder_generates_from_tiktoken_ids() {
+    let dir = support::kimi_layout_folder();
+    let expected = support::kimi_expected();
+    let (text, ids) = &expected.cases[2]; // Chinese
+    let out = moehost()
+        .args(["generate", "--max-tokens", "3", "--json", "--prompt", text])
+        .arg("--model")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<u32> = v["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    // tokenizer_config.json sets no add_bos_token: the prompt is tiktoken's ids alone.
+    assert_eq!(&got, ids);
+}
+
+/// Writes a folder whose weights cannot be read (a shard of garbage) next to the bundled
+/// config.json, plus `files`; returns the error `moehost generate` prints.
+fn error_before_weights(files: &[(&str, &[u8])]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        support::bf16_model().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    let out = moehost()
+        .args(["generate", "--prompt", "x"])
+        .arg("--model")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn tokenizer_and_chat_template_are_checked_before_any_weight() {
+    let tt = std::fs::read(support::kimi_tokenizer_dir().join("tiktoken.model")).unwrap();
+    let cfg = std::fs::read(support::kimi_tokenizer_dir().join("tokenizer_config.json")).unwrap();
+
+    let err = error_before_weights(&[]);
+    assert!(err.contains("no tokenizer"), "{err}");
+
+    let err = error_before_weights(&[
+        ("tiktoken.model", b"@@@ 0\n"),
+        ("tokenizer_config.json", &cfg),
+    ]);
+    assert!(
+        err.contains("tiktoken.model") && err.contains("base64"),
+        "{err}"
+    );
+
+    let err = error_before_weights(&[("tokenizer.json", b"{ not json")]);
+    assert!(err.contains("tokenizer.json"), "{err}");
+
+    let err = error_before_weights(&[
+        ("tiktoken.model", &tt),
+        ("tokenizer_config.json", &cfg),
+        (
+            "chat_template.jinja",
+            b"{% for m in messages %}{{ m.content }",
+        ),
+    ]);
+    assert!(err.contains("chat_template.jinja"), "{err}");
+
+    // With every cheap file good, the error is the weights'.
+    let err = error_before_weights(&[("tiktoken.model", &tt), ("tokenizer_config.json", &cfg)]);
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+/// DeepSeek-V3 ships one multi-token-prediction layer after its decoder layers
+/// (`num_nextn_predict_layers` 1, tensors `model.layers.61.*`): moehost says it skips it and
+/// runs the decoder exactly as without it.
+#[test]
+fn multi_token_prediction_layer_is_skipped_and_said_so() {
+    use safetensors::tensor::TensorView;
+    let src = support::data_dir().join("variants/dsv3-groups");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["num_nextn_predict_layers"] = 1.into();
+    let mtp_layer = cfg["num_hidden_layers"].as_u64().unwrap();
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        src.join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let extra = vec![0u8; 64 * 128 * 4];
+    let mut tensors: Vec<(String, TensorView)> = st.tensors().into_iter().collect();
+    for name in ["eh_proj.weight", "enorm.weight", "hnorm.weight"] {
+        let shape = if name == "eh_proj.weight" {
+            vec![64, 128]
+        } else {
+            vec![64]
+        };
+        let n = shape.iter().product::<usize>() * 4;
+        tensors.push((
+            format!("model.layers.{mtp_layer}.{name}"),
+            TensorView::new(safetensors::Dtype::F32, shape, &extra[..n]).unwrap(),
+        ));
+    }
+    safetensors::serialize_to_file(tensors, None, &dir.path().join("model.safetensors")).unwrap();
+
+    let golden = support::Golden::from_path(&src.join("golden.safetensors"));
+    let ids: Vec<String> = golden
+        .ids(0, "input_ids")
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    let run = |model: &std::path::Path| {
+        let out_path = dir.path().join("out.safetensors");
+        let out = moehost()
+            .args(["forward", "--ids", &ids.join(","), "--out"])
+            .arg(&out_path)
+            .arg("--model")
+            .arg(model)
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        (
+            std::fs::read(&out_path).unwrap(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (with_mtp, said) = run(dir.path());
+    assert!(
+        said.contains("multi-token-prediction")
+            && said.contains(&format!("model.layers.{mtp_layer}")),
+        "{said}"
+    );
+    let (without, said) = run(&src);
+    assert!(!said.contains("multi-token-prediction"));
+    assert_eq!(with_mtp, without);
+}
