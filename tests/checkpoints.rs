@@ -193,3 +193,151 @@ fn multi_token_prediction_layer_is_skipped_and_said_so() {
     assert!(!said.contains("multi-token-prediction"));
     assert_eq!(with_mtp, without);
 }
+
+/// Kimi-K2-Thinking's layout (compressed-tensors INT4 experts): `convert` keeps the experts
+/// packed as stored and the result runs; keeping every layer and expert gives the source's
+/// logits bit for bit. `bench --baseline` reports it next to the float original.
+#[test]
+fn int4_folder_converts_and_benches_against_its_original() {
+    let src = support::data_dir().join("variants/dsv3-groups-int4");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mini");
+    let run = |args: &[&str]| {
+        let o = moehost().args(args).output().unwrap();
+        assert_ok(&o);
+        o
+    };
+    let s = src.to_str().unwrap();
+    run(&[
+        "convert",
+        "--model",
+        s,
+        "--out",
+        out.to_str().unwrap(),
+        "--layers",
+        "3",
+        "--experts",
+        "64",
+        "--uniform",
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["quantization_config"]["quant_method"],
+        "compressed-tensors"
+    );
+    let shard = std::fs::read(out.join("model-00001-of-00001.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&shard).unwrap();
+    let packed = st
+        .tensor("model.layers.1.mlp.experts.5.gate_proj.weight_packed")
+        .unwrap();
+    assert_eq!(packed.dtype(), safetensors::Dtype::I32);
+    let ids = "0,17,99,3,250,41,7";
+    let logits = |model: &str| {
+        let f = dir.path().join(format!("{}.safetensors", model.len()));
+        run(&[
+            "forward",
+            "--model",
+            model,
+            "--ids",
+            ids,
+            "--out",
+            f.to_str().unwrap(),
+        ]);
+        let bytes = std::fs::read(&f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor("logits").unwrap().data().to_vec()
+    };
+    assert_eq!(logits(out.to_str().unwrap()), logits(s));
+
+    let base = support::data_dir().join("variants/dsv3-groups");
+    let o = run(&[
+        "bench",
+        "--model",
+        s,
+        "--baseline",
+        base.to_str().unwrap(),
+        "--prompt-tokens",
+        "32",
+        "--decode-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["model"]["model"]
+        .as_str()
+        .unwrap()
+        .ends_with("dsv3-groups-int4"));
+    assert!(v["baseline"]["model"]
+        .as_str()
+        .unwrap()
+        .ends_with("dsv3-groups"));
+    let ratio = v["decode_ratio"].as_f64().unwrap();
+    let want = v["model"]["decode_tokens_per_s"].as_f64().unwrap()
+        / v["baseline"]["decode_tokens_per_s"].as_f64().unwrap();
+    assert!((ratio - want).abs() < 1e-9 && ratio > 0.0);
+}
+
+/// A damaged INT4 (compressed-tensors) folder fails naming the tensor: a missing scale when
+/// opened, a `weight_shape` that disagrees with the packed data when the expert is read.
+#[test]
+fn damaged_int4_experts_are_named() {
+    use safetensors::tensor::TensorView;
+    let src = support::data_dir().join("variants/dsv3-groups-int4");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let one = |v: i64, dtype: safetensors::Dtype| match dtype {
+        safetensors::Dtype::I64 => v.to_le_bytes().to_vec(),
+        _ => (v as i32).to_le_bytes().to_vec(),
+    };
+    let damaged = |drop: &str, wrong_shapes: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let mut wrong: Vec<(String, Vec<u8>)> = Vec::new();
+        if wrong_shapes {
+            for (name, view) in st.tensors() {
+                if name.ends_with(".weight_shape") {
+                    let mut b = one(1, view.dtype());
+                    b.extend(one(8, view.dtype()));
+                    wrong.push((name, b));
+                }
+            }
+        }
+        let mut tensors: Vec<(String, TensorView)> = Vec::new();
+        for (name, view) in st.tensors() {
+            if name == drop {
+                continue;
+            }
+            match wrong.iter().find(|(n, _)| *n == name) {
+                Some((_, data)) => tensors.push((
+                    name,
+                    TensorView::new(view.dtype(), view.shape().to_vec(), data).unwrap(),
+                )),
+                None => tensors.push((name, view)),
+            }
+        }
+        safetensors::serialize_to_file(tensors, None, &dir.path().join("model.safetensors"))
+            .unwrap();
+        let out = moehost()
+            .args(["forward", "--ids", "0,5,9", "--out"])
+            .arg(dir.path().join("out.safetensors"))
+            .arg("--model")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let scale = "model.layers.1.mlp.experts.7.up_proj.weight_scale";
+    let err = damaged(scale, false);
+    assert!(err.contains(scale), "{err}");
+    let err = damaged("", true);
+    assert!(
+        err.contains(".weight_shape") && err.contains("[1, 8]"),
+        "{err}"
+    );
+}

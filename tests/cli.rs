@@ -277,7 +277,13 @@ fn doctor_measures_this_machine_and_plans_kimi_k2_without_a_gpu() {
     support::assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let cpu = &v["cpu"];
-    for k in ["matmul_gflops", "memory_gbps", "fp8_dequant_gbps"] {
+    for k in [
+        "matmul_gflops",
+        "memory_gbps",
+        "fp8_dequant_gbps",
+        "k2_expert_gbps",
+        "k2_int4_expert_gbps",
+    ] {
         assert!(cpu[k].as_f64().unwrap() > 0.0, "{k}: {cpu}");
     }
     // The bundled model's shards were read in full.

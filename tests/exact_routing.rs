@@ -245,11 +245,16 @@ fn tiny_k2_fp8() {
     });
 }
 
-// A variant's expert is 12-18 KB in f32: 2 MiB holds them all, 64 KiB a few.
+// A variant's expert is 12-24 KB in f32: 2 MiB holds them all, 64 KiB a few.
 
 #[test]
 fn deepseek_v3_group_routing() {
     check(variant("dsv3-groups", "64KiB"));
+}
+
+#[test]
+fn kimi_k2_thinking_int4_experts() {
+    check(variant("dsv3-groups-int4", "64KiB"));
 }
 
 #[test]

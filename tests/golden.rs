@@ -17,7 +17,7 @@ const TIE_TOL: f32 = 1e-4;
 fn check_prefill(model_name: &str, engine: &Engine) {
     let golden = Golden::load(model_name);
     let cfg = engine.model.config().clone();
-    let ckpt = Checkpoint::open(&engine.dir, cfg.fp8_block).unwrap();
+    let ckpt = Checkpoint::open(&engine.dir, cfg.quantization()).unwrap();
     let moe_layers = cfg.moe_layers();
     let biases: Vec<Vec<f32>> = moe_layers
         .iter()

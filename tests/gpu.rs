@@ -31,7 +31,7 @@ fn gpu_and_fp8_model() -> Option<(Arc<moehost::gpu::Gpu>, moehost::ModelConfig, 
     let g = device_or_skip()?;
     let dir = support::fp8_model();
     let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
-    let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+    let ckpt = Checkpoint::open(&dir, cfg.quantization()).unwrap();
     Some((g, cfg, ckpt))
 }
 

@@ -84,6 +84,39 @@ fn kimi_k2_on_one_h100() {
     assert!(err.contains("always-resident weights"), "{err}");
 }
 
+/// Kimi-K2-Thinking: the same architecture with its routed experts in compressed-tensors INT4
+/// (4 bits and a bf16 scale per 32 columns) and everything else bf16; the planner reads the
+/// format from its quantization_config.
+#[test]
+fn kimi_k2_thinking_plans_its_int4_experts() {
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data_dir().join("kimi-k2-config.json")).unwrap())
+            .unwrap();
+    json["quantization_config"] = serde_json::json!({
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": null,
+            "weights": {"num_bits": 4, "type": "int", "symmetric": true, "strategy": "group",
+                        "group_size": 32, "dynamic": false}}},
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*"]
+    });
+    let cfg = ModelConfig::from_json(&json.to_string()).unwrap();
+    assert!(cfg.packed_int4 && cfg.fp8_block.is_none());
+    let p = plan(&cfg, &h100(None)).unwrap();
+    assert_eq!(p.expert_format, ExpertFormat::Int4);
+    // gate and up [2048, 7168], down [7168, 2048]: 4 bits per weight, 2 bytes per 32.
+    let one = |r: u64, c: u64| r * c / 2 + r * (c / 32) * 2;
+    assert_eq!(p.expert_bytes, 2 * one(2048, 7168) + one(7168, 2048));
+    // Non-expert weights are bf16 in this checkpoint, not FP8.
+    assert!(p.resident_bytes > plan(&k2(), &h100(None)).unwrap().resident_bytes);
+    // Any other compressed-tensors layout is refused, naming the field.
+    json["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 128.into();
+    let err = format!(
+        "{:#}",
+        ModelConfig::from_json(&json.to_string()).unwrap_err()
+    );
+    assert!(err.contains("group_size"), "{err}");
+}
+
 #[test]
 fn the_planner_sizes_experts_as_the_store_does() {
     use moehost::store::StoreConfig;

@@ -440,7 +440,7 @@ fn experts_run_from_their_storage_format_bit_for_bit() {
     // bf16, and FP8 with 128x128 blocks over 64-row matrices (ragged edge blocks).
     for dir in [support::bf16_model(), support::fp8_model()] {
         let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();
-        let ckpt = Checkpoint::open(&dir, cfg.fp8_block).unwrap();
+        let ckpt = Checkpoint::open(&dir, cfg.quantization()).unwrap();
         let h = cfg.hidden_size;
         for (layer, expert) in [(1, 0), (4, 37), (7, 63)] {
             let stored = ExpertBytes::read(&ckpt, layer, expert).unwrap();

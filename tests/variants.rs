@@ -16,7 +16,7 @@ use support::{max_abs_diff, Golden};
 fn check(name: &str) {
     let dir = support::data_dir().join("variants").join(name);
     let cfg = ModelConfig::from_dir(&dir).unwrap();
-    let ckpt = Arc::new(Checkpoint::open(&dir, cfg.fp8_block).unwrap());
+    let ckpt = Arc::new(Checkpoint::open(&dir, cfg.quantization()).unwrap());
     let experts = Arc::new(ResidentExperts::new(ckpt.clone(), &cfg));
     let model = DeepseekV3::load(cfg.clone(), &ckpt, experts).unwrap();
     let golden = Golden::from_path(&dir.join("golden.safetensors"));
@@ -86,4 +86,13 @@ fn wide_heads_yarn() {
 #[test]
 fn deepseek_v3_group_routing_64_experts_8_groups_top_8() {
     check("dsv3-groups");
+}
+
+/// Kimi-K2-Thinking's layout: routed experts as compressed-tensors packed INT4, against
+/// transformers on the exactly dequantized weights.
+#[test]
+fn compressed_tensors_int4_experts() {
+    let dir = support::data_dir().join("variants/dsv3-groups-int4");
+    assert!(ModelConfig::from_dir(&dir).unwrap().packed_int4);
+    check("dsv3-groups-int4");
 }

@@ -5,7 +5,8 @@
 //! best of `repeats`. Batched decode (`batch` > 1): `batch` sequences with different short
 //! prompts decode together, one batched forward pass per step (what the server's scheduler
 //! runs), best of `repeats`; its speed-up is against the single stream of the same run. Each
-//! figure is tokens per second of wall time.
+//! figure is tokens per second of wall time. With a baseline model (`compare`), the two are
+//! measured in alternating rounds and reported with their ratios.
 
 use anyhow::{ensure, Result};
 use serde::Serialize;
@@ -31,6 +32,50 @@ pub struct BenchReport {
     pub batch_decode_tokens_per_s: Option<f64>,
     /// `batch_decode_tokens_per_s / decode_tokens_per_s`.
     pub batch_speedup: Option<f64>,
+}
+
+/// A model against a baseline (e.g. INT4 experts against the bf16 original), measured in
+/// alternating rounds in one run.
+#[derive(Debug, Serialize)]
+pub struct Comparison {
+    pub model: BenchReport,
+    pub baseline: BenchReport,
+    /// `model / baseline` tokens per second.
+    pub prefill_ratio: f64,
+    pub decode_ratio: f64,
+}
+
+/// `rounds` alternating single-repeat runs of `engine` and `baseline`, best of each.
+pub fn compare(
+    engine: &Engine,
+    baseline: &Engine,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    rounds: usize,
+) -> Result<Comparison> {
+    let mut best: [Option<BenchReport>; 2] = [None, None];
+    for _ in 0..rounds.max(1) {
+        for (slot, e) in best.iter_mut().zip([engine, baseline]) {
+            let r = run(e, "cpu".into(), prompt_tokens, decode_tokens, 1, 1)?;
+            *slot = Some(match slot.take() {
+                Some(b) => BenchReport {
+                    prefill_tokens_per_s: b.prefill_tokens_per_s.max(r.prefill_tokens_per_s),
+                    decode_tokens_per_s: b.decode_tokens_per_s.max(r.decode_tokens_per_s),
+                    ..b
+                },
+                None => r,
+            });
+        }
+    }
+    let [Some(model), Some(baseline)] = best else {
+        unreachable!("at least one round")
+    };
+    Ok(Comparison {
+        prefill_ratio: model.prefill_tokens_per_s / baseline.prefill_tokens_per_s,
+        decode_ratio: model.decode_tokens_per_s / baseline.decode_tokens_per_s,
+        model,
+        baseline,
+    })
 }
 
 /// Token ids of real text: the bundled model card (models/tiny-k2/README.md), repeated until long enough.

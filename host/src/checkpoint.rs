@@ -31,6 +31,23 @@ pub struct Checkpoint {
     /// Tensor name -> index into `shards`.
     index: HashMap<String, usize>,
     fp8_block: Option<[usize; 2]>,
+    /// compressed-tensors packed INT4 weights under moehost's int4 names (see [`PackedAlias`]).
+    packed: HashMap<String, PackedAlias>,
+}
+
+/// A compressed-tensors `pack-quantized` INT4 weight seen as moehost's int4 format, which has
+/// the same bits: `<w>.weight_packed` (int32 `[rows, cols / 8]`, eight values per word, low
+/// nibble first, each stored as value + 8) read as little-endian bytes is `U8 [rows, cols / 2]`
+/// with the even column in the low nibble, stored as value + 8; `<w>.weight_scale` (bf16, one
+/// per 32 columns) serves as `<w>.weight_qscale`. Nothing is converted or copied.
+struct PackedAlias {
+    /// The stored tensor this name reads.
+    target: String,
+    /// U8 `[rows, cols / 2]` for the weight; the scale keeps its stored dtype and shape.
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// For the weight: `<w>.weight_shape`, checked against `[rows, cols]` when read.
+    weight_shape: Option<String>,
 }
 
 /// A stored tensor's bytes and layout, borrowed from the mapping.
@@ -42,8 +59,9 @@ pub struct RawTensor<'a> {
 }
 
 impl Checkpoint {
-    /// Opens the checkpoint in `dir`. `fp8_block` is `quantization_config.weight_block_size`.
-    pub fn open(dir: &Path, fp8_block: Option<[usize; 2]>) -> Result<Self> {
+    /// Opens the checkpoint in `dir`, stored as `config.json`'s `quantization_config` says.
+    pub fn open(dir: &Path, quant: crate::config::Quantization) -> Result<Self> {
+        let fp8_block = quant.fp8_block;
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path)
@@ -113,12 +131,84 @@ impl Checkpoint {
             }
             shards.push(shard);
         }
-        Ok(Self {
+        let mut ckpt = Self {
             dir: dir.to_owned(),
             shards,
             index,
             fp8_block,
-        })
+            packed: HashMap::new(),
+        };
+        if quant.packed_int4 {
+            ckpt.alias_packed_int4()?;
+        }
+        Ok(ckpt)
+    }
+
+    /// Registers every `<w>.weight_packed` as `<w>.weight` (and its scale as
+    /// `<w>.weight_qscale`), after checking the stored layout.
+    fn alias_packed_int4(&mut self) -> Result<()> {
+        let packed: Vec<String> = self
+            .index
+            .keys()
+            .filter(|n| n.ends_with(".weight_packed"))
+            .cloned()
+            .collect();
+        for name in packed {
+            let base = &name[..name.len() - "_packed".len()];
+            let info = self.info(&name).expect("indexed");
+            ensure!(
+                info.dtype == Dtype::I32 && info.shape.len() == 2,
+                "tensor {name} is {:?} {:?}; compressed-tensors packs INT4 weights as I32 [rows, cols / 8]",
+                info.dtype,
+                info.shape
+            );
+            let (rows, words) = (info.shape[0], info.shape[1]);
+            ensure!(
+                !self.index.contains_key(base),
+                "tensor {base} is stored both plain and packed ({name})"
+            );
+            let scale = format!("{base}_scale");
+            let s = self.info(&scale).with_context(|| {
+                format!("tensor {scale} (the scales of {name}) is missing from the checkpoint")
+            })?;
+            let want = [rows, (words * 8).div_ceil(crate::config::PACKED_INT4_GROUP)];
+            ensure!(
+                matches!(s.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) && s.shape == want,
+                "tensor {scale} is {:?} {:?}; expected a float [{}, {}]: one scale per {} columns of {name}",
+                s.dtype,
+                s.shape,
+                want[0],
+                want[1],
+                crate::config::PACKED_INT4_GROUP
+            );
+            let (scale_dtype, scale_shape) = (s.dtype, s.shape.clone());
+            let shape_name = format!("{base}_shape");
+            self.packed.insert(
+                base.to_owned(),
+                PackedAlias {
+                    target: name.clone(),
+                    dtype: Dtype::U8,
+                    shape: vec![rows, words * 4],
+                    weight_shape: self.index.contains_key(&shape_name).then_some(shape_name),
+                },
+            );
+            self.packed.insert(
+                format!("{base}_qscale"),
+                PackedAlias {
+                    target: scale,
+                    dtype: scale_dtype,
+                    shape: scale_shape,
+                    weight_shape: None,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.index
+            .get(name)
+            .and_then(|&s| self.shards[s].tensors.get(name))
     }
 
     pub fn fp8_block(&self) -> Option<[usize; 2]> {
@@ -130,7 +220,7 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.index.contains_key(name) || self.packed.contains_key(name)
     }
 
     /// All tensor names, unordered.
@@ -138,8 +228,56 @@ impl Checkpoint {
         self.index.keys().map(String::as_str)
     }
 
-    /// The stored bytes of tensor `name`.
+    /// Dtype and shape of tensor `name` (as [`Checkpoint::raw`] gives them) from the headers
+    /// alone: no tensor data is touched.
+    pub fn header(&self, name: &str) -> Result<(Dtype, &[usize])> {
+        if let Some(alias) = self.packed.get(name) {
+            return Ok((alias.dtype, &alias.shape));
+        }
+        let info = self.info(name).with_context(|| {
+            format!(
+                "tensor {name} is missing from the checkpoint in {}",
+                self.dir.display()
+            )
+        })?;
+        Ok((info.dtype, &info.shape))
+    }
+
+    /// The stored bytes of tensor `name` (a compressed-tensors INT4 weight under its moehost
+    /// int4 name, see [`PackedAlias`]).
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        if let Some((name, alias)) = self.packed.get_key_value(name) {
+            let stored = self.raw(&alias.target)?;
+            if let Some(shape_name) = &alias.weight_shape {
+                let s = self.raw(shape_name)?;
+                let dims: Vec<i64> = match s.dtype {
+                    Dtype::I32 => s
+                        .bytes
+                        .chunks_exact(4)
+                        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                        .collect(),
+                    Dtype::I64 => s
+                        .bytes
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect(),
+                    other => bail!("tensor {shape_name} is {other:?}; expected I32 [2]"),
+                };
+                let logical = [alias.shape[0] as i64, alias.shape[1] as i64 * 2];
+                ensure!(
+                    dims == logical,
+                    "tensor {shape_name} says the weight is {dims:?}, but {} holds {logical:?} \
+                     (moehost reads packed INT4 weights whose columns are a multiple of 8)",
+                    alias.target
+                );
+            }
+            return Ok(RawTensor {
+                name,
+                dtype: alias.dtype,
+                shape: &alias.shape,
+                bytes: stored.bytes,
+            });
+        }
         let &shard_idx = self.index.get(name).with_context(|| {
             format!(
                 "tensor {name} is missing from the checkpoint in {}",

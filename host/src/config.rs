@@ -77,6 +77,71 @@ struct RawQuant {
     quant_method: Option<String>,
     fmt: Option<String>,
     weight_block_size: Option<Vec<usize>>,
+    /// compressed-tensors: `pack-quantized`.
+    format: Option<String>,
+    /// compressed-tensors: `{name: {weights: {num_bits, type, symmetric, strategy, group_size}, ...}}`.
+    config_groups: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// How a checkpoint's quantized weights are stored, as `config.json` declares it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quantization {
+    /// FP8 e4m3 with `weight_scale_inv` blocks of this size (DeepSeek-V3, Kimi-K2).
+    pub fp8_block: Option<[usize; 2]>,
+    /// compressed-tensors `pack-quantized` INT4 (Kimi-K2-Thinking's routed experts):
+    /// `weight_packed` int32 (eight 4-bit values each, low nibble first, stored as value + 8),
+    /// `weight_scale` bf16 per 32 columns, `weight_shape`; symmetric, no zero point.
+    pub packed_int4: bool,
+}
+
+/// Columns sharing a scale in the compressed-tensors INT4 layouts moehost reads (Kimi-K2-Thinking).
+pub const PACKED_INT4_GROUP: usize = 32;
+
+/// The compressed-tensors configuration moehost runs: weight-only symmetric INT4 in groups of
+/// 32 columns, packed into int32 (`pack-quantized`). Anything else is an error naming the field.
+fn parse_compressed_tensors(q: &RawQuant) -> Result<()> {
+    let format = q.format.as_deref().unwrap_or("");
+    ensure!(
+        format == "pack-quantized",
+        "unsupported quantization_config.format {format:?} for compressed-tensors: only \
+         \"pack-quantized\" (INT4 weights packed in int32, as Kimi-K2-Thinking) is supported"
+    );
+    let groups = q
+        .config_groups
+        .as_ref()
+        .filter(|g| !g.is_empty())
+        .context("quantization_config.config_groups is missing or empty")?;
+    for (name, group) in groups {
+        let at = |field: &str| format!("quantization_config.config_groups.{name}.{field}");
+        let w = group
+            .get("weights")
+            .filter(|w| !w.is_null())
+            .with_context(|| format!("{} is missing", at("weights")))?;
+        let want: [(&str, serde_json::Value); 5] = [
+            ("num_bits", 4.into()),
+            ("type", "int".into()),
+            ("symmetric", true.into()),
+            ("strategy", "group".into()),
+            ("group_size", PACKED_INT4_GROUP.into()),
+        ];
+        for (field, value) in want {
+            let got = w.get(field).cloned().unwrap_or(serde_json::Value::Null);
+            ensure!(
+                got == value,
+                "unsupported {} {got}: moehost reads compressed-tensors INT4 with num_bits 4, \
+                 type \"int\", symmetric, strategy \"group\", group_size {PACKED_INT4_GROUP} \
+                 (Kimi-K2-Thinking's layout)",
+                at(&format!("weights.{field}"))
+            );
+        }
+        if let Some(a) = group.get("input_activations").filter(|a| !a.is_null()) {
+            bail!(
+                "unsupported {} {a}: only weight-only quantization is supported",
+                at("input_activations")
+            );
+        }
+    }
+    Ok(())
 }
 
 fn default_one() -> usize {
@@ -165,6 +230,8 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// FP8 block size `[rows, cols]` when the checkpoint is FP8-quantized.
     pub fp8_block: Option<[usize; 2]>,
+    /// Whether quantized weights are compressed-tensors packed INT4 (see [`Quantization`]).
+    pub packed_int4: bool,
 }
 
 impl ModelConfig {
@@ -285,13 +352,22 @@ impl ModelConfig {
         );
         let rope_scaling =
             parse_rope_scaling(raw.rope_scaling.as_ref(), raw.max_position_embeddings)?;
+        let packed_int4 = match &raw.quantization_config {
+            Some(q) if q.quant_method.as_deref() == Some("compressed-tensors") => {
+                parse_compressed_tensors(q)?;
+                true
+            }
+            _ => false,
+        };
         let fp8_block = match &raw.quantization_config {
             None => None,
+            Some(_) if packed_int4 => None,
             Some(q) => {
                 let method = q.quant_method.as_deref().unwrap_or("");
                 ensure!(
                     method == "fp8",
-                    "unsupported quantization_config.quant_method {method:?}: only \"fp8\" is supported"
+                    "unsupported quantization_config.quant_method {method:?}: only \"fp8\" and \
+                     \"compressed-tensors\" (pack-quantized INT4) are supported"
                 );
                 let fmt = q.fmt.as_deref().unwrap_or("e4m3");
                 ensure!(
@@ -342,6 +418,7 @@ impl ModelConfig {
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
             fp8_block,
+            packed_int4,
         })
     }
 
@@ -349,6 +426,14 @@ impl ModelConfig {
     /// `layer >= first_k_dense_replace and layer % moe_layer_freq == 0`).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         layer >= self.first_k_dense_replace && layer.is_multiple_of(self.moe_layer_freq)
+    }
+
+    /// How the checkpoint's quantized weights are stored.
+    pub fn quantization(&self) -> Quantization {
+        Quantization {
+            fp8_block: self.fp8_block,
+            packed_int4: self.packed_int4,
+        }
     }
 
     /// Decoder-layer indices of the MoE layers, in order.

@@ -1075,26 +1075,25 @@ pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> 
             ffn(&mut want, format!("{p}.mlp"), cfg.intermediate_size);
         }
     }
+    // Headers only: no weight is read here.
     for (name, shape) in &want {
-        let raw = ckpt.raw(name)?;
+        let (dtype, stored) = ckpt.header(name)?;
         ensure!(
-            raw.shape == crate::quant::stored_shape(raw.dtype, shape).as_slice(),
-            "tensor {name} has shape {:?}, expected {shape:?} from config.json",
-            raw.shape
+            stored == crate::quant::stored_shape(dtype, shape).as_slice(),
+            "tensor {name} has shape {stored:?}, expected {shape:?} from config.json"
         );
-        match raw.dtype {
+        match dtype {
             Dtype::F32 | Dtype::BF16 | Dtype::F16 => {}
             Dtype::I8 | Dtype::U8 => {
                 ensure!(shape.len() == 2, "tensor {name} is quantized but not a 2-D weight");
                 let scale_name = format!("{name}_qscale");
-                let scale = ckpt
-                    .raw(&scale_name)
+                let (_, scale) = ckpt
+                    .header(&scale_name)
                     .with_context(|| format!("quantized tensor {name} needs its scales"))?;
                 let want_scale = crate::quant::scale_shape(shape[0], shape[1]);
                 ensure!(
-                    scale.shape == want_scale,
-                    "tensor {scale_name} has shape {:?}, expected {want_scale:?}",
-                    scale.shape
+                    scale == want_scale,
+                    "tensor {scale_name} has shape {scale:?}, expected {want_scale:?}"
                 );
             }
             Dtype::F8_E4M3 => {
@@ -1105,14 +1104,13 @@ pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> 
                 );
                 let [br, bc] = cfg.fp8_block.unwrap();
                 let scale_name = format!("{name}_scale_inv");
-                let scale = ckpt
-                    .raw(&scale_name)
+                let (_, scale) = ckpt
+                    .header(&scale_name)
                     .with_context(|| format!("FP8 tensor {name} needs its block scales"))?;
                 let want_scale = [shape[0].div_ceil(br), shape[1].div_ceil(bc)];
                 ensure!(
-                    scale.shape == want_scale,
-                    "tensor {scale_name} has shape {:?}, expected {want_scale:?} ({br}x{bc} blocks of {shape:?})",
-                    scale.shape
+                    scale == want_scale,
+                    "tensor {scale_name} has shape {scale:?}, expected {want_scale:?} ({br}x{bc} blocks of {shape:?})"
                 );
             }
             other => anyhow::bail!(

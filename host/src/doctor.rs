@@ -37,6 +37,10 @@ pub struct Cpu {
     /// weights per second.
     pub k2_layer_step_s: f64,
     pub k2_expert_gbps: f64,
+    /// The same layer step with Kimi-K2-Thinking's INT4 experts (compressed-tensors packed
+    /// INT4, a scale per 32 columns), from their storage format.
+    pub k2_int4_layer_step_s: f64,
+    pub k2_int4_expert_gbps: f64,
     /// Total RAM from /proc/meminfo.
     pub ram_bytes: Option<u64>,
 }
@@ -177,6 +181,14 @@ fn measure_cpu(k2_experts: &[ExpertBytes], hidden: usize) -> Cpu {
     let fp8_dequant_gbps = gbps(fp8.len() as f64, t0.elapsed().as_secs_f64());
 
     let (k2_layer_step_s, k2_expert_gbps) = measure_cpu_experts(k2_experts, hidden);
+    let (k2_int4_layer_step_s, k2_int4_expert_gbps) = {
+        let inter = k2_experts[0].tensors[0].rows();
+        let mut state = 0x2545_f491_u32;
+        let int4: Vec<ExpertBytes> = (0..k2_experts.len())
+            .map(|_| ExpertBytes::synthetic_int4(hidden, inter, &mut state))
+            .collect();
+        measure_cpu_experts(&int4, hidden)
+    };
 
     let ram_bytes = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
@@ -191,6 +203,8 @@ fn measure_cpu(k2_experts: &[ExpertBytes], hidden: usize) -> Cpu {
         fp8_dequant_gbps,
         k2_layer_step_s,
         k2_expert_gbps,
+        k2_int4_layer_step_s,
+        k2_int4_expert_gbps,
         ram_bytes,
     }
 }
@@ -350,6 +364,11 @@ impl Report {
             "CPU experts: a Kimi-K2 FP8 layer step ({LAYER_STEP_EXPERTS} experts at 1 token, from their storage format) in {:.1} ms, {:.2} GB/s of weights\n",
             c.k2_layer_step_s * 1e3,
             c.k2_expert_gbps
+        );
+        s += &format!(
+            "CPU experts: a Kimi-K2-Thinking INT4 layer step (the same, compressed-tensors INT4) in {:.1} ms, {:.2} GB/s of weights\n",
+            c.k2_int4_layer_step_s * 1e3,
+            c.k2_int4_expert_gbps
         );
         let d = &self.disk;
         s += &format!(

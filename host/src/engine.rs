@@ -83,7 +83,7 @@ impl Engine {
         );
         let chat_template = crate::chat::ChatTemplate::from_dir(dir)?;
         let defaults = read_generation_defaults(dir, &cfg)?;
-        let ckpt = Arc::new(Checkpoint::open(dir, cfg.fp8_block)?);
+        let ckpt = Arc::new(Checkpoint::open(dir, cfg.quantization())?);
         let experts = make_experts(ckpt.clone(), &cfg);
         let model = DeepseekV3::load(cfg, &ckpt, experts)
             .with_context(|| format!("cannot load the model in {}", dir.display()))?;

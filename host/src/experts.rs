@@ -309,22 +309,58 @@ impl ExpertBytes {
     /// Kimi-K2's shape.
     pub fn synthetic_fp8(hidden: usize, intermediate: usize, state: &mut u32) -> Self {
         let block = [128, 128];
+        Self::synthetic(hidden, intermediate, state, |rows, cols| {
+            let scales = rows.div_ceil(block[0]) * cols.div_ceil(block[1]);
+            (
+                safetensors::Dtype::F8_E4M3,
+                vec![rows, cols],
+                0xfe,
+                scales,
+                1.0 / 4096.0,
+            )
+        })
+        .with_fp8_block(block)
+    }
+
+    /// An expert of pseudo-random int4 weights (moehost's int4, the bits of compressed-tensors'
+    /// packed INT4, a scale per 32 columns): what `doctor` times as Kimi-K2-Thinking's experts.
+    pub fn synthetic_int4(hidden: usize, intermediate: usize, state: &mut u32) -> Self {
+        Self::synthetic(hidden, intermediate, state, |rows, cols| {
+            let scales = rows * cols.div_ceil(crate::quant::GROUP);
+            (
+                safetensors::Dtype::U8,
+                vec![rows, cols / 2],
+                0xff,
+                scales,
+                1.0 / 64.0,
+            )
+        })
+    }
+
+    /// gate, up, down of pseudo-random bytes (xorshift32 `state`, each byte masked) in the
+    /// layout `layout(rows, cols)` gives: dtype, stored shape, byte mask, scale count, scale.
+    fn synthetic(
+        hidden: usize,
+        intermediate: usize,
+        state: &mut u32,
+        layout: impl Fn(usize, usize) -> (safetensors::Dtype, Vec<usize>, u8, usize, f32),
+    ) -> Self {
         let mut tensor = |name: &str, rows: usize, cols: usize| {
-            let bytes = (0..rows * cols)
+            let (dtype, shape, mask, n_scales, scale) = layout(rows, cols);
+            let bytes = (0..shape.iter().product::<usize>())
                 .map(|_| {
                     *state ^= *state << 13;
                     *state ^= *state >> 17;
                     *state ^= *state << 5;
-                    (*state as u8) & 0xfe
+                    (*state as u8) & mask
                 })
                 .collect();
-            let scales = vec![1.0 / 4096.0; rows.div_ceil(block[0]) * cols.div_ceil(block[1])];
             OwnedTensor {
                 name: name.into(),
-                dtype: safetensors::Dtype::F8_E4M3,
-                shape: vec![rows, cols],
+                dtype,
+                shape,
                 bytes,
-                scales: Some(scales),
+                scales: Some(vec![scale; n_scales]),
             }
         };
         Self::new(
@@ -333,8 +369,13 @@ impl ExpertBytes {
                 tensor("up", intermediate, hidden),
                 tensor("down", hidden, intermediate),
             ],
-            Some(block),
+            None,
         )
+    }
+
+    fn with_fp8_block(mut self, block: [usize; 2]) -> Self {
+        self.fp8_block = Some(block);
+        self
     }
 
     /// The checkpoint's FP8 block size, when its weights are FP8.
@@ -520,6 +561,32 @@ impl OwnedTensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An int4 expert (the bits of compressed-tensors' packed INT4) run from its storage
+    /// format, a few rows decoded at a time, gives the bits of its whole dequantized weights.
+    #[test]
+    fn int4_experts_stream_with_the_dequantized_bits() {
+        let (hidden, inter) = (96, 160);
+        let mut state = 0x2468_ace1_u32;
+        let mut e = ExpertBytes::synthetic_int4(hidden, inter, &mut state);
+        for (n, t) in e.tensors.iter_mut().enumerate() {
+            for (i, s) in t.scales.as_mut().unwrap().iter_mut().enumerate() {
+                *s = (1 + (i * 5 + n) % 11) as f32 / 700.0;
+            }
+        }
+        let reference = e.to_ffn().unwrap();
+        for t in [1, 4] {
+            let x: Vec<f32> = (0..t * hidden)
+                .map(|i| ((i * 37 % 29) as f32 - 14.0) / 9.0)
+                .collect();
+            let (mut want, mut got) = (vec![0f32; t * hidden], vec![0f32; t * hidden]);
+            reference.forward(&x, hidden, &mut want);
+            e.forward(&x, hidden, &mut got).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{t} tokens");
+            assert!(want.iter().any(|v| *v != 0.0));
+        }
+    }
 
     /// An FP8 expert run from its storage format (rows decoded a few at a time, vector
     /// decoder) gives the bits of weights decoded one by one from the e4m3 table, at shapes

@@ -176,6 +176,10 @@ enum Command {
         /// the server runs for concurrent requests), and the speed-up over the single stream.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         batch: u16,
+        /// Also measure this model folder (e.g. the bf16 original of an INT4 copy) in
+        /// alternating rounds, on the CPU, and report the ratios.
+        #[arg(long, conflicts_with_all = ["batch", "device"])]
+        baseline: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -984,8 +988,30 @@ fn run() -> Result<()> {
             decode_tokens,
             repeats,
             batch,
+            baseline,
             json,
         } => {
+            if let Some(base) = baseline {
+                let engine = open(model)?;
+                let base = open(Some(base))?;
+                let c =
+                    moehost::bench::compare(&engine, &base, prompt_tokens, decode_tokens, repeats)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&c)?);
+                } else {
+                    for (what, r) in [("model", &c.model), ("baseline", &c.baseline)] {
+                        println!(
+                            "{what:8}  {}: prefill {:.0} tokens/s, decode {:.0} tokens/s",
+                            r.model, r.prefill_tokens_per_s, r.decode_tokens_per_s
+                        );
+                    }
+                    println!(
+                        "ratio     prefill {:.2}x, decode {:.2}x (best of {repeats} alternating rounds, {} threads)",
+                        c.prefill_ratio, c.decode_ratio, c.model.threads
+                    );
+                }
+                return Ok(());
+            }
             let (engine, backend) = match device {
                 moehost::store::Device::Cpu => (open(model)?, "cpu".to_owned()),
                 device => {

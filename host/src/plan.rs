@@ -46,7 +46,8 @@ pub struct PlanOptions {
     pub context: usize,
     /// Sequences decoded together.
     pub batch: usize,
-    /// Default: FP8 when config.json has a quantization_config, else bf16.
+    /// Default: int4 for compressed-tensors INT4 (Kimi-K2-Thinking), FP8 for an FP8
+    /// quantization_config, else bf16.
     pub experts: Option<ExpertFormat>,
     /// Device memory kept for activations and workspace.
     pub reserve_bytes: u64,
@@ -128,7 +129,10 @@ pub fn plan(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Plan> {
     );
     let qk = nope + rope;
     let fp8 = cfg.fp8_block.is_some();
-    let format = opts.experts.unwrap_or(if fp8 {
+    let format = opts.experts.unwrap_or(if cfg.packed_int4 {
+        // compressed-tensors INT4 (Kimi-K2-Thinking): 4 bits and a bf16 scale per 32 columns.
+        ExpertFormat::Int4
+    } else if fp8 {
         ExpertFormat::Fp8
     } else {
         ExpertFormat::Bf16

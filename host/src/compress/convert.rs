@@ -126,7 +126,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
     let cfg = ModelConfig::from_json(&config_text)
         .with_context(|| format!("in {}", config_path.display()))?;
     let mut config: serde_json::Value = serde_json::from_str(&config_text)?;
-    let ckpt = Checkpoint::open(src, cfg.fp8_block)?;
+    let ckpt = Checkpoint::open(src, cfg.quantization())?;
     // Every tensor the architecture needs, with the right shape (headers only): a damaged
     // source fails here, before anything is written.
     crate::deepseek_v3::check_tensors(&cfg, &ckpt)

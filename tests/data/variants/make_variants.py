@@ -127,6 +127,7 @@ VARIANTS = {
     "dsv3-groups": dict(
         seed=4001,
         n_group=8, topk_group=4, n_routed_experts=64, num_experts_per_tok=8,
+        moe_intermediate_size=32,  # a multiple of 32: the INT4 copy (make_int4.py) groups 32 columns
         q_lora_rank=32, first_k_dense_replace=1, num_hidden_layers=3,
         n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
         rope_interleave=True,
