@@ -341,3 +341,42 @@ fn damaged_int4_experts_are_named() {
         "{err}"
     );
 }
+
+/// A tokenizer.json whose post-processor prepends BOS (as DeepSeek-V3's does): a text that
+/// already starts with the BOS token gets one BOS, not two (tests/data/bos-tokenizer, made with
+/// the `tokenizers` library, which itself gives two).
+#[test]
+fn a_prompt_starting_with_bos_gets_one() {
+    let tok = Tokenizer::from_dir(&support::data_dir().join("bos-tokenizer")).unwrap();
+    let (h, i) = (b'H' as u32, b'i' as u32);
+    assert_eq!(tok.encode("Hi", Some(0)).unwrap(), [0, h, i]);
+    assert_eq!(tok.encode("<|bos|>Hi", Some(0)).unwrap(), [0, h, i]);
+    // A model without a BOS token: the tokenizer's output as it is.
+    assert_eq!(tok.encode("<|bos|>Hi", None).unwrap(), [0, 0, h, i]);
+    // tiktoken folders add BOS only with add_bos_token (Kimi-K2 sets none).
+    let kimi = Tokenizer::from_dir(&support::kimi_tokenizer_dir()).unwrap();
+    let bos = support::kimi_expected().ranks;
+    assert_eq!(kimi.encode("[BOS]x", Some(bos)).unwrap()[..1], [bos]);
+    assert_ne!(kimi.encode("x", Some(bos)).unwrap()[0], bos);
+    let dir = tempfile::tempdir().unwrap();
+    let src = support::kimi_tokenizer_dir();
+    std::fs::copy(
+        src.join("tiktoken.model"),
+        dir.path().join("tiktoken.model"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("tokenizer_config.json")).unwrap()).unwrap();
+    cfg["add_bos_token"] = true.into();
+    std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let with_bos = Tokenizer::from_dir(dir.path()).unwrap();
+    let x = kimi.encode("x", None).unwrap();
+    assert_eq!(
+        with_bos.encode("x", Some(bos)).unwrap(),
+        [&[bos], &x[..]].concat()
+    );
+    assert_eq!(
+        with_bos.encode("[BOS]x", Some(bos)).unwrap(),
+        [&[bos], &x[..]].concat()
+    );
+}

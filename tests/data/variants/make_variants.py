@@ -7,6 +7,7 @@ Usage (from the repo root; needs torch, transformers>=5, safetensors, numpy; CPU
     python3 tests/data/variants/make_variants.py            # all variants
     python3 tests/data/variants/make_variants.py grouped    # just one
     python3 tests/data/variants/make_variants.py --tokenizer-only [names]   # only tokenizer.json
+    python3 tests/data/variants/make_variants.py --bos-tokenizer   # tests/data/bos-tokenizer/
 
 Outputs, per variant, in tests/data/variants/<name>/:
   config.json         every field explicit, in the style of the real DeepSeek-V3 / Kimi-K2 config.json
@@ -457,7 +458,24 @@ def write_tokenizer(out_dir, cfg):
     tok.save(os.path.join(out_dir, "tokenizer.json"))
 
 
+def write_bos_tokenizer(out_dir):
+    """The variants' byte-level tokenizer with a post-processor that prepends `<|bos|>` (as
+    DeepSeek-V3's tokenizer.json does), to test that a prompt already starting with BOS gets one."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(os.path.join(HERE, "grouped", "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", 0)])
+    assert tok.encode("Hi").ids == [0, ord("H"), ord("i")]
+    assert tok.encode("<|bos|>Hi").ids == [0, 0, ord("H"), ord("i")]  # what moehost must not send
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+
+
 def main():
+    if sys.argv[1:2] == ["--bos-tokenizer"]:
+        write_bos_tokenizer(os.path.join(HERE, "..", "bos-tokenizer"))
+        return
     if sys.argv[1:2] == ["--tokenizer-only"]:
         for n in sys.argv[2:] or list(VARIANTS):
             write_tokenizer(os.path.join(HERE, n), full_config(n)[1])
