@@ -214,19 +214,19 @@ fn group_routed_model_serves_the_reference_tokens_under_a_tight_budget() {
     assert_eq!(v["error"]["param"], "prompt");
 }
 
-/// A folder laid out as Kimi-K2 publishes it (tiktoken.model, tokenizer_config.json with its
-/// chat template, no tokenizer.json) serves chat: the rendered prompt is tokenized as the
-/// `tiktoken` library does.
+/// A folder laid out as Kimi-K2 publishes it (tiktoken.model, tokenizer_config.json,
+/// chat_template.jinja, no tokenizer.json) serves a tool conversation (content as parts, an
+/// assistant turn of tool calls with null content, a tool result): the prompt is
+/// Kimi-K2-Thinking's template rendered as transformers renders it, tokenized as the `tiktoken`
+/// library does; the answer is read for tool calls (none here: the same text as `generate`).
 #[test]
-fn kimi_layout_folder_serves_chat() {
+fn kimi_layout_folder_serves_chat_with_tools() {
     let dir = support::kimi_layout_folder();
     let expected = support::kimi_expected();
     let srv = start_model(dir.path(), StoreConfig::default(), ServeOptions::default());
-    let (status, v) = post(
-        srv.addr,
-        "/v1/chat/completions",
-        json!({"messages": expected.chat, "max_tokens": 4, "temperature": 0}),
-    );
+    let body = json!({"messages": expected.chat, "tools": expected.tools, "max_tokens": 4,
+                      "temperature": 0});
+    let (status, v) = post(srv.addr, "/v1/chat/completions", body.clone());
     assert_eq!(status, 200, "{v}");
     let chat_ids = &expected.cases.last().unwrap().1;
     assert_eq!(v["usage"]["prompt_tokens"], chat_ids.len());
@@ -237,6 +237,40 @@ fn kimi_layout_folder_serves_chat() {
         .unwrap()
         .text;
     assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let mut stream = body;
+    stream["stream"] = json!(true);
+    let (status, raw) = http(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        stream.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(sse_text(&raw).0, want);
+
+    // What moehost cannot honour is refused, saying why.
+    let mut required =
+        json!({"messages": expected.chat, "tools": expected.tools, "tool_choice": "required"});
+    let (status, v) = post(srv.addr, "/v1/chat/completions", required.clone());
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "tool_choice");
+    required["tool_choice"] = json!("sometimes");
+    assert_eq!(post(srv.addr, "/v1/chat/completions", required).0, 400);
+    let (status, v) = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": 5}]}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages[0]"),
+        "{v}"
+    );
 }
 
 #[test]

@@ -152,6 +152,8 @@ pub struct SequenceState {
     /// The text, cut at a stop string once one appears.
     text: String,
     finish_reason: Option<&'static str>,
+    /// Special tokens decoded into the text (a tool-call parser's markers); others are left out.
+    keep_special: Vec<u32>,
 }
 
 impl SequenceState {
@@ -182,7 +184,14 @@ impl SequenceState {
             emitted: 0,
             text: String::new(),
             finish_reason: (max_tokens == 0).then_some("length"),
+            keep_special: Vec::new(),
         })
+    }
+
+    /// Keeps these special tokens in the text (default: every special token is left out).
+    pub fn keep_special_tokens(mut self, keep: Vec<u32>) -> Self {
+        self.keep_special = keep;
+        self
     }
 
     /// Runs the prompt and takes the first token; returns new text, if any.
@@ -283,7 +292,9 @@ impl SequenceState {
             {
                 self.finish_reason = Some("length");
             }
-            let text = engine.decode(&self.ids)?;
+            let text = engine
+                .tokenizer
+                .decode_keeping(&self.ids, &self.keep_special)?;
             match self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
                 Some(cut) => {
                     self.text = text[..cut].to_owned();

@@ -212,6 +212,10 @@ enum Command {
         /// Hit rates are in /metrics (moehost_shadow_*) and GET /admin/policies.
         #[arg(long = "shadow", value_name = "POLICIES")]
         shadows: Vec<moehost::server::shadow::ShadowSpec>,
+        /// How the model writes tool calls (vLLM's names): kimi_k2, deepseek_v3 (V3, R1),
+        /// deepseek_v31. Default: detected from the tokenizer's markers and the chat template.
+        #[arg(long, value_parser = parse_tool_parser)]
+        tool_call_parser: Option<moehost::server::tools::ToolParser>,
     },
     /// Routing traces (the moehost-trace/1 format): record, import, export, inspect.
     Trace {
@@ -442,6 +446,12 @@ struct ReplayArgs {
 }
 
 /// `k2-fp8` or a byte size.
+fn parse_tool_parser(s: &str) -> Result<moehost::server::tools::ToolParser> {
+    moehost::server::tools::ToolParser::parse_name(s).with_context(|| {
+        format!("unknown tool-call parser {s:?}: kimi_k2, deepseek_v3 or deepseek_v31")
+    })
+}
+
 fn parse_expert_bytes(s: &str) -> Result<u64> {
     if s.eq_ignore_ascii_case("k2-fp8") {
         Ok(moehost::replay::K2_FP8_EXPERT_BYTES)
@@ -756,6 +766,7 @@ fn run() -> Result<()> {
             queue,
             arms,
             shadows,
+            tool_call_parser,
         } => {
             let (engine, store) = model.open()?;
             let opts = moehost::server::ServeOptions {
@@ -763,6 +774,7 @@ fn run() -> Result<()> {
                 admin_token,
                 arms,
                 shadows,
+                tool_call_parser,
                 ..Default::default()
             };
             let (state, scheduler, _) =

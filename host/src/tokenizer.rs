@@ -109,6 +109,26 @@ impl Tokenizer {
         }
     }
 
+    /// [`Tokenizer::decode`] leaving special tokens out except those in `keep`, which are
+    /// written as their text (a tool-call parser's markers). Special tokens never share bytes
+    /// with their neighbours, so the rest decodes as it would alone.
+    pub fn decode_keeping(&self, ids: &[u32], keep: &[u32]) -> Result<String> {
+        if keep.is_empty() {
+            return self.decode(ids, true);
+        }
+        let mut out = String::new();
+        let mut start = 0;
+        for (i, id) in ids.iter().enumerate() {
+            if keep.contains(id) {
+                out.push_str(&self.decode(&ids[start..i], true)?);
+                out.push_str(&self.decode(&[*id], false)?);
+                start = i + 1;
+            }
+        }
+        out.push_str(&self.decode(&ids[start..], true)?);
+        Ok(out)
+    }
+
     /// The id of a token written as text (a special token's name, or a plain token).
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         match self {

@@ -185,8 +185,10 @@ pub fn kimi_tokenizer_dir() -> PathBuf {
 pub struct KimiExpected {
     /// Number of ranks; the special tokens follow (`[BOS]` = ranks, `[EOS]` = ranks + 1).
     pub ranks: u32,
-    /// The chat messages whose rendered prompt is the last case.
+    /// The chat messages and tools whose prompt, rendered by Kimi-K2-Thinking's template, is
+    /// the last case.
     pub chat: serde_json::Value,
+    pub tools: serde_json::Value,
     /// `(text, ids)`.
     pub cases: Vec<(String, Vec<u32>)>,
 }
@@ -210,14 +212,15 @@ pub fn kimi_expected() -> KimiExpected {
     KimiExpected {
         ranks: v["ranks"].as_u64().unwrap() as u32,
         chat: v["chat"].clone(),
+        tools: v["tools"].clone(),
         cases,
     }
 }
 
 /// A model folder laid out as Kimi-K2-Instruct publishes it: `config.json`, the safetensors
 /// shards and index (the bundled tiny-k2's weights, linked), `tiktoken.model` and
-/// `tokenizer_config.json` from the fixture, and no `tokenizer.json`. config.json's bos/eos are
-/// the fixture's `[BOS]`/`[EOS]`.
+/// `tokenizer_config.json` from the fixture, Kimi-K2-Thinking's `chat_template.jinja`, and no
+/// `tokenizer.json`. config.json's bos/eos are the fixture's `[BOS]`/`[EOS]`.
 pub fn kimi_layout_folder() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     let src = bf16_model();
@@ -237,5 +240,10 @@ pub fn kimi_layout_folder() -> tempfile::TempDir {
     for name in ["tiktoken.model", "tokenizer_config.json"] {
         std::fs::copy(kimi_tokenizer_dir().join(name), tmp.path().join(name)).unwrap();
     }
+    std::fs::copy(
+        data_dir().join("chat/kimi-k2-thinking.jinja"),
+        tmp.path().join("chat_template.jinja"),
+    )
+    .unwrap();
     tmp
 }

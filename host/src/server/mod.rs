@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod openai;
 pub mod scheduler;
 pub mod shadow;
+pub mod tools;
 
 use anyhow::{Context, Result};
 use axum::extract::DefaultBodyLimit;
@@ -26,7 +27,6 @@ use tokio::sync::mpsc;
 use crate::engine::Engine;
 use crate::store::{StoreConfig, TieredExperts};
 use metrics::Metrics;
-use openai::ApiError;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -41,6 +41,8 @@ pub struct ServeOptions {
     pub arms: Vec<arms::ArmSpec>,
     /// Candidate policies shadowing the default arm on simulated caches.
     pub shadows: Vec<shadow::ShadowSpec>,
+    /// The tool-call syntax to parse; `None`: detected from the tokenizer and chat template.
+    pub tool_call_parser: Option<tools::ToolParser>,
 }
 
 impl Default for ServeOptions {
@@ -51,6 +53,7 @@ impl Default for ServeOptions {
             admin_token: None,
             arms: Vec::new(),
             shadows: Vec::new(),
+            tool_call_parser: None,
         }
     }
 }
@@ -67,19 +70,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub model_name: String,
     pub admin: Option<Arc<admin::Admin>>,
-}
-
-impl AppState {
-    /// The prompt text of a chat, through the model's own template.
-    pub fn render_chat(&self, messages: &[(&str, &str)]) -> Result<String, ApiError> {
-        let t = self.engine.chat_template.as_ref().ok_or_else(|| {
-            ApiError::invalid(
-                "this model has no chat template (chat_template.jinja or tokenizer_config.json's chat_template)",
-            )
-        })?;
-        t.render(messages)
-            .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e}")))
-    }
+    /// How this model writes tool calls, if known.
+    pub tool_parser: Option<tools::ToolParser>,
 }
 
 /// Builds the state and starts the scheduler thread.
@@ -89,6 +81,12 @@ pub fn start(
     store_config: &StoreConfig,
     opts: &ServeOptions,
 ) -> Result<(AppState, std::thread::JoinHandle<()>, Arc<AtomicBool>)> {
+    let tool_parser = opts.tool_call_parser.or_else(|| {
+        tools::ToolParser::detect(
+            &engine.tokenizer,
+            engine.chat_template.as_ref().map(|t| t.text.as_str()),
+        )
+    });
     let (tx, rx) = mpsc::channel(opts.queue_capacity.max(1));
     let metrics = Arc::new(Metrics::default());
     let _ = metrics.started.set(std::time::Instant::now());
@@ -140,6 +138,7 @@ pub fn start(
             metrics,
             model_name,
             admin,
+            tool_parser,
         },
         worker,
         stopping,

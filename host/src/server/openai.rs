@@ -114,16 +114,127 @@ struct CompletionBody {
 }
 
 #[derive(Deserialize)]
-struct ChatMessage {
-    role: String,
-    content: String,
-}
-
-#[derive(Deserialize)]
 struct ChatBody {
-    messages: Vec<ChatMessage>,
+    /// OpenAI's message objects, handed to the chat template as they are (checked first).
+    messages: Vec<Value>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    /// Extra template variables (e.g. `{"thinking": true}`), as vLLM and SGLang take them.
+    #[serde(default)]
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(flatten)]
     common: Common,
+}
+
+/// How a chat's output is read: tool calls parsed out of it, or plain text.
+#[derive(Clone, Copy)]
+struct ToolUse {
+    parser: super::tools::ToolParser,
+    parallel: bool,
+}
+
+/// Checks the message objects the template will see: an object with a string `role`;
+/// `content` a string, null, or a list of parts with a `type`; `tool_calls` a list of
+/// `{id?, type, function: {name, arguments}}`.
+fn check_messages(messages: &[Value]) -> Result<(), ApiError> {
+    let bad = |i: usize, what: &str| ApiError {
+        param: Some("messages"),
+        ..ApiError::invalid(format!("messages[{i}]: {what}"))
+    };
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty"));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let Some(obj) = m.as_object() else {
+            return Err(bad(i, "must be an object"));
+        };
+        let Some(role) = obj.get("role").and_then(Value::as_str) else {
+            return Err(bad(i, "needs a string role"));
+        };
+        match obj.get("content") {
+            None | Some(Value::Null) if role == "assistant" => {}
+            None | Some(Value::Null) => return Err(bad(i, "needs content")),
+            Some(Value::String(_)) => {}
+            Some(Value::Array(parts)) => {
+                if parts
+                    .iter()
+                    .any(|p| p.get("type").and_then(Value::as_str).is_none())
+                {
+                    return Err(bad(i, "content parts need a string type"));
+                }
+            }
+            Some(_) => return Err(bad(i, "content must be a string, null or a list of parts")),
+        }
+        if let Some(calls) = obj.get("tool_calls").filter(|c| !c.is_null()) {
+            let ok = calls.as_array().is_some_and(|calls| {
+                calls.iter().all(|c| {
+                    let f = &c["function"];
+                    f["name"].is_string()
+                        && (f["arguments"].is_string() || f["arguments"].is_object())
+                })
+            });
+            if !ok {
+                return Err(bad(
+                    i,
+                    "tool_calls must be a list of {\"function\": {\"name\", \"arguments\"}}",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the model's output is parsed for tool calls, from `tools` and `tool_choice`.
+fn tool_use(app: &AppState, b: &ChatBody) -> Result<Option<ToolUse>, ApiError> {
+    let tools = b.tools.as_deref().unwrap_or_default();
+    let bad = |param, msg: String| ApiError {
+        param: Some(param),
+        ..ApiError::invalid(msg)
+    };
+    for (i, t) in tools.iter().enumerate() {
+        if !t["function"]["name"].is_string() {
+            return Err(bad(
+                "tools",
+                format!("tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}"),
+            ));
+        }
+    }
+    let choice = match &b.tool_choice {
+        None => "auto",
+        Some(Value::String(s)) if matches!(s.as_str(), "auto" | "none" | "required") => s.as_str(),
+        Some(v) if v["function"]["name"].is_string() => "named",
+        Some(v) => {
+            return Err(bad(
+                "tool_choice",
+                format!(
+                    "tool_choice {v} is not \"auto\", \"none\", \"required\" or a named function"
+                ),
+            ))
+        }
+    };
+    if tools.is_empty() || choice == "none" {
+        return Ok(None);
+    }
+    if matches!(choice, "required" | "named") {
+        return Err(bad(
+            "tool_choice",
+            format!("tool_choice \"{choice}\" needs constrained decoding, which moehost does not do yet; use \"auto\""),
+        ));
+    }
+    let Some(parser) = app.tool_parser else {
+        return Err(bad(
+            "tools",
+            "this model's tool-call syntax is unknown (neither Kimi-K2's nor DeepSeek's markers are in its tokenizer); start the server with --tool-call-parser".into(),
+        ));
+    };
+    Ok(Some(ToolUse {
+        parser,
+        parallel: b.parallel_tool_calls.unwrap_or(true),
+    }))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(
@@ -149,10 +260,11 @@ fn parse<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::invalid(format!("invalid request JSON: {e}")))
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Kind {
     Completion,
-    Chat,
+    /// A chat, with its tool calls parsed when it offers tools.
+    Chat(Option<ToolUse>),
 }
 
 pub async fn completions(
@@ -215,20 +327,26 @@ pub async fn chat_completions(
     let result = async {
         let arm = pick_arm(&app, &headers)?;
         let b: ChatBody = parse(body)?;
-        if b.messages.is_empty() {
-            return Err(ApiError::invalid("messages must not be empty"));
-        }
-        let text = app.render_chat(
-            &b.messages
-                .iter()
-                .map(|m| (m.role.as_str(), m.content.as_str()))
-                .collect::<Vec<_>>(),
-        )?;
+        check_messages(&b.messages)?;
+        let tools = tool_use(&app, &b)?;
+        let t = app.engine.chat_template.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "this model has no chat template (chat_template.jinja or tokenizer_config.json's chat_template)",
+            )
+        })?;
+        let text = t
+            .render_chat(&crate::chat::ChatInput {
+                messages: &b.messages,
+                tools: b.tools.as_deref().filter(|t| !t.is_empty()),
+                add_generation_prompt: true,
+                kwargs: &b.chat_template_kwargs.clone().unwrap_or_default(),
+            })
+            .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e:#}")))?;
         let ids = app
             .engine
             .encode(&text)
             .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
-        run(app.clone(), arm, Kind::Chat, ids, b.common).await
+        run(app.clone(), arm, Kind::Chat(tools), ids, b.common).await
     }
     .await;
     finish(&app, result)
@@ -303,7 +421,7 @@ async fn run(
     // OpenAI's defaults: 16 tokens for completions; for chat, up to the context length.
     let default_max = match kind {
         Kind::Completion => 16,
-        Kind::Chat => limit.saturating_sub(prompt_ids.len()).max(1) as u64,
+        Kind::Chat(_) => limit.saturating_sub(prompt_ids.len()).max(1) as u64,
     };
     let max_tokens = c
         .max_completion_tokens
@@ -343,6 +461,10 @@ async fn run(
         max_tokens,
         params,
         stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
+        keep_special: match kind {
+            Kind::Chat(Some(t)) => t.parser.marker_ids(&app.engine.tokenizer),
+            _ => Vec::new(),
+        },
         events: tx,
         received: Instant::now(),
     };
@@ -360,7 +482,7 @@ async fn run(
     })?;
     let id = format!(
         "{}-{}",
-        if kind == Kind::Chat {
+        if matches!(kind, Kind::Chat(_)) {
             "chatcmpl"
         } else {
             "cmpl"
@@ -402,10 +524,28 @@ async fn run(
                         "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason}],
                         "usage": usage})
                     }
-                    Kind::Chat => {
+                    Kind::Chat(None) => {
                         json!({"id": id, "object": "chat.completion", "created": created, "model": model,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "logprobs": null, "finish_reason": finish_reason}],
+                        "usage": usage})
+                    }
+                    Kind::Chat(Some(tools)) => {
+                        let (content, mut calls) = super::tools::parse(tools.parser, &text, &id);
+                        if !tools.parallel {
+                            calls.truncate(1);
+                        }
+                        let mut message = json!({"role": "assistant",
+                            "content": if content.is_empty() && !calls.is_empty() { Value::Null } else { content.into() }});
+                        let finish = if calls.is_empty() {
+                            finish_reason
+                        } else {
+                            message["tool_calls"] =
+                                calls.iter().map(tool_call_json).collect::<Vec<_>>().into();
+                            "tool_calls"
+                        };
+                        json!({"id": id, "object": "chat.completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
                         "usage": usage})
                     }
                 };
@@ -420,27 +560,49 @@ async fn run(
     ))
 }
 
-fn chunk(
-    id: &str,
-    created: u64,
-    model: &str,
-    kind: Kind,
-    text: Option<&str>,
-    finish: Option<&str>,
-    first: bool,
-) -> Value {
+/// An OpenAI tool call object.
+fn tool_call_json(c: &super::tools::ToolCall) -> Value {
+    json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+}
+
+/// What one streamed chunk carries.
+enum Piece<'a> {
+    Text(&'a str),
+    Call(usize, &'a super::tools::ToolCall),
+    Finish(&'a str),
+}
+
+fn chunk(id: &str, created: u64, model: &str, kind: Kind, piece: Piece<'_>, first: bool) -> Value {
+    let finish = match piece {
+        Piece::Finish(f) => Some(f),
+        _ => None,
+    };
     match kind {
         Kind::Completion => {
+            let text = match piece {
+                Piece::Text(t) => t,
+                _ => "",
+            };
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text.unwrap_or(""), "index": 0, "logprobs": null, "finish_reason": finish}]})
+            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]})
         }
-        Kind::Chat => {
+        Kind::Chat(_) => {
             let mut delta = serde_json::Map::new();
             if first {
                 delta.insert("role".into(), json!("assistant"));
             }
-            if let Some(t) = text {
-                delta.insert("content".into(), json!(t));
+            match piece {
+                Piece::Text(t) => {
+                    delta.insert("content".into(), json!(t));
+                }
+                // OpenAI's streamed call: its index, id, type and name, and the arguments
+                // (here whole, in one fragment).
+                Piece::Call(index, c) => {
+                    let mut call = tool_call_json(c);
+                    call["index"] = index.into();
+                    delta.insert("tool_calls".into(), json!([call]));
+                }
+                Piece::Finish(_) => {}
             }
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
@@ -458,50 +620,78 @@ fn async_stream(
     struct S {
         rx: mpsc::UnboundedReceiver<GenEvent>,
         first: bool,
-        done: u8,
+        done: bool,
+        /// Events ready to send, oldest first.
+        ready: std::collections::VecDeque<Event>,
+        tools: Option<(super::tools::ToolStream, bool)>,
     }
+    let tools = match kind {
+        Kind::Chat(Some(t)) => Some((super::tools::ToolStream::new(t.parser, &id), t.parallel)),
+        _ => None,
+    };
     let state = S {
         rx,
         first: true,
-        done: 0,
+        done: false,
+        ready: Default::default(),
+        tools,
     };
     futures_util::stream::unfold(state, move |mut s| {
         let (id, model) = (id.clone(), model.clone());
         async move {
-            match s.done {
-                1 => {
-                    s.done = 2;
-                    return Some((Ok(Event::default().data("[DONE]")), s));
+            loop {
+                if let Some(ev) = s.ready.pop_front() {
+                    return Some((Ok(ev), s));
                 }
-                2 => return None,
-                _ => {}
-            }
-            let ev = match s.rx.recv().await {
-                Some(GenEvent::Text(t)) => {
-                    let c = chunk(&id, created, &model, kind, Some(&t), None, s.first);
+                if s.done {
+                    return None;
+                }
+                let send = |s: &mut S, piece: Piece<'_>| {
+                    let c = chunk(&id, created, &model, kind, piece, s.first);
                     s.first = false;
-                    Event::default().data(c.to_string())
+                    s.ready.push_back(Event::default().data(c.to_string()));
+                };
+                let deltas = |s: &mut S, deltas: Vec<super::tools::Delta>| {
+                    for d in deltas {
+                        match d {
+                            super::tools::Delta::Content(t) => send(s, Piece::Text(&t)),
+                            super::tools::Delta::Call(i, c) => {
+                                if i == 0 || s.tools.as_ref().is_some_and(|t| t.1) {
+                                    send(s, Piece::Call(i, &c));
+                                }
+                            }
+                        }
+                    }
+                };
+                match s.rx.recv().await {
+                    Some(GenEvent::Text(t)) => match s.tools.as_mut() {
+                        Some((ts, _)) => {
+                            let d = ts.push(&t);
+                            deltas(&mut s, d);
+                        }
+                        None => send(&mut s, Piece::Text(&t)),
+                    },
+                    Some(GenEvent::Done { finish_reason, .. }) => {
+                        let mut finish = finish_reason;
+                        if let Some((ts, _)) = s.tools.as_mut() {
+                            let d = ts.finish();
+                            if ts.calls() > 0 {
+                                finish = "tool_calls";
+                            }
+                            deltas(&mut s, d);
+                        }
+                        send(&mut s, Piece::Finish(finish));
+                        s.ready.push_back(Event::default().data("[DONE]"));
+                        s.done = true;
+                    }
+                    Some(GenEvent::Error(e)) => {
+                        s.ready.push_back(Event::default().data(json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}}).to_string()));
+                        s.ready.push_back(Event::default().data("[DONE]"));
+                        s.done = true;
+                    }
+                    None => return None,
                 }
-                Some(GenEvent::Done { finish_reason, .. }) => {
-                    s.done = 1;
-                    let c = chunk(
-                        &id,
-                        created,
-                        &model,
-                        kind,
-                        None,
-                        Some(finish_reason),
-                        s.first,
-                    );
-                    Event::default().data(c.to_string())
-                }
-                Some(GenEvent::Error(e)) => {
-                    s.done = 1;
-                    Event::default().data(json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}}).to_string())
-                }
-                None => return None,
-            };
-            Some((Ok(ev), s))
+            }
         }
     })
 }

@@ -30,6 +30,8 @@ pub struct GenRequest {
     pub max_tokens: usize,
     pub params: SamplingParams,
     pub stop: Vec<String>,
+    /// Special tokens kept in the text (a tool-call parser's markers).
+    pub keep_special: Vec<u32>,
     pub events: mpsc::UnboundedSender<GenEvent>,
     pub received: Instant,
 }
@@ -195,7 +197,7 @@ fn admit(engine: &Engine, arms: &Arms, r: GenRequest, metrics: &Metrics) -> Opti
     }
     let arm = r.arm.min(arms.arms.len() - 1);
     let seq = match SequenceState::new(engine, &r.prompt_ids, r.max_tokens, &r.params, r.stop) {
-        Ok(s) => s,
+        Ok(s) => s.keep_special_tokens(r.keep_special),
         Err(e) => {
             let _ = r.events.send(GenEvent::Error(format!("{e:#}")));
             return None;

@@ -9,8 +9,10 @@ Writes, next to this script:
   tiktoken.model          `base64(token) rank` per line, as Kimi-K2 ships it (1,024 ranks trained here
                           with tiktoken's own trainer, instead of K2's 163,584)
   tokenizer_config.json   Kimi-K2's special tokens at the same offsets after the ranks (K2: 163,584 + offset)
+                          (the chat template is tests/data/chat/kimi-k2-thinking.jinja)
   expected.json           [{"text", "ids"}]: tiktoken.Encoding(pat_str=K2's, specials).encode(text, allowed_special="all");
-                          the last text is `chat` rendered by the chat template (jinja2, as transformers does)
+                          the last text is `chat` with `tools` rendered by Kimi-K2-Thinking's template, as
+                          transformers renders it
 """
 import base64
 import json
@@ -48,22 +50,17 @@ K2_SPECIALS = {
 }
 RESERVED = 256
 
-# Kimi-K2-Instruct's turn layout (role markers, <|im_middle|>, <|im_end|>, its default system prompt) in
-# a template that needs no extension: the tokenizer folder's chat path, not the template features.
-CHAT_TEMPLATE = (
-    "{%- if not messages or messages[0]['role'] != 'system' -%}"
-    "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}<|im_system|>system<|im_middle|>"
-    "{%- elif message['role'] == 'user' -%}<|im_user|>user<|im_middle|>"
-    "{%- else -%}<|im_assistant|>assistant<|im_middle|>"
-    "{%- endif -%}"
-    "{{ message['content'] }}<|im_end|>"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}"
-)
-CHAT = [{"role": "user", "content": "What is 2+2? 今天天气很好。 🙂"}]
+# A tool conversation through Kimi-K2-Thinking's published chat template (tests/data/chat), rendered as
+# transformers renders it: the last expected text.
+CHAT_TEMPLATE = os.path.join(HERE, "..", "chat", "kimi-k2-thinking.jinja")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CHAT = [
+    {"role": "user", "content": [{"type": "text", "text": "What is 2+2? "}, {"type": "text", "text": "今天天气很好。 🙂"}]},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
+     "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]},
+    {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"},
+]
 
 CHINESE = "今天天气很好，我们去公园散步吧。人工智能正在改变世界，大模型的推理需要很多显存。中文分词和英文不同。"
 CODE = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"
@@ -123,24 +120,23 @@ def main():
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1048576,
         "tokenizer_class": "TikTokenTokenizer",
-        "chat_template": CHAT_TEMPLATE,
     }
     with open(os.path.join(HERE, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
-    # The chat prompt as transformers renders templates (jinja2, trim_blocks and lstrip_blocks).
-    import jinja2
-    import jinja2.sandbox
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    chat_prompt = env.from_string(CHAT_TEMPLATE).render(messages=CHAT, add_generation_prompt=True)
+    from transformers.utils.chat_template_utils import render_jinja_template
+    with open(CHAT_TEMPLATE, encoding="utf-8") as f:
+        template = f.read()
+    chat_prompt = render_jinja_template(conversations=[CHAT], tools=TOOLS, chat_template=template,
+                                        add_generation_prompt=True, bos_token="[BOS]", eos_token="[EOS]")[0][0]
     expected = []
     for t in TEXTS + [chat_prompt]:
         ids = enc.encode(t, allowed_special="all")
         assert enc.decode(ids) == t
         expected.append({"text": t, "ids": ids})
     with open(os.path.join(HERE, "expected.json"), "w") as f:
-        f.write(f'{{"tiktoken": "{tiktoken.__version__}", "ranks": {n}, "chat": {json.dumps(CHAT, ensure_ascii=False)}, '
+        f.write(f'{{"tiktoken": "{tiktoken.__version__}", "ranks": {n}, "chat": {json.dumps(CHAT, ensure_ascii=False)}, "tools": {json.dumps(TOOLS, ensure_ascii=False)}, '
                 f'"cases": [\n')
         f.write(",\n".join(json.dumps(e, ensure_ascii=False) for e in expected))
         f.write("\n]}\n")

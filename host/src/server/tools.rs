@@ -1,0 +1,336 @@
+//! Tool calls in a model's output, as each model family writes them, turned into OpenAI's
+//! `tool_calls` (whole, or streamed as `delta.tool_calls` chunks). The parsers and their names
+//! are vLLM's (`--tool-call-parser kimi_k2 | deepseek_v3 | deepseek_v31`):
+//!
+//! - `kimi_k2`: `<|tool_calls_section_begin|>` then per call `<|tool_call_begin|>functions.NAME:IDX
+//!   <|tool_call_argument_begin|>ARGS<|tool_call_end|>`, then `<|tool_calls_section_end|>`;
+//!   the call id is `functions.NAME:IDX`, as Kimi's template writes it back.
+//! - `deepseek_v3` (V3, R1): `<｜tool▁calls▁begin｜>` then per call `<｜tool▁call▁begin｜>function
+//!   <｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>`, then `<｜tool▁calls▁end｜>`.
+//! - `deepseek_v31` (V3.1): the same markers, per call `NAME<｜tool▁sep｜>ARGS`.
+//!
+//! Owns: finding calls in text (which must keep its special tokens) and splitting it into
+//! content and calls. Does not own: the HTTP shapes (`openai`), rendering tools into the prompt
+//! (the chat template).
+
+use crate::tokenizer::Tokenizer;
+
+/// A model family's tool-call syntax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolParser {
+    KimiK2,
+    DeepSeekV3,
+    DeepSeekV31,
+}
+
+/// One parsed call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as the model wrote them (a JSON object's text).
+    pub arguments: String,
+}
+
+/// What a piece of output becomes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    Content(String),
+    /// The `index`-th call of the response, whole.
+    Call(usize, ToolCall),
+}
+
+const DS_CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
+const DS_CALLS_END: &str = "<｜tool▁calls▁end｜>";
+const DS_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
+const DS_CALL_END: &str = "<｜tool▁call▁end｜>";
+const DS_SEP: &str = "<｜tool▁sep｜>";
+const KIMI_ARG: &str = "<|tool_call_argument_begin|>";
+
+impl ToolParser {
+    /// vLLM's name for the parser.
+    pub fn parse_name(name: &str) -> Option<Self> {
+        match name {
+            "kimi_k2" => Some(Self::KimiK2),
+            "deepseek_v3" => Some(Self::DeepSeekV3),
+            "deepseek_v31" => Some(Self::DeepSeekV31),
+            _ => None,
+        }
+    }
+
+    /// The parser a model folder needs, from its tokenizer's special tokens and its chat
+    /// template: Kimi's section markers; DeepSeek's markers, V3/R1 when the template writes
+    /// arguments in a ```json block, else V3.1.
+    pub fn detect(tokenizer: &Tokenizer, template_source: Option<&str>) -> Option<Self> {
+        if tokenizer
+            .token_to_id("<|tool_calls_section_begin|>")
+            .is_some()
+        {
+            return Some(Self::KimiK2);
+        }
+        tokenizer.token_to_id(DS_CALLS_BEGIN)?;
+        Some(match template_source {
+            Some(t) if t.contains("```json") => Self::DeepSeekV3,
+            _ => Self::DeepSeekV31,
+        })
+    }
+
+    /// Ids of every marker the parser reads, which the output text must keep.
+    pub fn marker_ids(self, tokenizer: &Tokenizer) -> Vec<u32> {
+        let extra = match self {
+            Self::KimiK2 => KIMI_ARG,
+            Self::DeepSeekV3 | Self::DeepSeekV31 => DS_SEP,
+        };
+        self.markers()
+            .into_iter()
+            .chain([extra])
+            .filter_map(|m| tokenizer.token_to_id(m))
+            .collect()
+    }
+
+    fn markers(self) -> [&'static str; 4] {
+        match self {
+            Self::KimiK2 => [
+                "<|tool_calls_section_begin|>",
+                "<|tool_calls_section_end|>",
+                "<|tool_call_begin|>",
+                "<|tool_call_end|>",
+            ],
+            Self::DeepSeekV3 | Self::DeepSeekV31 => {
+                [DS_CALLS_BEGIN, DS_CALLS_END, DS_CALL_BEGIN, DS_CALL_END]
+            }
+        }
+    }
+
+    /// One call from the text between its begin and end markers; `None` if malformed.
+    fn call(self, body: &str, index: usize, id_prefix: &str) -> Option<ToolCall> {
+        let generated_id = || format!("{id_prefix}-{index}");
+        let (id, name, args) = match self {
+            Self::KimiK2 => {
+                let (id, args) = body.split_once(KIMI_ARG)?;
+                let id = id.trim();
+                let name = id.strip_prefix("functions.").unwrap_or(id);
+                let name = name.rsplit_once(':').map_or(name, |(n, _)| n);
+                (id.to_owned(), name.to_owned(), args.trim())
+            }
+            Self::DeepSeekV3 => {
+                let (_, rest) = body.split_once(DS_SEP)?;
+                let (name, rest) = rest.split_once('\n')?;
+                let args = rest.trim().strip_prefix("```json")?;
+                let args = args.trim_end().strip_suffix("```")?;
+                (generated_id(), name.trim().to_owned(), args.trim())
+            }
+            Self::DeepSeekV31 => {
+                let (name, args) = body.split_once(DS_SEP)?;
+                (generated_id(), name.trim().to_owned(), args.trim())
+            }
+        };
+        (!name.is_empty()).then(|| ToolCall {
+            id,
+            name,
+            arguments: args.to_owned(),
+        })
+    }
+}
+
+/// Splits streamed output into content and tool calls as it arrives: content is released as
+/// soon as it cannot be the start of a call section, a call once its end marker is in.
+pub struct ToolStream {
+    parser: ToolParser,
+    id_prefix: String,
+    buf: String,
+    in_section: bool,
+    calls: usize,
+}
+
+impl ToolStream {
+    /// `id_prefix` names the calls of parsers whose output carries no id.
+    pub fn new(parser: ToolParser, id_prefix: &str) -> Self {
+        Self {
+            parser,
+            id_prefix: id_prefix.to_owned(),
+            buf: String::new(),
+            in_section: false,
+            calls: 0,
+        }
+    }
+
+    /// Calls found so far.
+    pub fn calls(&self) -> usize {
+        self.calls
+    }
+
+    pub fn push(&mut self, piece: &str) -> Vec<Delta> {
+        self.buf.push_str(piece);
+        let [section_begin, section_end, call_begin, call_end] = self.parser.markers();
+        let mut out = Vec::new();
+        loop {
+            if !self.in_section {
+                if let Some(at) = self.buf.find(section_begin) {
+                    push_content(&mut out, &self.buf[..at]);
+                    self.buf.drain(..at + section_begin.len());
+                    self.in_section = true;
+                    continue;
+                }
+                // Hold back what could be the start of the section marker.
+                let keep = partial_suffix(&self.buf, section_begin);
+                let release = self.buf.len() - keep;
+                push_content(&mut out, &self.buf[..release]);
+                self.buf.drain(..release);
+                return out;
+            }
+            let begin = self.buf.find(call_begin);
+            let end_section = self.buf.find(section_end);
+            match (begin, end_section) {
+                (Some(b), e) if e.is_none_or(|e| b < e) => {
+                    let Some(len) = self.buf[b..].find(call_end) else {
+                        return out;
+                    };
+                    let body = &self.buf[b + call_begin.len()..b + len];
+                    match self.parser.call(body, self.calls, &self.id_prefix) {
+                        Some(call) => {
+                            out.push(Delta::Call(self.calls, call));
+                            self.calls += 1;
+                        }
+                        // Not a call after all: keep the model's text as content.
+                        None => push_content(&mut out, &self.buf[b..b + len + call_end.len()]),
+                    }
+                    self.buf.drain(..b + len + call_end.len());
+                }
+                (_, Some(e)) => {
+                    self.buf.drain(..e + section_end.len());
+                    self.in_section = false;
+                }
+                _ => return out,
+            }
+        }
+    }
+
+    /// The end of the output: whatever is held back is content.
+    pub fn finish(&mut self) -> Vec<Delta> {
+        let mut out = Vec::new();
+        let rest = std::mem::take(&mut self.buf);
+        if self.in_section {
+            // An unfinished call: nothing to act on; drop the section's markup.
+            let [_, _, call_begin, _] = self.parser.markers();
+            let text = rest.replace(call_begin, "");
+            push_content(&mut out, text.trim());
+        } else {
+            push_content(&mut out, &rest);
+        }
+        out
+    }
+}
+
+fn push_content(out: &mut Vec<Delta>, s: &str) {
+    if s.is_empty() {
+        return;
+    }
+    if let Some(Delta::Content(prev)) = out.last_mut() {
+        prev.push_str(s);
+    } else {
+        out.push(Delta::Content(s.to_owned()));
+    }
+}
+
+/// Length of the longest suffix of `s` that is a proper prefix of `marker`, on a character
+/// boundary.
+fn partial_suffix(s: &str, marker: &str) -> usize {
+    (1..marker.len().min(s.len() + 1))
+        .rev()
+        .find(|&n| s.is_char_boundary(s.len() - n) && marker.starts_with(&s[s.len() - n..]))
+        .unwrap_or(0)
+}
+
+/// Content and calls of a whole output.
+pub fn parse(parser: ToolParser, text: &str, id_prefix: &str) -> (String, Vec<ToolCall>) {
+    let mut s = ToolStream::new(parser, id_prefix);
+    let mut deltas = s.push(text);
+    deltas.extend(s.finish());
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    for d in deltas {
+        match d {
+            Delta::Content(c) => content.push_str(&c),
+            Delta::Call(_, c) => calls.push(c),
+        }
+    }
+    (content, calls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIMI: &str = "Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{\"city\": \"Paris\"}<|tool_call_end|><|tool_call_begin|>functions.search:1<|tool_call_argument_begin|>{\"q\": \"x\"}<|tool_call_end|><|tool_calls_section_end|>";
+
+    #[test]
+    fn kimi_calls_whole_and_streamed_byte_by_byte() {
+        let (content, calls) = parse(ToolParser::KimiK2, KIMI, "call");
+        assert_eq!(content, "Let me check.");
+        assert_eq!(
+            calls,
+            vec![
+                ToolCall {
+                    id: "functions.get_weather:0".into(),
+                    name: "get_weather".into(),
+                    arguments: "{\"city\": \"Paris\"}".into()
+                },
+                ToolCall {
+                    id: "functions.search:1".into(),
+                    name: "search".into(),
+                    arguments: "{\"q\": \"x\"}".into()
+                },
+            ]
+        );
+        // Any split of the text gives the same content and calls.
+        let mut s = ToolStream::new(ToolParser::KimiK2, "call");
+        let mut deltas = Vec::new();
+        for c in KIMI.chars() {
+            deltas.extend(s.push(&c.to_string()));
+        }
+        deltas.extend(s.finish());
+        let streamed: String = deltas
+            .iter()
+            .filter_map(|d| match d {
+                Delta::Content(c) => Some(c.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(streamed, "Let me check.");
+        let n = deltas
+            .iter()
+            .filter(|d| matches!(d, Delta::Call(..)))
+            .count();
+        assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn deepseek_v3_and_v31_syntax() {
+        let v3 = "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>search\n```json\n{\"q\": \"x\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        let (content, calls) = parse(ToolParser::DeepSeekV3, v3, "chatcmpl-7");
+        assert_eq!(content, "");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].name, "get_weather");
+        assert_eq!(calls[0].arguments, "{\"city\": \"Paris\"}");
+        assert_eq!(calls[1].id, "chatcmpl-7-1");
+        let v31 = "Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Paris\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        let (content, calls) = parse(ToolParser::DeepSeekV31, v31, "c");
+        assert_eq!(content, "Sure.");
+        assert_eq!(calls[0].name, "get_weather");
+        assert_eq!(calls[0].arguments, "{\"city\": \"Paris\"}");
+    }
+
+    #[test]
+    fn text_without_calls_and_unfinished_calls_are_content() {
+        let (content, calls) = parse(ToolParser::KimiK2, "plain <|tool", "c");
+        assert_eq!((content.as_str(), calls.len()), ("plain <|tool", 0));
+        let (content, calls) = parse(
+            ToolParser::KimiK2,
+            "a<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{",
+            "c",
+        );
+        assert_eq!(calls.len(), 0);
+        assert!(content.starts_with('a'), "{content}");
+    }
+}
