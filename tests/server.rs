@@ -238,6 +238,11 @@ fn kimi_layout_folder_serves_chat_with_tools() {
         .text;
     assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
     assert_eq!(v["choices"][0]["finish_reason"], "length");
+    // Kimi-K2-Thinking's template marks a reasoning model: no thinking block in this answer.
+    assert!(
+        v["choices"][0]["message"]["reasoning_content"].is_null(),
+        "{v}"
+    );
     let mut stream = body;
     stream["stream"] = json!(true);
     let (status, raw) = http(

@@ -8,9 +8,11 @@
 //! default arm's traffic on simulated caches.
 
 pub mod admin;
+pub mod answer;
 pub mod arms;
 pub mod metrics;
 pub mod openai;
+pub mod reasoning;
 pub mod scheduler;
 pub mod shadow;
 pub mod tools;

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
+use super::answer::ChatRead;
 use super::scheduler::{next_id, GenEvent, GenRequest};
 use super::AppState;
 use crate::sampling::SamplingParams;
@@ -130,13 +131,6 @@ struct ChatBody {
     common: Common,
 }
 
-/// How a chat's output is read: tool calls parsed out of it, or plain text.
-#[derive(Clone, Copy)]
-struct ToolUse {
-    parser: super::tools::ToolParser,
-    parallel: bool,
-}
-
 /// Checks the message objects the template will see: an object with a string `role`;
 /// `content` a string, null, or a list of parts with a `type`; `tool_calls` a list of
 /// `{id?, type, function: {name, arguments}}`.
@@ -189,7 +183,10 @@ fn check_messages(messages: &[Value]) -> Result<(), ApiError> {
 }
 
 /// Whether the model's output is parsed for tool calls, from `tools` and `tool_choice`.
-fn tool_use(app: &AppState, b: &ChatBody) -> Result<Option<ToolUse>, ApiError> {
+fn tool_use(
+    app: &AppState,
+    b: &ChatBody,
+) -> Result<Option<(super::tools::ToolParser, bool)>, ApiError> {
     let tools = b.tools.as_deref().unwrap_or_default();
     let bad = |param, msg: String| ApiError {
         param: Some(param),
@@ -231,10 +228,7 @@ fn tool_use(app: &AppState, b: &ChatBody) -> Result<Option<ToolUse>, ApiError> {
             "this model's tool-call syntax is unknown (neither Kimi-K2's nor DeepSeek's markers are in its tokenizer); start the server with --tool-call-parser".into(),
         ));
     };
-    Ok(Some(ToolUse {
-        parser,
-        parallel: b.parallel_tool_calls.unwrap_or(true),
-    }))
+    Ok(Some((parser, b.parallel_tool_calls.unwrap_or(true))))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(
@@ -263,8 +257,8 @@ fn parse<T: serde::de::DeserializeOwned>(
 #[derive(Clone, Copy)]
 enum Kind {
     Completion,
-    /// A chat, with its tool calls parsed when it offers tools.
-    Chat(Option<ToolUse>),
+    /// A chat, its answer read for reasoning and tool calls as the request and model need.
+    Chat(ChatRead),
 }
 
 pub async fn completions(
@@ -346,7 +340,13 @@ pub async fn chat_completions(
             .engine
             .encode(&text)
             .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
-        run(app.clone(), arm, Kind::Chat(tools), ids, b.common).await
+        // A template that writes thinking blocks marks a reasoning model.
+        let reasoning = t
+            .text
+            .contains("</think>")
+            .then(|| super::reasoning::ReasoningStream::prompt_opens_block(&text));
+        let read = ChatRead { tools, reasoning };
+        run(app.clone(), arm, Kind::Chat(read), ids, b.common).await
     }
     .await;
     finish(&app, result)
@@ -462,8 +462,8 @@ async fn run(
         params,
         stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
         keep_special: match kind {
-            Kind::Chat(Some(t)) => t.parser.marker_ids(&app.engine.tokenizer),
-            _ => Vec::new(),
+            Kind::Chat(read) => kept_tokens(&app, read),
+            Kind::Completion => Vec::new(),
         },
         events: tx,
         received: Instant::now(),
@@ -524,19 +524,18 @@ async fn run(
                         "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason}],
                         "usage": usage})
                     }
-                    Kind::Chat(None) => {
-                        json!({"id": id, "object": "chat.completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "logprobs": null, "finish_reason": finish_reason}],
-                        "usage": usage})
-                    }
-                    Kind::Chat(Some(tools)) => {
-                        let (content, mut calls) = super::tools::parse(tools.parser, &text, &id);
-                        if !tools.parallel {
-                            calls.truncate(1);
-                        }
+                    Kind::Chat(read) => {
+                        let (reasoning, content, calls) =
+                            super::answer::read_whole(read, &text, &id);
                         let mut message = json!({"role": "assistant",
                             "content": if content.is_empty() && !calls.is_empty() { Value::Null } else { content.into() }});
+                        if read.reasoning.is_some() {
+                            message["reasoning_content"] = if reasoning.is_empty() {
+                                Value::Null
+                            } else {
+                                reasoning.into()
+                            };
+                        }
                         let finish = if calls.is_empty() {
                             finish_reason
                         } else {
@@ -568,6 +567,7 @@ fn tool_call_json(c: &super::tools::ToolCall) -> Value {
 /// What one streamed chunk carries.
 enum Piece<'a> {
     Text(&'a str),
+    Reasoning(&'a str),
     Call(usize, &'a super::tools::ToolCall),
     Finish(&'a str),
 }
@@ -594,6 +594,9 @@ fn chunk(id: &str, created: u64, model: &str, kind: Kind, piece: Piece<'_>, firs
             match piece {
                 Piece::Text(t) => {
                     delta.insert("content".into(), json!(t));
+                }
+                Piece::Reasoning(t) => {
+                    delta.insert("reasoning_content".into(), json!(t));
                 }
                 // OpenAI's streamed call: its index, id, type and name, and the arguments
                 // (here whole, in one fragment).
@@ -623,18 +626,18 @@ fn async_stream(
         done: bool,
         /// Events ready to send, oldest first.
         ready: std::collections::VecDeque<Event>,
-        tools: Option<(super::tools::ToolStream, bool)>,
+        reader: Option<super::answer::ChatReader>,
     }
-    let tools = match kind {
-        Kind::Chat(Some(t)) => Some((super::tools::ToolStream::new(t.parser, &id), t.parallel)),
-        _ => None,
+    let reader = match kind {
+        Kind::Chat(read) => Some(super::answer::ChatReader::new(read, &id)),
+        Kind::Completion => None,
     };
     let state = S {
         rx,
         first: true,
         done: false,
         ready: Default::default(),
-        tools,
+        reader,
     };
     futures_util::stream::unfold(state, move |mut s| {
         let (id, model) = (id.clone(), model.clone());
@@ -651,34 +654,31 @@ fn async_stream(
                     s.first = false;
                     s.ready.push_back(Event::default().data(c.to_string()));
                 };
-                let deltas = |s: &mut S, deltas: Vec<super::tools::Delta>| {
-                    for d in deltas {
-                        match d {
-                            super::tools::Delta::Content(t) => send(s, Piece::Text(&t)),
-                            super::tools::Delta::Call(i, c) => {
-                                if i == 0 || s.tools.as_ref().is_some_and(|t| t.1) {
-                                    send(s, Piece::Call(i, &c));
-                                }
-                            }
+                let outs = |s: &mut S, outs: Vec<super::answer::Out>| {
+                    for o in outs {
+                        match o {
+                            super::answer::Out::Content(t) => send(s, Piece::Text(&t)),
+                            super::answer::Out::Reasoning(t) => send(s, Piece::Reasoning(&t)),
+                            super::answer::Out::Call(i, c) => send(s, Piece::Call(i, &c)),
                         }
                     }
                 };
                 match s.rx.recv().await {
-                    Some(GenEvent::Text(t)) => match s.tools.as_mut() {
-                        Some((ts, _)) => {
-                            let d = ts.push(&t);
-                            deltas(&mut s, d);
+                    Some(GenEvent::Text(t)) => match s.reader.as_mut() {
+                        Some(r) => {
+                            let o = r.push(&t);
+                            outs(&mut s, o);
                         }
                         None => send(&mut s, Piece::Text(&t)),
                     },
                     Some(GenEvent::Done { finish_reason, .. }) => {
                         let mut finish = finish_reason;
-                        if let Some((ts, _)) = s.tools.as_mut() {
-                            let d = ts.finish();
-                            if ts.calls() > 0 {
+                        if let Some(r) = s.reader.as_mut() {
+                            let o = r.finish();
+                            if r.calls() > 0 {
                                 finish = "tool_calls";
                             }
-                            deltas(&mut s, d);
+                            outs(&mut s, o);
                         }
                         send(&mut s, Piece::Finish(finish));
                         s.ready.push_back(Event::default().data("[DONE]"));
@@ -694,6 +694,24 @@ fn async_stream(
             }
         }
     })
+}
+
+/// Special tokens a chat's text must keep: the tool parser's markers, and the thinking tags
+/// where the tokenizer makes them special tokens (Kimi-K2-Thinking).
+fn kept_tokens(app: &AppState, read: ChatRead) -> Vec<u32> {
+    let tok = &app.engine.tokenizer;
+    let mut keep = read
+        .tools
+        .map(|(p, _)| p.marker_ids(tok))
+        .unwrap_or_default();
+    if read.reasoning.is_some() {
+        keep.extend(
+            ["<think>", "</think>"]
+                .iter()
+                .filter_map(|t| tok.token_to_id(t)),
+        );
+    }
+    keep
 }
 
 pub async fn models(State(app): State<AppState>) -> Json<Value> {

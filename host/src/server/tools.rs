@@ -235,7 +235,7 @@ fn push_content(out: &mut Vec<Delta>, s: &str) {
 
 /// Length of the longest suffix of `s` that is a proper prefix of `marker`, on a character
 /// boundary.
-fn partial_suffix(s: &str, marker: &str) -> usize {
+pub(crate) fn partial_suffix(s: &str, marker: &str) -> usize {
     (1..marker.len().min(s.len() + 1))
         .rev()
         .find(|&n| s.is_char_boundary(s.len() - n) && marker.starts_with(&s[s.len() - n..]))
