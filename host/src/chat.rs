@@ -101,6 +101,79 @@ impl ChatTemplate {
     }
 }
 
+/// Marks a user's text while a prompt renders (private-use characters, removed from the text
+/// first), so the rendered prompt shows where user text went.
+const USER_OPEN: char = '\u{E000}';
+const USER_CLOSE: char = '\u{E001}';
+
+/// A copy of `value` with every string marked as user text, except the values of `role` and
+/// `type` keys, which templates compare against their own words.
+pub fn mark_user_text(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value {
+        J::String(s) => {
+            let clean: String = s
+                .chars()
+                .filter(|&c| c != USER_OPEN && c != USER_CLOSE)
+                .collect();
+            J::String(format!("{USER_OPEN}{clean}{USER_CLOSE}"))
+        }
+        J::Array(items) => J::Array(items.iter().map(mark_user_text).collect()),
+        J::Object(map) => J::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let v = if k == "role" || k == "type" {
+                        v.clone()
+                    } else {
+                        mark_user_text(v)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// A prompt rendered from marked text, as `(text, is_user_text)` segments without the marks.
+/// A mark left unpaired by the template (e.g. a `split` that cut one off) is dropped and its
+/// text counts as the template's.
+pub fn split_marked(prompt: &str) -> Vec<(String, bool)> {
+    let mut out: Vec<(String, bool)> = Vec::new();
+    let mut cur = String::new();
+    let mut in_user = false;
+    for c in prompt.chars() {
+        match c {
+            USER_OPEN if !in_user => {
+                out.push((std::mem::take(&mut cur), false));
+                in_user = true;
+            }
+            USER_CLOSE if in_user => {
+                out.push((std::mem::take(&mut cur), true));
+                in_user = false;
+            }
+            USER_OPEN | USER_CLOSE => {}
+            c => cur.push(c),
+        }
+    }
+    out.push((cur, in_user));
+    out.retain(|(t, _)| !t.is_empty());
+    out
+}
+
+/// Whether any string in `value` other than a `role` or `type` satisfies `f`.
+pub fn any_user_text(value: &serde_json::Value, f: &dyn Fn(&str) -> bool) -> bool {
+    use serde_json::Value as J;
+    match value {
+        J::String(s) => f(s),
+        J::Array(items) => items.iter().any(|v| any_user_text(v, f)),
+        J::Object(map) => map
+            .iter()
+            .any(|(k, v)| k != "role" && k != "type" && any_user_text(v, f)),
+        _ => false,
+    }
+}
+
 /// What a chat template renders.
 pub struct ChatInput<'a> {
     pub messages: &'a [serde_json::Value],

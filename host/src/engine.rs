@@ -41,6 +41,8 @@ pub struct Engine {
     pub tokenizer: Tokenizer,
     /// The folder's chat template, if it has one.
     pub chat_template: Option<crate::chat::ChatTemplate>,
+    /// Finds the text of any special token (a user's text that would forge a control token).
+    special_text: aho_corasick::AhoCorasick,
     pub defaults: GenerationDefaults,
     pub checkpoint: Arc<Checkpoint>,
 }
@@ -82,6 +84,8 @@ impl Engine {
             cfg.vocab_size
         );
         let chat_template = crate::chat::ChatTemplate::from_dir(dir)?;
+        let special_text = aho_corasick::AhoCorasick::new(tokenizer.special_tokens())
+            .context("cannot index the tokenizer's special tokens")?;
         let defaults = read_generation_defaults(dir, &cfg)?;
         let ckpt = Arc::new(Checkpoint::open(dir, cfg.quantization())?);
         let experts = make_experts(ckpt.clone(), &cfg);
@@ -92,6 +96,7 @@ impl Engine {
             model,
             tokenizer,
             chat_template,
+            special_text,
             defaults,
             checkpoint: ckpt,
         })
@@ -103,6 +108,30 @@ impl Engine {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.tokenizer
             .encode(text, self.model.config().bos_token_id)
+    }
+
+    /// Whether `text` holds the text of a special token.
+    pub fn contains_special(&self, text: &str) -> bool {
+        self.special_text.is_match(text)
+    }
+
+    /// Token ids of a prompt given as `(text, is_user_text)` segments: template text reads
+    /// special-token text as control tokens, user text as ordinary text. The tokenizer's own
+    /// prefix (BOS) is added once, as [`Engine::encode`] adds it.
+    pub fn encode_segments(&self, segments: &[(String, bool)]) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for (i, (text, user)) in segments.iter().enumerate() {
+            match (i, user) {
+                (0, false) => ids = self.encode(text)?,
+                (0, true) => {
+                    ids = self.encode("")?;
+                    ids.extend(self.tokenizer.encode_plain(text)?);
+                }
+                (_, true) => ids.extend(self.tokenizer.encode_plain(text)?),
+                (_, false) => ids.extend(self.tokenizer.encode_bare(text)?),
+            }
+        }
+        Ok(ids)
     }
 
     /// Text of `ids`, special tokens skipped.

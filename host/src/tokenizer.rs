@@ -13,8 +13,12 @@ use std::path::Path;
 
 /// A model folder's tokenizer.
 pub enum Tokenizer {
-    /// `tokenizer.json`: its post-processor decides what is added to a prompt.
-    HuggingFace(Box<tokenizers::Tokenizer>),
+    /// `tokenizer.json`: its post-processor decides what is added to a prompt. `plain` is the
+    /// same tokenizer reading special-token text as ordinary text.
+    HuggingFace {
+        tok: Box<tokenizers::Tokenizer>,
+        plain: Box<tokenizers::Tokenizer>,
+    },
     /// `tiktoken.model`: `add_bos` from `tokenizer_config.json`'s `add_bos_token`.
     Tiktoken { bpe: Box<Tiktoken>, add_bos: bool },
 }
@@ -43,7 +47,12 @@ impl Tokenizer {
         if hf.exists() {
             let tok = tokenizers::Tokenizer::from_file(&hf)
                 .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", hf.display()))?;
-            return Ok(Self::HuggingFace(Box::new(tok)));
+            let mut plain = tok.clone();
+            plain.set_encode_special_tokens(true);
+            return Ok(Self::HuggingFace {
+                tok: Box::new(tok),
+                plain: Box::new(plain),
+            });
         }
         let tt = dir.join("tiktoken.model");
         if tt.exists() {
@@ -69,7 +78,7 @@ impl Tokenizer {
     /// no second one is added.
     pub fn encode(&self, text: &str, bos: Option<u32>) -> Result<Vec<u32>> {
         match self {
-            Self::HuggingFace(tok) => {
+            Self::HuggingFace { tok, .. } => {
                 let mut ids = tok
                     .encode(text, true)
                     .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
@@ -102,10 +111,53 @@ impl Tokenizer {
     /// UTF-8 become U+FFFD.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         match self {
-            Self::HuggingFace(tok) => tok
+            Self::HuggingFace { tok, .. } => tok
                 .decode(ids, skip_special)
                 .map_err(|e| anyhow::anyhow!("cannot decode tokens: {e}")),
             Self::Tiktoken { bpe, .. } => bpe.decode(ids, skip_special),
+        }
+    }
+
+    /// Token ids of `text` with nothing added and special-token text read as ordinary text
+    /// (`<|im_end|>` in a user's message is characters, not the control token).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Self::HuggingFace { plain, .. } => Ok(plain
+                .encode(text, false)
+                .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
+                .get_ids()
+                .to_vec()),
+            Self::Tiktoken { bpe, .. } => {
+                let mut out = Vec::new();
+                bpe.encode_ordinary(text, &mut out);
+                Ok(out)
+            }
+        }
+    }
+
+    /// Token ids of `text` with special-token text recognised but nothing added (no BOS, no
+    /// post-processor).
+    pub fn encode_bare(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Self::HuggingFace { tok, .. } => Ok(tok
+                .encode(text, false)
+                .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
+                .get_ids()
+                .to_vec()),
+            Self::Tiktoken { bpe, .. } => Ok(bpe.encode(text)),
+        }
+    }
+
+    /// The text of every special token (control tokens a user's text must not forge).
+    pub fn special_tokens(&self) -> Vec<String> {
+        match self {
+            Self::HuggingFace { tok, .. } => tok
+                .get_added_tokens_decoder()
+                .into_values()
+                .filter(|t| t.special)
+                .map(|t| t.content)
+                .collect(),
+            Self::Tiktoken { bpe, .. } => bpe.specials.keys().cloned().collect(),
         }
     }
 
@@ -132,7 +184,7 @@ impl Tokenizer {
     /// The id of a token written as text (a special token's name, or a plain token).
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         match self {
-            Self::HuggingFace(tok) => tok.token_to_id(token),
+            Self::HuggingFace { tok, .. } => tok.token_to_id(token),
             Self::Tiktoken { bpe, .. } => bpe
                 .specials
                 .get(token)
@@ -144,7 +196,7 @@ impl Tokenizer {
     /// Every id the tokenizer can produce is below this.
     pub fn vocab_size(&self) -> usize {
         match self {
-            Self::HuggingFace(tok) => tok.get_vocab_size(true),
+            Self::HuggingFace { tok, .. } => tok.get_vocab_size(true),
             Self::Tiktoken { bpe, .. } => bpe.vocab_size(),
         }
     }

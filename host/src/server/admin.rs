@@ -93,31 +93,47 @@ fn admin(app: &AppState, headers: &HeaderMap) -> Result<std::sync::Arc<Admin>, A
 
 #[derive(Deserialize)]
 pub struct UploadQuery {
-    name: String,
+    #[serde(default)]
+    name: Option<String>,
 }
+
+/// Longest plugin name the registry takes.
+const MAX_NAME: usize = 64;
 
 pub async fn upload(
     State(app): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<UploadQuery>,
+    q: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Response {
     // Compiling and smoke-testing a plugin blocks: keep it off the async workers.
-    blocking(move || upload_blocking(app, headers, q, body)).await
+    blocking(move || upload_blocking(app, headers, q.map(|q| q.0), body)).await
 }
 
-fn upload_blocking(app: AppState, headers: HeaderMap, q: UploadQuery, body: Bytes) -> Response {
+fn upload_blocking(
+    app: AppState,
+    headers: HeaderMap,
+    q: Result<UploadQuery, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Response {
     let r = (|| -> Result<Response, ApiError> {
+        // Authentication first: nothing about the request is answered without the token.
         let a = admin(&app, &headers)?;
-        let name = q.name;
+        let q = q.map_err(|e| ApiError::invalid(format!("bad query string: {e}")))?;
+        let Some(name) = q.name else {
+            return Err(ApiError::invalid(
+                "the plugin's name is missing (?name=...)",
+            ));
+        };
         if name.is_empty()
+            || name.len() > MAX_NAME
             || !name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(ApiError::invalid(
-                "name must be letters, digits, '-' or '_'",
-            ));
+            return Err(ApiError::invalid(format!(
+                "name must be 1 to {MAX_NAME} letters, digits, '-' or '_'"
+            )));
         }
         // A fresh file per upload: a rejected upload never replaces a registered plugin, and
         // rollback history keeps pointing at the bytes that were active.

@@ -328,18 +328,35 @@ pub async fn chat_completions(
                 "this model has no chat template (chat_template.jinja or tokenizer_config.json's chat_template)",
             )
         })?;
-        let text = t
-            .render_chat(&crate::chat::ChatInput {
-                messages: &b.messages,
-                tools: b.tools.as_deref().filter(|t| !t.is_empty()),
+        let kwargs = b.chat_template_kwargs.clone().unwrap_or_default();
+        let render = |messages: &[Value], tools: Option<&[Value]>| {
+            t.render_chat(&crate::chat::ChatInput {
+                messages,
+                tools: tools.filter(|t| !t.is_empty()),
                 add_generation_prompt: true,
-                kwargs: &b.chat_template_kwargs.clone().unwrap_or_default(),
+                kwargs: &kwargs,
             })
-            .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e:#}")))?;
-        let ids = app
-            .engine
-            .encode(&text)
-            .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+            .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e:#}")))
+        };
+        let engine = &app.engine;
+        let forged = |v: &Value| crate::chat::any_user_text(v, &|s| engine.contains_special(s));
+        let all = [Value::from(b.messages.clone()), Value::from(b.tools.clone())];
+        let (text, ids) = if all.iter().any(forged) {
+            // Special-token text in the user's strings is text, never a control token: render
+            // with the user's strings marked, and tokenize them apart.
+            let marked = |v: &[Value]| -> Vec<Value> { v.iter().map(crate::chat::mark_user_text).collect() };
+            let tools = b.tools.as_deref().map(marked);
+            let rendered = render(&marked(&b.messages), tools.as_deref())?;
+            let segments = crate::chat::split_marked(&rendered);
+            let text: String = segments.iter().map(|(s, _)| s.as_str()).collect();
+            let ids = engine.encode_segments(&segments);
+            (text, ids)
+        } else {
+            let text = render(&b.messages, b.tools.as_deref())?;
+            let ids = engine.encode(&text);
+            (text, ids)
+        };
+        let ids = ids.map_err(|e| ApiError::invalid(format!("{e:#}")))?;
         // A template that writes thinking blocks marks a reasoning model.
         let reasoning = t
             .text
@@ -427,6 +444,12 @@ async fn run(
         .max_completion_tokens
         .or(c.max_tokens)
         .unwrap_or(default_max) as usize;
+    if max_tokens == 0 {
+        return Err(ApiError {
+            param: Some("max_tokens"),
+            ..ApiError::invalid("max_tokens must be at least 1")
+        });
+    }
     if max_tokens > limit {
         return Err(ApiError {
             param: Some("max_tokens"),
