@@ -380,3 +380,48 @@ fn a_prompt_starting_with_bos_gets_one() {
         [&[bos], &x[..]].concat()
     );
 }
+
+/// A shard of NaN weights is an error naming where it shows, never garbage tokens.
+#[test]
+fn non_finite_weights_are_an_error_naming_the_layer() {
+    use safetensors::tensor::TensorView;
+    let src = support::data_dir().join("variants/dsv3-groups");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let target = "model.layers.1.self_attn.o_proj.weight";
+    let nan: Vec<u8> = std::iter::repeat_n(
+        f32::NAN.to_le_bytes(),
+        st.tensor(target).unwrap().data().len() / 4,
+    )
+    .flatten()
+    .collect();
+    let tensors: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            if name == target {
+                let v = TensorView::new(view.dtype(), view.shape().to_vec(), &nan).unwrap();
+                (name, v)
+            } else {
+                (name, view)
+            }
+        })
+        .collect();
+    safetensors::serialize_to_file(tensors, None, &dir.path().join("model.safetensors")).unwrap();
+    let out = moehost()
+        .args(["generate", "--prompt-ids", "0,5,9", "--max-tokens", "2"])
+        .arg("--model")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("layer 1") && err.contains("not finite"),
+        "{err}"
+    );
+}

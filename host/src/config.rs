@@ -287,24 +287,48 @@ impl ModelConfig {
             !raw.attention_bias,
             "attention_bias = true is not supported"
         );
-        for (name, v) in [
-            ("vocab_size", raw.vocab_size),
-            ("hidden_size", raw.hidden_size),
-            ("intermediate_size", raw.intermediate_size),
-            ("moe_intermediate_size", raw.moe_intermediate_size),
-            ("num_hidden_layers", raw.num_hidden_layers),
-            ("num_attention_heads", raw.num_attention_heads),
-            ("kv_lora_rank", raw.kv_lora_rank),
-            ("qk_nope_head_dim", raw.qk_nope_head_dim),
-            ("v_head_dim", raw.v_head_dim),
-            ("n_routed_experts", raw.n_routed_experts),
-            ("num_experts_per_tok", raw.num_experts_per_tok),
-            ("n_group", raw.n_group),
-            ("topk_group", raw.topk_group),
-            ("moe_layer_freq", raw.moe_layer_freq),
-            ("max_position_embeddings", raw.max_position_embeddings),
+        // Positive, and within bounds far above any real model (Kimi-K2: 61 layers, hidden
+        // 7168, 384 experts, vocab 163,840): a damaged value is refused here, before anything
+        // is sized from it.
+        for (name, v, max) in [
+            ("vocab_size", raw.vocab_size, 1 << 23),
+            ("hidden_size", raw.hidden_size, 1 << 17),
+            ("intermediate_size", raw.intermediate_size, 1 << 20),
+            ("moe_intermediate_size", raw.moe_intermediate_size, 1 << 20),
+            ("num_hidden_layers", raw.num_hidden_layers, 1 << 10),
+            ("num_attention_heads", raw.num_attention_heads, 1 << 12),
+            ("kv_lora_rank", raw.kv_lora_rank, 1 << 16),
+            ("qk_nope_head_dim", raw.qk_nope_head_dim, 1 << 12),
+            ("v_head_dim", raw.v_head_dim, 1 << 12),
+            ("n_routed_experts", raw.n_routed_experts, 1 << 16),
+            ("num_experts_per_tok", raw.num_experts_per_tok, 1 << 10),
+            ("n_group", raw.n_group, 1 << 16),
+            ("topk_group", raw.topk_group, 1 << 16),
+            ("moe_layer_freq", raw.moe_layer_freq, 1 << 10),
+            (
+                "max_position_embeddings",
+                raw.max_position_embeddings,
+                1 << 24,
+            ),
+            ("qk_rope_head_dim", raw.qk_rope_head_dim.max(1), 1 << 12),
+            ("q_lora_rank", raw.q_lora_rank.unwrap_or(1), 1 << 16),
+            (
+                "first_k_dense_replace",
+                raw.first_k_dense_replace.max(1),
+                1 << 10,
+            ),
+            ("n_shared_experts", raw.n_shared_experts.max(1), 1 << 10),
+            (
+                "num_nextn_predict_layers",
+                raw.num_nextn_predict_layers.max(1),
+                1 << 4,
+            ),
         ] {
             ensure!(v > 0, "{name} must be positive, got 0");
+            ensure!(
+                v <= max,
+                "{name} is {v}, beyond any model moehost can run (at most {max}): config.json is damaged?"
+            );
         }
         ensure!(
             raw.qk_rope_head_dim > 0 && raw.qk_rope_head_dim.is_multiple_of(2),
@@ -339,8 +363,11 @@ impl ModelConfig {
             raw.topk_group
         );
         ensure!(
-            raw.routed_scaling_factor.is_finite() && raw.routed_scaling_factor > 0.0,
-            "routed_scaling_factor must be a positive number"
+            raw.routed_scaling_factor.is_finite()
+                && raw.routed_scaling_factor > 0.0
+                && raw.routed_scaling_factor <= 1e4,
+            "routed_scaling_factor must be a positive number up to 1e4 (DeepSeek-V3: 2.5), got {}",
+            raw.routed_scaling_factor
         );
         ensure!(
             raw.rms_norm_eps.is_finite() && raw.rms_norm_eps >= 0.0,
@@ -580,6 +607,16 @@ mod tests {
             ("scoring_func", serde_json::json!("softmax"), "scoring_func"),
             ("topk_method", serde_json::json!("greedy"), "topk_method"),
             ("model_type", serde_json::json!("llama"), "model_type"),
+            (
+                "num_hidden_layers",
+                serde_json::json!(1_000_000_000_000u64),
+                "num_hidden_layers is 1000000000000",
+            ),
+            (
+                "routed_scaling_factor",
+                serde_json::json!(1e300),
+                "routed_scaling_factor",
+            ),
             (
                 "model_type",
                 serde_json::json!("deepseek_v32"),

@@ -671,6 +671,14 @@ impl DeepseekV3 {
             Some(head) => head.linear(&normed, h, &mut out),
             None => linear(&normed, &self.embed, h, &mut out),
         }
+        if let Some(bad) = out.iter().position(|x| !x.is_finite()) {
+            anyhow::bail!(
+                "the logits are not finite (row {}, token {}): the checkpoint's weights or \
+                 config.json's values are damaged",
+                bad / cfg.vocab_size,
+                bad % cfg.vocab_size
+            );
+        }
         Ok((out, routing))
     }
 
@@ -879,6 +887,11 @@ impl DeepseekV3 {
         let t = xn.len() / h;
         let k = moe.gate.top_k;
         let scores = moe.gate.scores(xn, h);
+        ensure!(
+            scores.sigmoid.iter().all(|x| x.is_finite()),
+            "layer {layer}: the router's scores are not finite (NaN hidden states: the \
+             checkpoint's weights or config.json's values are damaged)"
+        );
         // Policies rank the model's own selection scores (group limit applied), so exact top-k
         // on them is the model's routing whatever the provider.
         let choice = moe.gate.selection_scores(&scores);
