@@ -255,14 +255,51 @@ fn kimi_layout_folder_serves_chat_with_tools() {
     assert_eq!(status, 200);
     assert_eq!(sse_text(&raw).0, want);
 
+    // A named tool_choice writes the call's header for the model (Kimi's id numbers the
+    // conversation's calls: one so far); the arguments are the model's, cut off here by
+    // max_tokens, which OpenAI reports as "length" with the call as written.
+    let mut named = json!({"messages": expected.chat, "tools": expected.tools, "max_tokens": 3,
+        "temperature": 0, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+    let (status, v) = post(srv.addr, "/v1/chat/completions", named.clone());
+    assert_eq!(status, 200, "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["id"], "functions.get_weather:1", "{v}");
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert!(call["function"]["arguments"].is_string());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let header = engine
+        .tokenizer
+        .encode_bare("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>")
+        .unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], chat_ids.len() + header.len());
+    named["stream"] = json!(true);
+    let (status, raw) = http(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        named.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200);
+    let (_, chunks) = sse_text(&raw);
+    let streamed: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(streamed.len(), 1, "{raw}");
+    assert_eq!(streamed[0]["index"], 0);
+    assert_eq!(streamed[0]["function"], call["function"]);
+
     // What moehost cannot honour is refused, saying why.
-    let mut required =
-        json!({"messages": expected.chat, "tools": expected.tools, "tool_choice": "required"});
-    let (status, v) = post(srv.addr, "/v1/chat/completions", required.clone());
+    let mut bad = json!({"messages": expected.chat, "tools": expected.tools,
+        "tool_choice": {"type": "function", "function": {"name": "launch"}}});
+    let (status, v) = post(srv.addr, "/v1/chat/completions", bad.clone());
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["param"], "tool_choice");
-    required["tool_choice"] = json!("sometimes");
-    assert_eq!(post(srv.addr, "/v1/chat/completions", required).0, 400);
+    bad["tool_choice"] = json!("sometimes");
+    assert_eq!(post(srv.addr, "/v1/chat/completions", bad).0, 400);
     let (status, v) = post(
         srv.addr,
         "/v1/chat/completions",

@@ -183,10 +183,16 @@ fn check_messages(messages: &[Value]) -> Result<(), ApiError> {
 }
 
 /// Whether the model's output is parsed for tool calls, from `tools` and `tool_choice`.
-fn tool_use(
-    app: &AppState,
-    b: &ChatBody,
-) -> Result<Option<(super::tools::ToolParser, bool)>, ApiError> {
+/// How a chat offering tools is answered: the parser, whether every call is kept, and the
+/// start of a call written for the model when `tool_choice` demands one.
+struct ToolPlan {
+    parser: super::tools::ToolParser,
+    parallel: bool,
+    forced: Option<String>,
+}
+
+/// Whether the model's output is parsed for tool calls, from `tools` and `tool_choice`.
+fn tool_use(app: &AppState, b: &ChatBody) -> Result<Option<ToolPlan>, ApiError> {
     let tools = b.tools.as_deref().unwrap_or_default();
     let bad = |param, msg: String| ApiError {
         param: Some(param),
@@ -200,10 +206,13 @@ fn tool_use(
             ));
         }
     }
-    let choice = match &b.tool_choice {
-        None => "auto",
-        Some(Value::String(s)) if matches!(s.as_str(), "auto" | "none" | "required") => s.as_str(),
-        Some(v) if v["function"]["name"].is_string() => "named",
+    // None: auto; Some(None): required; Some(Some(name)): that function.
+    let forced: Option<Option<&str>> = match &b.tool_choice {
+        None => None,
+        Some(Value::String(s)) if s == "auto" => None,
+        Some(Value::String(s)) if s == "none" => return Ok(None),
+        Some(Value::String(s)) if s == "required" => Some(None),
+        Some(v) if v["function"]["name"].is_string() => Some(v["function"]["name"].as_str()),
         Some(v) => {
             return Err(bad(
                 "tool_choice",
@@ -213,14 +222,22 @@ fn tool_use(
             ))
         }
     };
-    if tools.is_empty() || choice == "none" {
-        return Ok(None);
+    if tools.is_empty() {
+        return match forced {
+            Some(_) => Err(bad(
+                "tool_choice",
+                "tool_choice asks for a tool call but no tools are given".into(),
+            )),
+            None => Ok(None),
+        };
     }
-    if matches!(choice, "required" | "named") {
-        return Err(bad(
-            "tool_choice",
-            format!("tool_choice \"{choice}\" needs constrained decoding, which moehost does not do yet; use \"auto\""),
-        ));
+    if let Some(Some(name)) = forced {
+        if !tools.iter().any(|t| t["function"]["name"] == name) {
+            return Err(bad(
+                "tool_choice",
+                format!("tool_choice names {name:?}, which is not in tools"),
+            ));
+        }
     }
     let Some(parser) = app.tool_parser else {
         return Err(bad(
@@ -228,7 +245,17 @@ fn tool_use(
             "this model's tool-call syntax is unknown (neither Kimi-K2's nor DeepSeek's markers are in its tokenizer); start the server with --tool-call-parser".into(),
         ));
     };
-    Ok(Some((parser, b.parallel_tool_calls.unwrap_or(true))))
+    let calls_so_far = b
+        .messages
+        .iter()
+        .filter_map(|m| m["tool_calls"].as_array())
+        .map(Vec::len)
+        .sum();
+    Ok(Some(ToolPlan {
+        parser,
+        parallel: b.parallel_tool_calls.unwrap_or(true),
+        forced: forced.map(|name| parser.forced_prefix(name, calls_so_far)),
+    }))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(
@@ -288,7 +315,7 @@ pub async fn completions(
             .engine
             .encode(&text.unwrap_or_default())
             .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
-        run(app.clone(), arm, Kind::Completion, ids, b.common).await
+        run(app.clone(), arm, Kind::Completion, ids, None, b.common).await
     }
     .await;
     finish(&app, result)
@@ -310,7 +337,7 @@ async fn run_ids(
             ))
         });
     }
-    run(app, arm, Kind::Completion, ids, common).await
+    run(app, arm, Kind::Completion, ids, None, common).await
 }
 
 pub async fn chat_completions(
@@ -356,14 +383,34 @@ pub async fn chat_completions(
             let ids = engine.encode(&text);
             (text, ids)
         };
-        let ids = ids.map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+        let mut ids = ids.map_err(|e| ApiError::invalid(format!("{e:#}")))?;
         // A template that writes thinking blocks marks a reasoning model.
         let reasoning = t
             .text
             .contains("</think>")
             .then(|| super::reasoning::ReasoningStream::prompt_opens_block(&text));
-        let read = ChatRead { tools, reasoning };
-        run(app.clone(), arm, Kind::Chat(read), ids, b.common).await
+        let mut reasoning = reasoning;
+        let forced = tools.as_ref().and_then(|t| t.forced.clone());
+        if let Some(prefix) = &forced {
+            // The call's start is written for the model, so the answer is the call: a thinking
+            // block the prompt opened is closed first, and there is no thinking to read.
+            let written = match reasoning {
+                Some(true) => format!("</think>{prefix}"),
+                _ => prefix.clone(),
+            };
+            reasoning = None;
+            ids.extend(
+                engine
+                    .tokenizer
+                    .encode_bare(&written)
+                    .map_err(|e| ApiError::invalid(format!("{e:#}")))?,
+            );
+        }
+        let read = ChatRead {
+            tools: tools.map(|t| (t.parser, t.parallel)),
+            reasoning,
+        };
+        run(app.clone(), arm, Kind::Chat(read), ids, forced, b.common).await
     }
     .await;
     finish(&app, result)
@@ -403,11 +450,14 @@ fn pick_arm(app: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
     app.arms.pick(header).map_err(ApiError::invalid)
 }
 
+/// `forced`: text written for the model at the end of the prompt (a forced tool call's start),
+/// read as the beginning of its answer.
 async fn run(
     app: AppState,
     arm: usize,
     kind: Kind,
     prompt_ids: Vec<u32>,
+    forced: Option<String>,
     c: Common,
 ) -> Result<Response, ApiError> {
     let cfg = app.engine.model.config();
@@ -518,12 +568,12 @@ async fn run(
     let model = app.model_name.clone();
     if c.stream.unwrap_or(false) {
         // Server-sent events; dropping the stream (client gone) closes `rx`, which cancels.
-        let stream = async_stream(id, created, model, kind, rx);
+        let stream = async_stream(id, created, model, kind, forced, rx);
         return Ok(Sse::new(stream)
             .keep_alive(KeepAlive::default())
             .into_response());
     }
-    let mut text = String::new();
+    let mut text = forced.unwrap_or_default();
     while let Some(ev) = rx.recv().await {
         match ev {
             GenEvent::Text(t) => text.push_str(&t),
@@ -559,11 +609,14 @@ async fn run(
                                 reasoning.into()
                             };
                         }
-                        let finish = if calls.is_empty() {
-                            finish_reason
-                        } else {
+                        if !calls.is_empty() {
                             message["tool_calls"] =
                                 calls.iter().map(tool_call_json).collect::<Vec<_>>().into();
+                        }
+                        // A call cut off by max_tokens is still "length", as OpenAI says it.
+                        let finish = if calls.is_empty() || finish_reason == "length" {
+                            finish_reason
+                        } else {
                             "tool_calls"
                         };
                         json!({"id": id, "object": "chat.completion", "created": created, "model": model,
@@ -641,6 +694,7 @@ fn async_stream(
     created: u64,
     model: String,
     kind: Kind,
+    forced: Option<String>,
     rx: mpsc::UnboundedReceiver<GenEvent>,
 ) -> impl futures_core::Stream<Item = Result<Event, Infallible>> {
     struct S {
@@ -652,7 +706,15 @@ fn async_stream(
         reader: Option<super::answer::ChatReader>,
     }
     let reader = match kind {
-        Kind::Chat(read) => Some(super::answer::ChatReader::new(read, &id)),
+        Kind::Chat(read) => {
+            let mut r = super::answer::ChatReader::new(read, &id);
+            if let Some(f) = &forced {
+                // Inside a call section: nothing comes out until the call is complete.
+                let early = r.push(f);
+                debug_assert!(early.is_empty());
+            }
+            Some(r)
+        }
         Kind::Completion => None,
     };
     let state = S {
@@ -698,7 +760,7 @@ fn async_stream(
                         let mut finish = finish_reason;
                         if let Some(r) = s.reader.as_mut() {
                             let o = r.finish();
-                            if r.calls() > 0 {
+                            if r.calls() > 0 && finish != "length" {
                                 finish = "tool_calls";
                             }
                             outs(&mut s, o);

@@ -88,6 +88,26 @@ impl ToolParser {
             .collect()
     }
 
+    /// The start of a call written for the model when `tool_choice` demands one: the section's
+    /// opening (`required`), or a whole call header naming `name` (a named function), after
+    /// which the model writes the arguments. `index` numbers Kimi's call ids (calls so far in
+    /// the conversation).
+    pub fn forced_prefix(self, name: Option<&str>, index: usize) -> String {
+        let [section_begin, _, call_begin, _] = self.markers();
+        let Some(name) = name else {
+            return section_begin.to_owned();
+        };
+        match self {
+            Self::KimiK2 => {
+                format!("{section_begin}{call_begin}functions.{name}:{index}{KIMI_ARG}")
+            }
+            Self::DeepSeekV3 => {
+                format!("{section_begin}{call_begin}function{DS_SEP}{name}\n```json\n")
+            }
+            Self::DeepSeekV31 => format!("{section_begin}{call_begin}{name}{DS_SEP}"),
+        }
+    }
+
     fn markers(self) -> [&'static str; 4] {
         match self {
             Self::KimiK2 => [
@@ -206,17 +226,28 @@ impl ToolStream {
         }
     }
 
-    /// The end of the output: whatever is held back is content.
+    /// The end of the output: held-back text is content; a call cut off (by `max_tokens`) is
+    /// given with the arguments written so far, as OpenAI gives a truncated call.
     pub fn finish(&mut self) -> Vec<Delta> {
         let mut out = Vec::new();
         let rest = std::mem::take(&mut self.buf);
-        if self.in_section {
-            // An unfinished call: nothing to act on; drop the section's markup.
-            let [_, _, call_begin, _] = self.parser.markers();
-            let text = rest.replace(call_begin, "");
-            push_content(&mut out, text.trim());
-        } else {
+        if !self.in_section {
             push_content(&mut out, &rest);
+            return out;
+        }
+        let [_, _, call_begin, _] = self.parser.markers();
+        if let Some(b) = rest.find(call_begin) {
+            let body = &rest[b + call_begin.len()..];
+            // A DeepSeek V3 call cut off inside its ```json block: close it to read it.
+            let closed = format!("{body}\n```");
+            let call = self
+                .parser
+                .call(body, self.calls, &self.id_prefix)
+                .or_else(|| self.parser.call(&closed, self.calls, &self.id_prefix));
+            if let Some(call) = call {
+                out.push(Delta::Call(self.calls, call));
+                self.calls += 1;
+            }
         }
         out
     }
@@ -322,15 +353,56 @@ mod tests {
     }
 
     #[test]
-    fn text_without_calls_and_unfinished_calls_are_content() {
+    fn text_without_calls_is_content_and_cut_off_calls_keep_their_arguments() {
         let (content, calls) = parse(ToolParser::KimiK2, "plain <|tool", "c");
         assert_eq!((content.as_str(), calls.len()), ("plain <|tool", 0));
         let (content, calls) = parse(
             ToolParser::KimiK2,
-            "a<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{",
+            "a<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{\"x\": 1",
             "c",
         );
-        assert_eq!(calls.len(), 0);
-        assert!(content.starts_with('a'), "{content}");
+        assert_eq!(content, "a");
+        assert_eq!(
+            (calls[0].name.as_str(), calls[0].arguments.as_str()),
+            ("f", "{\"x\": 1")
+        );
+        let (_, calls) = parse(
+            ToolParser::DeepSeekV3,
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>g\n```json\n{\"y\"",
+            "c",
+        );
+        assert_eq!(
+            (calls[0].name.as_str(), calls[0].arguments.as_str()),
+            ("g", "{\"y\"")
+        );
+        // A section opened without a call header gives nothing.
+        let (content, calls) = parse(ToolParser::KimiK2, "b<|tool_calls_section_begin|>xyz", "c");
+        assert_eq!((content.as_str(), calls.len()), ("b", 0));
+    }
+
+    #[test]
+    fn forced_prefixes_start_a_call_the_parser_reads() {
+        for p in [
+            ToolParser::KimiK2,
+            ToolParser::DeepSeekV3,
+            ToolParser::DeepSeekV31,
+        ] {
+            let prefix = p.forced_prefix(Some("get_weather"), 2);
+            let (_, calls) = parse(p, &format!("{prefix}{{\"city\": \"Paris\"}}"), "c");
+            assert_eq!(calls.len(), 1, "{p:?}");
+            assert_eq!(calls[0].name, "get_weather");
+            assert_eq!(calls[0].arguments, "{\"city\": \"Paris\"}");
+            assert!(p.forced_prefix(None, 0).contains("calls"));
+        }
+        assert_eq!(
+            parse(
+                ToolParser::KimiK2,
+                &ToolParser::KimiK2.forced_prefix(Some("f"), 2),
+                "c"
+            )
+            .1[0]
+                .id,
+            "functions.f:2"
+        );
     }
 }
