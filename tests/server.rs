@@ -981,3 +981,104 @@ fn chat_content_cannot_forge_control_tokens() {
         .unwrap();
     assert_eq!(ask(plain), want.len());
 }
+
+/// Log-probabilities in OpenAI's shapes: completions' `logprobs: n`, chat's `logprobs: true`
+/// with `top_logprobs`, streamed or not; each is the log-softmax of the model's logits at its
+/// step (the first checked against the model run here), greedy picks the most likely.
+#[test]
+fn logprobs_are_the_models_log_softmax() {
+    let srv = default_server();
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let prompt = "<|bos|>The capital of France is";
+    let ids = engine.encode(prompt).unwrap();
+    let mut cache = engine.model.new_cache();
+    let logits = engine
+        .model
+        .forward(&ids, &mut cache, moehost::Logits::Last, false)
+        .unwrap()
+        .logits;
+    let first = moehost::engine::TokenLogprob::of(&logits, moehost::sampling::argmax(&logits), 2);
+
+    let (status, v) = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 5, "temperature": 0, "logprobs": 2}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n);
+    let got = lp["token_logprobs"][0].as_f64().unwrap() as f32;
+    assert!(
+        (got - first.logprob).abs() < 1e-5,
+        "{got} vs {}",
+        first.logprob
+    );
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert_eq!(top.len(), 2, "{top:?}");
+        let best = top
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(
+            best,
+            lp["token_logprobs"][i].as_f64().unwrap(),
+            "greedy picks the best"
+        );
+    }
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]) && offsets[0] == 0);
+
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 3});
+    let (status, v) = post(srv.addr, "/v1/chat/completions", body.clone());
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len(),
+        v["usage"]["completion_tokens"].as_u64().unwrap() as usize
+    );
+    for e in content {
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 3);
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+        assert!(e["bytes"].is_array() && e["token"].is_string());
+    }
+    let mut stream = body;
+    stream["stream"] = json!(true);
+    let (_, raw) = http(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        stream.to_string().as_bytes(),
+    );
+    let (_, chunks) = sse_text(&raw);
+    let streamed: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(streamed.len(), content.len());
+    assert_eq!(streamed[0]["token"], content[0]["token"]);
+
+    // Out-of-range requests are the client's error.
+    for bad in [
+        json!({"prompt": "x", "logprobs": 9}),
+        json!({"prompt": "x", "logprobs": "yes"}),
+    ] {
+        assert_eq!(post(srv.addr, "/v1/completions", bad).0, 400);
+    }
+    let (status, v) = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "logprobs");
+}

@@ -166,6 +166,38 @@ impl Engine {
     }
 }
 
+/// A generated token's log-probability and the most likely alternatives at its step: the
+/// log-softmax of the model's logits (before temperature and truncation, as vLLM reports them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// The `n` most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// `id`'s entry with the `top` most likely tokens of `logits`.
+    pub fn of(logits: &[f32], id: u32, top: usize) -> Self {
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+        let lse = max + sum.ln() as f32;
+        let top = crate::router::top_k_indices(logits, top)
+            .into_iter()
+            .map(|i| (i, logits[i as usize] - lse))
+            .collect();
+        Self {
+            id,
+            logprob: logits[id as usize] - lse,
+            top,
+        }
+    }
+}
+
 /// One sequence being generated: its cache, sampler, output and stop rules. `generate` drives
 /// one; the server's scheduler drives many through batched forward passes, so both produce the
 /// same tokens and text for the same request.
@@ -183,6 +215,10 @@ pub struct SequenceState {
     finish_reason: Option<&'static str>,
     /// Special tokens decoded into the text (a tool-call parser's markers); others are left out.
     keep_special: Vec<u32>,
+    /// Report log-probabilities with this many alternatives per token.
+    logprobs: Option<usize>,
+    /// Entries not yet taken.
+    pending_logprobs: Vec<TokenLogprob>,
 }
 
 impl SequenceState {
@@ -214,7 +250,20 @@ impl SequenceState {
             text: String::new(),
             finish_reason: (max_tokens == 0).then_some("length"),
             keep_special: Vec::new(),
+            logprobs: None,
+            pending_logprobs: Vec::new(),
         })
+    }
+
+    /// Records each generated token's log-probability with `top` alternatives.
+    pub fn with_logprobs(mut self, top: Option<usize>) -> Self {
+        self.logprobs = top;
+        self
+    }
+
+    /// The log-probabilities recorded since the last call.
+    pub fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.pending_logprobs)
     }
 
     /// Keeps these special tokens in the text (default: every special token is left out).
@@ -315,6 +364,10 @@ impl SequenceState {
         if engine.defaults.eos_token_ids.contains(&next) {
             self.finish_reason = Some("eos");
         } else {
+            if let Some(top) = self.logprobs {
+                self.pending_logprobs
+                    .push(TokenLogprob::of(logits, next, top));
+            }
             self.ids.push(next);
             let cfg = engine.model.config();
             if self.ids.len() >= self.max_tokens || self.cache.len() >= cfg.max_position_embeddings

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
@@ -105,6 +106,12 @@ struct Common {
     n: Option<u32>,
     #[serde(default)]
     stream: Option<bool>,
+    /// Completions: how many alternatives per token (0-5). Chat: `true` to report them.
+    #[serde(default)]
+    logprobs: Option<Value>,
+    /// Chat: alternatives per token (0-20), with `logprobs: true`.
+    #[serde(default)]
+    top_logprobs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -518,6 +525,7 @@ async fn run(
             ))
         });
     }
+    let logprobs = requested_logprobs(kind, &c)?;
     let params = SamplingParams {
         temperature: c.temperature.unwrap_or(1.0),
         top_k: 0,
@@ -538,6 +546,7 @@ async fn run(
             Kind::Chat(read) => kept_tokens(&app, read),
             Kind::Completion => Vec::new(),
         },
+        logprobs,
         events: tx,
         received: Instant::now(),
     };
@@ -568,15 +577,17 @@ async fn run(
     let model = app.model_name.clone();
     if c.stream.unwrap_or(false) {
         // Server-sent events; dropping the stream (client gone) closes `rx`, which cancels.
-        let stream = async_stream(id, created, model, kind, forced, rx);
+        let stream = async_stream(id, created, model, kind, forced, app.engine.clone(), rx);
         return Ok(Sse::new(stream)
             .keep_alive(KeepAlive::default())
             .into_response());
     }
     let mut text = forced.unwrap_or_default();
+    let mut token_logprobs = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             GenEvent::Text(t) => text.push_str(&t),
+            GenEvent::Logprobs(l) => token_logprobs.extend(l),
             GenEvent::Error(e) => {
                 return Err(ApiError::status(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -591,10 +602,14 @@ async fn run(
             } => {
                 let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                    "total_tokens": prompt_tokens + completion_tokens});
+                let lp = match logprobs {
+                    Some(_) => logprobs_json(&app.engine, kind, &token_logprobs, &mut 0),
+                    None => Value::Null,
+                };
                 let body = match kind {
                     Kind::Completion => {
                         json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason}],
+                        "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish_reason}],
                         "usage": usage})
                     }
                     Kind::Chat(read) => {
@@ -620,7 +635,7 @@ async fn run(
                             "tool_calls"
                         };
                         json!({"id": id, "object": "chat.completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+                        "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}],
                         "usage": usage})
                     }
                 };
@@ -633,6 +648,77 @@ async fn run(
         "server_error",
         "generation was cancelled",
     ))
+}
+
+/// How many alternatives per token the request wants reported, if it wants log-probabilities:
+/// completions' `logprobs` (0-5), chat's `logprobs: true` with `top_logprobs` (0-20).
+fn requested_logprobs(kind: Kind, c: &Common) -> Result<Option<usize>, ApiError> {
+    let bad = |msg: &str| ApiError {
+        param: Some("logprobs"),
+        ..ApiError::invalid(msg)
+    };
+    match (kind, &c.logprobs) {
+        (Kind::Completion, None | Some(Value::Null)) => Ok(None),
+        (Kind::Completion, Some(v)) => match v.as_u64() {
+            Some(n) if n <= 5 => Ok(Some(n as usize)),
+            _ => Err(bad("logprobs must be an integer from 0 to 5")),
+        },
+        (Kind::Chat(_), None | Some(Value::Null) | Some(Value::Bool(false))) => {
+            match c.top_logprobs {
+                None | Some(0) => Ok(None),
+                Some(_) => Err(bad("top_logprobs needs logprobs: true")),
+            }
+        }
+        (Kind::Chat(_), Some(Value::Bool(true))) => match c.top_logprobs.unwrap_or(0) {
+            n @ 0..=20 => Ok(Some(n as usize)),
+            _ => Err(bad("top_logprobs must be from 0 to 20")),
+        },
+        (Kind::Chat(_), Some(_)) => Err(bad("logprobs must be true or false")),
+    }
+}
+
+/// OpenAI's `logprobs` object for `tokens`: chat's `{"content": [{token, logprob, bytes,
+/// top_logprobs}]}`, or completions' `{tokens, token_logprobs, top_logprobs, text_offset}`
+/// (`offset`: the text's length before these tokens, advanced past them). A token's text is
+/// its own decoding (special tokens by name); `bytes` are that text's UTF-8.
+fn logprobs_json(
+    engine: &crate::engine::Engine,
+    kind: Kind,
+    tokens: &[crate::engine::TokenLogprob],
+    offset: &mut usize,
+) -> Value {
+    let text = |id: u32| engine.tokenizer.decode(&[id], false).unwrap_or_default();
+    match kind {
+        Kind::Chat(_) => {
+            let entry = |id: u32, lp: f32| {
+                let t = text(id);
+                json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+            };
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let mut e = entry(t.id, t.logprob);
+                    e["top_logprobs"] = t.top.iter().map(|&(i, lp)| entry(i, lp)).collect();
+                    e
+                })
+                .collect();
+            json!({"content": content})
+        }
+        Kind::Completion => {
+            let (mut toks, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+            for t in tokens {
+                let s = text(t.id);
+                offs.push(*offset);
+                *offset += s.len();
+                toks.push(s);
+                lps.push(t.logprob);
+                let top: serde_json::Map<String, Value> =
+                    t.top.iter().map(|&(i, lp)| (text(i), json!(lp))).collect();
+                tops.push(top);
+            }
+            json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
+        }
+    }
 }
 
 /// An OpenAI tool call object.
@@ -648,7 +734,15 @@ enum Piece<'a> {
     Finish(&'a str),
 }
 
-fn chunk(id: &str, created: u64, model: &str, kind: Kind, piece: Piece<'_>, first: bool) -> Value {
+fn chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    kind: Kind,
+    piece: Piece<'_>,
+    first: bool,
+    logprobs: Value,
+) -> Value {
     let finish = match piece {
         Piece::Finish(f) => Some(f),
         _ => None,
@@ -660,7 +754,7 @@ fn chunk(id: &str, created: u64, model: &str, kind: Kind, piece: Piece<'_>, firs
                 _ => "",
             };
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]})
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]})
         }
         Kind::Chat(_) => {
             let mut delta = serde_json::Map::new();
@@ -684,17 +778,20 @@ fn chunk(id: &str, created: u64, model: &str, kind: Kind, piece: Piece<'_>, firs
                 Piece::Finish(_) => {}
             }
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
         }
     }
 }
 
+/// `engine`: to name the tokens of requested log-probabilities, which ride on the next chunk
+/// sent after their tokens.
 fn async_stream(
     id: String,
     created: u64,
     model: String,
     kind: Kind,
     forced: Option<String>,
+    engine: Arc<crate::engine::Engine>,
     rx: mpsc::UnboundedReceiver<GenEvent>,
 ) -> impl futures_core::Stream<Item = Result<Event, Infallible>> {
     struct S {
@@ -704,6 +801,9 @@ fn async_stream(
         /// Events ready to send, oldest first.
         ready: std::collections::VecDeque<Event>,
         reader: Option<super::answer::ChatReader>,
+        /// Log-probabilities not yet sent, and the completion text's length so far.
+        logprobs: Vec<crate::engine::TokenLogprob>,
+        offset: usize,
     }
     let reader = match kind {
         Kind::Chat(read) => {
@@ -723,9 +823,11 @@ fn async_stream(
         done: false,
         ready: Default::default(),
         reader,
+        logprobs: Vec::new(),
+        offset: 0,
     };
     futures_util::stream::unfold(state, move |mut s| {
-        let (id, model) = (id.clone(), model.clone());
+        let (id, model, engine) = (id.clone(), model.clone(), engine.clone());
         async move {
             loop {
                 if let Some(ev) = s.ready.pop_front() {
@@ -735,7 +837,13 @@ fn async_stream(
                     return None;
                 }
                 let send = |s: &mut S, piece: Piece<'_>| {
-                    let c = chunk(&id, created, &model, kind, piece, s.first);
+                    let lp = if s.logprobs.is_empty() {
+                        Value::Null
+                    } else {
+                        let l = std::mem::take(&mut s.logprobs);
+                        logprobs_json(&engine, kind, &l, &mut s.offset)
+                    };
+                    let c = chunk(&id, created, &model, kind, piece, s.first, lp);
                     s.first = false;
                     s.ready.push_back(Event::default().data(c.to_string()));
                 };
@@ -749,6 +857,7 @@ fn async_stream(
                     }
                 };
                 match s.rx.recv().await {
+                    Some(GenEvent::Logprobs(l)) => s.logprobs.extend(l),
                     Some(GenEvent::Text(t)) => match s.reader.as_mut() {
                         Some(r) => {
                             let o = r.push(&t);

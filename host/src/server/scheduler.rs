@@ -32,6 +32,8 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     /// Special tokens kept in the text (a tool-call parser's markers).
     pub keep_special: Vec<u32>,
+    /// Report each token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
     pub events: mpsc::UnboundedSender<GenEvent>,
     pub received: Instant,
 }
@@ -39,6 +41,8 @@ pub struct GenRequest {
 /// What the scheduler answers, in order: text pieces, then one `Done` (or an `Error`).
 #[derive(Debug)]
 pub enum GenEvent {
+    /// Log-probabilities of the tokens behind the text that follows (requested only).
+    Logprobs(Vec<crate::engine::TokenLogprob>),
     Text(String),
     Done {
         finish_reason: &'static str,
@@ -197,7 +201,9 @@ fn admit(engine: &Engine, arms: &Arms, r: GenRequest, metrics: &Metrics) -> Opti
     }
     let arm = r.arm.min(arms.arms.len() - 1);
     let seq = match SequenceState::new(engine, &r.prompt_ids, r.max_tokens, &r.params, r.stop) {
-        Ok(s) => s.keep_special_tokens(r.keep_special),
+        Ok(s) => s
+            .keep_special_tokens(r.keep_special)
+            .with_logprobs(r.logprobs),
         Err(e) => {
             let _ = r.events.send(GenEvent::Error(format!("{e:#}")));
             return None;
@@ -281,6 +287,10 @@ fn deliver(a: &mut Active, piece: anyhow::Result<Option<String>>, metrics: &Metr
     a.counted = a.seq.completion_tokens();
     for c in [&metrics.completion_tokens, &am.completion_tokens] {
         c.fetch_add(produced as u64, Ordering::Relaxed);
+    }
+    let logprobs = a.seq.take_logprobs();
+    if !logprobs.is_empty() {
+        let _ = a.events.send(GenEvent::Logprobs(logprobs));
     }
     match piece {
         Ok(Some(text)) => {
