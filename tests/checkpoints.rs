@@ -81,14 +81,7 @@ fn error_before_weights(files: &[(&str, &[u8])]) -> String {
     for (name, bytes) in files {
         std::fs::write(dir.path().join(name), bytes).unwrap();
     }
-    let out = moehost()
-        .args(["generate", "--prompt", "x"])
-        .arg("--model")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    fails(&["generate", "--prompt", "x"], dir.path())
 }
 
 #[test]
@@ -131,37 +124,32 @@ fn tokenizer_and_chat_template_are_checked_before_any_weight() {
 /// runs the decoder exactly as without it.
 #[test]
 fn multi_token_prediction_layer_is_skipped_and_said_so() {
-    use safetensors::tensor::TensorView;
     let src = support::data_dir().join("variants/dsv3-groups");
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
-    cfg["num_nextn_predict_layers"] = 1.into();
-    let mtp_layer = cfg["num_hidden_layers"].as_u64().unwrap();
-    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(
-        src.join("tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
-    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let extra = vec![0u8; 64 * 128 * 4];
-    let mut tensors: Vec<(String, TensorView)> = st.tensors().into_iter().collect();
-    for name in ["eh_proj.weight", "enorm.weight", "hnorm.weight"] {
-        let shape = if name == "eh_proj.weight" {
-            vec![64, 128]
-        } else {
-            vec![64]
-        };
-        let n = shape.iter().product::<usize>() * 4;
-        tensors.push((
-            format!("model.layers.{mtp_layer}.{name}"),
-            TensorView::new(safetensors::Dtype::F32, shape, &extra[..n]).unwrap(),
-        ));
-    }
-    safetensors::serialize_to_file(tensors, None, &dir.path().join("model.safetensors")).unwrap();
-
+    let mtp_layer = 3; // num_hidden_layers
+    let extra: Vec<(String, Vec<usize>, Vec<u8>)> = [
+        ("eh_proj.weight", vec![64, 128]),
+        ("enorm.weight", vec![64]),
+        ("hnorm.weight", vec![64]),
+    ]
+    .into_iter()
+    .map(|(n, shape)| {
+        let len = shape.iter().product::<usize>() * 4;
+        (
+            format!("model.layers.{mtp_layer}.{n}"),
+            shape,
+            vec![0u8; len],
+        )
+    })
+    .collect();
+    let dir = variant_copy(
+        "dsv3-groups",
+        |c| {
+            assert_eq!(c["num_hidden_layers"], mtp_layer);
+            c["num_nextn_predict_layers"] = 1.into();
+        },
+        |_, b| Some(b.to_vec()),
+        &extra,
+    );
     let golden = support::Golden::from_path(&src.join("golden.safetensors"));
     let ids: Vec<String> = golden
         .ids(0, "input_ids")
@@ -284,58 +272,30 @@ fn int4_folder_converts_and_benches_against_its_original() {
 /// opened, a `weight_shape` that disagrees with the packed data when the expert is read.
 #[test]
 fn damaged_int4_experts_are_named() {
-    use safetensors::tensor::TensorView;
-    let src = support::data_dir().join("variants/dsv3-groups-int4");
-    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let one = |v: i64, dtype: safetensors::Dtype| match dtype {
-        safetensors::Dtype::I64 => v.to_le_bytes().to_vec(),
-        _ => (v as i32).to_le_bytes().to_vec(),
-    };
-    let damaged = |drop: &str, wrong_shapes: bool| {
-        let dir = tempfile::tempdir().unwrap();
-        for f in ["config.json", "tokenizer.json"] {
-            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
-        }
-        let mut wrong: Vec<(String, Vec<u8>)> = Vec::new();
-        if wrong_shapes {
-            for (name, view) in st.tensors() {
-                if name.ends_with(".weight_shape") {
-                    let mut b = one(1, view.dtype());
-                    b.extend(one(8, view.dtype()));
-                    wrong.push((name, b));
-                }
-            }
-        }
-        let mut tensors: Vec<(String, TensorView)> = Vec::new();
-        for (name, view) in st.tensors() {
-            if name == drop {
-                continue;
-            }
-            match wrong.iter().find(|(n, _)| *n == name) {
-                Some((_, data)) => tensors.push((
-                    name,
-                    TensorView::new(view.dtype(), view.shape().to_vec(), data).unwrap(),
-                )),
-                None => tensors.push((name, view)),
-            }
-        }
-        safetensors::serialize_to_file(tensors, None, &dir.path().join("model.safetensors"))
-            .unwrap();
-        let out = moehost()
-            .args(["forward", "--ids", "0,5,9", "--out"])
-            .arg(dir.path().join("out.safetensors"))
-            .arg("--model")
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let forward = ["forward", "--ids", "0,5,9", "--out", "/dev/null"];
     let scale = "model.layers.1.mlp.experts.7.up_proj.weight_scale";
-    let err = damaged(scale, false);
+    let dir = variant_copy(
+        "dsv3-groups-int4",
+        |_| {},
+        |n, b| (n != scale).then(|| b.to_vec()),
+        &[],
+    );
+    let err = fails(&forward, dir.path());
     assert!(err.contains(scale), "{err}");
-    let err = damaged("", true);
+    // Every weight_shape says [1, 8], in its own integer width.
+    let dir = variant_copy(
+        "dsv3-groups-int4",
+        |_| {},
+        |n, b| {
+            Some(match (n.ends_with(".weight_shape"), b.len()) {
+                (false, _) => b.to_vec(),
+                (true, 16) => [1i64, 8].iter().flat_map(|v| v.to_le_bytes()).collect(),
+                (true, _) => [1i32, 8].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            })
+        },
+        &[],
+    );
+    let err = fails(&forward, dir.path());
     assert!(
         err.contains(".weight_shape") && err.contains("[1, 8]"),
         "{err}"
@@ -384,44 +344,79 @@ fn a_prompt_starting_with_bos_gets_one() {
 /// A shard of NaN weights is an error naming where it shows, never garbage tokens.
 #[test]
 fn non_finite_weights_are_an_error_naming_the_layer() {
-    use safetensors::tensor::TensorView;
-    let src = support::data_dir().join("variants/dsv3-groups");
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
-    }
-    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let target = "model.layers.1.self_attn.o_proj.weight";
-    let nan: Vec<u8> = std::iter::repeat_n(
-        f32::NAN.to_le_bytes(),
-        st.tensor(target).unwrap().data().len() / 4,
-    )
-    .flatten()
-    .collect();
-    let tensors: Vec<(String, TensorView)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            if name == target {
-                let v = TensorView::new(view.dtype(), view.shape().to_vec(), &nan).unwrap();
-                (name, v)
+    let dir = variant_copy(
+        "dsv3-groups",
+        |_| {},
+        |n, b| {
+            Some(if n == target {
+                b.chunks(4).flat_map(|_| f32::NAN.to_le_bytes()).collect()
             } else {
-                (name, view)
-            }
-        })
-        .collect();
-    safetensors::serialize_to_file(tensors, None, &dir.path().join("model.safetensors")).unwrap();
-    let out = moehost()
-        .args(["generate", "--prompt-ids", "0,5,9", "--max-tokens", "2"])
-        .arg("--model")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+                b.to_vec()
+            })
+        },
+        &[],
+    );
+    let err = fails(
+        &["generate", "--prompt-ids", "0,5,9", "--max-tokens", "2"],
+        dir.path(),
+    );
     assert!(
         err.contains("layer 1") && err.contains("not finite"),
         "{err}"
     );
+}
+
+/// A copy of variant `name` in a new folder (config.json through `config`, tokenizer.json as
+/// is) whose model.safetensors is rewritten: each tensor's bytes through `edit` (`None` drops
+/// the tensor), then `extra` tensors (name, F32 shape, bytes) added.
+fn variant_copy(
+    name: &str,
+    config: impl Fn(&mut serde_json::Value),
+    edit: impl Fn(&str, &[u8]) -> Option<Vec<u8>>,
+    extra: &[(String, Vec<usize>, Vec<u8>)],
+) -> tempfile::TempDir {
+    use safetensors::tensor::TensorView;
+    let src = support::data_dir().join("variants").join(name);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    config(&mut cfg);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        src.join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let edited: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors()
+            .into_iter()
+            .filter_map(|(n, v)| {
+                let data = edit(&n, v.data())?;
+                Some((n, v.dtype(), v.shape().to_vec(), data))
+            })
+            .chain(extra.iter().map(|(n, shape, b)| {
+                (n.clone(), safetensors::Dtype::F32, shape.clone(), b.clone())
+            }))
+            .collect();
+    let views: Vec<(String, TensorView)> = edited
+        .iter()
+        .map(|(n, d, shape, b)| (n.clone(), TensorView::new(*d, shape.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+/// `moehost ARGS --model DIR`, which must fail: its stderr.
+fn fails(args: &[&str], model: &std::path::Path) -> String {
+    let out = moehost()
+        .args(args)
+        .arg("--model")
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
