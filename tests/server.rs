@@ -424,6 +424,14 @@ fn errors_have_openais_shape_and_status() {
         ),
         (
             "/v1/completions",
+            json!({"prompt": "x", "stop": vec!["a"; 100]})
+                .to_string()
+                .into_bytes(),
+            400,
+            "stop takes at most",
+        ),
+        (
+            "/v1/completions",
             br#"{"prompt": "x", "temperature": -2}"#.to_vec(),
             400,
             "temperature",

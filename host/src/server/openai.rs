@@ -75,6 +75,11 @@ impl OneOrMany {
     }
 }
 
+/// Stop strings a request may give (OpenAI takes 4; vLLM any number), and their length: every
+/// step searches the new text for each of them.
+const MAX_STOPS: usize = 32;
+const MAX_STOP_BYTES: usize = 1024;
+
 /// A completions prompt as OpenAI takes it: text, or token ids (a single prompt of either).
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -318,9 +323,11 @@ pub async fn completions(
             }
             Prompt::Texts(_) | Prompt::IdLists(_) => return Err(one()),
         };
-        let ids = app
-            .engine
-            .encode(&text.unwrap_or_default())
+        // Tokenizing a long prompt takes a while: off the async workers.
+        let engine = app.engine.clone();
+        let ids = tokio::task::spawn_blocking(move || engine.encode(&text.unwrap_or_default()))
+            .await
+            .map_err(|e| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
             .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
         run(app.clone(), arm, Kind::Completion, ids, None, b.common).await
     }
@@ -355,72 +362,100 @@ pub async fn chat_completions(
     let result = async {
         let arm = pick_arm(&app, &headers)?;
         let b: ChatBody = parse(body)?;
-        check_messages(&b.messages)?;
-        let tools = tool_use(&app, &b)?;
-        let t = app.engine.chat_template.as_ref().ok_or_else(|| {
-            ApiError::invalid(
-                "this model has no chat template (chat_template.jinja or tokenizer_config.json's chat_template)",
-            )
-        })?;
-        let kwargs = b.chat_template_kwargs.clone().unwrap_or_default();
-        let render = |messages: &[Value], tools: Option<&[Value]>| {
-            t.render_chat(&crate::chat::ChatInput {
-                messages,
-                tools: tools.filter(|t| !t.is_empty()),
-                add_generation_prompt: true,
-                kwargs: &kwargs,
-            })
-            .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e:#}")))
+        // Rendering and tokenizing a long prompt takes a while: off the async workers.
+        let prepared = {
+            let app = app.clone();
+            tokio::task::spawn_blocking(move || prepare_chat(&app, b))
+                .await
+                .map_err(|e| {
+                    ApiError::status(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        e.to_string(),
+                    )
+                })??
         };
-        let engine = &app.engine;
-        let forged = |v: &Value| crate::chat::any_user_text(v, &|s| engine.contains_special(s));
-        let all = [Value::from(b.messages.clone()), Value::from(b.tools.clone())];
-        let (text, ids) = if all.iter().any(forged) {
-            // Special-token text in the user's strings is text, never a control token: render
-            // with the user's strings marked, and tokenize them apart.
-            let marked = |v: &[Value]| -> Vec<Value> { v.iter().map(crate::chat::mark_user_text).collect() };
-            let tools = b.tools.as_deref().map(marked);
-            let rendered = render(&marked(&b.messages), tools.as_deref())?;
-            let segments = crate::chat::split_marked(&rendered);
-            let text: String = segments.iter().map(|(s, _)| s.as_str()).collect();
-            let ids = engine.encode_segments(&segments);
-            (text, ids)
-        } else {
-            let text = render(&b.messages, b.tools.as_deref())?;
-            let ids = engine.encode(&text);
-            (text, ids)
-        };
-        let mut ids = ids.map_err(|e| ApiError::invalid(format!("{e:#}")))?;
-        // A template that writes thinking blocks marks a reasoning model.
-        let reasoning = t
-            .text
-            .contains("</think>")
-            .then(|| super::reasoning::ReasoningStream::prompt_opens_block(&text));
-        let mut reasoning = reasoning;
-        let forced = tools.as_ref().and_then(|t| t.forced.clone());
-        if let Some(prefix) = &forced {
-            // The call's start is written for the model, so the answer is the call: a thinking
-            // block the prompt opened is closed first, and there is no thinking to read.
-            let written = match reasoning {
-                Some(true) => format!("</think>{prefix}"),
-                _ => prefix.clone(),
-            };
-            reasoning = None;
-            ids.extend(
-                engine
-                    .tokenizer
-                    .encode_bare(&written)
-                    .map_err(|e| ApiError::invalid(format!("{e:#}")))?,
-            );
-        }
-        let read = ChatRead {
-            tools: tools.map(|t| (t.parser, t.parallel)),
-            reasoning,
-        };
-        run(app.clone(), arm, Kind::Chat(read), ids, forced, b.common).await
+        let (ids, read, forced, common) = prepared;
+        run(app.clone(), arm, Kind::Chat(read), ids, forced, common).await
     }
     .await;
     finish(&app, result)
+}
+
+/// A chat request's prompt ids (template rendered, user text tokenized as text, a forced
+/// call's start appended), how its answer is read, and the forced text.
+#[allow(clippy::type_complexity)]
+fn prepare_chat(
+    app: &AppState,
+    b: ChatBody,
+) -> Result<(Vec<u32>, ChatRead, Option<String>, Common), ApiError> {
+    check_messages(&b.messages)?;
+    let tools = tool_use(app, &b)?;
+    let t = app.engine.chat_template.as_ref().ok_or_else(|| {
+        ApiError::invalid(
+            "this model has no chat template (chat_template.jinja or tokenizer_config.json's chat_template)",
+        )
+    })?;
+    let kwargs = b.chat_template_kwargs.clone().unwrap_or_default();
+    let render = |messages: &[Value], tools: Option<&[Value]>| {
+        t.render_chat(&crate::chat::ChatInput {
+            messages,
+            tools: tools.filter(|t| !t.is_empty()),
+            add_generation_prompt: true,
+            kwargs: &kwargs,
+        })
+        .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e:#}")))
+    };
+    let engine = &app.engine;
+    let forged = |v: &Value| crate::chat::any_user_text(v, &|s| engine.contains_special(s));
+    let all = [
+        Value::from(b.messages.clone()),
+        Value::from(b.tools.clone()),
+    ];
+    let (text, ids) = if all.iter().any(forged) {
+        // Special-token text in the user's strings is text, never a control token: render
+        // with the user's strings marked, and tokenize them apart.
+        let marked =
+            |v: &[Value]| -> Vec<Value> { v.iter().map(crate::chat::mark_user_text).collect() };
+        let tools = b.tools.as_deref().map(marked);
+        let rendered = render(&marked(&b.messages), tools.as_deref())?;
+        let segments = crate::chat::split_marked(&rendered);
+        let text: String = segments.iter().map(|(s, _)| s.as_str()).collect();
+        let ids = engine.encode_segments(&segments);
+        (text, ids)
+    } else {
+        let text = render(&b.messages, b.tools.as_deref())?;
+        let ids = engine.encode(&text);
+        (text, ids)
+    };
+    let mut ids = ids.map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+    // A template that writes thinking blocks marks a reasoning model.
+    let reasoning = t
+        .text
+        .contains("</think>")
+        .then(|| super::reasoning::ReasoningStream::prompt_opens_block(&text));
+    let mut reasoning = reasoning;
+    let forced = tools.as_ref().and_then(|t| t.forced.clone());
+    if let Some(prefix) = &forced {
+        // The call's start is written for the model, so the answer is the call: a thinking
+        // block the prompt opened is closed first, and there is no thinking to read.
+        let written = match reasoning {
+            Some(true) => format!("</think>{prefix}"),
+            _ => prefix.clone(),
+        };
+        reasoning = None;
+        ids.extend(
+            engine
+                .tokenizer
+                .encode_bare(&written)
+                .map_err(|e| ApiError::invalid(format!("{e:#}")))?,
+        );
+    }
+    let read = ChatRead {
+        tools: tools.map(|t| (t.parser, t.parallel)),
+        reasoning,
+    };
+    Ok((ids, read, forced, b.common))
 }
 
 fn finish(app: &AppState, r: Result<Response, ApiError>) -> Response {
@@ -479,6 +514,20 @@ async fn run(
                 kind: "invalid_request_error",
                 code: Some("model_not_found"),
                 param: Some("model"),
+            });
+        }
+    }
+    if let Some(stop) = &c.stop {
+        let stops = match stop {
+            OneOrMany::One(s) => std::slice::from_ref(s),
+            OneOrMany::Many(v) => v.as_slice(),
+        };
+        if stops.len() > MAX_STOPS || stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError {
+                param: Some("stop"),
+                ..ApiError::invalid(format!(
+                    "stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_BYTES} bytes each"
+                ))
             });
         }
     }
