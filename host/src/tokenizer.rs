@@ -85,7 +85,19 @@ impl Tokenizer {
                     .get_ids()
                     .to_vec();
                 if let Some(b) = bos {
-                    if ids.len() >= 2 && ids[0] == b && ids[1] == b {
+                    let text_starts_with_bos = tok
+                        .id_to_token(b)
+                        .is_some_and(|t| text.trim_start().starts_with(&t));
+                    let adds_bos = || {
+                        tok.encode("", true)
+                            .is_ok_and(|e| e.get_ids().first() == Some(&b))
+                    };
+                    if text_starts_with_bos
+                        && ids.len() >= 2
+                        && ids[0] == b
+                        && ids[1] == b
+                        && adds_bos()
+                    {
                         // The post-processor prepended BOS to a text that began with it.
                         ids.remove(0);
                     }
