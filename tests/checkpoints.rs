@@ -315,7 +315,10 @@ fn a_prompt_starting_with_bos_gets_one() {
     assert_eq!(tok.encode("<|bos|>Hi", None).unwrap(), [0, 0, h, i]);
     // A tokenizer that adds nothing keeps the BOS tokens the text has, however many.
     let plain = Tokenizer::from_dir(&support::data_dir().join("variants/grouped")).unwrap();
-    assert_eq!(plain.encode("<|bos|><|bos|>Hi", Some(0)).unwrap(), [0, 0, h, i]);
+    assert_eq!(
+        plain.encode("<|bos|><|bos|>Hi", Some(0)).unwrap(),
+        [0, 0, h, i]
+    );
     // tiktoken folders add BOS only with add_bos_token (Kimi-K2 sets none).
     let kimi = Tokenizer::from_dir(&support::kimi_tokenizer_dir()).unwrap();
     let bos = support::kimi_expected().ranks;

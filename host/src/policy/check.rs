@@ -92,8 +92,12 @@ pub fn check(source: &PolicySource) -> Result<CheckReport> {
         world: format!("moehost:policy/{kind}-policy"),
         export,
         version,
-        name: info.name,
-        description: info.description,
+        name: {
+            let mut stats = crate::policy::PolicyStats::default();
+            stats.set_name(&info.name);
+            stats.name
+        },
+        description: info.description.chars().take(1024).collect(),
         bytes: bytes.len(),
         direct_calls,
         smoke_test_us: t0.elapsed().as_secs_f64() * 1e6,

@@ -35,6 +35,21 @@ pub struct PolicyStats {
     pub last_error: Option<String>,
 }
 
+/// Longest plugin name kept: a name lands in logs, `/metrics` and the admin API.
+pub const MAX_PLUGIN_NAME: usize = 64;
+
+impl PolicyStats {
+    /// Sets the name a plugin reports: cut to [`MAX_PLUGIN_NAME`] characters, control
+    /// characters replaced by `?` (a plugin's text is never trusted).
+    pub fn set_name(&mut self, name: &str) {
+        self.name = name
+            .chars()
+            .take(MAX_PLUGIN_NAME)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+    }
+}
+
 const LOG_FIRST: u64 = 5;
 /// A plugin that fails only some calls is quarantined once its failures reach this multiple of
 /// `quarantine_after`, in a row or not (so one failing function cannot cost a deadline forever).
@@ -196,7 +211,7 @@ impl GuardedSelection {
             None => self.builtin.init(args)?,
         };
         self.max_score_gap = info.max_score_gap.max(0.0);
-        self.slot.stats.name = info.info.name.clone();
+        self.slot.stats.set_name(&info.info.name);
         self.slot.needs_init = false;
         Ok(info)
     }
@@ -232,7 +247,7 @@ impl GuardedSelection {
         );
         if let Some(info) = reinit.take() {
             self.max_score_gap = info.max_score_gap.max(0.0);
-            self.slot.stats.name = info.info.name;
+            self.slot.stats.set_name(&info.info.name);
         }
         answer.unwrap_or_else(|| {
             self.builtin
@@ -328,7 +343,7 @@ impl GuardedEviction {
             Some(p) => p.init(args)?,
             None => builtin,
         };
-        self.slot.stats.name = info.name.clone();
+        self.slot.stats.set_name(&info.name);
         self.slot.needs_init = false;
         Ok(info)
     }
@@ -362,7 +377,7 @@ impl GuardedEviction {
             },
         );
         if let Some(n) = name.take() {
-            self.slot.stats.name = n;
+            self.slot.stats.set_name(&n);
         }
         answer.unwrap_or_else(|| {
             request
@@ -391,7 +406,7 @@ impl GuardedEviction {
             |v| validate_victims(v, request),
         );
         if let Some(n) = name.take() {
-            self.slot.stats.name = n;
+            self.slot.stats.set_name(&n);
         }
         answer.unwrap_or_else(|| {
             self.builtin
@@ -479,7 +494,7 @@ impl GuardedPrefetch {
             None => NoPrefetch.init(args)?,
         };
         self.lookahead = info.lookahead.min(MAX_LOOKAHEAD);
-        self.slot.stats.name = info.info.name.clone();
+        self.slot.stats.set_name(&info.info.name);
         self.slot.needs_init = false;
         Ok(info)
     }
@@ -515,7 +530,7 @@ impl GuardedPrefetch {
         );
         if let Some(info) = reinit.take() {
             self.lookahead = info.lookahead.min(MAX_LOOKAHEAD);
-            self.slot.stats.name = info.info.name;
+            self.slot.stats.set_name(&info.info.name);
         }
         answer.unwrap_or_default()
     }
@@ -578,7 +593,7 @@ impl GuardedPlacement {
             Some(p) => p.init(args)?,
             None => CostModel.init(args)?,
         };
-        self.slot.stats.name = info.name.clone();
+        self.slot.stats.set_name(&info.name);
         self.slot.needs_init = false;
         Ok(info)
     }
@@ -612,7 +627,7 @@ impl GuardedPlacement {
             },
         );
         if let Some(info) = reinit.take() {
-            self.slot.stats.name = info.name;
+            self.slot.stats.set_name(&info.name);
         }
         answer.unwrap_or_else(|| CostModel::decide(request))
     }

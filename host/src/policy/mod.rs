@@ -13,6 +13,7 @@ pub mod check;
 pub mod costs;
 mod direct;
 pub mod guard;
+pub mod limiter;
 pub mod smoke;
 pub mod wasm;
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, Store};
 
 use super::direct::{DirectGuest, DirectModule, InitFlat, OutlookFlat, VictimsFlat};
 use super::*;
@@ -178,15 +178,10 @@ fn prepare(component: &Component, origin: &str, version: &str) -> Result<Instanc
 
 /// A fresh store with the plugin's memory limit and the `init` deadline set.
 fn new_store(limits: &RuntimeLimits) -> Store<StoreState> {
-    let store_limits = StoreLimitsBuilder::new()
-        .memory_size(limits.memory_bytes)
-        .instances(4)
-        .trap_on_grow_failure(true)
-        .build();
     let mut store = Store::new(
         engine(),
         StoreState {
-            limits: store_limits,
+            limits: super::limiter::PluginLimiter::new(limits.memory_bytes),
         },
     );
     store.limiter(|s| &mut s.limits);
@@ -242,7 +237,7 @@ pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
 }
 
 struct StoreState {
-    limits: StoreLimits,
+    limits: super::limiter::PluginLimiter,
 }
 
 enum Guest {

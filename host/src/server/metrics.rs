@@ -127,7 +127,7 @@ impl Metrics {
         let per_arm = |f: &dyn Fn(&super::arms::Arm) -> f64| -> Vec<(String, f64)> {
             arms.arms
                 .iter()
-                .map(|a| (format!("{{arm=\"{}\"}}", a.name), f(a)))
+                .map(|a| (format!("{{arm=\"{}\"}}", label(&a.name)), f(a)))
                 .collect()
         };
         metric(
@@ -169,11 +169,11 @@ impl Metrics {
         let mut ttft = Vec::new();
         for a in &arms.arms {
             ttft.push((
-                format!("_sum{{arm=\"{}\"}}", a.name),
+                format!("_sum{{arm=\"{}\"}}", label(&a.name)),
                 g(&a.metrics.ttft_ns) as f64 / 1e9,
             ));
             ttft.push((
-                format!("_count{{arm=\"{}\"}}", a.name),
+                format!("_count{{arm=\"{}\"}}", label(&a.name)),
                 g(&a.metrics.ttft_count) as f64,
             ));
         }
@@ -233,7 +233,11 @@ impl Metrics {
                     ("prefetch", &s.policies.prefetch),
                 ] {
                     v.push((
-                        format!("{{kind=\"{k}\",policy=\"{}\",arm=\"{arm}\"}}", p.name),
+                        format!(
+                            "{{kind=\"{k}\",policy=\"{}\",arm=\"{}\"}}",
+                            label(&p.name),
+                            label(arm)
+                        ),
                         f(p),
                     ));
                 }
@@ -270,11 +274,11 @@ impl Metrics {
             )],
         );
         if let Some(sh) = shadows {
-            let label = |s: &super::shadow::ShadowStats| {
+            let labels = |s: &super::shadow::ShadowStats| {
                 format!(
                     "{{arm=\"{}\",policy=\"{}\",role=\"{}\"}}",
-                    sh.arm,
-                    s.policy,
+                    label(&sh.arm),
+                    label(&s.policy),
                     if s.live { "live" } else { "shadow" }
                 )
             };
@@ -284,21 +288,21 @@ impl Metrics {
                 "counter",
                 "Expert accesses replayed on a shadow policy's simulated cache.",
                 &st.iter()
-                    .map(|s| (label(s), s.accesses as f64))
+                    .map(|s| (labels(s), s.accesses as f64))
                     .collect::<Vec<_>>(),
             );
             metric(
                 "shadow_hits_total",
                 "counter",
                 "Hits on a shadow policy's simulated cache (role live: the live policies, simulated).",
-                &st.iter().map(|s| (label(s), s.hits as f64)).collect::<Vec<_>>(),
+                &st.iter().map(|s| (labels(s), s.hits as f64)).collect::<Vec<_>>(),
             );
             metric(
                 "shadow_hit_rate",
                 "gauge",
                 "Hit rate of a shadow policy's simulated cache.",
                 &st.iter()
-                    .map(|s| (label(s), s.hit_rate))
+                    .map(|s| (labels(s), s.hit_rate))
                     .collect::<Vec<_>>(),
             );
             metric(
@@ -306,7 +310,7 @@ impl Metrics {
                 "counter",
                 "Shadow policy calls served by the built-in policy.",
                 &st.iter()
-                    .map(|s| (label(s), s.policy_fallbacks as f64))
+                    .map(|s| (labels(s), s.policy_fallbacks as f64))
                     .collect::<Vec<_>>(),
             );
             metric(
@@ -321,4 +325,12 @@ impl Metrics {
         }
         o
     }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped as the text format
+/// requires.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
