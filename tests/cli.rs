@@ -199,6 +199,8 @@ fn stats_follow_the_json_output() {
             "--stats",
         ])
         .args([
+            "--policy-timeout-ms",
+            "10000",
             "--device-mem",
             "400KiB",
             "--eviction",

@@ -45,6 +45,13 @@ fn config(
         selection: PolicySource::parse(selection),
         eviction: PolicySource::parse(eviction),
         prefetch: PolicySource::parse(prefetch),
+        // No test depends on a deadline being met: a loaded CI machine can stall a good
+        // plugin's call past the 10 ms default, which would count as a fallback.
+        limits: moehost::policy::wasm::RuntimeLimits {
+            call_timeout: std::time::Duration::from_secs(10),
+            init_timeout: std::time::Duration::from_secs(30),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
@@ -150,8 +157,10 @@ fn eviction_plugins_serve_prefetch_victim_requests_without_fallbacks() {
 /// with LRU, produces the same tokens, and quarantines the plugin.
 fn misbehaving_eviction(fixture: &str) -> moehost::policy::PolicyStats {
     let mut c = config("topk", fixture, "none", Some(30 * EXPERT_COMPUTE), None);
-    // A small memory limit, so the allocation bomb meets it well within the call deadline.
+    // A small memory limit, so the allocation bomb meets it well within the call deadline,
+    // and a short deadline, so the endless loop is cut quickly.
     c.limits.memory_bytes = 4 << 20;
+    c.limits.call_timeout = std::time::Duration::from_millis(50);
     let (engine, store) = open(&c);
     assert_eq!(run(&engine), *baseline(), "{fixture}");
     let s = store.stats().policies.eviction;
