@@ -51,9 +51,14 @@ impl PolicyStats {
 }
 
 const LOG_FIRST: u64 = 5;
-/// A plugin that fails only some calls is quarantined once its failures reach this multiple of
-/// `quarantine_after`, in a row or not (so one failing function cannot cost a deadline forever).
-const QUARANTINE_TOTAL_FACTOR: u64 = 3;
+/// A plugin that fails only some calls is quarantined once its recent failures reach this
+/// multiple of `quarantine_after`, in a row or not (so one failing function cannot cost a
+/// deadline forever).
+const QUARANTINE_TOTAL_FACTOR: f64 = 3.0;
+/// "Recent" spans about this many calls: each call decays the failure count by 1/WINDOW, so a
+/// good plugin's rare failures (a deadline missed under load now and then) fade instead of
+/// adding up over a long-running server's life.
+const QUARANTINE_WINDOW: f64 = 1000.0;
 
 /// A plugin slot: the plugin (if any), its health and its counters.
 struct Slot<P: ?Sized> {
@@ -61,6 +66,8 @@ struct Slot<P: ?Sized> {
     plugin: Option<Box<P>>,
     needs_init: bool,
     consecutive_failures: u32,
+    /// Failures decayed per call (see [`QUARANTINE_WINDOW`]).
+    recent_failures: f64,
     quarantine_after: u32,
     /// Smoke tests report failures themselves.
     quiet: bool,
@@ -80,6 +87,7 @@ impl<P: ?Sized> Slot<P> {
             needs_init: plugin.is_some(),
             plugin,
             consecutive_failures: 0,
+            recent_failures: 0.0,
             quarantine_after,
             quiet: false,
             stats: PolicyStats {
@@ -111,7 +119,9 @@ impl<P: ?Sized> Slot<P> {
                 self.kind, self.stats.name
             );
         }
-        let too_many = failures >= u64::from(self.quarantine_after) * QUARANTINE_TOTAL_FACTOR;
+        self.recent_failures += 1.0;
+        let too_many =
+            self.recent_failures >= f64::from(self.quarantine_after) * QUARANTINE_TOTAL_FACTOR;
         if (self.consecutive_failures >= self.quarantine_after || too_many)
             && !self.stats.quarantined
         {
@@ -136,6 +146,7 @@ impl<P: ?Sized> Slot<P> {
         validate: impl FnOnce(&R) -> Result<(), String>,
     ) -> Option<R> {
         self.stats.calls += 1;
+        self.recent_failures *= 1.0 - 1.0 / QUARANTINE_WINDOW;
         let Some(plugin) = self.plugin.as_mut() else {
             if self.stats.quarantined {
                 self.stats.fallbacks += 1;
@@ -634,5 +645,44 @@ impl GuardedPlacement {
 
     pub fn stats(&self) -> &PolicyStats {
         &self.slot.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `calls` calls of a plugin that fails every `every`-th call; whether it ends up
+    /// quarantined.
+    fn quarantined_after(calls: u32, every: u32) -> bool {
+        let mut slot: Slot<u32> = Slot::new(PolicyKind::Eviction, Some(Box::new(0)), "t", "0", 3);
+        slot.quiet = true;
+        for i in 1..=calls {
+            slot.run(
+                |_| Ok(()),
+                |_| {
+                    if i % every == 0 {
+                        Err(PolicyError {
+                            kind: FailureKind::Timeout,
+                            message: "late".into(),
+                        })
+                    } else {
+                        Ok(())
+                    }
+                },
+                |_| Ok(()),
+            );
+        }
+        slot.stats.quarantined
+    }
+
+    #[test]
+    fn rare_failures_fade_and_frequent_ones_quarantine() {
+        // A deadline missed once in 2,000 calls, for 200,000 calls: never quarantined.
+        assert!(!quarantined_after(200_000, 2_000));
+        // One call in two failing: quarantined quickly.
+        assert!(quarantined_after(40, 2));
+        // Three in a row: quarantined.
+        assert!(quarantined_after(3, 1));
     }
 }
