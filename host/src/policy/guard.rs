@@ -677,6 +677,15 @@ mod tests {
     }
 
     #[test]
+    fn plugin_names_are_cut_and_cleaned() {
+        let mut s = PolicyStats::default();
+        s.set_name(&format!("evil\"}}\n{}", "x".repeat(24 << 20)));
+        assert_eq!(s.name.chars().count(), MAX_PLUGIN_NAME);
+        assert!(s.name.starts_with("evil\"}?"));
+        assert!(!s.name.chars().any(char::is_control));
+    }
+
+    #[test]
     fn rare_failures_fade_and_frequent_ones_quarantine() {
         // A deadline missed once in 2,000 calls, for 200,000 calls: never quarantined.
         assert!(!quarantined_after(200_000, 2_000));

@@ -334,3 +334,25 @@ fn label(v: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_cannot_break_the_text_format() {
+        let hostile = "x\"} moehost_requests_total{outcome=\"ok\"} 999999\n\\";
+        let v = label(hostile);
+        assert_eq!(
+            v,
+            "x\\\"} moehost_requests_total{outcome=\\\"ok\\\"} 999999\\n\\\\"
+        );
+        // Inside quotes, every quote left is escaped and no line ends.
+        assert!(!v.contains('\n'));
+        let unescaped_quotes = v
+            .char_indices()
+            .filter(|&(i, c)| c == '"' && !v[..i].ends_with('\\'))
+            .count();
+        assert_eq!(unescaped_quotes, 0);
+    }
+}
