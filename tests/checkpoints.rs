@@ -426,3 +426,20 @@ fn fails(args: &[&str], model: &std::path::Path) -> String {
     assert!(!out.status.success());
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Both tokenizer kinds read special-token text as a control token when asked (`encode_bare`)
+/// and as ordinary characters otherwise (`encode_plain`: a user's chat text).
+#[test]
+fn plain_encoding_never_yields_special_tokens() {
+    for dir in [support::bf16_model(), support::kimi_tokenizer_dir()] {
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        for name in tok.special_tokens() {
+            let id = tok.token_to_id(&name).unwrap();
+            let text = format!("a{name}b");
+            assert!(tok.encode_bare(&text).unwrap().contains(&id), "{name}");
+            let plain = tok.encode_plain(&text).unwrap();
+            assert!(!plain.contains(&id), "{name} in {plain:?}");
+            assert_eq!(tok.decode(&plain, false).unwrap(), text);
+        }
+    }
+}
