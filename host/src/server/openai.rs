@@ -408,11 +408,8 @@ fn prepare_chat(
     };
     let engine = &app.engine;
     let forged = |v: &Value| crate::chat::any_user_text(v, &|s| engine.contains_special(s));
-    let all = [
-        Value::from(b.messages.clone()),
-        Value::from(b.tools.clone()),
-    ];
-    let (text, ids) = if all.iter().any(forged) {
+    let any_forged = b.messages.iter().any(forged) || b.tools.iter().flatten().any(forged);
+    let (text, ids) = if any_forged {
         // Special-token text in the user's strings is text, never a control token: render
         // with the user's strings marked, and tokenize them apart.
         let marked =
@@ -430,11 +427,10 @@ fn prepare_chat(
     };
     let mut ids = ids.map_err(|e| ApiError::invalid(format!("{e:#}")))?;
     // A template that writes thinking blocks marks a reasoning model.
-    let reasoning = t
+    let mut reasoning = t
         .text
         .contains("</think>")
         .then(|| super::reasoning::ReasoningStream::prompt_opens_block(&text));
-    let mut reasoning = reasoning;
     let forced = tools.as_ref().and_then(|t| t.forced.clone());
     if let Some(prefix) = &forced {
         // The call's start is written for the model, so the answer is the call: a thinking
