@@ -33,7 +33,20 @@ pub struct PolicyStats {
     pub call_ns: u64,
     /// The most recent failure, e.g. `InvalidAnswer: returned 3 victims, 4 were asked for`.
     pub last_error: Option<String>,
+    /// Mean time of its recent calls (over about the last thousand), microseconds.
+    pub recent_call_us: f64,
+    /// Its recent calls take more than [`SLOW_CALL_US`] on average: within its deadline, but
+    /// costing the model real time (warned once).
+    pub slow: bool,
+    /// Calls in the recent mean.
+    #[serde(skip)]
+    recent_calls: u64,
 }
+
+/// A plugin whose calls average more than this is flagged slow: at Kimi-K2's 60 MoE layers one
+/// such call per layer step costs 6 ms a token per policy kind, where the bundled policies
+/// take 1-2 us (`moehost policy bench`).
+pub const SLOW_CALL_US: f64 = 100.0;
 
 /// Longest plugin name kept: a name lands in logs, `/metrics` and the admin API.
 pub const MAX_PLUGIN_NAME: usize = 64;
@@ -137,6 +150,28 @@ impl<P: ?Sized> Slot<P> {
         }
     }
 
+    /// Folds one call's time into the recent mean; flags (and warns of) a slow plugin once
+    /// enough calls show it.
+    fn note_call_time(&mut self, ns: u64) {
+        let keep = 1.0 - 1.0 / QUARANTINE_WINDOW;
+        let us = ns as f64 / 1e3;
+        self.stats.recent_calls += 1;
+        self.stats.recent_call_us = if self.stats.recent_calls == 1 {
+            us
+        } else {
+            self.stats.recent_call_us * keep + us * (1.0 - keep)
+        };
+        let slow = self.stats.recent_calls >= 100 && self.stats.recent_call_us > SLOW_CALL_US;
+        if slow && !self.stats.slow && !self.quiet {
+            eprintln!(
+                "moehost: {} policy {} is slow: its calls average {:.0} us (over {SLOW_CALL_US} us), \
+                 time the model waits on every layer step",
+                self.kind, self.stats.name, self.stats.recent_call_us
+            );
+        }
+        self.stats.slow = slow;
+    }
+
     /// Calls the plugin (initialising it first if needed) and validates its answer.
     /// `None`: the built-in policy must serve this call.
     fn run<R>(
@@ -167,7 +202,9 @@ impl<P: ?Sized> Slot<P> {
             })?;
             Ok(r)
         })();
-        self.stats.call_ns += t0.elapsed().as_nanos() as u64;
+        let ns = t0.elapsed().as_nanos() as u64;
+        self.stats.call_ns += ns;
+        self.note_call_time(ns);
         match result {
             Ok(r) => {
                 self.consecutive_failures = 0;
@@ -683,6 +720,25 @@ mod tests {
         assert_eq!(s.name.chars().count(), MAX_PLUGIN_NAME);
         assert!(s.name.starts_with("evil\"}?"));
         assert!(!s.name.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn a_plugin_whose_calls_average_over_the_budget_is_flagged() {
+        let mut slot: Slot<u32> = Slot::new(PolicyKind::Eviction, Some(Box::new(0)), "t", "0", 3);
+        slot.quiet = true;
+        for _ in 0..500 {
+            slot.note_call_time(2_000); // 2 us: the bundled policies' range
+        }
+        assert!(!slot.stats.slow && slot.stats.recent_call_us < 3.0);
+        for _ in 0..3_000 {
+            slot.note_call_time(1_600_000); // 1.6 ms, inside a 10 ms deadline
+        }
+        assert!(slot.stats.slow, "{}", slot.stats.recent_call_us);
+        // Fast again: the flag clears as the mean comes back down.
+        for _ in 0..10_000 {
+            slot.note_call_time(2_000);
+        }
+        assert!(!slot.stats.slow, "{}", slot.stats.recent_call_us);
     }
 
     #[test]

@@ -265,6 +265,24 @@ impl Metrics {
             &policy_samples(&|p| p.fallbacks as f64),
         );
         metric(
+            "policy_call_seconds",
+            "gauge",
+            "Mean time of a policy's recent calls (about the last thousand).",
+            &policy_samples(&|p| p.recent_call_us / 1e6),
+        );
+        metric(
+            "policy_slow",
+            "gauge",
+            "1 while a policy's recent calls average over 100 us (time the model waits on).",
+            &policy_samples(&|p| f64::from(u8::from(p.slow))),
+        );
+        metric(
+            "policy_quarantined",
+            "gauge",
+            "1 once a policy is quarantined (its calls served by the built-in policy).",
+            &policy_samples(&|p| f64::from(u8::from(p.quarantined))),
+        );
+        metric(
             "policy_swaps_total",
             "counter",
             "Hot swaps applied.",
