@@ -122,7 +122,7 @@ pub fn mark_user_text(value: &serde_json::Value) -> serde_json::Value {
         J::Object(map) => J::Object(
             map.iter()
                 .map(|(k, v)| {
-                    let v = if k == "role" || k == "type" {
+                    let v = if !is_user_text_key(k) {
                         v.clone()
                     } else {
                         mark_user_text(v)
@@ -161,6 +161,12 @@ pub fn split_marked(prompt: &str) -> Vec<(String, bool)> {
     out
 }
 
+/// Whether a key's value is the user's text: every key but `role` and `type`, whose values
+/// templates compare against their own words.
+fn is_user_text_key(key: &str) -> bool {
+    key != "role" && key != "type"
+}
+
 /// Whether any string in `value` other than a `role` or `type` satisfies `f`.
 pub fn any_user_text(value: &serde_json::Value, f: &dyn Fn(&str) -> bool) -> bool {
     use serde_json::Value as J;
@@ -169,7 +175,7 @@ pub fn any_user_text(value: &serde_json::Value, f: &dyn Fn(&str) -> bool) -> boo
         J::Array(items) => items.iter().any(|v| any_user_text(v, f)),
         J::Object(map) => map
             .iter()
-            .any(|(k, v)| k != "role" && k != "type" && any_user_text(v, f)),
+            .any(|(k, v)| is_user_text_key(k) && any_user_text(v, f)),
         _ => false,
     }
 }

@@ -79,11 +79,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, bos: Option<u32>) -> Result<Vec<u32>> {
         match self {
             Self::HuggingFace { tok, .. } => {
-                let mut ids = tok
-                    .encode(text, true)
-                    .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
-                    .get_ids()
-                    .to_vec();
+                let mut ids = hf_ids(tok, text, true)?;
                 if let Some(b) = bos {
                     let text_starts_with_bos = tok
                         .id_to_token(b)
@@ -134,11 +130,7 @@ impl Tokenizer {
     /// (`<|im_end|>` in a user's message is characters, not the control token).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
         match self {
-            Self::HuggingFace { plain, .. } => Ok(plain
-                .encode(text, false)
-                .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
-                .get_ids()
-                .to_vec()),
+            Self::HuggingFace { plain, .. } => hf_ids(plain, text, false),
             Self::Tiktoken { bpe, .. } => {
                 let mut out = Vec::new();
                 bpe.encode_ordinary(text, &mut out);
@@ -151,11 +143,7 @@ impl Tokenizer {
     /// post-processor).
     pub fn encode_bare(&self, text: &str) -> Result<Vec<u32>> {
         match self {
-            Self::HuggingFace { tok, .. } => Ok(tok
-                .encode(text, false)
-                .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
-                .get_ids()
-                .to_vec()),
+            Self::HuggingFace { tok, .. } => hf_ids(tok, text, false),
             Self::Tiktoken { bpe, .. } => Ok(bpe.encode(text)),
         }
     }
@@ -212,6 +200,15 @@ impl Tokenizer {
             Self::Tiktoken { bpe, .. } => bpe.vocab_size(),
         }
     }
+}
+
+/// A Hugging Face tokenizer's ids for `text`, with its post-processor when `add_special`.
+fn hf_ids(tok: &tokenizers::Tokenizer, text: &str, add_special: bool) -> Result<Vec<u32>> {
+    Ok(tok
+        .encode(text, add_special)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize the prompt: {e}"))?
+        .get_ids()
+        .to_vec())
 }
 
 fn read_tokenizer_config(dir: &Path) -> Result<serde_json::Value> {

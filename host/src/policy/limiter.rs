@@ -27,7 +27,20 @@ impl PluginLimiter {
         self.used
     }
 
-    fn grow(&mut self, what: &str, bytes: usize) -> Result<bool> {
+    /// A memory (`unit` 1 byte) or table (`unit` bytes an element) growing from `current` to
+    /// `desired` units: refused past its own `maximum` or the budget, else counted.
+    fn grow(
+        &mut self,
+        what: &str,
+        unit: usize,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> Result<bool> {
+        if maximum.is_some_and(|m| desired > m) {
+            bail!("{what} growth to {desired} units is past the {what}'s own maximum");
+        }
+        let bytes = desired.saturating_sub(current).saturating_mul(unit);
         let total = self.used.saturating_add(bytes);
         if total > self.budget {
             bail!(
@@ -48,10 +61,7 @@ impl ResourceLimiter for PluginLimiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> Result<bool> {
-        if maximum.is_some_and(|m| desired > m) {
-            bail!("memory growth to {desired} bytes is past the memory's own maximum");
-        }
-        self.grow("memory", desired.saturating_sub(current))
+        self.grow("memory", 1, current, desired, maximum)
     }
 
     fn memory_grow_failed(&mut self, error: wasmtime::Error) -> Result<()> {
@@ -64,11 +74,7 @@ impl ResourceLimiter for PluginLimiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> Result<bool> {
-        if maximum.is_some_and(|m| desired > m) {
-            bail!("table growth to {desired} elements is past the table's own maximum");
-        }
-        let elements = desired.saturating_sub(current);
-        self.grow("table", elements.saturating_mul(TABLE_ELEMENT_BYTES))
+        self.grow("table", TABLE_ELEMENT_BYTES, current, desired, maximum)
     }
 
     fn table_grow_failed(&mut self, error: wasmtime::Error) -> Result<()> {
