@@ -51,7 +51,7 @@ fn start_model(dir: &std::path::Path, store_config: StoreConfig, opts: ServeOpti
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
-            server::serve_on(listener, state, opts.body_limit, async {
+            server::serve_on(listener, state, &opts, async {
                 let _ = rx.await;
             })
             .await
@@ -1095,4 +1095,315 @@ fn logprobs_are_the_models_log_softmax() {
     );
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["param"], "logprobs");
+}
+
+/// Reads until the server closes the connection or `limit` passes; what it sent, and whether
+/// it closed.
+fn read_until_closed(s: &mut TcpStream, limit: std::time::Duration) -> (String, bool) {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (String::from_utf8_lossy(&got).into_owned(), true)
+            }
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
+
+fn conn_limited_server(max_connections: usize) -> Server {
+    start(
+        StoreConfig::default(),
+        ServeOptions {
+            conn: server::listen::ConnLimits {
+                max_connections,
+                header_timeout: std::time::Duration::from_secs(1),
+                body_timeout: std::time::Duration::from_secs(1),
+            },
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn slow_clients_are_cut_off_and_do_not_stall_others() {
+    let srv = conn_limited_server(64);
+    // Slowloris: a head that never ends is closed after the header timeout (1 s here).
+    let mut head_only = TcpStream::connect(srv.addr).unwrap();
+    head_only
+        .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        .unwrap();
+    // A body that trickles: the head is in, the body never completes: 408, then closed.
+    let mut trickle = TcpStream::connect(srv.addr).unwrap();
+    trickle
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\":")
+        .unwrap();
+    // Meanwhile a well-behaved client is served.
+    let (status, body) = http(srv.addr, "GET", "/health", None, b"");
+    assert_eq!((status, body.as_str()), (200, "ok"));
+
+    let limit = std::time::Duration::from_secs(30);
+    let (sent, closed) = read_until_closed(&mut head_only, limit);
+    assert!(closed, "a slow head kept its connection: {sent:?}");
+    assert!(!sent.contains("200 OK"), "{sent}");
+    let (sent, closed) = read_until_closed(&mut trickle, limit);
+    assert!(closed, "a trickled body kept its connection: {sent:?}");
+    assert!(sent.starts_with("HTTP/1.1 408"), "{sent}");
+    assert!(sent.contains("did not arrive within"), "{sent}");
+}
+
+#[test]
+fn connections_over_the_cap_get_503_and_slots_come_back() {
+    let srv = conn_limited_server(2);
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(srv.addr).unwrap())
+        .collect();
+    // The server accepts in order: once both idle connections hold their slots, the next
+    // one is refused without being read.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let mut third = TcpStream::connect(srv.addr).unwrap();
+    let (sent, closed) = read_until_closed(&mut third, std::time::Duration::from_secs(30));
+    assert!(closed && sent.starts_with("HTTP/1.1 503"), "{sent:?}");
+    assert!(sent.contains("maximum of 2 connections"), "{sent}");
+    // Closed connections (or ones the header timeout drops) give their slots back.
+    drop(idle);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, _) = http(srv.addr, "GET", "/health", None, b"");
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(std::time::Instant::now() < deadline, "slots never freed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn responses_carry_a_request_id() {
+    let srv = default_server();
+    let raw = |extra: &str| {
+        let mut s = TcpStream::connect(srv.addr).unwrap();
+        write!(
+            s,
+            "GET /health HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        read_until_closed(&mut s, std::time::Duration::from_secs(30)).0
+    };
+    let id_of = |resp: &str| {
+        resp.lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-request-id: ")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| panic!("no request id: {resp}"))
+    };
+    assert_eq!(id_of(&raw("X-Request-Id: gw-42\r\n")), "gw-42");
+    // Ids that could break a log line are replaced by a fresh one.
+    let fresh = id_of(&raw("X-Request-Id: a\"b c\r\n"));
+    assert!(fresh != "a\"b c" && !fresh.is_empty());
+    assert_ne!(id_of(&raw("")), id_of(&raw("")));
+}
+
+/// A scraped sample: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// Checks the OpenMetrics text line by line: comments are `# HELP|TYPE|UNIT name ...` or the
+/// final `# EOF`; a sample is `name{label="value",...} number`, each value's quotes and
+/// backslashes escaped and no line break inside. Returns the samples as (name, labels, value).
+fn parse_openmetrics(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "no final # EOF");
+    let is_name = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut w = rest.splitn(3, ' ');
+            let (kw, name) = (w.next().unwrap(), w.next().unwrap_or(""));
+            assert!(
+                ["HELP", "TYPE", "UNIT"].contains(&kw),
+                "bad comment: {line:?}"
+            );
+            assert!(is_name(name), "bad family name: {line:?}");
+            continue;
+        }
+        let (name, mut rest) = match line.find(['{', ' ']) {
+            Some(i) => (&line[..i], &line[i..]),
+            None => panic!("no value: {line:?}"),
+        };
+        assert!(is_name(name), "bad sample name: {line:?}");
+        let mut labels = Vec::new();
+        if let Some(r) = rest.strip_prefix('{') {
+            let mut chars = r.char_indices().peekable();
+            loop {
+                let start = chars.peek().map(|&(i, _)| i).unwrap();
+                let key_end = loop {
+                    match chars.next() {
+                        Some((i, '=')) => break i,
+                        Some(_) => {}
+                        None => panic!("unterminated label: {line:?}"),
+                    }
+                };
+                let key = &r[start..key_end];
+                assert!(is_name(key), "bad label name {key:?}: {line:?}");
+                assert_eq!(chars.next().map(|c| c.1), Some('"'), "{line:?}");
+                let mut value = String::new();
+                loop {
+                    match chars.next().map(|c| c.1) {
+                        Some('\\') => match chars.next().map(|c| c.1) {
+                            Some('\\') => value.push('\\'),
+                            Some('"') => value.push('"'),
+                            Some('n') => value.push('\n'),
+                            other => panic!("bad escape {other:?}: {line:?}"),
+                        },
+                        Some('"') => break,
+                        Some(c) => value.push(c),
+                        None => panic!("unterminated value: {line:?}"),
+                    }
+                }
+                labels.push((key.to_owned(), value));
+                match chars.next() {
+                    Some((_, ',')) => continue,
+                    Some((i, '}')) => {
+                        rest = &r[i + 1..];
+                        break;
+                    }
+                    other => panic!("expected , or }} not {other:?}: {line:?}"),
+                }
+            }
+        }
+        let value = rest
+            .strip_prefix(' ')
+            .unwrap_or_else(|| panic!("no space before the value: {line:?}"));
+        let v: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value {v:?}: {line:?}")),
+        };
+        samples.push((name.to_owned(), labels, v));
+    }
+    samples
+}
+
+#[test]
+fn metrics_parse_under_a_hostile_plugin_name_and_carry_latency_histograms() {
+    let store_config = StoreConfig {
+        device_bytes: Some(40 * 3 * 256 * 64 * 4),
+        eviction: PolicySource::Bundled("fixture-hostile-name".into()),
+        ..Default::default()
+    };
+    let srv = start(store_config, ServeOptions::default());
+    for i in 0..2 {
+        let body =
+            json!({"prompt": format!("<|bos|>Metrics {i}"), "max_tokens": 6, "temperature": 0});
+        let (status, v) = post(srv.addr, "/v1/completions", body);
+        assert_eq!(status, 200, "{v}");
+    }
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (raw, _) = read_until_closed(&mut s, std::time::Duration::from_secs(30));
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    let text = if head.to_ascii_lowercase().contains("chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    let samples = parse_openmetrics(&text);
+    let find = |name: &str, labels: &[(&str, &str)]| -> Vec<f64> {
+        samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|s| s.2)
+            .collect()
+    };
+    // The forged sample is not there: one `ok` count, the true one.
+    assert_eq!(
+        find("moehost_requests_total", &[("outcome", "ok")]),
+        vec![2.0]
+    );
+    // The name is a label value, escaped and read back whole (its newline made `?`).
+    let hostile = "x\"} moehost_requests_total{outcome=\"ok\"} 999999?\\";
+    let calls = find(
+        "moehost_policy_calls_total",
+        &[("kind", "eviction"), ("policy", hostile)],
+    );
+    assert_eq!(calls.len(), 1, "{text}");
+    assert!(calls[0] > 0.0);
+    // Latency histograms: cumulative buckets ending in +Inf equal to the count.
+    for (name, count) in [
+        ("moehost_time_to_first_token_seconds", 2.0),
+        ("moehost_queue_wait_seconds", 2.0),
+        ("moehost_inter_token_latency_seconds", 2.0 * 5.0),
+    ] {
+        let buckets = find(&format!("{name}_bucket"), &[]);
+        assert!(buckets.len() > 5, "{name}: {text}");
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{name}");
+        assert_eq!(find(&format!("{name}_count"), &[]), vec![count], "{name}");
+        assert_eq!(*buckets.last().unwrap(), count, "{name}");
+        assert!(find(&format!("{name}_sum"), &[])[0] > 0.0);
+    }
+    assert!(!find("moehost_decode_step_seconds_count", &[("arm", "default")]).is_empty());
+    assert_eq!(
+        find(
+            "moehost_expert_placements_total",
+            &[("arm", "default"), ("where", "fetched")]
+        )
+        .len(),
+        1
+    );
+
+    // The reference parser, where Python has it (CI installs it).
+    let py = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys; from prometheus_client.openmetrics.parser import text_string_to_metric_families as p; \
+             print(sum(len(f.samples) for f in p(sys.stdin.read())))",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    if let Ok(mut child) = py {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("No module named 'prometheus_client'") {
+            eprintln!("prometheus_client is not installed: the reference parser did not run");
+        } else {
+            assert!(
+                out.status.success(),
+                "prometheus_client refused /metrics: {err}"
+            );
+            let n: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+            assert_eq!(n, samples.len());
+        }
+    }
 }

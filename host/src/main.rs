@@ -216,6 +216,16 @@ enum Command {
         /// deepseek_v31. Default: detected from the tokenizer's markers and the chat template.
         #[arg(long, value_parser = parse_tool_parser)]
         tool_call_parser: Option<moehost::server::tools::ToolParser>,
+        /// Open connections at once; past it new connections get HTTP 503 and are closed.
+        #[arg(long, default_value_t = 1024)]
+        max_connections: usize,
+        /// Seconds a client has to send a request's head (and a kept-alive connection may sit
+        /// idle); then the connection is closed.
+        #[arg(long, default_value = "30", value_parser = moehost::server::listen::parse_seconds)]
+        header_timeout: std::time::Duration,
+        /// Seconds a client has to send a request's body once its head is in; then HTTP 408.
+        #[arg(long, default_value = "60", value_parser = moehost::server::listen::parse_seconds)]
+        body_timeout: std::time::Duration,
     },
     /// Routing traces (the moehost-trace/1 format): record, import, export, inspect.
     Trace {
@@ -687,6 +697,7 @@ fn main() {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    moehost::server::access::init_logging();
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))
@@ -767,6 +778,9 @@ fn run() -> Result<()> {
             arms,
             shadows,
             tool_call_parser,
+            max_connections,
+            header_timeout,
+            body_timeout,
         } => {
             let (engine, store) = model.open()?;
             let opts = moehost::server::ServeOptions {
@@ -775,6 +789,11 @@ fn run() -> Result<()> {
                 arms,
                 shadows,
                 tool_call_parser,
+                conn: moehost::server::listen::ConnLimits {
+                    max_connections,
+                    header_timeout,
+                    body_timeout,
+                },
                 ..Default::default()
             };
             let (state, scheduler, _) =
@@ -798,7 +817,7 @@ fn run() -> Result<()> {
                 moehost::server::serve_on(
                     listener,
                     state,
-                    opts.body_limit,
+                    &opts,
                     moehost::server::shutdown_signal(),
                 )
                 .await

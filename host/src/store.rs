@@ -138,7 +138,7 @@ fn open_gpu(
     match pool {
         Ok(p) => Some(Arc::new(p)),
         Err(why) => {
-            eprintln!("moehost: no CUDA device for the device tier ({why:#}); running on the CPU");
+            tracing::warn!("no CUDA device for the device tier ({why:#}); running on the CPU");
             None
         }
     }
@@ -147,8 +147,8 @@ fn open_gpu(
 #[cfg(not(feature = "cuda"))]
 fn open_gpu(device: Device, _: usize, _: usize, _: usize) {
     if device == Device::Cuda {
-        eprintln!(
-            "moehost: this moehost was built without the `cuda` feature; the device tier runs on the CPU"
+        tracing::warn!(
+            "this moehost was built without the `cuda` feature; the device tier runs on the CPU"
         );
     }
 }
@@ -685,11 +685,10 @@ impl TieredExperts {
                     let Some(inner) = inner.upgrade() else { break };
                     match inner.swap_policy(kind, &PolicySource::File(file.clone())) {
                         Ok(()) => {
-                            eprintln!("moehost: {kind} policy reloaded from {}", file.display())
+                            tracing::info!(%kind, file = %file.display(), "policy reloaded")
                         }
-                        Err(e) => eprintln!(
-                            "moehost: {kind} policy {} not reloaded: {e:#}",
-                            file.display()
+                        Err(e) => tracing::warn!(
+                            %kind, file = %file.display(), "policy not reloaded: {e:#}"
                         ),
                     }
                 }
@@ -923,7 +922,9 @@ impl Inner {
             if ok {
                 self.swaps.fetch_add(1, Ordering::Relaxed);
             } else {
-                eprintln!("moehost: a swapped-in policy failed to re-initialise; keeping the previous one");
+                tracing::warn!(
+                    "a swapped-in policy failed to re-initialise; keeping the previous one"
+                );
             }
         }
     }
@@ -999,7 +1000,7 @@ impl Inner {
                     s.host.insert(*k, Arc::new(b));
                     s.event(EventKind::Insert, Tier::Host, *k);
                 }
-                Err(e) => eprintln!("moehost: cannot copy expert {k:?} to host memory: {e:#}"),
+                Err(e) => tracing::error!("cannot copy expert {k:?} to host memory: {e:#}"),
             }
         }
     }
@@ -1078,7 +1079,7 @@ impl Inner {
                                 Some(w)
                             }
                             Err(e) => {
-                                eprintln!("moehost: prefetch of {:?} failed: {e:#}", job.key);
+                                tracing::warn!("prefetch of {:?} failed: {e:#}", job.key);
                                 None
                             }
                         }

@@ -127,9 +127,9 @@ impl<P: ?Sized> Slot<P> {
             + self.stats.traps
             + self.stats.invalid_answers;
         if failures <= LOG_FIRST && !self.quiet {
-            eprintln!(
-                "moehost: {} policy {} failed ({e}); served by the built-in policy",
-                self.kind, self.stats.name
+            tracing::warn!(
+                kind = %self.kind, policy = ?self.stats.name, error = %e,
+                "policy call failed; served by the built-in policy"
             );
         }
         self.recent_failures += 1.0;
@@ -143,9 +143,10 @@ impl<P: ?Sized> Slot<P> {
             if self.quiet {
                 return;
             }
-            eprintln!(
-                "moehost: {} policy {} quarantined after {failures} failures ({} in a row); using the built-in policy",
-                self.kind, self.stats.name, self.consecutive_failures
+            tracing::warn!(
+                kind = %self.kind, policy = ?self.stats.name, failures,
+                in_a_row = self.consecutive_failures,
+                "policy quarantined; the built-in policy serves its calls"
             );
         }
     }
@@ -163,10 +164,10 @@ impl<P: ?Sized> Slot<P> {
         };
         let slow = self.stats.recent_calls >= 100 && self.stats.recent_call_us > SLOW_CALL_US;
         if slow && !self.stats.slow && !self.quiet {
-            eprintln!(
-                "moehost: {} policy {} is slow: its calls average {:.0} us (over {SLOW_CALL_US} us), \
-                 time the model waits on every layer step",
-                self.kind, self.stats.name, self.stats.recent_call_us
+            tracing::warn!(
+                kind = %self.kind, policy = ?self.stats.name,
+                mean_call_us = self.stats.recent_call_us.round(),
+                "policy is slow: its calls average over {SLOW_CALL_US} us, time the model waits on every layer step"
             );
         }
         self.stats.slow = slow;

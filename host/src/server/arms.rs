@@ -9,9 +9,8 @@
 //! Does not own: batching (the scheduler runs one batch per arm) or HTTP.
 
 use anyhow::{bail, Context, Result};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::engine::Engine;
 use crate::policy::{PolicyKind, PolicySource};
@@ -101,18 +100,8 @@ pub struct ArmMetrics {
     pub requests: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
-    pub ttft_count: AtomicU64,
-    pub ttft_ns: AtomicU64,
     pub decode_steps: AtomicU64,
     pub decode_ns: AtomicU64,
-}
-
-impl ArmMetrics {
-    pub fn observe_ttft(&self, d: Duration) {
-        self.ttft_count.fetch_add(1, Ordering::Relaxed);
-        self.ttft_ns
-            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
-    }
 }
 
 /// One arm: its store, the configuration it was built from, its counters.

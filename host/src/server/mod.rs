@@ -7,9 +7,11 @@
 //! Requests are routed to A/B policy arms (`arms`); shadow policies (`shadow`) replay the
 //! default arm's traffic on simulated caches.
 
+pub mod access;
 pub mod admin;
 pub mod answer;
 pub mod arms;
+pub mod listen;
 pub mod metrics;
 pub mod openai;
 pub mod reasoning;
@@ -45,6 +47,8 @@ pub struct ServeOptions {
     pub shadows: Vec<shadow::ShadowSpec>,
     /// The tool-call syntax to parse; `None`: detected from the tokenizer and chat template.
     pub tool_call_parser: Option<tools::ToolParser>,
+    /// Connection cap and read timeouts.
+    pub conn: listen::ConnLimits,
 }
 
 impl Default for ServeOptions {
@@ -56,6 +60,7 @@ impl Default for ServeOptions {
             arms: Vec::new(),
             shadows: Vec::new(),
             tool_call_parser: None,
+            conn: listen::ConnLimits::default(),
         }
     }
 }
@@ -147,8 +152,8 @@ pub fn start(
     ))
 }
 
-/// The HTTP routes.
-pub fn router(state: AppState, body_limit: usize) -> Router {
+/// The HTTP routes, each request's body read within `body_timeout` and logged with its id.
+pub fn router(state: AppState, body_limit: usize, body_timeout: std::time::Duration) -> Router {
     Router::new()
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -159,16 +164,26 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
             get(
                 |axum::extract::State(s): axum::extract::State<AppState>| async move {
                     // The store's locks may be held by the forward thread: not on a worker.
-                    tokio::task::spawn_blocking(move || s.metrics.render(&s.arms, &s.shadows))
-                        .await
-                        .unwrap_or_default()
+                    let text =
+                        tokio::task::spawn_blocking(move || s.metrics.render(&s.arms, &s.shadows))
+                            .await
+                            .unwrap_or_default();
+                    (
+                        [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+                        text,
+                    )
                 },
             ),
         )
         .route("/admin/policies", post(admin::upload).get(admin::list))
         .route("/admin/policies/activate", post(admin::activate))
         .route("/admin/policies/rollback", post(admin::rollback))
+        .layer(axum::middleware::from_fn_with_state(
+            (body_timeout, body_limit),
+            listen::body_deadline,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(access::log_request))
         .with_state(state)
 }
 
@@ -176,13 +191,11 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     app: AppState,
-    body_limit: usize,
+    opts: &ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, router(app, body_limit))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("the HTTP server failed")
+    let routes = router(app, opts.body_limit, opts.conn.body_timeout);
+    listen::serve(listener, routes, opts.conn, shutdown).await
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -203,5 +216,5 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    eprintln!("moehost: shutting down; finishing requests in flight");
+    tracing::info!("shutting down; finishing requests in flight");
 }

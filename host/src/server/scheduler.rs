@@ -57,7 +57,8 @@ struct Active {
     seq: SequenceState,
     events: mpsc::UnboundedSender<GenEvent>,
     received: Instant,
-    first_token: bool,
+    /// When its latest token was delivered (`None` before the first).
+    last_token: Option<Instant>,
     /// Completion tokens already added to the metrics.
     counted: usize,
 }
@@ -165,6 +166,10 @@ fn step(engine: &Engine, arms: &Arms, arm: usize, active: &mut [Active], metrics
             .forward_batch_on(&*arms.arms[arm].store, &mut seqs)
     };
     let ns = t0.elapsed().as_nanos() as u64;
+    metrics
+        .step
+        .get_or_create(&super::metrics::arm_label(&arms.arms[arm].name))
+        .observe(ns as f64 / 1e9);
     let am = &arms.arms[arm].metrics;
     for (steps, time) in [
         (&metrics.decode_steps, &metrics.decode_ns),
@@ -209,6 +214,9 @@ fn admit(engine: &Engine, arms: &Arms, r: GenRequest, metrics: &Metrics) -> Opti
             return None;
         }
     };
+    metrics
+        .queue_wait
+        .observe(r.received.elapsed().as_secs_f64());
     let am = &arms.arms[arm].metrics;
     am.requests.fetch_add(1, Ordering::Relaxed);
     for c in [&metrics.prompt_tokens, &am.prompt_tokens] {
@@ -219,7 +227,7 @@ fn admit(engine: &Engine, arms: &Arms, r: GenRequest, metrics: &Metrics) -> Opti
         seq,
         events: r.events,
         received: r.received,
-        first_token: false,
+        last_token: None,
         counted: 0,
     })
 }
@@ -278,12 +286,19 @@ fn prefill(
 /// Sends new text and, when the sequence ended, its summary.
 fn deliver(a: &mut Active, piece: anyhow::Result<Option<String>>, metrics: &Metrics, arms: &Arms) {
     let am = &arms.arms[a.arm].metrics;
-    if !a.first_token {
-        a.first_token = true;
-        metrics.observe_ttft(a.received.elapsed());
-        am.observe_ttft(a.received.elapsed());
-    }
     let produced = a.seq.completion_tokens().saturating_sub(a.counted);
+    if produced > 0 {
+        let now = Instant::now();
+        let name = &arms.arms[a.arm].name;
+        match a.last_token {
+            None => metrics.observe_ttft(name, now - a.received),
+            Some(t) => metrics
+                .inter_token
+                .get_or_create(&super::metrics::arm_label(name))
+                .observe((now - t).as_secs_f64()),
+        }
+        a.last_token = Some(now);
+    }
     a.counted = a.seq.completion_tokens();
     for c in [&metrics.completion_tokens, &am.completion_tokens] {
         c.fetch_add(produced as u64, Ordering::Relaxed);
