@@ -574,3 +574,87 @@ fn which_components_are_called_directly() {
     assert!(!loaded("hot-fetch").is_direct());
     assert!(!loaded("lru").generic_path().is_direct());
 }
+
+/// Runs `moehost ARGS` and returns its stdout and its own peak resident set, bytes (`wait4`).
+fn run_measured(args: &[&str]) -> (String, u64) {
+    use std::io::Read;
+    let mut child = support::moehost()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, which nothing else reaps; `usage` is a valid rusage.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "moehost {args:?} failed"
+    );
+    (out, usage.ru_maxrss as u64 * 1024)
+}
+
+/// A plugin with several linear memories, and one growing a function table, each take what they
+/// can on every call: the host's peak memory stays within `--policy-memory` of a run with no
+/// such plugin (plus an overhead for the plugin's code and instance), every failed growth is
+/// counted, and the tokens are unchanged.
+#[test]
+fn plugin_memories_and_tables_stay_within_the_policy_memory_budget() {
+    const BUDGET_MIB: u64 = 32;
+    const OVERHEAD_MIB: u64 = 32;
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/plugins");
+    let model = support::bf16_model();
+    let budget = format!("{BUDGET_MIB}MiB");
+    let gen = |prefetch: &str| {
+        run_measured(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "60",
+            "--temperature",
+            "0",
+            "--device-mem",
+            "1MiB",
+            "--policy-memory",
+            &budget,
+            "--prefetch",
+            prefetch,
+            "--stats",
+        ])
+    };
+    let (want, base_rss) = gen("none");
+    let text = |out: &str| {
+        out.lines()
+            .filter(|l| !l.starts_with('{'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for fixture in ["multi-memory", "table-grow"] {
+        let (out, rss) = gen(&format!("{data}/{fixture}.wasm"));
+        assert_eq!(text(&out), text(&want), "{fixture} changed the tokens");
+        let stats: serde_json::Value =
+            serde_json::from_str(out.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+        let p = &stats["policies"]["prefetch"];
+        assert_eq!(p["name"], fixture);
+        let refused = p["out_of_memory"].as_u64().unwrap() + p["traps"].as_u64().unwrap();
+        assert!(refused >= 1, "{fixture} never hit its budget: {p}");
+        let grew = rss.saturating_sub(base_rss);
+        assert!(
+            grew < (BUDGET_MIB + OVERHEAD_MIB) << 20,
+            "{fixture}: peak RSS {} MiB over the run without it (budget {BUDGET_MIB} MiB + {OVERHEAD_MIB} MiB overhead)",
+            grew >> 20
+        );
+    }
+}

@@ -8,8 +8,10 @@
 
 use wasmtime::{bail, ResourceLimiter, Result};
 
-/// Host bytes one table element costs (a pointer in wasmtime).
-const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
+/// Host bytes one table element may cost: wasmtime stores a pointer per element in a growable
+/// vector, and a growth that reallocates holds the old buffer and the new (up to twice the
+/// length) at once, so a table of n elements can briefly take 3n pointers.
+const TABLE_ELEMENT_BYTES: usize = 3 * std::mem::size_of::<usize>();
 
 /// Counts a store's memories and tables against one budget; any growth past it traps.
 pub struct PluginLimiter {
