@@ -196,6 +196,29 @@ fn selection_with_out_of_range_ids_falls_back_to_exact_topk() {
     assert!(s.invalid_answers >= 1 && s.quarantined, "{s:?}");
 }
 
+/// A selection plugin cannot buy unbounded substitution by declaring it: its gap is held to the
+/// host's ceiling (`--max-score-gap`, 0.05), so routing every token to its worst experts is
+/// rejected and exact top-k serves. An operator who raises the ceiling gets what they allowed.
+#[test]
+fn declared_score_gaps_are_held_to_the_hosts_ceiling() {
+    let c = config("fixture-worst-experts", "lru", "none", None, None);
+    let (engine, store) = open(&c);
+    assert_eq!(run(&engine), *baseline());
+    let s = store.stats().policies.selection;
+    assert!(s.invalid_answers >= 1 && s.quarantined, "{s:?}");
+
+    let mut c = config("fixture-worst-experts", "lru", "none", None, None);
+    c.limits.max_score_gap = f32::INFINITY;
+    let (engine, store) = open(&c);
+    assert_ne!(
+        run(&engine).1,
+        baseline().1,
+        "the worst experts were routed to"
+    );
+    let s = store.stats().policies.selection;
+    assert_eq!(s.invalid_answers, 0, "{s:?}");
+}
+
 /// A plugin built against the frozen contract 0.1 still loads and routes exactly, next to
 /// 0.2 eviction and prefetch plugins, with a small device tier.
 /// Serves the bundled model with a legacy selection fixture (and `prefetch`) at a small

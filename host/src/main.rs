@@ -55,6 +55,10 @@ struct ModelArgs {
     /// Memory limit of one policy plugin, e.g. 64MiB.
     #[arg(long, value_parser = parse_bytes, default_value = "128MiB")]
     policy_memory: u64,
+    /// The most a selection policy may substitute: each expert it picks must score within this
+    /// of the token's k-th best selection score, whatever gap it declares (0: exact routing).
+    #[arg(long, default_value_t = moehost::policy::wasm::DEFAULT_MAX_SCORE_GAP, value_parser = parse_gap)]
+    max_score_gap: f32,
     /// Print the store's and policies' counters as JSON (after the normal output).
     #[arg(long)]
     stats: bool,
@@ -75,6 +79,7 @@ impl ModelArgs {
         };
         c.limits.call_timeout = Duration::from_millis(self.policy_timeout_ms.max(1));
         c.limits.memory_bytes = self.policy_memory as usize;
+        c.limits.max_score_gap = self.max_score_gap;
         c
     }
 
@@ -460,6 +465,17 @@ fn parse_tool_parser(s: &str) -> Result<moehost::server::tools::ToolParser> {
     moehost::server::tools::ToolParser::parse_name(s).with_context(|| {
         format!("unknown tool-call parser {s:?}: kimi_k2, deepseek_v3 or deepseek_v31")
     })
+}
+
+fn parse_gap(s: &str) -> Result<f32> {
+    let g: f32 = s
+        .parse()
+        .with_context(|| format!("{s:?} is not a number"))?;
+    anyhow::ensure!(
+        g.is_finite() && g >= 0.0,
+        "--max-score-gap must be finite and >= 0"
+    );
+    Ok(g)
 }
 
 fn parse_expert_bytes(s: &str) -> Result<u64> {

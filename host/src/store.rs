@@ -182,6 +182,7 @@ fn guarded(kind: PolicyKind, source: &PolicySource, limits: RuntimeLimits) -> Re
             &src,
             &version,
             q,
+            limits.max_score_gap,
         )),
         PolicyKind::Eviction => AnyGuarded::Eviction(GuardedEviction::new(
             Some(Box::new(plugin)),

@@ -229,7 +229,13 @@ fn drive(
         .collect::<Result<Vec<_>>>()?;
     let direct = plugins.iter().all(|p| p.is_direct());
     let [sp, ep, pp]: [WasmPolicy; 3] = plugins.try_into().ok().expect("three plugins");
-    let mut sel = GuardedSelection::new(Some(Box::new(sp)), selection, "", 3);
+    let mut sel = GuardedSelection::new(
+        Some(Box::new(sp)),
+        selection,
+        "",
+        3,
+        crate::policy::wasm::DEFAULT_MAX_SCORE_GAP,
+    );
     let exact = sel
         .init(&args)
         .map_err(|e| anyhow::anyhow!("{e}"))?

@@ -70,7 +70,14 @@ pub fn check(source: &PolicySource) -> Result<CheckReport> {
     let t0 = Instant::now();
     let info = match kind {
         PolicyKind::Selection => {
-            let mut g = GuardedSelection::new(Some(Box::new(plugin)), &src, &version, 1);
+            let mut g = GuardedSelection::new(
+                Some(Box::new(plugin)),
+                &src,
+                &version,
+                1,
+                // Checked against its own declaration; serving holds it to --max-score-gap.
+                f32::INFINITY,
+            );
             smoke::selection(&mut g, &args)?.info
         }
         PolicyKind::Eviction => {

@@ -224,6 +224,8 @@ pub struct GuardedSelection {
     slot: Slot<dyn Selection>,
     builtin: ExactTopK,
     max_score_gap: f32,
+    /// The host's ceiling on any declared gap (`--max-score-gap`).
+    gap_ceiling: f32,
 }
 
 impl GuardedSelection {
@@ -237,6 +239,7 @@ impl GuardedSelection {
         source: &str,
         version: &str,
         quarantine_after: u32,
+        gap_ceiling: f32,
     ) -> Self {
         let mut slot = Slot::new(
             PolicyKind::Selection,
@@ -250,7 +253,23 @@ impl GuardedSelection {
             slot,
             builtin: ExactTopK,
             max_score_gap: 0.0,
+            gap_ceiling: if gap_ceiling >= 0.0 { gap_ceiling } else { 0.0 },
         }
+    }
+
+    /// The gap answers are held to: what the plugin declared (NaN or negative: none), at most
+    /// the host's ceiling; a plugin declaring more is told so once.
+    fn held_gap(&mut self, declared: f32) -> f32 {
+        let declared = if declared >= 0.0 { declared } else { 0.0 };
+        if declared > self.gap_ceiling && !self.slot.quiet && self.max_score_gap != self.gap_ceiling
+        {
+            tracing::warn!(
+                policy = ?self.slot.stats.name, declared, ceiling = self.gap_ceiling,
+                "selection policy declares a max-score-gap over the host's ceiling \
+                 (--max-score-gap); its substitutions are held to the ceiling"
+            );
+        }
+        declared.min(self.gap_ceiling)
     }
 
     /// Initialises the plugin now (load time / hot swap), so a broken one is reported at once.
@@ -259,8 +278,8 @@ impl GuardedSelection {
             Some(p) => p.init(args)?,
             None => self.builtin.init(args)?,
         };
-        self.max_score_gap = info.max_score_gap.max(0.0);
         self.slot.stats.set_name(&info.info.name);
+        self.max_score_gap = self.held_gap(info.max_score_gap);
         self.slot.needs_init = false;
         Ok(info)
     }
@@ -279,6 +298,7 @@ impl GuardedSelection {
         let e = scores.len() / tokens.max(1) as usize;
         let reinit: std::cell::Cell<Option<SelectionInfo>> = std::cell::Cell::new(None);
         let current_gap = self.max_score_gap;
+        let ceiling = self.gap_ceiling;
         let answer = self.slot.run(
             |p| {
                 reinit.set(Some(p.init(&args())?));
@@ -287,16 +307,20 @@ impl GuardedSelection {
             |p| p.select(layer, tokens, k, scores, residency),
             |ids| {
                 let info = reinit.take();
-                let gap = info
-                    .as_ref()
-                    .map_or(current_gap, |i| i.max_score_gap.max(0.0));
+                let gap = info.as_ref().map_or(current_gap, |i| {
+                    if i.max_score_gap >= 0.0 {
+                        i.max_score_gap.min(ceiling)
+                    } else {
+                        0.0
+                    }
+                });
                 reinit.set(info);
                 validate_selection(ids, scores, e, k as usize, gap)
             },
         );
         if let Some(info) = reinit.take() {
-            self.max_score_gap = info.max_score_gap.max(0.0);
             self.slot.stats.set_name(&info.info.name);
+            self.max_score_gap = self.held_gap(info.max_score_gap);
         }
         answer.unwrap_or_else(|| {
             self.builtin

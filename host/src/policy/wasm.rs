@@ -52,6 +52,9 @@ const TYPES_PREFIX: &str = "moehost:policy/types@";
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Bounds on every plugin.
+/// The bundled `cache-aware` policy's gap: the substitution this project has measured.
+pub const DEFAULT_MAX_SCORE_GAP: f32 = 0.05;
+
 #[derive(Debug, Clone, Copy)]
 pub struct RuntimeLimits {
     /// Deadline of one hot-path call.
@@ -62,6 +65,9 @@ pub struct RuntimeLimits {
     pub memory_bytes: usize,
     /// Consecutive failures after which a plugin is quarantined.
     pub quarantine_after: u32,
+    /// The most a selection plugin may substitute: however large a `max-score-gap` it
+    /// declares, each expert it picks must score within this of the token's k-th best.
+    pub max_score_gap: f32,
 }
 
 impl Default for RuntimeLimits {
@@ -70,6 +76,7 @@ impl Default for RuntimeLimits {
             call_timeout: Duration::from_millis(10),
             init_timeout: Duration::from_millis(500),
             memory_bytes: 128 << 20,
+            max_score_gap: DEFAULT_MAX_SCORE_GAP,
             quarantine_after: 3,
         }
     }
