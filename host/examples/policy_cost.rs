@@ -44,7 +44,13 @@ fn main() {
             .unwrap();
     }
     println!("selection raw:     {:.2} us/call", us(t0, n));
-    let mut g = GuardedSelection::new(Some(Box::new(plugin("topk"))), "topk", "", 3);
+    let mut g = GuardedSelection::new(
+        Some(Box::new(plugin("topk"))),
+        "topk",
+        "",
+        3,
+        moehost::policy::wasm::DEFAULT_MAX_SCORE_GAP,
+    );
     g.init(&args).unwrap();
     let t0 = Instant::now();
     for l in 0..n {
