@@ -226,6 +226,36 @@ fn stats_follow_the_json_output() {
     assert_eq!(stats["policies"]["eviction"]["fallbacks"], 0);
 }
 
+/// All policies' time per token is measured against `--policy-budget-us`: a budget of 1 us is
+/// nearly used up by any real policy set, which is flagged in the stats and warned once.
+#[test]
+fn the_per_token_policy_budget_is_measured_and_warned() {
+    let out = moehost()
+        .args([
+            "generate",
+            "--prompt",
+            "<|bos|>The quick brown fox",
+            "--max-tokens",
+            "40",
+            "--stats",
+            "--policy-budget-us",
+            "1",
+            "--policy-timeout-ms",
+            "10000",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let b = &stats["policy_budget"];
+    assert_eq!(b["budget_us"], 1.0);
+    assert!(b["per_token_us"].as_f64().unwrap() > 0.8, "{b}");
+    assert_eq!(b["near_limit"], true, "{b}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("per-token budget").count(), 1, "{err}");
+}
+
 #[test]
 fn policy_check_reports_world_and_refuses_wasi() {
     let out = moehost()

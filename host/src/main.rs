@@ -59,6 +59,10 @@ struct ModelArgs {
     /// of the token's k-th best selection score, whatever gap it declares (0: exact routing).
     #[arg(long, default_value_t = moehost::policy::wasm::DEFAULT_MAX_SCORE_GAP, value_parser = parse_gap)]
     max_score_gap: f32,
+    /// Time all policies together may take per token, microseconds: warned once (and flagged
+    /// in /metrics) when their recent mean passes 80% of it.
+    #[arg(long, default_value_t = moehost::policy::budget::DEFAULT_TOKEN_BUDGET_US)]
+    policy_budget_us: f64,
     /// Print the store's and policies' counters as JSON (after the normal output).
     #[arg(long)]
     stats: bool,
@@ -80,6 +84,7 @@ impl ModelArgs {
         c.limits.call_timeout = Duration::from_millis(self.policy_timeout_ms.max(1));
         c.limits.memory_bytes = self.policy_memory as usize;
         c.limits.max_score_gap = self.max_score_gap;
+        c.limits.token_budget_us = self.policy_budget_us;
         c
     }
 

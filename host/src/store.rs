@@ -297,6 +297,8 @@ pub struct StoreStats {
     pub wait_ms: f64,
     pub prefetch: PrefetchCounters,
     pub policy_swaps: u64,
+    /// All policies' recent time per token against the budget.
+    pub policy_budget: crate::policy::budget::BudgetStats,
     pub policies: PolicyStatsSet,
 }
 
@@ -384,6 +386,8 @@ struct Inner {
     pending: Mutex<Vec<AnyGuarded>>,
     swaps: AtomicU64,
     step: AtomicU64,
+    /// All policies' time per token against `limits.token_budget_us`.
+    budget: Mutex<crate::policy::budget::TokenBudget>,
     queue: Queue,
     limits: RuntimeLimits,
     /// What placement weighs.
@@ -546,6 +550,9 @@ impl TieredExperts {
             pending: Mutex::new(Vec::new()),
             swaps: AtomicU64::new(0),
             step: AtomicU64::new(0),
+            budget: Mutex::new(crate::policy::budget::TokenBudget::new(
+                config.limits.token_budget_us,
+            )),
             queue: Queue::default(),
             limits: config.limits,
             costs,
@@ -612,6 +619,7 @@ impl TieredExperts {
             wait_ms: s.wait_ns as f64 / 1e6,
             prefetch: s.prefetch_c.clone(),
             policy_swaps: self.inner.swaps.load(Ordering::Relaxed),
+            policy_budget: self.inner.budget.lock().unwrap().stats(),
             policies: PolicyStatsSet {
                 selection: p.selection.stats().clone(),
                 eviction: p.eviction.stats().clone(),
@@ -812,6 +820,26 @@ impl Candidates for TierCandidates<'_> {
 }
 
 impl Inner {
+    /// Ends the previous forward pass in the per-token budget (warned once near it).
+    fn close_budget_pass(&self) {
+        let total = {
+            let p = self.policies.lock().unwrap();
+            p.selection.stats().call_ns
+                + p.eviction.stats().call_ns
+                + p.prefetch.stats().call_ns
+                + p.placement.stats().call_ns
+        };
+        let mut b = self.budget.lock().unwrap();
+        if let Some(mean) = b.end_pass(total) {
+            tracing::warn!(
+                per_token_us = mean.round(),
+                budget_us = self.limits.token_budget_us,
+                "the policies together take most of their per-token budget (--policy-budget-us): \
+                 time every token waits on"
+            );
+        }
+    }
+
     fn gpu_transfers(&self) -> Option<crate::transfer::TransferStats> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
@@ -1128,12 +1156,16 @@ impl Inner {
 impl ExpertProvider for TieredExperts {
     fn begin_step(&self) {
         self.inner.step.fetch_add(1, Ordering::Relaxed);
+        self.inner.close_budget_pass();
         self.inner.apply_swaps();
     }
 
     fn select(&self, layer: usize, tokens: usize, k: usize, biased: &[f32]) -> Option<Vec<u32>> {
         let inner = &self.inner;
         let moe = inner.moe_index[layer]?;
+        if moe == 0 {
+            inner.budget.lock().unwrap().note_tokens(tokens);
+        }
         let residency = Inner::residency(&inner.state.lock().unwrap(), moe, inner.n_experts);
         let mut p = inner.policies.lock().unwrap();
         Some(

@@ -7,6 +7,7 @@
 //! Does not own: tiers and loading (`crate::store`), or the wasmtime details (`wasm`).
 
 pub mod bench;
+pub mod budget;
 pub mod builtin;
 pub mod bundled;
 pub mod check;

@@ -68,6 +68,9 @@ pub struct RuntimeLimits {
     /// The most a selection plugin may substitute: however large a `max-score-gap` it
     /// declares, each expert it picks must score within this of the token's k-th best.
     pub max_score_gap: f32,
+    /// Time all of a store's policies together may take per token, microseconds (warned
+    /// near it; `policy::budget`).
+    pub token_budget_us: f64,
 }
 
 impl Default for RuntimeLimits {
@@ -77,6 +80,7 @@ impl Default for RuntimeLimits {
             init_timeout: Duration::from_millis(500),
             memory_bytes: 128 << 20,
             max_score_gap: DEFAULT_MAX_SCORE_GAP,
+            token_budget_us: super::budget::DEFAULT_TOKEN_BUDGET_US,
             quarantine_after: 3,
         }
     }

@@ -415,6 +415,18 @@ impl Metrics {
             "1 once a policy is quarantined (its calls served by the built-in policy).",
             policy_samples(&|p| Value::Int(u64::from(p.quarantined))),
         );
+        o.add(
+            "policy_seconds_per_token",
+            Gauge,
+            "All policies' time per token computed, over about the last hundred passes.",
+            store_samples(&|s| Value::Float(s.policy_budget.per_token_us / 1e6)),
+        );
+        o.add(
+            "policy_token_budget_seconds",
+            Gauge,
+            "The per-token policy budget (--policy-budget-us); warned near 80% of it.",
+            store_samples(&|s| Value::Float(s.policy_budget.budget_us / 1e6)),
+        );
         o.one(
             "policy_swaps",
             Counter,
