@@ -12,6 +12,7 @@ pub mod builtin;
 pub mod bundled;
 pub mod check;
 pub mod costs;
+pub mod deadline;
 mod direct;
 pub mod guard;
 pub mod limiter;

@@ -2,8 +2,8 @@
 //!
 //! Owns: the shared engine with its epoch ticker, loading and checking a component (it must
 //! export exactly one supported policy world and import nothing), instantiating it in a store
-//! with memory limits, and calling it under a deadline. A trapped store is dropped; the next
-//! `init` instantiates afresh from the cached `InstancePre`.
+//! with memory limits, and calling it under a deadline (in CPU time: `deadline`). A trapped
+//! store is dropped; the next `init` instantiates afresh from the cached `InstancePre`.
 //! Does not own: validating answers or falling back (`guard`).
 
 use anyhow::{bail, Result};
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 use wasmtime::component::{Component, InstancePre, Linker};
-use wasmtime::{Config, Engine, Store};
+use wasmtime::{Config, Engine, Store, UpdateDeadline};
 
 use super::direct::{DirectGuest, DirectModule, InitFlat, OutlookFlat, VictimsFlat};
 use super::*;
@@ -193,11 +193,18 @@ fn new_store(limits: &RuntimeLimits) -> Store<StoreState> {
         engine(),
         StoreState {
             limits: super::limiter::PluginLimiter::new(limits.memory_bytes),
+            clock: super::deadline::CallClock::start(limits.init_timeout),
         },
     );
     store.limiter(|s| &mut s.limits);
-    store.epoch_deadline_trap();
-    store.set_epoch_deadline(deadline_ticks(limits.init_timeout));
+    store.epoch_deadline_callback(|ctx| {
+        Ok(if ctx.data().clock.expired() {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Continue(1)
+        })
+    });
+    arm_deadline(&mut store, limits.init_timeout);
     store
 }
 
@@ -249,6 +256,15 @@ pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
 
 struct StoreState {
     limits: super::limiter::PluginLimiter,
+    /// The call under way's CPU-time deadline.
+    clock: super::deadline::CallClock,
+}
+
+/// Arms the deadline of the call about to run: the clock starts now, and wasmtime asks it on
+/// every epoch tick.
+fn arm_deadline(store: &mut Store<StoreState>, timeout: Duration) {
+    store.data_mut().clock = super::deadline::CallClock::start(timeout);
+    store.set_epoch_deadline(1);
 }
 
 enum Guest {
@@ -385,7 +401,7 @@ impl WasmPolicy {
             kind: FailureKind::Trap,
             message: "plugin is not initialised".into(),
         })?;
-        live.store.set_epoch_deadline(deadline_ticks(timeout));
+        arm_deadline(&mut live.store, timeout);
         match f(live) {
             Ok(Some(r)) => Ok(r),
             Ok(None) => Err(PolicyError {
@@ -492,13 +508,6 @@ impl Init {
             resident_tiers: &self.resident.tiers,
         }
     }
-}
-
-fn deadline_ticks(d: Duration) -> u64 {
-    (d.as_micros() as u64)
-        .div_ceil(EPOCH_TICK.as_micros() as u64)
-        .max(1)
-        + 1
 }
 
 /// Sorts a wasmtime error into timeout / out-of-memory / trap.
@@ -1059,7 +1068,7 @@ impl PruningPlugin {
         keep: u32,
     ) -> PolicyResult<Vec<u32>> {
         let s = &mut self.store;
-        s.set_epoch_deadline(deadline_ticks(self.limits.init_timeout));
+        arm_deadline(s, self.limits.init_timeout);
         let stats = wpr::LayerStats {
             layer,
             counts: counts.to_vec(),
