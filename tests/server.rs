@@ -1407,3 +1407,209 @@ fn metrics_parse_under_a_hostile_plugin_name_and_carry_latency_histograms() {
         }
     }
 }
+
+/// Structured output on the bundled model: a `json_schema` answer parses and validates (also
+/// sampled, also streamed), `json_object` is an object, a bad schema is the client's error;
+/// `logit_bias` moves the greedy token; `stream_options.include_usage` adds OpenAI's last chunk.
+#[test]
+fn structured_output_logit_bias_and_stream_usage() {
+    let srv = default_server();
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "mood": {"enum": ["happy", "sad"]}},
+        "required": ["name", "age", "mood"], "additionalProperties": false});
+    let valid = |v: &Value| {
+        let o = v
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {v}"));
+        assert_eq!(o.len(), 3, "{v}");
+        assert!(v["name"].as_str().unwrap().chars().count() <= 8, "{v}");
+        // Integers ("-0" is one in JSON's grammar; serde_json reads it as a float).
+        let age = v["age"].as_f64().unwrap();
+        assert!(age.fract() == 0.0 && (0.0..=120.0).contains(&age), "{v}");
+        assert!(
+            ["happy", "sad"].contains(&v["mood"].as_str().unwrap()),
+            "{v}"
+        );
+    };
+    let format =
+        json!({"type": "json_schema", "json_schema": {"name": "person", "schema": schema}});
+    let mut answers = Vec::new();
+    for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2)] {
+        let body = json!({"messages": [{"role": "user", "content": "Describe someone."}],
+            "max_tokens": 200, "temperature": temperature, "seed": seed, "response_format": format});
+        let (status, v) = post(srv.addr, "/v1/chat/completions", body.clone());
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+        valid(&serde_json::from_str(content).unwrap_or_else(|e| panic!("{content:?}: {e}")));
+        answers.push((body, content.to_owned()));
+    }
+    // Streamed, the same text.
+    let mut stream = answers[0].0.clone();
+    stream["stream"] = json!(true);
+    let (_, raw) = http(
+        srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        stream.to_string().as_bytes(),
+    );
+    assert_eq!(sse_text(&raw).0, answers[0].1);
+
+    let body = json!({"prompt": "<|bos|>Data:", "max_tokens": 100, "temperature": 0,
+                      "response_format": {"type": "json_object"}});
+    let (status, v) = post(srv.addr, "/v1/completions", body);
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    if v["choices"][0]["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(text).unwrap().is_object(),
+            "{text}"
+        );
+    } else {
+        assert!(text.starts_with('{'), "{text}");
+    }
+    for bad in [
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}),
+        json!({"type": "json_schema"}),
+        json!({"type": "yaml"}),
+    ] {
+        let (status, v) = post(
+            srv.addr,
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 4, "response_format": bad}),
+        );
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["param"], "response_format", "{v}");
+    }
+
+    // logit_bias: +100 on a token makes it the greedy pick; -100 on the greedy pick moves it.
+    let first = |bias: Value| {
+        let (status, v) = post(
+            srv.addr,
+            "/v1/completions",
+            json!({"prompt": [1, 200, 300],
+            "max_tokens": 1, "temperature": 0, "logprobs": 1, "logit_bias": bias}),
+        );
+        assert_eq!(status, 200, "{v}");
+        v["choices"][0]["logprobs"]["tokens"][0]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let text_of = |id: u32| engine.tokenizer.decode(&[id], false).unwrap();
+    let greedy = first(json!({}));
+    assert_eq!(first(json!({"777": 100})), text_of(777));
+    let greedy_id = (0..4096u32).find(|&i| text_of(i) == greedy).unwrap();
+    assert_ne!(first(json!({greedy_id.to_string(): -100})), greedy);
+    for bad in [json!({"x": 1}), json!({"999999": 1}), json!({"5": 101})] {
+        let (status, v) = post(
+            srv.addr,
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 1, "logit_bias": bad}),
+        );
+        assert_eq!(
+            (status, v["error"]["param"].as_str()),
+            (400, Some("logit_bias")),
+            "{v}"
+        );
+    }
+
+    // include_usage: the last chunk before [DONE] has no choices and the usage.
+    let body = json!({"prompt": "<|bos|>Hi", "max_tokens": 5, "temperature": 0, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let (_, raw) = http(
+        srv.addr,
+        "POST",
+        "/v1/completions",
+        None,
+        body.to_string().as_bytes(),
+    );
+    let (_, chunks) = sse_text(&raw);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{raw}");
+    assert_eq!(last["usage"]["completion_tokens"], 5, "{raw}");
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c.get("usage").is_none()));
+}
+
+/// A named or required tool_choice constrains the call's arguments to the tool's schema
+/// (Kimi-K2 syntax, on the K2-layout folder): the call completes and validates.
+#[test]
+fn forced_tool_calls_follow_the_tools_schemas() {
+    let dir = support::kimi_layout_folder();
+    let srv = start_model(dir.path(), StoreConfig::default(), ServeOptions::default());
+    let tools = json!([
+        {"type": "function", "function": {"name": "set_level", "parameters": {"type": "object",
+            "properties": {"level": {"type": "integer", "minimum": 0, "maximum": 9},
+                           "unit": {"enum": ["c", "f"]}},
+            "required": ["level", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "stop_all", "parameters": {"type": "object",
+            "properties": {}, "additionalProperties": false}}}]);
+    let check = |call: &Value| {
+        let name = call["function"]["name"].as_str().unwrap();
+        let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{call}: {e}"));
+        match name {
+            "set_level" => {
+                let level = args["level"].as_f64().unwrap();
+                assert!(
+                    level.fract() == 0.0 && (0.0..=9.0).contains(&level),
+                    "{call}"
+                );
+                assert!(
+                    ["c", "f"].contains(&args["unit"].as_str().unwrap()),
+                    "{call}"
+                );
+                assert_eq!(args.as_object().unwrap().len(), 2, "{call}");
+            }
+            "stop_all" => assert_eq!(args, json!({}), "{call}"),
+            other => panic!("unknown tool {other}"),
+        }
+    };
+    for choice in [
+        json!({"type": "function", "function": {"name": "set_level"}}),
+        json!("required"),
+    ] {
+        for seed in [1, 2] {
+            // One call: a small model given `call+` may call tools until max_tokens.
+            let body = json!({"messages": [{"role": "user", "content": "Set it."}], "tools": tools,
+                "tool_choice": choice, "max_tokens": 120, "temperature": 1.0, "seed": seed,
+                "parallel_tool_calls": false});
+            let (status, v) = post(srv.addr, "/v1/chat/completions", body.clone());
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+            let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+            assert!(!calls.is_empty(), "{v}");
+            calls.iter().for_each(check);
+            assert_eq!(calls.len(), 1);
+            if choice.is_object() {
+                assert_eq!(calls[0]["function"]["name"], "set_level");
+            }
+            // Streamed: the same calls.
+            let mut stream = body;
+            stream["stream"] = json!(true);
+            let (_, raw) = http(
+                srv.addr,
+                "POST",
+                "/v1/chat/completions",
+                None,
+                stream.to_string().as_bytes(),
+            );
+            let (_, chunks) = sse_text(&raw);
+            let streamed: Vec<&Value> = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+                .flatten()
+                .collect();
+            assert_eq!(streamed.len(), calls.len(), "{raw}");
+            for (s, c) in streamed.iter().zip(calls) {
+                assert_eq!(s["function"], c["function"]);
+            }
+        }
+    }
+}

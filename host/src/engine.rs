@@ -45,6 +45,8 @@ pub struct Engine {
     special_text: aho_corasick::AhoCorasick,
     pub defaults: GenerationDefaults,
     pub checkpoint: Arc<Checkpoint>,
+    /// The vocabulary as the grammar engine sees it, built on the first structured request.
+    grammars: std::sync::OnceLock<std::result::Result<crate::structured::Grammars, String>>,
 }
 
 /// What a generation produced.
@@ -58,6 +60,22 @@ pub struct Generation {
 }
 
 impl Engine {
+    /// Compiles grammars for this model's vocabulary (structured output).
+    pub fn grammars(&self) -> Result<&crate::structured::Grammars> {
+        self.grammars
+            .get_or_init(|| {
+                crate::structured::Grammars::new(
+                    &self.dir,
+                    &self.tokenizer,
+                    self.model.config().vocab_size,
+                    self.defaults.eos_token_ids.first().copied().unwrap_or(0),
+                )
+                .map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
     /// Opens `dir` with every routed expert resident once used.
     pub fn open(dir: &Path) -> Result<Self> {
         Self::open_with(dir, |ckpt, cfg| Arc::new(ResidentExperts::new(ckpt, cfg)))
@@ -99,6 +117,7 @@ impl Engine {
             special_text,
             defaults,
             checkpoint: ckpt,
+            grammars: std::sync::OnceLock::new(),
         })
     }
 
@@ -219,6 +238,10 @@ pub struct SequenceState {
     logprobs: Option<usize>,
     /// Entries not yet taken.
     pending_logprobs: Vec<TokenLogprob>,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`).
+    logit_bias: Vec<(u32, f32)>,
+    /// The grammar the output must follow (structured output).
+    constraint: Option<crate::structured::Constraint>,
 }
 
 impl SequenceState {
@@ -252,7 +275,21 @@ impl SequenceState {
             keep_special: Vec::new(),
             logprobs: None,
             pending_logprobs: Vec::new(),
+            logit_bias: Vec::new(),
+            constraint: None,
         })
+    }
+
+    /// Adds `bias` to these tokens' logits before each sampling (not to reported logprobs).
+    pub fn with_logit_bias(mut self, bias: Vec<(u32, f32)>) -> Self {
+        self.logit_bias = bias;
+        self
+    }
+
+    /// Samples only what `constraint` allows (not reflected in reported logprobs).
+    pub fn with_constraint(mut self, constraint: Option<crate::structured::Constraint>) -> Self {
+        self.constraint = constraint;
+        self
     }
 
     /// Records each generated token's log-probability with `top` alternatives.
@@ -360,7 +397,23 @@ impl SequenceState {
 
     /// Samples from `logits`, applies the stop rules; returns the text that became final.
     pub fn accept(&mut self, engine: &Engine, logits: &[f32]) -> Result<Option<String>> {
-        let next = self.sampler.sample(logits);
+        let next = if self.constraint.is_none() && self.logit_bias.is_empty() {
+            self.sampler.sample(logits)
+        } else {
+            let mut adjusted = logits.to_vec();
+            for &(id, bias) in &self.logit_bias {
+                if let Some(l) = adjusted.get_mut(id as usize) {
+                    *l += bias;
+                }
+            }
+            if let Some(c) = &mut self.constraint {
+                c.mask(&mut adjusted)?;
+            }
+            self.sampler.sample(&adjusted)
+        };
+        if let Some(c) = &mut self.constraint {
+            c.advance(next)?;
+        }
         if engine.defaults.eos_token_ids.contains(&next) {
             self.finish_reason = Some("eos");
         } else {

@@ -28,6 +28,7 @@ pub mod router;
 pub mod sampling;
 pub mod server;
 pub mod store;
+pub mod structured;
 pub mod tokenizer;
 pub mod trace;
 pub mod transfer;

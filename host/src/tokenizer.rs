@@ -193,6 +193,26 @@ impl Tokenizer {
         }
     }
 
+    /// Each id's bytes for grammar-constrained decoding, for a `tiktoken.model` tokenizer: a
+    /// special token is its name after the 0xFF marker llguidance reads as "special". `None`
+    /// for a Hugging Face tokenizer, whose vocabulary strings are encoded (byte-level,
+    /// metaspace): llguidance reads those from `tokenizer.json` itself.
+    pub fn tiktoken_bytes(&self) -> Option<Vec<Vec<u8>>> {
+        let Self::Tiktoken { bpe, .. } = self else {
+            return None;
+        };
+        let mut words = vec![Vec::new(); self.vocab_size()];
+        for (id, bytes) in bpe.tokens.iter().enumerate() {
+            words[id] = bytes.clone();
+        }
+        for (id, name) in &bpe.special_names {
+            let mut b = vec![0xFF];
+            b.extend_from_slice(name.as_bytes());
+            words[*id as usize] = b;
+        }
+        Some(words)
+    }
+
     /// Every id the tokenizer can produce is below this.
     pub fn vocab_size(&self) -> usize {
         match self {

@@ -117,6 +117,15 @@ struct Common {
     /// Chat: alternatives per token (0-20), with `logprobs: true`.
     #[serde(default)]
     top_logprobs: Option<u64>,
+    /// Token id (as a string) -> bias in [-100, 100] added to its logit.
+    #[serde(default)]
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}`.
+    #[serde(default)]
+    response_format: Option<Value>,
+    /// `{"include_usage": true}`: a last chunk with the usage before `[DONE]`.
+    #[serde(default)]
+    stream_options: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -201,6 +210,9 @@ struct ToolPlan {
     parser: super::tools::ToolParser,
     parallel: bool,
     forced: Option<String>,
+    /// What the model may write after `forced`: the calls' arguments valid against the tools'
+    /// schemas, and the section's end (llguidance Lark).
+    grammar: Option<String>,
 }
 
 /// Whether the model's output is parsed for tool calls, from `tools` and `tool_choice`.
@@ -267,6 +279,16 @@ fn tool_use(app: &AppState, b: &ChatBody) -> Result<Option<ToolPlan>, ApiError> 
         parser,
         parallel: b.parallel_tool_calls.unwrap_or(true),
         forced: forced.map(|name| parser.forced_prefix(name, calls_so_far)),
+        grammar: match forced {
+            Some(name) => Some(
+                parser
+                    .call_grammar(tools, name, b.parallel_tool_calls.unwrap_or(true), &|t| {
+                        app.engine.tokenizer.token_to_id(t)
+                    })
+                    .map_err(|e| bad("tools", e))?,
+            ),
+            None => None,
+        },
     }))
 }
 
@@ -375,7 +397,11 @@ pub async fn chat_completions(
                     )
                 })??
         };
-        let (ids, read, forced, common) = prepared;
+        let (ids, read, forced, call_grammar, common) = prepared;
+        let forced = forced.map(|text| Forced {
+            text,
+            grammar: call_grammar,
+        });
         run(app.clone(), arm, Kind::Chat(read), ids, forced, common).await
     }
     .await;
@@ -388,7 +414,7 @@ pub async fn chat_completions(
 fn prepare_chat(
     app: &AppState,
     b: ChatBody,
-) -> Result<(Vec<u32>, ChatRead, Option<String>, Common), ApiError> {
+) -> Result<(Vec<u32>, ChatRead, Option<String>, Option<String>, Common), ApiError> {
     check_messages(&b.messages)?;
     let tools = tool_use(app, &b)?;
     let t = app.engine.chat_template.as_ref().ok_or_else(|| {
@@ -432,6 +458,7 @@ fn prepare_chat(
         .contains("</think>")
         .then(|| super::reasoning::ReasoningStream::prompt_opens_block(&text));
     let forced = tools.as_ref().and_then(|t| t.forced.clone());
+    let call_grammar = tools.as_ref().and_then(|t| t.grammar.clone());
     if let Some(prefix) = &forced {
         // The call's start is written for the model, so the answer is the call: a thinking
         // block the prompt opened is closed first, and there is no thinking to read.
@@ -451,7 +478,7 @@ fn prepare_chat(
         tools: tools.map(|t| (t.parser, t.parallel)),
         reasoning,
     };
-    Ok((ids, read, forced, b.common))
+    Ok((ids, read, forced, call_grammar, b.common))
 }
 
 fn finish(app: &AppState, r: Result<Response, ApiError>) -> Response {
@@ -488,14 +515,86 @@ fn pick_arm(app: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
     app.arms.pick(header).map_err(ApiError::invalid)
 }
 
-/// `forced`: text written for the model at the end of the prompt (a forced tool call's start),
-/// read as the beginning of its answer.
+/// Text written for the model at the end of the prompt (a forced tool call's start), read as
+/// the beginning of its answer, and the grammar of what the model writes after it.
+struct Forced {
+    text: String,
+    grammar: Option<String>,
+}
+
+/// At most this many `logit_bias` entries (OpenAI's limit).
+const MAX_LOGIT_BIAS: usize = 300;
+
+/// The token biases a request asks for, checked: ids in the vocabulary, biases in [-100, 100].
+fn logit_bias(c: &Common, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(map) = &c.logit_bias else {
+        return Ok(Vec::new());
+    };
+    let bad = |m: String| ApiError {
+        param: Some("logit_bias"),
+        ..ApiError::invalid(m)
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(bad(format!(
+            "logit_bias takes at most {MAX_LOGIT_BIAS} tokens"
+        )));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (k, &v) in map {
+        let id: u32 = k
+            .parse()
+            .map_err(|_| bad(format!("logit_bias key {k:?} is not a token id")))?;
+        if id as usize >= vocab {
+            return Err(bad(format!(
+                "logit_bias token {id} is out of range (vocab_size {vocab})"
+            )));
+        }
+        if !(-100.0..=100.0).contains(&v) {
+            return Err(bad(format!(
+                "logit_bias for token {id} is {v}, outside [-100, 100]"
+            )));
+        }
+        out.push((id, v));
+    }
+    out.sort_unstable_by_key(|e| e.0);
+    Ok(out)
+}
+
+/// The grammar `response_format` asks for (`None`: free text).
+fn response_grammar(c: &Common) -> Result<Option<llguidance::api::TopLevelGrammar>, ApiError> {
+    let Some(f) = &c.response_format else {
+        return Ok(None);
+    };
+    let bad = |m: &str| ApiError {
+        param: Some("response_format"),
+        ..ApiError::invalid(m)
+    };
+    match f["type"].as_str() {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(crate::structured::json_schema(
+            json!({"type": "object"}),
+        ))),
+        Some("json_schema") => {
+            let schema = &f["json_schema"]["schema"];
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(bad(
+                    "response_format json_schema needs {\"json_schema\": {\"name\", \"schema\": {...}}}",
+                ));
+            }
+            Ok(Some(crate::structured::json_schema(schema.clone())))
+        }
+        _ => Err(bad(
+            "response_format type must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
+}
+
 async fn run(
     app: AppState,
     arm: usize,
     kind: Kind,
     prompt_ids: Vec<u32>,
-    forced: Option<String>,
+    forced: Option<Forced>,
     c: Common,
 ) -> Result<Response, ApiError> {
     let cfg = app.engine.model.config();
@@ -580,6 +679,43 @@ async fn run(
     params
         .validate()
         .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+    let bias = logit_bias(&c, cfg.vocab_size)?;
+    let grammar = match forced.as_ref().and_then(|f| f.grammar.clone()) {
+        Some(lark) => Some(crate::structured::lark(lark)),
+        None => response_grammar(&c)?,
+    };
+    let constraint = match grammar {
+        None => None,
+        Some(g) => {
+            let engine = app.engine.clone();
+            let param = if forced.is_some() {
+                "tools"
+            } else {
+                "response_format"
+            };
+            let c = tokio::task::spawn_blocking(move || {
+                engine.grammars().and_then(|gs| gs.constraint(g))
+            })
+            .await
+            .map_err(|e| {
+                ApiError::status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    e.to_string(),
+                )
+            })?
+            .map_err(|e| ApiError {
+                param: Some(param),
+                ..ApiError::invalid(format!("cannot compile the {param} grammar: {e:#}"))
+            })?;
+            Some(c)
+        }
+    };
+    let include_usage = c
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o["include_usage"] == true);
+    let forced = forced.map(|f| f.text);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let request = GenRequest {
         arm,
@@ -592,6 +728,8 @@ async fn run(
             Kind::Completion => Vec::new(),
         },
         logprobs,
+        logit_bias: bias,
+        constraint,
         events: tx,
         received: Instant::now(),
     };
@@ -622,7 +760,13 @@ async fn run(
     let model = app.model_name.clone();
     if c.stream.unwrap_or(false) {
         // Server-sent events; dropping the stream (client gone) closes `rx`, which cancels.
-        let stream = async_stream(id, created, model, kind, forced, app.engine.clone(), rx);
+        let head = StreamHead {
+            id,
+            created,
+            model,
+            include_usage,
+        };
+        let stream = async_stream(head, kind, forced, app.engine.clone(), rx);
         return Ok(Sse::new(stream)
             .keep_alive(KeepAlive::default())
             .into_response());
@@ -828,17 +972,30 @@ fn chunk(
     }
 }
 
-/// `engine`: to name the tokens of requested log-probabilities, which ride on the next chunk
-/// sent after their tokens.
-fn async_stream(
+/// What every chunk of a stream names.
+struct StreamHead {
     id: String,
     created: u64,
     model: String,
+    /// End with OpenAI's usage chunk (`stream_options.include_usage`).
+    include_usage: bool,
+}
+
+/// `engine`: to name the tokens of requested log-probabilities, which ride on the next chunk
+/// sent after their tokens.
+fn async_stream(
+    head: StreamHead,
     kind: Kind,
     forced: Option<String>,
     engine: Arc<crate::engine::Engine>,
     rx: mpsc::UnboundedReceiver<GenEvent>,
 ) -> impl futures_core::Stream<Item = Result<Event, Infallible>> {
+    let StreamHead {
+        id,
+        created,
+        model,
+        include_usage,
+    } = head;
     struct S {
         rx: mpsc::UnboundedReceiver<GenEvent>,
         first: bool,
@@ -910,7 +1067,11 @@ fn async_stream(
                         }
                         None => send(&mut s, Piece::Text(&t)),
                     },
-                    Some(GenEvent::Done { finish_reason, .. }) => {
+                    Some(GenEvent::Done {
+                        finish_reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    }) => {
                         let mut finish = finish_reason;
                         if let Some(r) = s.reader.as_mut() {
                             let o = r.finish();
@@ -920,6 +1081,19 @@ fn async_stream(
                             outs(&mut s, o);
                         }
                         send(&mut s, Piece::Finish(finish));
+                        if include_usage {
+                            // OpenAI's shape: a last chunk with no choices and the usage.
+                            let object = match kind {
+                                Kind::Completion => "text_completion",
+                                Kind::Chat(_) => "chat.completion.chunk",
+                            };
+                            let usage = json!({"id": id, "object": object, "created": created,
+                                "model": model, "choices": [], "usage": {
+                                    "prompt_tokens": prompt_tokens,
+                                    "completion_tokens": completion_tokens,
+                                    "total_tokens": prompt_tokens + completion_tokens}});
+                            s.ready.push_back(Event::default().data(usage.to_string()));
+                        }
                         s.ready.push_back(Event::default().data("[DONE]"));
                         s.done = true;
                     }

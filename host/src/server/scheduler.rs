@@ -34,6 +34,10 @@ pub struct GenRequest {
     pub keep_special: Vec<u32>,
     /// Report each token's log-probability with this many alternatives.
     pub logprobs: Option<usize>,
+    /// Added to these tokens' logits before sampling.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The grammar the output must follow.
+    pub constraint: Option<crate::structured::Constraint>,
     pub events: mpsc::UnboundedSender<GenEvent>,
     pub received: Instant,
 }
@@ -208,7 +212,9 @@ fn admit(engine: &Engine, arms: &Arms, r: GenRequest, metrics: &Metrics) -> Opti
     let seq = match SequenceState::new(engine, &r.prompt_ids, r.max_tokens, &r.params, r.stop) {
         Ok(s) => s
             .keep_special_tokens(r.keep_special)
-            .with_logprobs(r.logprobs),
+            .with_logprobs(r.logprobs)
+            .with_logit_bias(r.logit_bias)
+            .with_constraint(r.constraint),
         Err(e) => {
             let _ = r.events.send(GenEvent::Error(format!("{e:#}")));
             return None;

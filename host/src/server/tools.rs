@@ -108,6 +108,100 @@ impl ToolParser {
         }
     }
 
+    /// The grammar (llguidance Lark) of what the model writes after [`Self::forced_prefix`]:
+    /// `name`'s arguments valid against its schema and the call's and section's ends, or, for
+    /// `required` (`name` `None`), one call (or several when `parallel`) of any of `tools`,
+    /// each with arguments valid against its own schema. `id` finds a marker's token id.
+    pub fn call_grammar(
+        self,
+        tools: &[serde_json::Value],
+        name: Option<&str>,
+        parallel: bool,
+        id: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<String, String> {
+        let tok = |m: &str| {
+            id(m).map(|i| format!("<[{i}]>")).ok_or_else(|| {
+                format!(
+                    "the tokenizer has no {m} token, which {} tool calls need",
+                    self.name()
+                )
+            })
+        };
+        let [_, section_end, call_begin, call_end] = self.markers();
+        let (section_end, call_begin, call_end) =
+            (tok(section_end)?, tok(call_begin)?, tok(call_end)?);
+        let lit = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let schema = |t: &serde_json::Value| {
+            let p = &t["function"]["parameters"];
+            let p = if p.is_object() {
+                p.clone()
+            } else {
+                serde_json::json!({"type": "object"})
+            };
+            format!("%json {}", crate::structured::json_layout(p))
+        };
+        // What follows the arguments inside one call.
+        let after_args = match self {
+            Self::DeepSeekV3 => format!("{} {call_end}", lit("\n```")),
+            Self::KimiK2 | Self::DeepSeekV31 => call_end.clone(),
+        };
+        if let Some(name) = name {
+            let t = tools
+                .iter()
+                .find(|t| t["function"]["name"] == name)
+                .ok_or_else(|| format!("tool_choice names {name:?}, which is not among tools"))?;
+            return Ok(format!(
+                "start: {} {after_args} {section_end}
+",
+                schema(t)
+            ));
+        }
+        let mut rules = String::new();
+        let mut alternatives = Vec::new();
+        for (i, t) in tools.iter().enumerate() {
+            let name = t["function"]["name"].as_str().unwrap_or_default();
+            let head = match self {
+                Self::KimiK2 => format!(
+                    "{call_begin} {} /[0-9]{{1,4}}/ {}",
+                    lit(&format!("functions.{name}:")),
+                    tok(KIMI_ARG)?
+                ),
+                Self::DeepSeekV3 => format!(
+                    "{call_begin} {} {} {}",
+                    lit("function"),
+                    tok(DS_SEP)?,
+                    lit(&format!("{name}\n```json\n"))
+                ),
+                Self::DeepSeekV31 => format!("{call_begin} {} {}", lit(name), tok(DS_SEP)?),
+            };
+            rules.push_str(&format!(
+                "call_{i}: {head} {} {after_args}
+",
+                schema(t)
+            ));
+            alternatives.push(format!("call_{i}"));
+        }
+        if alternatives.is_empty() {
+            return Err("tool_choice \"required\" needs at least one tool".into());
+        }
+        let repeat = if parallel { "+" } else { "" };
+        Ok(format!(
+            "start: call{repeat} {section_end}
+call: {}
+{rules}",
+            alternatives.join(" | ")
+        ))
+    }
+
+    /// vLLM's name of this parser.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::KimiK2 => "kimi_k2",
+            Self::DeepSeekV3 => "deepseek_v3",
+            Self::DeepSeekV31 => "deepseek_v31",
+        }
+    }
+
     fn markers(self) -> [&'static str; 4] {
         match self {
             Self::KimiK2 => [
@@ -404,5 +498,112 @@ mod tests {
                 .id,
             "functions.f:2"
         );
+    }
+
+    /// Follows a grammar with the bundled tokenizer, each marker standing for one of its
+    /// special tokens: every piece must be allowed, token by token, and then only EOS.
+    fn follows(grammar: &str, pieces: &[Result<&str, u32>]) -> Result<(), String> {
+        let dir = crate::engine::bundled_model_dir();
+        let tok = Tokenizer::from_dir(&dir).unwrap();
+        let eos = tok.token_to_id("<|eos|>").unwrap();
+        let g = crate::structured::Grammars::new(&dir, &tok, tok.vocab_size(), eos).unwrap();
+        let mut c = g
+            .constraint(crate::structured::lark(grammar.to_owned()))
+            .map_err(|e| format!("{e:#}"))?;
+        let allowed = |c: &mut crate::structured::Constraint, id: u32| {
+            let mut l = vec![0.0f32; tok.vocab_size()];
+            c.mask(&mut l).unwrap();
+            l[id as usize].is_finite()
+        };
+        for piece in pieces {
+            let ids = match piece {
+                Ok(text) => tok.encode_plain(text).unwrap(),
+                Err(id) => vec![*id],
+            };
+            for id in ids {
+                if !allowed(&mut c, id) {
+                    return Err(format!("token {id} refused in {piece:?}"));
+                }
+                c.advance(id).unwrap();
+            }
+        }
+        let mut l = vec![0.0f32; tok.vocab_size()];
+        c.mask(&mut l).unwrap();
+        let open: Vec<usize> = (0..l.len()).filter(|&i| l[i].is_finite()).collect();
+        if open != [eos as usize] {
+            return Err(format!("after the call, {} tokens are allowed", open.len()));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn call_grammars_admit_valid_calls_and_nothing_after() {
+        let tools = vec![
+            serde_json::json!({"type": "function", "function": {"name": "set_level", "parameters": {
+                "type": "object", "properties": {"level": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["level"], "additionalProperties": false}}}),
+            serde_json::json!({"type": "function", "function": {"name": "ping"}}),
+        ];
+        // The bundled tokenizer's specials (ids 3, 4) stand in for each parser's markers.
+        let markers: std::collections::HashMap<&str, u32> = [
+            ("<|tool_calls_section_end|>", 3),
+            ("<|tool_call_begin|>", 4),
+            ("<|tool_call_end|>", 3),
+            (KIMI_ARG, 4),
+            (DS_CALLS_END, 3),
+            (DS_CALL_BEGIN, 4),
+            (DS_CALL_END, 3),
+            (DS_SEP, 4),
+        ]
+        .into();
+        let id = |m: &str| markers.get(m).copied();
+        let args = Ok("{\"level\": 7}");
+        for p in [
+            ToolParser::KimiK2,
+            ToolParser::DeepSeekV3,
+            ToolParser::DeepSeekV31,
+        ] {
+            let named = p
+                .call_grammar(&tools, Some("set_level"), true, &id)
+                .unwrap();
+            let mut after: Vec<Result<&str, u32>> = vec![args];
+            if p == ToolParser::DeepSeekV3 {
+                after.push(Ok("\n```"));
+            }
+            after.extend([Err(3), Err(3)]);
+            follows(&named, &after).unwrap_or_else(|e| panic!("{p:?} named: {e}\n{named}"));
+            // Arguments outside the schema are refused.
+            assert!(follows(&named, &[Ok("{\"level\": 12}")]).is_err(), "{p:?}");
+            assert!(follows(&named, &[Ok("{\"other\": 1}")]).is_err(), "{p:?}");
+
+            let head: Vec<Result<&str, u32>> = match p {
+                ToolParser::KimiK2 => vec![Err(4), Ok("functions.set_level:0"), Err(4)],
+                ToolParser::DeepSeekV3 => {
+                    vec![Err(4), Ok("function"), Err(4), Ok("set_level\n```json\n")]
+                }
+                ToolParser::DeepSeekV31 => vec![Err(4), Ok("set_level"), Err(4)],
+            };
+            let mut call = head.clone();
+            call.push(args);
+            if p == ToolParser::DeepSeekV3 {
+                call.push(Ok("\n```"));
+            }
+            call.push(Err(3));
+            let required = p.call_grammar(&tools, None, true, &id).unwrap();
+            let two: Vec<_> = call.iter().chain(&call).cloned().chain([Err(3)]).collect();
+            follows(&required, &two).unwrap_or_else(|e| panic!("{p:?} required: {e}\n{required}"));
+            let one = p.call_grammar(&tools, None, false, &id).unwrap();
+            assert!(
+                follows(&one, &two).is_err(),
+                "{p:?}: a second call without parallel calls"
+            );
+        }
+        assert!(ToolParser::KimiK2
+            .call_grammar(&tools, Some("launch"), true, &id)
+            .is_err());
+        assert!(ToolParser::KimiK2
+            .call_grammar(&tools, None, true, &|_| None)
+            .unwrap_err()
+            .contains("no <|tool_calls_section_end|> token"));
     }
 }
