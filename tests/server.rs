@@ -1613,3 +1613,148 @@ fn forced_tool_calls_follow_the_tools_schemas() {
         }
     }
 }
+
+/// vLLM's /tokenize and /detokenize: the ids generation sees, for a prompt and for a chat.
+#[test]
+fn tokenize_and_detokenize_match_what_generation_sees() {
+    let srv = default_server();
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let (status, v) = post(
+        srv.addr,
+        "/tokenize",
+        json!({"prompt": "The quick brown fox", "return_token_strs": true}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let want = engine.encode("The quick brown fox").unwrap();
+    assert_eq!(v["tokens"], json!(want));
+    assert_eq!(v["count"], want.len());
+    assert_eq!(
+        v["max_model_len"],
+        engine.model.config().max_position_embeddings
+    );
+    assert_eq!(v["token_strs"].as_array().unwrap().len(), want.len());
+    let (_, bare) = post(
+        srv.addr,
+        "/tokenize",
+        json!({"prompt": "The quick brown fox", "add_special_tokens": false}),
+    );
+    assert_eq!(
+        bare["tokens"],
+        json!(engine.tokenizer.encode_bare("The quick brown fox").unwrap())
+    );
+    assert!(bare["token_strs"].is_null());
+
+    // A chat: the prompt_tokens the chat endpoint reports.
+    let messages = json!([{"role": "user", "content": "Hi <|eos|> there"}]);
+    let (_, chat) = post(
+        srv.addr,
+        "/v1/chat/completions",
+        json!({"messages": messages, "max_tokens": 1, "temperature": 0}),
+    );
+    let (status, t) = post(srv.addr, "/tokenize", json!({"messages": messages}));
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["count"], chat["usage"]["prompt_tokens"]);
+    let (_, no_gen) = post(
+        srv.addr,
+        "/tokenize",
+        json!({"messages": messages, "add_generation_prompt": false}),
+    );
+    assert!(
+        no_gen["count"].as_u64() < t["count"].as_u64(),
+        "{no_gen} {t}"
+    );
+
+    let (status, d) = post(srv.addr, "/detokenize", json!({"tokens": t["tokens"]}));
+    assert_eq!(status, 200, "{d}");
+    let ids: Vec<u32> = serde_json::from_value(t["tokens"].clone()).unwrap();
+    assert_eq!(d["prompt"], engine.tokenizer.decode(&ids, false).unwrap());
+    assert!(d["prompt"].as_str().unwrap().contains("Hi <|eos|> there"));
+    for (path, bad) in [
+        ("/detokenize", json!({"tokens": [999999]})),
+        ("/detokenize", json!({"tokens": "x"})),
+        ("/tokenize", json!({"text": "x"})),
+    ] {
+        assert_eq!(post(srv.addr, path, bad).0, 400);
+    }
+    assert_eq!(
+        post(
+            srv.addr,
+            "/tokenize",
+            json!({"prompt": "x", "model": "other"})
+        )
+        .0,
+        404
+    );
+}
+
+/// The official `openai` Python client over real HTTP (tests/openai_client.py): a named tool
+/// call validating against its schema, the tool's result continuing the conversation, the same
+/// call streamed, a json_schema answer, logprobs equal to `moehost forward`'s. Runs where
+/// Python has the `openai` package (.ci/run installs it).
+#[test]
+fn the_official_openai_client_drives_tools_json_and_logprobs() {
+    let has_client = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_client {
+        eprintln!("the openai Python package is not installed: tests/openai_client.py did not run");
+        return;
+    }
+    let dir = support::kimi_layout_folder();
+    let srv = start_model(dir.path(), StoreConfig::default(), ServeOptions::default());
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/openai_client.py"
+        ))
+        .arg(format!("http://{}/v1", srv.addr))
+        .arg(env!("CARGO_BIN_EXE_moehost"))
+        .env("MOEHOST_BUNDLED_MODEL", dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.trim_end().ends_with("ok"), "{text}");
+    eprintln!("{text}");
+}
+
+/// A prompt whose text cannot fit the context whatever its tokens is refused before it is
+/// tokenized (the context length times the tokenizer's longest token), on every endpoint.
+#[test]
+fn prompts_too_long_for_any_tokenization_are_refused_before_tokenizing() {
+    let srv = start(StoreConfig::default(), ServeOptions::default());
+    let engine = Engine::open(&support::bf16_model()).unwrap();
+    let huge = "x".repeat(engine.max_prompt_bytes() + 1);
+    for (path, body) in [
+        ("/v1/completions", json!({"prompt": huge, "max_tokens": 1})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": huge}], "max_tokens": 1}),
+        ),
+        ("/tokenize", json!({"prompt": huge})),
+    ] {
+        let (status, v) = post(srv.addr, path, body);
+        assert_eq!(status, 400, "{path}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("bytes"),
+            "{path}: {v}"
+        );
+    }
+    // Just under it, the prompt is tokenized and then found too long in tokens.
+    let (status, v) = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": "the quick brown fox ".repeat(engine.max_prompt_bytes() / 40), "max_tokens": 1}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("tokens"),
+        "{v}"
+    );
+}

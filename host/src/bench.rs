@@ -201,3 +201,95 @@ pub fn batch_decode(
     }
     Ok((batch * decode_tokens) as f64 / best)
 }
+
+/// Constrained decoding against free decoding, measured in one run.
+#[derive(Debug, Serialize)]
+pub struct StructuredReport {
+    pub decode_tokens: usize,
+    /// The schema every constrained token followed.
+    pub schema: serde_json::Value,
+    pub free_tokens_per_s: f64,
+    pub constrained_tokens_per_s: f64,
+    /// `constrained / free`.
+    pub ratio: f64,
+    /// Mean time of one token's mask and advance, microseconds (best round).
+    pub mask_us_per_token: f64,
+    /// Values completed (then restarted) during the best constrained round.
+    pub values_completed: usize,
+}
+
+/// Greedy decode of `decode_tokens` tokens free and under a JSON schema (an object holding an
+/// array of strings: a value the model can keep writing), in `repeats` alternating rounds,
+/// best of each. A completed value starts a fresh constraint, so every token is constrained.
+pub fn structured(
+    engine: &Engine,
+    decode_tokens: usize,
+    repeats: usize,
+) -> Result<StructuredReport> {
+    let model = &engine.model;
+    let max = model.config().max_position_embeddings;
+    ensure!(
+        decode_tokens >= 1 && 16 + decode_tokens <= max,
+        "decode_tokens too large for the context"
+    );
+    let schema = serde_json::json!({"type": "object", "properties": {
+        "items": {"type": "array", "items": {"type": "string"}}}, "required": ["items"]});
+    let grammars = engine.grammars()?;
+    let eos = engine.defaults.eos_token_ids.first().copied().unwrap_or(0);
+    let prompt = text_ids(engine, 16)?;
+    model.forward(&prompt, &mut model.new_cache(), Logits::Last, false)?;
+    let (mut best_free, mut best_constrained) = (f64::INFINITY, f64::INFINITY);
+    let (mut best_mask, mut values) = (f64::INFINITY, 0);
+    for _ in 0..repeats.max(1) {
+        for constrained in [false, true] {
+            let mut cache = model.new_cache();
+            let mut logits = model
+                .forward(&prompt, &mut cache, Logits::Last, false)?
+                .logits;
+            let mut c = grammars.constraint(crate::structured::json_schema(schema.clone()))?;
+            let (mut mask_s, mut done) = (0.0, 0);
+            let t0 = Instant::now();
+            for _ in 0..decode_tokens {
+                let next = if constrained {
+                    let t = Instant::now();
+                    c.mask(&mut logits)?;
+                    let mut next = argmax(&logits);
+                    if next == eos {
+                        done += 1;
+                        c = grammars.constraint(crate::structured::json_schema(schema.clone()))?;
+                        c.mask(&mut logits)?;
+                        next = argmax(&logits);
+                    }
+                    c.advance(next)?;
+                    mask_s += t.elapsed().as_secs_f64();
+                    next
+                } else {
+                    argmax(&logits)
+                };
+                logits = model
+                    .forward(&[next], &mut cache, Logits::Last, false)?
+                    .logits;
+            }
+            let s = t0.elapsed().as_secs_f64();
+            if constrained {
+                if s < best_constrained {
+                    (best_mask, values) = (mask_s, done);
+                }
+                best_constrained = best_constrained.min(s);
+            } else {
+                best_free = best_free.min(s);
+            }
+        }
+    }
+    let free = decode_tokens as f64 / best_free;
+    let constrained = decode_tokens as f64 / best_constrained;
+    Ok(StructuredReport {
+        decode_tokens,
+        schema,
+        free_tokens_per_s: free,
+        constrained_tokens_per_s: constrained,
+        ratio: constrained / free,
+        mask_us_per_token: best_mask * 1e6 / decode_tokens as f64,
+        values_completed: values,
+    })
+}

@@ -15,9 +15,9 @@ use std::time::Instant;
 
 use crate::config::ModelConfig;
 use crate::experts::ExpertBytes;
+use crate::hardware::Link;
 use crate::plan::{plan, Plan, PlanOptions};
 use crate::policy::{LinkCosts, Tier};
-use crate::replay::cost::Link;
 
 /// Kimi-K2's config.json (the model the projection is for).
 const KIMI_K2_CONFIG: &str = include_str!("../../tests/data/kimi-k2-config.json");
@@ -71,23 +71,7 @@ pub struct Gpu {
     pub k2_expert: std::result::Result<ExpertSpeed, String>,
 }
 
-/// Figures for `moehost doctor`: one Kimi-K2-shaped FP8 expert on this GPU.
-#[derive(Debug, Clone, Serialize)]
-pub struct ExpertSpeed {
-    /// Seconds per `GpuExpert::forward` at 1 and at 8 tokens (inputs up, both projections and
-    /// the SwiGLU between them, outputs down).
-    pub one_token_s: f64,
-    pub eight_tokens_s: f64,
-    /// The expert's FP8 bytes over `one_token_s`.
-    pub weights_gbps: f64,
-    /// `layer_step_experts` distinct experts at 1 token each in one call (a MoE layer step:
-    /// one host round trip in all), its seconds and weight bytes per second.
-    pub layer_step_experts: usize,
-    pub layer_step_s: f64,
-    pub layer_step_gbps: f64,
-    /// Device-to-device copy bandwidth (bytes read + written), the memory's practical ceiling.
-    pub dtod_gbps: f64,
-}
+pub use crate::hardware::ExpertSpeed;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {

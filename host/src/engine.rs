@@ -45,6 +45,8 @@ pub struct Engine {
     special_text: aho_corasick::AhoCorasick,
     pub defaults: GenerationDefaults,
     pub checkpoint: Arc<Checkpoint>,
+    /// Longest prompt text that can fit the context (`max_prompt_bytes`).
+    max_prompt_bytes: usize,
     /// The vocabulary as the grammar engine sees it, built on the first structured request.
     grammars: std::sync::OnceLock<std::result::Result<crate::structured::Grammars, String>>,
 }
@@ -60,6 +62,12 @@ pub struct Generation {
 }
 
 impl Engine {
+    /// Bytes of prompt text past which it cannot fit the context whatever its tokens: the
+    /// context length times the tokenizer's longest token (checked before tokenizing).
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.max_prompt_bytes
+    }
+
     /// Compiles grammars for this model's vocabulary (structured output).
     pub fn grammars(&self) -> Result<&crate::structured::Grammars> {
         self.grammars
@@ -105,6 +113,9 @@ impl Engine {
         let special_text = aho_corasick::AhoCorasick::new(tokenizer.special_tokens())
             .context("cannot index the tokenizer's special tokens")?;
         let defaults = read_generation_defaults(dir, &cfg)?;
+        let max_prompt_bytes = cfg
+            .max_position_embeddings
+            .saturating_mul(tokenizer.max_token_bytes().max(1));
         let ckpt = Arc::new(Checkpoint::open(dir, cfg.quantization())?);
         let experts = make_experts(ckpt.clone(), &cfg);
         let model = DeepseekV3::load(cfg, &ckpt, experts)
@@ -117,6 +128,7 @@ impl Engine {
             special_text,
             defaults,
             checkpoint: ckpt,
+            max_prompt_bytes,
             grammars: std::sync::OnceLock::new(),
         })
     }

@@ -14,10 +14,12 @@ pub mod deepseek_v3;
 pub mod doctor;
 pub mod engine;
 pub mod experts;
+pub mod ffn;
 pub mod forward_dump;
 pub mod fp8;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod hardware;
 pub mod kernels;
 pub mod plan;
 pub mod policy;

@@ -190,6 +190,10 @@ enum Command {
         /// alternating rounds, on the CPU, and report the ratios.
         #[arg(long, conflicts_with_all = ["batch", "device"])]
         baseline: Option<PathBuf>,
+        /// Measure greedy decode constrained by a JSON schema (structured output) against free
+        /// decode, in alternating rounds, and the grammar's cost per token.
+        #[arg(long, conflicts_with_all = ["batch", "device", "baseline"])]
+        structured: bool,
         #[arg(long)]
         json: bool,
     },
@@ -1041,8 +1045,26 @@ fn run() -> Result<()> {
             repeats,
             batch,
             baseline,
+            structured,
             json,
         } => {
+            if structured {
+                let engine = open(model)?;
+                let r = moehost::bench::structured(&engine, decode_tokens, repeats)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!(
+                        "free:        {:.1} tokens/s\nconstrained: {:.1} tokens/s ({:.2}x; grammar {:.0} us a token; best of {repeats} alternating rounds of {} tokens)",
+                        r.free_tokens_per_s,
+                        r.constrained_tokens_per_s,
+                        r.ratio,
+                        r.mask_us_per_token,
+                        r.decode_tokens
+                    );
+                }
+                return Ok(());
+            }
             if let Some(base) = baseline {
                 let engine = open(model)?;
                 let base = open(Some(base))?;

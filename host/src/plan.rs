@@ -13,7 +13,7 @@ use anyhow::{ensure, Result};
 use serde::Serialize;
 
 use crate::config::ModelConfig;
-use crate::replay::cost::Link;
+use crate::hardware::Link;
 
 /// How routed experts are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -213,6 +213,26 @@ impl Tokenizer {
         Some(words)
     }
 
+    /// An upper bound on the bytes of text one token stands for (a vocabulary string's own
+    /// length: byte-level and metaspace strings are never shorter than their bytes).
+    pub fn max_token_bytes(&self) -> usize {
+        match self {
+            Self::HuggingFace { tok, .. } => tok
+                .get_vocab(true)
+                .keys()
+                .map(String::len)
+                .max()
+                .unwrap_or(1),
+            Self::Tiktoken { bpe, .. } => bpe
+                .tokens
+                .iter()
+                .map(Vec::len)
+                .chain(bpe.specials.keys().map(String::len))
+                .max()
+                .unwrap_or(1),
+        }
+    }
+
     /// Every id the tokenizer can produce is below this.
     pub fn vocab_size(&self) -> usize {
         match self {

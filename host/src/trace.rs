@@ -5,7 +5,7 @@
 //! Owns: the file format and its validation (a bad file is an error naming the file and the
 //! problem), `moehost trace record` (prefill + greedy decode of each prompt through the real
 //! model, optionally with speculative next-layer gate scores), `moehost trace import` /
-//! `export` (JSON lines). Does not own: what a trace means for a cache (`crate::replay`).
+//! `export` (JSON lines). Does not own: what a trace means for a cache (the replay lab).
 
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};

@@ -26,7 +26,7 @@ use safetensors::Dtype;
 use std::borrow::Cow;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use crate::experts::{ExpertBytes, FfnWeights, OwnedTensor};
+use crate::ffn::{ExpertBytes, FfnWeights, OwnedTensor};
 use crate::kernels::{self, ROW_INVARIANT_MAX};
 use crate::policy::ExpertKey;
 use crate::transfer::cuda::CudaCopyEngine;
@@ -1191,7 +1191,7 @@ pub fn measure_expert(
     gpu: &Arc<Gpu>,
     layer_step: &[ExpertBytes],
     hidden: usize,
-) -> Result<crate::doctor::ExpertSpeed> {
+) -> Result<crate::hardware::ExpertSpeed> {
     // A layer step's worth of distinct experts (K2: 8 routed + 1 shared), so none is read
     // from the L2 cache of the one before.
     ensure!(!layer_step.is_empty(), "no experts to time");
@@ -1231,7 +1231,7 @@ pub fn measure_expert(
         s.synchronize()?;
         (2 * bytes * reps) as f64 / t0.elapsed().as_secs_f64() / 1e9
     };
-    Ok(crate::doctor::ExpertSpeed {
+    Ok(crate::hardware::ExpertSpeed {
         one_token_s,
         eight_tokens_s,
         weights_gbps: bytes as f64 / one_token_s / 1e9,

@@ -1,77 +1,38 @@
 //! The figures placement weighs: link, device and host speeds (`--link` presets).
 //!
-//! Owns: `LinkCosts` presets and the roofline times of the two ways to run a missing expert.
+//! Owns: `LinkCosts` from a machine's figures (`crate::hardware`) and the roofline times of the two ways to run a missing expert.
 //! Does not own: the decision (the built-in `CostModel` in `builtin`, or a placement plugin).
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+
+use crate::hardware::Machine;
 
 use super::{LinkCosts, Tier};
 
-/// `(name, description)` of each preset, the default first.
-pub const PRESETS: &[(&str, &str)] = &[
-    (
-        "local",
-        "no separate device: the device tier is dequantized weights in host RAM, so a fetch \
-         costs what running from the storage format costs and placement keeps caching",
-    ),
-    (
-        "h100-pcie5",
-        "H100 SXM: PCIe Gen5 x16 54.8 GB/s (measured pinned host->device), HBM3 3.35 TB/s, \
-         989 TFLOP/s bf16; host: 2-socket server CPU, 2 TFLOP/s, 300 GB/s DDR5",
-    ),
-    (
-        "h100-pcie4",
-        "the same H100 host behind PCIe Gen4 x16 (25 GB/s)",
-    ),
-    (
-        "slow-link",
-        "a 1 GB/s link with a 50 GFLOP/s, 10 GB/s host: fetching rarely pays (tests, what-ifs)",
-    ),
-];
-
 impl LinkCosts {
-    /// Preset `name` for a model with this hidden size and expert intermediate size.
+    /// Preset `name` (`crate::hardware`) for a model with this hidden size and expert
+    /// intermediate size.
     pub fn preset(name: &str, hidden: usize, intermediate: usize) -> Result<LinkCosts> {
-        let flops_per_token = 6.0 * hidden as f64 * intermediate as f64;
-        // The replay lab's H100 figures (link, HBM) are the one source for them.
-        let h100 = crate::replay::cost::Link::default();
-        let gpu = |link: f64| LinkCosts {
-            link_bytes_per_second: link,
-            link_latency_seconds: 10e-6,
-            device_flops: 989e12,
-            device_memory_bytes_per_second: h100.hbm_gbps * 1e9,
-            host_flops: 2e12,
-            host_memory_bytes_per_second: 300e9,
-            flops_per_token,
-            // bf16 activations.
-            activation_bytes: (hidden * 2) as u32,
-        };
-        // A small CPU on both sides of a free link.
-        let local = LinkCosts {
-            link_bytes_per_second: f64::INFINITY,
-            link_latency_seconds: 0.0,
-            device_flops: 50e9,
-            device_memory_bytes_per_second: 10e9,
-            host_flops: 50e9,
-            host_memory_bytes_per_second: 10e9,
-            flops_per_token,
-            activation_bytes: 0,
-        };
-        Ok(match name {
-            "local" => local,
-            "h100-pcie5" => gpu(h100.h2d_gbps * 1e9),
-            "h100-pcie4" => gpu(25e9),
-            "slow-link" => LinkCosts {
-                link_bytes_per_second: 1e9,
-                link_latency_seconds: 10e-6,
-                activation_bytes: (hidden * 4) as u32,
-                ..local
-            },
-            other => bail!(
-                "no link preset named {other:?}; presets: {}",
-                PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
-            ),
-        })
+        Ok(Self::of(
+            crate::hardware::preset(name)?,
+            hidden,
+            intermediate,
+        ))
+    }
+
+    /// What placement weighs on machine `m` for a model with this hidden size and expert
+    /// intermediate size.
+    pub fn of(m: &Machine, hidden: usize, intermediate: usize) -> LinkCosts {
+        LinkCosts {
+            link_bytes_per_second: m.link_bytes_per_second,
+            link_latency_seconds: m.link_latency_seconds,
+            device_flops: m.device_flops,
+            device_memory_bytes_per_second: m.device_memory_bytes_per_second,
+            host_flops: m.host_flops,
+            host_memory_bytes_per_second: m.host_memory_bytes_per_second,
+            flops_per_token: 6.0 * hidden as f64 * intermediate as f64,
+            activation_bytes: hidden as u32 * m.activation_bytes_per_value,
+        }
     }
 
     /// Seconds to copy an expert of `bytes` to the device and run `tokens` through it there.

@@ -4,7 +4,7 @@
 //! both built-in and WebAssembly policies implement, and `Guarded*`, which is what the expert
 //! store calls: it validates every answer, counts and logs failures, serves failed calls with
 //! the built-in policy, re-initialises a failed plugin and quarantines one that keeps failing.
-//! Does not own: tiers and loading (`crate::store`), or the wasmtime details (`wasm`).
+//! Does not own: tiers and loading (the expert store), or the wasmtime details (`wasm`).
 
 pub mod bench;
 pub mod budget;

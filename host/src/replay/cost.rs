@@ -12,67 +12,11 @@
 //! tokens / time. Attention, the shared expert and everything else are left out, so the
 //! ceiling is an upper bound.
 
-use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::engine::Counters;
 
-/// Kimi-K2's routed expert in FP8 with its block scales: 3 x 7168 x 2048 + 3 x 896 x 4 bytes.
-pub const K2_FP8_EXPERT_BYTES: u64 = 44_050_944;
-
-/// Bandwidths of one machine, GB/s (10^9 bytes per second).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Link {
-    pub name: String,
-    /// Host -> device (pinned memory, copy engine).
-    pub h2d_gbps: f64,
-    /// Device memory.
-    pub hbm_gbps: f64,
-    /// Disk -> host (sequential read).
-    pub disk_gbps: f64,
-}
-
-/// The presets: an H100 host with PCIe Gen5 x16 (54.8 GB/s measured host -> device) and HBM3
-/// 3.35 TB/s, with an NVMe Gen4 (7 GB/s) or Gen5 (14 GB/s) disk.
-pub const PRESETS: &[(&str, f64, f64, f64, &str)] = &[
-    (
-        "h100-pcie5",
-        54.8,
-        3350.0,
-        7.0,
-        "H100, PCIe Gen5 x16 54.8 GB/s, HBM3 3.35 TB/s, NVMe Gen4 7 GB/s",
-    ),
-    (
-        "h100-pcie5-nvme5",
-        54.8,
-        3350.0,
-        14.0,
-        "H100, PCIe Gen5 x16 54.8 GB/s, HBM3 3.35 TB/s, NVMe Gen5 14 GB/s",
-    ),
-];
-
-impl Link {
-    pub fn preset(name: &str) -> Result<Link> {
-        match PRESETS.iter().find(|p| p.0 == name) {
-            Some(&(n, h2d, hbm, disk, _)) => Ok(Link {
-                name: n.to_owned(),
-                h2d_gbps: h2d,
-                hbm_gbps: hbm,
-                disk_gbps: disk,
-            }),
-            None => bail!(
-                "no link preset named {name:?}; presets: {}",
-                PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
-            ),
-        }
-    }
-}
-
-impl Default for Link {
-    fn default() -> Self {
-        Link::preset("h100-pcie5").expect("the default preset exists")
-    }
-}
+pub use crate::hardware::{Link, K2_FP8_EXPERT_BYTES};
 
 /// Estimated times of one replay.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

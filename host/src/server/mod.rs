@@ -14,9 +14,11 @@ pub mod arms;
 pub mod listen;
 pub mod metrics;
 pub mod openai;
+pub mod prep;
 pub mod reasoning;
 pub mod scheduler;
 pub mod shadow;
+pub mod tokenize;
 pub mod tools;
 
 use anyhow::{Context, Result};
@@ -158,6 +160,8 @@ pub fn router(state: AppState, body_limit: usize, body_timeout: std::time::Durat
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/health", get(|| async { "ok" }))
         .route(
             "/metrics",

@@ -92,7 +92,7 @@ enum Prompt {
 
 /// Fields shared by both endpoints (unknown fields are ignored, as OpenAI's clients send many).
 #[derive(Deserialize)]
-struct Common {
+pub(super) struct Common {
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
@@ -136,7 +136,7 @@ struct CompletionBody {
 }
 
 #[derive(Deserialize)]
-struct ChatBody {
+pub(super) struct ChatBody {
     /// OpenAI's message objects, handed to the chat template as they are (checked first).
     messages: Vec<Value>,
     #[serde(default)]
@@ -148,6 +148,9 @@ struct ChatBody {
     /// Extra template variables (e.g. `{"thinking": true}`), as vLLM and SGLang take them.
     #[serde(default)]
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Open the assistant's turn at the end of the prompt (default true; vLLM's extension).
+    #[serde(default)]
+    add_generation_prompt: Option<bool>,
     #[serde(flatten)]
     common: Common,
 }
@@ -292,7 +295,7 @@ fn tool_use(app: &AppState, b: &ChatBody) -> Result<Option<ToolPlan>, ApiError> 
     }))
 }
 
-fn parse<T: serde::de::DeserializeOwned>(
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<T, ApiError> {
     let bytes = body.map_err(|e| {
@@ -329,7 +332,7 @@ pub async fn completions(
 ) -> Response {
     let result = async {
         let arm = pick_arm(&app, &headers)?;
-        let b: CompletionBody = parse(body)?;
+        let b: CompletionBody = prepare(move || parse(body)).await?;
         let one = || {
             ApiError::invalid(
                 "prompt must be one string or one list of token ids (batches of prompts are not supported)",
@@ -345,12 +348,16 @@ pub async fn completions(
             }
             Prompt::Texts(_) | Prompt::IdLists(_) => return Err(one()),
         };
-        // Tokenizing a long prompt takes a while: off the async workers.
+        let text = text.unwrap_or_default();
+        check_prompt_bytes(&app.engine, text.len())?;
+        // Tokenizing a long prompt takes a while: off the async workers, below the model.
         let engine = app.engine.clone();
-        let ids = tokio::task::spawn_blocking(move || engine.encode(&text.unwrap_or_default()))
-            .await
-            .map_err(|e| ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?
-            .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+        let ids = prepare(move || {
+            engine
+                .encode(&text)
+                .map_err(|e| ApiError::invalid(format!("{e:#}")))
+        })
+        .await?;
         run(app.clone(), arm, Kind::Completion, ids, None, b.common).await
     }
     .await;
@@ -383,19 +390,11 @@ pub async fn chat_completions(
 ) -> Response {
     let result = async {
         let arm = pick_arm(&app, &headers)?;
-        let b: ChatBody = parse(body)?;
-        // Rendering and tokenizing a long prompt takes a while: off the async workers.
+        // Parsing, rendering and tokenizing a long prompt take a while: off the async
+        // workers, below the model.
         let prepared = {
             let app = app.clone();
-            tokio::task::spawn_blocking(move || prepare_chat(&app, b))
-                .await
-                .map_err(|e| {
-                    ApiError::status(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "server_error",
-                        e.to_string(),
-                    )
-                })??
+            prepare(move || prepare_chat(&app, parse(body)?)).await?
         };
         let (ids, read, forced, call_grammar, common) = prepared;
         let forced = forced.map(|text| Forced {
@@ -411,7 +410,7 @@ pub async fn chat_completions(
 /// A chat request's prompt ids (template rendered, user text tokenized as text, a forced
 /// call's start appended), how its answer is read, and the forced text.
 #[allow(clippy::type_complexity)]
-fn prepare_chat(
+pub(super) fn prepare_chat(
     app: &AppState,
     b: ChatBody,
 ) -> Result<(Vec<u32>, ChatRead, Option<String>, Option<String>, Common), ApiError> {
@@ -427,7 +426,7 @@ fn prepare_chat(
         t.render_chat(&crate::chat::ChatInput {
             messages,
             tools: tools.filter(|t| !t.is_empty()),
-            add_generation_prompt: true,
+            add_generation_prompt: b.add_generation_prompt.unwrap_or(true),
             kwargs: &kwargs,
         })
         .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e:#}")))
@@ -442,12 +441,14 @@ fn prepare_chat(
             |v: &[Value]| -> Vec<Value> { v.iter().map(crate::chat::mark_user_text).collect() };
         let tools = b.tools.as_deref().map(marked);
         let rendered = render(&marked(&b.messages), tools.as_deref())?;
+        check_prompt_bytes(engine, rendered.len())?;
         let segments = crate::chat::split_marked(&rendered);
         let text: String = segments.iter().map(|(s, _)| s.as_str()).collect();
         let ids = engine.encode_segments(&segments);
         (text, ids)
     } else {
         let text = render(&b.messages, b.tools.as_deref())?;
+        check_prompt_bytes(engine, text.len())?;
         let ids = engine.encode(&text);
         (text, ids)
     };
@@ -479,6 +480,36 @@ fn prepare_chat(
         reasoning,
     };
     Ok((ids, read, forced, call_grammar, b.common))
+}
+
+/// Runs request preparation on the low-priority pool (`prep`).
+pub(super) async fn prepare<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    super::prep::run(f).await.unwrap_or_else(|| {
+        Err(ApiError::status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "preparing the request failed",
+        ))
+    })
+}
+
+/// A prompt longer than the context holds even at the tokenizer's longest token is refused
+/// before it is tokenized (a 7 MB prompt cost seconds of CPU to be told it was too long).
+fn check_prompt_bytes(engine: &crate::engine::Engine, bytes: usize) -> Result<(), ApiError> {
+    let limit = engine.max_prompt_bytes();
+    if bytes > limit {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            param: Some("messages"),
+            ..ApiError::invalid(format!(
+                "the prompt is {bytes} bytes: more than this model's maximum context length of {} tokens can hold ({limit} bytes at most)",
+                engine.model.config().max_position_embeddings
+            ))
+        });
+    }
+    Ok(())
 }
 
 fn finish(app: &AppState, r: Result<Response, ApiError>) -> Response {
@@ -693,21 +724,16 @@ async fn run(
             } else {
                 "response_format"
             };
-            let c = tokio::task::spawn_blocking(move || {
-                engine.grammars().and_then(|gs| gs.constraint(g))
+            let c = prepare(move || {
+                engine
+                    .grammars()
+                    .and_then(|gs| gs.constraint(g))
+                    .map_err(|e| ApiError {
+                        param: Some(param),
+                        ..ApiError::invalid(format!("cannot compile the {param} grammar: {e:#}"))
+                    })
             })
-            .await
-            .map_err(|e| {
-                ApiError::status(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    e.to_string(),
-                )
-            })?
-            .map_err(|e| ApiError {
-                param: Some(param),
-                ..ApiError::invalid(format!("cannot compile the {param} grammar: {e:#}"))
-            })?;
+            .await?;
             Some(c)
         }
     };

@@ -1,0 +1,436 @@
+//! An expert's two forms: compute form (`FfnWeights`: a SwiGLU block's matrices, bf16 or f32,
+//! and its arithmetic) and stored form (`ExpertBytes`: the checkpoint's bytes and scales, FP8,
+//! INT4/INT8 or bf16, copied out as the host tier holds them, runnable a few rows at a time).
+//!
+//! Owns: reading both forms from a checkpoint and turning one into the other. Does not own:
+//! which experts a layer step needs (`experts`), or where they live (`store`, `gpu`).
+
+use anyhow::Result;
+
+use crate::checkpoint::Checkpoint;
+use crate::kernels::{linear, swiglu, Matrix, ROW_INVARIANT_MAX};
+
+/// A SwiGLU feed-forward block in compute form: `down(silu(gate(x)) * up(x))`.
+/// Used for routed experts, shared experts and dense MLP layers alike. A BF16 checkpoint's
+/// weights stay bf16 (exact, half the bytes to stream); others are f32.
+pub struct FfnWeights {
+    /// `gate_proj` rows then `up_proj` rows: `[2 * intermediate, hidden]`.
+    pub gate_up: Matrix,
+    /// `down_proj`: `[hidden, intermediate]`.
+    pub down: Matrix,
+    pub intermediate: usize,
+}
+
+impl FfnWeights {
+    /// Reads `{prefix}.{gate,up,down}_proj.weight` with the given widths.
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self> {
+        let gate = ckpt.read_matrix(
+            &format!("{prefix}.gate_proj.weight"),
+            &[intermediate, hidden],
+        )?;
+        let up = ckpt.read_matrix(&format!("{prefix}.up_proj.weight"), &[intermediate, hidden])?;
+        let gate_up = gate.append(up);
+        let down = ckpt.read_matrix(
+            &format!("{prefix}.down_proj.weight"),
+            &[hidden, intermediate],
+        )?;
+        Ok(Self {
+            gate_up,
+            down,
+            intermediate,
+        })
+    }
+
+    /// Bytes this block occupies in compute form.
+    pub fn compute_bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
+    }
+
+    /// DeepseekV3MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))` for `[t, hidden]` inputs.
+    pub fn forward(&self, x: &[f32], hidden: usize, out: &mut [f32]) {
+        let t = x.len() / hidden;
+        let i = self.intermediate;
+        let mut gu = vec![0f32; t * 2 * i];
+        self.gate_up.linear(x, hidden, &mut gu);
+        let mut act = vec![0f32; t * i];
+        swiglu(&gu, i, &mut act);
+        self.down.linear(&act, i, out);
+    }
+}
+
+/// Checkpoint tensor prefix of routed expert `expert` of decoder layer `layer`.
+pub fn expert_prefix(layer: usize, expert: u32) -> String {
+    format!("model.layers.{layer}.mlp.experts.{expert}")
+}
+
+/// One stored tensor, copied out of the checkpoint (the host-RAM tier's storage format).
+pub struct OwnedTensor {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+    /// FP8 block scales or int8/int4 group scales, when the tensor has them.
+    pub scales: Option<Vec<f32>>,
+}
+
+/// A routed expert in storage format (e.g. FP8 bytes + scales): what the host tier holds.
+pub struct ExpertBytes {
+    /// gate, up, down.
+    pub tensors: [OwnedTensor; 3],
+    fp8_block: Option<[usize; 2]>,
+}
+
+impl ExpertBytes {
+    /// Copies expert `expert` of decoder layer `layer` out of the memory-mapped checkpoint.
+    pub fn read(ckpt: &Checkpoint, layer: usize, expert: u32) -> Result<Self> {
+        Self::read_prefix(ckpt, &expert_prefix(layer, expert))
+    }
+
+    /// Copies the FFN at `prefix` (`<prefix>.{gate,up,down}_proj.weight`: a routed expert, a
+    /// shared expert or a dense MLP) out of the checkpoint, as stored.
+    pub fn read_prefix(ckpt: &Checkpoint, prefix: &str) -> Result<Self> {
+        let one = |proj: &str| OwnedTensor::read(ckpt, &format!("{prefix}.{proj}.weight"));
+        Ok(Self {
+            tensors: [one("gate_proj")?, one("up_proj")?, one("down_proj")?],
+            fp8_block: ckpt.fp8_block(),
+        })
+    }
+
+    /// An expert from its three tensors (gate, up, down) in storage format.
+    pub fn new(tensors: [OwnedTensor; 3], fp8_block: Option<[usize; 2]>) -> Self {
+        Self { tensors, fp8_block }
+    }
+
+    /// An expert of pseudo-random FP8 weights (any e4m3 code but NaN, 128 x 128 blocks, scales
+    /// 1/4096) at the given shape, from the xorshift32 `state`: what `doctor` times at
+    /// Kimi-K2's shape.
+    pub fn synthetic_fp8(hidden: usize, intermediate: usize, state: &mut u32) -> Self {
+        let block = [128, 128];
+        Self::synthetic(hidden, intermediate, state, |rows, cols| {
+            let scales = rows.div_ceil(block[0]) * cols.div_ceil(block[1]);
+            (
+                safetensors::Dtype::F8_E4M3,
+                vec![rows, cols],
+                0xfe,
+                scales,
+                1.0 / 4096.0,
+            )
+        })
+        .with_fp8_block(block)
+    }
+
+    /// An expert of pseudo-random int4 weights (moehost's int4, the bits of compressed-tensors'
+    /// packed INT4, a scale per 32 columns): what `doctor` times as Kimi-K2-Thinking's experts.
+    pub fn synthetic_int4(hidden: usize, intermediate: usize, state: &mut u32) -> Self {
+        Self::synthetic(hidden, intermediate, state, |rows, cols| {
+            let scales = rows * cols.div_ceil(crate::quant::GROUP);
+            (
+                safetensors::Dtype::U8,
+                vec![rows, cols / 2],
+                0xff,
+                scales,
+                1.0 / 64.0,
+            )
+        })
+    }
+
+    /// gate, up, down of pseudo-random bytes (xorshift32 `state`, each byte masked) in the
+    /// layout `layout(rows, cols)` gives: dtype, stored shape, byte mask, scale count, scale.
+    fn synthetic(
+        hidden: usize,
+        intermediate: usize,
+        state: &mut u32,
+        layout: impl Fn(usize, usize) -> (safetensors::Dtype, Vec<usize>, u8, usize, f32),
+    ) -> Self {
+        let mut tensor = |name: &str, rows: usize, cols: usize| {
+            let (dtype, shape, mask, n_scales, scale) = layout(rows, cols);
+            let bytes = (0..shape.iter().product::<usize>())
+                .map(|_| {
+                    *state ^= *state << 13;
+                    *state ^= *state >> 17;
+                    *state ^= *state << 5;
+                    (*state as u8) & mask
+                })
+                .collect();
+            OwnedTensor {
+                name: name.into(),
+                dtype,
+                shape,
+                bytes,
+                scales: Some(vec![scale; n_scales]),
+            }
+        };
+        Self::new(
+            [
+                tensor("gate", intermediate, hidden),
+                tensor("up", intermediate, hidden),
+                tensor("down", hidden, intermediate),
+            ],
+            None,
+        )
+    }
+
+    fn with_fp8_block(mut self, block: [usize; 2]) -> Self {
+        self.fp8_block = Some(block);
+        self
+    }
+
+    /// The checkpoint's FP8 block size, when its weights are FP8.
+    pub fn fp8_block(&self) -> Option<[usize; 2]> {
+        self.fp8_block
+    }
+
+    /// Bytes held (weights and scales).
+    pub fn storage_bytes(&self) -> usize {
+        self.tensors
+            .iter()
+            .map(|t| t.bytes.len() + t.scales.as_ref().map_or(0, |s| s.len() * 4))
+            .sum()
+    }
+
+    /// The compute form: the same values `FfnWeights::load` produces from the checkpoint.
+    pub fn to_ffn(&self) -> Result<FfnWeights> {
+        let whole = |t: &OwnedTensor| -> Result<Matrix> {
+            Ok(match crate::checkpoint::bf16_values(t.dtype, &t.bytes) {
+                Some(w) => Matrix::Bf16(w),
+                None => Matrix::F32(t.decode_rows(0, t.rows(), self.fp8_block)?),
+            })
+        };
+        let gate_up = whole(&self.tensors[0])?.append(whole(&self.tensors[1])?);
+        Ok(FfnWeights {
+            gate_up,
+            down: whole(&self.tensors[2])?,
+            intermediate: self.tensors[0].rows(),
+        })
+    }
+
+    /// `FfnWeights::forward` computed straight from the storage format, bit for bit: weights
+    /// are decoded a block of rows at a time into a small buffer (never the whole expert) and
+    /// each output is the same per-row dot product the compute form runs. Above
+    /// `ROW_INVARIANT_MAX` rows the kernels switch to a blocked GEMM whose sums depend on the
+    /// matrix shape, so there the expert is decoded whole (still without being cached).
+    pub fn forward(&self, x: &[f32], hidden: usize, out: &mut [f32]) -> Result<()> {
+        let t = x.len() / hidden;
+        if t > ROW_INVARIANT_MAX {
+            self.to_ffn()?.forward(x, hidden, out);
+            return Ok(());
+        }
+        let i = self.tensors[0].rows();
+        let mut gu = vec![0f32; t * 2 * i];
+        self.linear_streamed(&self.tensors[0], x, hidden, &mut gu, 0)?;
+        self.linear_streamed(&self.tensors[1], x, hidden, &mut gu, i)?;
+        let mut act = vec![0f32; t * i];
+        swiglu(&gu, i, &mut act);
+        self.linear_streamed(&self.tensors[2], &act, i, out, 0)
+    }
+
+    /// `out[:, col..col + rows(w)] = x @ w^T`, `out` being `[t, width]`, decoding `w` in
+    /// blocks of rows aligned to the FP8 scale blocks.
+    fn linear_streamed(
+        &self,
+        w: &OwnedTensor,
+        x: &[f32],
+        k: usize,
+        out: &mut [f32],
+        col: usize,
+    ) -> Result<()> {
+        let t = x.len() / k;
+        let width = out.len() / t.max(1);
+        let fp8 = match (w.dtype, self.fp8_block, &w.scales) {
+            (safetensors::Dtype::F8_E4M3, Some(block), Some(scales)) => Some((block, scales)),
+            _ => None,
+        };
+        let step = match fp8 {
+            // A few rows at a time, decoded into one buffer that stays in cache for the dots.
+            Some(_) => FP8_STREAM_ROWS,
+            None => STREAM_ROWS,
+        };
+        let mut part = Vec::new();
+        let mut decoded = Vec::new();
+        for r0 in (0..w.rows()).step_by(step) {
+            let r1 = (r0 + step).min(w.rows());
+            let rows = match fp8 {
+                Some((block, scales)) => {
+                    decoded.resize((r1 - r0) * k, 0f32);
+                    decode_fp8_rows(&w.bytes, scales, k, block, r0..r1, &mut decoded)?;
+                    &decoded[..]
+                }
+                None => {
+                    decoded = w.decode_rows(r0, r1, self.fp8_block)?;
+                    &decoded[..]
+                }
+            };
+            part.clear();
+            part.resize(t * (r1 - r0), 0.0);
+            linear(x, rows, k, &mut part);
+            for (o, p) in out.chunks_exact_mut(width).zip(part.chunks_exact(r1 - r0)) {
+                o[col + r0..col + r1].copy_from_slice(p);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows decoded at a time when running from the storage format.
+const STREAM_ROWS: usize = 128;
+/// FP8 rows decoded at a time (with their block's scales) when running from the storage format.
+const FP8_STREAM_ROWS: usize = 16;
+
+/// Rows `rows` of an FP8 matrix with `k` columns and `block` scales, decoded into `out`
+/// (`fp8::dequantize_rows`), after checking they are there.
+fn decode_fp8_rows(
+    bytes: &[u8],
+    scales: &[f32],
+    k: usize,
+    block: [usize; 2],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) -> Result<()> {
+    let [br, bc] = block;
+    anyhow::ensure!(
+        br > 0
+            && bc > 0
+            && bytes.len() >= rows.end * k
+            && scales.len() >= rows.end.div_ceil(br) * k.div_ceil(bc),
+        "FP8 rows {rows:?} of {k} columns are not in {} bytes and {} scales",
+        bytes.len(),
+        scales.len()
+    );
+    crate::fp8::dequantize_rows(bytes, k, scales, block, rows, out);
+    Ok(())
+}
+
+impl OwnedTensor {
+    /// Copies tensor `name` (and its FP8 block or int group scales) out of the checkpoint.
+    pub fn read(ckpt: &Checkpoint, name: &str) -> Result<Self> {
+        let raw = ckpt.raw(name)?;
+        let scales = ckpt.scales(&raw)?;
+        Ok(Self {
+            name: raw.name.to_owned(),
+            dtype: raw.dtype,
+            shape: raw.shape.to_vec(),
+            bytes: raw.bytes.to_vec(),
+            scales,
+        })
+    }
+
+    /// Logical rows (`out_features`).
+    pub fn rows(&self) -> usize {
+        crate::quant::logical_shape(self.dtype, &self.shape)[0]
+    }
+
+    /// Rows `r0..r1` in f32. For FP8, `r0` must sit on a scale-block boundary.
+    pub fn decode_rows(
+        &self,
+        r0: usize,
+        r1: usize,
+        fp8_block: Option<[usize; 2]>,
+    ) -> Result<Vec<f32>> {
+        let rows = self.rows();
+        let bytes_per_row = self.bytes.len() / rows.max(1);
+        let mut shape = self.shape.clone();
+        shape[0] = r1 - r0;
+        let scales = match (&self.scales, self.dtype, fp8_block) {
+            (None, ..) => None,
+            (Some(s), safetensors::Dtype::F8_E4M3, Some([bm, _])) => {
+                anyhow::ensure!(
+                    r0.is_multiple_of(bm),
+                    "FP8 rows must start on a block ({r0} % {bm})"
+                );
+                let per_row = s.len() / rows.div_ceil(bm).max(1);
+                Some(&s[r0 / bm * per_row..r1.div_ceil(bm) * per_row])
+            }
+            (Some(s), ..) => {
+                let per_row = s.len() / rows.max(1);
+                Some(&s[r0 * per_row..r1 * per_row])
+            }
+        };
+        let raw = crate::checkpoint::RawTensor {
+            name: &self.name,
+            dtype: self.dtype,
+            shape: &shape,
+            bytes: &self.bytes[r0 * bytes_per_row..r1 * bytes_per_row],
+        };
+        crate::checkpoint::decode_f32(&raw, scales, fp8_block)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An int4 expert (the bits of compressed-tensors' packed INT4) run from its storage
+    /// format, a few rows decoded at a time, gives the bits of its whole dequantized weights.
+    #[test]
+    fn int4_experts_stream_with_the_dequantized_bits() {
+        let (hidden, inter) = (96, 160);
+        let mut state = 0x2468_ace1_u32;
+        let mut e = ExpertBytes::synthetic_int4(hidden, inter, &mut state);
+        for (n, t) in e.tensors.iter_mut().enumerate() {
+            for (i, s) in t.scales.as_mut().unwrap().iter_mut().enumerate() {
+                *s = (1 + (i * 5 + n) % 11) as f32 / 700.0;
+            }
+        }
+        let reference = e.to_ffn().unwrap();
+        streams_with_the_bits_of(&e, &reference, hidden, &[1, 4]);
+    }
+
+    /// `e` run from its storage format gives `reference`'s bits at each token count.
+    fn streams_with_the_bits_of(
+        e: &ExpertBytes,
+        reference: &FfnWeights,
+        hidden: usize,
+        tokens: &[usize],
+    ) {
+        for &t in tokens {
+            let x: Vec<f32> = (0..t * hidden)
+                .map(|i| ((i * 31 % 23) as f32 - 11.0) / 7.0)
+                .collect();
+            let (mut want, mut got) = (vec![0f32; t * hidden], vec![0f32; t * hidden]);
+            reference.forward(&x, hidden, &mut want);
+            e.forward(&x, hidden, &mut got).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{t} tokens");
+            assert!(want.iter().any(|v| *v != 0.0));
+        }
+    }
+
+    /// An FP8 expert run from its storage format (rows decoded a few at a time, vector
+    /// decoder) gives the bits of weights decoded one by one from the e4m3 table, at shapes
+    /// whose rows and columns end mid-block, with a different scale in every block.
+    #[test]
+    fn fp8_experts_stream_with_the_tables_bits() {
+        let (hidden, inter) = (136, 200);
+        let mut state = 0x1357_9bdf_u32;
+        let mut e = ExpertBytes::synthetic_fp8(hidden, inter, &mut state);
+        for (n, t) in e.tensors.iter_mut().enumerate() {
+            for (i, s) in t.scales.as_mut().unwrap().iter_mut().enumerate() {
+                *s = (1 + (i * 7 + n) % 13) as f32 / 3000.0;
+            }
+        }
+        let table = |t: &OwnedTensor| -> Vec<f32> {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let sc = t.scales.as_ref().unwrap();
+            (0..rows * cols)
+                .map(|at| {
+                    let (r, c) = (at / cols, at % cols);
+                    let s = sc[(r / 128) * cols.div_ceil(128) + c / 128];
+                    crate::fp8::E4M3_TABLE[t.bytes[at] as usize] * s
+                })
+                .collect()
+        };
+        let mut gate_up = table(&e.tensors[0]);
+        gate_up.extend(table(&e.tensors[1]));
+        let reference = FfnWeights {
+            gate_up: Matrix::F32(gate_up),
+            down: Matrix::F32(table(&e.tensors[2])),
+            intermediate: inter,
+        };
+        streams_with_the_bits_of(&e, &reference, hidden, &[1, 3]);
+    }
+}
