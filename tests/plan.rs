@@ -157,3 +157,44 @@ fn the_planner_sizes_experts_as_the_store_does() {
     assert!(v["per_token"]["disk_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(v["per_token"]["hit_rate"], 0.5);
 }
+
+/// Every command takes the same `--link` names: `plan` on a slower link than the H100 default
+/// plans a slower ceiling, as placement in `generate` weighs the same preset.
+#[test]
+fn plan_takes_every_link_preset_generate_takes() {
+    let plan = |link: &str| -> serde_json::Value {
+        let out = moehost()
+            .args(["plan", "--json", "--config"])
+            .arg(data_dir().join("kimi-k2-config.json"))
+            .args(["--device-mem", "80GiB", "--link", link])
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let fast = plan("h100-pcie5")["per_token"]["tokens_per_s"]
+        .as_f64()
+        .unwrap();
+    let pcie4 = plan("h100-pcie4")["per_token"]["tokens_per_s"]
+        .as_f64()
+        .unwrap();
+    let slow = plan("slow-link")["per_token"]["tokens_per_s"]
+        .as_f64()
+        .unwrap();
+    assert!(slow < pcie4 && pcie4 < fast, "{slow} {pcie4} {fast}");
+    for link in ["slow-link", "h100-pcie4", "h100-pcie5-nvme5"] {
+        let out = moehost()
+            .args([
+                "generate",
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "2",
+                "--link",
+                link,
+            ])
+            .output()
+            .unwrap();
+        assert_ok(&out);
+    }
+}

@@ -252,13 +252,15 @@ pub fn structured(
             for _ in 0..decode_tokens {
                 let next = if constrained {
                     let t = Instant::now();
-                    c.mask(&mut logits)?;
-                    let mut next = argmax(&logits);
+                    let mut masked = logits.clone();
+                    c.mask(&mut masked)?;
+                    let mut next = argmax(&masked);
                     if next == eos {
                         done += 1;
                         c = grammars.constraint(crate::structured::json_schema(schema.clone()))?;
-                        c.mask(&mut logits)?;
-                        next = argmax(&logits);
+                        masked.copy_from_slice(&logits);
+                        c.mask(&mut masked)?;
+                        next = argmax(&masked);
                     }
                     c.advance(next)?;
                     mask_s += t.elapsed().as_secs_f64();

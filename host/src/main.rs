@@ -46,7 +46,7 @@ struct ModelArgs {
     #[arg(long, default_value = "cpu", value_parser = moehost::store::Device::parse)]
     device: moehost::store::Device,
     /// Link and compute figures placement weighs: local (no separate device: always fetch),
-    /// h100-pcie5, h100-pcie4, slow-link.
+    /// h100-pcie5, h100-pcie5-nvme5, h100-pcie4, slow-link.
     #[arg(long, default_value = "local")]
     link: String,
     /// Deadline of one policy call, milliseconds.
@@ -331,7 +331,8 @@ enum Command {
         /// Host RAM for experts, e.g. 1TiB.
         #[arg(long, value_parser = parse_bytes, default_value = "1TiB")]
         host_mem: u64,
-        /// Link and memory bandwidths: h100-pcie5 or h100-pcie5-nvme5.
+        /// Link and memory bandwidths: a `--link` preset (h100-pcie5, h100-pcie5-nvme5, h100-pcie4,
+        /// local, slow-link).
         #[arg(long, default_value = "h100-pcie5")]
         link: String,
         /// Context tokens per sequence the KV cache holds.
@@ -437,7 +438,8 @@ struct ReplayArgs {
     /// Expert size for the cost model (bytes, 42MiB, or k2-fp8 = 44050944); default: the trace's.
     #[arg(long, value_parser = parse_expert_bytes)]
     expert_bytes: Option<u64>,
-    /// Cost-model preset: h100-pcie5 (NVMe Gen4 7 GB/s) or h100-pcie5-nvme5 (Gen5 14 GB/s).
+    /// Cost-model preset: h100-pcie5 (NVMe Gen4 7 GB/s), h100-pcie5-nvme5 (Gen5 14 GB/s),
+    /// h100-pcie4, local, slow-link.
     #[arg(long, default_value = "h100-pcie5")]
     link: String,
     /// Override the preset's host->device bandwidth, GB/s.
