@@ -1758,3 +1758,53 @@ fn prompts_too_long_for_any_tokenization_are_refused_before_tokenizing() {
         "{v}"
     );
 }
+
+/// Several prompts in one completions request (strings or token-id lists): one choice each, in
+/// order, each what its prompt alone gives; usage summed. Streaming takes one prompt.
+#[test]
+fn several_prompts_give_one_choice_each() {
+    let srv = default_server();
+    let prompts = [
+        "<|bos|>Once upon a time",
+        "<|bos|>The quick brown fox",
+        "<|bos|>In the beginning",
+    ];
+    let (status, v) = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": prompts, "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut tokens = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        let (_, alone) = post(
+            srv.addr,
+            "/v1/completions",
+            json!({"prompt": p, "max_tokens": 6, "temperature": 0}),
+        );
+        assert_eq!(choices[i]["index"], i);
+        assert_eq!(choices[i]["text"], alone["choices"][0]["text"], "{p}");
+        tokens += alone["usage"]["prompt_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], tokens);
+    assert_eq!(v["usage"]["completion_tokens"], 18);
+
+    let (status, v) = post(
+        srv.addr,
+        "/v1/completions",
+        json!({"prompt": [[1, 200, 300], [1, 201]], "max_tokens": 2, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    for bad in [
+        json!({"prompt": ["a", "b"], "stream": true}),
+        json!({"prompt": vec!["a"; 33]}),
+        json!({"prompt": [[1, 2], [1, 999999]]}),
+        json!({"prompt": []}),
+    ] {
+        let (status, v) = post(srv.addr, "/v1/completions", bad);
+        assert_eq!(status, 400, "{v}");
+    }
+}

@@ -59,7 +59,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(untagged)]
 enum OneOrMany {
     One(String),
@@ -91,7 +91,7 @@ enum Prompt {
 }
 
 /// Fields shared by both endpoints (unknown fields are ignored, as OpenAI's clients send many).
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 pub(super) struct Common {
     #[serde(default)]
     model: Option<String>,
@@ -333,54 +333,127 @@ pub async fn completions(
     let result = async {
         let arm = pick_arm(&app, &headers)?;
         let b: CompletionBody = prepare(move || parse(body)).await?;
-        let one = || {
-            ApiError::invalid(
-                "prompt must be one string or one list of token ids (batches of prompts are not supported)",
-            )
-        };
-        let text = match b.prompt {
-            Prompt::Text(t) => Some(t),
-            Prompt::Texts(v) if v.len() == 1 => v.into_iter().next(),
-            Prompt::Ids(ids) => return run_ids(app.clone(), arm, ids, b.common).await,
-            Prompt::IdLists(v) if v.len() == 1 => {
-                let ids = v.into_iter().next().unwrap_or_default();
-                return run_ids(app.clone(), arm, ids, b.common).await;
+        let texts = match b.prompt {
+            Prompt::Text(t) => vec![t],
+            Prompt::Texts(v) => v,
+            Prompt::Ids(ids) => {
+                check_ids(&app, &ids)?;
+                return run(app.clone(), arm, Kind::Completion, ids, None, b.common).await;
             }
-            Prompt::Texts(_) | Prompt::IdLists(_) => return Err(one()),
+            Prompt::IdLists(v) => {
+                for ids in &v {
+                    check_ids(&app, ids)?;
+                }
+                return run_prompts(app.clone(), arm, v, b.common).await;
+            }
         };
-        let text = text.unwrap_or_default();
-        check_prompt_bytes(&app.engine, text.len())?;
+        for t in &texts {
+            check_prompt_bytes(&app.engine, t.len())?;
+        }
         // Tokenizing a long prompt takes a while: off the async workers, below the model.
         let engine = app.engine.clone();
-        let ids = prepare(move || {
-            engine
-                .encode(&text)
-                .map_err(|e| ApiError::invalid(format!("{e:#}")))
+        let prompts = prepare(move || {
+            texts
+                .iter()
+                .map(|t| {
+                    engine
+                        .encode(t)
+                        .map_err(|e| ApiError::invalid(format!("{e:#}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
         })
         .await?;
-        run(app.clone(), arm, Kind::Completion, ids, None, b.common).await
+        run_prompts(app.clone(), arm, prompts, b.common).await
     }
     .await;
     finish(&app, result)
 }
 
-/// A completion of a prompt given as token ids, each checked against the vocabulary.
-async fn run_ids(
-    app: AppState,
-    arm: usize,
-    ids: Vec<u32>,
-    common: Common,
-) -> Result<Response, ApiError> {
+/// A prompt given as token ids: each must be in the vocabulary.
+fn check_ids(app: &AppState, ids: &[u32]) -> Result<(), ApiError> {
     let vocab = app.engine.model.config().vocab_size;
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-        return Err(ApiError {
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(bad) => Err(ApiError {
             param: Some("prompt"),
             ..ApiError::invalid(format!(
                 "token id {bad} in the prompt is out of range (vocab_size {vocab})"
             ))
-        });
+        }),
+        None => Ok(()),
     }
-    run(app, arm, Kind::Completion, ids, None, common).await
+}
+
+/// Most prompts one completions request may give (each is a sequence of the batch).
+const MAX_PROMPTS: usize = 32;
+
+/// Completions of several prompts in one request, as OpenAI answers them: one choice per
+/// prompt (`index` its position), generated together in the running batch, usage summed.
+async fn run_prompts(
+    app: AppState,
+    arm: usize,
+    prompts: Vec<Vec<u32>>,
+    common: Common,
+) -> Result<Response, ApiError> {
+    let bad = |m: String| ApiError {
+        param: Some("prompt"),
+        ..ApiError::invalid(m)
+    };
+    match prompts.len() {
+        0 => return Err(bad("prompt must not be an empty list".into())),
+        1 => {
+            let ids = prompts.into_iter().next().unwrap_or_default();
+            return run(app, arm, Kind::Completion, ids, None, common).await;
+        }
+        n if n > MAX_PROMPTS => {
+            return Err(bad(format!(
+                "at most {MAX_PROMPTS} prompts in one request; this one has {n}"
+            )))
+        }
+        _ if common.stream.unwrap_or(false) => {
+            return Err(bad(
+                "streaming takes one prompt per request (send several requests to stream several)"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
+    let answers = prompts.into_iter().map(|ids| {
+        let (app, common) = (app.clone(), common.clone());
+        async move {
+            let response = run(app, arm, Kind::Completion, ids, None, common).await?;
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .map_err(|e| {
+                    ApiError::status(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        e.to_string(),
+                    )
+                })?;
+            serde_json::from_slice::<Value>(&bytes).map_err(|e| {
+                ApiError::status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    e.to_string(),
+                )
+            })
+        }
+    });
+    let answers = futures_util::future::try_join_all(answers).await?;
+    let mut body = answers[0].clone();
+    let mut choices = Vec::new();
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    for (i, a) in answers.iter().enumerate() {
+        let mut c = a["choices"][0].clone();
+        c["index"] = i.into();
+        choices.push(c);
+        prompt_tokens += a["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+        completion_tokens += a["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    }
+    body["choices"] = choices.into();
+    body["usage"] = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens});
+    Ok(Json(body).into_response())
 }
 
 pub async fn chat_completions(

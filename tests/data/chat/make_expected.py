@@ -5,7 +5,9 @@
     python3 tests/data/chat/make_expected.py
 
 The templates (*.jinja) are public copies of the models' own: Kimi-K2-Instruct's first release
-(kimi-k2), Kimi-K2-Thinking's (macros, break, namespace, dict.get, tojson), DeepSeek-V3.1's
+(kimi-k2), Kimi-K2-Thinking's (macros, break, namespace, dict.get, tojson), DeepSeek-V3's (its tokenizer_config.json
+chat_template, as the deepseek-v3:671b GGUF embeds it: tool calls when content is none),
+DeepSeek-V3.1's
 (thinking kwarg, str.split) and DeepSeek-R1's (its tokenizer_config.json chat_template). Each
 conversation below is rendered with transformers' own renderer (render_jinja_template: jinja2
 sandbox, trim_blocks, lstrip_blocks, its tojson and raise_exception) with the model's bos/eos;
@@ -27,6 +29,7 @@ SPECIAL = {
 TEMPLATES = {
     "kimi-k2.jinja": "kimi",
     "kimi-k2-thinking.jinja": "kimi",
+    "deepseek-v3.jinja": "deepseek",
     "deepseek-v3.1.jinja": "deepseek",
     "deepseek-r1.jinja": "deepseek",
 }
