@@ -240,6 +240,9 @@ enum Command {
         /// Seconds a client has to send a request's body once its head is in; then HTTP 408.
         #[arg(long, default_value = "60", value_parser = moehost::server::listen::parse_seconds)]
         body_timeout: std::time::Duration,
+        /// Largest request body (prompts, chats, plugin uploads); larger ones get HTTP 413.
+        #[arg(long, value_parser = parse_bytes, default_value = "8MiB")]
+        body_limit: u64,
     },
     /// Routing traces (the moehost-trace/1 format): record, import, export, inspect.
     Trace {
@@ -808,6 +811,7 @@ fn run() -> Result<()> {
             max_connections,
             header_timeout,
             body_timeout,
+            body_limit,
         } => {
             let (engine, store) = model.open()?;
             let opts = moehost::server::ServeOptions {
@@ -821,6 +825,7 @@ fn run() -> Result<()> {
                     header_timeout,
                     body_timeout,
                 },
+                body_limit: usize::try_from(body_limit).unwrap_or(usize::MAX),
                 ..Default::default()
             };
             let (state, scheduler, _) =
