@@ -826,7 +826,6 @@ fn run() -> Result<()> {
                     body_timeout,
                 },
                 body_limit: usize::try_from(body_limit).unwrap_or(usize::MAX),
-                ..Default::default()
             };
             let (state, scheduler, _) =
                 moehost::server::start(Arc::new(engine), store, &model.store_config(), &opts)?;
