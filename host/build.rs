@@ -1,6 +1,8 @@
 //! Builds the policy guests in `plugins/` (their own workspace) for wasm32-wasip2 and
 //! generates `bundled_plugins.rs`: `(name, bytes)` for each, embedded as moehost's defaults.
-//! Plugins in `plugins/fixtures/` (misbehaving test plugins) are named `fixture-<dir>`.
+//! The test guests of `plugins/fixtures/` (misbehaving on purpose) are not embedded: they are
+//! copied to `$OUT_DIR/test-plugins/<dir>.wasm`, which tests find through the compile-time
+//! variable `MOEHOST_TEST_PLUGINS`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -51,6 +53,12 @@ fn main() {
     );
 
     let wasm_dir = target_dir.join("wasm32-wasip2/release");
+    let test_plugins = out_dir.join("test-plugins");
+    std::fs::create_dir_all(&test_plugins).unwrap();
+    println!(
+        "cargo:rustc-env=MOEHOST_TEST_PLUGINS={}",
+        test_plugins.display()
+    );
     let mut entries = Vec::new();
     for (member, package) in members(&plugins) {
         let wasm = wasm_dir.join(format!("{}.wasm", package.replace('-', "_")));
@@ -64,13 +72,12 @@ fn main() {
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        let name = if member.starts_with("fixtures/") {
-            format!("fixture-{dir_name}")
-        } else {
-            dir_name
-        };
+        if member.starts_with("fixtures/") {
+            std::fs::copy(&wasm, test_plugins.join(format!("{dir_name}.wasm"))).unwrap();
+            continue;
+        }
         entries.push(format!(
-            "    ({name:?}, include_bytes!({:?})),",
+            "    ({dir_name:?}, include_bytes!({:?})),",
             wasm.display().to_string()
         ));
     }

@@ -271,7 +271,7 @@ fn policy_check_reports_world_and_refuses_wasi() {
     assert_eq!(v["direct_calls"], true);
 
     let out = moehost()
-        .args(["policy", "check", "fixture-loop-forever"])
+        .args(["policy", "check", &support::fixture("loop-forever")])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -282,7 +282,7 @@ fn policy_check_reports_world_and_refuses_wasi() {
     );
 
     let out = moehost()
-        .args(["policy", "check", "fixture-wasi-import"])
+        .args(["policy", "check", &support::fixture("wasi-import")])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -415,7 +415,7 @@ fn a_pruning_plugin_ranks_the_experts_and_a_bad_one_falls_back_to_routed_mass() 
     assert!(Engine::open(&tmp.path().join("count")).is_ok());
 
     // Garbage answers: every layer falls back to the built-in ranking, and says so.
-    o.ranker = Some(PolicySource::parse("fixture-bad-rank"));
+    o.ranker = Some(PolicySource::parse(&support::fixture("bad-rank")));
     let bad = convert(&bf16_model(), &tmp.path().join("bad"), &o).unwrap();
     let mass = convert(&bf16_model(), &tmp.path().join("mass"), &options(4, 16)).unwrap();
     assert_eq!(bad.ranker_fallbacks, 3);

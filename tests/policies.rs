@@ -171,25 +171,25 @@ fn misbehaving_eviction(fixture: &str) -> moehost::policy::PolicyStats {
 
 #[test]
 fn plugin_that_loops_forever_times_out() {
-    let s = misbehaving_eviction("fixture-loop-forever");
+    let s = misbehaving_eviction(&support::fixture("loop-forever"));
     assert!(s.timeouts >= 1, "{s:?}");
 }
 
 #[test]
 fn plugin_that_allocates_without_bound_hits_its_memory_limit() {
-    let s = misbehaving_eviction("fixture-alloc-bomb");
+    let s = misbehaving_eviction(&support::fixture("alloc-bomb"));
     assert!(s.out_of_memory >= 1, "{s:?}");
 }
 
 #[test]
 fn plugin_that_traps_is_replaced_by_the_builtin() {
-    let s = misbehaving_eviction("fixture-trap");
+    let s = misbehaving_eviction(&support::fixture("trap"));
     assert!(s.traps >= 1, "{s:?}");
 }
 
 #[test]
 fn selection_with_out_of_range_ids_falls_back_to_exact_topk() {
-    let c = config("fixture-bad-ids", "lru", "none", None, None);
+    let c = config(&support::fixture("bad-ids"), "lru", "none", None, None);
     let (engine, store) = open(&c);
     assert_eq!(run(&engine), *baseline());
     let s = store.stats().policies.selection;
@@ -201,13 +201,25 @@ fn selection_with_out_of_range_ids_falls_back_to_exact_topk() {
 /// rejected and exact top-k serves. An operator who raises the ceiling gets what they allowed.
 #[test]
 fn declared_score_gaps_are_held_to_the_hosts_ceiling() {
-    let c = config("fixture-worst-experts", "lru", "none", None, None);
+    let c = config(
+        &support::fixture("worst-experts"),
+        "lru",
+        "none",
+        None,
+        None,
+    );
     let (engine, store) = open(&c);
     assert_eq!(run(&engine), *baseline());
     let s = store.stats().policies.selection;
     assert!(s.invalid_answers >= 1 && s.quarantined, "{s:?}");
 
-    let mut c = config("fixture-worst-experts", "lru", "none", None, None);
+    let mut c = config(
+        &support::fixture("worst-experts"),
+        "lru",
+        "none",
+        None,
+        None,
+    );
     c.limits.max_score_gap = f32::INFINITY;
     let (engine, store) = open(&c);
     assert_ne!(
@@ -234,7 +246,7 @@ fn legacy_selection(fixture: &str, prefetch: &str) -> moehost::store::PolicyStat
 
 #[test]
 fn plugin_built_against_contract_0_1_still_works() {
-    let s = legacy_selection("fixture-legacy-v0.1", "next-layer-gate");
+    let s = legacy_selection(&support::fixture("legacy-v0.1"), "next-layer-gate");
     assert_eq!(s.selection.name, "legacy-topk", "{s:?}");
     assert_eq!(s.selection.version, "0.1.0", "{s:?}");
     assert_eq!(s.eviction.version, "0.2.1", "{s:?}");
@@ -247,7 +259,7 @@ fn plugin_built_against_contract_0_1_still_works() {
 
 #[test]
 fn plugin_built_against_contract_0_2_0_loads_into_the_0_2_1_host() {
-    let s = legacy_selection("fixture-legacy-v0.2", "none");
+    let s = legacy_selection(&support::fixture("legacy-v0.2"), "none");
     assert_eq!(s.selection.name, "legacy-v0.2", "{s:?}");
     assert_eq!(s.selection.version, "0.2.0", "{s:?}");
     assert_eq!(s.selection.fallbacks, 0, "{s:?}");
@@ -272,13 +284,14 @@ fn placed(placement: &str, link: &str, device_slots: u64, host_slots: Option<u64
 fn placement_never_changes_results() {
     // (placement, link, device slots, host slots): the built-in cost model on each preset,
     // the hot-fetch plugin, and a plugin whose answers are garbage.
+    let bad_place = support::fixture("bad-place");
     let cases = [
         ("cost-model", "local", 20, None),
         ("cost-model", "slow-link", 0, None),
         ("cost-model", "slow-link", 30, Some(10)),
         ("cost-model", "h100-pcie5", 60, None),
         ("hot-fetch", "h100-pcie5", 40, Some(100)),
-        ("fixture-bad-place", "slow-link", 10, None),
+        (bad_place.as_str(), "slow-link", 10, None),
     ];
     for (placement, link, device, host) in cases {
         let (engine, store) = open(&placed(placement, link, device, host));
@@ -293,7 +306,7 @@ fn placement_never_changes_results() {
         );
         assert!(st.device.resident <= st.device.slots, "{what}");
         let pol = &st.policies.placement;
-        if placement == "fixture-bad-place" {
+        if placement == bad_place {
             assert!(
                 pol.invalid_answers > 0 && pol.fallbacks > 0,
                 "{what}: {pol:?}"
@@ -331,7 +344,7 @@ fn cost_model_runs_missing_experts_on_the_host_when_the_link_is_slow() {
 
 #[test]
 fn plugin_importing_wasi_is_refused() {
-    let c = config("topk", "fixture-wasi-import", "none", None, None);
+    let c = config("topk", &support::fixture("wasi-import"), "none", None, None);
     let err = match Engine::open_tiered(&support::bf16_model(), &c) {
         Ok(_) => panic!("a WASI-importing plugin must be refused"),
         Err(e) => format!("{e:#}"),
@@ -591,9 +604,9 @@ fn which_components_are_called_directly() {
     };
     // Contract 0.2.x, plain wit-bindgen shape: direct (0.2.0 under its own export names).
     assert!(loaded("lru").is_direct());
-    assert!(loaded("fixture-legacy-v0.2").is_direct());
+    assert!(loaded(&support::fixture("legacy-v0.2")).is_direct());
     // Contract 0.1 and placement policies run on wasmtime's generic component path.
-    assert!(!loaded("fixture-legacy-v0.1").is_direct());
+    assert!(!loaded(&support::fixture("legacy-v0.1")).is_direct());
     assert!(!loaded("hot-fetch").is_direct());
     assert!(!loaded("lru").generic_path().is_direct());
 }

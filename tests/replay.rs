@@ -853,10 +853,13 @@ fn failing_plugins_fall_back_to_lru_and_are_counted() {
     use moehost::replay::plugin::ContractEvictor;
     let s = batch1();
     let native = replay(s, &job(spec("native-lru"), 44), false);
-    for (name, timeout_ms) in [("fixture-trap", 2000), ("fixture-loop-forever", 5)] {
+    for (name, timeout_ms) in [
+        (support::fixture("trap"), 2000),
+        (support::fixture("loop-forever"), 5),
+    ] {
         let mut l = limits();
         l.call_timeout = std::time::Duration::from_millis(timeout_ms);
-        let r = run_job(s, &job(spec(name), 44), false, 1, l).unwrap();
+        let r = run_job(s, &job(spec(&name), 44), false, 1, l).unwrap();
         let st = r.eviction_stats.unwrap();
         assert!(st.quarantined, "{name}: {st:?}");
         assert_eq!(st.fallbacks, st.calls, "{name}: every call served by LRU");

@@ -690,7 +690,9 @@ fn admin_api_needs_the_token_and_swaps_policies() {
         "POST",
         "/admin/policies?name=evil",
         Some(TOKEN),
-        &PolicySource::parse("fixture-wasi-import").bytes().unwrap(),
+        &PolicySource::parse(&support::fixture("wasi-import"))
+            .bytes()
+            .unwrap(),
     );
     assert_eq!(status, 400);
     assert!(text.contains("imports"), "{text}");
@@ -1301,7 +1303,7 @@ fn parse_openmetrics(text: &str) -> Vec<Sample> {
 fn metrics_parse_under_a_hostile_plugin_name_and_carry_latency_histograms() {
     let store_config = StoreConfig {
         device_bytes: Some(40 * 3 * 256 * 64 * 4),
-        eviction: PolicySource::Bundled("fixture-hostile-name".into()),
+        eviction: PolicySource::parse(&support::fixture("hostile-name")),
         ..Default::default()
     };
     let srv = start(store_config, ServeOptions::default());

@@ -7,11 +7,7 @@ pub fn bytes(name: &str) -> Option<&'static [u8]> {
     BUNDLED.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
 }
 
-/// Names of the bundled policies (fixtures excluded).
+/// Names of the bundled policies.
 pub fn names() -> Vec<&'static str> {
-    BUNDLED
-        .iter()
-        .map(|(n, _)| *n)
-        .filter(|n| !n.starts_with("fixture-"))
-        .collect()
+    BUNDLED.iter().map(|(n, _)| *n).collect()
 }
