@@ -211,6 +211,35 @@ fn new_store(limits: &RuntimeLimits) -> Store<StoreState> {
 /// Compiles `bytes` and checks the component: one exported policy world of a supported
 /// version and no imports.
 pub fn load_component(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
+    if let Some(hit) =
+        compiled_cache(|c| c.iter().find(|(b, _)| **b == *bytes).map(|e| e.1.clone()))
+    {
+        return Ok(hit);
+    }
+    let loaded = compile_and_check(bytes, origin)?;
+    compiled_cache(|c| {
+        if c.len() == COMPILED_KEPT {
+            c.pop_front();
+        }
+        c.push_back((bytes.into(), loaded.clone()));
+    });
+    Ok(loaded)
+}
+
+/// Components compiled lately, by their bytes: uploading a plugin checks it, and activating it
+/// (or a hot reload of the same file, or each A/B arm) would compile it again, both the
+/// component and its core module.
+const COMPILED_KEPT: usize = 16;
+
+fn compiled_cache<R>(
+    f: impl FnOnce(&mut std::collections::VecDeque<(Box<[u8]>, LoadedComponent)>) -> R,
+) -> R {
+    static CACHE: std::sync::Mutex<std::collections::VecDeque<(Box<[u8]>, LoadedComponent)>> =
+        std::sync::Mutex::new(std::collections::VecDeque::new());
+    f(&mut CACHE.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+fn compile_and_check(bytes: &[u8], origin: &str) -> Result<LoadedComponent> {
     let component = compile(bytes, origin)?;
     let mut found = Vec::new();
     for (name, _) in component.component_type().exports(engine()) {
@@ -1106,5 +1135,28 @@ impl PruningPlugin {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_bytes_are_compiled_once() {
+        let lru = crate::policy::bundled::bytes("lru").unwrap();
+        let direct = |c: &LoadedComponent| c.direct.clone().expect("lru is called directly");
+        let a = load_component(lru, "a").unwrap();
+        let b = load_component(lru, "b").unwrap();
+        assert!(Arc::ptr_eq(&direct(&a), &direct(&b)));
+        let lfu = load_component(crate::policy::bundled::bytes("lfu").unwrap(), "c").unwrap();
+        assert!(!Arc::ptr_eq(&direct(&a), &direct(&lfu)));
+        // What fails to load is not kept: it fails again, naming its origin.
+        for origin in ["upload-7", "upload-8"] {
+            let Err(e) = load_component(b"not wasm", origin) else {
+                panic!("garbage loaded");
+            };
+            assert!(format!("{e:#}").contains(origin), "{e:#}");
+        }
     }
 }
