@@ -446,6 +446,49 @@ mod tests {
         assert_eq!(calls[0].arguments, "{\"city\": \"Paris\"}");
     }
 
+    /// Every parser, the text split in two at every character boundary (and fed a character at a
+    /// time): the streamed content and calls are the whole text's.
+    #[test]
+    fn every_split_of_a_stream_gives_the_whole_texts_calls() {
+        let v3 = "Hm.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>search\n```json\n{\"q\": \"x\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        let v31 = "Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Paris\"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>";
+        for (p, text) in [
+            (ToolParser::KimiK2, KIMI),
+            (ToolParser::DeepSeekV3, v3),
+            (ToolParser::DeepSeekV31, v31),
+        ] {
+            let whole = parse(p, text, "c");
+            assert!(!whole.1.is_empty(), "{p:?}");
+            let streamed = |pieces: &[&str]| {
+                let mut s = ToolStream::new(p, "c");
+                let mut deltas = Vec::new();
+                for piece in pieces {
+                    deltas.extend(s.push(piece));
+                }
+                deltas.extend(s.finish());
+                let mut content = String::new();
+                let mut calls = Vec::new();
+                for d in deltas {
+                    match d {
+                        Delta::Content(c) => content.push_str(&c),
+                        Delta::Call(i, c) => {
+                            assert_eq!(i, calls.len());
+                            calls.push(c);
+                        }
+                    }
+                }
+                (content, calls)
+            };
+            for (cut, _) in text.char_indices().skip(1) {
+                let (a, b) = text.split_at(cut);
+                assert_eq!(streamed(&[a, b]), whole, "{p:?} cut at {cut}");
+            }
+            let chars: Vec<String> = text.chars().map(String::from).collect();
+            let chars: Vec<&str> = chars.iter().map(String::as_str).collect();
+            assert_eq!(streamed(&chars), whole, "{p:?} a character at a time");
+        }
+    }
+
     #[test]
     fn text_without_calls_is_content_and_cut_off_calls_keep_their_arguments() {
         let (content, calls) = parse(ToolParser::KimiK2, "plain <|tool", "c");
