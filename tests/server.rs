@@ -169,6 +169,28 @@ fn sse_text(body: &str) -> (String, Vec<Value>) {
     (text, chunks)
 }
 
+/// `body` streamed (`"stream": true`) to chat completions: the raw SSE text and the items of
+/// every chunk's array at JSON `pointer` (e.g. `/choices/0/delta/tool_calls`), in order.
+fn streamed_items(addr: SocketAddr, body: &Value, pointer: &str) -> (String, Vec<Value>) {
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    let (_, raw) = http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        None,
+        stream.to_string().as_bytes(),
+    );
+    let items = sse_text(&raw)
+        .1
+        .iter()
+        .filter_map(|c| c.pointer(pointer).and_then(Value::as_array))
+        .flatten()
+        .cloned()
+        .collect();
+    (raw, items)
+}
+
 /// DeepSeek-V3's group-limited routing (64 experts in 8 groups, 4 kept, top-8) served under a
 /// device tier of a few experts and non-default policies: the greedy completion of a prompt
 /// given as token ids is transformers' (the golden continuation, read through the folder's
@@ -1065,21 +1087,7 @@ fn logprobs_are_the_models_log_softmax() {
         assert!(e["logprob"].as_f64().unwrap() <= 0.0);
         assert!(e["bytes"].is_array() && e["token"].is_string());
     }
-    let mut stream = body;
-    stream["stream"] = json!(true);
-    let (_, raw) = http(
-        srv.addr,
-        "POST",
-        "/v1/chat/completions",
-        None,
-        stream.to_string().as_bytes(),
-    );
-    let (_, chunks) = sse_text(&raw);
-    let streamed: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
-        .flatten()
-        .collect();
+    let (_, streamed) = streamed_items(srv.addr, &body, "/choices/0/logprobs/content");
     assert_eq!(streamed.len(), content.len());
     assert_eq!(streamed[0]["token"], content[0]["token"]);
 
@@ -1593,21 +1601,7 @@ fn forced_tool_calls_follow_the_tools_schemas() {
                 assert_eq!(calls[0]["function"]["name"], "set_level");
             }
             // Streamed: the same calls.
-            let mut stream = body;
-            stream["stream"] = json!(true);
-            let (_, raw) = http(
-                srv.addr,
-                "POST",
-                "/v1/chat/completions",
-                None,
-                stream.to_string().as_bytes(),
-            );
-            let (_, chunks) = sse_text(&raw);
-            let streamed: Vec<&Value> = chunks
-                .iter()
-                .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
-                .flatten()
-                .collect();
+            let (raw, streamed) = streamed_items(srv.addr, &body, "/choices/0/delta/tool_calls");
             assert_eq!(streamed.len(), calls.len(), "{raw}");
             for (s, c) in streamed.iter().zip(calls) {
                 assert_eq!(s["function"], c["function"]);

@@ -555,6 +555,23 @@ pub(super) fn prepare_chat(
     Ok((ids, read, forced, call_grammar, b.common))
 }
 
+/// A request naming a model must name this server's (404 otherwise, as OpenAI answers).
+pub(super) fn check_model(app: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != app.model_name => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "model {m:?} does not exist; this server serves {:?}",
+                app.model_name
+            ),
+            kind: "invalid_request_error",
+            code: Some("model_not_found"),
+            param: Some("model"),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Runs request preparation on the low-priority pool (`prep`).
 pub(super) async fn prepare<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
@@ -702,20 +719,7 @@ async fn run(
     c: Common,
 ) -> Result<Response, ApiError> {
     let cfg = app.engine.model.config();
-    if let Some(m) = &c.model {
-        if m != &app.model_name {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!(
-                    "model {m:?} does not exist; this server serves {:?}",
-                    app.model_name
-                ),
-                kind: "invalid_request_error",
-                code: Some("model_not_found"),
-                param: Some("model"),
-            });
-        }
-    }
+    check_model(&app, c.model.as_deref())?;
     if let Some(stop) = &c.stop {
         let stops = match stop {
             OneOrMany::One(s) => std::slice::from_ref(s),

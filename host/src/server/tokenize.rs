@@ -15,24 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::openai::{parse, prepare, prepare_chat, ApiError, ChatBody};
+use super::openai::{check_model, parse, prepare, prepare_chat, ApiError, ChatBody};
 use super::AppState;
-
-fn check_model(app: &AppState, v: &Value) -> Result<(), ApiError> {
-    match v.get("model").and_then(Value::as_str) {
-        Some(m) if m != app.model_name => Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!(
-                "model {m:?} does not exist; this server serves {:?}",
-                app.model_name
-            ),
-            kind: "invalid_request_error",
-            code: Some("model_not_found"),
-            param: Some("model"),
-        }),
-        _ => Ok(()),
-    }
-}
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::status(
@@ -48,7 +32,7 @@ pub async fn tokenize(
 ) -> Response {
     let result = async {
         let v: Value = prepare(move || parse(body)).await?;
-        check_model(&app, &v)?;
+        check_model(&app, v.get("model").and_then(Value::as_str))?;
         let token_strs = v["return_token_strs"].as_bool().unwrap_or(false);
         let engine = app.engine.clone();
         let ids = if v.get("messages").is_some() {
@@ -111,7 +95,7 @@ pub async fn detokenize(
 ) -> Response {
     let result = async {
         let v: Value = parse(body)?;
-        check_model(&app, &v)?;
+        check_model(&app, v.get("model").and_then(Value::as_str))?;
         let tokens: Vec<u32> =
             serde_json::from_value(v["tokens"].clone()).map_err(|_| ApiError {
                 param: Some("tokens"),

@@ -369,17 +369,33 @@ pub(crate) fn partial_suffix(s: &str, marker: &str) -> usize {
 
 /// Content and calls of a whole output.
 pub fn parse(parser: ToolParser, text: &str, id_prefix: &str) -> (String, Vec<ToolCall>) {
+    parse_pieces(parser, [text], id_prefix)
+}
+
+/// Content and calls of an output that arrives in `pieces`.
+fn parse_pieces<'a>(
+    parser: ToolParser,
+    pieces: impl IntoIterator<Item = &'a str>,
+    id_prefix: &str,
+) -> (String, Vec<ToolCall>) {
     let mut s = ToolStream::new(parser, id_prefix);
-    let mut deltas = s.push(text);
-    deltas.extend(s.finish());
     let mut content = String::new();
     let mut calls = Vec::new();
-    for d in deltas {
-        match d {
-            Delta::Content(c) => content.push_str(&c),
-            Delta::Call(_, c) => calls.push(c),
+    let mut take = |deltas: Vec<Delta>| {
+        for d in deltas {
+            match d {
+                Delta::Content(c) => content.push_str(&c),
+                Delta::Call(i, c) => {
+                    debug_assert_eq!(i, calls.len(), "calls are numbered in order");
+                    calls.push(c);
+                }
+            }
         }
+    };
+    for piece in pieces {
+        take(s.push(piece));
     }
+    take(s.finish());
     (content, calls)
 }
 
@@ -459,33 +475,13 @@ mod tests {
         ] {
             let whole = parse(p, text, "c");
             assert!(!whole.1.is_empty(), "{p:?}");
-            let streamed = |pieces: &[&str]| {
-                let mut s = ToolStream::new(p, "c");
-                let mut deltas = Vec::new();
-                for piece in pieces {
-                    deltas.extend(s.push(piece));
-                }
-                deltas.extend(s.finish());
-                let mut content = String::new();
-                let mut calls = Vec::new();
-                for d in deltas {
-                    match d {
-                        Delta::Content(c) => content.push_str(&c),
-                        Delta::Call(i, c) => {
-                            assert_eq!(i, calls.len());
-                            calls.push(c);
-                        }
-                    }
-                }
-                (content, calls)
-            };
             for (cut, _) in text.char_indices().skip(1) {
                 let (a, b) = text.split_at(cut);
-                assert_eq!(streamed(&[a, b]), whole, "{p:?} cut at {cut}");
+                assert_eq!(parse_pieces(p, [a, b], "c"), whole, "{p:?} cut at {cut}");
             }
             let chars: Vec<String> = text.chars().map(String::from).collect();
-            let chars: Vec<&str> = chars.iter().map(String::as_str).collect();
-            assert_eq!(streamed(&chars), whole, "{p:?} a character at a time");
+            let one_by_one = parse_pieces(p, chars.iter().map(String::as_str), "c");
+            assert_eq!(one_by_one, whole, "{p:?} a character at a time");
         }
     }
 
