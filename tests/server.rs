@@ -170,6 +170,31 @@ fn sse_text(body: &str) -> (String, Vec<Value>) {
 }
 
 /// `body` streamed (`"stream": true`) to chat completions: the raw SSE text and the items of
+/// Streamed `delta.tool_calls` items put together as OpenAI's clients do: by index, the id,
+/// type and name of the first item, the arguments of all of them concatenated.
+fn assemble_calls(items: &[Value]) -> Vec<Value> {
+    let mut calls: Vec<Value> = Vec::new();
+    for it in items {
+        let i = it["index"].as_u64().unwrap() as usize;
+        if i == calls.len() {
+            assert!(
+                it["id"].is_string() && it["function"]["name"].is_string(),
+                "{it}"
+            );
+            calls.push(json!({"id": it["id"], "type": it["type"],
+                "function": {"name": it["function"]["name"], "arguments": ""}}));
+        }
+        let args = it["function"]["arguments"].as_str().unwrap_or_default();
+        let whole = calls[i]["function"]["arguments"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+            + args;
+        calls[i]["function"]["arguments"] = whole.into();
+    }
+    calls
+}
+
 /// every chunk's array at JSON `pointer` (e.g. `/choices/0/delta/tool_calls`), in order.
 fn streamed_items(addr: SocketAddr, body: &Value, pointer: &str) -> (String, Vec<Value>) {
     let mut stream = body.clone();
@@ -305,14 +330,19 @@ fn kimi_layout_folder_serves_chat_with_tools() {
     );
     assert_eq!(status, 200);
     let (_, chunks) = sse_text(&raw);
-    let streamed: Vec<&Value> = chunks
+    let streamed: Vec<Value> = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
         .flatten()
+        .cloned()
         .collect();
-    assert_eq!(streamed.len(), 1, "{raw}");
+    // Announced with its id and name, then its arguments in pieces.
     assert_eq!(streamed[0]["index"], 0);
-    assert_eq!(streamed[0]["function"], call["function"]);
+    assert_eq!(streamed[0]["function"]["arguments"], "");
+    let assembled = assemble_calls(&streamed);
+    assert_eq!(assembled.len(), 1, "{raw}");
+    assert_eq!(assembled[0]["id"], call["id"]);
+    assert_eq!(assembled[0]["function"], call["function"]);
 
     // What moehost cannot honour is refused, saying why.
     let mut bad = json!({"messages": expected.chat, "tools": expected.tools,
@@ -1602,6 +1632,7 @@ fn forced_tool_calls_follow_the_tools_schemas() {
             }
             // Streamed: the same calls.
             let (raw, streamed) = streamed_items(srv.addr, &body, "/choices/0/delta/tool_calls");
+            let streamed = assemble_calls(&streamed);
             assert_eq!(streamed.len(), calls.len(), "{raw}");
             for (s, c) in streamed.iter().zip(calls) {
                 assert_eq!(s["function"], c["function"]);

@@ -21,6 +21,10 @@ pub struct ChatRead {
 pub enum Out {
     Reasoning(String),
     Content(String),
+    /// A call begins: index, id, name (streams announce it, then its arguments in pieces).
+    CallBegin(usize, String, String),
+    CallArgs(usize, String),
+    /// A call, whole (after its begin and arguments).
     Call(usize, ToolCall),
 }
 
@@ -81,11 +85,14 @@ impl ChatReader {
                 deltas.extend(t.finish());
             }
         }
+        let kept = |i: usize| i == 0 || self.parallel;
         for d in deltas {
             match d {
                 Delta::Content(c) => out.push(Out::Content(c)),
-                Delta::Call(i, c) if i == 0 || self.parallel => out.push(Out::Call(i, c)),
-                Delta::Call(..) => {}
+                Delta::CallBegin(i, id, name) if kept(i) => out.push(Out::CallBegin(i, id, name)),
+                Delta::CallArgs(i, a) if kept(i) => out.push(Out::CallArgs(i, a)),
+                Delta::Call(i, c) if kept(i) => out.push(Out::Call(i, c)),
+                Delta::CallBegin(..) | Delta::CallArgs(..) | Delta::Call(..) => {}
             }
         }
         out
@@ -103,6 +110,7 @@ pub fn read_whole(read: ChatRead, text: &str, id: &str) -> (String, String, Vec<
             Out::Reasoning(s) => reasoning.push_str(&s),
             Out::Content(s) => content.push_str(&s),
             Out::Call(_, c) => calls.push(c),
+            Out::CallBegin(..) | Out::CallArgs(..) => {}
         }
     }
     (reasoning, content, calls)

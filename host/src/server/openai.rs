@@ -1022,7 +1022,10 @@ fn tool_call_json(c: &super::tools::ToolCall) -> Value {
 enum Piece<'a> {
     Text(&'a str),
     Reasoning(&'a str),
-    Call(usize, &'a super::tools::ToolCall),
+    /// A call begins: index, id, name.
+    CallBegin(usize, &'a str, &'a str),
+    /// More of a call's arguments.
+    CallArgs(usize, &'a str),
     Finish(&'a str),
 }
 
@@ -1060,12 +1063,20 @@ fn chunk(
                 Piece::Reasoning(t) => {
                     delta.insert("reasoning_content".into(), json!(t));
                 }
-                // OpenAI's streamed call: its index, id, type and name, and the arguments
-                // (here whole, in one fragment).
-                Piece::Call(index, c) => {
-                    let mut call = tool_call_json(c);
-                    call["index"] = index.into();
-                    delta.insert("tool_calls".into(), json!([call]));
+                // OpenAI's streamed call: a first chunk with its index, id, type, name and
+                // empty arguments, then chunks with the index and pieces of the arguments.
+                Piece::CallBegin(index, call_id, name) => {
+                    delta.insert(
+                        "tool_calls".into(),
+                        json!([{"index": index, "id": call_id, "type": "function",
+                                "function": {"name": name, "arguments": ""}}]),
+                    );
+                }
+                Piece::CallArgs(index, args) => {
+                    delta.insert(
+                        "tool_calls".into(),
+                        json!([{"index": index, "function": {"arguments": args}}]),
+                    );
                 }
                 Piece::Finish(_) => {}
             }
@@ -1106,17 +1117,19 @@ fn async_stream(
         /// Events ready to send, oldest first.
         ready: std::collections::VecDeque<Event>,
         reader: Option<super::answer::ChatReader>,
+        /// What the forced start of a call produced (its announcement), sent first.
+        early: Vec<super::answer::Out>,
         /// Log-probabilities not yet sent, and the completion text's length so far.
         logprobs: Vec<crate::engine::TokenLogprob>,
         offset: usize,
     }
+    let mut early = Vec::new();
     let reader = match kind {
         Kind::Chat(read) => {
             let mut r = super::answer::ChatReader::new(read, &id);
             if let Some(f) = &forced {
-                // Inside a call section: nothing comes out until the call is complete.
-                let early = r.push(f);
-                debug_assert!(early.is_empty());
+                // A forced call's header announces the call before the model writes a token.
+                early = r.push(f);
             }
             Some(r)
         }
@@ -1128,6 +1141,7 @@ fn async_stream(
         done: false,
         ready: Default::default(),
         reader,
+        early,
         logprobs: Vec::new(),
         offset: 0,
     };
@@ -1157,10 +1171,20 @@ fn async_stream(
                         match o {
                             super::answer::Out::Content(t) => send(s, Piece::Text(&t)),
                             super::answer::Out::Reasoning(t) => send(s, Piece::Reasoning(&t)),
-                            super::answer::Out::Call(i, c) => send(s, Piece::Call(i, &c)),
+                            super::answer::Out::CallBegin(i, call_id, name) => {
+                                send(s, Piece::CallBegin(i, &call_id, &name))
+                            }
+                            super::answer::Out::CallArgs(i, a) => send(s, Piece::CallArgs(i, &a)),
+                            // Streamed already as its begin and arguments.
+                            super::answer::Out::Call(..) => {}
                         }
                     }
                 };
+                if !s.early.is_empty() {
+                    let early = std::mem::take(&mut s.early);
+                    outs(&mut s, early);
+                    continue;
+                }
                 match s.rx.recv().await {
                     Some(GenEvent::Logprobs(l)) => s.logprobs.extend(l),
                     Some(GenEvent::Text(t)) => match s.reader.as_mut() {

@@ -36,7 +36,11 @@ pub struct ToolCall {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delta {
     Content(String),
-    /// The `index`-th call of the response, whole.
+    /// The `index`-th call begins: its id and name (its arguments follow in `CallArgs`).
+    CallBegin(usize, String, String),
+    /// More of the `index`-th call's arguments; together they are the call's `arguments`.
+    CallArgs(usize, String),
+    /// The `index`-th call of the response, whole (after its `CallBegin` and `CallArgs`).
     Call(usize, ToolCall),
 }
 
@@ -216,6 +220,70 @@ call: {}
         }
     }
 
+    /// A call's id and name once the text after its begin marker has them whole, and where
+    /// its arguments start; `None` until then (or if that text is not a call header).
+    fn header(self, body: &str, index: usize, id_prefix: &str) -> Option<(String, String, usize)> {
+        let generated_id = || format!("{id_prefix}-{index}");
+        let (id, name, start) = match self {
+            Self::KimiK2 => {
+                let at = body.find(KIMI_ARG)?;
+                let id = body[..at].trim();
+                let name = id.strip_prefix("functions.").unwrap_or(id);
+                let name = name.rsplit_once(':').map_or(name, |(n, _)| n);
+                (id.to_owned(), name.to_owned(), at + KIMI_ARG.len())
+            }
+            Self::DeepSeekV3 => {
+                let after = body.find(DS_SEP)? + DS_SEP.len();
+                let line = body[after..].find('\n')?;
+                let name = body[after..after + line].trim();
+                let rest = &body[after + line + 1..];
+                let lead = rest.len() - rest.trim_start().len();
+                if !rest[lead..].starts_with("```json") {
+                    return None;
+                }
+                (
+                    generated_id(),
+                    name.to_owned(),
+                    after + line + 1 + lead + "```json".len(),
+                )
+            }
+            Self::DeepSeekV31 => {
+                let at = body.find(DS_SEP)?;
+                (
+                    generated_id(),
+                    body[..at].trim().to_owned(),
+                    at + DS_SEP.len(),
+                )
+            }
+        };
+        (!name.is_empty()).then_some((id, name, start))
+    }
+
+    /// The part of a call's unfinished argument text that is surely arguments: leading and
+    /// trailing whitespace and whatever could still be the start of the call's end are held
+    /// back, so what is released is always a prefix of the finished call's `arguments`.
+    fn sure_arguments(self, args: &str) -> &str {
+        let [_, _, _, call_end] = self.markers();
+        let mut s = args.trim_start();
+        loop {
+            let t = s.trim_end();
+            let t = &t[..t.len() - partial_suffix(t, call_end)];
+            let t = match self {
+                Self::DeepSeekV3 => {
+                    let t = t.trim_end();
+                    let fence =
+                        partial_suffix(t, "```").max(if t.ends_with("```") { 3 } else { 0 });
+                    &t[..t.len() - fence]
+                }
+                Self::KimiK2 | Self::DeepSeekV31 => t,
+            };
+            if t.len() == s.len() {
+                return s;
+            }
+            s = t;
+        }
+    }
+
     /// One call from the text between its begin and end markers; `None` if malformed.
     fn call(self, body: &str, index: usize, id_prefix: &str) -> Option<ToolCall> {
         let generated_id = || format!("{id_prefix}-{index}");
@@ -255,6 +323,14 @@ pub struct ToolStream {
     buf: String,
     in_section: bool,
     calls: usize,
+    /// The call being streamed: its header, and the bytes of its arguments released so far.
+    open: Option<OpenCall>,
+}
+
+struct OpenCall {
+    id: String,
+    name: String,
+    released: usize,
 }
 
 impl ToolStream {
@@ -266,7 +342,77 @@ impl ToolStream {
             buf: String::new(),
             in_section: false,
             calls: 0,
+            open: None,
         }
+    }
+
+    /// A call whose end has not arrived: once its header is whole, announce it, then release
+    /// its arguments as they become sure.
+    fn stream_open_call(&mut self, body_start: usize, out: &mut Vec<Delta>) {
+        let body = &self.buf[body_start..];
+        let index = self.calls;
+        if self.open.is_none() {
+            let Some((id, name, _)) = self.parser.header(body, index, &self.id_prefix) else {
+                return;
+            };
+            out.push(Delta::CallBegin(index, id.clone(), name.clone()));
+            self.open = Some(OpenCall {
+                id,
+                name,
+                released: 0,
+            });
+        }
+        let Some((_, _, start)) = self.parser.header(body, index, &self.id_prefix) else {
+            return;
+        };
+        let sure = self.parser.sure_arguments(&body[start..]);
+        let open = self.open.as_mut().expect("announced above");
+        if let Some(more) = sure.get(open.released..).filter(|m| !m.is_empty()) {
+            out.push(Delta::CallArgs(index, more.to_owned()));
+            open.released = sure.len();
+        }
+    }
+
+    /// Ends the current call: `call` if its text parsed, else (announced already) the call as
+    /// streamed, its arguments the text written; the rest of its arguments, then the call.
+    fn close_call(
+        &mut self,
+        call: Option<ToolCall>,
+        raw_args: Option<&str>,
+        out: &mut Vec<Delta>,
+    ) -> bool {
+        let index = self.calls;
+        let call = match (call, self.open.take()) {
+            (Some(call), open) => {
+                let released = match open {
+                    Some(o) => o.released,
+                    None => {
+                        out.push(Delta::CallBegin(index, call.id.clone(), call.name.clone()));
+                        0
+                    }
+                };
+                let rest = call.arguments.get(released..).unwrap_or_default();
+                if !rest.is_empty() {
+                    out.push(Delta::CallArgs(index, rest.to_owned()));
+                }
+                call
+            }
+            (None, Some(o)) => {
+                let arguments = raw_args.unwrap_or_default().trim().to_owned();
+                if let Some(rest) = arguments.get(o.released..).filter(|r| !r.is_empty()) {
+                    out.push(Delta::CallArgs(index, rest.to_owned()));
+                }
+                ToolCall {
+                    id: o.id,
+                    name: o.name,
+                    arguments,
+                }
+            }
+            (None, None) => return false,
+        };
+        out.push(Delta::Call(index, call));
+        self.calls += 1;
+        true
     }
 
     /// Calls found so far.
@@ -297,17 +443,20 @@ impl ToolStream {
             let end_section = self.buf.find(section_end);
             match (begin, end_section) {
                 (Some(b), e) if e.is_none_or(|e| b < e) => {
+                    let body_start = b + call_begin.len();
                     let Some(len) = self.buf[b..].find(call_end) else {
+                        self.stream_open_call(body_start, &mut out);
                         return out;
                     };
-                    let body = &self.buf[b + call_begin.len()..b + len];
-                    match self.parser.call(body, self.calls, &self.id_prefix) {
-                        Some(call) => {
-                            out.push(Delta::Call(self.calls, call));
-                            self.calls += 1;
-                        }
+                    let body = self.buf[body_start..b + len].to_owned();
+                    let call = self.parser.call(&body, self.calls, &self.id_prefix);
+                    let raw_args = self
+                        .parser
+                        .header(&body, self.calls, &self.id_prefix)
+                        .map(|(_, _, start)| body[start..].to_owned());
+                    if !self.close_call(call, raw_args.as_deref(), &mut out) {
                         // Not a call after all: keep the model's text as content.
-                        None => push_content(&mut out, &self.buf[b..b + len + call_end.len()]),
+                        push_content(&mut out, &self.buf[b..b + len + call_end.len()]);
                     }
                     self.buf.drain(..b + len + call_end.len());
                 }
@@ -338,10 +487,11 @@ impl ToolStream {
                 .parser
                 .call(body, self.calls, &self.id_prefix)
                 .or_else(|| self.parser.call(&closed, self.calls, &self.id_prefix));
-            if let Some(call) = call {
-                out.push(Delta::Call(self.calls, call));
-                self.calls += 1;
-            }
+            let raw_args = self
+                .parser
+                .header(body, self.calls, &self.id_prefix)
+                .map(|(_, _, start)| &body[start..]);
+            self.close_call(call, raw_args, &mut out);
         }
         out
     }
@@ -389,6 +539,7 @@ fn parse_pieces<'a>(
                     debug_assert_eq!(i, calls.len(), "calls are numbered in order");
                     calls.push(c);
                 }
+                Delta::CallBegin(..) | Delta::CallArgs(..) => {}
             }
         }
     };
@@ -475,13 +626,39 @@ mod tests {
         ] {
             let whole = parse(p, text, "c");
             assert!(!whole.1.is_empty(), "{p:?}");
+            // What a stream sends of each call: its begin, then its arguments in pieces.
+            let announced = |pieces: &[&str]| {
+                let mut s = ToolStream::new(p, "c");
+                let mut deltas: Vec<Delta> = pieces.iter().flat_map(|x| s.push(x)).collect();
+                deltas.extend(s.finish());
+                let mut calls: Vec<ToolCall> = Vec::new();
+                for d in deltas {
+                    match d {
+                        Delta::CallBegin(i, id, name) => {
+                            assert_eq!(i, calls.len());
+                            calls.push(ToolCall {
+                                id,
+                                name,
+                                arguments: String::new(),
+                            });
+                        }
+                        Delta::CallArgs(i, a) => calls[i].arguments.push_str(&a),
+                        Delta::Content(_) | Delta::Call(..) => {}
+                    }
+                }
+                calls
+            };
             for (cut, _) in text.char_indices().skip(1) {
                 let (a, b) = text.split_at(cut);
                 assert_eq!(parse_pieces(p, [a, b], "c"), whole, "{p:?} cut at {cut}");
+                assert_eq!(announced(&[a, b]), whole.1, "{p:?} streamed, cut at {cut}");
             }
             let chars: Vec<String> = text.chars().map(String::from).collect();
-            let one_by_one = parse_pieces(p, chars.iter().map(String::as_str), "c");
+            let chars: Vec<&str> = chars.iter().map(String::as_str).collect();
+            let one_by_one = parse_pieces(p, chars.iter().copied(), "c");
             assert_eq!(one_by_one, whole, "{p:?} a character at a time");
+            let pieces = announced(&chars);
+            assert_eq!(pieces, whole.1, "{p:?} streamed a character at a time");
         }
     }
 
