@@ -104,30 +104,24 @@ def post(path, body, token=None, timeout=60):
 hostile_counts = {"huge": 0, "stops": 0, "slowloris": 0}
 
 
-def hostile_huge():
-    # ~7 MB of prompt, under the 8 MiB body limit: tokenized off the async workers.
-    prompt = "the quick brown fox " * 350_000
-    body = json.dumps({"prompt": prompt, "max_tokens": 1})
-    while not stop_all.is_set():
-        if not hostile_on.wait(0.5):
-            continue
-        try:
-            post("/v1/completions", body, timeout=300)
-            hostile_counts["huge"] += 1
-        except Exception:
-            pass
+def hostile_sender(kind, body, timeout):
+    """Sends `body` to completions again and again while the hostile phase is on."""
+    def run():
+        while not stop_all.is_set():
+            if not hostile_on.wait(0.5):
+                continue
+            try:
+                post("/v1/completions", body, timeout=timeout)
+                hostile_counts[kind] += 1
+            except Exception:
+                pass
+    return run
 
 
-def hostile_stops():
-    body = json.dumps({"prompt": "x", "max_tokens": 4, "stop": ["s%d" % i for i in range(600_000)]})
-    while not stop_all.is_set():
-        if not hostile_on.wait(0.5):
-            continue
-        try:
-            post("/v1/completions", body, timeout=120)
-            hostile_counts["stops"] += 1
-        except Exception:
-            pass
+# ~7 MB of prompt, under the 8 MiB body limit.
+hostile_huge = hostile_sender("huge", json.dumps({"prompt": "the quick brown fox " * 350_000, "max_tokens": 1}), 300)
+hostile_stops = hostile_sender(
+    "stops", json.dumps({"prompt": "x", "max_tokens": 4, "stop": ["s%d" % i for i in range(600_000)]}), 120)
 
 
 def hostile_slowloris():
