@@ -26,7 +26,6 @@ parser.add_argument("--phases", type=int, default=4)
 parser.add_argument("--swap-every", type=float, default=30)
 parser.add_argument("--admin-token", default="soak")
 parser.add_argument("--max-tokens", type=int, default=64)
-parser.add_argument("--json", action="store_true")
 args = parser.parse_args()
 url = urllib.parse.urlparse(args.url)
 
