@@ -154,11 +154,7 @@ impl ToolParser {
                 .iter()
                 .find(|t| t["function"]["name"] == name)
                 .ok_or_else(|| format!("tool_choice names {name:?}, which is not among tools"))?;
-            return Ok(format!(
-                "start: {} {after_args} {section_end}
-",
-                schema(t)
-            ));
+            return Ok(format!("start: {} {after_args} {section_end}\n", schema(t)));
         }
         let mut rules = String::new();
         let mut alternatives = Vec::new();
@@ -178,11 +174,7 @@ impl ToolParser {
                 ),
                 Self::DeepSeekV31 => format!("{call_begin} {} {}", lit(name), tok(DS_SEP)?),
             };
-            rules.push_str(&format!(
-                "call_{i}: {head} {} {after_args}
-",
-                schema(t)
-            ));
+            rules.push_str(&format!("call_{i}: {head} {} {after_args}\n", schema(t)));
             alternatives.push(format!("call_{i}"));
         }
         if alternatives.is_empty() {
@@ -190,9 +182,7 @@ impl ToolParser {
         }
         let repeat = if parallel { "+" } else { "" };
         Ok(format!(
-            "start: call{repeat} {section_end}
-call: {}
-{rules}",
+            "start: call{repeat} {section_end}\ncall: {}\n{rules}",
             alternatives.join(" | ")
         ))
     }
@@ -284,34 +274,13 @@ call: {}
         }
     }
 
-    /// One call from the text between its begin and end markers; `None` if malformed.
-    fn call(self, body: &str, index: usize, id_prefix: &str) -> Option<ToolCall> {
-        let generated_id = || format!("{id_prefix}-{index}");
-        let (id, name, args) = match self {
-            Self::KimiK2 => {
-                let (id, args) = body.split_once(KIMI_ARG)?;
-                let id = id.trim();
-                let name = id.strip_prefix("functions.").unwrap_or(id);
-                let name = name.rsplit_once(':').map_or(name, |(n, _)| n);
-                (id.to_owned(), name.to_owned(), args.trim())
-            }
-            Self::DeepSeekV3 => {
-                let (_, rest) = body.split_once(DS_SEP)?;
-                let (name, rest) = rest.split_once('\n')?;
-                let args = rest.trim().strip_prefix("```json")?;
-                let args = args.trim_end().strip_suffix("```")?;
-                (generated_id(), name.trim().to_owned(), args.trim())
-            }
-            Self::DeepSeekV31 => {
-                let (name, args) = body.split_once(DS_SEP)?;
-                (generated_id(), name.trim().to_owned(), args.trim())
-            }
-        };
-        (!name.is_empty()).then(|| ToolCall {
-            id,
-            name,
-            arguments: args.to_owned(),
-        })
+    /// A call's finished arguments from the text after its header; `None` if the call does
+    /// not end as its syntax says (DeepSeek V3's closing ``` fence).
+    fn finished_arguments(self, args: &str) -> Option<&str> {
+        match self {
+            Self::DeepSeekV3 => args.trim_end().strip_suffix("```").map(str::trim),
+            Self::KimiK2 | Self::DeepSeekV31 => Some(args.trim()),
+        }
     }
 }
 
@@ -323,14 +292,8 @@ pub struct ToolStream {
     buf: String,
     in_section: bool,
     calls: usize,
-    /// The call being streamed: its header, and the bytes of its arguments released so far.
-    open: Option<OpenCall>,
-}
-
-struct OpenCall {
-    id: String,
-    name: String,
-    released: usize,
+    /// The call being streamed (announced): bytes of its arguments released so far.
+    open: Option<usize>,
 }
 
 impl ToolStream {
@@ -351,66 +314,52 @@ impl ToolStream {
     fn stream_open_call(&mut self, body_start: usize, out: &mut Vec<Delta>) {
         let body = &self.buf[body_start..];
         let index = self.calls;
-        if self.open.is_none() {
-            let Some((id, name, _)) = self.parser.header(body, index, &self.id_prefix) else {
-                return;
-            };
-            out.push(Delta::CallBegin(index, id.clone(), name.clone()));
-            self.open = Some(OpenCall {
-                id,
-                name,
-                released: 0,
-            });
-        }
-        let Some((_, _, start)) = self.parser.header(body, index, &self.id_prefix) else {
+        let Some((id, name, start)) = self.parser.header(body, index, &self.id_prefix) else {
             return;
         };
+        let released = self.open.get_or_insert_with(|| {
+            out.push(Delta::CallBegin(index, id, name));
+            0
+        });
         let sure = self.parser.sure_arguments(&body[start..]);
-        let open = self.open.as_mut().expect("announced above");
-        if let Some(more) = sure.get(open.released..).filter(|m| !m.is_empty()) {
+        if let Some(more) = sure.get(*released..).filter(|m| !m.is_empty()) {
             out.push(Delta::CallArgs(index, more.to_owned()));
-            open.released = sure.len();
+            *released = sure.len();
         }
     }
 
-    /// Ends the current call: `call` if its text parsed, else (announced already) the call as
-    /// streamed, its arguments the text written; the rest of its arguments, then the call.
-    fn close_call(
-        &mut self,
-        call: Option<ToolCall>,
-        raw_args: Option<&str>,
-        out: &mut Vec<Delta>,
-    ) -> bool {
+    /// Ends the current call, `body` the text after its begin marker: announced if it was
+    /// not, the rest of its arguments, then the call. A call that does not end as its syntax
+    /// says keeps the arguments written when it was `cut_off` (by `max_tokens`) or already
+    /// announced; otherwise it is no call (`false`).
+    fn close_call(&mut self, body: &str, cut_off: bool, out: &mut Vec<Delta>) -> bool {
         let index = self.calls;
-        let call = match (call, self.open.take()) {
-            (Some(call), open) => {
-                let released = match open {
-                    Some(o) => o.released,
-                    None => {
-                        out.push(Delta::CallBegin(index, call.id.clone(), call.name.clone()));
-                        0
-                    }
-                };
-                let rest = call.arguments.get(released..).unwrap_or_default();
-                if !rest.is_empty() {
-                    out.push(Delta::CallArgs(index, rest.to_owned()));
-                }
-                call
-            }
-            (None, Some(o)) => {
-                let arguments = raw_args.unwrap_or_default().trim().to_owned();
-                if let Some(rest) = arguments.get(o.released..).filter(|r| !r.is_empty()) {
-                    out.push(Delta::CallArgs(index, rest.to_owned()));
-                }
-                ToolCall {
-                    id: o.id,
-                    name: o.name,
-                    arguments,
-                }
-            }
-            (None, None) => return false,
+        let open = self.open.take();
+        let Some((id, name, start)) = self.parser.header(body, index, &self.id_prefix) else {
+            return false;
         };
-        out.push(Delta::Call(index, call));
+        let raw = &body[start..];
+        let arguments = match self.parser.finished_arguments(raw) {
+            Some(a) => a,
+            None if cut_off || open.is_some() => raw.trim(),
+            None => return false,
+        };
+        let released = open.unwrap_or_else(|| {
+            out.push(Delta::CallBegin(index, id.clone(), name.clone()));
+            0
+        });
+        if let Some(rest) = arguments.get(released..).filter(|r| !r.is_empty()) {
+            out.push(Delta::CallArgs(index, rest.to_owned()));
+        }
+        let arguments = arguments.to_owned();
+        out.push(Delta::Call(
+            index,
+            ToolCall {
+                id,
+                name,
+                arguments,
+            },
+        ));
         self.calls += 1;
         true
     }
@@ -449,12 +398,7 @@ impl ToolStream {
                         return out;
                     };
                     let body = self.buf[body_start..b + len].to_owned();
-                    let call = self.parser.call(&body, self.calls, &self.id_prefix);
-                    let raw_args = self
-                        .parser
-                        .header(&body, self.calls, &self.id_prefix)
-                        .map(|(_, _, start)| body[start..].to_owned());
-                    if !self.close_call(call, raw_args.as_deref(), &mut out) {
+                    if !self.close_call(&body, false, &mut out) {
                         // Not a call after all: keep the model's text as content.
                         push_content(&mut out, &self.buf[b..b + len + call_end.len()]);
                     }
@@ -480,18 +424,8 @@ impl ToolStream {
         }
         let [_, _, call_begin, _] = self.parser.markers();
         if let Some(b) = rest.find(call_begin) {
-            let body = &rest[b + call_begin.len()..];
-            // A DeepSeek V3 call cut off inside its ```json block: close it to read it.
-            let closed = format!("{body}\n```");
-            let call = self
-                .parser
-                .call(body, self.calls, &self.id_prefix)
-                .or_else(|| self.parser.call(&closed, self.calls, &self.id_prefix));
-            let raw_args = self
-                .parser
-                .header(body, self.calls, &self.id_prefix)
-                .map(|(_, _, start)| &body[start..]);
-            self.close_call(call, raw_args, &mut out);
+            // A call cut off (a DeepSeek V3 one inside its ```json block) keeps what it wrote.
+            self.close_call(&rest[b + call_begin.len()..], true, &mut out);
         }
         out
     }
