@@ -50,6 +50,11 @@ impl ApiError {
             param: None,
         }
     }
+
+    /// The server's own failure (500, `server_error`).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -206,16 +211,12 @@ fn check_messages(messages: &[Value]) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Whether the model's output is parsed for tool calls, from `tools` and `tool_choice`.
 /// How a chat offering tools is answered: the parser, whether every call is kept, and the
 /// start of a call written for the model when `tool_choice` demands one.
 struct ToolPlan {
     parser: super::tools::ToolParser,
     parallel: bool,
-    forced: Option<String>,
-    /// What the model may write after `forced`: the calls' arguments valid against the tools'
-    /// schemas, and the section's end (llguidance Lark).
-    grammar: Option<String>,
+    forced: Option<Forced>,
 }
 
 /// Whether the model's output is parsed for tool calls, from `tools` and `tool_choice`.
@@ -278,20 +279,22 @@ fn tool_use(app: &AppState, b: &ChatBody) -> Result<Option<ToolPlan>, ApiError> 
         .filter_map(|m| m["tool_calls"].as_array())
         .map(Vec::len)
         .sum();
+    let parallel = b.parallel_tool_calls.unwrap_or(true);
+    let forced = match forced {
+        Some(name) => Some(Forced {
+            text: parser.forced_prefix(name, calls_so_far),
+            grammar: parser
+                .call_grammar(tools, name, parallel, &|t| {
+                    app.engine.tokenizer.token_to_id(t)
+                })
+                .map_err(|e| bad("tools", e))?,
+        }),
+        None => None,
+    };
     Ok(Some(ToolPlan {
         parser,
-        parallel: b.parallel_tool_calls.unwrap_or(true),
-        forced: forced.map(|name| parser.forced_prefix(name, calls_so_far)),
-        grammar: match forced {
-            Some(name) => Some(
-                parser
-                    .call_grammar(tools, name, b.parallel_tool_calls.unwrap_or(true), &|t| {
-                        app.engine.tokenizer.token_to_id(t)
-                    })
-                    .map_err(|e| bad("tools", e))?,
-            ),
-            None => None,
-        },
+        parallel,
+        forced,
     }))
 }
 
@@ -420,23 +423,10 @@ async fn run_prompts(
     let answers = prompts.into_iter().map(|ids| {
         let (app, common) = (app.clone(), common.clone());
         async move {
-            let response = run(app, arm, Kind::Completion, ids, None, common).await?;
-            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-                .await
-                .map_err(|e| {
-                    ApiError::status(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "server_error",
-                        e.to_string(),
-                    )
-                })?;
-            serde_json::from_slice::<Value>(&bytes).map_err(|e| {
-                ApiError::status(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    e.to_string(),
-                )
-            })
+            match answer(app, arm, Kind::Completion, ids, None, common).await? {
+                Answer::Whole(body) => Ok(body),
+                Answer::Stream(_) => Err(ApiError::internal("a streamed answer in a batch")),
+            }
         }
     });
     let answers = futures_util::future::try_join_all(answers).await?;
@@ -447,12 +437,11 @@ async fn run_prompts(
         let mut c = a["choices"][0].clone();
         c["index"] = i.into();
         choices.push(c);
-        prompt_tokens += a["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
-        completion_tokens += a["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+        prompt_tokens += a["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+        completion_tokens += a["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
     }
     body["choices"] = choices.into();
-    body["usage"] = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                           "total_tokens": prompt_tokens + completion_tokens});
+    body["usage"] = usage_json(prompt_tokens, completion_tokens);
     Ok(Json(body).into_response())
 }
 
@@ -469,11 +458,7 @@ pub async fn chat_completions(
             let app = app.clone();
             prepare(move || prepare_chat(&app, parse(body)?)).await?
         };
-        let (ids, read, forced, call_grammar, common) = prepared;
-        let forced = forced.map(|text| Forced {
-            text,
-            grammar: call_grammar,
-        });
+        let (ids, read, forced, common) = prepared;
         run(app.clone(), arm, Kind::Chat(read), ids, forced, common).await
     }
     .await;
@@ -481,12 +466,11 @@ pub async fn chat_completions(
 }
 
 /// A chat request's prompt ids (template rendered, user text tokenized as text, a forced
-/// call's start appended), how its answer is read, and the forced text.
-#[allow(clippy::type_complexity)]
+/// call's start appended), how its answer is read, and the forced call.
 pub(super) fn prepare_chat(
     app: &AppState,
     b: ChatBody,
-) -> Result<(Vec<u32>, ChatRead, Option<String>, Option<String>, Common), ApiError> {
+) -> Result<(Vec<u32>, ChatRead, Option<Forced>, Common), ApiError> {
     check_messages(&b.messages)?;
     let tools = tool_use(app, &b)?;
     let t = app.engine.chat_template.as_ref().ok_or_else(|| {
@@ -531,9 +515,11 @@ pub(super) fn prepare_chat(
         .text
         .contains("</think>")
         .then(|| super::reasoning::ReasoningStream::prompt_opens_block(&text));
-    let forced = tools.as_ref().and_then(|t| t.forced.clone());
-    let call_grammar = tools.as_ref().and_then(|t| t.grammar.clone());
-    if let Some(prefix) = &forced {
+    let (read_tools, forced) = match tools {
+        Some(t) => (Some((t.parser, t.parallel)), t.forced),
+        None => (None, None),
+    };
+    if let Some(Forced { text: prefix, .. }) = &forced {
         // The call's start is written for the model, so the answer is the call: a thinking
         // block the prompt opened is closed first, and there is no thinking to read.
         let written = match reasoning {
@@ -549,10 +535,10 @@ pub(super) fn prepare_chat(
         );
     }
     let read = ChatRead {
-        tools: tools.map(|t| (t.parser, t.parallel)),
+        tools: read_tools,
         reasoning,
     };
-    Ok((ids, read, forced, call_grammar, b.common))
+    Ok((ids, read, forced, b.common))
 }
 
 /// A request naming a model must name this server's (404 otherwise, as OpenAI answers).
@@ -576,13 +562,9 @@ pub(super) fn check_model(app: &AppState, model: Option<&str>) -> Result<(), Api
 pub(super) async fn prepare<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    super::prep::run(f).await.unwrap_or_else(|| {
-        Err(ApiError::status(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "preparing the request failed",
-        ))
-    })
+    super::prep::run(f)
+        .await
+        .unwrap_or_else(|| Err(ApiError::internal("preparing the request failed")))
 }
 
 /// A prompt longer than the context holds even at the tokenizer's longest token is refused
@@ -638,9 +620,11 @@ fn pick_arm(app: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
 
 /// Text written for the model at the end of the prompt (a forced tool call's start), read as
 /// the beginning of its answer, and the grammar of what the model writes after it.
-struct Forced {
+pub(super) struct Forced {
     text: String,
-    grammar: Option<String>,
+    /// The calls' arguments valid against the tools' schemas, and the section's end
+    /// (llguidance Lark).
+    grammar: String,
 }
 
 /// At most this many `logit_bias` entries (OpenAI's limit).
@@ -710,6 +694,12 @@ fn response_grammar(c: &Common) -> Result<Option<llguidance::api::TopLevelGramma
     }
 }
 
+/// A generation's answer: a stream of server-sent events, or the whole response body.
+enum Answer {
+    Stream(Response),
+    Whole(Value),
+}
+
 async fn run(
     app: AppState,
     arm: usize,
@@ -718,6 +708,20 @@ async fn run(
     forced: Option<Forced>,
     c: Common,
 ) -> Result<Response, ApiError> {
+    Ok(match answer(app, arm, kind, prompt_ids, forced, c).await? {
+        Answer::Stream(r) => r,
+        Answer::Whole(body) => Json(body).into_response(),
+    })
+}
+
+async fn answer(
+    app: AppState,
+    arm: usize,
+    kind: Kind,
+    prompt_ids: Vec<u32>,
+    forced: Option<Forced>,
+    c: Common,
+) -> Result<Answer, ApiError> {
     let cfg = app.engine.model.config();
     check_model(&app, c.model.as_deref())?;
     if let Some(stop) = &c.stop {
@@ -788,8 +792,8 @@ async fn run(
         .validate()
         .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
     let bias = logit_bias(&c, cfg.vocab_size)?;
-    let grammar = match forced.as_ref().and_then(|f| f.grammar.clone()) {
-        Some(lark) => Some(crate::structured::lark(lark)),
+    let grammar = match &forced {
+        Some(f) => Some(crate::structured::lark(f.grammar.clone())),
         None => response_grammar(&c)?,
     };
     let constraint = match grammar {
@@ -870,9 +874,11 @@ async fn run(
             include_usage,
         };
         let stream = async_stream(head, kind, forced, app.engine.clone(), rx);
-        return Ok(Sse::new(stream)
-            .keep_alive(KeepAlive::default())
-            .into_response());
+        return Ok(Answer::Stream(
+            Sse::new(stream)
+                .keep_alive(KeepAlive::default())
+                .into_response(),
+        ));
     }
     let mut text = forced.unwrap_or_default();
     let mut token_logprobs = Vec::new();
@@ -880,20 +886,13 @@ async fn run(
         match ev {
             GenEvent::Text(t) => text.push_str(&t),
             GenEvent::Logprobs(l) => token_logprobs.extend(l),
-            GenEvent::Error(e) => {
-                return Err(ApiError::status(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    e,
-                ))
-            }
+            GenEvent::Error(e) => return Err(ApiError::internal(e)),
             GenEvent::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
             } => {
-                let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                   "total_tokens": prompt_tokens + completion_tokens});
+                let usage = usage_json(prompt_tokens, completion_tokens);
                 let lp = match logprobs {
                     Some(_) => logprobs_json(&app.engine, kind, &token_logprobs, &mut 0),
                     None => Value::Null,
@@ -920,18 +919,13 @@ async fn run(
                             message["tool_calls"] =
                                 calls.iter().map(tool_call_json).collect::<Vec<_>>().into();
                         }
-                        // A call cut off by max_tokens is still "length", as OpenAI says it.
-                        let finish = if calls.is_empty() || finish_reason == "length" {
-                            finish_reason
-                        } else {
-                            "tool_calls"
-                        };
+                        let finish = chat_finish(finish_reason, calls.len());
                         json!({"id": id, "object": "chat.completion", "created": created, "model": model,
                         "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}],
                         "usage": usage})
                     }
                 };
-                return Ok(Json(body).into_response());
+                return Ok(Answer::Whole(body));
             }
         }
     }
@@ -1010,6 +1004,22 @@ fn logprobs_json(
             }
             json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
         }
+    }
+}
+
+/// OpenAI's `usage` object.
+fn usage_json(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens})
+}
+
+/// A chat's finish reason: `tool_calls` when it made calls, except that a call cut off by
+/// `max_tokens` is still `length`, as OpenAI says it.
+fn chat_finish(reason: &'static str, calls: usize) -> &'static str {
+    if calls > 0 && reason != "length" {
+        "tool_calls"
+    } else {
+        reason
     }
 }
 
@@ -1202,9 +1212,7 @@ fn async_stream(
                         let mut finish = finish_reason;
                         if let Some(r) = s.reader.as_mut() {
                             let o = r.finish();
-                            if r.calls() > 0 && finish != "length" {
-                                finish = "tool_calls";
-                            }
+                            finish = chat_finish(finish_reason, r.calls());
                             outs(&mut s, o);
                         }
                         send(&mut s, Piece::Finish(finish));
@@ -1215,10 +1223,8 @@ fn async_stream(
                                 Kind::Chat(_) => "chat.completion.chunk",
                             };
                             let usage = json!({"id": id, "object": object, "created": created,
-                                "model": model, "choices": [], "usage": {
-                                    "prompt_tokens": prompt_tokens,
-                                    "completion_tokens": completion_tokens,
-                                    "total_tokens": prompt_tokens + completion_tokens}});
+                                "model": model, "choices": [],
+                                "usage": usage_json(prompt_tokens, completion_tokens)});
                             s.ready.push_back(Event::default().data(usage.to_string()));
                         }
                         s.ready.push_back(Event::default().data("[DONE]"));

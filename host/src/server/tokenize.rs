@@ -10,21 +10,12 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
 use super::openai::{check_model, parse, prepare, prepare_chat, ApiError, ChatBody};
 use super::AppState;
-
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::status(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "server_error",
-        e.to_string(),
-    )
-}
 
 pub async fn tokenize(
     State(app): State<AppState>,
@@ -73,7 +64,7 @@ pub async fn tokenize(
                 .iter()
                 .map(|&id| engine.tokenizer.decode(&[id], false))
                 .collect();
-            Value::from(s.map_err(internal)?)
+            Value::from(s.map_err(|e| ApiError::internal(e.to_string()))?)
         } else {
             Value::Null
         };
