@@ -169,7 +169,6 @@ fn sse_text(body: &str) -> (String, Vec<Value>) {
     (text, chunks)
 }
 
-/// `body` streamed (`"stream": true`) to chat completions: the raw SSE text and the items of
 /// Streamed `delta.tool_calls` items put together as OpenAI's clients do: by index, the id,
 /// type and name of the first item, the arguments of all of them concatenated.
 fn assemble_calls(items: &[Value]) -> Vec<Value> {
@@ -195,17 +194,20 @@ fn assemble_calls(items: &[Value]) -> Vec<Value> {
     calls
 }
 
-/// every chunk's array at JSON `pointer` (e.g. `/choices/0/delta/tool_calls`), in order.
+/// `body` streamed (`"stream": true`) to chat completions, which must answer 200: the raw SSE
+/// text and the items of every chunk's array at JSON `pointer` (e.g.
+/// `/choices/0/delta/tool_calls`), in order.
 fn streamed_items(addr: SocketAddr, body: &Value, pointer: &str) -> (String, Vec<Value>) {
     let mut stream = body.clone();
     stream["stream"] = json!(true);
-    let (_, raw) = http(
+    let (status, raw) = http(
         addr,
         "POST",
         "/v1/chat/completions",
         None,
         stream.to_string().as_bytes(),
     );
+    assert_eq!(status, 200, "{raw}");
     let items = sse_text(&raw)
         .1
         .iter()
@@ -305,7 +307,7 @@ fn kimi_layout_folder_serves_chat_with_tools() {
     // A named tool_choice writes the call's header for the model (Kimi's id numbers the
     // conversation's calls: one so far); the arguments are the model's, cut off here by
     // max_tokens, which OpenAI reports as "length" with the call as written.
-    let mut named = json!({"messages": expected.chat, "tools": expected.tools, "max_tokens": 3,
+    let named = json!({"messages": expected.chat, "tools": expected.tools, "max_tokens": 3,
         "temperature": 0, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
     let (status, v) = post(srv.addr, "/v1/chat/completions", named.clone());
     assert_eq!(status, 200, "{v}");
@@ -320,22 +322,7 @@ fn kimi_layout_folder_serves_chat_with_tools() {
         .encode_bare("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>")
         .unwrap();
     assert_eq!(v["usage"]["prompt_tokens"], chat_ids.len() + header.len());
-    named["stream"] = json!(true);
-    let (status, raw) = http(
-        srv.addr,
-        "POST",
-        "/v1/chat/completions",
-        None,
-        named.to_string().as_bytes(),
-    );
-    assert_eq!(status, 200);
-    let (_, chunks) = sse_text(&raw);
-    let streamed: Vec<Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
-        .flatten()
-        .cloned()
-        .collect();
+    let (raw, streamed) = streamed_items(srv.addr, &named, "/choices/0/delta/tool_calls");
     // Announced with its id and name, then its arguments in pieces.
     assert_eq!(streamed[0]["index"], 0);
     assert_eq!(streamed[0]["function"]["arguments"], "");

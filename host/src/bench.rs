@@ -235,6 +235,7 @@ pub fn structured(
     let schema = serde_json::json!({"type": "object", "properties": {
         "items": {"type": "array", "items": {"type": "string"}}}, "required": ["items"]});
     let grammars = engine.grammars()?;
+    let fresh = || grammars.constraint(crate::structured::json_schema(schema.clone()));
     let eos = engine.defaults.eos_token_ids.first().copied().unwrap_or(0);
     let prompt = text_ids(engine, 16)?;
     model.forward(&prompt, &mut model.new_cache(), Logits::Last, false)?;
@@ -246,7 +247,7 @@ pub fn structured(
             let mut logits = model
                 .forward(&prompt, &mut cache, Logits::Last, false)?
                 .logits;
-            let mut c = grammars.constraint(crate::structured::json_schema(schema.clone()))?;
+            let mut c = fresh()?;
             let (mut mask_s, mut done) = (0.0, 0);
             let t0 = Instant::now();
             for _ in 0..decode_tokens {
@@ -257,7 +258,7 @@ pub fn structured(
                     let mut next = argmax(&masked);
                     if next == eos {
                         done += 1;
-                        c = grammars.constraint(crate::structured::json_schema(schema.clone()))?;
+                        c = fresh()?;
                         masked.copy_from_slice(&logits);
                         c.mask(&mut masked)?;
                         next = argmax(&masked);

@@ -260,7 +260,7 @@ impl GuardedSelection {
     /// The gap answers are held to: what the plugin declared (NaN or negative: none), at most
     /// the host's ceiling; a plugin declaring more is told so once.
     fn held_gap(&mut self, declared: f32) -> f32 {
-        let declared = if declared >= 0.0 { declared } else { 0.0 };
+        let held = held_gap(declared, self.gap_ceiling);
         if declared > self.gap_ceiling && !self.slot.quiet && self.max_score_gap != self.gap_ceiling
         {
             tracing::warn!(
@@ -269,7 +269,7 @@ impl GuardedSelection {
                  (--max-score-gap); its substitutions are held to the ceiling"
             );
         }
-        declared.min(self.gap_ceiling)
+        held
     }
 
     /// Initialises the plugin now (load time / hot swap), so a broken one is reported at once.
@@ -307,13 +307,9 @@ impl GuardedSelection {
             |p| p.select(layer, tokens, k, scores, residency),
             |ids| {
                 let info = reinit.take();
-                let gap = info.as_ref().map_or(current_gap, |i| {
-                    if i.max_score_gap >= 0.0 {
-                        i.max_score_gap.min(ceiling)
-                    } else {
-                        0.0
-                    }
-                });
+                let gap = info
+                    .as_ref()
+                    .map_or(current_gap, |i| held_gap(i.max_score_gap, ceiling));
                 reinit.set(info);
                 validate_selection(ids, scores, e, k as usize, gap)
             },
@@ -331,6 +327,15 @@ impl GuardedSelection {
 
     pub fn stats(&self) -> &PolicyStats {
         &self.slot.stats
+    }
+}
+
+/// A declared score gap as answers are held to it: none if NaN or negative, at most `ceiling`.
+fn held_gap(declared: f32, ceiling: f32) -> f32 {
+    if declared >= 0.0 {
+        declared.min(ceiling)
+    } else {
+        0.0
     }
 }
 

@@ -41,8 +41,9 @@ pub fn arm_label(arm: &str) -> ArmLabel {
     vec![("arm", Esc(arm.to_owned()))]
 }
 
-fn histogram_from(start: f64, buckets: u16) -> impl Fn() -> Histogram + Clone {
-    move || Histogram::new(exponential_buckets(start, 2.0, buckets))
+/// `buckets` buckets doubling from `start` seconds.
+fn doubling(start: f64, buckets: u16) -> Histogram {
+    Histogram::new(exponential_buckets(start, 2.0, buckets))
 }
 
 type ArmHistograms = Family<ArmLabel, Histogram, fn() -> Histogram>;
@@ -75,10 +76,10 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         fn ttft() -> Histogram {
-            histogram_from(0.005, 15)()
+            doubling(0.005, 15)
         }
         fn fine() -> Histogram {
-            histogram_from(0.001, 15)()
+            doubling(0.001, 15)
         }
         Self {
             requests_ok: AtomicU64::new(0),
@@ -95,7 +96,7 @@ impl Default for Metrics {
             started: std::sync::OnceLock::new(),
             ttft: Family::new_with_constructor(ttft),
             inter_token: Family::new_with_constructor(fine),
-            queue_wait: histogram_from(0.001, 17)(),
+            queue_wait: doubling(0.001, 17),
             step: Family::new_with_constructor(fine),
         }
     }
