@@ -588,6 +588,7 @@ fn direct_calls_answer_exactly_as_the_generic_component_path() {
         ("topk", "lru", "next-layer-gate"),
         ("cache-aware", "lfu", "transitions"),
         ("topk", "layer-cycle", "none"),
+        ("topk", "layer-cycle", "next-layer-blend"),
     ] {
         let report = moehost::policy::bench::run(selection, eviction, prefetch, 6)
             .unwrap_or_else(|e| panic!("{selection}/{eviction}/{prefetch}: {e:#}"));

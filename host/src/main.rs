@@ -31,11 +31,12 @@ struct ModelArgs {
     /// Expert-selection policy: a bundled name (topk, cache-aware) or a .wasm path.
     #[arg(long, default_value = "topk")]
     selection: String,
-    /// Eviction policy: a bundled name (lru, lfu, ...) or a .wasm path.
-    #[arg(long, default_value = "lru")]
+    /// Eviction policy: a bundled name (layer-cycle, lru, lfu) or a .wasm path.
+    #[arg(long, default_value = "layer-cycle")]
     eviction: String,
-    /// Prefetch policy: a bundled name (none, next-layer-gate, transitions) or a .wasm path.
-    #[arg(long, default_value = "none")]
+    /// Prefetch policy: a bundled name (next-layer-blend, next-layer-gate, transitions, none)
+    /// or a .wasm path.
+    #[arg(long, default_value = "next-layer-blend")]
     prefetch: String,
     /// Placement of experts missing from the device tier (fetch, or run from the host tier):
     /// cost-model (built in), a bundled plugin (hot-fetch) or a .wasm path.
@@ -425,7 +426,8 @@ struct ReplayArgs {
     /// Eviction policy: bundled name (lru, lfu, layer-cycle), .wasm path, or native-lru. Repeatable.
     #[arg(long = "eviction", default_values_t = ["lru".to_string()])]
     evictions: Vec<String>,
-    /// Prefetch policy: bundled name (none, next-layer-gate, transitions) or .wasm path. Repeatable;
+    /// Prefetch policy: bundled name (next-layer-blend, next-layer-gate, transitions, none) or
+    /// .wasm path. Repeatable;
     /// adds the oracle-prefetch bound.
     #[arg(long = "prefetch")]
     prefetches: Vec<String>,
@@ -665,9 +667,9 @@ enum PolicyCommand {
     Bench {
         #[arg(long, default_value = "topk")]
         selection: String,
-        #[arg(long, default_value = "lru")]
+        #[arg(long, default_value = "layer-cycle")]
         eviction: String,
-        #[arg(long, default_value = "next-layer-gate")]
+        #[arg(long, default_value = "next-layer-blend")]
         prefetch: String,
         /// Decoded tokens to simulate (60 MoE layers each).
         #[arg(long, default_value_t = 200)]

@@ -19,6 +19,8 @@ use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::cmp::Ordering;
 
+pub mod transitions;
+
 // ---------------------------------------------------------------------------------------------
 // Runtime: allocator, panic handler, cabi_realloc (wasm32 only).
 // ---------------------------------------------------------------------------------------------

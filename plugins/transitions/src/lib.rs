@@ -9,56 +9,28 @@ extern crate alloc;
 use alloc::vec;
 use alloc::vec::Vec;
 
-/// A row (one layer-L expert's counts towards layer L+1) is halved when one of its counts
-/// reaches CAP: the counts forget quickly and follow loops. Tuned on the tiny-k2 decode trace:
-/// the precision of the top-6 guess is 0.66 with CAP 8, 0.60 with 32, 0.56 without decay.
-pub const CAP: u8 = 8;
-/// Largest count table kept (bytes, one per count): 64 MiB. Kimi-K2 needs
-/// 60 x 384 x 384 = 8.8 MB; a larger model turns the policy off rather than hit the host's
-/// memory limit.
-pub const MAX_TABLE: usize = 64 << 20;
+use common::transitions::TransitionTable;
 
 pub struct Transitions {
-    layers: u32,
     experts: u32,
     top_k: u32,
-    /// `counts[(L * E + f) * E + e]`.
-    counts: Vec<u8>,
-    /// Sum of each row (`L * E + f`).
-    totals: Vec<u32>,
+    table: TransitionTable,
     /// The previous routed layer step: (step, layer, experts).
     prev: Option<(u64, u32, Vec<u32>)>,
+    score: Vec<f32>,
 }
 
 impl Transitions {
-    /// `None` when the table would exceed [`MAX_TABLE`] (or the shape is empty).
+    /// `None` when the table would exceed [`common::transitions::MAX_TABLE`] (or the shape is
+    /// empty).
     pub fn new(layers: u32, experts: u32, top_k: u32) -> Option<Self> {
-        let rows = layers as usize * experts as usize;
-        let size = rows.checked_mul(experts as usize)?;
-        if size == 0 || size > MAX_TABLE {
-            return None;
-        }
         Some(Transitions {
-            layers,
             experts,
             top_k,
-            counts: vec![0; size],
-            totals: vec![0; rows],
+            table: TransitionTable::new(layers, experts)?,
             prev: None,
+            score: vec![0.0; experts as usize],
         })
-    }
-
-    fn row(&self, layer: u32, f: u32) -> usize {
-        layer as usize * self.experts as usize + f as usize
-    }
-
-    /// Whether `(step, layer)` directly follows `(pstep, player)` in the layer cycle.
-    fn follows(&self, pstep: u64, player: u32, step: u64, layer: u32) -> bool {
-        if player + 1 < self.layers {
-            step == pstep && layer == player + 1
-        } else {
-            step > pstep && layer == 0
-        }
     }
 
     /// Learns from one routed layer step, then returns the next layer and its most likely
@@ -66,75 +38,36 @@ impl Transitions {
     pub fn on_routed(&mut self, step: u64, layer: u32, experts: &[u32]) -> (u32, Vec<(u32, u32)>) {
         let e_max = self.experts;
         let used: Vec<u32> = experts.iter().copied().filter(|&e| e < e_max).collect();
-        if layer >= self.layers {
+        if layer >= self.table.layers() {
             return (0, Vec::new());
         }
         if let Some((pstep, player, prev)) = self.prev.take() {
-            if self.follows(pstep, player, step, layer) {
-                for &f in &prev {
-                    self.learn(player, f, &used);
-                }
+            if self.table.follows(pstep, player, step, layer) {
+                self.table.learn(player, &prev, &used);
             }
         }
-        let next = (layer + 1) % self.layers;
-        let guess = self.predict(layer, &used);
+        let next = self.table.next_layer(layer);
+        let mut score = core::mem::take(&mut self.score);
+        // P(e at the next layer | f here) ~ count / visits of f; a row's total counts ~k per
+        // visit.
+        let rows = self.table.predict(layer, &used, self.top_k as f32, &mut score);
+        let mut guess = Vec::new();
+        if rows > 0 {
+            let mut best = Vec::new();
+            common::top_k_filtered_into(
+                &score,
+                self.top_k as usize,
+                |e| score[e as usize] > 0.0,
+                &mut best,
+            );
+            guess = best
+                .into_iter()
+                .map(|e| (e, (score[e as usize].min(1.0) * 1e6) as u32))
+                .collect();
+        }
+        self.score = score;
         self.prev = Some((step, layer, used));
         (next, guess)
-    }
-
-    fn learn(&mut self, layer: u32, f: u32, to: &[u32]) {
-        let r = self.row(layer, f);
-        let base = r * self.experts as usize;
-        let row = &mut self.counts[base..base + self.experts as usize];
-        let mut halve = false;
-        for &e in to {
-            let c = &mut row[e as usize];
-            *c += 1;
-            halve |= *c >= CAP;
-        }
-        if halve {
-            row.iter_mut().for_each(|c| *c /= 2);
-            self.totals[r] = row.iter().map(|&c| u32::from(c)).sum();
-        } else {
-            self.totals[r] += to.len() as u32;
-        }
-    }
-
-    fn predict(&self, layer: u32, from: &[u32]) -> Vec<(u32, u32)> {
-        let e_max = self.experts as usize;
-        let mut score = vec![0f32; e_max];
-        let mut rows = 0usize;
-        for &f in from {
-            let r = self.row(layer, f);
-            let total = self.totals[r];
-            if total == 0 {
-                continue;
-            }
-            rows += 1;
-            // P(e at the next layer | f here) ~ count / visits of f; the row total counts
-            // ~k per visit, so multiply by k to keep it a probability.
-            let scale = self.top_k as f32 / total as f32;
-            let base = r * e_max;
-            for (s, &c) in score.iter_mut().zip(&self.counts[base..base + e_max]) {
-                *s += c as f32 * scale;
-            }
-        }
-        if rows == 0 {
-            return Vec::new();
-        }
-        let mut best = Vec::new();
-        common::top_k_filtered_into(
-            &score,
-            self.top_k as usize,
-            |e| score[e as usize] > 0.0,
-            &mut best,
-        );
-        best.into_iter()
-            .map(|e| {
-                let p = (score[e as usize] / rows as f32).min(1.0);
-                (e, (p * 1e6) as u32)
-            })
-            .collect()
     }
 }
 
@@ -236,7 +169,7 @@ mod tests {
             t.on_routed(step, 0, &[0, 1]);
             t.on_routed(step, 1, &[0, 1]);
         }
-        assert!(t.counts.iter().all(|&c| c < CAP));
+        assert!(t.table.max_count() < common::transitions::CAP);
         assert!(Transitions::new(60, 384, 8).is_some());
         assert!(Transitions::new(64, 4096, 8).is_none());
     }
