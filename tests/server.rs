@@ -768,7 +768,8 @@ fn admin_api_needs_the_token_and_swaps_policies() {
     );
     let (_, text) = http(srv.addr, "GET", "/admin/policies", Some(TOKEN), b"");
     let v: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v["stats"]["eviction"]["name"], "lru");
+    // Back to the default eviction policy.
+    assert_eq!(v["stats"]["eviction"]["name"], "layer-cycle");
     let (status, _) = http(
         srv.addr,
         "POST",
@@ -812,10 +813,9 @@ fn ab_arms_by_header_and_weight_with_per_arm_metrics_and_shadows() {
         ServeOptions {
             admin_token: Some(TOKEN.into()),
             arms: vec!["b=eviction:lfu,prefetch:transitions".parse().unwrap()],
-            shadows: vec![
-                "layer-cycle".parse().unwrap(),
-                "lfu+transitions".parse().unwrap(),
-            ],
+            // The default arm runs the default policies (layer-cycle + next-layer-blend); the
+            // shadows replay its stream with the earlier default (lru, no prefetch) and another.
+            shadows: vec!["lru".parse().unwrap(), "lfu+transitions".parse().unwrap()],
             ..Default::default()
         },
     );
@@ -903,11 +903,15 @@ fn ab_arms_by_header_and_weight_with_per_arm_metrics_and_shadows() {
         "{m}"
     );
     assert!(
-        m.contains("moehost_policy_calls_total{kind=\"eviction\",policy=\"lru\",arm=\"default\"}"),
+        m.contains(
+            "moehost_policy_calls_total{kind=\"eviction\",policy=\"layer-cycle\",arm=\"default\"}"
+        ),
         "{m}"
     );
 
-    // The shadows replay the default arm's stream: identical accesses for each, once caught up.
+    // The shadows replay the default arm's stream: identical accesses for each, once caught up,
+    // and each hit rate sits next to the live one.
+    const LIVE: &str = "layer-cycle+next-layer-blend";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let shadow_label =
         |p: &str, role: &str| format!("{{arm=\"default\",policy=\"{p}\",role=\"{role}\"}}");
@@ -920,19 +924,16 @@ fn ab_arms_by_header_and_weight_with_per_arm_metrics_and_shadows() {
             )
             .unwrap_or(-1.0)
         };
-        let live = acc("lru+none", "live");
-        let (lc, lt) = (
-            acc("layer-cycle", "shadow"),
-            acc("lfu+transitions", "shadow"),
-        );
+        let live = acc(LIVE, "live");
+        let (lc, lt) = (acc("lru", "shadow"), acc("lfu+transitions", "shadow"));
         if live > 0.0 && live == lc && live == lt {
             assert_eq!(
                 sample(&m, "moehost_shadow_dropped_steps_total{arm=\"default\"}"),
                 Some(0.0)
             );
             for (p, role) in [
-                ("lru+none", "live"),
-                ("layer-cycle", "shadow"),
+                (LIVE, "live"),
+                ("lru", "shadow"),
                 ("lfu+transitions", "shadow"),
             ] {
                 let rate = sample(
@@ -978,7 +979,8 @@ fn ab_arms_by_header_and_weight_with_per_arm_metrics_and_shadows() {
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["arms"][1]["arm"], "b");
     assert_eq!(v["arms"][1]["active"]["eviction"], "layer-cycle");
-    assert_eq!(v["arms"][0]["active"]["eviction"], "lru");
+    assert_eq!(v["arms"][0]["active"]["eviction"], "layer-cycle");
+    assert_eq!(v["arms"][0]["active"]["prefetch"], "next-layer-blend");
     assert_eq!(v["shadows"]["policies"].as_array().unwrap().len(), 3);
 }
 

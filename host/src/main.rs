@@ -423,6 +423,10 @@ struct ReplayArgs {
     /// A trace file (repeat for several).
     #[arg(long = "trace", required = true)]
     traces: Vec<PathBuf>,
+    /// A trace replayed alike but summarised apart: one the policies were not tuned on
+    /// (repeatable).
+    #[arg(long = "held-out")]
+    held_out: Vec<PathBuf>,
     /// Eviction policy: bundled name (lru, lfu, layer-cycle), .wasm path, or native-lru. Repeatable.
     #[arg(long = "eviction", default_values_t = ["lru".to_string()])]
     evictions: Vec<String>,
@@ -462,6 +466,9 @@ struct ReplayArgs {
     /// Draw hit rate against capacity to OUT.svg or OUT.png.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Write the across-trace summary (geometric means of the ratio to Belady) to FILE as JSON.
+    #[arg(long, value_name = "FILE")]
+    summary: Option<PathBuf>,
     /// Measure replay speed (accesses/s) of Belady, native LRU and the eviction plugins instead.
     #[arg(long)]
     bench: bool,
@@ -608,6 +615,7 @@ fn replay_command(a: ReplayArgs) -> Result<()> {
     limits.memory_bytes = a.policy_memory as usize;
     let cfg = ReplayConfig {
         traces: a.traces,
+        held_out: a.held_out,
         evictions: a.evictions,
         prefetches: a.prefetches,
         capacities: a
@@ -636,10 +644,19 @@ fn replay_command(a: ReplayArgs) -> Result<()> {
         return Ok(());
     }
     let rows = replay::run(&cfg)?;
+    let summary = replay::summary::summarize(&rows);
+    let several = cfg.traces.len() + cfg.held_out.len() > 1;
     if a.json {
         println!("{}", replay::report::json(&rows));
     } else {
         print!("{}", replay::report::text(&rows));
+        if several {
+            print!("{}", replay::summary::text(&summary));
+        }
+    }
+    if let Some(path) = &a.summary {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     let failed: u64 = rows.iter().map(|r| r.policy_fallbacks).sum();
     if failed > 0 {

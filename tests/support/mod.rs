@@ -25,13 +25,13 @@ pub fn batch1_path() -> PathBuf {
     data_dir().join("traces/decode-batch1.safetensors")
 }
 
-/// `tests/data` of this repository.
 /// Path of test guest `name` (a crate of `plugins/fixtures/`, built by the host's build script
 /// and kept out of the release binary).
 pub fn fixture(name: &str) -> String {
     format!("{}/{name}.wasm", env!("MOEHOST_TEST_PLUGINS"))
 }
 
+/// `tests/data` of this repository.
 pub fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")
 }

@@ -8,11 +8,10 @@
 //! - `engine` — the simulator (one pass, the live store's order of events);
 //! - `belady` — Belady's MIN with a next-use index (the bound; also drives the oracle prefetch);
 //! - `plugin` — eviction/prefetch policies driven through their contract (WASM);
-//! - `guard` — the plugin guard's contract at replay speed (validation, LRU fallback, quarantine);
-//! - `lru` — `native-lru`, the lru plugin's rule in native Rust;
 //! - `cost` — link presets and the stall / tokens-per-second estimate;
 //! - `sweep` — the combinations, run in parallel, as rows;
 //! - `report`, `plot` — text tables, JSON, SVG/PNG;
+//! - `summary` — across traces: geometric means of the ratio to Belady, tuned vs held-out;
 //! - `bench` — replay speed in accesses per second.
 
 pub mod belady;
@@ -24,6 +23,7 @@ pub mod plugin;
 pub mod report;
 pub mod residency;
 pub mod schedule;
+pub mod summary;
 pub mod sweep;
 
 pub use cost::{Link, K2_FP8_EXPERT_BYTES};

@@ -49,6 +49,14 @@ impl Capacity {
         }
     }
 
+    /// As given: `64` or `10%`.
+    pub fn label(&self) -> String {
+        match *self {
+            Capacity::Slots(n) => n.to_string(),
+            Capacity::Percent(p) => format!("{p}%"),
+        }
+    }
+
     /// Slots for a pool of `pool` experts (percentages round down).
     pub fn slots(&self, pool: u32) -> u32 {
         match *self {
@@ -62,6 +70,8 @@ impl Capacity {
 #[derive(Debug, Clone)]
 pub struct ReplayConfig {
     pub traces: Vec<PathBuf>,
+    /// Traces replayed alike but reported apart in the summary: those no policy was tuned on.
+    pub held_out: Vec<PathBuf>,
     /// Eviction policies: bundled names, `.wasm` paths, or `native-lru`.
     pub evictions: Vec<String>,
     /// Prefetch policies; empty = no prefetch (and no oracle row).
@@ -82,6 +92,7 @@ impl Default for ReplayConfig {
     fn default() -> Self {
         Self {
             traces: Vec::new(),
+            held_out: Vec::new(),
             evictions: vec!["lru".into()],
             prefetches: Vec::new(),
             capacities: Vec::new(),
@@ -108,12 +119,16 @@ pub fn replay_limits() -> RuntimeLimits {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Row {
     pub trace: String,
+    /// Given with `--held-out`: a trace no policy was tuned on.
+    pub held_out: bool,
     /// `belady`, `oracle-prefetch`, or the eviction policy (with `+prefetch` when one is used).
     pub policy: String,
     pub eviction: String,
     pub prefetch: String,
     /// Device slots per pool.
     pub capacity: u32,
+    /// The capacity as given (`10%`, `64`): the same across traces of different sizes.
+    pub capacity_given: String,
     /// Experts in a pool: all of them, or one layer's with `per_layer`.
     pub pool_experts: u32,
     /// `capacity` as a share of the pool's experts.
@@ -329,6 +344,7 @@ pub fn run(cfg: &ReplayConfig) -> Result<Vec<Row>> {
     let traces: Vec<Arc<LoadedTrace>> = cfg
         .traces
         .iter()
+        .chain(&cfg.held_out)
         .map(|p| load_trace(p).map(Arc::new))
         .collect::<Result<_>>()?;
     let evictions: Vec<EvictionSpec> = cfg
@@ -361,7 +377,9 @@ pub fn run(cfg: &ReplayConfig) -> Result<Vec<Row>> {
     }
     let mut rows = Vec::with_capacity(jobs.len());
     for (job, r) in jobs.iter().zip(results) {
-        rows.push(make_row(cfg, &traces[job.trace], job, r?));
+        let mut row = make_row(cfg, &traces[job.trace], job, r?);
+        row.held_out = job.trace >= cfg.traces.len();
+        rows.push(row);
     }
     fill_belady(&mut rows, &jobs);
     Ok(rows)
@@ -434,10 +452,16 @@ fn make_row(cfg: &ReplayConfig, t: &LoadedTrace, job: &Job, r: JobResult) -> Row
         + r.prefetch_stats.as_ref().map_or(0, |s| s.fallbacks);
     Row {
         trace: s.name.clone(),
+        held_out: false,
         policy,
         eviction,
         prefetch,
         capacity: job.capacity,
+        capacity_given: cfg
+            .capacities
+            .iter()
+            .find(|c| c.slots(pool) == job.capacity)
+            .map_or_else(|| job.capacity.to_string(), Capacity::label),
         pool_experts: pool,
         resident_fraction: job.capacity as f64 / pool.max(1) as f64,
         per_layer: cfg.per_layer,
