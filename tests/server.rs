@@ -813,9 +813,12 @@ fn ab_arms_by_header_and_weight_with_per_arm_metrics_and_shadows() {
         ServeOptions {
             admin_token: Some(TOKEN.into()),
             arms: vec!["b=eviction:lfu,prefetch:transitions".parse().unwrap()],
-            // The default arm runs the default policies (layer-cycle + next-layer-blend); the
-            // shadows replay its stream with the earlier default (lru, no prefetch) and another.
-            shadows: vec!["lru".parse().unwrap(), "lfu+transitions".parse().unwrap()],
+            // The default arm runs the default policies (layer-cycle, no prefetch); the shadows
+            // replay its stream with the earlier default (lru) and another pair.
+            shadows: vec![
+                "lru".parse().unwrap(),
+                "layer-cycle+next-layer-blend".parse().unwrap(),
+            ],
             ..Default::default()
         },
     );
@@ -911,7 +914,7 @@ fn ab_arms_by_header_and_weight_with_per_arm_metrics_and_shadows() {
 
     // The shadows replay the default arm's stream: identical accesses for each, once caught up,
     // and each hit rate sits next to the live one.
-    const LIVE: &str = "layer-cycle+next-layer-blend";
+    const LIVE: &str = "layer-cycle+none";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let shadow_label =
         |p: &str, role: &str| format!("{{arm=\"default\",policy=\"{p}\",role=\"{role}\"}}");
@@ -925,7 +928,10 @@ fn ab_arms_by_header_and_weight_with_per_arm_metrics_and_shadows() {
             .unwrap_or(-1.0)
         };
         let live = acc(LIVE, "live");
-        let (lc, lt) = (acc("lru", "shadow"), acc("lfu+transitions", "shadow"));
+        let (lc, lt) = (
+            acc("lru", "shadow"),
+            acc("layer-cycle+next-layer-blend", "shadow"),
+        );
         if live > 0.0 && live == lc && live == lt {
             assert_eq!(
                 sample(&m, "moehost_shadow_dropped_steps_total{arm=\"default\"}"),
@@ -934,7 +940,7 @@ fn ab_arms_by_header_and_weight_with_per_arm_metrics_and_shadows() {
             for (p, role) in [
                 (LIVE, "live"),
                 ("lru", "shadow"),
-                ("lfu+transitions", "shadow"),
+                ("layer-cycle+next-layer-blend", "shadow"),
             ] {
                 let rate = sample(
                     &m,
@@ -980,7 +986,7 @@ fn ab_arms_by_header_and_weight_with_per_arm_metrics_and_shadows() {
     assert_eq!(v["arms"][1]["arm"], "b");
     assert_eq!(v["arms"][1]["active"]["eviction"], "layer-cycle");
     assert_eq!(v["arms"][0]["active"]["eviction"], "layer-cycle");
-    assert_eq!(v["arms"][0]["active"]["prefetch"], "next-layer-blend");
+    assert_eq!(v["arms"][0]["active"]["prefetch"], "none");
     assert_eq!(v["shadows"]["policies"].as_array().unwrap().len(), 3);
 }
 

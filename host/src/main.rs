@@ -34,9 +34,9 @@ struct ModelArgs {
     /// Eviction policy: a bundled name (layer-cycle, lru, lfu) or a .wasm path.
     #[arg(long, default_value = "layer-cycle")]
     eviction: String,
-    /// Prefetch policy: a bundled name (next-layer-blend, next-layer-gate, transitions, none)
-    /// or a .wasm path.
-    #[arg(long, default_value = "next-layer-blend")]
+    /// Prefetch policy: a bundled name (none, next-layer-blend, next-layer-fill,
+    /// next-layer-gate, transitions) or a .wasm path.
+    #[arg(long, default_value = "none")]
     prefetch: String,
     /// Placement of experts missing from the device tier (fetch, or run from the host tier):
     /// cost-model (built in), a bundled plugin (hot-fetch) or a .wasm path.
@@ -686,7 +686,7 @@ enum PolicyCommand {
         selection: String,
         #[arg(long, default_value = "layer-cycle")]
         eviction: String,
-        #[arg(long, default_value = "next-layer-blend")]
+        #[arg(long, default_value = "none")]
         prefetch: String,
         /// Decoded tokens to simulate (60 MoE layers each).
         #[arg(long, default_value_t = 200)]

@@ -61,7 +61,7 @@ impl Default for StoreConfig {
             host_bytes: None,
             selection: PolicySource::Bundled("topk".into()),
             eviction: PolicySource::Bundled("layer-cycle".into()),
-            prefetch: PolicySource::Bundled("next-layer-blend".into()),
+            prefetch: PolicySource::Bundled("none".into()),
             placement: PolicySource::Bundled(BUILTIN_PLACEMENT.into()),
             link: "local".into(),
             device: Device::Cpu,

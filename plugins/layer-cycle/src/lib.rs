@@ -7,9 +7,11 @@
 
 extern crate alloc;
 
+use alloc::collections::BinaryHeap;
 use alloc::vec;
 use alloc::vec::Vec;
 use common::{decode_event, event, powi, tier, Marks, ResidentSet, Slots};
+use core::cmp::Reverse;
 
 /// Per-visit decay of an expert's usage rate in its layer (a visit = one step of that layer).
 pub const DECAY: f32 = 0.97;
@@ -75,6 +77,51 @@ impl Layer {
     }
 }
 
+/// What a victim request needs of one layer; changes only at the layer's visits.
+#[derive(Clone, Copy)]
+struct LayerView {
+    /// The best loop lag and its precision.
+    lag: usize,
+    qb: f32,
+    /// `1 - DECAY^(visits since the context started)`: the rate's bias correction.
+    denom: f32,
+}
+
+/// One (tier, layer)'s residents in victim order. Between two visits of a layer its experts'
+/// estimates change only by the distance to the layer's next visit, the same for all of them,
+/// so the order holds until the layer is visited or gains a resident; residents removed since
+/// are skipped when met. A request then merges the layers' orders instead of scoring every
+/// resident.
+#[derive(Default)]
+struct Ranked {
+    /// (reversed key of the estimate beyond the distance, expert-id), ascending.
+    order: Vec<(u32, u32)>,
+    /// Entries before it have left the tier.
+    start: usize,
+    dirty: bool,
+}
+
+/// `DECAY^n` for small `n`, exactly as [`powi`] computes it (most ages are small).
+struct DecayTable([f32; 256]);
+
+impl DecayTable {
+    fn new() -> Self {
+        let mut t = [0.0; 256];
+        for (n, x) in t.iter_mut().enumerate() {
+            *x = powi(DECAY, n as u64);
+        }
+        DecayTable(t)
+    }
+
+    #[inline]
+    fn pow(&self, n: u64) -> f32 {
+        match self.0.get(n as usize) {
+            Some(&x) => x,
+            None => powi(DECAY, n),
+        }
+    }
+}
+
 pub struct LayerCycle {
     slots: Slots,
     top_k: u32,
@@ -87,10 +134,16 @@ pub struct LayerCycle {
     /// The residents of the device and host tiers, as the events tell them.
     residents: [ResidentSet; tier::CACHED],
     excluded: Marks,
-    /// Reused buffers: one call's accesses, each layer's best lag, a request's keyed candidates.
+    /// Reused buffers: one call's accesses, a request's heads of the layers' orders.
     accesses: Vec<(u32, u32)>,
-    best: Vec<(usize, f32)>,
-    keyed: Vec<(u32, u32)>,
+    heads: Vec<Reverse<(u32, u32, u32, usize)>>,
+    /// Each layer's view, refreshed at its visits (all a request needs of the layer).
+    views: Vec<LayerView>,
+    /// Per cached tier and layer: the residents (numbered within the layer), and in victim
+    /// order.
+    layered: [Vec<ResidentSet>; tier::CACHED],
+    ranked: [Vec<Ranked>; tier::CACHED],
+    decay: DecayTable,
 }
 
 impl LayerCycle {
@@ -107,22 +160,51 @@ impl LayerCycle {
             residents: [ResidentSet::new(slots.len()), ResidentSet::new(slots.len())],
             excluded: Marks::new(slots.len()),
             accesses: Vec::new(),
-            best: Vec::new(),
-            keyed: Vec::new(),
+            views: vec![
+                LayerView {
+                    lag: 1,
+                    qb: 0.0,
+                    denom: 0.0,
+                };
+                layers as usize
+            ],
+            heads: Vec::new(),
+            layered: [
+                (0..layers)
+                    .map(|_| ResidentSet::new(experts as usize))
+                    .collect(),
+                (0..layers)
+                    .map(|_| ResidentSet::new(experts as usize))
+                    .collect(),
+            ],
+            ranked: [
+                (0..layers).map(|_| Ranked::default()).collect(),
+                (0..layers).map(|_| Ranked::default()).collect(),
+            ],
+            decay: DecayTable::new(),
         }
     }
 
     /// Expert-id `e` became resident in tier `t` (device, host; others ignored).
     pub fn insert(&mut self, e: u32, t: u8) {
-        if let Some(set) = self.residents.get_mut(t as usize) {
-            set.insert(e);
+        let (Some(set), Some((l, x))) = (self.residents.get_mut(t as usize), self.slots.split(e))
+        else {
+            return;
+        };
+        if set.insert(e) {
+            self.layered[t as usize][l as usize].insert(x);
+            self.ranked[t as usize][l as usize].dirty = true;
         }
     }
 
     /// Expert-id `e` left tier `t`.
     pub fn remove(&mut self, e: u32, t: u8) {
-        if let Some(set) = self.residents.get_mut(t as usize) {
-            set.remove(e);
+        let (Some(set), Some((l, x))) = (self.residents.get_mut(t as usize), self.slots.split(e))
+        else {
+            return;
+        };
+        if set.remove(e) {
+            self.layered[t as usize][l as usize].remove(x);
         }
     }
 
@@ -159,14 +241,14 @@ impl LayerCycle {
     }
 
     /// Usage rate of slot `s` (of `layer`) now, bias-corrected for the visits since the
-    /// context started.
-    fn rate(&self, s: usize, layer: &Layer) -> f32 {
+    /// context started (`denom`: [`LayerView::denom`]).
+    fn rate(&self, s: usize, layer: &Layer, denom: f32) -> f32 {
         let slot = &self.experts[s];
         if slot.last <= layer.reset_at {
             return 0.0;
         }
-        let p = slot.p * powi(DECAY, layer.visits - slot.last);
-        p / (1.0 - powi(DECAY, layer.visits - layer.reset_at))
+        let p = slot.p * self.decay.pow(layer.visits - slot.last);
+        p / denom
     }
 
     /// The facts of one call: the layer being served and, in order, the experts accessed
@@ -221,6 +303,7 @@ impl LayerCycle {
                 layer.reset_at = v;
                 layer.sizes[ring] = 0;
                 self.layers[l as usize] = layer;
+                self.refresh_view(l);
                 self.scratch = used;
                 return;
             }
@@ -249,7 +332,7 @@ impl LayerCycle {
                 continue;
             }
             let p = if slot.last > layer.reset_at {
-                slot.p * powi(DECAY, v - slot.last)
+                slot.p * self.decay.pow(v - slot.last)
             } else {
                 0.0
             };
@@ -260,40 +343,110 @@ impl LayerCycle {
             };
         }
         self.layers[l as usize] = layer;
+        self.refresh_view(l);
         self.scratch = used;
     }
 
-    /// Estimated layer steps until expert `e` of `l` is used again.
-    fn next_use(&self, l: u32, e: u32, best: &[(usize, f32)]) -> f32 {
-        let Some(s) = self.slots.index(l, e) else {
+    fn refresh_view(&mut self, l: u32) {
+        for ranked in &mut self.ranked {
+            ranked[l as usize].dirty = true;
+        }
+        let layer = &self.layers[l as usize];
+        let (lag, qb) = layer.best_lag();
+        self.views[l as usize] = LayerView {
+            lag,
+            qb,
+            denom: 1.0 - self.decay.pow(layer.visits - layer.reset_at),
+        };
+    }
+
+    /// Layer steps until layer `l` comes round again (the current layer: a full cycle).
+    fn distance(&self, l: u32) -> f32 {
+        // ((l - current - 1) mod layers) + 1, without a division.
+        if l > self.current {
+            (l - self.current) as f32
+        } else {
+            (l + self.slots.layers - self.current) as f32
+        }
+    }
+
+    /// The estimated layer steps until expert `x` of `l` is used again, beyond the distance to
+    /// its layer's next visit: fixed between two visits of the layer.
+    fn beyond(&self, l: u32, x: u32) -> f32 {
+        let Some(s) = self.slots.index(l, x) else {
             return f32::INFINITY;
         };
-        let m = self.slots.layers;
+        let m = self.slots.layers as f32;
         let layer = &self.layers[l as usize];
-        // Layer steps until layer `l` comes round again (the current layer: a full cycle).
-        let dist = ((l + m - self.current - 1) % m + 1) as f32;
-        let (lag, qb) = best[l as usize];
+        let LayerView { lag, qb, denom } = self.views[l as usize];
         let bits = self.bits(s, layer.visits);
-        let p = self.rate(s, layer);
+        let p = self.rate(s, layer, denom);
         // Probability of a use at the next visit: the loop's guess, weighted by its precision.
         let loop_bit = ((bits >> (lag - 1)) & 1) as f32;
         let pn = qb * loop_bit + (1.0 - qb) * p;
-        let by_rate = dist + m as f32 * (1.0 - pn) / p.max(FLOOR);
-        // The loop's next use: the first of the next `lag` visits that repeats a used one.
-        for t in 0..lag {
-            if (bits >> (lag - 1 - t)) & 1 == 1 {
-                let by_loop = dist + m as f32 * t as f32;
-                return qb * by_loop + (1.0 - qb) * by_rate;
-            }
+        let by_rate = m * (1.0 - pn) / p.max(FLOOR);
+        // The loop's next use: the first of the next `lag` visits that repeats a used one, i.e.
+        // the highest set bit among the last `lag` visits (bit lag - 1 - t for t = 0, 1, ...).
+        let window = bits & (u32::MAX >> (32 - lag));
+        let est = if window != 0 {
+            let t = lag - 1 - (31 - window.leading_zeros() as usize);
+            qb * m * t as f32 + (1.0 - qb) * by_rate
+        } else {
+            by_rate
+        };
+        est.max(0.0)
+    }
+
+    /// Re-sorts tier `t`'s residents of layer `l` if they changed.
+    fn rank(&mut self, t: usize, l: u32) {
+        if !self.ranked[t][l as usize].dirty {
+            return;
         }
-        by_rate
+        let mut order = core::mem::take(&mut self.ranked[t][l as usize].order);
+        order.clear();
+        let base = l * self.slots.experts;
+        for &x in self.layered[t][l as usize].members() {
+            order.push((u32::MAX - common::ordered_bits(self.beyond(l, x)), base + x));
+        }
+        order.sort_unstable();
+        self.ranked[t][l as usize] = Ranked {
+            order,
+            start: 0,
+            dirty: false,
+        };
+    }
+
+    /// The first entry of layer `l`'s order at or after `from` that is still resident in tier
+    /// `t` and not excluded, as (estimate key, expert-id, position).
+    fn head(&mut self, t: usize, l: u32, from: usize) -> Option<(u32, u32, usize)> {
+        let ranked = &mut self.ranked[t][l as usize];
+        // Left the tier: skipped for good.
+        while ranked
+            .order
+            .get(ranked.start)
+            .is_some_and(|&(_, e)| !self.residents[t].contains(e))
+        {
+            ranked.start += 1;
+        }
+        let dist = self.distance(l);
+        let ranked = &self.ranked[t][l as usize];
+        (from.max(ranked.start)..ranked.order.len()).find_map(|i| {
+            let (key, e) = ranked.order[i];
+            if !self.residents[t].contains(e) || self.excluded.contains(e as usize) {
+                return None;
+            }
+            let beyond = f32::from_bits((u32::MAX - key) & 0x7fff_ffff);
+            // Largest estimate first: reverse the (non-negative) float's order.
+            Some((u32::MAX - common::ordered_bits(dist + beyond), e, i))
+        })
     }
 
     /// Appends to `out` up to `count` victims among tier `t`'s residents (of MoE layer
     /// `only_layer` when set) minus `excluded`: the furthest estimated next use first (ties:
     /// the lower expert-id, i.e. lower layer, then lower expert). The victims leave the tier's
     /// residents at once (the host evicts them; its remove events come later).
-    /// O(residents + excluded + layers x 31), no allocation once the buffers are grown.
+    /// Per request: re-sorting the layers visited or grown since the last one, then
+    /// O(layers + (victims + skipped) x log layers); no allocation once the buffers are grown.
     pub fn victims(
         &mut self,
         t: u8,
@@ -302,38 +455,42 @@ impl LayerCycle {
         only_layer: Option<u32>,
         out: &mut Vec<u32>,
     ) {
-        if t as usize >= tier::CACHED {
+        let t = t as usize;
+        if t >= tier::CACHED {
             return;
         }
         self.excluded.start();
         for &e in excluded {
             self.excluded.mark(e as usize);
         }
-        let mut best = core::mem::take(&mut self.best);
-        best.clear();
-        best.extend(self.layers.iter().map(Layer::best_lag));
-        let mut keyed = core::mem::take(&mut self.keyed);
-        for &e in self.residents[t as usize].members() {
-            if self.excluded.contains(e as usize) {
-                continue;
+        let m = self.slots.layers;
+        let layers = match only_layer {
+            Some(l) if l < m => l..l + 1,
+            Some(_) => 0..0,
+            None => 0..m,
+        };
+        let mut heads = core::mem::take(&mut self.heads);
+        heads.clear();
+        for l in layers {
+            self.rank(t, l);
+            if let Some((key, e, i)) = self.head(t, l, 0) {
+                heads.push(Reverse((key, e, l, i)));
             }
-            let Some((l, x)) = self.slots.split(e) else {
-                continue;
+        }
+        let mut heap = BinaryHeap::from(heads);
+        let mut taken = 0;
+        while taken < count {
+            let Some(Reverse((_, e, l, i))) = heap.pop() else {
+                break;
             };
-            if only_layer.is_some_and(|only| only != l) {
-                continue;
+            out.push(e);
+            taken += 1;
+            self.remove(e, t as u8);
+            if let Some((key, e, i)) = self.head(t, l, i + 1) {
+                heap.push(Reverse((key, e, l, i)));
             }
-            // Largest estimate first: reverse the (non-negative) float's order.
-            let est = self.next_use(l, x, &best);
-            keyed.push((u32::MAX - common::ordered_bits(est), e));
         }
-        let start = out.len();
-        common::take_smallest(&mut keyed, count, out);
-        self.keyed = keyed;
-        self.best = best;
-        for &e in &out[start..] {
-            self.residents[t as usize].remove(e);
-        }
+        self.heads = heap.into_vec();
     }
 }
 
@@ -541,5 +698,53 @@ mod tests {
         out.clear();
         p.victims(tier::DISK, 5, &[], None, &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn ranked_orders_pick_what_scoring_every_resident_picks() {
+        // Random steps, inserts, removes and requests on 4 layers x 8 experts: every answer
+        // equals scoring every resident now (the furthest estimate first, ties to the lower id).
+        let mut p = LayerCycle::new(4, 8, 2);
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for call in 0..3000u64 {
+            let layer = (call % 4) as u32;
+            let used: Vec<(u32, u32)> = (0..2).map(|_| (layer, next(8) as u32)).collect();
+            p.on_step(call / 4, layer, &used);
+            for _ in 0..3 {
+                let e = next(32) as u32;
+                match next(3) {
+                    0 => p.remove(e, tier::DEVICE),
+                    _ => p.insert(e, tier::DEVICE),
+                }
+            }
+            let excluded: Vec<u32> = used.iter().map(|&(l, e)| l * 8 + e).collect();
+            let only = (next(5) == 0).then(|| next(4) as u32);
+            let mut want: Vec<(u32, u32)> = p.residents[0]
+                .members()
+                .iter()
+                .copied()
+                .filter(|e| !excluded.contains(e))
+                .filter(|&e| only.is_none_or(|l| e / 8 == l))
+                .map(|e| {
+                    let est = p.distance(e / 8) + p.beyond(e / 8, e % 8);
+                    (u32::MAX - common::ordered_bits(est), e)
+                })
+                .collect();
+            want.sort_unstable();
+            let count = next(5) as usize;
+            let mut got = Vec::new();
+            p.victims(tier::DEVICE, count, &excluded, only, &mut got);
+            let want: Vec<u32> = want.iter().take(count).map(|&(_, e)| e).collect();
+            assert_eq!(got, want, "call {call}");
+            for e in got {
+                assert!(!p.residents[0].contains(e));
+            }
+        }
     }
 }

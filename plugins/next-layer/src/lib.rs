@@ -11,10 +11,11 @@
 //! experts, so no weight is tuned to one model. The experts of the best cells are named, best
 //! first: [`RANKED`] times as many as the step routed distinct experts, so the host, which skips
 //! resident experts and loads one layer step's worth, loads the best guesses that are missing;
-//! a guest may keep only those whose learned hit rate reaches `min_p`.
+//! a guest keeps only those whose learned hit rate reaches its [`Threshold`].
 //!
 //! This crate is the predictor and a [`guest!`] macro; the bundled components are the crates
-//! `next-layer-blend` (`min_p` [`CONFIDENT`]) and `next-layer-fill` (`min_p` 0).
+//! `next-layer-blend` ([`CONFIDENT`]: at least 0.5) and `next-layer-fill` (better than chance:
+//! at least top-k / experts-per-layer).
 #![no_std]
 
 extern crate alloc;
@@ -44,11 +45,21 @@ const CELLS: usize = TRANSITION_BUCKETS * SKIP_BUCKETS * RECENCY_BUCKETS * GATE_
 /// that lets it fill its quota with the best non-resident guesses (FLAME, layer-cycle, 25%
 /// resident: hit rate 0.551 naming 1x, 0.634 naming 2x, 0.649 naming 4x or all).
 pub const RANKED: usize = 4;
-/// `min_p` of `next-layer-blend`: name an expert only when its cell was used at least half the
+/// `next-layer-blend`'s threshold: name an expert only when its cell was used at least half the
 /// time, so a prefetch is more often used than wasted. On a link-bound GPU a wasted prefetch
 /// costs a transfer for nothing, and this keeps the replay's tokens/s ceiling level with no
 /// prefetch while raising the hit rate.
-pub const CONFIDENT: f32 = 0.5;
+pub const CONFIDENT: Threshold = Threshold::AtLeast(0.5);
+
+/// How sure a guess must be to be named.
+#[derive(Clone, Copy, Debug)]
+pub enum Threshold {
+    /// Its cell's learned hit rate is at least this.
+    AtLeast(f32),
+    /// Its cell's learned hit rate is at least this many times an expert's chance of being
+    /// routed to (top-k / experts-per-layer).
+    Chance(f32),
+}
 /// A cell's counts are halved when it has seen this many predictions: its rate follows the
 /// model (and a change of workload) within a few thousand layer steps.
 pub const HALVE_AT: f32 = 4096.0;
@@ -61,7 +72,10 @@ struct Cell {
 }
 
 fn transition_bucket(p: f32) -> usize {
-    TRANSITION_EDGES.iter().take_while(|&&edge| p >= edge).count()
+    TRANSITION_EDGES
+        .iter()
+        .take_while(|&&edge| p >= edge)
+        .count()
 }
 
 /// `bits`: bit j = used at the layer's visit `j` before the coming one.
@@ -136,7 +150,11 @@ pub struct Blend {
 }
 
 impl Blend {
-    pub fn new(layers: u32, experts: u32, top_k: u32, min_p: f32) -> Self {
+    pub fn new(layers: u32, experts: u32, top_k: u32, threshold: Threshold) -> Self {
+        let min_p = match threshold {
+            Threshold::AtLeast(p) => p,
+            Threshold::Chance(times) => times * top_k as f32 / experts.max(1) as f32,
+        };
         let n = layers as usize * experts as usize;
         let mut cells = [Cell { n: 1.0, y: 0.0 }; CELLS];
         for t in 0..TRANSITION_BUCKETS {
@@ -260,7 +278,10 @@ impl Blend {
         }
         // A new visit of the layer (a repeated call for the same step adds to the visit).
         let l = layer as usize;
-        let repeat = self.prev.as_ref().is_some_and(|p| p.0 == step && p.1 == layer);
+        let repeat = self
+            .prev
+            .as_ref()
+            .is_some_and(|p| p.0 == step && p.1 == layer);
         if !repeat {
             self.visits[l] += 1;
         }
@@ -374,12 +395,12 @@ impl Blend {
     }
 }
 
-/// Makes the invoking crate the prefetch component `$name` (world `prefetch-policy`, lookahead
-/// 1) around [`Blend`] with `min_p`. The crate depends on `wit-bindgen` and this crate, and its
-/// root has `extern crate alloc;`.
+/// Makes the invoking crate the prefetch component `$name` (world `prefetch-policy`,
+/// lookahead 1) around [`Blend`] with `$threshold`, a [`Threshold`]. The crate depends on
+/// `wit-bindgen` and this crate, and its root has `extern crate alloc;`.
 #[macro_export]
 macro_rules! guest {
-    ($name:literal, $description:literal, $min_p:expr) => {
+    ($name:literal, $description:literal, $threshold:expr) => {
         #[cfg(target_arch = "wasm32")]
         mod guest {
             use alloc::string::ToString;
@@ -404,7 +425,7 @@ macro_rules! guest {
             impl Guest for Policy {
                 fn init(shape: ModelShape, _: Vec<TierCapacity>, _: ResidentSet) -> PrefetchInfo {
                     let state =
-                        Blend::new(shape.moe_layers, shape.experts_per_layer, shape.top_k, $min_p);
+                        Blend::new(shape.moe_layers, shape.experts_per_layer, shape.top_k, $threshold);
                     let description = if state.has_transitions() {
                         $description
                     } else {
@@ -460,7 +481,7 @@ mod tests {
 
     #[test]
     fn learns_a_path_and_wraps_to_the_next_step() {
-        let mut b = Blend::new(2, 8, 1, 0.0);
+        let mut b = Blend::new(2, 8, 1, Threshold::AtLeast(0.0));
         for step in 0..20 {
             b.on_routed(step, 0, 1, &[1], None);
             b.on_routed(step, 1, 1, &[step as u32 % 2 + 4], None);
@@ -475,7 +496,10 @@ mod tests {
         // The last layer leads to layer 0 of the next step, where expert 1 always ran.
         let (next, guess) = b.on_routed(20, 1, 1, &[4], None);
         assert_eq!((next, guess[0].0), (0, 1));
-        assert!(guess[0].1 > 500_000, "a sure guess has a high priority: {guess:?}");
+        assert!(
+            guess[0].1 > 500_000,
+            "a sure guess has a high priority: {guess:?}"
+        );
     }
 
     #[test]
@@ -483,7 +507,7 @@ mod tests {
         // One layer of 16 experts, top-2. The gate outlook names experts 0 and 1, but the step
         // always routes 8 and 9: the outlook's cells learn they miss and the experts that were
         // used at the last visits rank first.
-        let mut b = Blend::new(1, 16, 2, 0.0);
+        let mut b = Blend::new(1, 16, 2, Threshold::AtLeast(0.0));
         let mut outlook = vec![0.0f32; 16];
         outlook[0] = 1.0;
         outlook[1] = 0.9;
@@ -495,14 +519,18 @@ mod tests {
         top.sort();
         assert_eq!(top, vec![8, 9]);
         // And an outlook that is right wins over stale history once its cells learn it.
-        let mut b = Blend::new(1, 16, 2, 0.0);
+        let mut b = Blend::new(1, 16, 2, Threshold::AtLeast(0.0));
         for step in 0..300 {
             let e = (step % 7) as u32 + 2;
             let mut outlook = vec![0.0f32; 16];
             outlook[e as usize] = 1.0;
             outlook[((e + 1) % 16) as usize] = 0.5;
             // The step routes what the previous call's outlook named.
-            let routed = if step == 0 { vec![0, 1] } else { vec![e - 1, e] };
+            let routed = if step == 0 {
+                vec![0, 1]
+            } else {
+                vec![e - 1, e]
+            };
             guess = b.on_routed(step, 0, 1, &routed, Some(&outlook)).1;
         }
         // step 299: e = 299 % 7 + 2 = 7, outlook names 7 then 8.
@@ -511,27 +539,27 @@ mod tests {
 
     #[test]
     fn counts_stay_bounded() {
-        let mut b = Blend::new(3, 8, 2, 0.0);
+        let mut b = Blend::new(3, 8, 2, Threshold::AtLeast(0.0));
         for step in 0..5000 {
             for l in 0..3 {
                 b.on_routed(step, l, 1, &[(step % 8) as u32, 7], None);
             }
         }
         assert!(b.cells.iter().all(|c| c.n < HALVE_AT && c.y <= c.n));
-        assert!(Blend::new(60, 384, 8, 0.0).has_transitions());
-        assert!(!Blend::new(64, 4096, 8, 0.0).has_transitions());
+        assert!(Blend::new(60, 384, 8, Threshold::AtLeast(0.0)).has_transitions());
+        assert!(!Blend::new(64, 4096, 8, Threshold::AtLeast(0.0)).has_transitions());
     }
 
     #[test]
     fn ignores_bad_input() {
-        let mut b = Blend::new(2, 4, 1, 0.0);
+        let mut b = Blend::new(2, 4, 1, Threshold::AtLeast(0.0));
         assert_eq!(b.on_routed(0, 9, 1, &[1], None), (0, Vec::new()));
         // Out-of-range experts are dropped; an outlook of the wrong size is ignored.
         let (next, guess) = b.on_routed(0, 0, 2, &[1, 99], Some(&[1.0; 3]));
         assert_eq!(next, 1);
         assert!(guess.iter().all(|&(e, _)| e < 4));
         // A model too large for transitions still predicts from recent use.
-        let mut big = Blend::new(1, 70_000, 8, 0.0);
+        let mut big = Blend::new(1, 70_000, 8, Threshold::AtLeast(0.0));
         assert!(!big.has_transitions());
         big.on_routed(0, 0, 1, &[5], None);
         let (_, guess) = big.on_routed(1, 0, 1, &[5], None);

@@ -50,7 +50,9 @@ impl Transitions {
         let mut score = core::mem::take(&mut self.score);
         // P(e at the next layer | f here) ~ count / visits of f; a row's total counts ~k per
         // visit.
-        let rows = self.table.predict(layer, &used, self.top_k as f32, &mut score);
+        let rows = self
+            .table
+            .predict(layer, &used, self.top_k as f32, &mut score);
         let mut guess = Vec::new();
         if rows > 0 {
             let mut best = Vec::new();
