@@ -1,10 +1,11 @@
 //! Routing traces: the public format read back exactly, every kind of bad file refused with a
 //! message naming it, `trace record` on the bundled model (routing identical to `forward`,
-//! tokens identical to `generate`) and replayed, `trace import` / `export` round trips.
+//! tokens identical to `generate`) and replayed, `trace import` / `export` round trips, and
+//! FLAME-MoE-Traces' dense CSV imported like the JSON-lines conversion of the same routing.
 
 mod support;
 
-use support::{batch1_path, moehost};
+use support::{assert_ok, batch1_path, moehost};
 
 use moehost::trace::{import_jsonl, ImportOptions, Trace};
 use safetensors::tensor::{Dtype, TensorView};
@@ -471,6 +472,107 @@ const PROMPTS: [&str; 2] = [
     "<|bos|>The quick brown fox",
     "<|bos|>THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY",
 ];
+
+/// FLAME-MoE-Traces' own per-layer CSV export (the first 64 rows of each MoE layer of the
+/// published encoder batch, `tests/data/traces/flame-csv/`) imports to exactly the routing of
+/// the JSON-lines conversion behind `flame-moe-290m.safetensors`, made independently from the
+/// dataset's `.pt` files: the first 8 positions of each of the 8 sequences.
+#[test]
+fn flame_dense_csv_imports_like_the_jsonl_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("flame.safetensors");
+    let csv = support::data_dir().join("traces/flame-csv");
+    let layers: Vec<_> = (2..=9).map(|l| csv.join(format!("layer{l}.csv"))).collect();
+    let run = moehost()
+        .args(["trace", "import", "--from", "dense-csv"])
+        .args(&layers)
+        .args([
+            "--interleave",
+            "8",
+            "--model-name",
+            "flame-moe-290m",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_ok(&run);
+    let got = Trace::load(&out).unwrap();
+    let full = Trace::load(&support::data_dir().join("traces/flame-moe-290m.safetensors")).unwrap();
+    assert_eq!((got.tokens(), got.layers(), got.k()), (64, 8, 6));
+    assert_eq!(got.meta.n_routed_experts, 64);
+    let (l, k) = (8, 6);
+    for doc in 0..8usize {
+        for pos in 0..8usize {
+            let g = doc * 8 + pos;
+            let f = doc * 256 + pos;
+            assert_eq!(got.doc[g], doc as i32);
+            assert_eq!(
+                got.experts[g * l * k..(g + 1) * l * k],
+                full.experts[f * l * k..(f + 1) * l * k],
+                "doc {doc} position {pos}"
+            );
+            assert_eq!(
+                got.weights[g * l * k..(g + 1) * l * k],
+                full.weights[f * l * k..(f + 1) * l * k]
+            );
+        }
+    }
+    // Read as one sequence, the same rows are position-major: another order of steps.
+    let plain = moehost::trace::import_dense_csv(&layers, 1, &ImportOptions::default()).unwrap();
+    assert_eq!(
+        plain.experts[l * k..2 * l * k],
+        got.experts[8 * l * k..9 * l * k]
+    );
+    assert!(plain.doc.iter().all(|&d| d == 0));
+}
+
+#[test]
+fn malformed_dense_csv_names_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let good = write(
+        "a.csv",
+        "layer_id,token_id,expert_0,expert_1,expert_2\n0,0,0.5,0,0.25\n0,1,0,0.7,0.1\n",
+    );
+    let fails = |files: &[std::path::PathBuf], want: &str| {
+        let err =
+            moehost::trace::import_dense_csv(files, 1, &ImportOptions::default()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(want), "{msg}");
+    };
+    let t =
+        moehost::trace::import_dense_csv(&[good.clone()], 1, &ImportOptions::default()).unwrap();
+    assert_eq!((t.tokens(), t.k(), t.meta.n_routed_experts), (2, 2, 3));
+    assert_eq!(t.experts, vec![0, 2, 1, 2]);
+    let bad_header = write("h.csv", "token,e0,e1\n0,1,0\n");
+    fails(&[bad_header], "not a dense routing CSV");
+    let narrow = write(
+        "n.csv",
+        "layer_id,token_id,expert_0,expert_1\n0,0,1,0\n0,1,1,0\n",
+    );
+    fails(&[good.clone(), narrow], "2 expert columns, but");
+    let negative = write(
+        "m.csv",
+        "layer_id,token_id,expert_0,expert_1\n0,0,1,0\n0,1,-1,1\n",
+    );
+    fails(
+        &[negative],
+        "m.csv: line 3: expert_0 is \"-1\", not a probability",
+    );
+    let empty_row = write("z.csv", "layer_id,token_id,expert_0,expert_1\n0,0,0,0\n");
+    fails(
+        &[empty_row],
+        "z.csv: line 2: no expert has a probability above 0",
+    );
+    let short = write("s.csv", "layer_id,token_id,expert_0,expert_1\n0,0,1\n");
+    fails(&[short], "s.csv: line 2: 3 fields, the header has 4");
+    fails(&[], "no CSV file given");
+}
 
 #[test]
 fn record_on_the_bundled_model_then_replay() {

@@ -389,11 +389,18 @@ enum TraceCommand {
     },
     /// Convert a routing dump into a trace.
     Import {
-        /// Input format (only `jsonl`: {"doc", "token", "layer", "experts", "weights"} per line).
-        #[arg(long, value_parser = ["jsonl"])]
+        /// Input format: `jsonl` ({"doc", "token", "layer", "experts", "weights"} per line, one
+        /// file), or `dense-csv` (FLAME-MoE-Traces' per-layer CSV: `layer_id,token_id,expert_0,...`
+        /// with each expert's router probability, one file per MoE layer in layer order).
+        #[arg(long, value_parser = ["jsonl", "dense-csv"])]
         from: String,
-        /// The dump.
-        input: PathBuf,
+        /// The dump (dense-csv: one file per MoE layer).
+        #[arg(required = true)]
+        input: Vec<PathBuf>,
+        /// dense-csv: rows are position-major across N sequences (row r = position r / N of
+        /// sequence r % N), as in FLAME's encoder batches.
+        #[arg(long, default_value_t = 1)]
+        interleave: u32,
         #[arg(long)]
         out: PathBuf,
         /// Routed experts per layer (default: the largest id seen + 1).
@@ -540,21 +547,29 @@ fn trace_command(command: TraceCommand) -> Result<()> {
             );
         }
         TraceCommand::Import {
-            from: _,
+            from,
             input,
+            interleave,
             out,
             n_experts,
             expert_bytes,
             model_name,
         } => {
-            let t = trace::import_jsonl(
-                &input,
-                &trace::ImportOptions {
-                    n_routed_experts: n_experts,
-                    expert_bytes,
-                    model: model_name,
-                },
-            )?;
+            let opts = trace::ImportOptions {
+                n_routed_experts: n_experts,
+                expert_bytes,
+                model: model_name,
+            };
+            let t = if from == "dense-csv" {
+                trace::import_dense_csv(&input, interleave, &opts)?
+            } else {
+                anyhow::ensure!(
+                    input.len() == 1,
+                    "--from jsonl reads one file ({} given)",
+                    input.len()
+                );
+                trace::import_jsonl(&input[0], &opts)?
+            };
             t.save(&out)?;
             let s = t.summary();
             eprintln!(

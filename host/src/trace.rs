@@ -13,7 +13,7 @@ use safetensors::SafeTensors;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// The value of the `format` metadata key this version writes and reads.
@@ -455,8 +455,119 @@ pub fn import_jsonl(path: &Path, opts: &ImportOptions) -> Result<Trace> {
                 return Err(fail(format!("expert id {x} is out of range (0..{limit})")));
             }
         }
-        records.push((lineno, r));
+        records.push((format!("line {lineno}"), r));
     }
+    build_trace(path, "jsonl", &records, opts)
+}
+
+/// Reads the dense per-layer CSV routing dumps of FLAME-MoE-Traces (CMU-FLAME, as exported
+/// next to its `.pt` files): one file per MoE layer, given in layer order, each with the
+/// header `layer_id,token_id,expert_0,...,expert_{E-1}` and one row per token holding every
+/// expert's router probability, 0 for the experts not routed to. The experts above 0 are the
+/// token's picks, their values its weights. `interleave` N > 1 reads rows that are
+/// position-major across N sequences (row r is position r / N of sequence r % N, as in the
+/// published encoder batches); 1 takes the rows as one sequence.
+pub fn import_dense_csv(paths: &[PathBuf], interleave: u32, opts: &ImportOptions) -> Result<Trace> {
+    ensure!(!paths.is_empty(), "no CSV file given (one per MoE layer)");
+    ensure!(interleave >= 1, "--interleave must be at least 1");
+    let mut records = Vec::new();
+    let mut experts_per_layer: Option<(usize, &Path)> = None;
+    for (layer, path) in paths.iter().enumerate() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read routing dump {}", path.display()))?;
+        let mut lines = text.lines().enumerate();
+        let header: Vec<&str> = lines
+            .next()
+            .map(|(_, h)| h.split(',').map(str::trim).collect())
+            .unwrap_or_default();
+        let token_col = header.iter().position(|&c| c == "token_id");
+        let expert_cols: Vec<(usize, i64)> = header
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, c.strip_prefix("expert_")?.parse().ok()?)))
+            .collect();
+        let Some(token_col) = token_col.filter(|_| !expert_cols.is_empty()) else {
+            bail!(
+                "{}: not a dense routing CSV: expected a header `layer_id,token_id,expert_0,...`",
+                path.display()
+            );
+        };
+        match experts_per_layer {
+            Some((n, first)) if n != expert_cols.len() => bail!(
+                "{}: {} expert columns, but {} has {n}",
+                path.display(),
+                expert_cols.len(),
+                first.display()
+            ),
+            _ => experts_per_layer = Some((expert_cols.len(), path)),
+        }
+        for (i, line) in lines {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at = format!("{}: line {}", path.display(), i + 1);
+            let record_at = format!("line {} of {}", i + 1, path.display());
+            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+            ensure!(
+                cells.len() == header.len(),
+                "{at}: {} fields, the header has {}",
+                cells.len(),
+                header.len()
+            );
+            let row: i64 = cells[token_col]
+                .parse()
+                .ok()
+                .filter(|&t: &i64| t >= 0)
+                .with_context(|| {
+                    format!("{at}: token_id {:?} is not a row number", cells[token_col])
+                })?;
+            let mut picks = Vec::new();
+            for &(col, expert) in &expert_cols {
+                let w: f64 = cells[col]
+                    .parse()
+                    .ok()
+                    .filter(|w: &f64| w.is_finite() && *w >= 0.0)
+                    .with_context(|| {
+                        format!(
+                            "{at}: expert_{expert} is {:?}, not a probability",
+                            cells[col]
+                        )
+                    })?;
+                if w > 0.0 {
+                    picks.push((expert, w));
+                }
+            }
+            ensure!(
+                !picks.is_empty(),
+                "{at}: no expert has a probability above 0"
+            );
+            let n = i64::from(interleave);
+            records.push((
+                record_at,
+                JsonRecord {
+                    doc: row % n,
+                    token: row / n,
+                    layer: layer as i64,
+                    experts: picks.iter().map(|p| p.0).collect(),
+                    weights: Some(picks.iter().map(|p| p.1).collect()),
+                },
+            ));
+        }
+    }
+    let mut opts = opts.clone();
+    if opts.n_routed_experts.is_none() {
+        opts.n_routed_experts = experts_per_layer.map(|(n, _)| n as u32);
+    }
+    build_trace(&paths[0], "dense-csv", &records, &opts)
+}
+
+/// One trace from parsed records (`(where, record)`; see [`import_jsonl`] for the layout).
+fn build_trace(
+    path: &Path,
+    format: &str,
+    records: &[(String, JsonRecord)],
+    opts: &ImportOptions,
+) -> Result<Trace> {
     ensure!(
         !records.is_empty(),
         "{}: no routing records",
@@ -493,16 +604,17 @@ pub fn import_jsonl(path: &Path, opts: &ImportOptions) -> Result<Trace> {
     let mut experts = vec![-1i32; n * l * k];
     let mut weights = vec![0f32; n * l * k];
     let mut seen: HashMap<(usize, usize), usize> = HashMap::new();
-    for (lineno, r) in &records {
+    for (i, (at, r)) in records.iter().enumerate() {
         let t = token_index[&(r.doc, r.token)];
         let li = layer_index[&r.layer];
-        if let Some(first) = seen.insert((t, li), *lineno) {
+        if let Some(first) = seen.insert((t, li), i) {
             bail!(
-                "{}: line {lineno}: doc {} token {} layer {} was already given on line {first}",
+                "{}: {at}: doc {} token {} layer {} was already given on {}",
                 path.display(),
                 r.doc,
                 r.token,
-                r.layer
+                r.layer,
+                records[first].0
             );
         }
         let mut pairs: Vec<(i64, f64)> = r
@@ -531,7 +643,7 @@ pub fn import_jsonl(path: &Path, opts: &ImportOptions) -> Result<Trace> {
             k: k as u32,
             expert_bytes: opts.expert_bytes.unwrap_or(0),
             how: format!(
-                "moehost trace import --from jsonl {}: one decode step per (doc, token)",
+                "moehost trace import --from {format} {}: one decode step per (doc, token)",
                 path.file_name().map_or_else(
                     || path.display().to_string(),
                     |f| f.to_string_lossy().into_owned()

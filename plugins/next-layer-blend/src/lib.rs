@@ -1,6 +1,6 @@
 //! Prefetch the next layer's experts the `next-layer` predictor is confident of: those whose
 //! learned hit rate is at least [`next_layer::CONFIDENT`], so that more prefetches are used than
-//! wasted. The default prefetch policy. See README.md.
+//! wasted. See README.md.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
 extern crate alloc;
