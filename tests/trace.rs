@@ -546,7 +546,8 @@ fn malformed_dense_csv_names_the_file_and_line() {
         assert!(msg.contains(want), "{msg}");
     };
     let t =
-        moehost::trace::import_dense_csv(&[good.clone()], 1, &ImportOptions::default()).unwrap();
+        moehost::trace::import_dense_csv(std::slice::from_ref(&good), 1, &ImportOptions::default())
+            .unwrap();
     assert_eq!((t.tokens(), t.k(), t.meta.n_routed_experts), (2, 2, 3));
     assert_eq!(t.experts, vec![0, 2, 1, 2]);
     let bad_header = write("h.csv", "token,e0,e1\n0,1,0\n");
