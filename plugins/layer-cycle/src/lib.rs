@@ -99,6 +99,8 @@ struct Ranked {
     /// Entries before it have left the tier.
     start: usize,
     dirty: bool,
+    /// Bumped at each re-sort: heap entries of an older order are dropped when met.
+    version: u32,
 }
 
 /// `DECAY^n` for small `n`, exactly as [`powi`] computes it (most ages are small).
@@ -129,6 +131,11 @@ pub struct LayerCycle {
     experts: Vec<Slot>,
     /// The layer being served (from the latest step facts).
     current: u32,
+    /// Layer steps served so far: `clock + distance(l)` is when layer `l` comes next, which
+    /// stays put until `l` is served while the layers come in their cycle.
+    clock: u64,
+    /// Per cached tier: rebuild the heap before the next request.
+    rekey: [bool; tier::CACHED],
     dedup: Marks,
     scratch: Vec<u32>,
     /// The residents of the device and host tiers, as the events tell them.
@@ -136,7 +143,9 @@ pub struct LayerCycle {
     excluded: Marks,
     /// Reused buffers: one call's accesses, a request's heads of the layers' orders.
     accesses: Vec<(u32, u32)>,
-    heads: Vec<Reverse<(u32, u32, u32, usize)>>,
+    aside: Vec<Entry>,
+    /// Per cached tier: the heads of its layers' orders (and stale entries, dropped when met).
+    heaps: [BinaryHeap<Entry>; tier::CACHED],
     /// Each layer's view, refreshed at its visits (all a request needs of the layer).
     views: Vec<LayerView>,
     /// Per cached tier and layer: the residents (numbered within the layer), and in victim
@@ -155,6 +164,8 @@ impl LayerCycle {
             layers: vec![Layer::new(top_k); layers as usize],
             experts: vec![Slot::default(); slots.len()],
             current: 0,
+            clock: 0,
+            rekey: [true; tier::CACHED],
             dedup: Marks::new(slots.len()),
             scratch: Vec::new(),
             residents: [ResidentSet::new(slots.len()), ResidentSet::new(slots.len())],
@@ -168,7 +179,8 @@ impl LayerCycle {
                 };
                 layers as usize
             ],
-            heads: Vec::new(),
+            aside: Vec::new(),
+            heaps: [BinaryHeap::new(), BinaryHeap::new()],
             layered: [
                 (0..layers)
                     .map(|_| ResidentSet::new(experts as usize))
@@ -256,6 +268,12 @@ impl LayerCycle {
     /// later layer to the previous step (a host that reports a step's accesses one call late).
     pub fn on_step(&mut self, step: u64, layer: u32, accesses: &[(u32, u32)]) {
         if layer < self.slots.layers {
+            if layer != (self.current + 1) % self.slots.layers {
+                // Out of turn: the layers passed over come next a cycle later, which the
+                // heaps' keys cannot follow lazily.
+                self.rekey = [true; tier::CACHED];
+            }
+            self.clock += self.distance(layer) as u64;
             self.current = layer;
         }
         let mut i = 0;
@@ -361,13 +379,18 @@ impl LayerCycle {
     }
 
     /// Layer steps until layer `l` comes round again (the current layer: a full cycle).
-    fn distance(&self, l: u32) -> f32 {
+    fn distance(&self, l: u32) -> u32 {
         // ((l - current - 1) mod layers) + 1, without a division.
         if l > self.current {
-            (l - self.current) as f32
+            l - self.current
         } else {
-            (l + self.slots.layers - self.current) as f32
+            l + self.slots.layers - self.current
         }
+    }
+
+    /// When layer `l` is served next, in layer steps since the start.
+    fn next_visit(&self, l: u32) -> u64 {
+        self.clock + u64::from(self.distance(l))
     }
 
     /// The estimated layer steps until expert `x` of `l` is used again, beyond the distance to
@@ -409,18 +432,20 @@ impl LayerCycle {
             order.push((u32::MAX - common::ordered_bits(self.beyond(l, x)), base + x));
         }
         order.sort_unstable();
+        let version = self.ranked[t][l as usize].version.wrapping_add(1);
         self.ranked[t][l as usize] = Ranked {
             order,
             start: 0,
             dirty: false,
+            version,
         };
+        self.push_head(t, l, 0);
     }
 
     /// The first entry of layer `l`'s order at or after `from` that is still resident in tier
-    /// `t` and not excluded, as (estimate key, expert-id, position).
-    fn head(&mut self, t: usize, l: u32, from: usize) -> Option<(u32, u32, usize)> {
+    /// `t` (entries before it that left the tier are skipped for good), as its position.
+    fn next_resident(&mut self, t: usize, l: u32, from: usize) -> Option<usize> {
         let ranked = &mut self.ranked[t][l as usize];
-        // Left the tier: skipped for good.
         while ranked
             .order
             .get(ranked.start)
@@ -428,17 +453,33 @@ impl LayerCycle {
         {
             ranked.start += 1;
         }
-        let dist = self.distance(l);
         let ranked = &self.ranked[t][l as usize];
-        (from.max(ranked.start)..ranked.order.len()).find_map(|i| {
-            let (key, e) = ranked.order[i];
-            if !self.residents[t].contains(e) || self.excluded.contains(e as usize) {
-                return None;
-            }
-            let beyond = f32::from_bits((u32::MAX - key) & 0x7fff_ffff);
-            // Largest estimate first: reverse the (non-negative) float's order.
-            Some((u32::MAX - common::ordered_bits(dist + beyond), e, i))
-        })
+        (from.max(ranked.start)..ranked.order.len())
+            .find(|&i| self.residents[t].contains(ranked.order[i].1))
+    }
+
+    /// The heap entry of position `i` of layer `l`'s order: the furthest next use first (an
+    /// absolute time, so entries pushed at different calls compare), then the lower id.
+    fn entry(&self, t: usize, l: u32, i: usize) -> Entry {
+        let ranked = &self.ranked[t][l as usize];
+        let (key, e) = ranked.order[i];
+        let beyond = f32::from_bits((u32::MAX - key) & 0x7fff_ffff);
+        let at = self.next_visit(l) as f64 + f64::from(beyond);
+        Reverse((
+            u64::MAX - ordered_bits64(at),
+            e,
+            l,
+            i as u32,
+            ranked.version,
+        ))
+    }
+
+    /// Puts layer `l`'s first resident entry at or after `from` in tier `t`'s heap.
+    fn push_head(&mut self, t: usize, l: u32, from: usize) {
+        if let Some(i) = self.next_resident(t, l, from) {
+            let entry = self.entry(t, l, i);
+            self.heaps[t].push(entry);
+        }
     }
 
     /// Appends to `out` up to `count` victims among tier `t`'s residents (of MoE layer
@@ -446,7 +487,7 @@ impl LayerCycle {
     /// the lower expert-id, i.e. lower layer, then lower expert). The victims leave the tier's
     /// residents at once (the host evicts them; its remove events come later).
     /// Per request: re-sorting the layers visited or grown since the last one, then
-    /// O(layers + (victims + skipped) x log layers); no allocation once the buffers are grown.
+    /// O((victims + skipped) x log layers); no allocation once the buffers are grown.
     pub fn victims(
         &mut self,
         t: u8,
@@ -464,33 +505,96 @@ impl LayerCycle {
             self.excluded.mark(e as usize);
         }
         let m = self.slots.layers;
-        let layers = match only_layer {
-            Some(l) if l < m => l..l + 1,
-            Some(_) => 0..0,
-            None => 0..m,
-        };
-        let mut heads = core::mem::take(&mut self.heads);
-        heads.clear();
-        for l in layers {
+        for l in 0..m {
             self.rank(t, l);
-            if let Some((key, e, i)) = self.head(t, l, 0) {
-                heads.push(Reverse((key, e, l, i)));
+        }
+        if self.rekey[t] {
+            self.rekey[t] = false;
+            self.heaps[t].clear();
+            for l in 0..m {
+                self.push_head(t, l, 0);
             }
         }
-        let mut heap = BinaryHeap::from(heads);
+        match only_layer {
+            None => self.pick_from_heap(t, count, out),
+            Some(l) if l < m => {
+                // One layer: its order is the victim order.
+                let mut i = 0;
+                while out.len() < count {
+                    let Some(at) = self.next_resident(t, l, i) else {
+                        break;
+                    };
+                    let e = self.ranked[t][l as usize].order[at].1;
+                    if !self.excluded.contains(e as usize) {
+                        out.push(e);
+                        self.remove(e, t as u8);
+                    }
+                    i = at + 1;
+                }
+                // Its heap entry may now point at a victim: give the layer a fresh one.
+                self.push_head(t, l, 0);
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn pick_from_heap(&mut self, t: usize, count: usize, out: &mut Vec<u32>) {
+        let mut aside = core::mem::take(&mut self.aside);
+        aside.clear();
         let mut taken = 0;
         while taken < count {
-            let Some(Reverse((_, e, l, i))) = heap.pop() else {
+            let Some(entry) = self.heaps[t].pop() else {
                 break;
             };
+            let Reverse((_, e, l, i, version)) = entry;
+            let i = i as usize;
+            if version != self.ranked[t][l as usize].version {
+                continue; // an older order of the layer: its current head is in the heap
+            }
+            if !self.residents[t].contains(e) {
+                self.push_head(t, l, i + 1);
+                continue;
+            }
+            if self.entry(t, l, i) != entry {
+                self.push_head(t, l, i); // the layer's next visit moved: new key
+                continue;
+            }
+            if self.excluded.contains(e as usize) {
+                aside.push(entry);
+                self.push_head(t, l, i + 1);
+                continue;
+            }
             out.push(e);
             taken += 1;
             self.remove(e, t as u8);
-            if let Some((key, e, i)) = self.head(t, l, i + 1) {
-                heap.push(Reverse((key, e, l, i)));
+            self.push_head(t, l, i + 1);
+        }
+        // Excluded ones stay candidates for later requests.
+        for entry in aside.drain(..) {
+            self.heaps[t].push(entry);
+        }
+        self.aside = aside;
+        // Entries dropped lazily pile up: rebuild from each layer's head now and then.
+        if self.heaps[t].len() > 4 * self.slots.layers as usize + 64 {
+            self.heaps[t].clear();
+            for l in 0..self.slots.layers {
+                self.push_head(t, l, 0);
             }
         }
-        self.heads = heap.into_vec();
+    }
+}
+
+/// A heap entry: (reversed estimate key, expert-id, layer, position in the layer's order,
+/// the order's version); the smallest is the next victim.
+type Entry = Reverse<(u64, u32, u32, u32, u32)>;
+
+/// Maps a non-negative finite f64 to a u64 that sorts the same way.
+fn ordered_bits64(x: f64) -> u64 {
+    let b = x.to_bits();
+    if b & (1 << 63) != 0 {
+        !b
+    } else {
+        b | (1 << 63)
     }
 }
 
@@ -703,7 +807,8 @@ mod tests {
     #[test]
     fn ranked_orders_pick_what_scoring_every_resident_picks() {
         // Random steps, inserts, removes and requests on 4 layers x 8 experts: every answer
-        // equals scoring every resident now (the furthest estimate first, ties to the lower id).
+        // equals scoring every resident now (the furthest estimate first, ties to the lower id),
+        // also when layers come out of turn.
         let mut p = LayerCycle::new(4, 8, 2);
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move |n: u64| {
@@ -713,7 +818,12 @@ mod tests {
             rng % n
         };
         for call in 0..3000u64 {
-            let layer = (call % 4) as u32;
+            // Mostly the layer cycle; now and then a layer out of turn (an aborted pass).
+            let layer = if next(10) == 0 {
+                next(4) as u32
+            } else {
+                (call % 4) as u32
+            };
             let used: Vec<(u32, u32)> = (0..2).map(|_| (layer, next(8) as u32)).collect();
             p.on_step(call / 4, layer, &used);
             for _ in 0..3 {
@@ -725,15 +835,15 @@ mod tests {
             }
             let excluded: Vec<u32> = used.iter().map(|&(l, e)| l * 8 + e).collect();
             let only = (next(5) == 0).then(|| next(4) as u32);
-            let mut want: Vec<(u32, u32)> = p.residents[0]
+            let mut want: Vec<(u64, u32)> = p.residents[0]
                 .members()
                 .iter()
                 .copied()
                 .filter(|e| !excluded.contains(e))
                 .filter(|&e| only.is_none_or(|l| e / 8 == l))
                 .map(|e| {
-                    let est = p.distance(e / 8) + p.beyond(e / 8, e % 8);
-                    (u32::MAX - common::ordered_bits(est), e)
+                    let est = f64::from(p.distance(e / 8)) + f64::from(p.beyond(e / 8, e % 8));
+                    (u64::MAX - ordered_bits64(est), e)
                 })
                 .collect();
             want.sort_unstable();
