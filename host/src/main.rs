@@ -437,9 +437,8 @@ struct ReplayArgs {
     /// Eviction policy: bundled name (lru, lfu, layer-cycle), .wasm path, or native-lru. Repeatable.
     #[arg(long = "eviction", default_values_t = ["lru".to_string()])]
     evictions: Vec<String>,
-    /// Prefetch policy: bundled name (next-layer-blend, next-layer-gate, transitions, none) or
-    /// .wasm path. Repeatable;
-    /// adds the oracle-prefetch bound.
+    /// Prefetch policy: bundled name (none, next-layer-blend, next-layer-fill, next-layer-gate,
+    /// transitions) or .wasm path. Repeatable; adds the oracle-prefetch bound.
     #[arg(long = "prefetch")]
     prefetches: Vec<String>,
     /// Device cache size: experts (64) or a share of the pool (10%). Repeatable or comma-separated.

@@ -924,6 +924,17 @@ pub fn ordered_bits(x: f32) -> u32 {
     }
 }
 
+/// [`ordered_bits`] for f64.
+#[inline]
+pub fn ordered_bits64(x: f64) -> u64 {
+    let b = x.to_bits();
+    if b & (1 << 63) != 0 {
+        !b
+    } else {
+        b | (1 << 63)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

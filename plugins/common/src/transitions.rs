@@ -15,6 +15,21 @@ pub const CAP: u8 = 8;
 /// limit.
 pub const MAX_TABLE: usize = 64 << 20;
 
+/// The layer step after `layer` in a cycle of `layers` MoE layers (the last layer leads to
+/// layer 0 of the next forward step).
+pub fn next_layer(layers: u32, layer: u32) -> u32 {
+    (layer + 1) % layers.max(1)
+}
+
+/// Whether `(step, layer)` directly follows `(pstep, player)` in a cycle of `layers` MoE layers.
+pub fn follows(layers: u32, pstep: u64, player: u32, step: u64, layer: u32) -> bool {
+    if player + 1 < layers {
+        step == pstep && layer == player + 1
+    } else {
+        step > pstep && layer == 0
+    }
+}
+
 pub struct TransitionTable {
     layers: u32,
     experts: u32,
@@ -42,20 +57,6 @@ impl TransitionTable {
 
     pub fn layers(&self) -> u32 {
         self.layers
-    }
-
-    /// The layer step after `layer` in the cycle (the last layer wraps to layer 0).
-    pub fn next_layer(&self, layer: u32) -> u32 {
-        (layer + 1) % self.layers
-    }
-
-    /// Whether `(step, layer)` directly follows `(pstep, player)` in the layer cycle.
-    pub fn follows(&self, pstep: u64, player: u32, step: u64, layer: u32) -> bool {
-        if player + 1 < self.layers {
-            step == pstep && layer == player + 1
-        } else {
-            step > pstep && layer == 0
-        }
     }
 
     fn row(&self, layer: u32, f: u32) -> usize {

@@ -10,7 +10,7 @@ extern crate alloc;
 use alloc::collections::BinaryHeap;
 use alloc::vec;
 use alloc::vec::Vec;
-use common::{decode_event, event, powi, tier, Marks, ResidentSet, Slots};
+use common::{decode_event, event, ordered_bits64, powi, tier, Marks, ResidentSet, Slots};
 use core::cmp::Reverse;
 
 /// Per-visit decay of an expert's usage rate in its layer (a visit = one step of that layer).
@@ -141,7 +141,7 @@ pub struct LayerCycle {
     /// The residents of the device and host tiers, as the events tell them.
     residents: [ResidentSet; tier::CACHED],
     excluded: Marks,
-    /// Reused buffers: one call's accesses, a request's heads of the layers' orders.
+    /// Reused buffers: one call's accesses, a request's excluded heap entries set aside.
     accesses: Vec<(u32, u32)>,
     aside: Vec<Entry>,
     /// Per cached tier: the heads of its layers' orders (and stale entries, dropped when met).
@@ -510,10 +510,7 @@ impl LayerCycle {
         }
         if self.rekey[t] {
             self.rekey[t] = false;
-            self.heaps[t].clear();
-            for l in 0..m {
-                self.push_head(t, l, 0);
-            }
+            self.rebuild_heap(t);
         }
         match only_layer {
             None => self.pick_from_heap(t, count, out),
@@ -576,10 +573,15 @@ impl LayerCycle {
         self.aside = aside;
         // Entries dropped lazily pile up: rebuild from each layer's head now and then.
         if self.heaps[t].len() > 4 * self.slots.layers as usize + 64 {
-            self.heaps[t].clear();
-            for l in 0..self.slots.layers {
-                self.push_head(t, l, 0);
-            }
+            self.rebuild_heap(t);
+        }
+    }
+
+    /// Tier `t`'s heap afresh: each layer's first resident entry, keyed as of now.
+    fn rebuild_heap(&mut self, t: usize) {
+        self.heaps[t].clear();
+        for l in 0..self.slots.layers {
+            self.push_head(t, l, 0);
         }
     }
 }
@@ -587,16 +589,6 @@ impl LayerCycle {
 /// A heap entry: (reversed estimate key, expert-id, layer, position in the layer's order,
 /// the order's version); the smallest is the next victim.
 type Entry = Reverse<(u64, u32, u32, u32, u32)>;
-
-/// Maps a non-negative finite f64 to a u64 that sorts the same way.
-fn ordered_bits64(x: f64) -> u64 {
-    let b = x.to_bits();
-    if b & (1 << 63) != 0 {
-        !b
-    } else {
-        b | (1 << 63)
-    }
-}
 
 #[cfg(target_arch = "wasm32")]
 mod guest {

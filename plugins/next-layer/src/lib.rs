@@ -25,7 +25,7 @@ extern crate std;
 use alloc::vec;
 use alloc::vec::Vec;
 pub use common;
-use common::transitions::TransitionTable;
+use common::transitions::{follows, TransitionTable};
 
 /// Upper edges of the transition-probability buckets (one more bucket above the last).
 pub const TRANSITION_EDGES: [f32; 8] = [0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8];
@@ -194,7 +194,7 @@ impl Blend {
 
     /// The layer step after `layer` (the last layer leads to layer 0 of the next step).
     pub fn next_layer(&self, layer: u32) -> u32 {
-        (layer + 1) % self.layers.max(1)
+        common::transitions::next_layer(self.layers, layer)
     }
 
     /// Whether the transition table fits (the policy still predicts from the rest if not).
@@ -202,19 +202,10 @@ impl Blend {
         self.table.is_some()
     }
 
-    /// Whether `(step, layer)` directly follows `(pstep, player)` in the layer cycle.
-    fn follows(&self, pstep: u64, player: u32, step: u64, layer: u32) -> bool {
-        if player + 1 < self.layers {
-            step == pstep && layer == player + 1
-        } else {
-            step > pstep && layer == 0
-        }
-    }
-
-    /// Recent-use bits of expert `e` of layer `l` seen from the layer's coming visit.
-    fn recent(&self, l: u32, e: u32) -> u8 {
-        let id = (l * self.experts + e) as usize;
-        let age = self.visits[l as usize] - self.last[id];
+    /// Recent-use bits of expert-id `id` seen from its layer's visit `v` (bit j: used at visit
+    /// `v - j`; 0 beyond 8 visits).
+    fn history(&self, id: usize, v: u64) -> u8 {
+        let age = v - self.last[id];
         if self.last[id] == 0 || age >= 8 {
             0
         } else {
@@ -241,10 +232,9 @@ impl Blend {
         self.learn(step, layer, &used);
         let next = self.next_layer(layer);
         let want = (RANKED * used.len().max(self.top_k as usize)).min(e_max as usize);
-        let next_step = if next == 0 { step + 1 } else { step };
-        let guess = self.predict(layer, next, next_step, tokens, &used, outlook, want);
+        let guess = self.predict(step, layer, next, tokens, &used, outlook, want);
         let prev = self.prev.take();
-        self.prev2 = prev.filter(|p| self.follows(p.0, p.1, step, layer));
+        self.prev2 = prev.filter(|p| follows(self.layers, p.0, p.1, step, layer));
         self.prev = Some((step, layer, used));
         (next, guess)
     }
@@ -269,7 +259,7 @@ impl Blend {
             }
         }
         if let (Some(table), Some((pstep, player, prev))) = (self.table.as_mut(), &self.prev) {
-            if table.follows(*pstep, *player, step, layer) {
+            if follows(self.layers, *pstep, *player, step, layer) {
                 table.learn(*player, prev, used);
                 if let (Some(skip), Some((_, layer2, prev2))) = (self.skip.as_mut(), &self.prev2) {
                     skip.learn(*layer2, prev2, used);
@@ -288,13 +278,7 @@ impl Blend {
         let v = self.visits[l];
         for &e in used {
             let id = (layer * self.experts + e) as usize;
-            let age = v - self.last[id];
-            let bits = if self.last[id] == 0 || age >= 8 {
-                0
-            } else {
-                self.hist[id] << age
-            };
-            self.hist[id] = bits | 1;
+            self.hist[id] = self.history(id, v) | 1;
             self.last[id] = v;
         }
     }
@@ -302,9 +286,9 @@ impl Blend {
     #[allow(clippy::too_many_arguments)]
     fn predict(
         &mut self,
+        step: u64,
         layer: u32,
         next: u32,
-        next_step: u64,
         tokens: u32,
         used: &[u32],
         outlook: Option<&[f32]>,
@@ -312,26 +296,20 @@ impl Blend {
     ) -> Vec<(u32, u32)> {
         let e_max = self.experts as usize;
         let mut score = core::mem::take(&mut self.score);
-        let rows = match &self.table {
-            Some(t) => t.predict(layer, used, self.top_k as f32, &mut score),
-            None => 0,
-        };
-        if rows == 0 {
-            score.iter_mut().for_each(|s| *s = 0.0);
+        // All zero without a table (never written) or without counts (`predict` clears it).
+        if let Some(t) = &self.table {
+            t.predict(layer, used, self.top_k as f32, &mut score);
         }
         // Two layers back -> next: `prev` is the step before this one when it directly
         // preceded it (`on_routed` keeps only such a `prev2`).
         let mut skip_score = core::mem::take(&mut self.skip_score);
-        let skip_rows = match (&self.skip, &self.prev) {
+        match (&self.skip, &self.prev) {
             (Some(t), Some((pstep, player, prev)))
-                if self.follows(*pstep, *player, next_step - u64::from(next == 0), layer) =>
+                if follows(self.layers, *pstep, *player, step, layer) =>
             {
-                t.predict(*player, prev, self.top_k as f32, &mut skip_score)
+                t.predict(*player, prev, self.top_k as f32, &mut skip_score);
             }
-            _ => 0,
-        };
-        if skip_rows == 0 {
-            skip_score.iter_mut().for_each(|s| *s = 0.0);
+            _ => skip_score.iter_mut().for_each(|s| *s = 0.0),
         }
         // Best outlook rank bucket of each expert over the tokens (3 = no outlook).
         let mut gate = core::mem::take(&mut self.gate);
@@ -357,7 +335,8 @@ impl Blend {
         for e in 0..e_max {
             let t = transition_bucket(score[e]);
             let k = skip_bucket(skip_score[e]);
-            let r = recency_bucket(self.recent(next, e as u32));
+            let id = (next * self.experts) as usize + e;
+            let r = recency_bucket(self.history(id, self.visits[next as usize]));
             let c = cell_index(t, k, r, gate[e] as usize);
             cells[e] = c as u16;
             let cell = self.cells[c];
@@ -371,19 +350,16 @@ impl Blend {
         }
         let mut best = Vec::with_capacity(want);
         common::take_smallest(&mut keyed, want, &mut best);
-        best.retain(|&e| {
-            let cell = self.cells[cells[e as usize] as usize];
-            cell.y / cell.n >= self.min_p
-        });
         let guess = best
             .iter()
-            .map(|&e| {
+            .filter_map(|&e| {
                 let cell = self.cells[cells[e as usize] as usize];
-                (e, ((cell.y / cell.n).clamp(0.0, 1.0) * 1e6) as u32)
+                let p = cell.y / cell.n;
+                (p >= self.min_p).then(|| (e, (p.clamp(0.0, 1.0) * 1e6) as u32))
             })
             .collect();
         self.pending = Some(Pending {
-            step: next_step,
+            step: if next == 0 { step + 1 } else { step },
             layer: next,
             cells,
         });

@@ -9,7 +9,7 @@ extern crate alloc;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use common::transitions::TransitionTable;
+use common::transitions::{follows, next_layer, TransitionTable};
 
 pub struct Transitions {
     experts: u32,
@@ -42,11 +42,11 @@ impl Transitions {
             return (0, Vec::new());
         }
         if let Some((pstep, player, prev)) = self.prev.take() {
-            if self.table.follows(pstep, player, step, layer) {
+            if follows(self.table.layers(), pstep, player, step, layer) {
                 self.table.learn(player, &prev, &used);
             }
         }
-        let next = self.table.next_layer(layer);
+        let next = next_layer(self.table.layers(), layer);
         let mut score = core::mem::take(&mut self.score);
         // P(e at the next layer | f here) ~ count / visits of f; a row's total counts ~k per
         // visit.
