@@ -104,22 +104,30 @@ pub fn text(rows: &[Row]) -> String {
                 group(r.policy_fallbacks),
             ]);
         }
-        let widths: Vec<usize> = (0..header.len())
-            .map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0))
-            .collect();
-        for row in &table {
-            let mut line = String::from(" ");
-            for (c, cell) in row.iter().enumerate() {
-                // Text columns left-aligned, numbers right-aligned.
-                if c == 1 {
-                    let _ = write!(line, " {cell:<w$}", w = widths[c]);
-                } else {
-                    let _ = write!(line, " {cell:>w$}", w = widths[c]);
-                }
-            }
-            let _ = writeln!(out, "{}", line.trim_end());
-        }
+        // Text (the policy) left-aligned, numbers right-aligned.
+        out.push_str(&columns(&table, |c| c == 1));
         out.push('\n');
+    }
+    out
+}
+
+/// `table`'s rows as aligned columns, one line each: the columns `left` accepts left-aligned,
+/// the others right-aligned.
+pub fn columns(table: &[Vec<String>], left: impl Fn(usize) -> bool) -> String {
+    let widths: Vec<usize> = (0..table.first().map_or(0, Vec::len))
+        .map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in table {
+        let mut line = String::from(" ");
+        for (c, cell) in row.iter().enumerate() {
+            if left(c) {
+                let _ = write!(line, " {cell:<w$}", w = widths[c]);
+            } else {
+                let _ = write!(line, " {cell:>w$}", w = widths[c]);
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     out
 }

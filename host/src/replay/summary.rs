@@ -2,8 +2,6 @@
 //! share and over all of them, kept apart for the traces a policy was tuned on and the held-out
 //! ones (`--held-out`), so a policy that only fits its own traces shows it.
 
-use std::fmt::Write;
-
 use serde::Serialize;
 
 use super::sweep::Row;
@@ -129,23 +127,11 @@ pub fn text(summaries: &[Summary]) -> String {
         }
         table.push(row);
     }
-    let widths: Vec<usize> = (0..table[0].len())
-        .map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0))
-        .collect();
     let mut out = String::from(
         "Across traces: geometric mean of hit rate / Belady's (rows averaged; a trace and capacity \
          where Belady hits nothing is left out)\n",
     );
-    for row in &table {
-        let mut line = String::from(" ");
-        for (c, cell) in row.iter().enumerate() {
-            if c < 2 {
-                let _ = write!(line, " {cell:<w$}", w = widths[c]);
-            } else {
-                let _ = write!(line, " {cell:>w$}", w = widths[c]);
-            }
-        }
-        let _ = writeln!(out, "{}", line.trim_end());
-    }
+    // Policy and set left-aligned, numbers right-aligned.
+    out.push_str(&super::report::columns(&table, |c| c < 2));
     out
 }
