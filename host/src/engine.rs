@@ -557,23 +557,29 @@ impl Engine {
     /// Opens `dir` with the tiered expert store (budgets and policies from `config`).
     pub fn open_tiered(
         dir: &Path,
-        config: &crate::store::StoreConfig,
-    ) -> Result<(Self, Arc<crate::store::TieredExperts>)> {
+        config: &crate::experts::tiered::StoreConfig,
+    ) -> Result<(Self, Arc<crate::experts::tiered::TieredExperts>)> {
         let mut store_slot = None;
         let mut error = None;
-        let engine = Self::open_with(dir, |ckpt, cfg| {
-            match crate::store::TieredExperts::new(ckpt.clone(), cfg, config) {
-                Ok(s) => {
-                    let s = Arc::new(s);
-                    store_slot = Some(s.clone());
-                    s as Arc<dyn ExpertProvider>
-                }
-                Err(e) => {
-                    error = Some(e);
-                    Arc::new(ResidentExperts::new(ckpt, cfg))
-                }
-            }
-        });
+        let engine =
+            Self::open_with(
+                dir,
+                |ckpt, cfg| match crate::experts::tiered::TieredExperts::new(
+                    ckpt.clone(),
+                    cfg,
+                    config,
+                ) {
+                    Ok(s) => {
+                        let s = Arc::new(s);
+                        store_slot = Some(s.clone());
+                        s as Arc<dyn ExpertProvider>
+                    }
+                    Err(e) => {
+                        error = Some(e);
+                        Arc::new(ResidentExperts::new(ckpt, cfg))
+                    }
+                },
+            );
         if let Some(e) = error {
             return Err(e);
         }
@@ -582,7 +588,7 @@ impl Engine {
         // The CUDA device tier also holds attention's projections, the dense MLPs and the
         // shared experts.
         #[cfg(feature = "cuda")]
-        if config.device == crate::store::Device::Cuda {
+        if config.device == crate::experts::tiered::Device::Cuda {
             if let Ok(gpu) = crate::gpu::gpu() {
                 let ckpt = engine.checkpoint.clone();
                 engine.model.place_on_gpu(&gpu, &ckpt)?;

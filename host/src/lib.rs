@@ -29,7 +29,6 @@ pub mod rope;
 pub mod router;
 pub mod sampling;
 pub mod server;
-pub mod store;
 pub mod structured;
 pub mod tokenizer;
 pub mod trace;

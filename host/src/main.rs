@@ -5,8 +5,8 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 
+use moehost::experts::tiered::{parse_bytes, StoreConfig, TieredExperts};
 use moehost::policy::PolicySource;
-use moehost::store::{parse_bytes, StoreConfig, TieredExperts};
 use moehost::{bundled_model_dir, Engine};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +44,8 @@ struct ModelArgs {
     placement: String,
     /// Where the device tier lives and computes: cpu, or cuda (a `--features cuda` build with a
     /// driver; otherwise it says why and runs on the CPU).
-    #[arg(long, default_value = "cpu", value_parser = moehost::store::Device::parse)]
-    device: moehost::store::Device,
+    #[arg(long, default_value = "cpu", value_parser = moehost::experts::tiered::Device::parse)]
+    device: moehost::experts::tiered::Device,
     /// Link and compute figures placement weighs: local (no separate device: always fetch),
     /// h100-pcie5, h100-pcie5-nvme5, h100-pcie4, slow-link.
     #[arg(long, default_value = "local")]
@@ -175,8 +175,8 @@ enum Command {
         /// cpu: every weight in host memory (the plain engine). cuda: attention, dense and
         /// shared FFNs and every routed expert in GPU memory (the tiered engine with its
         /// default policies, all experts resident); without a GPU it says why and runs on the CPU.
-        #[arg(long, default_value = "cpu", value_parser = moehost::store::Device::parse)]
-        device: moehost::store::Device,
+        #[arg(long, default_value = "cpu", value_parser = moehost::experts::tiered::Device::parse)]
+        device: moehost::experts::tiered::Device,
         #[arg(long, default_value_t = 512)]
         prompt_tokens: usize,
         #[arg(long, default_value_t = 128)]
@@ -1126,7 +1126,7 @@ fn run() -> Result<()> {
                 return Ok(());
             }
             let (engine, backend) = match device {
-                moehost::store::Device::Cpu => (open(model)?, "cpu".to_owned()),
+                moehost::experts::tiered::Device::Cpu => (open(model)?, "cpu".to_owned()),
                 device => {
                     let dir = model.unwrap_or_else(bundled_model_dir);
                     let config = StoreConfig {

@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use crate::policy::Tier;
 
 use super::engine::Evictor;
-use super::residency::{Request, Residency};
 use super::schedule::{Schedule, Visit};
+use crate::experts::tiered::residency::{Request, Residency};
 
 pub struct Belady<'s> {
     /// Per access: the visit of the key's next access.

@@ -11,8 +11,8 @@ use std::time::Instant;
 use super::belady::Belady;
 use super::engine::{simulate, Counters, SimConfig};
 use super::plugin::{guarded_eviction, ContractEvictor, EvictionCalls, Native};
-use super::residency::Residency;
 use super::sweep::{load_trace, Capacity, EvictionSpec, ReplayConfig};
+use crate::experts::tiered::residency::Residency;
 use crate::policy::wasm::WasmPolicy;
 
 #[derive(Debug, Clone, Serialize)]

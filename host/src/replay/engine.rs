@@ -12,8 +12,8 @@
 
 use crate::policy::{InitArgs, Outlook, PrefetchRequest, RoutedStep, Tier};
 
-use super::residency::{Request, Residency};
 use super::schedule::{Schedule, Visit};
+use crate::experts::tiered::residency::{Request, Residency};
 
 /// What an eviction policy must do in a replay. Keys are dense (`Residency::key`).
 pub trait Evictor {
@@ -120,7 +120,7 @@ struct Sim {
     res: Residency,
     c: Counters,
     /// Prefetched into the device tier and not accessed yet.
-    prefetched: super::residency::BitSet,
+    prefetched: crate::experts::tiered::residency::BitSet,
     misses: Vec<u32>,
     victims: Vec<u32>,
     demote: Vec<u32>,
@@ -131,7 +131,7 @@ impl Sim {
         Sim {
             res: Residency::new(shape, cfg.per_layer, cfg.capacity, cfg.host_capacity),
             c: Counters::default(),
-            prefetched: super::residency::BitSet::new(
+            prefetched: crate::experts::tiered::residency::BitSet::new(
                 (shape.moe_layers * shape.experts_per_layer) as usize,
             ),
             misses: Vec::new(),

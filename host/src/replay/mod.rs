@@ -21,7 +21,6 @@ pub mod engine;
 pub mod plot;
 pub mod plugin;
 pub mod report;
-pub mod residency;
 pub mod schedule;
 pub mod summary;
 pub mod sweep;

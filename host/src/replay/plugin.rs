@@ -11,8 +11,8 @@ use crate::policy::{
 };
 
 use super::engine::{Evictor, Prefetcher};
-use super::residency::{Request, Residency};
 use super::schedule::Visit;
+use crate::experts::tiered::residency::{Request, Residency};
 
 /// An eviction policy behind its calls: a guarded plugin, or a trusted native policy.
 ///

@@ -18,8 +18,8 @@ use super::belady::Belady;
 use super::cost::{estimate, Link};
 use super::engine::{simulate, Counters, Evictor, Prefetcher, SimConfig};
 use super::plugin::{guarded_eviction, guarded_prefetch, ContractEvictor, EvictionCalls, Native};
-use super::residency::Residency;
 use super::schedule::Schedule;
+use crate::experts::tiered::residency::Residency;
 
 /// A cache size: a number of experts, or a percentage of the pool (`10%`).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -13,8 +13,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use crate::engine::Engine;
+use crate::experts::tiered::{StoreConfig, TieredExperts};
 use crate::policy::{PolicyKind, PolicySource};
-use crate::store::{StoreConfig, TieredExperts};
 
 /// The arm every server has: the policies of the command line.
 pub const DEFAULT_ARM: &str = "default";

@@ -290,7 +290,7 @@ impl Metrics {
             .iter()
             .map(|a| (a.name.as_str(), a.store.stats()))
             .collect();
-        let tier_samples = |f: &dyn Fn(&crate::store::TierCounters) -> u64| {
+        let tier_samples = |f: &dyn Fn(&crate::experts::tiered::TierCounters) -> u64| {
             let mut v = Vec::new();
             for (arm, s) in &stats {
                 for (t, c) in [("device", &s.device), ("host", &s.host), ("disk", &s.disk)] {
@@ -320,7 +320,7 @@ impl Metrics {
             "Bytes copied into a tier.",
             tier_samples(&|c| c.bytes_in),
         );
-        let store_samples = |f: &dyn Fn(&crate::store::StoreStats) -> Value| {
+        let store_samples = |f: &dyn Fn(&crate::experts::tiered::StoreStats) -> Value| {
             stats
                 .iter()
                 .map(|(arm, s)| (arm_label(arm), f(s)))

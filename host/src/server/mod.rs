@@ -31,7 +31,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::engine::Engine;
-use crate::store::{StoreConfig, TieredExperts};
+use crate::experts::tiered::{StoreConfig, TieredExperts};
 use metrics::Metrics;
 
 /// Server settings.

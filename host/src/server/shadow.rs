@@ -14,11 +14,11 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::experts::tiered::{ObservedStep, TieredExperts};
 use crate::policy::wasm::{load_component, RuntimeLimits};
 use crate::policy::{GuardedEviction, GuardedPrefetch, PolicySource};
 use crate::replay::engine::{OnlineSim, Prefetcher, SimConfig};
 use crate::replay::plugin::{guarded_eviction, guarded_prefetch, ContractEvictor};
-use crate::store::{ObservedStep, TieredExperts};
 
 /// A candidate: an eviction policy, optionally with a prefetch policy, written `EVICTION` or
 /// `EVICTION+PREFETCH` (bundled names or `.wasm` paths), as in the replay lab's reports.

@@ -3,14 +3,19 @@
 //! Owns: the `ExpertProvider` trait (asked once per MoE layer step for every expert that step
 //! routes to) and `ResidentExperts`, the simplest provider: each expert is read from the
 //! memory-mapped checkpoint and dequantized to f32 the first time it is routed to, then kept.
-//! Does not own: routing (see `router`) or the arithmetic (see `deepseek_v3`). Tiered memory
-//! with budgets, eviction and prefetch plugs in here by implementing `ExpertProvider`.
+//! Does not own: routing (see `router`) or the arithmetic (see `deepseek_v3`).
+//!
+//! - `resident` — every expert kept once used (no budget);
+//! - `tiered` — the tiered store: budgets, eviction, prefetch, placement, policy swaps.
 
-use anyhow::{Context, Result};
-use std::sync::{Arc, OnceLock};
+use anyhow::Result;
+use std::sync::Arc;
 
-use crate::checkpoint::Checkpoint;
+mod resident;
+pub mod tiered;
+
 pub use crate::ffn::{expert_prefix, ExpertBytes, FfnWeights, OwnedTensor};
+pub use resident::ResidentExperts;
 
 /// A routed expert's weights for one layer step, as the expert provider hands them out.
 #[derive(Clone)]
@@ -142,68 +147,5 @@ pub trait ExpertProvider: Send + Sync {
         _experts: &[u32],
         _outlook: &[(usize, Vec<f32>)],
     ) {
-    }
-}
-
-/// Every expert stays resident once used: read and dequantized on first use.
-pub struct ResidentExperts {
-    ckpt: Arc<Checkpoint>,
-    hidden: usize,
-    intermediate: usize,
-    n_experts: usize,
-    /// `slots[layer][expert]`, allocated for MoE layers only.
-    slots: Vec<Vec<OnceLock<Arc<FfnWeights>>>>,
-}
-
-impl ResidentExperts {
-    pub fn new(ckpt: Arc<Checkpoint>, cfg: &crate::config::ModelConfig) -> Self {
-        let slots = (0..cfg.num_hidden_layers)
-            .map(|l| {
-                let n = if cfg.is_moe_layer(l) {
-                    cfg.n_routed_experts
-                } else {
-                    0
-                };
-                (0..n).map(|_| OnceLock::new()).collect()
-            })
-            .collect();
-        Self {
-            ckpt,
-            hidden: cfg.hidden_size,
-            intermediate: cfg.moe_intermediate_size,
-            n_experts: cfg.n_routed_experts,
-            slots,
-        }
-    }
-}
-
-impl ExpertProvider for ResidentExperts {
-    fn fetch(&self, layer: usize, experts: &[u32], _: &[u32]) -> Result<Vec<ExpertWeights>> {
-        let slots = self
-            .slots
-            .get(layer)
-            .filter(|s| !s.is_empty())
-            .with_context(|| format!("layer {layer} has no routed experts"))?;
-        experts
-            .iter()
-            .map(|&e| {
-                anyhow::ensure!(
-                    (e as usize) < self.n_experts,
-                    "expert {e} out of range (layer {layer} has {})",
-                    self.n_experts
-                );
-                let slot = &slots[e as usize];
-                if let Some(w) = slot.get() {
-                    return Ok(ExpertWeights::Compute(w.clone()));
-                }
-                let w = Arc::new(FfnWeights::load(
-                    &self.ckpt,
-                    &expert_prefix(layer, e),
-                    self.hidden,
-                    self.intermediate,
-                )?);
-                Ok(ExpertWeights::Compute(slot.get_or_init(|| w).clone()))
-            })
-            .collect()
     }
 }

@@ -1,0 +1,60 @@
+//! Reading an expert into its storage form (host tier) or compute form (device tier).
+
+use anyhow::Result;
+use std::sync::Arc;
+
+use crate::experts::{ExpertBytes, ExpertWeights, FfnWeights};
+use crate::policy::ExpertKey;
+
+use super::Inner;
+
+impl Inner {
+    /// `key` in storage format: the host tier's copy if given, else read from the checkpoint.
+    pub(super) fn stored(
+        &self,
+        key: ExpertKey,
+        host: Option<Arc<ExpertBytes>>,
+    ) -> Result<Arc<ExpertBytes>> {
+        match host {
+            Some(b) => Ok(b),
+            None => {
+                let layer = self.moe_layers[key.layer as usize];
+                Ok(Arc::new(ExpertBytes::read(&self.ckpt, layer, key.expert)?))
+            }
+        }
+    }
+
+    /// The compute form of `key`, from the host tier if there, else from the checkpoint. On a
+    /// GPU store an expert to be `cached` is copied into GPU memory (when a slot is free); one
+    /// computed once and dropped stays on the CPU.
+    pub(super) fn load_compute(
+        &self,
+        key: ExpertKey,
+        host: Option<Arc<ExpertBytes>>,
+        cached: bool,
+    ) -> Result<ExpertWeights> {
+        let layer = self.moe_layers[key.layer as usize];
+        #[cfg(feature = "cuda")]
+        if let (Some(pool), true) = (&self.gpu, cached) {
+            // The storage format crosses the link; the GPU converts FP8 and bf16 itself.
+            let bytes = self.stored(key, host)?;
+            let source = crate::gpu::ExpertSource::Stored(&bytes);
+            if let Some(g) = pool.load(key, source)? {
+                return Ok(ExpertWeights::Gpu(Arc::new(g)));
+            }
+            return Ok(ExpertWeights::Compute(Arc::new(bytes.to_ffn()?)));
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = cached;
+        let w = match host {
+            Some(b) => b.to_ffn()?,
+            None => FfnWeights::load(
+                &self.ckpt,
+                &crate::experts::expert_prefix(layer, key.expert),
+                self.hidden,
+                self.intermediate,
+            )?,
+        };
+        Ok(ExpertWeights::Compute(Arc::new(w)))
+    }
+}

@@ -1,0 +1,549 @@
+//! The tiered expert store: every routed expert stays available, spread over three tiers with
+//! byte budgets, moved by policies.
+//!
+//! - device: compute-ready weights (on the CPU, f32 or bf16 as stored; in GPU memory, the
+//!   storage format the GPU kernels read);
+//! - host: host RAM in storage format (the checkpoint's bytes, e.g. FP8 + scales);
+//! - disk: the memory-mapped checkpoint, always complete.
+//!
+//! Owns: residency and budgets, placement (a missing expert is fetched into the device tier or
+//! run where it lives, as the placement policy decides), promotion (disk/host -> device on a
+//! miss or a prefetch),
+//! demotion (device victims go to the host tier), pinning (the experts of the step being served
+//! are never offered as victims, and the model holds its `Arc`s while computing), the prefetch
+//! queue (worker threads, priorities, cancellation by newer requests), the counters, and hot
+//! swap of policies between forward passes. Policy calls happen on the forward thread only.
+//! Does not own: the arithmetic, or validating plugins (`policy::guard`).
+//!
+//! Caching never changes results: an expert's compute form is the same f32 values whichever
+//! tier it came from (`ExpertBytes::to_ffn` and `FfnWeights::load` share one decoder).
+//!
+//! One concept per file:
+//! - `config` — budgets, policy sources, device;
+//! - `residency` — which experts are in which tier, pools, victim requests (the replay lab
+//!   keeps its cache in the same type);
+//! - `rules` — the decisions the live store and the replay lab share: when and how many
+//!   victims, which prefetch requests are carried out;
+//! - `state` — the live entries under the state lock, events for the eviction policy,
+//!   eviction and demotion;
+//! - `step` — one MoE layer step (`fetch`);
+//! - `prefetch` — the queue, its workers and cancellation;
+//! - `load` — reading an expert into its storage or compute form;
+//! - `policies` — loading, smoke-testing, swapping and watching the four policies;
+//! - `stats` — the counters.
+
+use anyhow::Result;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::experts::{ExpertProvider, ExpertWeights};
+use crate::policy::wasm::RuntimeLimits;
+use crate::policy::*;
+
+mod config;
+mod load;
+mod policies;
+mod prefetch;
+pub mod residency;
+mod state;
+mod stats;
+mod step;
+
+pub use config::{parse_bytes, Device, StoreConfig};
+pub use policies::BUILTIN_PLACEMENT;
+use policies::{guarded, AnyGuarded, Policies};
+use prefetch::Queue;
+use state::{DeviceEntry, State};
+pub use stats::{PlacementCounters, PolicyStatsSet, PrefetchCounters, StoreStats, TierCounters};
+
+/// The GPU memory a `Device::Cuda` store's device tier lives in (`slots` experts of
+/// `slot_bytes`, plus a few for experts still computing after their eviction), or `None`
+/// after saying why not.
+#[cfg(feature = "cuda")]
+fn open_gpu(
+    device: Device,
+    slot_bytes: usize,
+    slots: usize,
+    workers: usize,
+) -> Option<Arc<crate::gpu::GpuPool>> {
+    if device != Device::Cuda {
+        return None;
+    }
+    let pool = crate::gpu::gpu()
+        .map_err(|e| anyhow::anyhow!(e))
+        .and_then(|g| crate::gpu::GpuPool::new(&g, slot_bytes, slots + 8, workers + 2));
+    match pool {
+        Ok(p) => Some(Arc::new(p)),
+        Err(why) => {
+            tracing::warn!("no CUDA device for the device tier ({why:#}); running on the CPU");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpu(device: Device, _: usize, _: usize, _: usize) {
+    if device == Device::Cuda {
+        tracing::warn!(
+            "this moehost was built without the `cuda` feature; the device tier runs on the CPU"
+        );
+    }
+}
+
+struct Inner {
+    ckpt: Arc<Checkpoint>,
+    hidden: usize,
+    intermediate: usize,
+    n_experts: usize,
+    top_k: usize,
+    /// Decoder layer -> MoE layer index.
+    moe_index: Vec<Option<u32>>,
+    /// MoE layer index -> decoder layer.
+    moe_layers: Vec<usize>,
+    shape: ModelShape,
+    device_slots: usize,
+    host_slots: usize,
+    device_bytes: u64,
+    host_bytes: u64,
+    state: Mutex<State>,
+    policies: Mutex<Policies>,
+    pending: Mutex<Vec<AnyGuarded>>,
+    swaps: AtomicU64,
+    step: AtomicU64,
+    /// All policies' time per token against `limits.token_budget_us`.
+    budget: Mutex<crate::policy::budget::TokenBudget>,
+    queue: Queue,
+    limits: RuntimeLimits,
+    /// What placement weighs.
+    costs: LinkCosts,
+    /// The GPU memory the device tier lives in (`None`: the CPU).
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<crate::gpu::GpuPool>>,
+}
+
+/// The tiered expert store; the `ExpertProvider` the engine uses.
+pub struct TieredExperts {
+    inner: Arc<Inner>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    _watchers: Mutex<Vec<notify::RecommendedWatcher>>,
+    observer: Mutex<Option<Observer>>,
+}
+
+/// One live MoE layer step as an observer (the server's shadow policies) sees it.
+#[derive(Debug, Clone)]
+pub struct ObservedStep {
+    pub step: u64,
+    /// MoE layer index.
+    pub layer: u32,
+    pub tokens: u32,
+    /// The distinct experts routed to, ascending.
+    pub experts: Vec<u32>,
+    /// The next MoE layer's speculative scores (`[tokens x experts]`), when asked for.
+    pub outlook: Option<(u32, Vec<f32>)>,
+}
+
+struct Observer {
+    tx: std::sync::mpsc::SyncSender<ObservedStep>,
+    /// Speculative layers the observer wants computed.
+    lookahead: u32,
+    /// Steps dropped because the observer fell behind (the forward pass never waits).
+    dropped: Arc<AtomicU64>,
+}
+
+impl Drop for TieredExperts {
+    fn drop(&mut self) {
+        self.inner.queue.shutdown.store(true, Ordering::SeqCst);
+        self.inner.queue.more.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl TieredExperts {
+    /// Builds the store and loads and initialises its three policies.
+    pub fn new(ckpt: Arc<Checkpoint>, cfg: &ModelConfig, config: &StoreConfig) -> Result<Self> {
+        let moe_layers = cfg.moe_layers();
+        let mut moe_index = vec![None; cfg.num_hidden_layers];
+        for (i, &l) in moe_layers.iter().enumerate() {
+            moe_index[l] = Some(i as u32);
+        }
+        let total = moe_layers.len() * cfg.n_routed_experts;
+        // Byte sizes from the first expert's headers (all experts share them).
+        let (storage, cpu_compute) = match moe_layers.first() {
+            Some(&l) => {
+                let prefix = crate::experts::expert_prefix(l, 0);
+                let mut storage = 0u64;
+                let mut bf16 = true;
+                for p in ["gate_proj", "up_proj", "down_proj"] {
+                    let raw = ckpt.raw(&format!("{prefix}.{p}.weight"))?;
+                    storage += raw.bytes.len() as u64;
+                    bf16 &= raw.dtype == safetensors::Dtype::BF16;
+                    if let Ok(s) = ckpt.raw(&format!("{prefix}.{p}.weight_scale_inv")) {
+                        storage += s.bytes.len() as u64;
+                    }
+                }
+                // The CPU's compute form keeps BF16 weights as they are (FfnWeights); other
+                // dtypes are f32.
+                let element = if bf16 && config.device == Device::Cpu {
+                    2
+                } else {
+                    4
+                };
+                (
+                    storage,
+                    (3 * cfg.hidden_size * cfg.moe_intermediate_size * element) as u64,
+                )
+            }
+            None => (1, 1),
+        };
+        // A CUDA device tier's slot: what `GpuPool` stages for the first expert (its storage
+        // format where a kernel reads it).
+        #[cfg(feature = "cuda")]
+        let gpu_compute = match moe_layers.first() {
+            Some(&l) if config.device == Device::Cuda && crate::gpu::gpu().is_ok() => {
+                let first = crate::experts::ExpertBytes::read(&ckpt, l, 0)?;
+                Some(crate::gpu::expert_slot_bytes(&first)? as u64)
+            }
+            _ => None,
+        };
+        let slots = |budget: Option<u64>, per: u64| {
+            budget.map_or(total, |b| ((b / per.max(1)) as usize).min(total))
+        };
+        #[cfg(feature = "cuda")]
+        let mut compute = gpu_compute.unwrap_or(cpu_compute);
+        #[cfg(not(feature = "cuda"))]
+        let compute = cpu_compute;
+        #[allow(unused_mut)]
+        let mut device_slots = slots(config.device_bytes, compute);
+        let host_slots = slots(config.host_bytes, storage);
+        let shape = ModelShape {
+            moe_layers: moe_layers.len() as u32,
+            experts_per_layer: cfg.n_routed_experts as u32,
+            top_k: cfg.num_experts_per_tok as u32,
+            expert_bytes: storage,
+        };
+        let take = |kind| guarded(kind, &config.source_of(kind), config.limits);
+        let costs = LinkCosts::preset(&config.link, cfg.hidden_size, cfg.moe_intermediate_size)?;
+        let workers = config.prefetch_workers;
+        #[cfg(feature = "cuda")]
+        let gpu = open_gpu(config.device, compute as usize, device_slots, workers);
+        // Slots sized for the GPU's storage format, but the tier runs on the CPU after all (e.g.
+        // its memory could not be allocated): the budget buys compute-form experts there.
+        #[cfg(feature = "cuda")]
+        if gpu.is_none() && compute != cpu_compute {
+            compute = cpu_compute;
+            device_slots = slots(config.device_bytes, compute);
+        }
+        #[cfg(not(feature = "cuda"))]
+        open_gpu(config.device, compute as usize, device_slots, workers);
+        let (
+            AnyGuarded::Selection(selection),
+            AnyGuarded::Eviction(eviction),
+            AnyGuarded::Prefetch(prefetch),
+            AnyGuarded::Placement(placement),
+        ) = (
+            take(PolicyKind::Selection)?,
+            take(PolicyKind::Eviction)?,
+            take(PolicyKind::Prefetch)?,
+            take(PolicyKind::Placement)?,
+        )
+        else {
+            unreachable!("guarded() returns the kind asked for")
+        };
+        let inner = Arc::new(Inner {
+            ckpt,
+            hidden: cfg.hidden_size,
+            intermediate: cfg.moe_intermediate_size,
+            n_experts: cfg.n_routed_experts,
+            top_k: cfg.num_experts_per_tok,
+            moe_index,
+            moe_layers,
+            shape,
+            device_slots,
+            host_slots,
+            device_bytes: device_slots as u64 * compute,
+            host_bytes: host_slots as u64 * storage,
+            state: Mutex::new(State::default()),
+            policies: Mutex::new(Policies {
+                selection,
+                eviction,
+                prefetch,
+                placement,
+            }),
+            pending: Mutex::new(Vec::new()),
+            swaps: AtomicU64::new(0),
+            step: AtomicU64::new(0),
+            budget: Mutex::new(crate::policy::budget::TokenBudget::new(
+                config.limits.token_budget_us,
+            )),
+            queue: Queue::default(),
+            limits: config.limits,
+            costs,
+            #[cfg(feature = "cuda")]
+            gpu,
+        });
+        {
+            let args = inner.init_args();
+            let mut p = inner.policies.lock().unwrap();
+            let fail = |kind: PolicyKind, src: &PolicySource, e: PolicyError| {
+                anyhow::anyhow!("{kind} policy {} failed to initialise: {e}", src.describe())
+            };
+            p.selection
+                .init(&args)
+                .map_err(|e| fail(PolicyKind::Selection, &config.selection, e))?;
+            p.eviction
+                .init(&args)
+                .map_err(|e| fail(PolicyKind::Eviction, &config.eviction, e))?;
+            p.prefetch
+                .init(&args)
+                .map_err(|e| fail(PolicyKind::Prefetch, &config.prefetch, e))?;
+            p.placement
+                .init(&args)
+                .map_err(|e| fail(PolicyKind::Placement, &config.placement, e))?;
+        }
+        let workers = (0..config.prefetch_workers)
+            .map(|i| {
+                let inner = inner.clone();
+                std::thread::Builder::new()
+                    .name(format!("moehost-prefetch-{i}"))
+                    .spawn(move || inner.worker())
+                    .expect("cannot start a prefetch worker")
+            })
+            .collect();
+        Ok(Self {
+            inner,
+            workers,
+            _watchers: Mutex::new(Vec::new()),
+            observer: Mutex::new(None),
+        })
+    }
+
+    /// Counters, and each policy's.
+    pub fn stats(&self) -> StoreStats {
+        let p = self.inner.policies.lock().unwrap();
+        let s = self.inner.state.lock().unwrap();
+        let mut device = s.device_c.clone();
+        device.slots = self.inner.device_slots as u64;
+        device.resident = s.device.len() as u64;
+        let mut host = s.host_c.clone();
+        host.slots = self.inner.host_slots as u64;
+        host.resident = s.host.len() as u64;
+        let mut disk = s.disk_c.clone();
+        disk.slots = (self.inner.moe_layers.len() * self.inner.n_experts) as u64;
+        disk.resident = disk.slots;
+        StoreStats {
+            device,
+            host,
+            disk,
+            device_backend: self.inner.device_backend(),
+            gpu_transfers: self.inner.gpu_transfers(),
+            streamed: s.streamed,
+            placement: s.placement_c.clone(),
+            wait_ms: s.wait_ns as f64 / 1e6,
+            prefetch: s.prefetch_c.clone(),
+            policy_swaps: self.inner.swaps.load(Ordering::Relaxed),
+            policy_budget: self.inner.budget.lock().unwrap().stats(),
+            policies: PolicyStatsSet {
+                selection: p.selection.stats().clone(),
+                eviction: p.eviction.stats().clone(),
+                prefetch: p.prefetch.stats().clone(),
+                placement: p.placement.stats().clone(),
+            },
+        }
+    }
+
+    /// Device and host tier sizes in experts.
+    /// Sends every MoE layer step to `tx` from now on (replacing any earlier observer), with
+    /// `lookahead` speculative layers computed for it. A full channel drops the step and
+    /// counts it in `dropped`: the forward pass never waits for an observer.
+    pub fn observe(
+        &self,
+        tx: std::sync::mpsc::SyncSender<ObservedStep>,
+        lookahead: u32,
+        dropped: Arc<AtomicU64>,
+    ) {
+        *self.observer.lock().unwrap() = Some(Observer {
+            tx,
+            lookahead: lookahead.min(crate::policy::guard::MAX_LOOKAHEAD),
+            dropped,
+        });
+    }
+
+    /// The model's shape as policies see it.
+    pub fn shape(&self) -> ModelShape {
+        self.inner.shape
+    }
+
+    pub fn slots(&self) -> (usize, usize) {
+        (self.inner.device_slots, self.inner.host_slots)
+    }
+
+    /// Loads `source` as the new `kind` policy and smoke-tests it off the hot path; it takes
+    /// over at the start of the next forward pass (steps in flight finish on the old one).
+    pub fn swap_policy(&self, kind: PolicyKind, source: &PolicySource) -> Result<()> {
+        self.inner.swap_policy(kind, source)
+    }
+}
+
+impl Inner {
+    /// Ends the previous forward pass in the per-token budget (warned once near it).
+    fn close_budget_pass(&self) {
+        let total = {
+            let p = self.policies.lock().unwrap();
+            p.selection.stats().call_ns
+                + p.eviction.stats().call_ns
+                + p.prefetch.stats().call_ns
+                + p.placement.stats().call_ns
+        };
+        let mut b = self.budget.lock().unwrap();
+        if let Some(mean) = b.end_pass(total) {
+            tracing::warn!(
+                per_token_us = mean.round(),
+                budget_us = self.limits.token_budget_us,
+                "the policies together take most of their per-token budget (--policy-budget-us): \
+                 time every token waits on"
+            );
+        }
+    }
+
+    fn gpu_transfers(&self) -> Option<crate::transfer::TransferStats> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Some(g.stats());
+        }
+        None
+    }
+
+    fn device_backend(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.name().to_owned();
+        }
+        "cpu".into()
+    }
+
+    fn key(&self, layer: usize, expert: u32) -> ExpertKey {
+        ExpertKey {
+            layer: self.moe_index[layer].expect("routed experts only in MoE layers"),
+            expert,
+        }
+    }
+
+    fn init_args(&self) -> InitArgs {
+        let s = self.state.lock().unwrap();
+        let mut resident: Vec<(ExpertKey, Tier)> = s
+            .device
+            .iter()
+            .filter(|(_, e)| matches!(e, DeviceEntry::Ready(_)))
+            .map(|(k, _)| (*k, Tier::Device))
+            .chain(s.host.keys().map(|k| (*k, Tier::Host)))
+            .collect();
+        resident.sort();
+        InitArgs {
+            shape: self.shape,
+            capacities: vec![
+                TierCapacity {
+                    tier: Tier::Device,
+                    slots: self.device_slots as u32,
+                    bytes: self.device_bytes,
+                },
+                TierCapacity {
+                    tier: Tier::Host,
+                    slots: self.host_slots as u32,
+                    bytes: self.host_bytes,
+                },
+                TierCapacity {
+                    tier: Tier::Disk,
+                    slots: self.shape.moe_layers * self.shape.experts_per_layer,
+                    bytes: self.shape.moe_layers as u64
+                        * self.shape.experts_per_layer as u64
+                        * self.shape.expert_bytes,
+                },
+            ],
+            resident,
+        }
+    }
+
+    fn residency(s: &State, moe_layer: u32, n: usize) -> Vec<Tier> {
+        (0..n as u32)
+            .map(|e| {
+                let k = ExpertKey {
+                    layer: moe_layer,
+                    expert: e,
+                };
+                if matches!(s.device.get(&k), Some(DeviceEntry::Ready(_))) {
+                    Tier::Device
+                } else if s.host.contains_key(&k) {
+                    Tier::Host
+                } else {
+                    Tier::Disk
+                }
+            })
+            .collect()
+    }
+}
+
+impl ExpertProvider for TieredExperts {
+    fn begin_step(&self) {
+        self.inner.step.fetch_add(1, Ordering::Relaxed);
+        self.inner.close_budget_pass();
+        self.inner.apply_swaps();
+    }
+
+    fn select(&self, layer: usize, tokens: usize, k: usize, biased: &[f32]) -> Option<Vec<u32>> {
+        let inner = &self.inner;
+        let moe = inner.moe_index[layer]?;
+        if moe == 0 {
+            inner.budget.lock().unwrap().note_tokens(tokens);
+        }
+        let residency = Inner::residency(&inner.state.lock().unwrap(), moe, inner.n_experts);
+        let mut p = inner.policies.lock().unwrap();
+        Some(
+            p.selection
+                .select(moe, tokens as u32, k as u32, biased, &residency, &|| {
+                    inner.init_args()
+                }),
+        )
+    }
+
+    fn lookahead(&self) -> usize {
+        let live = self.inner.policies.lock().unwrap().prefetch.lookahead();
+        let observer = self
+            .observer
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |o| o.lookahead);
+        live.max(observer) as usize
+    }
+
+    fn fetch(&self, layer: usize, experts: &[u32], tokens: &[u32]) -> Result<Vec<ExpertWeights>> {
+        self.inner.fetch_step(layer, experts, tokens)
+    }
+
+    fn routed(&self, layer: usize, tokens: usize, experts: &[u32], outlook: &[(usize, Vec<f32>)]) {
+        let inner = &self.inner;
+        let Some(moe) = inner.moe_index[layer] else {
+            return;
+        };
+        if let Some(o) = self.observer.lock().unwrap().as_ref() {
+            let seen = ObservedStep {
+                step: inner.step.load(Ordering::Relaxed),
+                layer: moe,
+                tokens: tokens as u32,
+                experts: experts.to_vec(),
+                outlook: outlook
+                    .first()
+                    .filter(|_| o.lookahead > 0)
+                    .and_then(|(l, scores)| Some((inner.moe_index[*l]?, scores.clone()))),
+            };
+            if o.tx.try_send(seen).is_err() {
+                o.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.inner.prefetch_after(moe, tokens, experts, outlook);
+    }
+}

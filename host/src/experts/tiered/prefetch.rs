@@ -1,0 +1,291 @@
+//! The prefetch queue: a prefetch policy's requests after a routed layer step become jobs for
+//! worker threads (highest priority first; a newer request cancels queued ones), each filling a
+//! device slot reserved for it or the host tier.
+
+use std::collections::{BinaryHeap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::experts::{ExpertBytes, ExpertWeights};
+use crate::policy::*;
+
+use super::state::DeviceEntry;
+use super::state::TierCandidates;
+use super::Inner;
+
+/// Where a prefetch worker puts its result; `Some(None)` = cancelled or failed.
+#[derive(Default)]
+pub(super) struct LoadCell {
+    pub(super) value: Mutex<Option<Option<ExpertWeights>>>,
+    pub(super) ready: Condvar,
+}
+
+impl LoadCell {
+    pub(super) fn set(&self, v: Option<ExpertWeights>) {
+        *self.value.lock().unwrap() = Some(v);
+        self.ready.notify_all();
+    }
+
+    pub(super) fn wait(&self) -> Option<ExpertWeights> {
+        let mut g = self.value.lock().unwrap();
+        while g.is_none() {
+            g = self.ready.wait(g).unwrap();
+        }
+        g.clone().unwrap()
+    }
+}
+
+pub(super) struct Job {
+    pub(super) priority: u32,
+    pub(super) seq: u64,
+    pub(super) generation: u64,
+    pub(super) key: ExpertKey,
+    pub(super) tier: Tier,
+    pub(super) cell: Option<Arc<LoadCell>>,
+}
+
+impl PartialEq for Job {
+    fn eq(&self, o: &Self) -> bool {
+        (self.priority, self.seq) == (o.priority, o.seq)
+    }
+}
+impl Eq for Job {}
+impl PartialOrd for Job {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Job {
+    /// Higher priority first; among equals, first asked first served.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.priority.cmp(&o.priority).then(o.seq.cmp(&self.seq))
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Queue {
+    pub(super) jobs: Mutex<BinaryHeap<Job>>,
+    pub(super) more: Condvar,
+    pub(super) shutdown: AtomicBool,
+    pub(super) generation: AtomicU64,
+    pub(super) seq: AtomicU64,
+}
+
+impl Inner {
+    pub(super) fn worker(&self) {
+        loop {
+            let job = {
+                let mut jobs = self.queue.jobs.lock().unwrap();
+                loop {
+                    if self.queue.shutdown.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Some(j) = jobs.pop() {
+                        break j;
+                    }
+                    jobs = self.queue.more.wait(jobs).unwrap();
+                }
+            };
+            let stale = job.generation < self.queue.generation.load(Ordering::SeqCst);
+            match job.tier {
+                Tier::Device => {
+                    let cell = job.cell.expect("device jobs carry a cell");
+                    let result = if stale {
+                        None
+                    } else {
+                        let host = self.state.lock().unwrap().host.get(&job.key).cloned();
+                        match self.load_compute(job.key, host, true) {
+                            Ok(w) => {
+                                let mut s = self.state.lock().unwrap();
+                                s.device_c.bytes_in += w.bytes() as u64;
+                                Some(w)
+                            }
+                            Err(e) => {
+                                tracing::warn!("prefetch of {:?} failed: {e:#}", job.key);
+                                None
+                            }
+                        }
+                    };
+                    let mut s = self.state.lock().unwrap();
+                    let ours = matches!(s.device.get(&job.key), Some(DeviceEntry::Loading(c)) if Arc::ptr_eq(c, &cell));
+                    match (&result, ours) {
+                        (Some(w), true) => {
+                            s.device.insert(job.key, DeviceEntry::Ready(w.clone()));
+                            s.prefetched_unused.insert(job.key);
+                            s.event(EventKind::Insert, Tier::Device, job.key);
+                        }
+                        (None, true) => {
+                            s.device.remove(&job.key);
+                            s.prefetch_c.cancelled += 1;
+                            s.prefetch_c.wasted += 1;
+                        }
+                        _ => {}
+                    }
+                    drop(s);
+                    cell.set(result);
+                }
+                Tier::Host | Tier::Disk => {
+                    if stale {
+                        let mut s = self.state.lock().unwrap();
+                        s.prefetch_c.cancelled += 1;
+                        s.prefetch_c.wasted += 1;
+                        continue;
+                    }
+                    let layer = self.moe_layers[job.key.layer as usize];
+                    if let Ok(b) = ExpertBytes::read(&self.ckpt, layer, job.key.expert) {
+                        let mut s = self.state.lock().unwrap();
+                        if s.host.len() < self.host_slots && !s.host.contains_key(&job.key) {
+                            s.host_c.bytes_in += b.storage_bytes() as u64;
+                            s.host.insert(job.key, Arc::new(b));
+                            s.event(EventKind::Insert, Tier::Host, job.key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The prefetch policy's turn after MoE layer `moe` was routed: its requests become jobs.
+    pub(super) fn prefetch_after(
+        &self,
+        moe: u32,
+        tokens: usize,
+        experts: &[u32],
+        outlook: &[(usize, Vec<f32>)],
+    ) {
+        let inner = self;
+        let mut p = inner.policies.lock().unwrap();
+        if !p.prefetch.has_plugin() {
+            return;
+        }
+        // The outlook may be longer than this policy asked for (an observer wanted more).
+        let outlook = &outlook[..outlook.len().min(p.prefetch.lookahead() as usize)];
+        let step = {
+            let s = inner.state.lock().unwrap();
+            RoutedStep {
+                step: inner.step.load(Ordering::Relaxed),
+                layer: moe,
+                tokens: tokens as u32,
+                experts: experts.to_vec(),
+                outlook: outlook
+                    .iter()
+                    .filter_map(|(l, scores)| {
+                        let m = inner.moe_index[*l]?;
+                        Some(Outlook {
+                            layer: m,
+                            scores: scores.clone(),
+                            residency: Inner::residency(&s, m, inner.n_experts),
+                        })
+                    })
+                    .collect(),
+            }
+        };
+        let mut reqs = p.prefetch.on_routed(&step, &|| inner.init_args());
+        if reqs.is_empty() {
+            return;
+        }
+        // Newer requests cancel queued ones.
+        let generation = inner.queue.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        reqs.sort_by_key(|r| std::cmp::Reverse(r.priority));
+        let mut seen = HashSet::new();
+        reqs.retain(|r| seen.insert((r.expert, r.tier)));
+        // At most one layer step's worth of device prefetches per call.
+        let cap = (inner.top_k * tokens).max(inner.top_k);
+        let current: HashSet<ExpertKey> = experts
+            .iter()
+            .map(|&e| ExpertKey {
+                layer: moe,
+                expert: e,
+            })
+            .collect();
+        let (device_reqs, host_reqs): (Vec<PrefetchRequest>, Vec<PrefetchRequest>) = {
+            let s = inner.state.lock().unwrap();
+            let d: Vec<_> = reqs
+                .iter()
+                .filter(|r| r.tier == Tier::Device && !s.device.contains_key(&r.expert))
+                .take(cap)
+                .copied()
+                .collect();
+            let h: Vec<_> = reqs
+                .iter()
+                .filter(|r| {
+                    r.tier == Tier::Host
+                        && !s.host.contains_key(&r.expert)
+                        && !s.device.contains_key(&r.expert)
+                })
+                .take(cap)
+                .copied()
+                .collect();
+            (d, h)
+        };
+        let mut accepted = Vec::new();
+        if !device_reqs.is_empty() {
+            let (free, excluded, available) = {
+                let s = inner.state.lock().unwrap();
+                let mut excluded: Vec<ExpertKey> = current
+                    .iter()
+                    .copied()
+                    .chain(device_reqs.iter().map(|r| r.expert))
+                    .filter(|k| matches!(s.device.get(k), Some(DeviceEntry::Ready(_))))
+                    .collect();
+                excluded.sort_unstable();
+                excluded.dedup();
+                let available = s.candidate_count(Tier::Device, &excluded);
+                (
+                    inner.device_slots.saturating_sub(s.device.len()),
+                    excluded,
+                    available,
+                )
+            };
+            let mut room = free;
+            if device_reqs.len() > free && available > 0 {
+                let candidates = TierCandidates {
+                    inner,
+                    tier: Tier::Device,
+                    excluded: &excluded,
+                };
+                let req = VictimRequest {
+                    tier: Tier::Device,
+                    count: (device_reqs.len() - free).min(available) as u32,
+                    only_layer: None,
+                    excluded: &excluded,
+                    candidates: &candidates,
+                };
+                let victims = p.eviction.victims(&req, &|| inner.init_args());
+                let mut demote = Vec::new();
+                {
+                    let mut s = inner.state.lock().unwrap();
+                    let before = s.device.len();
+                    inner.evict_device(&mut s, &victims, &mut demote);
+                    room += before - s.device.len();
+                }
+                inner.admit_host(&mut p, &demote);
+            }
+            let mut s = inner.state.lock().unwrap();
+            for r in device_reqs.into_iter().take(room) {
+                let cell = Arc::new(LoadCell::default());
+                s.device
+                    .insert(r.expert, DeviceEntry::Loading(cell.clone()));
+                accepted.push((r, Some(cell)));
+            }
+        }
+        accepted.extend(host_reqs.into_iter().map(|r| (r, None)));
+        if accepted.is_empty() {
+            return;
+        }
+        inner.state.lock().unwrap().prefetch_c.issued += accepted.len() as u64;
+        let mut jobs = inner.queue.jobs.lock().unwrap();
+        for (r, cell) in accepted {
+            jobs.push(Job {
+                priority: r.priority,
+                seq: inner.queue.seq.fetch_add(1, Ordering::Relaxed),
+                generation,
+                key: r.expert,
+                tier: r.tier,
+                cell,
+            });
+        }
+        drop(jobs);
+        inner.queue.more.notify_all();
+    }
+}

@@ -1,0 +1,212 @@
+//! One MoE layer step in the live store: accesses, placement of the misses, the eviction
+//! policy's turn, demotion, then loading (cached while there is room, streamed past it) and
+//! waiting for prefetches in flight.
+
+use anyhow::Result;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::experts::{ExpertBytes, ExpertWeights};
+use crate::policy::*;
+
+use super::prefetch::LoadCell;
+use super::state::{DeviceEntry, TierCandidates};
+use super::Inner;
+
+impl Inner {
+    /// The weights of `experts` of decoder layer `layer` for one step (`ExpertProvider::fetch`).
+    pub(super) fn fetch_step(
+        &self,
+        layer: usize,
+        experts: &[u32],
+        tokens: &[u32],
+    ) -> Result<Vec<ExpertWeights>> {
+        let inner = self;
+        let t0 = Instant::now();
+        let keys: Vec<ExpertKey> = experts.iter().map(|&e| inner.key(layer, e)).collect();
+        for k in &keys {
+            anyhow::ensure!(
+                (k.expert as usize) < inner.n_experts,
+                "expert {} out of range",
+                k.expert
+            );
+        }
+        let current: HashSet<ExpertKey> = keys.iter().copied().collect();
+        let mut p = inner.policies.lock().unwrap();
+
+        // 1. What is where; the step's accesses.
+        let mut ready: Vec<Option<ExpertWeights>> = vec![None; keys.len()];
+        let mut waiting: Vec<(usize, Arc<LoadCell>)> = Vec::new();
+        let mut misses: Vec<usize> = Vec::new();
+        let mut miss_tiers: Vec<Tier> = Vec::new();
+        let (facts, free) = {
+            let mut s = inner.state.lock().unwrap();
+            for (i, k) in keys.iter().enumerate() {
+                s.event(EventKind::Access, Tier::Device, *k);
+                match s.device.get(k) {
+                    Some(DeviceEntry::Ready(w)) => {
+                        ready[i] = Some(w.clone());
+                        s.device_c.hits += 1;
+                        if s.prefetched_unused.remove(k) {
+                            s.prefetch_c.used += 1;
+                        }
+                    }
+                    Some(DeviceEntry::Loading(c)) => {
+                        // Counted as used once it arrives (below).
+                        waiting.push((i, c.clone()));
+                        s.device_c.hits += 1;
+                    }
+                    None => {
+                        s.device_c.misses += 1;
+                        if s.host.contains_key(k) {
+                            s.host_c.hits += 1;
+                            miss_tiers.push(Tier::Host);
+                        } else {
+                            s.host_c.misses += 1;
+                            s.disk_c.hits += 1;
+                            miss_tiers.push(Tier::Disk);
+                        }
+                        misses.push(i);
+                    }
+                }
+            }
+            // This call delivers every pending event, so the policy then knows every resident.
+            let facts = StepFacts {
+                step: inner.step.load(Ordering::Relaxed),
+                layer: keys.first().map_or(0, |k| k.layer),
+                events: s.take_events(),
+            };
+            (facts, inner.device_slots.saturating_sub(s.device.len()))
+        };
+
+        // 2. Placement: fetch each miss into the device tier, or run it where it lives.
+        if !misses.is_empty() {
+            let miss_keys: Vec<ExpertKey> = misses.iter().map(|&i| keys[i]).collect();
+            let miss_tokens: Vec<u32> = misses
+                .iter()
+                .map(|&i| tokens.get(i).copied().unwrap_or(1))
+                .collect();
+            let request = PlacementRequest {
+                layer: facts.layer,
+                experts: &miss_keys,
+                tokens: &miss_tokens,
+                tiers: &miss_tiers,
+                free_device_slots: free as u32,
+                expert_bytes: inner.shape.expert_bytes,
+                costs: inner.costs,
+            };
+            let places = p.placement.place(&request, &|| inner.init_args());
+            let mut fetched = Vec::with_capacity(misses.len());
+            let mut on_host = Vec::new();
+            for ((&i, place), t) in misses.iter().zip(places).zip(miss_tokens) {
+                match place {
+                    Place::Device => fetched.push(i),
+                    Place::Host => on_host.push((i, t)),
+                }
+            }
+            let hosts: Vec<Option<Arc<ExpertBytes>>> = {
+                let mut s = inner.state.lock().unwrap();
+                s.placement_c.fetched += fetched.len() as u64;
+                s.placement_c.on_host += on_host.len() as u64;
+                s.placement_c.host_tokens +=
+                    on_host.iter().map(|&(_, t)| u64::from(t)).sum::<u64>();
+                on_host
+                    .iter()
+                    .map(|&(i, _)| s.host.get(&keys[i]).cloned())
+                    .collect()
+            };
+            for (&(i, _), host) in on_host.iter().zip(hosts) {
+                ready[i] = Some(ExpertWeights::Stored(inner.stored(keys[i], host)?));
+            }
+            misses = fetched;
+        }
+
+        // 3. The eviction policy hears the facts and, if room is needed, names victims.
+        let need = {
+            let s = inner.state.lock().unwrap();
+            if misses.len() > free {
+                let excluded: Vec<ExpertKey> = current
+                    .iter()
+                    .filter(|k| matches!(s.device.get(k), Some(DeviceEntry::Ready(_))))
+                    .copied()
+                    .collect();
+                let available = s.candidate_count(Tier::Device, &excluded);
+                (available > 0).then(|| (((misses.len() - free).min(available)) as u32, excluded))
+            } else {
+                None
+            }
+        };
+        let candidates;
+        let request = match &need {
+            Some((count, excluded)) => {
+                candidates = TierCandidates {
+                    inner,
+                    tier: Tier::Device,
+                    excluded,
+                };
+                Some(VictimRequest {
+                    tier: Tier::Device,
+                    count: *count,
+                    only_layer: None,
+                    excluded,
+                    candidates: &candidates,
+                })
+            }
+            None => None,
+        };
+        let victims = p
+            .eviction
+            .on_step(&facts, request.as_ref(), &|| inner.init_args());
+        let mut demote = Vec::new();
+        let room = {
+            let mut s = inner.state.lock().unwrap();
+            inner.evict_device(&mut s, &victims, &mut demote);
+            inner.device_slots.saturating_sub(s.device.len())
+        };
+        inner.admit_host(&mut p, &demote);
+        drop(p);
+
+        // 4. Load the fetched misses; cache as many as there is room for, stream the rest.
+        let hosts: Vec<Option<Arc<ExpertBytes>>> = {
+            let s = inner.state.lock().unwrap();
+            misses
+                .iter()
+                .map(|&i| s.host.get(&keys[i]).cloned())
+                .collect()
+        };
+        for (n, (&i, host)) in misses.iter().zip(hosts).enumerate() {
+            let w = inner.load_compute(keys[i], host, n < room)?;
+            let mut s = inner.state.lock().unwrap();
+            s.device_c.bytes_in += w.bytes() as u64;
+            if n < room {
+                s.device.insert(keys[i], DeviceEntry::Ready(w.clone()));
+                s.event(EventKind::Insert, Tier::Device, keys[i]);
+            } else {
+                s.streamed += 1;
+            }
+            ready[i] = Some(w);
+        }
+        // 5. Wait for prefetches in flight (a cancelled one is loaded here).
+        for (i, cell) in waiting {
+            ready[i] = Some(match cell.wait() {
+                Some(w) => {
+                    let mut s = inner.state.lock().unwrap();
+                    s.prefetched_unused.remove(&keys[i]);
+                    s.prefetch_c.used += 1;
+                    w
+                }
+                None => {
+                    let host = inner.state.lock().unwrap().host.get(&keys[i]).cloned();
+                    inner.load_compute(keys[i], host, false)?
+                }
+            });
+        }
+        inner.state.lock().unwrap().wait_ns += t0.elapsed().as_nanos() as u64;
+        Ok(ready
+            .into_iter()
+            .map(|w| w.expect("every expert resolved"))
+            .collect())
+    }
+}
