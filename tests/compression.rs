@@ -293,7 +293,7 @@ fn damaged_sources_and_bad_outputs_fail_cleanly() {
 
 #[test]
 fn quantized_experts_load_run_close_to_bf16_and_fill_the_host_tier_denser() {
-    use moehost::store::StoreConfig;
+    use moehost::experts::tiered::StoreConfig;
     let tmp = tempfile::tempdir().unwrap();
     let src = Engine::open(&bf16_model()).unwrap();
     let ids = src.encode("<|bos|>The software is distributed").unwrap();

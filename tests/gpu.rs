@@ -6,13 +6,13 @@
 mod support;
 
 use moehost::checkpoint::Checkpoint;
+use moehost::experts::tiered::{Device, StoreConfig};
 use moehost::experts::{ExpertBytes, OwnedTensor};
 use moehost::gpu::{gpu, ExpertSource, Format, GpuExpert, GpuMatrix, GpuPool};
 use moehost::kernels::{grouped_rows, linear};
 use moehost::policy::ExpertKey;
 use moehost::policy::PolicySource;
 use moehost::sampling::argmax;
-use moehost::store::{Device, StoreConfig};
 use moehost::{Engine, Logits};
 use std::sync::Arc;
 

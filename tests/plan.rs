@@ -119,7 +119,7 @@ fn kimi_k2_thinking_plans_its_int4_experts() {
 
 #[test]
 fn the_planner_sizes_experts_as_the_store_does() {
-    use moehost::store::StoreConfig;
+    use moehost::experts::tiered::StoreConfig;
     let dir = support::bf16_model();
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let budget = 2u64 << 20;

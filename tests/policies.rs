@@ -4,8 +4,8 @@
 
 mod support;
 
+use moehost::experts::tiered::{StoreConfig, TieredExperts};
 use moehost::policy::{PolicyKind, PolicySource};
-use moehost::store::{StoreConfig, TieredExperts};
 use moehost::{Engine, Logits};
 use proptest::prelude::*;
 use std::sync::{Arc, OnceLock};
@@ -235,7 +235,7 @@ fn declared_score_gaps_are_held_to_the_hosts_ceiling() {
 /// 0.2 eviction and prefetch plugins, with a small device tier.
 /// Serves the bundled model with a legacy selection fixture (and `prefetch`) at a small
 /// budget; the routing must equal the all-resident run's. Returns the policies' counters.
-fn legacy_selection(fixture: &str, prefetch: &str) -> moehost::store::PolicyStatsSet {
+fn legacy_selection(fixture: &str, prefetch: &str) -> moehost::experts::tiered::PolicyStatsSet {
     let c = config(fixture, "lru", prefetch, Some(45 * EXPERT_COMPUTE), None);
     let (engine, store) = open(&c);
     assert_eq!(run(&engine), *baseline());

@@ -1014,7 +1014,8 @@ fn failing_plugins_fall_back_to_lru_and_are_counted() {
         top_k: s.top_k,
         expert_bytes: 1,
     };
-    let args = moehost::replay::residency::Residency::new(shape, false, 44, None).init_args();
+    let args =
+        moehost::experts::tiered::residency::Residency::new(shape, false, 44, None).init_args();
     let liar = Liar {
         inner: Default::default(),
         every: 50,

@@ -4,9 +4,9 @@
 
 mod support;
 
+use moehost::experts::tiered::StoreConfig;
 use moehost::policy::PolicySource;
 use moehost::server::{self, ServeOptions};
-use moehost::store::StoreConfig;
 use moehost::Engine;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
