@@ -14,6 +14,7 @@ use crate::policy::{InitArgs, Outlook, PrefetchRequest, RoutedStep, Tier};
 
 use super::schedule::{Schedule, Visit};
 use crate::experts::tiered::residency::{Request, Residency};
+use crate::experts::tiered::rules::{accept_prefetches, prefetch_cap, victims_wanted};
 
 /// What an eviction policy must do in a replay. Keys are dense (`Residency::key`).
 pub trait Evictor {
@@ -164,18 +165,17 @@ impl Sim {
         let pool = self.res.pool_of(keys[0]);
         let free = self.res.device_free(pool);
         let want = self.misses.len() as u32;
-        let request = if want > free {
-            let candidates = self.res.device_count(pool) - resident_hits;
-            (candidates > 0).then_some(Request {
-                tier: Tier::Device,
-                pool,
-                count: (want - free).min(candidates),
-                skip_pinned: true,
-                skip_extra: false,
-            })
-        } else {
-            None
-        };
+        let candidates = self.res.device_count(pool) - resident_hits;
+        let request =
+            victims_wanted(want as usize, free as usize, candidates as usize).map(|count| {
+                Request {
+                    tier: Tier::Device,
+                    pool,
+                    count,
+                    skip_pinned: true,
+                    skip_extra: false,
+                }
+            });
         let mut victims = std::mem::take(&mut self.victims);
         victims.clear();
         ev.on_step(&self.res, request, &mut victims);
@@ -242,14 +242,15 @@ impl Sim {
         let pool = self.res.pool_of(keys[0]);
         let free = cap.saturating_sub(self.res.host_count(pool)) as usize;
         let mut room = free;
-        if keys.len() > free && self.res.host_count(pool) > 0 {
+        let candidates = self.res.host_count(pool) as usize;
+        if let Some(count) = victims_wanted(keys.len(), free, candidates) {
             for &k in &keys {
                 self.res.extra.set(k);
             }
             let request = Request {
                 tier: Tier::Host,
                 pool,
-                count: ((keys.len() - free) as u32).min(self.res.host_count(pool)),
+                count,
                 skip_pinned: false,
                 skip_extra: true,
             };
@@ -318,34 +319,29 @@ impl Sim {
             outlook,
         };
         let res = &self.res;
-        let mut reqs = pf.on_routed(&step, &|| res.init_args());
+        let reqs = pf.on_routed(&step, &|| res.init_args());
         if reqs.is_empty() {
             return;
         }
         // As the store: highest priority first, each (expert, tier) once, at most one layer
         // step's worth of each tier.
-        reqs.sort_by_key(|r| std::cmp::Reverse(r.priority));
-        let mut seen = std::collections::HashSet::new();
-        reqs.retain(|r| seen.insert((r.expert, r.tier)));
-        let cap = (top_k as usize * v.tokens as usize).max(top_k as usize);
-        let dense = |r: &PrefetchRequest| self.res.dense(r.expert);
-        let device: Vec<u32> = reqs
+        let res = &self.res;
+        let accepted = accept_prefetches(
+            reqs,
+            prefetch_cap(top_k as usize, v.tokens as usize),
+            |e| res.dense(e).is_none_or(|k| res.on_device(k)),
+            |e| res.dense(e).is_none_or(|k| res.on_host(k)),
+        );
+        let device: Vec<u32> = accepted
+            .device
             .iter()
-            .filter(|r| r.tier == Tier::Device)
-            .filter_map(dense)
-            .filter(|&k| !self.res.on_device(k))
-            .take(cap)
+            .filter_map(|r| res.dense(r.expert))
             .collect();
-        let host: Vec<u32> = if self.res.host_cap.is_some() {
-            reqs.iter()
-                .filter(|r| r.tier == Tier::Host)
-                .filter_map(dense)
-                .filter(|&k| !self.res.on_host(k) && !self.res.on_device(k))
-                .take(cap)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let host: Vec<u32> = accepted
+            .host
+            .iter()
+            .filter_map(|r| res.dense(r.expert))
+            .collect();
         // Device requests, pool by pool in order of first appearance.
         let mut pools: Vec<u32> = Vec::new();
         for &k in &device {
@@ -362,33 +358,31 @@ impl Sim {
                 .collect();
             let free = self.res.device_free(pool) as usize;
             let mut room = free;
-            if wanted.len() > free {
-                let pinned_here = keys
-                    .iter()
-                    .filter(|&&k| self.res.pool_of(k) == pool && self.res.on_device(k))
-                    .count() as u32;
-                let candidates = self.res.device_count(pool) - pinned_here;
-                if candidates > 0 {
-                    for &k in &wanted {
-                        self.res.extra.set(k);
-                    }
-                    let request = Request {
-                        tier: Tier::Device,
-                        pool,
-                        count: ((wanted.len() - free) as u32).min(candidates),
-                        skip_pinned: true,
-                        skip_extra: true,
-                    };
-                    let mut victims = Vec::new();
-                    ev.victims(&self.res, request, &mut victims);
-                    for &k in &wanted {
-                        self.res.extra.clear(k);
-                    }
-                    let before = self.res.device_count(pool);
-                    self.evict(&victims, ev);
-                    room += (before - self.res.device_count(pool)) as usize;
-                    self.admit_host(ev);
+            let pinned_here = keys
+                .iter()
+                .filter(|&&k| self.res.pool_of(k) == pool && self.res.on_device(k))
+                .count();
+            let candidates = self.res.device_count(pool) as usize - pinned_here;
+            if let Some(count) = victims_wanted(wanted.len(), free, candidates) {
+                for &k in &wanted {
+                    self.res.extra.set(k);
                 }
+                let request = Request {
+                    tier: Tier::Device,
+                    pool,
+                    count,
+                    skip_pinned: true,
+                    skip_extra: true,
+                };
+                let mut victims = Vec::new();
+                ev.victims(&self.res, request, &mut victims);
+                for &k in &wanted {
+                    self.res.extra.clear(k);
+                }
+                let before = self.res.device_count(pool);
+                self.evict(&victims, ev);
+                room += (before - self.res.device_count(pool)) as usize;
+                self.admit_host(ev);
             }
             for &k in wanted.iter().take(room) {
                 self.res.insert(k, Tier::Device);

@@ -6,13 +6,14 @@
 
 use crate::policy::wasm::{LoadedComponent, RuntimeLimits, WasmPolicy};
 use crate::policy::{
-    Candidates, Event, EventKind, Eviction, ExpertKey, GuardedEviction, GuardedPrefetch, InitArgs,
-    PolicyStats, PrefetchRequest, RoutedStep, StepFacts, Tier, VictimRequest,
+    EventKind, Eviction, ExpertKey, GuardedEviction, GuardedPrefetch, InitArgs, PolicyStats,
+    PrefetchRequest, RoutedStep, StepFacts, Tier, VictimRequest,
 };
 
 use super::engine::{Evictor, Prefetcher};
 use super::schedule::Visit;
-use crate::experts::tiered::residency::{Request, Residency};
+use crate::experts::tiered::events::EventLog;
+use crate::experts::tiered::residency::{Offered, Request, Residency};
 
 /// An eviction policy behind its calls: a guarded plugin, or a trusted native policy.
 ///
@@ -138,52 +139,21 @@ impl Prefetcher for GuardedPrefetch {
 /// An `Evictor` that speaks the policy contract.
 pub struct ContractEvictor<'p> {
     calls: &'p mut dyn EvictionCalls,
-    experts_per_layer: u32,
     step: u64,
     layer: u32,
-    events: Vec<Event>,
+    /// What the policy has not been told yet, as the live store keeps it.
+    log: EventLog,
     excluded: Vec<ExpertKey>,
-    /// Inserted since the policy's previous call (it has not heard of them): not candidates
-    /// of a `victims` request, as in the live store.
-    unreported: Vec<(u32, Tier)>,
-}
-
-/// A replay request's candidates, answered from the residency bitsets in O(1) (plus the few
-/// unreported inserts).
-struct ReplayCandidates<'a> {
-    res: &'a Residency,
-    request: Request,
-    hidden: &'a [u32],
-}
-
-impl Candidates for ReplayCandidates<'_> {
-    fn contains(&self, e: ExpertKey) -> bool {
-        self.res
-            .dense(e)
-            .is_some_and(|k| self.res.is_candidate(k, &self.request) && !self.hidden.contains(&k))
-    }
-
-    fn list(&self) -> Vec<ExpertKey> {
-        let mut v = Vec::new();
-        self.res.candidates(&self.request, |k| {
-            if !self.hidden.contains(&k) {
-                v.push(self.res.key(k))
-            }
-        });
-        v
-    }
 }
 
 impl<'p> ContractEvictor<'p> {
     pub fn new(calls: &'p mut dyn EvictionCalls, experts_per_layer: u32) -> Self {
         Self {
             calls,
-            experts_per_layer,
             step: 0,
             layer: 0,
-            events: Vec::new(),
+            log: EventLog::new(experts_per_layer),
             excluded: Vec::new(),
-            unreported: Vec::new(),
         }
     }
 
@@ -196,22 +166,7 @@ impl<'p> ContractEvictor<'p> {
     fn exclude(&mut self, res: &Residency, r: &Request) {
         self.excluded.clear();
         let excluded = &mut self.excluded;
-        res.excluded(r, |k| excluded.push(res.key(k)));
-    }
-
-    fn key(&self, k: u32) -> ExpertKey {
-        ExpertKey {
-            layer: k / self.experts_per_layer,
-            expert: k % self.experts_per_layer,
-        }
-    }
-
-    fn event(&mut self, kind: EventKind, tier: Tier, key: ExpertKey) {
-        self.events.push(Event {
-            kind,
-            tier,
-            expert: key,
-        });
+        res.excluded(r, &[], |k| excluded.push(res.key(k)));
     }
 }
 
@@ -224,23 +179,21 @@ impl Evictor for ContractEvictor<'_> {
         self.step = v.step;
         self.layer = v.layer;
         for &k in keys {
-            let key = self.key(k);
-            self.event(EventKind::Access, Tier::Device, key);
+            self.log.push(EventKind::Access, Tier::Device, k);
         }
     }
 
     fn on_step(&mut self, res: &Residency, request: Option<Request>, out: &mut Vec<u32>) {
+        // This call delivers every pending event: the policy then knows every resident.
         let facts = StepFacts {
             step: self.step,
             layer: self.layer,
-            events: std::mem::take(&mut self.events),
+            events: self.log.take(),
         };
         if let Some(r) = &request {
             self.exclude(res, r);
         }
-        // This call delivers every pending event.
-        self.unreported.clear();
-        let candidates = request.map(|request| ReplayCandidates {
+        let candidates = request.map(|request| Offered {
             res,
             request,
             hidden: &[],
@@ -259,28 +212,19 @@ impl Evictor for ContractEvictor<'_> {
             .calls
             .on_step(&facts, request.as_ref(), &|| res.init_args());
         dense(res, victims, out);
-        self.events = facts.events;
-        self.events.clear();
+        self.log.recycle(facts.events);
     }
 
     fn victims(&mut self, res: &Residency, request: Request, out: &mut Vec<u32>) {
         self.exclude(res, &request);
-        let hidden: Vec<u32> = self
-            .unreported
-            .iter()
-            .filter(|(k, t)| *t == request.tier && res.is_candidate(*k, &request))
-            .map(|(k, _)| *k)
-            .collect();
-        let mut count = request.count;
-        if !hidden.is_empty() {
-            let mut all = 0u32;
-            res.candidates(&request, |_| all += 1);
-            count = count.min(all - hidden.len() as u32);
-            if count == 0 {
-                return;
-            }
+        self.log.fit(res.n_keys() as usize);
+        let hidden = [self.log.unreported(request.tier)];
+        // Residents the policy has not heard of are not offered.
+        let count = request.count.min(res.candidate_count(&request, &hidden));
+        if count == 0 {
+            return;
         }
-        let candidates = ReplayCandidates {
+        let candidates = Offered {
             res,
             request,
             hidden: &hidden,
@@ -297,14 +241,10 @@ impl Evictor for ContractEvictor<'_> {
     }
 
     fn inserted(&mut self, key: u32, tier: Tier) {
-        self.unreported.push((key, tier));
-        let k = self.key(key);
-        self.event(EventKind::Insert, tier, k);
+        self.log.push(EventKind::Insert, tier, key);
     }
 
     fn removed(&mut self, key: u32, tier: Tier) {
-        self.unreported.retain(|u| *u != (key, tier));
-        let k = self.key(key);
-        self.event(EventKind::Remove, tier, k);
+        self.log.push(EventKind::Remove, tier, key);
     }
 }

@@ -43,10 +43,12 @@ use crate::policy::wasm::RuntimeLimits;
 use crate::policy::*;
 
 mod config;
+pub mod events;
 mod load;
 mod policies;
 mod prefetch;
 pub mod residency;
+pub mod rules;
 mod state;
 mod stats;
 mod step;
@@ -55,7 +57,7 @@ pub use config::{parse_bytes, Device, StoreConfig};
 pub use policies::BUILTIN_PLACEMENT;
 use policies::{guarded, AnyGuarded, Policies};
 use prefetch::Queue;
-use state::{DeviceEntry, State};
+use state::State;
 pub use stats::{PlacementCounters, PolicyStatsSet, PrefetchCounters, StoreStats, TierCounters};
 
 /// The GPU memory a `Device::Cuda` store's device tier lives in (`slots` experts of
@@ -105,8 +107,8 @@ struct Inner {
     shape: ModelShape,
     device_slots: usize,
     host_slots: usize,
-    device_bytes: u64,
-    host_bytes: u64,
+    /// Bytes of a device slot (the compute form; a host slot holds `shape.expert_bytes`).
+    device_slot_bytes: u64,
     state: Mutex<State>,
     policies: Mutex<Policies>,
     pending: Mutex<Vec<AnyGuarded>>,
@@ -264,9 +266,8 @@ impl TieredExperts {
             shape,
             device_slots,
             host_slots,
-            device_bytes: device_slots as u64 * compute,
-            host_bytes: host_slots as u64 * storage,
-            state: Mutex::new(State::default()),
+            device_slot_bytes: compute,
+            state: Mutex::new(State::new(shape, device_slots, host_slots)),
             policies: Mutex::new(Policies {
                 selection,
                 eviction,
@@ -327,10 +328,10 @@ impl TieredExperts {
         let s = self.inner.state.lock().unwrap();
         let mut device = s.device_c.clone();
         device.slots = self.inner.device_slots as u64;
-        device.resident = s.device.len() as u64;
+        device.resident = s.device_len() as u64;
         let mut host = s.host_c.clone();
         host.slots = self.inner.host_slots as u64;
-        host.resident = s.host.len() as u64;
+        host.resident = s.host_len() as u64;
         let mut disk = s.disk_c.clone();
         disk.slots = (self.inner.moe_layers.len() * self.inner.n_experts) as u64;
         disk.resident = disk.slots;
@@ -433,56 +434,7 @@ impl Inner {
     }
 
     fn init_args(&self) -> InitArgs {
-        let s = self.state.lock().unwrap();
-        let mut resident: Vec<(ExpertKey, Tier)> = s
-            .device
-            .iter()
-            .filter(|(_, e)| matches!(e, DeviceEntry::Ready(_)))
-            .map(|(k, _)| (*k, Tier::Device))
-            .chain(s.host.keys().map(|k| (*k, Tier::Host)))
-            .collect();
-        resident.sort();
-        InitArgs {
-            shape: self.shape,
-            capacities: vec![
-                TierCapacity {
-                    tier: Tier::Device,
-                    slots: self.device_slots as u32,
-                    bytes: self.device_bytes,
-                },
-                TierCapacity {
-                    tier: Tier::Host,
-                    slots: self.host_slots as u32,
-                    bytes: self.host_bytes,
-                },
-                TierCapacity {
-                    tier: Tier::Disk,
-                    slots: self.shape.moe_layers * self.shape.experts_per_layer,
-                    bytes: self.shape.moe_layers as u64
-                        * self.shape.experts_per_layer as u64
-                        * self.shape.expert_bytes,
-                },
-            ],
-            resident,
-        }
-    }
-
-    fn residency(s: &State, moe_layer: u32, n: usize) -> Vec<Tier> {
-        (0..n as u32)
-            .map(|e| {
-                let k = ExpertKey {
-                    layer: moe_layer,
-                    expert: e,
-                };
-                if matches!(s.device.get(&k), Some(DeviceEntry::Ready(_))) {
-                    Tier::Device
-                } else if s.host.contains_key(&k) {
-                    Tier::Host
-                } else {
-                    Tier::Disk
-                }
-            })
-            .collect()
+        self.state.lock().unwrap().init_args(self.device_slot_bytes)
     }
 }
 
@@ -499,7 +451,7 @@ impl ExpertProvider for TieredExperts {
         if moe == 0 {
             inner.budget.lock().unwrap().note_tokens(tokens);
         }
-        let residency = Inner::residency(&inner.state.lock().unwrap(), moe, inner.n_experts);
+        let residency = inner.state.lock().unwrap().layer_tiers(moe);
         let mut p = inner.policies.lock().unwrap();
         Some(
             p.selection

@@ -2,15 +2,15 @@
 //! worker threads (highest priority first; a newer request cancels queued ones), each filling a
 //! device slot reserved for it or the host tier.
 
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::experts::{ExpertBytes, ExpertWeights};
 use crate::policy::*;
 
+use super::rules::{accept_prefetches, prefetch_cap, Accepted};
 use super::state::DeviceEntry;
-use super::state::TierCandidates;
 use super::Inner;
 
 /// Where a prefetch worker puts its result; `Some(None)` = cancelled or failed.
@@ -93,7 +93,7 @@ impl Inner {
                     let result = if stale {
                         None
                     } else {
-                        let host = self.state.lock().unwrap().host.get(&job.key).cloned();
+                        let host = self.state.lock().unwrap().host_copy(job.key);
                         match self.load_compute(job.key, host, true) {
                             Ok(w) => {
                                 let mut s = self.state.lock().unwrap();
@@ -107,15 +107,15 @@ impl Inner {
                         }
                     };
                     let mut s = self.state.lock().unwrap();
-                    let ours = matches!(s.device.get(&job.key), Some(DeviceEntry::Loading(c)) if Arc::ptr_eq(c, &cell));
+                    let ours = matches!(s.device_entry(job.key), Some(DeviceEntry::Loading(c)) if Arc::ptr_eq(c, &cell));
                     match (&result, ours) {
                         (Some(w), true) => {
-                            s.device.insert(job.key, DeviceEntry::Ready(w.clone()));
-                            s.prefetched_unused.insert(job.key);
+                            s.set_device(job.key, DeviceEntry::Ready(w.clone()));
+                            s.mark_prefetched(job.key);
                             s.event(EventKind::Insert, Tier::Device, job.key);
                         }
                         (None, true) => {
-                            s.device.remove(&job.key);
+                            s.remove_device(job.key);
                             s.prefetch_c.cancelled += 1;
                             s.prefetch_c.wasted += 1;
                         }
@@ -134,9 +134,9 @@ impl Inner {
                     let layer = self.moe_layers[job.key.layer as usize];
                     if let Ok(b) = ExpertBytes::read(&self.ckpt, layer, job.key.expert) {
                         let mut s = self.state.lock().unwrap();
-                        if s.host.len() < self.host_slots && !s.host.contains_key(&job.key) {
+                        if s.host_len() < self.host_slots && !s.on_host(job.key) {
                             s.host_c.bytes_in += b.storage_bytes() as u64;
-                            s.host.insert(job.key, Arc::new(b));
+                            s.set_host(job.key, Arc::new(b));
                             s.event(EventKind::Insert, Tier::Host, job.key);
                         }
                     }
@@ -174,98 +174,60 @@ impl Inner {
                         Some(Outlook {
                             layer: m,
                             scores: scores.clone(),
-                            residency: Inner::residency(&s, m, inner.n_experts),
+                            residency: s.layer_tiers(m),
                         })
                     })
                     .collect(),
             }
         };
-        let mut reqs = p.prefetch.on_routed(&step, &|| inner.init_args());
+        let reqs = p.prefetch.on_routed(&step, &|| inner.init_args());
         if reqs.is_empty() {
             return;
         }
         // Newer requests cancel queued ones.
         let generation = inner.queue.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        reqs.sort_by_key(|r| std::cmp::Reverse(r.priority));
-        let mut seen = HashSet::new();
-        reqs.retain(|r| seen.insert((r.expert, r.tier)));
-        // At most one layer step's worth of device prefetches per call.
-        let cap = (inner.top_k * tokens).max(inner.top_k);
-        let current: HashSet<ExpertKey> = experts
-            .iter()
-            .map(|&e| ExpertKey {
-                layer: moe,
-                expert: e,
-            })
-            .collect();
-        let (device_reqs, host_reqs): (Vec<PrefetchRequest>, Vec<PrefetchRequest>) = {
+        let Accepted {
+            device: device_reqs,
+            host: host_reqs,
+        } = {
             let s = inner.state.lock().unwrap();
-            let d: Vec<_> = reqs
-                .iter()
-                .filter(|r| r.tier == Tier::Device && !s.device.contains_key(&r.expert))
-                .take(cap)
-                .copied()
-                .collect();
-            let h: Vec<_> = reqs
-                .iter()
-                .filter(|r| {
-                    r.tier == Tier::Host
-                        && !s.host.contains_key(&r.expert)
-                        && !s.device.contains_key(&r.expert)
-                })
-                .take(cap)
-                .copied()
-                .collect();
-            (d, h)
+            accept_prefetches(
+                reqs,
+                prefetch_cap(inner.top_k, tokens),
+                |e| s.on_device(e),
+                |e| s.on_host(e),
+            )
         };
         let mut accepted = Vec::new();
         if !device_reqs.is_empty() {
-            let (free, excluded, available) = {
-                let s = inner.state.lock().unwrap();
-                let mut excluded: Vec<ExpertKey> = current
-                    .iter()
-                    .copied()
-                    .chain(device_reqs.iter().map(|r| r.expert))
-                    .filter(|k| matches!(s.device.get(k), Some(DeviceEntry::Ready(_))))
-                    .collect();
-                excluded.sort_unstable();
-                excluded.dedup();
-                let available = s.candidate_count(Tier::Device, &excluded);
-                (
-                    inner.device_slots.saturating_sub(s.device.len()),
-                    excluded,
-                    available,
-                )
+            // Room for them, taken from the residents this step does not use.
+            let current: Vec<ExpertKey> = experts
+                .iter()
+                .map(|&e| ExpertKey {
+                    layer: moe,
+                    expert: e,
+                })
+                .collect();
+            let free = {
+                let mut s = inner.state.lock().unwrap();
+                s.pin(&current, true);
+                inner.device_slots.saturating_sub(s.device_len())
             };
+            let victims = inner.victims_for(&mut p, Tier::Device, device_reqs.len(), free);
             let mut room = free;
-            if device_reqs.len() > free && available > 0 {
-                let candidates = TierCandidates {
-                    inner,
-                    tier: Tier::Device,
-                    excluded: &excluded,
-                };
-                let req = VictimRequest {
-                    tier: Tier::Device,
-                    count: (device_reqs.len() - free).min(available) as u32,
-                    only_layer: None,
-                    excluded: &excluded,
-                    candidates: &candidates,
-                };
-                let victims = p.eviction.victims(&req, &|| inner.init_args());
-                let mut demote = Vec::new();
-                {
-                    let mut s = inner.state.lock().unwrap();
-                    let before = s.device.len();
-                    inner.evict_device(&mut s, &victims, &mut demote);
-                    room += before - s.device.len();
-                }
-                inner.admit_host(&mut p, &demote);
+            let mut demote = Vec::new();
+            {
+                let mut s = inner.state.lock().unwrap();
+                s.pin(&current, false);
+                let before = s.device_len();
+                inner.evict_device(&mut s, &victims, &mut demote);
+                room += before - s.device_len();
             }
+            inner.admit_host(&mut p, &demote);
             let mut s = inner.state.lock().unwrap();
             for r in device_reqs.into_iter().take(room) {
                 let cell = Arc::new(LoadCell::default());
-                s.device
-                    .insert(r.expert, DeviceEntry::Loading(cell.clone()));
+                s.set_device(r.expert, DeviceEntry::Loading(cell.clone()));
                 accepted.push((r, Some(cell)));
             }
         }

@@ -1,8 +1,9 @@
-//! What is resident where during a replay: the device tier (the cache of C experts, one pool
-//! for the model or one pool of C per layer), the host tier (unlimited, or C2 experts in the same
-//! pool layout), and the keys excluded from the victim request being built.
+//! What is resident where, by dense key (`layer * experts_per_layer + expert`): the device tier
+//! (C experts, one pool for the model or one pool of C per layer), the host tier (unlimited, or
+//! C2 experts in the same pool layout), the keys a victim request leaves out, and the
+//! candidates it offers. The live store and the replay lab both keep their tiers in it.
 
-use crate::policy::{ExpertKey, InitArgs, ModelShape, Tier, TierCapacity};
+use crate::policy::{Candidates, ExpertKey, InitArgs, ModelShape, Tier, TierCapacity};
 
 /// A fixed-size set of keys.
 #[derive(Debug, Clone)]
@@ -14,6 +15,13 @@ impl BitSet {
     pub fn new(n: usize) -> Self {
         Self {
             words: vec![0; n.div_ceil(64)],
+        }
+    }
+
+    /// Grows the set to hold keys below `n`.
+    pub fn fit(&mut self, n: usize) {
+        if self.words.len() < n.div_ceil(64) {
+            self.words.resize(n.div_ceil(64), 0);
         }
     }
 
@@ -217,43 +225,60 @@ impl Residency {
         true
     }
 
-    /// Whether `k` is one of `r`'s candidates.
-    pub fn is_candidate(&self, k: u32, r: &Request) -> bool {
-        let (start, end) = self.pool_range(r.pool);
-        let resident = match r.tier {
-            Tier::Device => self.device.has(k),
-            _ => self.host.has(k),
-        };
-        (start..end).contains(&k)
-            && resident
-            && !(r.skip_pinned && self.pinned.has(k))
-            && !(r.skip_extra && self.extra.has(k))
-    }
-
-    /// The candidates of `r`, ascending.
-    pub fn candidates(&self, r: &Request, mut f: impl FnMut(u32)) {
-        let (start, end) = self.pool_range(r.pool);
-        let set = match r.tier {
+    fn tier_set(&self, tier: Tier) -> &BitSet {
+        match tier {
             Tier::Device => &self.device,
             _ => &self.host,
-        };
-        match (r.skip_pinned, r.skip_extra) {
-            (true, true) => set.for_each_in(start, end, &[&self.pinned, &self.extra], &mut f),
-            (true, false) => set.for_each_in(start, end, &[&self.pinned], &mut f),
-            (false, true) => set.for_each_in(start, end, &[&self.extra], &mut f),
-            (false, false) => set.for_each_in(start, end, &[], &mut f),
         }
     }
 
-    /// The keys `r` leaves out: resident in its tier and pool, but pinned or extra (as `r`
-    /// says), ascending.
-    pub fn excluded(&self, r: &Request, f: impl FnMut(u32)) {
+    /// The sets `r` leaves out, then `hidden`, into `buf`; how many.
+    fn minus<'a>(&'a self, r: &Request, hidden: &[&'a BitSet], buf: &mut [&'a BitSet; 4]) -> usize {
+        let mut n = 0;
+        for (skip, set) in [(r.skip_pinned, &self.pinned), (r.skip_extra, &self.extra)] {
+            if skip {
+                buf[n] = set;
+                n += 1;
+            }
+        }
+        assert!(hidden.len() <= 2, "at most two hidden sets");
+        for h in hidden {
+            buf[n] = h;
+            n += 1;
+        }
+        n
+    }
+
+    /// Whether `k` is one of `r`'s candidates, leaving out the keys in `hidden` too.
+    pub fn is_candidate(&self, k: u32, r: &Request, hidden: &[&BitSet]) -> bool {
         let (start, end) = self.pool_range(r.pool);
-        let set = match r.tier {
-            Tier::Device => &self.device,
-            _ => &self.host,
-        };
-        let zero = 0u64;
+        (start..end).contains(&k)
+            && self.tier_set(r.tier).has(k)
+            && !(r.skip_pinned && self.pinned.has(k))
+            && !(r.skip_extra && self.extra.has(k))
+            && !hidden.iter().any(|h| h.has(k))
+    }
+
+    /// The candidates of `r` not in `hidden`, ascending.
+    pub fn candidates(&self, r: &Request, hidden: &[&BitSet], f: impl FnMut(u32)) {
+        let (start, end) = self.pool_range(r.pool);
+        let mut buf = [&self.pinned; 4];
+        let n = self.minus(r, hidden, &mut buf);
+        self.tier_set(r.tier).for_each_in(start, end, &buf[..n], f)
+    }
+
+    /// How many candidates `r` has outside `hidden`.
+    pub fn candidate_count(&self, r: &Request, hidden: &[&BitSet]) -> u32 {
+        let mut n = 0;
+        self.candidates(r, hidden, |_| n += 1);
+        n
+    }
+
+    /// The keys `r` leaves out (resident in its tier and pool, but pinned or extra, as `r`
+    /// says) that are not in `hidden`, ascending.
+    pub fn excluded(&self, r: &Request, hidden: &[&BitSet], f: impl FnMut(u32)) {
+        let (start, end) = self.pool_range(r.pool);
+        let set = self.tier_set(r.tier);
         for_each_bit(
             start,
             end,
@@ -261,14 +286,11 @@ impl Residency {
                 let pinned = if r.skip_pinned {
                     self.pinned.words[w]
                 } else {
-                    zero
+                    0
                 };
-                let extra = if r.skip_extra {
-                    self.extra.words[w]
-                } else {
-                    zero
-                };
-                set.words[w] & (pinned | extra)
+                let extra = if r.skip_extra { self.extra.words[w] } else { 0 };
+                let hid = hidden.iter().fold(0, |a, h| a | h.words[w]);
+                set.words[w] & (pinned | extra) & !hid
             },
             f,
         )
@@ -291,20 +313,31 @@ impl Residency {
     }
 
     /// What a policy's `init` gets: the shape, the capacities (device and host slots in all,
-    /// whatever the pool layout) and what is resident now, ascending.
+    /// whatever the pool layout; each slot `expert_bytes`) and what is resident now, ascending.
     pub fn init_args(&self) -> InitArgs {
+        let eb = self.shape.expert_bytes;
+        self.init_args_with(eb, eb, &[])
+    }
+
+    /// `init_args` with a device slot of `device_slot_bytes`, a host slot of `host_slot_bytes`,
+    /// and the device keys in `hidden` (slots still loading) not counted as resident.
+    pub fn init_args_with(
+        &self,
+        device_slot_bytes: u64,
+        host_slot_bytes: u64,
+        hidden: &[&BitSet],
+    ) -> InitArgs {
         let pools = if self.per_layer {
             self.shape.moe_layers
         } else {
             1
         };
         let n = self.n_keys();
-        let eb = self.shape.expert_bytes;
         let device_slots = (self.device_cap * pools).min(n);
         let host_slots = self.host_cap.map_or(n, |c| (c * pools).min(n));
         let mut resident = Vec::new();
         self.device
-            .for_each_in(0, n, &[], |k| resident.push((self.key(k), Tier::Device)));
+            .for_each_in(0, n, hidden, |k| resident.push((self.key(k), Tier::Device)));
         if self.host_cap.is_some() {
             self.host
                 .for_each_in(0, n, &[], |k| resident.push((self.key(k), Tier::Host)));
@@ -316,20 +349,44 @@ impl Residency {
                 TierCapacity {
                     tier: Tier::Device,
                     slots: device_slots,
-                    bytes: device_slots as u64 * eb,
+                    bytes: device_slots as u64 * device_slot_bytes,
                 },
                 TierCapacity {
                     tier: Tier::Host,
                     slots: host_slots,
-                    bytes: host_slots as u64 * eb,
+                    bytes: host_slots as u64 * host_slot_bytes,
                 },
                 TierCapacity {
                     tier: Tier::Disk,
                     slots: n,
-                    bytes: n as u64 * eb,
+                    bytes: n as u64 * self.shape.expert_bytes,
                 },
             ],
             resident,
         }
+    }
+}
+
+/// A victim request's candidates as a policy sees them, answered from the residency bitsets:
+/// `request`'s candidates minus `hidden` (residents the policy has not been told of, slots
+/// still loading).
+pub struct Offered<'a> {
+    pub res: &'a Residency,
+    pub request: Request,
+    pub hidden: &'a [&'a BitSet],
+}
+
+impl Candidates for Offered<'_> {
+    fn contains(&self, e: ExpertKey) -> bool {
+        self.res
+            .dense(e)
+            .is_some_and(|k| self.res.is_candidate(k, &self.request, self.hidden))
+    }
+
+    fn list(&self) -> Vec<ExpertKey> {
+        let mut v = Vec::new();
+        self.res
+            .candidates(&self.request, self.hidden, |k| v.push(self.res.key(k)));
+        v
     }
 }

@@ -1,14 +1,17 @@
-//! What the live store holds where, under its state lock: the device and host tiers' entries,
-//! the events not yet told to the eviction policy, and the counters; eviction and demotion.
+//! What the live store holds where, under its state lock: residency (shared with the replay
+//! lab), the device entries and host copies behind it, the events not yet told to the eviction
+//! policy, and the counters; victim requests, eviction and demotion.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::experts::{ExpertBytes, ExpertWeights};
 use crate::policy::*;
 
+use super::events::EventLog;
 use super::policies::Policies;
 use super::prefetch::LoadCell;
+use super::residency::{BitSet, Offered, Request, Residency};
+use super::rules::victims_wanted;
 use super::stats::{PlacementCounters, PrefetchCounters, TierCounters};
 use super::Inner;
 
@@ -18,17 +21,20 @@ pub(super) enum DeviceEntry {
     Loading(Arc<LoadCell>),
 }
 
-#[derive(Default)]
 pub(super) struct State {
-    pub(super) device: HashMap<ExpertKey, DeviceEntry>,
-    pub(super) host: HashMap<ExpertKey, Arc<ExpertBytes>>,
+    /// Which experts hold a slot where (one pool for the model). A device slot is held by a
+    /// ready entry or by one still loading.
+    pub(super) res: Residency,
+    /// By dense key: the device entries and host copies behind `res`.
+    device: Vec<Option<DeviceEntry>>,
+    host: Vec<Option<Arc<ExpertBytes>>>,
+    /// Device slots a prefetch worker is still filling: never candidates, not yet resident
+    /// for the policies.
+    loading: BitSet,
     /// Events not yet delivered to the eviction policy.
-    pub(super) events: Vec<Event>,
-    /// Residents whose insert event is among `events`: the policy does not know them yet, so
-    /// a victim request must not count them as candidates.
-    pub(super) unreported: HashSet<(ExpertKey, Tier)>,
+    pub(super) log: EventLog,
     /// Prefetched into the device tier and not used yet.
-    pub(super) prefetched_unused: HashSet<ExpertKey>,
+    prefetched_unused: BitSet,
     pub(super) device_c: TierCounters,
     pub(super) host_c: TierCounters,
     pub(super) disk_c: TierCounters,
@@ -39,96 +45,267 @@ pub(super) struct State {
 }
 
 impl State {
-    /// Records an event for the eviction policy's next call.
-    pub(super) fn event(&mut self, kind: EventKind, tier: Tier, expert: ExpertKey) {
-        match kind {
-            EventKind::Insert => {
-                self.unreported.insert((expert, tier));
-            }
-            EventKind::Remove => {
-                self.unreported.remove(&(expert, tier));
-            }
-            EventKind::Access => {}
+    pub(super) fn new(shape: ModelShape, device_slots: usize, host_slots: usize) -> Self {
+        let n = (shape.moe_layers * shape.experts_per_layer) as usize;
+        Self {
+            res: Residency::new(shape, false, device_slots as u32, Some(host_slots as u32)),
+            device: (0..n).map(|_| None).collect(),
+            host: vec![None; n],
+            loading: BitSet::new(n),
+            log: {
+                let mut log = EventLog::new(shape.experts_per_layer);
+                log.fit(n);
+                log
+            },
+            prefetched_unused: BitSet::new(n),
+            device_c: TierCounters::default(),
+            host_c: TierCounters::default(),
+            disk_c: TierCounters::default(),
+            streamed: 0,
+            placement_c: PlacementCounters::default(),
+            wait_ns: 0,
+            prefetch_c: PrefetchCounters::default(),
         }
-        self.events.push(Event { kind, tier, expert });
     }
 
-    /// The events since the policy's previous call; it knows every resident afterwards.
-    pub(super) fn take_events(&mut self) -> Vec<Event> {
-        self.unreported.clear();
-        std::mem::take(&mut self.events)
+    /// The dense key of `e` (the store only names experts of its own shape).
+    pub(super) fn dense(&self, e: ExpertKey) -> u32 {
+        self.res
+            .dense(e)
+            .expect("expert key within the model's shape")
     }
 
-    /// Victim candidates in `tier`: residents (device: ready ones) the policy has been told
-    /// about, minus `excluded`.
-    pub(super) fn is_candidate(&self, e: ExpertKey, tier: Tier, excluded: &[ExpertKey]) -> bool {
-        let resident = match tier {
-            Tier::Device => matches!(self.device.get(&e), Some(DeviceEntry::Ready(_))),
-            _ => self.host.contains_key(&e),
-        };
-        resident && !excluded.contains(&e) && !self.unreported.contains(&(e, tier))
+    /// Records an event for the eviction policy's next call.
+    pub(super) fn event(&mut self, kind: EventKind, tier: Tier, e: ExpertKey) {
+        let k = self.dense(e);
+        self.log.push(kind, tier, k);
     }
 
-    /// How many candidates a request for `tier` with `excluded` has.
-    pub(super) fn candidate_count(&self, tier: Tier, excluded: &[ExpertKey]) -> usize {
-        let resident = match tier {
-            Tier::Device => self
-                .device
-                .values()
-                .filter(|e| matches!(e, DeviceEntry::Ready(_)))
-                .count(),
-            _ => self.host.len(),
-        };
-        let resident_excluded = excluded
-            .iter()
-            .filter(|e| match tier {
-                Tier::Device => matches!(self.device.get(e), Some(DeviceEntry::Ready(_))),
-                _ => self.host.contains_key(e),
-            })
-            .count();
-        let unreported = self
-            .unreported
-            .iter()
-            .filter(|(e, t)| {
-                *t == tier && !excluded.contains(e) && {
-                    match tier {
-                        Tier::Device => matches!(self.device.get(e), Some(DeviceEntry::Ready(_))),
-                        _ => self.host.contains_key(e),
-                    }
+    pub(super) fn device_entry(&self, e: ExpertKey) -> Option<&DeviceEntry> {
+        self.device[self.dense(e) as usize].as_ref()
+    }
+
+    /// Holds a device slot (ready or loading).
+    pub(super) fn on_device(&self, e: ExpertKey) -> bool {
+        self.res.on_device(self.dense(e))
+    }
+
+    pub(super) fn is_ready(&self, e: ExpertKey) -> bool {
+        matches!(self.device_entry(e), Some(DeviceEntry::Ready(_)))
+    }
+
+    pub(super) fn host_copy(&self, e: ExpertKey) -> Option<Arc<ExpertBytes>> {
+        self.host[self.dense(e) as usize].clone()
+    }
+
+    pub(super) fn on_host(&self, e: ExpertKey) -> bool {
+        self.res.on_host(self.dense(e))
+    }
+
+    pub(super) fn device_len(&self) -> usize {
+        self.res.device_count(0) as usize
+    }
+
+    pub(super) fn host_len(&self) -> usize {
+        self.res.host_count(0) as usize
+    }
+
+    /// Puts `entry` in `e`'s device slot, taking a slot if it holds none.
+    pub(super) fn set_device(&mut self, e: ExpertKey, entry: DeviceEntry) {
+        let k = self.dense(e);
+        if !self.res.on_device(k) {
+            self.res.insert(k, Tier::Device);
+        }
+        match entry {
+            DeviceEntry::Loading(_) => self.loading.set(k),
+            DeviceEntry::Ready(_) => self.loading.clear(k),
+        }
+        self.device[k as usize] = Some(entry);
+    }
+
+    /// Frees `e`'s device slot.
+    pub(super) fn remove_device(&mut self, e: ExpertKey) {
+        let k = self.dense(e);
+        self.res.remove(k, Tier::Device);
+        self.loading.clear(k);
+        self.device[k as usize] = None;
+    }
+
+    pub(super) fn set_host(&mut self, e: ExpertKey, bytes: Arc<ExpertBytes>) {
+        let k = self.dense(e);
+        if !self.res.on_host(k) {
+            self.res.insert(k, Tier::Host);
+        }
+        self.host[k as usize] = Some(bytes);
+    }
+
+    /// Drops `e`'s host copy; false if there was none.
+    pub(super) fn remove_host(&mut self, e: ExpertKey) -> bool {
+        let k = self.dense(e);
+        self.host[k as usize] = None;
+        self.res.remove(k, Tier::Host)
+    }
+
+    pub(super) fn mark_prefetched(&mut self, e: ExpertKey) {
+        let k = self.dense(e);
+        self.prefetched_unused.set(k);
+    }
+
+    /// Whether `e` was prefetched and not used yet; it counts as used (or wasted) from now on.
+    pub(super) fn take_prefetched(&mut self, e: ExpertKey) -> bool {
+        let k = self.dense(e);
+        let was = self.prefetched_unused.has(k);
+        self.prefetched_unused.clear(k);
+        was
+    }
+
+    /// Pins (or unpins) the experts of the step being served: never victims.
+    pub(super) fn pin(&mut self, keys: &[ExpertKey], on: bool) {
+        for &e in keys {
+            let k = self.dense(e);
+            if on {
+                self.res.pinned.set(k)
+            } else {
+                self.res.pinned.clear(k)
+            }
+        }
+    }
+
+    /// Marks (or unmarks) experts being admitted: a host victim request leaves them out.
+    pub(super) fn mark_extra(&mut self, keys: &[ExpertKey], on: bool) {
+        for &e in keys {
+            let k = self.dense(e);
+            if on {
+                self.res.extra.set(k)
+            } else {
+                self.res.extra.clear(k)
+            }
+        }
+    }
+
+    /// What a victim request for `tier` leaves out besides its pinned and extra keys: slots
+    /// still loading, and residents the policy has not been told of.
+    fn hidden(&self, tier: Tier) -> ([&BitSet; 2], usize) {
+        match tier {
+            Tier::Device => ([&self.loading, self.log.unreported(tier)], 2),
+            _ => ([self.log.unreported(tier), &self.loading], 1),
+        }
+    }
+
+    /// A victim request for `count` experts of `tier`: pinned experts are left out of device
+    /// requests, marked extra ones out of host requests.
+    pub(super) fn request(tier: Tier, count: u32) -> Request {
+        Request {
+            tier,
+            pool: 0,
+            count,
+            skip_pinned: tier == Tier::Device,
+            skip_extra: tier != Tier::Device,
+        }
+    }
+
+    /// How many victims `r`'s tier may give up now.
+    pub(super) fn candidate_count(&self, r: &Request) -> usize {
+        let (hidden, n) = self.hidden(r.tier);
+        self.res.candidate_count(r, &hidden[..n]) as usize
+    }
+
+    /// The residents `r` leaves out (ready ones: a loading slot is no resident yet).
+    pub(super) fn excluded(&self, r: &Request) -> Vec<ExpertKey> {
+        let mut v = Vec::new();
+        self.res
+            .excluded(r, &[&self.loading], |k| v.push(self.res.key(k)));
+        v
+    }
+
+    /// `r`'s candidates as the eviction policy sees them.
+    fn offered<T>(&self, r: &Request, f: impl FnOnce(&Offered) -> T) -> T {
+        let (hidden, n) = self.hidden(r.tier);
+        f(&Offered {
+            res: &self.res,
+            request: *r,
+            hidden: &hidden[..n],
+        })
+    }
+
+    /// Fastest tier of each expert of MoE layer `layer` (a loading slot is not there yet).
+    pub(super) fn layer_tiers(&self, layer: u32) -> Vec<Tier> {
+        let e = self.res.shape.experts_per_layer;
+        (layer * e..(layer + 1) * e)
+            .map(|k| {
+                if self.res.on_device(k) && !self.loading.has(k) {
+                    Tier::Device
+                } else if self.res.on_host(k) {
+                    Tier::Host
+                } else {
+                    Tier::Disk
                 }
             })
-            .count();
-        resident - resident_excluded - unreported
+            .collect()
+    }
+
+    /// What a policy's `init` gets (ready device entries and host copies are resident).
+    pub(super) fn init_args(&self, device_slot_bytes: u64) -> InitArgs {
+        self.res.init_args_with(
+            device_slot_bytes,
+            self.res.shape.expert_bytes,
+            &[&self.loading],
+        )
     }
 }
 
-/// A victim request's candidates: the residents of one tier (device: ready entries) minus
-/// `excluded`, looked up under the state lock (which the caller must not hold).
+/// A victim request's candidates, looked up under the state lock (which the caller must not
+/// hold) at each call: prefetch workers keep filling slots while the policy decides.
 pub(super) struct TierCandidates<'a> {
     pub(super) inner: &'a Inner,
-    pub(super) tier: Tier,
-    pub(super) excluded: &'a [ExpertKey],
+    pub(super) request: Request,
 }
 
 impl Candidates for TierCandidates<'_> {
     fn contains(&self, e: ExpertKey) -> bool {
         let s = self.inner.state.lock().unwrap();
-        s.is_candidate(e, self.tier, self.excluded)
+        s.offered(&self.request, |o| o.contains(e))
     }
 
     fn list(&self) -> Vec<ExpertKey> {
         let s = self.inner.state.lock().unwrap();
-        let mut v: Vec<ExpertKey> = match self.tier {
-            Tier::Device => s.device.keys().copied().collect(),
-            _ => s.host.keys().copied().collect(),
-        };
-        v.retain(|k| s.is_candidate(*k, self.tier, self.excluded));
-        v.sort_unstable();
-        v
+        s.offered(&self.request, |o| o.list())
     }
 }
 
 impl Inner {
+    /// Asks the eviction policy for victims in a further request of this step (not `on_step`):
+    /// room for `want` more experts of `tier`, given `free` slots. The caller has pinned or
+    /// marked what the request must leave out.
+    pub(super) fn victims_for(
+        &self,
+        p: &mut Policies,
+        tier: Tier,
+        want: usize,
+        free: usize,
+    ) -> Vec<ExpertKey> {
+        let (request, excluded) = {
+            let s = self.state.lock().unwrap();
+            let probe = State::request(tier, 0);
+            let Some(count) = victims_wanted(want, free, s.candidate_count(&probe)) else {
+                return Vec::new();
+            };
+            (State::request(tier, count), s.excluded(&probe))
+        };
+        let candidates = TierCandidates {
+            inner: self,
+            request,
+        };
+        let req = VictimRequest {
+            tier,
+            count: request.count,
+            only_layer: None,
+            excluded: &excluded,
+            candidates: &candidates,
+        };
+        p.eviction.victims(&req, &|| self.init_args())
+    }
+
     /// Removes `victims` from the device tier and demotes them to the host tier.
     pub(super) fn evict_device(
         &self,
@@ -136,15 +313,15 @@ impl Inner {
         victims: &[ExpertKey],
         demote: &mut Vec<ExpertKey>,
     ) {
-        for v in victims {
-            if let Some(DeviceEntry::Ready(_)) = s.device.get(v) {
-                s.device.remove(v);
-                s.event(EventKind::Remove, Tier::Device, *v);
-                if s.prefetched_unused.remove(v) {
+        for &v in victims {
+            if s.is_ready(v) {
+                s.remove_device(v);
+                s.event(EventKind::Remove, Tier::Device, v);
+                if s.take_prefetched(v) {
                     s.prefetch_c.wasted += 1;
                 }
-                if self.host_slots > 0 && !s.host.contains_key(v) {
-                    demote.push(*v);
+                if self.host_slots > 0 && !s.on_host(v) {
+                    demote.push(v);
                 }
             }
         }
@@ -155,38 +332,18 @@ impl Inner {
         if keys.is_empty() || self.host_slots == 0 {
             return;
         }
-        let (free, excluded, available) = {
-            let s = self.state.lock().unwrap();
-            let excluded: Vec<ExpertKey> = keys
-                .iter()
-                .filter(|k| s.host.contains_key(k))
-                .copied()
-                .collect();
-            let available = s.candidate_count(Tier::Host, &excluded);
-            (
-                self.host_slots.saturating_sub(s.host.len()),
-                excluded,
-                available,
-            )
-        };
-        let mut room = free;
-        if keys.len() > free && available > 0 {
-            let candidates = TierCandidates {
-                inner: self,
-                tier: Tier::Host,
-                excluded: &excluded,
-            };
-            let req = VictimRequest {
-                tier: Tier::Host,
-                count: (keys.len() - free).min(available) as u32,
-                only_layer: None,
-                excluded: &excluded,
-                candidates: &candidates,
-            };
-            let victims = p.eviction.victims(&req, &|| self.init_args());
+        let free = {
             let mut s = self.state.lock().unwrap();
+            s.mark_extra(keys, true);
+            self.host_slots.saturating_sub(s.host_len())
+        };
+        let victims = self.victims_for(p, Tier::Host, keys.len(), free);
+        let mut room = free;
+        {
+            let mut s = self.state.lock().unwrap();
+            s.mark_extra(keys, false);
             for v in victims {
-                if s.host.remove(&v).is_some() {
+                if s.remove_host(v) {
                     room += 1;
                     s.event(EventKind::Remove, Tier::Host, v);
                 }
@@ -198,11 +355,11 @@ impl Inner {
                 Ok(b) => {
                     let mut s = self.state.lock().unwrap();
                     // A prefetch worker may have taken the room meanwhile: never exceed it.
-                    if s.host.len() >= self.host_slots || s.host.contains_key(k) {
+                    if s.host_len() >= self.host_slots || s.on_host(*k) {
                         continue;
                     }
                     s.host_c.bytes_in += b.storage_bytes() as u64;
-                    s.host.insert(*k, Arc::new(b));
+                    s.set_host(*k, Arc::new(b));
                     s.event(EventKind::Insert, Tier::Host, *k);
                 }
                 Err(e) => tracing::error!("cannot copy expert {k:?} to host memory: {e:#}"),

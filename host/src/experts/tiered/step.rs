@@ -3,7 +3,6 @@
 //! waiting for prefetches in flight.
 
 use anyhow::Result;
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +11,8 @@ use crate::experts::{ExpertBytes, ExpertWeights};
 use crate::policy::*;
 
 use super::prefetch::LoadCell;
-use super::state::{DeviceEntry, TierCandidates};
+use super::rules::victims_wanted;
+use super::state::{DeviceEntry, State, TierCandidates};
 use super::Inner;
 
 impl Inner {
@@ -33,7 +33,6 @@ impl Inner {
                 k.expert
             );
         }
-        let current: HashSet<ExpertKey> = keys.iter().copied().collect();
         let mut p = inner.policies.lock().unwrap();
 
         // 1. What is where; the step's accesses.
@@ -45,11 +44,11 @@ impl Inner {
             let mut s = inner.state.lock().unwrap();
             for (i, k) in keys.iter().enumerate() {
                 s.event(EventKind::Access, Tier::Device, *k);
-                match s.device.get(k) {
+                match s.device_entry(*k) {
                     Some(DeviceEntry::Ready(w)) => {
                         ready[i] = Some(w.clone());
                         s.device_c.hits += 1;
-                        if s.prefetched_unused.remove(k) {
+                        if s.take_prefetched(*k) {
                             s.prefetch_c.used += 1;
                         }
                     }
@@ -60,7 +59,7 @@ impl Inner {
                     }
                     None => {
                         s.device_c.misses += 1;
-                        if s.host.contains_key(k) {
+                        if s.on_host(*k) {
                             s.host_c.hits += 1;
                             miss_tiers.push(Tier::Host);
                         } else {
@@ -76,9 +75,9 @@ impl Inner {
             let facts = StepFacts {
                 step: inner.step.load(Ordering::Relaxed),
                 layer: keys.first().map_or(0, |k| k.layer),
-                events: s.take_events(),
+                events: s.log.take(),
             };
-            (facts, inner.device_slots.saturating_sub(s.device.len()))
+            (facts, inner.device_slots.saturating_sub(s.device_len()))
         };
 
         // 2. Placement: fetch each miss into the device tier, or run it where it lives.
@@ -112,10 +111,7 @@ impl Inner {
                 s.placement_c.on_host += on_host.len() as u64;
                 s.placement_c.host_tokens +=
                     on_host.iter().map(|&(_, t)| u64::from(t)).sum::<u64>();
-                on_host
-                    .iter()
-                    .map(|&(i, _)| s.host.get(&keys[i]).cloned())
-                    .collect()
+                on_host.iter().map(|&(i, _)| s.host_copy(keys[i])).collect()
             };
             for (&(i, _), host) in on_host.iter().zip(hosts) {
                 ready[i] = Some(ExpertWeights::Stored(inner.stored(keys[i], host)?));
@@ -123,47 +119,40 @@ impl Inner {
             misses = fetched;
         }
 
-        // 3. The eviction policy hears the facts and, if room is needed, names victims.
-        let need = {
-            let s = inner.state.lock().unwrap();
-            if misses.len() > free {
-                let excluded: Vec<ExpertKey> = current
-                    .iter()
-                    .filter(|k| matches!(s.device.get(k), Some(DeviceEntry::Ready(_))))
-                    .copied()
-                    .collect();
-                let available = s.candidate_count(Tier::Device, &excluded);
-                (available > 0).then(|| (((misses.len() - free).min(available)) as u32, excluded))
-            } else {
-                None
+        // 3. The eviction policy hears the facts and, if room is needed, names victims among
+        //    the residents this step does not use.
+        let (request, excluded) = {
+            let mut s = inner.state.lock().unwrap();
+            s.pin(&keys, true);
+            let probe = State::request(Tier::Device, 0);
+            match victims_wanted(misses.len(), free, s.candidate_count(&probe)) {
+                Some(count) => (
+                    Some(State::request(Tier::Device, count)),
+                    s.excluded(&probe),
+                ),
+                None => (None, Vec::new()),
             }
         };
-        let candidates;
-        let request = match &need {
-            Some((count, excluded)) => {
-                candidates = TierCandidates {
-                    inner,
-                    tier: Tier::Device,
-                    excluded,
-                };
-                Some(VictimRequest {
-                    tier: Tier::Device,
-                    count: *count,
-                    only_layer: None,
-                    excluded,
-                    candidates: &candidates,
-                })
-            }
-            None => None,
-        };
+        let candidates = request.map(|request| TierCandidates { inner, request });
+        let request = request
+            .zip(candidates.as_ref())
+            .map(|(r, c)| VictimRequest {
+                tier: Tier::Device,
+                count: r.count,
+                only_layer: None,
+                excluded: &excluded,
+                candidates: c,
+            });
         let victims = p
             .eviction
             .on_step(&facts, request.as_ref(), &|| inner.init_args());
         let mut demote = Vec::new();
         let room = {
             let mut s = inner.state.lock().unwrap();
+            s.log.recycle(facts.events);
             inner.evict_device(&mut s, &victims, &mut demote);
-            inner.device_slots.saturating_sub(s.device.len())
+            s.pin(&keys, false);
+            inner.device_slots.saturating_sub(s.device_len())
         };
         inner.admit_host(&mut p, &demote);
         drop(p);
@@ -171,17 +160,14 @@ impl Inner {
         // 4. Load the fetched misses; cache as many as there is room for, stream the rest.
         let hosts: Vec<Option<Arc<ExpertBytes>>> = {
             let s = inner.state.lock().unwrap();
-            misses
-                .iter()
-                .map(|&i| s.host.get(&keys[i]).cloned())
-                .collect()
+            misses.iter().map(|&i| s.host_copy(keys[i])).collect()
         };
         for (n, (&i, host)) in misses.iter().zip(hosts).enumerate() {
             let w = inner.load_compute(keys[i], host, n < room)?;
             let mut s = inner.state.lock().unwrap();
             s.device_c.bytes_in += w.bytes() as u64;
             if n < room {
-                s.device.insert(keys[i], DeviceEntry::Ready(w.clone()));
+                s.set_device(keys[i], DeviceEntry::Ready(w.clone()));
                 s.event(EventKind::Insert, Tier::Device, keys[i]);
             } else {
                 s.streamed += 1;
@@ -193,12 +179,12 @@ impl Inner {
             ready[i] = Some(match cell.wait() {
                 Some(w) => {
                     let mut s = inner.state.lock().unwrap();
-                    s.prefetched_unused.remove(&keys[i]);
+                    s.take_prefetched(keys[i]);
                     s.prefetch_c.used += 1;
                     w
                 }
                 None => {
-                    let host = inner.state.lock().unwrap().host.get(&keys[i]).cloned();
+                    let host = inner.state.lock().unwrap().host_copy(keys[i]);
                     inner.load_compute(keys[i], host, false)?
                 }
             });
