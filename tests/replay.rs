@@ -1099,3 +1099,102 @@ fn online_simulation_equals_the_offline_replay() {
         assert!(online.hits > 0 && online.evictions > 0, "{online:?}");
     }
 }
+
+/// The live store and the replay lab keep their tiers in the same residency under the same
+/// rules: a generation under tight budgets counts, tier by tier, exactly what the replay of its
+/// recorded routing counts, for every bundled eviction policy.
+#[test]
+fn the_live_store_counts_what_the_replay_of_its_routing_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "The quick brown fox";
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, format!("{{\"prompt\": \"{prompt}\"}}\n")).unwrap();
+    let trace = dir.path().join("live.safetensors");
+    assert_ok(
+        &moehost()
+            .args(["trace", "record", "--max-tokens", "24", "--prompts"])
+            .arg(&prompts)
+            .arg("--out")
+            .arg(&trace)
+            .output()
+            .unwrap(),
+    );
+    for eviction in ["lru", "lfu", "layer-cycle"] {
+        // Prefill and 24 decode steps: the passes the trace recorded.
+        let out = moehost()
+            .args([
+                "generate",
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "25",
+                "--temperature",
+                "0",
+            ])
+            .args(["--device-mem", "4MiB", "--host-mem", "6MiB", "--stats"])
+            .args(["--eviction", eviction])
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stats: serde_json::Value =
+            serde_json::from_str(stdout.lines().rfind(|l| l.starts_with('{')).unwrap()).unwrap();
+        let (device, host) = (&stats["device"], &stats["host"]);
+        let (slots, host_slots) = (
+            device["slots"].as_u64().unwrap(),
+            host["slots"].as_u64().unwrap(),
+        );
+        assert!(
+            slots < 448 / 4 && host_slots < 448 / 2,
+            "budgets must be tight"
+        );
+        let out = moehost()
+            .args(["replay", "--trace"])
+            .arg(&trace)
+            .args(["--eviction", eviction, "--json"])
+            .args(["--capacity", &slots.to_string()])
+            .args(["--host-capacity", &host_slots.to_string()])
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let row = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["eviction"] == eviction)
+            .unwrap();
+        let live = |tier: &serde_json::Value, key: &str| tier[key].as_u64().unwrap();
+        let accesses = live(device, "hits") + live(device, "misses");
+        assert_eq!(
+            row["accesses"].as_u64(),
+            Some(accesses),
+            "{eviction}: accesses"
+        );
+        assert!(
+            live(device, "hits") > 0,
+            "{eviction}: the device tier must hit"
+        );
+        assert_eq!(
+            row["hits"].as_u64(),
+            Some(live(device, "hits")),
+            "{eviction}: hits"
+        );
+        assert_eq!(
+            row["misses"].as_u64(),
+            Some(live(device, "misses")),
+            "{eviction}"
+        );
+        assert_eq!(row["streamed"], stats["streamed"], "{eviction}: streamed");
+        assert_eq!(
+            row["host_hits"].as_u64(),
+            Some(live(host, "hits")),
+            "{eviction}: host"
+        );
+        assert_eq!(
+            row["host_misses"].as_u64(),
+            Some(live(host, "misses")),
+            "{eviction}"
+        );
+    }
+}

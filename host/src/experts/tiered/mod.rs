@@ -52,6 +52,8 @@ pub mod rules;
 mod state;
 mod stats;
 mod step;
+#[cfg(test)]
+mod tests;
 
 pub use config::{parse_bytes, Device, StoreConfig};
 pub use policies::BUILTIN_PLACEMENT;

@@ -71,6 +71,37 @@ pub(super) struct Queue {
     pub(super) seq: AtomicU64,
 }
 
+impl Queue {
+    /// A new prefetch answer: jobs queued for earlier ones are cancelled. Its generation.
+    pub(super) fn newer(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Queues one answer's jobs of `generation` together (no worker is woken).
+    pub(super) fn push(
+        &self,
+        accepted: impl IntoIterator<Item = (PrefetchRequest, Option<Arc<LoadCell>>)>,
+        generation: u64,
+    ) {
+        let mut jobs = self.jobs.lock().unwrap();
+        for (r, cell) in accepted {
+            jobs.push(Job {
+                priority: r.priority,
+                seq: self.seq.fetch_add(1, Ordering::Relaxed),
+                generation,
+                key: r.expert,
+                tier: r.tier,
+                cell,
+            });
+        }
+    }
+
+    /// Whether a newer answer has cancelled `job`.
+    pub(super) fn is_stale(&self, job: &Job) -> bool {
+        job.generation < self.generation.load(Ordering::SeqCst)
+    }
+}
+
 impl Inner {
     pub(super) fn worker(&self) {
         loop {
@@ -86,7 +117,7 @@ impl Inner {
                     jobs = self.queue.more.wait(jobs).unwrap();
                 }
             };
-            let stale = job.generation < self.queue.generation.load(Ordering::SeqCst);
+            let stale = self.queue.is_stale(&job);
             match job.tier {
                 Tier::Device => {
                     let cell = job.cell.expect("device jobs carry a cell");
@@ -185,7 +216,7 @@ impl Inner {
             return;
         }
         // Newer requests cancel queued ones.
-        let generation = inner.queue.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let generation = inner.queue.newer();
         let Accepted {
             device: device_reqs,
             host: host_reqs,
@@ -236,18 +267,7 @@ impl Inner {
             return;
         }
         inner.state.lock().unwrap().prefetch_c.issued += accepted.len() as u64;
-        let mut jobs = inner.queue.jobs.lock().unwrap();
-        for (r, cell) in accepted {
-            jobs.push(Job {
-                priority: r.priority,
-                seq: inner.queue.seq.fetch_add(1, Ordering::Relaxed),
-                generation,
-                key: r.expert,
-                tier: r.tier,
-                cell,
-            });
-        }
-        drop(jobs);
+        inner.queue.push(accepted, generation);
         inner.queue.more.notify_all();
     }
 }

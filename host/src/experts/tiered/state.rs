@@ -98,6 +98,19 @@ impl State {
         self.host[self.dense(e) as usize].clone()
     }
 
+    /// The host copy a demand read of `e` uses, counted as a host hit, or a host miss and a
+    /// disk read.
+    pub(super) fn read_from_host(&mut self, e: ExpertKey) -> Option<Arc<ExpertBytes>> {
+        let copy = self.host_copy(e);
+        if copy.is_some() {
+            self.host_c.hits += 1;
+        } else {
+            self.host_c.misses += 1;
+            self.disk_c.hits += 1;
+        }
+        copy
+    }
+
     pub(super) fn on_host(&self, e: ExpertKey) -> bool {
         self.res.on_host(self.dense(e))
     }

@@ -58,15 +58,14 @@ impl Inner {
                         s.device_c.hits += 1;
                     }
                     None => {
+                        // The host and disk tiers count the read when it happens: this step's
+                        // host victims may still take the copy.
                         s.device_c.misses += 1;
-                        if s.on_host(*k) {
-                            s.host_c.hits += 1;
-                            miss_tiers.push(Tier::Host);
+                        miss_tiers.push(if s.on_host(*k) {
+                            Tier::Host
                         } else {
-                            s.host_c.misses += 1;
-                            s.disk_c.hits += 1;
-                            miss_tiers.push(Tier::Disk);
-                        }
+                            Tier::Disk
+                        });
                         misses.push(i);
                     }
                 }
@@ -111,7 +110,10 @@ impl Inner {
                 s.placement_c.on_host += on_host.len() as u64;
                 s.placement_c.host_tokens +=
                     on_host.iter().map(|&(_, t)| u64::from(t)).sum::<u64>();
-                on_host.iter().map(|&(i, _)| s.host_copy(keys[i])).collect()
+                on_host
+                    .iter()
+                    .map(|&(i, _)| s.read_from_host(keys[i]))
+                    .collect()
             };
             for (&(i, _), host) in on_host.iter().zip(hosts) {
                 ready[i] = Some(ExpertWeights::Stored(inner.stored(keys[i], host)?));
@@ -159,8 +161,8 @@ impl Inner {
 
         // 4. Load the fetched misses; cache as many as there is room for, stream the rest.
         let hosts: Vec<Option<Arc<ExpertBytes>>> = {
-            let s = inner.state.lock().unwrap();
-            misses.iter().map(|&i| s.host_copy(keys[i])).collect()
+            let mut s = inner.state.lock().unwrap();
+            misses.iter().map(|&i| s.read_from_host(keys[i])).collect()
         };
         for (n, (&i, host)) in misses.iter().zip(hosts).enumerate() {
             let w = inner.load_compute(keys[i], host, n < room)?;
