@@ -1,7 +1,7 @@
 //! Decode throughput of the engine alone (no HTTP) at batch sizes 1..32, with every expert
 //! resident, and with the tiered store and its default policies. `moehost bench --batch N`
 //! reports one batch size against the single stream.
-use moehost::store::StoreConfig;
+use moehost::experts::tiered::StoreConfig;
 use moehost::Engine;
 
 fn main() -> anyhow::Result<()> {

@@ -1,5 +1,5 @@
 //! The cache simulator: one pass over a schedule with an eviction policy and, optionally, a
-//! prefetch policy, following the live store's order of events (`crate::store`) exactly.
+//! prefetch policy, following the live store's order of events (`crate::experts::tiered`) exactly.
 //!
 //! Per visit (one (step, layer)):
 //! 1. The visit's experts are pinned; each is a hit (on the device) or a miss.
