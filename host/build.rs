@@ -3,12 +3,16 @@
 //! The test guests of `plugins/fixtures/` (misbehaving on purpose) are not embedded: they are
 //! copied to `$OUT_DIR/test-plugins/<dir>.wasm`, which tests find through the compile-time
 //! variable `MOEHOST_TEST_PLUGINS`.
+//! It also checks that each checked-in PTX was compiled from its CUDA source as it is now
+//! (`gpu/ptx.sh` stamps the sources' digest into the PTX): the `cuda` feature will not build
+//! on a stale PTX.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    check_ptx(&manifest_dir.join("src/gpu"));
     let plugins = manifest_dir.join("../plugins");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     // Sources only: plugins/target (the guests' own builds) must not make the host stale.
@@ -135,6 +139,48 @@ fn watch_sources(dir: &Path) {
             .is_some_and(|e| e == "rs" || e == "toml" || e == "lock" || e == "wit")
         {
             println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
+}
+
+/// The digest `gpu/ptx.sh` stamps into a PTX: FNV-1a (64-bit) over the CUDA source and the
+/// local headers it includes, in include order.
+fn cuda_digest(gpu: &Path, cu: &str) -> String {
+    let source = std::fs::read_to_string(gpu.join(cu)).unwrap();
+    let mut bytes = source.clone().into_bytes();
+    for line in source.lines() {
+        if let Some(h) = line
+            .strip_prefix("#include \"")
+            .and_then(|l| l.strip_suffix('"'))
+        {
+            println!("cargo:rerun-if-changed={}", gpu.join(h).display());
+            bytes.extend(std::fs::read(gpu.join(h)).unwrap());
+        }
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Fails a `cuda` build whose checked-in PTX does not carry its source's digest.
+fn check_ptx(gpu: &Path) {
+    for name in ["rows_dot", "mla"] {
+        let (cu, ptx) = (format!("{name}.cu"), format!("{name}.ptx"));
+        println!("cargo:rerun-if-changed={}", gpu.join(&cu).display());
+        println!("cargo:rerun-if-changed={}", gpu.join(&ptx).display());
+        let want = cuda_digest(gpu, &cu);
+        let text = std::fs::read_to_string(gpu.join(&ptx)).unwrap();
+        let stamped = text
+            .lines()
+            .find_map(|l| l.strip_prefix("// moehost-source-digest: "))
+            .unwrap_or("none");
+        if stamped != want && std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+            panic!(
+                "src/gpu/{ptx} is stale: it was compiled from a {cu} with digest {stamped}, \
+                 the source's digest is now {want}; regenerate it with src/gpu/ptx.sh"
+            );
         }
     }
 }

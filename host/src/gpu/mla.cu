@@ -9,7 +9,8 @@
 // position. Every operation is an explicitly rounded intrinsic, so nothing is contracted into a
 // fused multiply-add the CPU does not do.
 //
-// Regenerate the checked-in PTX as rows_dot.ptx: nvcc -ptx -arch=compute_80 -o mla.ptx mla.cu
+// Regenerate the checked-in PTX with ptx.sh (nvcc -ptx -arch=compute_80, then the source digest
+// build.rs checks).
 
 #include "exp_portable.cuh"
 

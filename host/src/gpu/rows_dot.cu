@@ -17,7 +17,7 @@
 // on the CPU whatever its format, and placement (GPU or CPU) never changes a token.
 //
 // Regenerate the checked-in PTX (any nvcc >= 12; compute_80 PTX is JIT-compiled by the driver
-// for Hopper): nvcc -ptx -arch=compute_80 -o rows_dot.ptx rows_dot.cu
+// for Hopper) with ptx.sh: nvcc -ptx -arch=compute_80, then the source digest build.rs checks.
 // No GPU is needed: PyPI's nvidia-cuda-nvcc, nvidia-nvvm, nvidia-cuda-crt and
 // nvidia-cuda-runtime 13.0 wheels, unpacked into one tree, give nvcc 13.0.88, which reproduces
 // the checked-in PTX byte for byte.

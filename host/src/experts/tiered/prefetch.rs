@@ -6,34 +6,12 @@ use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::experts::{ExpertBytes, ExpertWeights};
+use crate::experts::ExpertBytes;
 use crate::policy::*;
 
 use super::rules::{accept_prefetches, prefetch_cap, Accepted};
-use super::state::DeviceEntry;
+use super::state::{DeviceEntry, LoadCell};
 use super::Inner;
-
-/// Where a prefetch worker puts its result; `Some(None)` = cancelled or failed.
-#[derive(Default)]
-pub(super) struct LoadCell {
-    pub(super) value: Mutex<Option<Option<ExpertWeights>>>,
-    pub(super) ready: Condvar,
-}
-
-impl LoadCell {
-    pub(super) fn set(&self, v: Option<ExpertWeights>) {
-        *self.value.lock().unwrap() = Some(v);
-        self.ready.notify_all();
-    }
-
-    pub(super) fn wait(&self) -> Option<ExpertWeights> {
-        let mut g = self.value.lock().unwrap();
-        while g.is_none() {
-            g = self.ready.wait(g).unwrap();
-        }
-        g.clone().unwrap()
-    }
-}
 
 pub(super) struct Job {
     pub(super) priority: u32,

@@ -2,14 +2,13 @@
 //! lab), the device entries and host copies behind it, the events not yet told to the eviction
 //! policy, and the counters; victim requests, eviction and demotion.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::experts::{ExpertBytes, ExpertWeights};
 use crate::policy::*;
 
 use super::events::EventLog;
 use super::policies::Policies;
-use super::prefetch::LoadCell;
 use super::residency::{BitSet, Offered, Request, Residency};
 use super::rules::victims_wanted;
 use super::stats::{PlacementCounters, PrefetchCounters, TierCounters};
@@ -19,6 +18,28 @@ use super::Inner;
 pub(super) enum DeviceEntry {
     Ready(ExpertWeights),
     Loading(Arc<LoadCell>),
+}
+
+/// Where a prefetch worker puts its result; `Some(None)` = cancelled or failed.
+#[derive(Default)]
+pub(super) struct LoadCell {
+    pub(super) value: Mutex<Option<Option<ExpertWeights>>>,
+    pub(super) ready: Condvar,
+}
+
+impl LoadCell {
+    pub(super) fn set(&self, v: Option<ExpertWeights>) {
+        *self.value.lock().unwrap() = Some(v);
+        self.ready.notify_all();
+    }
+
+    pub(super) fn wait(&self) -> Option<ExpertWeights> {
+        let mut g = self.value.lock().unwrap();
+        while g.is_none() {
+            g = self.ready.wait(g).unwrap();
+        }
+        g.clone().unwrap()
+    }
 }
 
 pub(super) struct State {

@@ -10,9 +10,8 @@ use std::time::Instant;
 use crate::experts::{ExpertBytes, ExpertWeights};
 use crate::policy::*;
 
-use super::prefetch::LoadCell;
 use super::rules::victims_wanted;
-use super::state::{DeviceEntry, State, TierCandidates};
+use super::state::{DeviceEntry, LoadCell, State, TierCandidates};
 use super::Inner;
 
 impl Inner {

@@ -9,10 +9,10 @@ use crate::experts::{ExpertBytes, ExpertWeights};
 use crate::policy::{Candidates, EventKind, ExpertKey, ModelShape, PrefetchRequest, Tier};
 
 use super::events::EventLog;
-use super::prefetch::{LoadCell, Queue};
+use super::prefetch::Queue;
 use super::residency::{BitSet, Offered, Request, Residency};
 use super::rules::{accept_prefetches, prefetch_cap, victims_wanted};
-use super::state::{DeviceEntry, State};
+use super::state::{DeviceEntry, LoadCell, State};
 
 /// Expert 0 of the bundled model's first MoE layer, stored and computable.
 fn an_expert() -> (Arc<ExpertBytes>, ExpertWeights) {
