@@ -13,7 +13,7 @@ use std::time::Duration;
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Engine, Store, UpdateDeadline};
 
-use super::direct::{DirectGuest, DirectModule, InitFlat, OutlookFlat, VictimsFlat};
+use super::direct::{DirectGuest, DirectModule, InitAnswer, InitFlat, OutlookFlat, VictimsFlat};
 use super::*;
 
 /// Bindings of the current contract, `wit/policy.wit` (0.2.1). Components built against
@@ -307,6 +307,18 @@ enum Guest {
     Direct(Box<DirectGuest>),
 }
 
+impl Guest {
+    fn kind(&self) -> PolicyKind {
+        match self {
+            Guest::Selection(_) | Guest::SelectionV1(_) => PolicyKind::Selection,
+            Guest::Eviction(_) | Guest::EvictionV1(_) => PolicyKind::Eviction,
+            Guest::Prefetch(_) | Guest::PrefetchV1(_) => PolicyKind::Prefetch,
+            Guest::Placement(_) => PolicyKind::Placement,
+            Guest::Direct(g) => g.kind(),
+        }
+    }
+}
+
 struct Live {
     store: Store<StoreState>,
     guest: Guest,
@@ -372,49 +384,30 @@ impl WasmPolicy {
         let pre = &self.component.pre.pre;
         let instance = pre.instantiate(&mut *store).map_err(|e| classify(&e))?;
         let v1 = self.component.version.starts_with("0.1.");
-        let load = |e: wasmtime::Error| classify(&e);
+        // Each version's bindings for the component's kind, loaded from the instance.
+        macro_rules! load {
+            ($variant:ident, $bindings:ident) => {
+                Guest::$variant(
+                    $bindings::GuestIndices::new(pre)
+                        .and_then(|i| i.load(&mut *store, &instance))
+                        .map_err(|e| classify(&e))?,
+                )
+            };
+        }
         let guest = match (self.component.kind, v1) {
-            (PolicyKind::Selection, false) => Guest::Selection(
-                wsel::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut *store, &instance))
-                    .map_err(load)?,
-            ),
-            (PolicyKind::Eviction, false) => Guest::Eviction(
-                wev::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut *store, &instance))
-                    .map_err(load)?,
-            ),
-            (PolicyKind::Prefetch, false) => Guest::Prefetch(
-                wpf::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut *store, &instance))
-                    .map_err(load)?,
-            ),
-            (PolicyKind::Placement, false) => Guest::Placement(
-                wpl::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut *store, &instance))
-                    .map_err(load)?,
-            ),
+            (PolicyKind::Selection, false) => load!(Selection, wsel),
+            (PolicyKind::Eviction, false) => load!(Eviction, wev),
+            (PolicyKind::Prefetch, false) => load!(Prefetch, wpf),
+            (PolicyKind::Placement, false) => load!(Placement, wpl),
             (PolicyKind::Placement, true) => {
                 return Err(PolicyError {
                     kind: FailureKind::InvalidAnswer,
                     message: "contract 0.1 has no placement interface".into(),
                 })
             }
-            (PolicyKind::Selection, true) => Guest::SelectionV1(
-                wsel1::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut *store, &instance))
-                    .map_err(load)?,
-            ),
-            (PolicyKind::Eviction, true) => Guest::EvictionV1(
-                wev1::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut *store, &instance))
-                    .map_err(load)?,
-            ),
-            (PolicyKind::Prefetch, true) => Guest::PrefetchV1(
-                wpf1::GuestIndices::new(pre)
-                    .and_then(|i| i.load(&mut *store, &instance))
-                    .map_err(load)?,
-            ),
+            (PolicyKind::Selection, true) => load!(SelectionV1, wsel1),
+            (PolicyKind::Eviction, true) => load!(EvictionV1, wev1),
+            (PolicyKind::Prefetch, true) => load!(PrefetchV1, wpf1),
         };
         Ok(guest)
     }
@@ -442,6 +435,53 @@ impl WasmPolicy {
                 Err(classify(&e))
             }
         }
+    }
+
+    /// `init` of a guest of kind `want`, in any contract version, as one answer.
+    fn init_any(&mut self, args: &InitArgs, want: PolicyKind) -> PolicyResult<InitAnswer> {
+        self.init_with(args, want, |l, a| {
+            if l.guest.kind() != want {
+                return Ok(None);
+            }
+            let answer = |name, description, max_score_gap, lookahead| InitAnswer {
+                name,
+                description,
+                max_score_gap,
+                lookahead,
+            };
+            let s = &mut l.store;
+            Ok(Some(match &mut l.guest {
+                Guest::Selection(g) => {
+                    let r = g.call_init(s, a.shape, &a.caps, &a.resident)?;
+                    answer(r.info.name, r.info.description, r.max_score_gap, 0)
+                }
+                Guest::SelectionV1(g) => {
+                    let r = g.call_init(s, a.shape1, &a.caps1, &a.resident1)?;
+                    answer(r.info.name, r.info.description, r.max_score_gap, 0)
+                }
+                Guest::Eviction(g) => {
+                    let r = g.call_init(s, a.shape, &a.caps, &a.resident)?;
+                    answer(r.name, r.description, 0.0, 0)
+                }
+                Guest::EvictionV1(g) => {
+                    let r = g.call_init(s, a.shape1, &a.caps1, &a.resident1)?;
+                    answer(r.name, r.description, 0.0, 0)
+                }
+                Guest::Prefetch(g) => {
+                    let r = g.call_init(s, a.shape, &a.caps, &a.resident)?;
+                    answer(r.info.name, r.info.description, 0.0, r.lookahead)
+                }
+                Guest::PrefetchV1(g) => {
+                    let r = g.call_init(s, a.shape1, &a.caps1, &a.resident1)?;
+                    answer(r.info.name, r.info.description, 0.0, r.lookahead)
+                }
+                Guest::Placement(g) => {
+                    let r = g.call_init(s, a.shape, &a.caps, &a.resident)?;
+                    answer(r.name, r.description, 0.0, 0)
+                }
+                Guest::Direct(g) => g.init(s, &a.flat())?,
+            }))
+        })
     }
 
     /// Instantiates afresh and calls `init` under the init deadline.
@@ -557,37 +597,28 @@ fn classify(e: &wasmtime::Error) -> PolicyError {
     PolicyError { kind, message }
 }
 
-fn tier_out(t: Tier) -> wt::Tier {
-    match t {
-        Tier::Device => wt::Tier::Device,
-        Tier::Host => wt::Tier::Host,
-        Tier::Disk => wt::Tier::Disk,
-    }
-}
+/// `tier_out*` / `tier_in*`: the host's `Tier` to and from one contract version's.
+macro_rules! tier_conversions {
+    ($out:ident, $in:ident, $v:ident) => {
+        fn $out(t: Tier) -> $v::Tier {
+            match t {
+                Tier::Device => $v::Tier::Device,
+                Tier::Host => $v::Tier::Host,
+                Tier::Disk => $v::Tier::Disk,
+            }
+        }
 
-fn tier_in(t: wt::Tier) -> Tier {
-    match t {
-        wt::Tier::Device => Tier::Device,
-        wt::Tier::Host => Tier::Host,
-        wt::Tier::Disk => Tier::Disk,
-    }
+        fn $in(t: $v::Tier) -> Tier {
+            match t {
+                $v::Tier::Device => Tier::Device,
+                $v::Tier::Host => Tier::Host,
+                $v::Tier::Disk => Tier::Disk,
+            }
+        }
+    };
 }
-
-fn tier_out1(t: Tier) -> wt1::Tier {
-    match t {
-        Tier::Device => wt1::Tier::Device,
-        Tier::Host => wt1::Tier::Host,
-        Tier::Disk => wt1::Tier::Disk,
-    }
-}
-
-fn tier_in1(t: wt1::Tier) -> Tier {
-    match t {
-        wt1::Tier::Device => Tier::Device,
-        wt1::Tier::Host => Tier::Host,
-        wt1::Tier::Disk => Tier::Disk,
-    }
-}
+tier_conversions!(tier_out, tier_in, wt);
+tier_conversions!(tier_out1, tier_in1, wt1);
 
 fn key_out1(e: ExpertKey) -> wt1::ExpertRef {
     wt1::ExpertRef {
@@ -672,31 +703,10 @@ fn codes_into(out: &mut Vec<u8>, tiers: &[Tier]) {
 
 impl Selection for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<SelectionInfo> {
-        self.init_with(args, PolicyKind::Selection, |l, a| {
-            Ok(match &mut l.guest {
-                Guest::Selection(g) => {
-                    let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
-                    Some(SelectionInfo {
-                        info: info_in(r.info.name, r.info.description),
-                        max_score_gap: r.max_score_gap,
-                    })
-                }
-                Guest::SelectionV1(g) => {
-                    let r = g.call_init(&mut l.store, a.shape1, &a.caps1, &a.resident1)?;
-                    Some(SelectionInfo {
-                        info: info_in(r.info.name, r.info.description),
-                        max_score_gap: r.max_score_gap,
-                    })
-                }
-                Guest::Direct(g) if g.kind() == PolicyKind::Selection => {
-                    let r = g.init(&mut l.store, &a.flat())?;
-                    Some(SelectionInfo {
-                        info: info_in(r.name, r.description),
-                        max_score_gap: r.max_score_gap,
-                    })
-                }
-                _ => None,
-            })
+        let r = self.init_any(args, PolicyKind::Selection)?;
+        Ok(SelectionInfo {
+            info: info_in(r.name, r.description),
+            max_score_gap: r.max_score_gap,
         })
     }
 
@@ -736,23 +746,8 @@ impl Selection for WasmPolicy {
 
 impl Eviction for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
-        self.init_with(args, PolicyKind::Eviction, |l, a| {
-            Ok(match &mut l.guest {
-                Guest::Eviction(g) => {
-                    let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
-                    Some(info_in(r.name, r.description))
-                }
-                Guest::EvictionV1(g) => {
-                    let r = g.call_init(&mut l.store, a.shape1, &a.caps1, &a.resident1)?;
-                    Some(info_in(r.name, r.description))
-                }
-                Guest::Direct(g) if g.kind() == PolicyKind::Eviction => {
-                    let r = g.init(&mut l.store, &a.flat())?;
-                    Some(info_in(r.name, r.description))
-                }
-                _ => None,
-            })
-        })
+        let r = self.init_any(args, PolicyKind::Eviction)?;
+        Ok(info_in(r.name, r.description))
     }
 
     fn on_step(
@@ -846,31 +841,10 @@ impl Eviction for WasmPolicy {
 
 impl Prefetch for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PrefetchInfo> {
-        self.init_with(args, PolicyKind::Prefetch, |l, a| {
-            Ok(match &mut l.guest {
-                Guest::Prefetch(g) => {
-                    let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
-                    Some(PrefetchInfo {
-                        info: info_in(r.info.name, r.info.description),
-                        lookahead: r.lookahead,
-                    })
-                }
-                Guest::PrefetchV1(g) => {
-                    let r = g.call_init(&mut l.store, a.shape1, &a.caps1, &a.resident1)?;
-                    Some(PrefetchInfo {
-                        info: info_in(r.info.name, r.info.description),
-                        lookahead: r.lookahead,
-                    })
-                }
-                Guest::Direct(g) if g.kind() == PolicyKind::Prefetch => {
-                    let r = g.init(&mut l.store, &a.flat())?;
-                    Some(PrefetchInfo {
-                        info: info_in(r.name, r.description),
-                        lookahead: r.lookahead,
-                    })
-                }
-                _ => None,
-            })
+        let r = self.init_any(args, PolicyKind::Prefetch)?;
+        Ok(PrefetchInfo {
+            info: info_in(r.name, r.description),
+            lookahead: r.lookahead,
         })
     }
 
@@ -984,15 +958,8 @@ impl Prefetch for WasmPolicy {
 
 impl Placement for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
-        self.init_with(args, PolicyKind::Placement, |l, a| {
-            Ok(match &mut l.guest {
-                Guest::Placement(g) => {
-                    let r = g.call_init(&mut l.store, a.shape, &a.caps, &a.resident)?;
-                    Some(info_in(r.name, r.description))
-                }
-                _ => None,
-            })
-        })
+        let r = self.init_any(args, PolicyKind::Placement)?;
+        Ok(info_in(r.name, r.description))
     }
 
     fn place(&mut self, r: &PlacementRequest<'_>) -> PolicyResult<Vec<Place>> {

@@ -166,16 +166,8 @@ impl Sim {
         let free = self.res.device_free(pool);
         let want = self.misses.len() as u32;
         let candidates = self.res.device_count(pool) - resident_hits;
-        let request =
-            victims_wanted(want as usize, free as usize, candidates as usize).map(|count| {
-                Request {
-                    tier: Tier::Device,
-                    pool,
-                    count,
-                    skip_pinned: true,
-                    skip_extra: false,
-                }
-            });
+        let request = victims_wanted(want as usize, free as usize, candidates as usize)
+            .map(|count| Request::device(pool, count, false));
         let mut victims = std::mem::take(&mut self.victims);
         victims.clear();
         ev.on_step(&self.res, request, &mut victims);
@@ -212,6 +204,21 @@ impl Sim {
         }
     }
 
+    /// The eviction policy's victims for `request`, which leaves out `marked` (the experts the
+    /// room is for).
+    fn victims_sparing(
+        &mut self,
+        request: Request,
+        marked: &[u32],
+        ev: &mut dyn Evictor,
+    ) -> Vec<u32> {
+        self.res.extra.set_all(marked.iter().copied(), true);
+        let mut victims = Vec::new();
+        ev.victims(&self.res, request, &mut victims);
+        self.res.extra.set_all(marked.iter().copied(), false);
+        victims
+    }
+
     /// Removes device victims; queues them for the host tier.
     fn evict(&mut self, victims: &[u32], ev: &mut dyn Evictor) {
         for &k in victims {
@@ -244,21 +251,7 @@ impl Sim {
         let mut room = free;
         let candidates = self.res.host_count(pool) as usize;
         if let Some(count) = victims_wanted(keys.len(), free, candidates) {
-            for &k in &keys {
-                self.res.extra.set(k);
-            }
-            let request = Request {
-                tier: Tier::Host,
-                pool,
-                count,
-                skip_pinned: false,
-                skip_extra: true,
-            };
-            let mut victims = Vec::new();
-            ev.victims(&self.res, request, &mut victims);
-            for &k in &keys {
-                self.res.extra.clear(k);
-            }
+            let victims = self.victims_sparing(Request::host(pool, count), &keys, ev);
             for v in victims {
                 if self.res.remove(v, Tier::Host) {
                     room += 1;
@@ -364,21 +357,7 @@ impl Sim {
                 .count();
             let candidates = self.res.device_count(pool) as usize - pinned_here;
             if let Some(count) = victims_wanted(wanted.len(), free, candidates) {
-                for &k in &wanted {
-                    self.res.extra.set(k);
-                }
-                let request = Request {
-                    tier: Tier::Device,
-                    pool,
-                    count,
-                    skip_pinned: true,
-                    skip_extra: true,
-                };
-                let mut victims = Vec::new();
-                ev.victims(&self.res, request, &mut victims);
-                for &k in &wanted {
-                    self.res.extra.clear(k);
-                }
+                let victims = self.victims_sparing(Request::device(pool, count, true), &wanted, ev);
                 let before = self.res.device_count(pool);
                 self.evict(&victims, ev);
                 room += (before - self.res.device_count(pool)) as usize;

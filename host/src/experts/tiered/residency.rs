@@ -40,6 +40,17 @@ impl BitSet {
         self.words[(k >> 6) as usize] &= !(1 << (k & 63));
     }
 
+    /// Sets (or clears) every key of `keys`.
+    pub fn set_all(&mut self, keys: impl IntoIterator<Item = u32>, on: bool) {
+        for k in keys {
+            if on {
+                self.set(k)
+            } else {
+                self.clear(k)
+            }
+        }
+    }
+
     /// Keys in `start..end` that are in `self` and in none of `minus`, ascending.
     pub fn for_each_in(&self, start: u32, end: u32, minus: &[&BitSet], f: impl FnMut(u32)) {
         for_each_bit(
@@ -90,6 +101,31 @@ pub struct Request {
     pub skip_pinned: bool,
     /// Leave out the keys marked in `Residency::extra` (experts being prefetched or admitted).
     pub skip_extra: bool,
+}
+
+impl Request {
+    /// Device victims of `pool`: never the pinned experts of the step being served, nor (with
+    /// `skip_extra`) the marked ones being prefetched.
+    pub fn device(pool: u32, count: u32, skip_extra: bool) -> Self {
+        Self {
+            tier: Tier::Device,
+            pool,
+            count,
+            skip_pinned: true,
+            skip_extra,
+        }
+    }
+
+    /// Host victims of `pool`: never the marked experts being admitted.
+    pub fn host(pool: u32, count: u32) -> Self {
+        Self {
+            tier: Tier::Host,
+            pool,
+            count,
+            skip_pinned: false,
+            skip_extra: true,
+        }
+    }
 }
 
 /// Residency of both cached tiers.

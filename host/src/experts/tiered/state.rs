@@ -195,26 +195,14 @@ impl State {
 
     /// Pins (or unpins) the experts of the step being served: never victims.
     pub(super) fn pin(&mut self, keys: &[ExpertKey], on: bool) {
-        for &e in keys {
-            let k = self.dense(e);
-            if on {
-                self.res.pinned.set(k)
-            } else {
-                self.res.pinned.clear(k)
-            }
-        }
+        let keys: Vec<u32> = keys.iter().map(|&e| self.dense(e)).collect();
+        self.res.pinned.set_all(keys, on);
     }
 
     /// Marks (or unmarks) experts being admitted: a host victim request leaves them out.
     pub(super) fn mark_extra(&mut self, keys: &[ExpertKey], on: bool) {
-        for &e in keys {
-            let k = self.dense(e);
-            if on {
-                self.res.extra.set(k)
-            } else {
-                self.res.extra.clear(k)
-            }
-        }
+        let keys: Vec<u32> = keys.iter().map(|&e| self.dense(e)).collect();
+        self.res.extra.set_all(keys, on);
     }
 
     /// What a victim request for `tier` leaves out besides its pinned and extra keys: slots
@@ -229,12 +217,9 @@ impl State {
     /// A victim request for `count` experts of `tier`: pinned experts are left out of device
     /// requests, marked extra ones out of host requests.
     pub(super) fn request(tier: Tier, count: u32) -> Request {
-        Request {
-            tier,
-            pool: 0,
-            count,
-            skip_pinned: tier == Tier::Device,
-            skip_extra: tier != Tier::Device,
+        match tier {
+            Tier::Device => Request::device(0, count, false),
+            _ => Request::host(0, count),
         }
     }
 

@@ -38,13 +38,7 @@ fn key(layer: u32, expert: u32) -> ExpertKey {
 }
 
 fn device_request(pool: u32, count: u32) -> Request {
-    Request {
-        tier: Tier::Device,
-        pool,
-        count,
-        skip_pinned: true,
-        skip_extra: false,
-    }
+    Request::device(pool, count, false)
 }
 
 fn listed(res: &Residency, r: &Request, hidden: &[&BitSet]) -> Vec<u32> {
