@@ -219,21 +219,166 @@ impl<P: ?Sized> Slot<P> {
     }
 }
 
-/// Expert selection with exact top-k as the safety net.
-pub struct GuardedSelection {
-    slot: Slot<dyn Selection>,
-    builtin: ExactTopK,
-    max_score_gap: f32,
-    /// The host's ceiling on any declared gap (`--max-score-gap`).
-    gap_ceiling: f32,
+/// What the guard knows of a policy kind: the plugin's interface, what `init` answers, and
+/// the state the guard keeps beside the plugin (the built-in policy that serves whenever the
+/// plugin cannot, and what it takes from `init`).
+pub trait Kind: Sized {
+    type Plugin: ?Sized;
+    type Info;
+    type State;
+    const KIND: PolicyKind;
+    /// The built-in policy's name, shown until a plugin names itself.
+    const BUILTIN: &'static str;
+    fn plugin_init(p: &mut Self::Plugin, args: &InitArgs) -> PolicyResult<Self::Info>;
+    /// The built-in policy's `init`; `needed`: no plugin serves. `None` when it is not run.
+    fn builtin_init(
+        s: &mut Self::State,
+        args: &InitArgs,
+        needed: bool,
+    ) -> PolicyResult<Option<Self::Info>>;
+    fn name(info: &Self::Info) -> &str;
+    /// Takes what an `init` answered (the plugin's at load, swap or re-initialisation, or the
+    /// built-in's).
+    fn adopt(_g: &mut Guarded<Self>, _info: &Self::Info) {}
 }
 
-impl GuardedSelection {
+/// A policy of kind `K` behind the host's guard: the plugin (if any) in its slot, and the
+/// kind's state.
+pub struct Guarded<K: Kind> {
+    slot: Slot<K::Plugin>,
+    state: K::State,
+}
+
+impl<K: Kind> Guarded<K> {
+    fn with_state(
+        plugin: Option<Box<K::Plugin>>,
+        source: &str,
+        version: &str,
+        quarantine_after: u32,
+        state: K::State,
+    ) -> Self {
+        let mut slot = Slot::new(K::KIND, plugin, source, version, quarantine_after);
+        slot.stats.name = K::BUILTIN.into();
+        Self { slot, state }
+    }
+
     /// Failures are counted but not logged (smoke tests report them themselves).
     pub fn set_quiet(&mut self, quiet: bool) {
         self.slot.quiet = quiet;
     }
 
+    pub fn stats(&self) -> &PolicyStats {
+        &self.slot.stats
+    }
+
+    /// Whether a (non-quarantined) plugin is in use.
+    pub fn has_plugin(&self) -> bool {
+        self.slot.plugin.is_some()
+    }
+
+    /// Initialises the plugin now (load time / hot swap), so a broken one is reported at once.
+    pub fn init(&mut self, args: &InitArgs) -> PolicyResult<K::Info> {
+        let needed = self.slot.plugin.is_none();
+        let builtin = K::builtin_init(&mut self.state, args, needed)?;
+        let info = match self.slot.plugin.as_mut() {
+            Some(p) => K::plugin_init(p, args)?,
+            None => builtin.expect("the built-in policy initialises when it serves"),
+        };
+        self.take_init(&info);
+        self.slot.needs_init = false;
+        Ok(info)
+    }
+
+    fn take_init(&mut self, info: &K::Info) {
+        self.slot.stats.set_name(K::name(info));
+        K::adopt(self, info);
+    }
+
+    /// Calls the plugin, re-initialising it first if it needs it (with `args()`, the residency
+    /// of now), and validates its answer: `validate` is given the answer, what a
+    /// re-initialisation in this call answered, and the kind's state. `None`: the built-in
+    /// policy must serve this call.
+    fn call<R>(
+        &mut self,
+        args: &dyn Fn() -> InitArgs,
+        call: impl FnOnce(&mut K::Plugin) -> PolicyResult<R>,
+        validate: impl FnOnce(&R, Option<&K::Info>, &K::State) -> Result<(), String>,
+    ) -> Option<R> {
+        let reinit = std::cell::Cell::new(None);
+        let state = &self.state;
+        let answer = self.slot.run(
+            |p| {
+                reinit.set(Some(K::plugin_init(p, &args())?));
+                Ok(())
+            },
+            call,
+            |r| {
+                let info = reinit.take();
+                let verdict = validate(r, info.as_ref(), state);
+                reinit.set(info);
+                verdict
+            },
+        );
+        if let Some(info) = reinit.take() {
+            self.take_init(&info);
+        }
+        answer
+    }
+}
+
+/// Expert selection, exact top-k as the safety net.
+pub struct SelectionKind;
+
+pub struct SelectionState {
+    builtin: ExactTopK,
+    /// The gap answers are held to now.
+    max_score_gap: f32,
+    /// The host's ceiling on any declared gap (`--max-score-gap`).
+    gap_ceiling: f32,
+}
+
+impl Kind for SelectionKind {
+    type Plugin = dyn Selection;
+    type Info = SelectionInfo;
+    type State = SelectionState;
+    const KIND: PolicyKind = PolicyKind::Selection;
+    const BUILTIN: &'static str = "builtin-topk";
+
+    fn plugin_init(p: &mut Self::Plugin, args: &InitArgs) -> PolicyResult<SelectionInfo> {
+        p.init(args)
+    }
+
+    fn builtin_init(
+        s: &mut SelectionState,
+        args: &InitArgs,
+        needed: bool,
+    ) -> PolicyResult<Option<SelectionInfo>> {
+        needed.then(|| s.builtin.init(args)).transpose()
+    }
+
+    fn name(info: &SelectionInfo) -> &str {
+        &info.info.name
+    }
+
+    /// Holds answers to the declared gap, at most the host's ceiling; a plugin declaring more
+    /// is told so once.
+    fn adopt(g: &mut GuardedSelection, info: &SelectionInfo) {
+        let declared = info.max_score_gap;
+        let ceiling = g.state.gap_ceiling;
+        if declared > ceiling && !g.slot.quiet && g.state.max_score_gap != ceiling {
+            tracing::warn!(
+                policy = ?g.slot.stats.name, declared, ceiling,
+                "selection policy declares a max-score-gap over the host's ceiling \
+                 (--max-score-gap); its substitutions are held to the ceiling"
+            );
+        }
+        g.state.max_score_gap = held_gap(declared, ceiling);
+    }
+}
+
+pub type GuardedSelection = Guarded<SelectionKind>;
+
+impl GuardedSelection {
     pub fn new(
         plugin: Option<Box<dyn Selection>>,
         source: &str,
@@ -241,47 +386,12 @@ impl GuardedSelection {
         quarantine_after: u32,
         gap_ceiling: f32,
     ) -> Self {
-        let mut slot = Slot::new(
-            PolicyKind::Selection,
-            plugin,
-            source,
-            version,
-            quarantine_after,
-        );
-        slot.stats.name = "builtin-topk".into();
-        Self {
-            slot,
+        let state = SelectionState {
             builtin: ExactTopK,
             max_score_gap: 0.0,
             gap_ceiling: if gap_ceiling >= 0.0 { gap_ceiling } else { 0.0 },
-        }
-    }
-
-    /// The gap answers are held to: what the plugin declared (NaN or negative: none), at most
-    /// the host's ceiling; a plugin declaring more is told so once.
-    fn held_gap(&mut self, declared: f32) -> f32 {
-        let held = held_gap(declared, self.gap_ceiling);
-        if declared > self.gap_ceiling && !self.slot.quiet && self.max_score_gap != self.gap_ceiling
-        {
-            tracing::warn!(
-                policy = ?self.slot.stats.name, declared, ceiling = self.gap_ceiling,
-                "selection policy declares a max-score-gap over the host's ceiling \
-                 (--max-score-gap); its substitutions are held to the ceiling"
-            );
-        }
-        held
-    }
-
-    /// Initialises the plugin now (load time / hot swap), so a broken one is reported at once.
-    pub fn init(&mut self, args: &InitArgs) -> PolicyResult<SelectionInfo> {
-        let info = match self.slot.plugin.as_mut() {
-            Some(p) => p.init(args)?,
-            None => self.builtin.init(args)?,
         };
-        self.slot.stats.set_name(&info.info.name);
-        self.max_score_gap = self.held_gap(info.max_score_gap);
-        self.slot.needs_init = false;
-        Ok(info)
+        Self::with_state(plugin, source, version, quarantine_after, state)
     }
 
     /// `tokens x k` expert ids for `scores` (`tokens x experts`: the model's selection scores,
@@ -296,37 +406,22 @@ impl GuardedSelection {
         args: &dyn Fn() -> InitArgs,
     ) -> Vec<u32> {
         let e = scores.len() / tokens.max(1) as usize;
-        let reinit: std::cell::Cell<Option<SelectionInfo>> = std::cell::Cell::new(None);
-        let current_gap = self.max_score_gap;
-        let ceiling = self.gap_ceiling;
-        let answer = self.slot.run(
-            |p| {
-                reinit.set(Some(p.init(&args())?));
-                Ok(())
-            },
+        let answer = self.call(
+            args,
             |p| p.select(layer, tokens, k, scores, residency),
-            |ids| {
-                let info = reinit.take();
-                let gap = info
-                    .as_ref()
-                    .map_or(current_gap, |i| held_gap(i.max_score_gap, ceiling));
-                reinit.set(info);
+            |ids, reinit, s| {
+                let gap = reinit.map_or(s.max_score_gap, |i| {
+                    held_gap(i.max_score_gap, s.gap_ceiling)
+                });
                 validate_selection(ids, scores, e, k as usize, gap)
             },
         );
-        if let Some(info) = reinit.take() {
-            self.slot.stats.set_name(&info.info.name);
-            self.max_score_gap = self.held_gap(info.max_score_gap);
-        }
         answer.unwrap_or_else(|| {
-            self.builtin
+            self.state
+                .builtin
                 .select(layer, tokens, k, scores, residency)
                 .expect("built-in selection cannot fail")
         })
-    }
-
-    pub fn stats(&self) -> &PolicyStats {
-        &self.slot.stats
     }
 }
 
@@ -383,47 +478,39 @@ fn validate_selection(
     Ok(())
 }
 
-/// Eviction with LRU as the safety net.
-pub struct GuardedEviction {
-    slot: Slot<dyn Eviction>,
-    builtin: Lru,
-}
+/// Eviction, LRU as the safety net. The built-in always observes (so a fallback finds it warm).
+pub struct EvictionKind;
 
-impl GuardedEviction {
-    /// Failures are counted but not logged (smoke tests report them themselves).
-    pub fn set_quiet(&mut self, quiet: bool) {
-        self.slot.quiet = quiet;
+impl Kind for EvictionKind {
+    type Plugin = dyn Eviction;
+    type Info = PolicyInfo;
+    type State = Lru;
+    const KIND: PolicyKind = PolicyKind::Eviction;
+    const BUILTIN: &'static str = "builtin-lru";
+
+    fn plugin_init(p: &mut Self::Plugin, args: &InitArgs) -> PolicyResult<PolicyInfo> {
+        p.init(args)
     }
 
+    fn builtin_init(lru: &mut Lru, args: &InitArgs, _: bool) -> PolicyResult<Option<PolicyInfo>> {
+        lru.init(args).map(Some)
+    }
+
+    fn name(info: &PolicyInfo) -> &str {
+        &info.name
+    }
+}
+
+pub type GuardedEviction = Guarded<EvictionKind>;
+
+impl GuardedEviction {
     pub fn new(
         plugin: Option<Box<dyn Eviction>>,
         source: &str,
         version: &str,
         quarantine_after: u32,
     ) -> Self {
-        let mut slot = Slot::new(
-            PolicyKind::Eviction,
-            plugin,
-            source,
-            version,
-            quarantine_after,
-        );
-        slot.stats.name = "builtin-lru".into();
-        Self {
-            slot,
-            builtin: Lru::default(),
-        }
-    }
-
-    pub fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
-        let builtin = self.builtin.init(args)?;
-        let info = match self.slot.plugin.as_mut() {
-            Some(p) => p.init(args)?,
-            None => builtin,
-        };
-        self.slot.stats.set_name(&info.name);
-        self.slot.needs_init = false;
-        Ok(info)
+        Self::with_state(plugin, source, version, quarantine_after, Lru::default())
     }
 
     /// Delivers the step's facts; returns exactly `request.count` victims from its candidates.
@@ -433,19 +520,14 @@ impl GuardedEviction {
         request: Option<&VictimRequest<'_>>,
         args: &dyn Fn() -> InitArgs,
     ) -> Vec<ExpertKey> {
-        // The built-in policy always observes (so a fallback finds it warm), but only picks
-        // victims when it has to serve the call.
-        self.builtin
+        // The built-in policy only picks victims when it has to serve the call.
+        self.state
             .on_step(facts, None)
             .expect("built-in eviction cannot fail");
-        let name = std::cell::Cell::new(None);
-        let answer = self.slot.run(
-            |p| {
-                name.set(Some(p.init(&args())?.name));
-                Ok(())
-            },
+        let answer = self.call(
+            args,
             |p| p.on_step(facts, request),
-            |v| match request {
+            |v, _, _| match request {
                 Some(r) => validate_victims(v, r),
                 None if v.is_empty() => Ok(()),
                 None => Err(format!(
@@ -454,13 +536,10 @@ impl GuardedEviction {
                 )),
             },
         );
-        if let Some(n) = name.take() {
-            self.slot.stats.set_name(&n);
-        }
         answer.unwrap_or_else(|| {
             request
                 .map(|r| {
-                    self.builtin
+                    self.state
                         .victims(r)
                         .expect("built-in eviction cannot fail")
                 })
@@ -474,27 +553,16 @@ impl GuardedEviction {
         request: &VictimRequest<'_>,
         args: &dyn Fn() -> InitArgs,
     ) -> Vec<ExpertKey> {
-        let name = std::cell::Cell::new(None);
-        let answer = self.slot.run(
-            |p| {
-                name.set(Some(p.init(&args())?.name));
-                Ok(())
-            },
+        let answer = self.call(
+            args,
             |p| p.victims(request),
-            |v| validate_victims(v, request),
+            |v, _, _| validate_victims(v, request),
         );
-        if let Some(n) = name.take() {
-            self.slot.stats.set_name(&n);
-        }
         answer.unwrap_or_else(|| {
-            self.builtin
+            self.state
                 .victims(request)
                 .expect("built-in eviction cannot fail")
         })
-    }
-
-    pub fn stats(&self) -> &PolicyStats {
-        &self.slot.stats
     }
 }
 
@@ -528,9 +596,10 @@ pub fn validate_victims(v: &[ExpertKey], r: &VictimRequest<'_>) -> Result<(), St
     Ok(())
 }
 
-/// Prefetch with "no prefetch" as the safety net.
-pub struct GuardedPrefetch {
-    slot: Slot<dyn Prefetch>,
+/// Prefetch, "no prefetch" as the safety net.
+pub struct PrefetchKind;
+
+pub struct PrefetchState {
     lookahead: u32,
     shape: Option<ModelShape>,
 }
@@ -538,54 +607,55 @@ pub struct GuardedPrefetch {
 /// Most speculative layers the host computes for a prefetch policy.
 pub const MAX_LOOKAHEAD: u32 = 4;
 
-impl GuardedPrefetch {
-    /// Failures are counted but not logged (smoke tests report them themselves).
-    pub fn set_quiet(&mut self, quiet: bool) {
-        self.slot.quiet = quiet;
+impl Kind for PrefetchKind {
+    type Plugin = dyn Prefetch;
+    type Info = PrefetchInfo;
+    type State = PrefetchState;
+    const KIND: PolicyKind = PolicyKind::Prefetch;
+    const BUILTIN: &'static str = "builtin-none";
+
+    fn plugin_init(p: &mut Self::Plugin, args: &InitArgs) -> PolicyResult<PrefetchInfo> {
+        p.init(args)
     }
 
+    fn builtin_init(
+        s: &mut PrefetchState,
+        args: &InitArgs,
+        needed: bool,
+    ) -> PolicyResult<Option<PrefetchInfo>> {
+        s.shape = Some(args.shape);
+        needed.then(|| NoPrefetch.init(args)).transpose()
+    }
+
+    fn name(info: &PrefetchInfo) -> &str {
+        &info.info.name
+    }
+
+    fn adopt(g: &mut GuardedPrefetch, info: &PrefetchInfo) {
+        g.state.lookahead = info.lookahead.min(MAX_LOOKAHEAD);
+    }
+}
+
+pub type GuardedPrefetch = Guarded<PrefetchKind>;
+
+impl GuardedPrefetch {
     pub fn new(
         plugin: Option<Box<dyn Prefetch>>,
         source: &str,
         version: &str,
         quarantine_after: u32,
     ) -> Self {
-        let mut slot = Slot::new(
-            PolicyKind::Prefetch,
-            plugin,
-            source,
-            version,
-            quarantine_after,
-        );
-        slot.stats.name = "builtin-none".into();
-        Self {
-            slot,
+        let state = PrefetchState {
             lookahead: 0,
             shape: None,
-        }
-    }
-
-    pub fn init(&mut self, args: &InitArgs) -> PolicyResult<PrefetchInfo> {
-        self.shape = Some(args.shape);
-        let info = match self.slot.plugin.as_mut() {
-            Some(p) => p.init(args)?,
-            None => NoPrefetch.init(args)?,
         };
-        self.lookahead = info.lookahead.min(MAX_LOOKAHEAD);
-        self.slot.stats.set_name(&info.info.name);
-        self.slot.needs_init = false;
-        Ok(info)
-    }
-
-    /// Whether a (non-quarantined) plugin is in use.
-    pub fn has_plugin(&self) -> bool {
-        self.slot.plugin.is_some()
+        Self::with_state(plugin, source, version, quarantine_after, state)
     }
 
     /// Layers of speculative scores wanted (0 when quarantined or built-in).
     pub fn lookahead(&self) -> u32 {
         if self.slot.plugin.is_some() {
-            self.lookahead
+            self.state.lookahead
         } else {
             0
         }
@@ -596,25 +666,12 @@ impl GuardedPrefetch {
         step: &RoutedStep,
         args: &dyn Fn() -> InitArgs,
     ) -> Vec<PrefetchRequest> {
-        let shape = self.shape;
-        let reinit = std::cell::Cell::new(None);
-        let answer = self.slot.run(
-            |p| {
-                reinit.set(Some(p.init(&args())?));
-                Ok(())
-            },
+        self.call(
+            args,
             |p| p.on_routed(step),
-            |reqs| validate_prefetch(reqs, shape),
-        );
-        if let Some(info) = reinit.take() {
-            self.lookahead = info.lookahead.min(MAX_LOOKAHEAD);
-            self.slot.stats.set_name(&info.info.name);
-        }
-        answer.unwrap_or_default()
-    }
-
-    pub fn stats(&self) -> &PolicyStats {
-        &self.slot.stats
+            |reqs, _, s| validate_prefetch(reqs, s.shape),
+        )
+        .unwrap_or_default()
     }
 }
 
@@ -638,42 +695,39 @@ fn validate_prefetch(reqs: &[PrefetchRequest], shape: Option<ModelShape>) -> Res
     Ok(())
 }
 
-/// Placement with the built-in cost model as the safety net.
-pub struct GuardedPlacement {
-    slot: Slot<dyn Placement>,
-}
+/// Placement, the built-in cost model as the safety net.
+pub struct PlacementKind;
 
-impl GuardedPlacement {
-    /// Failures are counted but not logged (smoke tests report them themselves).
-    pub fn set_quiet(&mut self, quiet: bool) {
-        self.slot.quiet = quiet;
+impl Kind for PlacementKind {
+    type Plugin = dyn Placement;
+    type Info = PolicyInfo;
+    type State = ();
+    const KIND: PolicyKind = PolicyKind::Placement;
+    const BUILTIN: &'static str = "builtin-cost-model";
+
+    fn plugin_init(p: &mut Self::Plugin, args: &InitArgs) -> PolicyResult<PolicyInfo> {
+        p.init(args)
     }
 
+    fn builtin_init(_: &mut (), args: &InitArgs, needed: bool) -> PolicyResult<Option<PolicyInfo>> {
+        needed.then(|| CostModel.init(args)).transpose()
+    }
+
+    fn name(info: &PolicyInfo) -> &str {
+        &info.name
+    }
+}
+
+pub type GuardedPlacement = Guarded<PlacementKind>;
+
+impl GuardedPlacement {
     pub fn new(
         plugin: Option<Box<dyn Placement>>,
         source: &str,
         version: &str,
         quarantine_after: u32,
     ) -> Self {
-        let mut slot = Slot::new(
-            PolicyKind::Placement,
-            plugin,
-            source,
-            version,
-            quarantine_after,
-        );
-        slot.stats.name = "builtin-cost-model".into();
-        Self { slot }
-    }
-
-    pub fn init(&mut self, args: &InitArgs) -> PolicyResult<PolicyInfo> {
-        let info = match self.slot.plugin.as_mut() {
-            Some(p) => p.init(args)?,
-            None => CostModel.init(args)?,
-        };
-        self.slot.stats.set_name(&info.name);
-        self.slot.needs_init = false;
-        Ok(info)
+        Self::with_state(plugin, source, version, quarantine_after, ())
     }
 
     /// One placement per expert of `request`, in its order.
@@ -685,15 +739,11 @@ impl GuardedPlacement {
         if request.experts.is_empty() {
             return Vec::new();
         }
-        let reinit = std::cell::Cell::new(None);
         let want = request.experts.len();
-        let answer = self.slot.run(
-            |p| {
-                reinit.set(Some(p.init(&args())?));
-                Ok(())
-            },
+        let answer = self.call(
+            args,
             |p| p.place(request),
-            |places: &Vec<Place>| {
+            |places: &Vec<Place>, _, _| {
                 if places.len() == want {
                     Ok(())
                 } else {
@@ -704,14 +754,7 @@ impl GuardedPlacement {
                 }
             },
         );
-        if let Some(info) = reinit.take() {
-            self.slot.stats.set_name(&info.name);
-        }
         answer.unwrap_or_else(|| CostModel::decide(request))
-    }
-
-    pub fn stats(&self) -> &PolicyStats {
-        &self.slot.stats
     }
 }
 
