@@ -3,9 +3,9 @@
 
 mod support;
 
-use moehost::checkpoint::Checkpoint;
 use moehost::forward_dump;
-use moehost::sampling::argmax;
+use moehost::model::sampling::argmax;
+use moehost::weights::checkpoint::Checkpoint;
 use moehost::{Engine, Logits};
 use support::{max_abs_diff, Golden};
 

@@ -5,14 +5,14 @@
 
 mod support;
 
-use moehost::checkpoint::Checkpoint;
 use moehost::experts::tiered::{Device, StoreConfig};
 use moehost::experts::{ExpertBytes, OwnedTensor};
 use moehost::gpu::{gpu, ExpertSource, Format, GpuExpert, GpuMatrix, GpuPool};
 use moehost::kernels::{grouped_rows, linear};
+use moehost::model::sampling::argmax;
 use moehost::policy::ExpertKey;
 use moehost::policy::PolicySource;
-use moehost::sampling::argmax;
+use moehost::weights::checkpoint::Checkpoint;
 use moehost::{Engine, Logits};
 use std::sync::Arc;
 
@@ -270,9 +270,9 @@ fn experts_loaded_through_the_pool_give_the_cpus_bits() {
     let cpu = fp8.to_ffn().unwrap();
     let bf16 = bf16_expert(&cpu, h);
     let bf16_cpu = bf16.to_ffn().unwrap();
-    let int8 = quantized_expert(&cpu, h, moehost::quant::Bits::Int8);
+    let int8 = quantized_expert(&cpu, h, moehost::weights::quant::Bits::Int8);
     let int8_cpu = int8.to_ffn().unwrap();
-    let int4 = quantized_expert(&cpu, h, moehost::quant::Bits::Int4);
+    let int4 = quantized_expert(&cpu, h, moehost::weights::quant::Bits::Int4);
     let int4_cpu = int4.to_ffn().unwrap();
     let key = |e| ExpertKey {
         layer: 0,
@@ -326,14 +326,14 @@ fn experts_loaded_through_the_pool_give_the_cpus_bits() {
 fn quantized_expert(
     w: &moehost::experts::FfnWeights,
     hidden: usize,
-    bits: moehost::quant::Bits,
+    bits: moehost::weights::quant::Bits,
 ) -> ExpertBytes {
     stored_expert(w, hidden, |name, v, [rows, cols]| {
-        let (bytes, scale_bytes) = moehost::quant::quantize(v, rows, cols, bits);
+        let (bytes, scale_bytes) = moehost::weights::quant::quantize(v, rows, cols, bits);
         OwnedTensor {
             name: name.into(),
             dtype: bits.dtype(),
-            shape: moehost::quant::stored_shape(bits.dtype(), &[rows, cols]),
+            shape: moehost::weights::quant::stored_shape(bits.dtype(), &[rows, cols]),
             bytes,
             scales: Some(f16_values(&scale_bytes)),
         }
@@ -379,11 +379,11 @@ fn synthetic(dtype: safetensors::Dtype, n: usize, k: usize, block: [usize; 2]) -
         }
         safetensors::Dtype::I8 | safetensors::Dtype::U8 => {
             let bits = if dtype == safetensors::Dtype::I8 {
-                moehost::quant::Bits::Int8
+                moehost::weights::quant::Bits::Int8
             } else {
-                moehost::quant::Bits::Int4
+                moehost::weights::quant::Bits::Int4
             };
-            let (bytes, scale_bytes) = moehost::quant::quantize(&values, n, k, bits);
+            let (bytes, scale_bytes) = moehost::weights::quant::quantize(&values, n, k, bits);
             (bytes, Some(f16_values(&scale_bytes)))
         }
         safetensors::Dtype::BF16 => (
@@ -398,7 +398,7 @@ fn synthetic(dtype: safetensors::Dtype, n: usize, k: usize, block: [usize; 2]) -
     OwnedTensor {
         name: format!("synthetic.{dtype:?}"),
         dtype,
-        shape: moehost::quant::stored_shape(dtype, &[n, k]),
+        shape: moehost::weights::quant::stored_shape(dtype, &[n, k]),
         bytes,
         scales,
     }
@@ -509,7 +509,7 @@ fn a_layer_steps_experts_run_together_with_the_cpus_bits() {
         references.push(b.to_ffn().unwrap());
     }
     for w in &cpu[2..] {
-        let b = quantized_expert(w, h, moehost::quant::Bits::Int8);
+        let b = quantized_expert(w, h, moehost::weights::quant::Bits::Int8);
         uploaded.push(GpuExpert::upload_stored(&g, &b).unwrap());
         references.push(b.to_ffn().unwrap());
     }

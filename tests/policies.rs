@@ -480,8 +480,8 @@ fn changing_the_plugin_file_swaps_the_policy() {
 
 #[test]
 fn experts_run_from_their_storage_format_bit_for_bit() {
-    use moehost::checkpoint::Checkpoint;
     use moehost::experts::ExpertBytes;
+    use moehost::weights::checkpoint::Checkpoint;
     // bf16, and FP8 with 128x128 blocks over 64-row matrices (ragged edge blocks).
     for dir in [support::bf16_model(), support::fp8_model()] {
         let cfg = moehost::ModelConfig::from_dir(&dir).unwrap();

@@ -1060,7 +1060,8 @@ fn logprobs_are_the_models_log_softmax() {
         .forward(&ids, &mut cache, moehost::Logits::Last, false)
         .unwrap()
         .logits;
-    let first = moehost::engine::TokenLogprob::of(&logits, moehost::sampling::argmax(&logits), 2);
+    let first =
+        moehost::engine::TokenLogprob::of(&logits, moehost::model::sampling::argmax(&logits), 2);
 
     let (status, v) = post(
         srv.addr,

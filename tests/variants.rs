@@ -6,9 +6,9 @@
 
 mod support;
 
-use moehost::checkpoint::Checkpoint;
 use moehost::experts::ResidentExperts;
-use moehost::sampling::argmax;
+use moehost::model::sampling::argmax;
+use moehost::weights::checkpoint::Checkpoint;
 use moehost::{DeepseekV3, Logits, ModelConfig};
 use std::sync::Arc;
 use support::{max_abs_diff, Golden};

@@ -12,9 +12,9 @@ use anyhow::{ensure, Result};
 use serde::Serialize;
 use std::time::Instant;
 
-use crate::deepseek_v3::{Logits, Sequence};
 use crate::engine::Engine;
-use crate::sampling::argmax;
+use crate::model::deepseek_v3::{Logits, Sequence};
+use crate::model::sampling::argmax;
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {

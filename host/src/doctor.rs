@@ -13,9 +13,9 @@ use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::config::ModelConfig;
 use crate::experts::ExpertBytes;
 use crate::hardware::Link;
+use crate::model::config::ModelConfig;
 use crate::plan::{plan, Plan, PlanOptions};
 use crate::policy::{LinkCosts, Tier};
 
@@ -161,7 +161,7 @@ fn measure_cpu(k2_experts: &[ExpertBytes], hidden: usize) -> Cpu {
     let mut f = vec![0f32; rows * cols];
     f.fill(1.0); // fault the pages in first: the rate is the decoder's, not the kernel's
     let t0 = Instant::now();
-    crate::fp8::dequantize_blocks(&fp8, rows, cols, &scales, [128, 128], &mut f);
+    crate::weights::fp8::dequantize_blocks(&fp8, rows, cols, &scales, [128, 128], &mut f);
     let fp8_dequant_gbps = gbps(fp8.len() as f64, t0.elapsed().as_secs_f64());
 
     let (k2_layer_step_s, k2_expert_gbps) = measure_cpu_experts(k2_experts, hidden);

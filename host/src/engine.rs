@@ -8,12 +8,12 @@ use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::checkpoint::Checkpoint;
-use crate::config::{parse_token_ids, ModelConfig};
-use crate::deepseek_v3::{DeepseekV3, KvCache, Logits};
 use crate::experts::{ExpertProvider, ResidentExperts};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::model::config::{parse_token_ids, ModelConfig};
+use crate::model::deepseek_v3::{DeepseekV3, KvCache, Logits};
+use crate::model::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
+use crate::weights::checkpoint::Checkpoint;
 
 /// The model bundled with moehost (the trained tiny-k2), used when no `--model` is given.
 /// `MOEHOST_BUNDLED_MODEL` overrides its location (e.g. for an installed binary).
@@ -217,7 +217,7 @@ impl TokenLogprob {
             .fold(f32::NEG_INFINITY, f32::max);
         let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
         let lse = max + sum.ln() as f32;
-        let top = crate::router::top_k_indices(logits, top)
+        let top = crate::model::router::top_k_indices(logits, top)
             .into_iter()
             .map(|i| (i, logits[i as usize] - lse))
             .collect();

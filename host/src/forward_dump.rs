@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::Path;
 
-use crate::deepseek_v3::{DeepseekV3, Logits};
-use crate::router::LayerRouting;
+use crate::model::deepseek_v3::{DeepseekV3, Logits};
+use crate::model::router::LayerRouting;
 
 /// A prefill's logits and routing in `[token, moe_layer, k]` order, experts ascending.
 pub struct ForwardDump {

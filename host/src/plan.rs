@@ -12,8 +12,8 @@
 use anyhow::{ensure, Result};
 use serde::Serialize;
 
-use crate::config::ModelConfig;
 use crate::hardware::Link;
+use crate::model::config::ModelConfig;
 
 /// How routed experts are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -177,7 +177,7 @@ pub fn plan(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Plan> {
         .map(|&(r, c)| if fp8 { fp8_bytes(r, c) } else { 2 * r * c })
         .sum();
     let resident_bytes = resident_linear + 2 * (heads * embed + router + norms);
-    let group = crate::quant::GROUP as u64;
+    let group = crate::weights::quant::GROUP as u64;
     let expert_bytes = ffn(mi)
         .into_iter()
         .map(|(r, c)| match format {

@@ -869,7 +869,7 @@ pub fn record(dir: &Path, prompts: &[String], opts: &RecordOptions) -> Result<Tr
             if decoded >= opts.max_tokens || cache.len() >= cfg.max_position_embeddings {
                 break;
             }
-            let next = crate::sampling::argmax(&out.logits);
+            let next = crate::model::sampling::argmax(&out.logits);
             if engine.defaults.eos_token_ids.contains(&next) {
                 break;
             }

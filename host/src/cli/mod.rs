@@ -146,10 +146,10 @@ pub fn open(model: Option<PathBuf>) -> Result<Engine> {
     Engine::open(&dir)
 }
 
-pub fn bits_of(s: &str) -> moehost::quant::Bits {
+pub fn bits_of(s: &str) -> moehost::weights::quant::Bits {
     match s {
-        "int4" => moehost::quant::Bits::Int4,
-        _ => moehost::quant::Bits::Int8,
+        "int4" => moehost::weights::quant::Bits::Int4,
+        _ => moehost::weights::quant::Bits::Int8,
     }
 }
 

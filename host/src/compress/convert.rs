@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::profile::Profile;
-use crate::checkpoint::{decode_f32, Checkpoint};
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
+use crate::weights::checkpoint::{decode_f32, Checkpoint};
 
 /// How the kept layers are chosen.
 #[derive(Debug, Clone)]
@@ -54,8 +54,8 @@ pub struct ConvertOptions {
     /// Ranks experts with a pruning plugin (`wit/policy.wit`, interface `pruning`) instead of
     /// by routed mass; needs a profile (its statistics are what the plugin sees).
     pub ranker: Option<crate::policy::PolicySource>,
-    /// Store routed experts in moehost's int8/int4 format (`crate::quant`).
-    pub quantize_experts: Option<crate::quant::Bits>,
+    /// Store routed experts in moehost's int8/int4 format (`crate::weights::quant`).
+    pub quantize_experts: Option<crate::weights::quant::Bits>,
     /// Replace an existing non-empty output folder.
     pub force: bool,
     /// Largest shard, bytes.
@@ -129,7 +129,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
     let ckpt = Checkpoint::open(src, cfg.quantization())?;
     // Every tensor the architecture needs, with the right shape (headers only): a damaged
     // source fails here, before anything is written.
-    crate::deepseek_v3::check_tensors(&cfg, &ckpt)
+    crate::model::deepseek_v3::check_tensors(&cfg, &ckpt)
         .with_context(|| format!("{} is not a complete checkpoint", src.display()))?;
 
     let mut ranker = match &opts.ranker {
@@ -266,16 +266,16 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
     for p in &plan {
         let raw = ckpt.raw(&p.source)?;
         if let (Some(bits), true) = (opts.quantize_experts, p.expert_weight) {
-            let logical = crate::quant::logical_shape(raw.dtype, raw.shape);
+            let logical = crate::weights::quant::logical_shape(raw.dtype, raw.shape);
             ensure!(logical.len() == 2, "tensor {} is not 2-D", p.source);
             let w = ckpt.read_f32(&p.source, &logical)?;
-            let (data, scales) = crate::quant::quantize(&w, logical[0], logical[1], bits);
-            let scale_shape = crate::quant::scale_shape(logical[0], logical[1]).to_vec();
+            let (data, scales) = crate::weights::quant::quantize(&w, logical[0], logical[1], bits);
+            let scale_shape = crate::weights::quant::scale_shape(logical[0], logical[1]).to_vec();
             for (name, dtype, shape, bytes) in [
                 (
                     p.name.clone(),
                     bits.dtype(),
-                    crate::quant::stored_shape(bits.dtype(), &logical),
+                    crate::weights::quant::stored_shape(bits.dtype(), &logical),
                     data,
                 ),
                 (
@@ -380,10 +380,10 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
         obj.insert("torch_dtype".into(), "bfloat16".into());
     }
     if let Some(bits) = opts.quantize_experts {
-        // Informative: the tensors' dtypes say how they are stored (see `crate::quant`).
+        // Informative: the tensors' dtypes say how they are stored (see `crate::weights::quant`).
         obj.insert(
             "moehost_quantization".into(),
-            serde_json::json!({"experts": bits.name(), "group_size": crate::quant::GROUP,
+            serde_json::json!({"experts": bits.name(), "group_size": crate::weights::quant::GROUP,
                                "scale": "f16 per group of consecutive input columns"}),
         );
     }

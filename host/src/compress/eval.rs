@@ -6,8 +6,8 @@ use anyhow::Result;
 use serde::Serialize;
 use std::time::Instant;
 
-use crate::deepseek_v3::Logits;
 use crate::engine::Engine;
+use crate::model::deepseek_v3::Logits;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {

@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-use crate::deepseek_v3::Logits;
 use crate::engine::Engine;
+use crate::model::deepseek_v3::Logits;
 
 pub const FORMAT: &str = "moehost-profile/1";
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 mod resident;
 pub mod tiered;
 
-pub use crate::ffn::{expert_prefix, ExpertBytes, FfnWeights, OwnedTensor};
+pub use crate::weights::ffn::{expert_prefix, ExpertBytes, FfnWeights, OwnedTensor};
 pub use resident::ResidentExperts;
 
 /// A routed expert's weights for one layer step, as the expert provider hands them out.

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use std::sync::{Arc, OnceLock};
 
-use crate::checkpoint::Checkpoint;
+use crate::weights::checkpoint::Checkpoint;
 
 use super::{expert_prefix, ExpertProvider, ExpertWeights, FfnWeights};
 
@@ -19,7 +19,7 @@ pub struct ResidentExperts {
 }
 
 impl ResidentExperts {
-    pub fn new(ckpt: Arc<Checkpoint>, cfg: &crate::config::ModelConfig) -> Self {
+    pub fn new(ckpt: Arc<Checkpoint>, cfg: &crate::model::config::ModelConfig) -> Self {
         let slots = (0..cfg.num_hidden_layers)
             .map(|l| {
                 let n = if cfg.is_moe_layer(l) {

@@ -26,11 +26,11 @@ use safetensors::Dtype;
 use std::borrow::Cow;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use crate::ffn::{ExpertBytes, FfnWeights, OwnedTensor};
 use crate::kernels::{self, ROW_INVARIANT_MAX};
 use crate::policy::ExpertKey;
 use crate::transfer::cuda::CudaCopyEngine;
 use crate::transfer::{CopyEngine, TransferScheduler};
+use crate::weights::ffn::{ExpertBytes, FfnWeights, OwnedTensor};
 
 mod mla;
 pub use mla::{DeviceKv, GpuMla, MlaDims, MlaSeq, MlaWeights};
@@ -527,7 +527,7 @@ impl Gpu {
     ) -> Result<()> {
         let scale_cols = match w.format {
             Format::Fp8 => w.k.div_ceil(w.fp8_block[1]),
-            Format::Int8 | Format::Int4 => w.k.div_ceil(crate::quant::GROUP),
+            Format::Int8 | Format::Int4 => w.k.div_ceil(crate::weights::quant::GROUP),
             Format::F32 | Format::Bf16 => 0,
         };
         // The vector path reads FP8 scales by shift (blocks are 128 wide in every checkpoint).
@@ -610,7 +610,7 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
                     .collect();
                 Ok(f?.try_into().expect("five formats"))
             };
-            let e4m3 = stream.clone_htod(&crate::fp8::E4M3_TABLE[..])?;
+            let e4m3 = stream.clone_htod(&crate::weights::fp8::E4M3_TABLE[..])?;
             let e4m3_ptr = e4m3.device_ptr(&stream).0;
             Ok(Gpu {
                 ctx: ctx.clone(),
@@ -1069,7 +1069,7 @@ impl GpuExpert {
         placed: Vec<Placed>,
         fp8_block: Option<[usize; 2]>,
     ) -> Result<Self> {
-        let rows = |t: &HostTensor<'_>| crate::quant::logical_shape(t.dtype, &t.shape)[0];
+        let rows = |t: &HostTensor<'_>| crate::weights::quant::logical_shape(t.dtype, &t.shape)[0];
         let (intermediate, hidden) = (rows(&tensors[0]), rows(&tensors[2]));
         ensure!(
             rows(&tensors[1]) == intermediate,

@@ -4,7 +4,7 @@
 //! cost model. They never fail and answer within the contract for any valid input.
 
 use super::*;
-use crate::router::top_k_indices;
+use crate::model::router::top_k_indices;
 
 /// The model's own routing: per token the k best scores, ties to the lower id.
 #[derive(Default)]

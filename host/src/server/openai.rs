@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::answer::ChatRead;
 use super::scheduler::{next_id, GenEvent, GenRequest};
 use super::AppState;
-use crate::sampling::SamplingParams;
+use crate::model::sampling::SamplingParams;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug)]

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use super::arms::Arms;
 use super::metrics::Metrics;
 use crate::engine::{Engine, SequenceState};
-use crate::sampling::SamplingParams;
+use crate::model::sampling::SamplingParams;
 use crate::Sequence;
 
 /// What a handler asks for.

@@ -36,11 +36,11 @@ use anyhow::Result;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
 use crate::experts::{ExpertProvider, ExpertWeights};
+use crate::model::config::ModelConfig;
 use crate::policy::wasm::RuntimeLimits;
 use crate::policy::*;
+use crate::weights::checkpoint::Checkpoint;
 
 mod config;
 pub mod events;

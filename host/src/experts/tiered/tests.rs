@@ -17,8 +17,8 @@ use super::state::{DeviceEntry, LoadCell, State};
 /// Expert 0 of the bundled model's first MoE layer, stored and computable.
 fn an_expert() -> (Arc<ExpertBytes>, ExpertWeights) {
     let dir = crate::engine::bundled_model_dir();
-    let cfg = crate::config::ModelConfig::from_dir(&dir).unwrap();
-    let ckpt = crate::checkpoint::Checkpoint::open(&dir, cfg.quantization()).unwrap();
+    let cfg = crate::model::config::ModelConfig::from_dir(&dir).unwrap();
+    let ckpt = crate::weights::checkpoint::Checkpoint::open(&dir, cfg.quantization()).unwrap();
     let bytes = ExpertBytes::read(&ckpt, cfg.moe_layers()[0], 0).unwrap();
     let w = ExpertWeights::Compute(Arc::new(bytes.to_ffn().unwrap()));
     (Arc::new(bytes), w)

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::fp8;
+use crate::weights::fp8;
 
 struct Shard {
     path: PathBuf,
@@ -60,7 +60,7 @@ pub struct RawTensor<'a> {
 
 impl Checkpoint {
     /// Opens the checkpoint in `dir`, stored as `config.json`'s `quantization_config` says.
-    pub fn open(dir: &Path, quant: crate::config::Quantization) -> Result<Self> {
+    pub fn open(dir: &Path, quant: crate::model::config::Quantization) -> Result<Self> {
         let fp8_block = quant.fp8_block;
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
@@ -171,7 +171,10 @@ impl Checkpoint {
             let s = self.info(&scale).with_context(|| {
                 format!("tensor {scale} (the scales of {name}) is missing from the checkpoint")
             })?;
-            let want = [rows, (words * 8).div_ceil(crate::config::PACKED_INT4_GROUP)];
+            let want = [
+                rows,
+                (words * 8).div_ceil(crate::model::config::PACKED_INT4_GROUP),
+            ];
             ensure!(
                 matches!(s.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) && s.shape == want,
                 "tensor {scale} is {:?} {:?}; expected a float [{}, {}]: one scale per {} columns of {name}",
@@ -179,7 +182,7 @@ impl Checkpoint {
                 s.shape,
                 want[0],
                 want[1],
-                crate::config::PACKED_INT4_GROUP
+                crate::model::config::PACKED_INT4_GROUP
             );
             let (scale_dtype, scale_shape) = (s.dtype, s.shape.clone());
             let shape_name = format!("{base}_shape");
@@ -300,7 +303,7 @@ impl Checkpoint {
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let raw = self.raw(name)?;
         ensure!(
-            raw.shape == crate::quant::stored_shape(raw.dtype, shape),
+            raw.shape == crate::weights::quant::stored_shape(raw.dtype, shape),
             "tensor {name} has shape {:?}, expected {shape:?} from config.json",
             raw.shape
         );
@@ -326,19 +329,19 @@ impl Checkpoint {
     }
 
     /// The scales a stored tensor needs: FP8 block scales, or the group scales of moehost's
-    /// int8/int4 format (`crate::quant`); `None` for plain float tensors.
+    /// int8/int4 format (`crate::weights::quant`); `None` for plain float tensors.
     pub fn scales(&self, raw: &RawTensor<'_>) -> Result<Option<Vec<f32>>> {
         Ok(match raw.dtype {
             Dtype::F8_E4M3 => Some(self.fp8_scales(raw)?),
-            d if crate::quant::is_quantized(d) => {
-                let logical = crate::quant::logical_shape(d, raw.shape);
+            d if crate::weights::quant::is_quantized(d) => {
+                let logical = crate::weights::quant::logical_shape(d, raw.shape);
                 ensure!(
                     logical.len() == 2,
                     "quantized tensor {} must be 2-D, got shape {:?}",
                     raw.name,
                     raw.shape
                 );
-                let want = crate::quant::scale_shape(logical[0], logical[1]);
+                let want = crate::weights::quant::scale_shape(logical[0], logical[1]);
                 Some(
                     self.read_f32(&format!("{}_qscale", raw.name), &want)
                         .with_context(|| format!("scales of quantized tensor {}", raw.name))?,
@@ -392,15 +395,15 @@ pub fn decode_f32(
 ) -> Result<Vec<f32>> {
     let name = raw.name;
     let shape = raw.shape;
-    if crate::quant::is_quantized(raw.dtype) {
-        let logical = crate::quant::logical_shape(raw.dtype, shape);
+    if crate::weights::quant::is_quantized(raw.dtype) {
+        let logical = crate::weights::quant::logical_shape(raw.dtype, shape);
         ensure!(
             logical.len() == 2,
             "quantized tensor {name} must be 2-D, got shape {shape:?}"
         );
         let scales = scales.with_context(|| format!("quantized tensor {name} needs its scales"))?;
         let mut out = vec![0f32; logical[0] * logical[1]];
-        crate::quant::dequantize(
+        crate::weights::quant::dequantize(
             name, raw.dtype, raw.bytes, logical[0], logical[1], scales, &mut out,
         )?;
         return Ok(out);

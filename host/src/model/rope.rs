@@ -5,7 +5,7 @@
 //! `(x[2i], x[2i+1])`; the reference then writes them de-interleaved, a permutation applied to
 //! both queries and keys that leaves every dot product unchanged, so we rotate in place.
 
-use crate::config::{yarn_get_mscale, ModelConfig};
+use crate::model::config::{yarn_get_mscale, ModelConfig};
 
 /// Per-frequency inverse wavelengths and the attention factor applied to cos/sin.
 #[derive(Debug, Clone)]

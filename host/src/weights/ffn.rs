@@ -7,8 +7,8 @@
 
 use anyhow::Result;
 
-use crate::checkpoint::Checkpoint;
 use crate::kernels::{linear, swiglu, Matrix, ROW_INVARIANT_MAX};
+use crate::weights::checkpoint::Checkpoint;
 
 /// A SwiGLU feed-forward block in compute form: `down(silu(gate(x)) * up(x))`.
 /// Used for routed experts, shared experts and dense MLP layers alike. A BF16 checkpoint's
@@ -128,7 +128,7 @@ impl ExpertBytes {
     /// packed INT4, a scale per 32 columns): what `doctor` times as Kimi-K2-Thinking's experts.
     pub fn synthetic_int4(hidden: usize, intermediate: usize, state: &mut u32) -> Self {
         Self::synthetic(hidden, intermediate, state, |rows, cols| {
-            let scales = rows * cols.div_ceil(crate::quant::GROUP);
+            let scales = rows * cols.div_ceil(crate::weights::quant::GROUP);
             (
                 safetensors::Dtype::U8,
                 vec![rows, cols / 2],
@@ -196,10 +196,12 @@ impl ExpertBytes {
     /// The compute form: the same values `FfnWeights::load` produces from the checkpoint.
     pub fn to_ffn(&self) -> Result<FfnWeights> {
         let whole = |t: &OwnedTensor| -> Result<Matrix> {
-            Ok(match crate::checkpoint::bf16_values(t.dtype, &t.bytes) {
-                Some(w) => Matrix::Bf16(w),
-                None => Matrix::F32(t.decode_rows(0, t.rows(), self.fp8_block)?),
-            })
+            Ok(
+                match crate::weights::checkpoint::bf16_values(t.dtype, &t.bytes) {
+                    Some(w) => Matrix::Bf16(w),
+                    None => Matrix::F32(t.decode_rows(0, t.rows(), self.fp8_block)?),
+                },
+            )
         };
         let gate_up = whole(&self.tensors[0])?.append(whole(&self.tensors[1])?);
         Ok(FfnWeights {
@@ -301,7 +303,7 @@ fn decode_fp8_rows(
         bytes.len(),
         scales.len()
     );
-    crate::fp8::dequantize_rows(bytes, k, scales, block, rows, out);
+    crate::weights::fp8::dequantize_rows(bytes, k, scales, block, rows, out);
     Ok(())
 }
 
@@ -321,7 +323,7 @@ impl OwnedTensor {
 
     /// Logical rows (`out_features`).
     pub fn rows(&self) -> usize {
-        crate::quant::logical_shape(self.dtype, &self.shape)[0]
+        crate::weights::quant::logical_shape(self.dtype, &self.shape)[0]
     }
 
     /// Rows `r0..r1` in f32. For FP8, `r0` must sit on a scale-block boundary.
@@ -350,13 +352,13 @@ impl OwnedTensor {
                 Some(&s[r0 * per_row..r1 * per_row])
             }
         };
-        let raw = crate::checkpoint::RawTensor {
+        let raw = crate::weights::checkpoint::RawTensor {
             name: &self.name,
             dtype: self.dtype,
             shape: &shape,
             bytes: &self.bytes[r0 * bytes_per_row..r1 * bytes_per_row],
         };
-        crate::checkpoint::decode_f32(&raw, scales, fp8_block)
+        crate::weights::checkpoint::decode_f32(&raw, scales, fp8_block)
     }
 }
 
@@ -420,7 +422,7 @@ mod tests {
                 .map(|at| {
                     let (r, c) = (at / cols, at % cols);
                     let s = sc[(r / 128) * cols.div_ceil(128) + c / 128];
-                    crate::fp8::E4M3_TABLE[t.bytes[at] as usize] * s
+                    crate::weights::fp8::E4M3_TABLE[t.bytes[at] as usize] * s
                 })
                 .collect()
         };

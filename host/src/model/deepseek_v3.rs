@@ -14,14 +14,14 @@ use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
 use crate::experts::{expert_prefix, ExpertProvider, ExpertWeights, FfnWeights};
 use crate::kernels::{
     self, axpy, dots_one_input, grouped_rows, linear, rms_norm, rms_norm_inplace, softmax_inplace,
 };
-use crate::rope::Rope;
-use crate::router::{Gate, LayerRouting};
+use crate::model::config::ModelConfig;
+use crate::model::rope::Rope;
+use crate::model::router::{Gate, LayerRouting};
+use crate::weights::checkpoint::Checkpoint;
 
 /// An attention weight: `groups` matrices `[n, k]` (one for a projection, one per head for
 /// MLA's W_UK^T and W_UV), in host memory or, after `place_on_gpu`, in GPU memory.
@@ -1092,7 +1092,7 @@ pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> 
     for (name, shape) in &want {
         let (dtype, stored) = ckpt.header(name)?;
         ensure!(
-            stored == crate::quant::stored_shape(dtype, shape).as_slice(),
+            stored == crate::weights::quant::stored_shape(dtype, shape).as_slice(),
             "tensor {name} has shape {stored:?}, expected {shape:?} from config.json"
         );
         match dtype {
@@ -1103,7 +1103,7 @@ pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> 
                 let (_, scale) = ckpt
                     .header(&scale_name)
                     .with_context(|| format!("quantized tensor {name} needs its scales"))?;
-                let want_scale = crate::quant::scale_shape(shape[0], shape[1]);
+                let want_scale = crate::weights::quant::scale_shape(shape[0], shape[1]);
                 ensure!(
                     scale == want_scale,
                     "tensor {scale_name} has shape {scale:?}, expected {want_scale:?}"

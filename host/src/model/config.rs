@@ -585,7 +585,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> serde_json::Value {
-        serde_json::from_str(include_str!("../models/tiny-k2/config.json")).unwrap()
+        serde_json::from_str(include_str!("../../models/tiny-k2/config.json")).unwrap()
     }
 
     #[test]
