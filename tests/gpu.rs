@@ -7,12 +7,13 @@ mod support;
 
 use moehost::experts::tiered::{Device, StoreConfig};
 use moehost::experts::{ExpertBytes, OwnedTensor};
-use moehost::gpu::{gpu, ExpertSource, Format, GpuExpert, GpuMatrix, GpuPool};
+use moehost::gpu::{gpu, ExpertSource, GpuExpert, GpuMatrix, GpuPool};
 use moehost::kernels::{grouped_rows, linear};
 use moehost::model::sampling::argmax;
 use moehost::policy::ExpertKey;
 use moehost::policy::PolicySource;
 use moehost::weights::checkpoint::Checkpoint;
+use moehost::weights::format::WeightFormat;
 use moehost::{Engine, Logits};
 use std::sync::Arc;
 
@@ -280,11 +281,11 @@ fn experts_loaded_through_the_pool_give_the_cpus_bits() {
     };
     // Every format stays as stored in its slot, f32 (the compute form) included: five slots.
     let loaded = [
-        (ExpertSource::Stored(&fp8), &cpu, Format::Fp8),
-        (ExpertSource::Stored(&bf16), &bf16_cpu, Format::Bf16),
-        (ExpertSource::Stored(&int8), &int8_cpu, Format::Int8),
-        (ExpertSource::Stored(&int4), &int4_cpu, Format::Int4),
-        (ExpertSource::Compute(&cpu), &cpu, Format::F32),
+        (ExpertSource::Stored(&fp8), &cpu, WeightFormat::Fp8),
+        (ExpertSource::Stored(&bf16), &bf16_cpu, WeightFormat::Bf16),
+        (ExpertSource::Stored(&int8), &int8_cpu, WeightFormat::Int8),
+        (ExpertSource::Stored(&int4), &int4_cpu, WeightFormat::Int4),
+        (ExpertSource::Compute(&cpu), &cpu, WeightFormat::F32),
     ]
     .into_iter()
     .enumerate()
@@ -333,7 +334,7 @@ fn quantized_expert(
         OwnedTensor {
             name: name.into(),
             dtype: bits.dtype(),
-            shape: moehost::weights::quant::stored_shape(bits.dtype(), &[rows, cols]),
+            shape: moehost::weights::format::stored_shape(bits.dtype(), &[rows, cols]),
             bytes,
             scales: Some(f16_values(&scale_bytes)),
         }
@@ -398,7 +399,7 @@ fn synthetic(dtype: safetensors::Dtype, n: usize, k: usize, block: [usize; 2]) -
     OwnedTensor {
         name: format!("synthetic.{dtype:?}"),
         dtype,
-        shape: moehost::weights::quant::stored_shape(dtype, &[n, k]),
+        shape: moehost::weights::format::stored_shape(dtype, &[n, k]),
         bytes,
         scales,
     }
@@ -414,11 +415,11 @@ fn every_storage_format_gives_the_cpus_bits() {
     use safetensors::Dtype;
     let block = [128, 128];
     let formats = [
-        (Dtype::F32, Format::F32),
-        (Dtype::BF16, Format::Bf16),
-        (Dtype::F8_E4M3, Format::Fp8),
-        (Dtype::I8, Format::Int8),
-        (Dtype::U8, Format::Int4),
+        (Dtype::F32, WeightFormat::F32),
+        (Dtype::BF16, WeightFormat::Bf16),
+        (Dtype::F8_E4M3, WeightFormat::Fp8),
+        (Dtype::I8, WeightFormat::Int8),
+        (Dtype::U8, WeightFormat::Int4),
     ];
     for (dtype, format) in formats {
         for (n, k) in [(13, 77), (200, 300), (8, 7), (130, 129)] {
@@ -464,7 +465,7 @@ fn stored_attention_projections_give_the_cpus_bits() {
     let on_gpu = GpuMatrix::upload_stored(&g, &stored, nh * v, ckpt.fp8_block())
         .unwrap()
         .expect("FP8 has a kernel");
-    assert_eq!(on_gpu.format(), Format::Fp8);
+    assert_eq!(on_gpu.format(), WeightFormat::Fp8);
     assert!(on_gpu.device_bytes() < o.len() * 4 / 3, "kept as FP8");
     support::assert_same_bits(
         &[1, 2, 7, 64],

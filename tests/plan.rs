@@ -3,8 +3,9 @@
 
 mod support;
 
-use moehost::plan::{plan, ExpertFormat, PlanOptions};
+use moehost::plan::{plan, PlanOptions};
 use moehost::replay::cost::Link;
+use moehost::weights::format::WeightFormat;
 use moehost::ModelConfig;
 use support::{assert_ok, data_dir, moehost};
 
@@ -74,7 +75,7 @@ fn kimi_k2_on_one_h100() {
     );
     // int4 experts: about 11% on the device.
     let mut o = h100(None);
-    o.experts = Some(ExpertFormat::Int4);
+    o.experts = Some(WeightFormat::Int4);
     let q = plan(&k2(), &o).unwrap();
     assert!((0.10..0.13).contains(&q.device.share), "{:?}", q.device);
     // A device that cannot hold the resident part is refused, saying why.
@@ -102,7 +103,7 @@ fn kimi_k2_thinking_plans_its_int4_experts() {
     let cfg = ModelConfig::from_json(&json.to_string()).unwrap();
     assert!(cfg.packed_int4 && cfg.fp8_block.is_none());
     let p = plan(&cfg, &h100(None)).unwrap();
-    assert_eq!(p.expert_format, ExpertFormat::Int4);
+    assert_eq!(p.expert_format, WeightFormat::Int4);
     // gate and up [2048, 7168], down [7168, 2048]: 4 bits per weight, 2 bytes per 32.
     let one = |r: u64, c: u64| r * c / 2 + r * (c / 32) * 2;
     assert_eq!(p.expert_bytes, 2 * one(2048, 7168) + one(7168, 2048));

@@ -14,28 +14,7 @@ use serde::Serialize;
 
 use crate::hardware::Link;
 use crate::model::config::ModelConfig;
-
-/// How routed experts are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExpertFormat {
-    Bf16,
-    Fp8,
-    Int8,
-    Int4,
-}
-
-impl ExpertFormat {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "bf16" => Self::Bf16,
-            "fp8" => Self::Fp8,
-            "int8" => Self::Int8,
-            "int4" => Self::Int4,
-            other => anyhow::bail!("unknown expert format {other:?}: bf16, fp8, int8 or int4"),
-        })
-    }
-}
+use crate::weights::format::WeightFormat;
 
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
@@ -48,7 +27,7 @@ pub struct PlanOptions {
     pub batch: usize,
     /// Default: int4 for compressed-tensors INT4 (Kimi-K2-Thinking), FP8 for an FP8
     /// quantization_config, else bf16.
-    pub experts: Option<ExpertFormat>,
+    pub experts: Option<WeightFormat>,
     /// Device memory kept for activations and workspace.
     pub reserve_bytes: u64,
     /// Device-tier hit rate to assume (default: the device tier's share of experts).
@@ -58,7 +37,7 @@ pub struct PlanOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub params: Params,
-    pub expert_format: ExpertFormat,
+    pub expert_format: WeightFormat,
     /// One routed expert in its storage format (scales included).
     pub expert_bytes: u64,
     /// Every always-resident weight: embeddings, attention, dense layers, shared experts,
@@ -131,11 +110,11 @@ pub fn plan(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Plan> {
     let fp8 = cfg.fp8_block.is_some();
     let format = opts.experts.unwrap_or(if cfg.packed_int4 {
         // compressed-tensors INT4 (Kimi-K2-Thinking): 4 bits and a bf16 scale per 32 columns.
-        ExpertFormat::Int4
+        WeightFormat::Int4
     } else if fp8 {
-        ExpertFormat::Fp8
+        WeightFormat::Fp8
     } else {
-        ExpertFormat::Bf16
+        WeightFormat::Bf16
     });
 
     // Linear weights as (rows, cols); everything else (norms, bias) is small and bf16.
@@ -170,22 +149,19 @@ pub fn plan(cfg: &ModelConfig, opts: &PlanOptions) -> Result<Plan> {
     let routed = moe * e * expert_params;
 
     let block = cfg.fp8_block.unwrap_or([128, 128]);
-    let fp8_bytes =
-        |r: u64, c: u64| r * c + r.div_ceil(block[0] as u64) * c.div_ceil(block[1] as u64) * 4;
+    let resident_format = if fp8 {
+        WeightFormat::Fp8
+    } else {
+        WeightFormat::Bf16
+    };
     let resident_linear: u64 = linears
         .iter()
-        .map(|&(r, c)| if fp8 { fp8_bytes(r, c) } else { 2 * r * c })
+        .map(|&(r, c)| resident_format.stored_bytes(r, c, block))
         .sum();
     let resident_bytes = resident_linear + 2 * (heads * embed + router + norms);
-    let group = crate::weights::quant::GROUP as u64;
     let expert_bytes = ffn(mi)
         .into_iter()
-        .map(|(r, c)| match format {
-            ExpertFormat::Bf16 => 2 * r * c,
-            ExpertFormat::Fp8 => fp8_bytes(r, c),
-            ExpertFormat::Int8 => r * c + r * c.div_ceil(group) * 2,
-            ExpertFormat::Int4 => r * c.div_ceil(2) + r * c.div_ceil(group) * 2,
-        })
+        .map(|(r, c)| format.stored_bytes(r, c, block))
         .sum::<u64>();
 
     // moehost's cache holds f32 (on the CPU and in GPU memory): the latent and the rope key.

@@ -100,7 +100,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         batch,
         experts: experts
             .as_deref()
-            .map(moehost::plan::ExpertFormat::parse)
+            .map(moehost::weights::format::WeightFormat::parse)
             .transpose()?,
         reserve_bytes: reserve,
         hit_rate,

@@ -266,7 +266,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
     for p in &plan {
         let raw = ckpt.raw(&p.source)?;
         if let (Some(bits), true) = (opts.quantize_experts, p.expert_weight) {
-            let logical = crate::weights::quant::logical_shape(raw.dtype, raw.shape);
+            let logical = crate::weights::format::logical_shape(raw.dtype, raw.shape);
             ensure!(logical.len() == 2, "tensor {} is not 2-D", p.source);
             let w = ckpt.read_f32(&p.source, &logical)?;
             let (data, scales) = crate::weights::quant::quantize(&w, logical[0], logical[1], bits);
@@ -275,7 +275,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
                 (
                     p.name.clone(),
                     bits.dtype(),
-                    crate::weights::quant::stored_shape(bits.dtype(), &logical),
+                    crate::weights::format::stored_shape(bits.dtype(), &logical),
                     data,
                 ),
                 (

@@ -31,6 +31,7 @@ use crate::policy::ExpertKey;
 use crate::transfer::cuda::CudaCopyEngine;
 use crate::transfer::{CopyEngine, TransferScheduler};
 use crate::weights::ffn::{ExpertBytes, FfnWeights, OwnedTensor};
+use crate::weights::format::WeightFormat;
 
 mod mla;
 pub use mla::{DeviceKv, GpuMla, MlaDims, MlaSeq, MlaWeights};
@@ -42,40 +43,34 @@ const ROWS_DOT_PTX: &str = include_str!("rows_dot.ptx");
 /// without `_t1`.
 const WARPS: u32 = 8;
 const TOKENS: u32 = 8;
-const FORMATS: [&str; 5] = ["f32", "bf16", "fp8", "int8", "int4"];
 /// Every tensor (and its scales) starts this aligned in device memory.
 const ALIGN: usize = 256;
 
-/// How a weight matrix is stored in device memory; the kernel for each decodes a weight as the
-/// CPU does (`checkpoint::decode_f32`, `fp8`, `quant`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    F32,
-    Bf16,
-    /// e4m3 with `[rows, cols]` block scales.
-    Fp8,
-    /// moehost's int8 (`I8`) and packed int4 (`U8`), a scale per 32 columns.
-    Int8,
-    Int4,
+/// The formats with a kernel (`rows_dot_<name>`), in the kernels' order; each decodes a weight
+/// as the CPU does (`checkpoint::decode_f32`, `fp8`, `quant`).
+const KERNEL_FORMATS: [WeightFormat; 5] = [
+    WeightFormat::F32,
+    WeightFormat::Bf16,
+    WeightFormat::Fp8,
+    WeightFormat::Int8,
+    WeightFormat::Int4,
+];
+
+/// The kernel format of a stored tensor, if there is one: FP8 needs its scales and the
+/// checkpoint's block size, the int formats their scales, f32 and bf16 none.
+pub fn kernel_format(
+    dtype: Dtype,
+    has_scales: bool,
+    fp8_block: Option<[usize; 2]>,
+) -> Option<WeightFormat> {
+    WeightFormat::of(dtype, has_scales, fp8_block).filter(|f| KERNEL_FORMATS.contains(f))
 }
 
-impl Format {
-    /// The format the kernels read for a stored tensor, if any: FP8 needs its scales and the
-    /// checkpoint's block size, the int formats their scales, f32 and bf16 none.
-    pub fn of(dtype: Dtype, has_scales: bool, fp8_block: Option<[usize; 2]>) -> Option<Self> {
-        match (dtype, has_scales) {
-            (Dtype::F32, false) => Some(Format::F32),
-            (Dtype::BF16, false) => Some(Format::Bf16),
-            (Dtype::F8_E4M3, true) if fp8_block.is_some() => Some(Format::Fp8),
-            (Dtype::I8, true) => Some(Format::Int8),
-            (Dtype::U8, true) => Some(Format::Int4),
-            _ => None,
-        }
-    }
-
-    fn kernel(self) -> usize {
-        self as usize
-    }
+fn kernel_index(f: WeightFormat) -> usize {
+    KERNEL_FORMATS
+        .iter()
+        .position(|k| *k == f)
+        .expect("only kernel formats reach the GPU")
 }
 
 fn aligned(n: usize) -> usize {
@@ -221,7 +216,7 @@ struct Job {
 /// `[0, split)` from `a` and the rest from `b` (an expert's gate and up tensors).
 #[derive(Clone, Copy)]
 struct Linear {
-    format: Format,
+    format: WeightFormat,
     a: Placed,
     b: Placed,
     split: usize,
@@ -526,9 +521,9 @@ impl Gpu {
         jobs: Option<(u64, usize)>,
     ) -> Result<()> {
         let scale_cols = match w.format {
-            Format::Fp8 => w.k.div_ceil(w.fp8_block[1]),
-            Format::Int8 | Format::Int4 => w.k.div_ceil(crate::weights::quant::GROUP),
-            Format::F32 | Format::Bf16 => 0,
+            WeightFormat::Fp8 => w.k.div_ceil(w.fp8_block[1]),
+            WeightFormat::Int8 | WeightFormat::Int4 => w.k.div_ceil(crate::weights::quant::GROUP),
+            _ => 0,
         };
         // The vector path reads FP8 scales by shift (blocks are 128 wide in every checkpoint).
         let bc = w.fp8_block[1];
@@ -560,7 +555,7 @@ impl Gpu {
             block_dim: (WARPS * 32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let kernel = &self.kernels[(t == 1) as usize][w.format.kernel()];
+        let kernel = &self.kernels[(t == 1) as usize][kernel_index(w.format)];
         let mut launch = self.stream.launch_builder(kernel);
         launch.arg(&w.a.data).arg(&w.a.scales);
         launch.arg(&w.b.data).arg(&w.b.scales);
@@ -604,9 +599,9 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
             let stream = ctx.new_stream()?;
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ROWS_DOT_PTX))?;
             let kernels = |suffix: &str| -> Result<[CudaFunction; 5]> {
-                let f: Result<Vec<_>, _> = FORMATS
+                let f: Result<Vec<_>, _> = KERNEL_FORMATS
                     .iter()
-                    .map(|f| module.load_function(&format!("rows_dot_{f}{suffix}")))
+                    .map(|f| module.load_function(&format!("rows_dot_{}{suffix}", f.name())))
                     .collect();
                 Ok(f?.try_into().expect("five formats"))
             };
@@ -639,7 +634,7 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
 
 /// A tensor as it goes to device memory: its stored bytes and (f32) scales.
 struct HostTensor<'a> {
-    format: Format,
+    format: WeightFormat,
     dtype: Dtype,
     shape: Vec<usize>,
     bytes: Cow<'a, [u8]>,
@@ -649,7 +644,7 @@ struct HostTensor<'a> {
 impl<'a> HostTensor<'a> {
     fn stored(t: &'a OwnedTensor, fp8_block: Option<[usize; 2]>) -> Option<Self> {
         Some(Self {
-            format: Format::of(t.dtype, t.scales.is_some(), fp8_block)?,
+            format: kernel_format(t.dtype, t.scales.is_some(), fp8_block)?,
             dtype: t.dtype,
             shape: t.shape.clone(),
             bytes: Cow::Borrowed(&t.bytes),
@@ -663,14 +658,14 @@ impl<'a> HostTensor<'a> {
         let (start, end) = (rows.start * k, rows.end * k);
         match m {
             kernels::Matrix::F32(v) => Self {
-                format: Format::F32,
+                format: WeightFormat::F32,
                 dtype: Dtype::F32,
                 shape,
                 bytes: Cow::Borrowed(as_bytes(&v[start..end])),
                 scales: None,
             },
             kernels::Matrix::Bf16(v) => Self {
-                format: Format::Bf16,
+                format: WeightFormat::Bf16,
                 dtype: Dtype::BF16,
                 shape,
                 bytes: Cow::Owned(
@@ -734,7 +729,7 @@ impl GpuMatrix {
             w.len()
         );
         let t = HostTensor {
-            format: Format::F32,
+            format: WeightFormat::F32,
             dtype: Dtype::F32,
             shape: vec![groups * n, k],
             bytes: Cow::Borrowed(as_bytes(w)),
@@ -789,7 +784,7 @@ impl GpuMatrix {
     }
 
     /// The storage format the kernel reads.
-    pub fn format(&self) -> Format {
+    pub fn format(&self) -> WeightFormat {
         self.linear.format
     }
 
@@ -1069,7 +1064,7 @@ impl GpuExpert {
         placed: Vec<Placed>,
         fp8_block: Option<[usize; 2]>,
     ) -> Result<Self> {
-        let rows = |t: &HostTensor<'_>| crate::weights::quant::logical_shape(t.dtype, &t.shape)[0];
+        let rows = |t: &HostTensor<'_>| crate::weights::format::logical_shape(t.dtype, &t.shape)[0];
         let (intermediate, hidden) = (rows(&tensors[0]), rows(&tensors[2]));
         ensure!(
             rows(&tensors[1]) == intermediate,
@@ -1130,7 +1125,7 @@ impl GpuExpert {
     }
 
     /// The storage formats the kernels read: gate_up's and down's.
-    pub fn formats(&self) -> [Format; 2] {
+    pub fn formats(&self) -> [WeightFormat; 2] {
         [self.gate_up.format, self.down.format]
     }
 

@@ -1025,7 +1025,6 @@ fn add_inplace(a: &mut [f32], b: &[f32]) {
 /// Checks that every tensor the architecture reads exists with the right shape and a
 /// supported dtype, reading headers only.
 pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> {
-    use safetensors::Dtype;
     let h = cfg.hidden_size;
     let nh = cfg.num_attention_heads;
     let qk = cfg.qk_head_dim();
@@ -1092,12 +1091,13 @@ pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> 
     for (name, shape) in &want {
         let (dtype, stored) = ckpt.header(name)?;
         ensure!(
-            stored == crate::weights::quant::stored_shape(dtype, shape).as_slice(),
+            stored == crate::weights::format::stored_shape(dtype, shape).as_slice(),
             "tensor {name} has shape {stored:?}, expected {shape:?} from config.json"
         );
-        match dtype {
-            Dtype::F32 | Dtype::BF16 | Dtype::F16 => {}
-            Dtype::I8 | Dtype::U8 => {
+        use crate::weights::format::WeightFormat;
+        match WeightFormat::of_dtype(dtype) {
+            Some(WeightFormat::F32 | WeightFormat::Bf16 | WeightFormat::F16) => {}
+            Some(WeightFormat::Int8 | WeightFormat::Int4) => {
                 ensure!(shape.len() == 2, "tensor {name} is quantized but not a 2-D weight");
                 let scale_name = format!("{name}_qscale");
                 let (_, scale) = ckpt
@@ -1109,7 +1109,7 @@ pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> 
                     "tensor {scale_name} has shape {scale:?}, expected {want_scale:?}"
                 );
             }
-            Dtype::F8_E4M3 => {
+            Some(WeightFormat::Fp8) => {
                 ensure!(shape.len() == 2, "tensor {name} is F8_E4M3 but not a 2-D weight");
                 ensure!(
                     cfg.fp8_block.is_some(),
@@ -1126,8 +1126,8 @@ pub(crate) fn check_tensors(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> 
                     "tensor {scale_name} has shape {scale:?}, expected {want_scale:?} ({br}x{bc} blocks of {shape:?})"
                 );
             }
-            other => anyhow::bail!(
-                "tensor {name} has dtype {other:?}; moehost reads F32, BF16, F16, F8_E4M3 and its own int8/int4 (I8/U8) weights"
+            None => anyhow::bail!(
+                "tensor {name} has dtype {dtype:?}; moehost reads F32, BF16, F16, F8_E4M3 and its own int8/int4 (I8/U8) weights"
             ),
         }
     }

@@ -303,7 +303,7 @@ impl Checkpoint {
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let raw = self.raw(name)?;
         ensure!(
-            raw.shape == crate::weights::quant::stored_shape(raw.dtype, shape),
+            raw.shape == crate::weights::format::stored_shape(raw.dtype, shape),
             "tensor {name} has shape {:?}, expected {shape:?} from config.json",
             raw.shape
         );
@@ -333,8 +333,8 @@ impl Checkpoint {
     pub fn scales(&self, raw: &RawTensor<'_>) -> Result<Option<Vec<f32>>> {
         Ok(match raw.dtype {
             Dtype::F8_E4M3 => Some(self.fp8_scales(raw)?),
-            d if crate::weights::quant::is_quantized(d) => {
-                let logical = crate::weights::quant::logical_shape(d, raw.shape);
+            d if crate::weights::format::is_grouped(d) => {
+                let logical = crate::weights::format::logical_shape(d, raw.shape);
                 ensure!(
                     logical.len() == 2,
                     "quantized tensor {} must be 2-D, got shape {:?}",
@@ -395,8 +395,8 @@ pub fn decode_f32(
 ) -> Result<Vec<f32>> {
     let name = raw.name;
     let shape = raw.shape;
-    if crate::weights::quant::is_quantized(raw.dtype) {
-        let logical = crate::weights::quant::logical_shape(raw.dtype, shape);
+    if crate::weights::format::is_grouped(raw.dtype) {
+        let logical = crate::weights::format::logical_shape(raw.dtype, shape);
         ensure!(
             logical.len() == 2,
             "quantized tensor {name} must be 2-D, got shape {shape:?}"

@@ -323,7 +323,7 @@ impl OwnedTensor {
 
     /// Logical rows (`out_features`).
     pub fn rows(&self) -> usize {
-        crate::weights::quant::logical_shape(self.dtype, &self.shape)[0]
+        crate::weights::format::logical_shape(self.dtype, &self.shape)[0]
     }
 
     /// Rows `r0..r1` in f32. For FP8, `r0` must sit on a scale-block boundary.

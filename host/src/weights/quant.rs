@@ -46,27 +46,6 @@ impl Bits {
     }
 }
 
-/// Whether `dtype` is one of these formats.
-pub fn is_quantized(dtype: Dtype) -> bool {
-    matches!(dtype, Dtype::I8 | Dtype::U8)
-}
-
-/// The stored shape of a weight of logical shape `[rows, cols]`.
-pub fn stored_shape(dtype: Dtype, logical: &[usize]) -> Vec<usize> {
-    match (dtype, logical) {
-        (Dtype::U8, [r, c]) => vec![*r, c.div_ceil(2)],
-        _ => logical.to_vec(),
-    }
-}
-
-/// The logical shape of a stored quantized weight (int4 columns are packed two per byte).
-pub fn logical_shape(dtype: Dtype, stored: &[usize]) -> Vec<usize> {
-    match (dtype, stored) {
-        (Dtype::U8, [r, c]) => vec![*r, c * 2],
-        _ => stored.to_vec(),
-    }
-}
-
 /// The shape of the scale tensor.
 pub fn scale_shape(rows: usize, cols: usize) -> [usize; 2] {
     [rows, cols.div_ceil(GROUP)]
@@ -180,7 +159,7 @@ mod tests {
                 .collect();
             assert_eq!(
                 data.len(),
-                stored_shape(bits.dtype(), &[rows, cols])
+                crate::weights::format::stored_shape(bits.dtype(), &[rows, cols])
                     .iter()
                     .product::<usize>()
             );
