@@ -10,6 +10,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The outer build's settings (clippy's wrapper, host rustflags) must not leak into guests.
+const OUTER_BUILD_VARS: [&str; 8] = [
+    "CARGO_ENCODED_RUSTFLAGS",
+    "RUSTFLAGS",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "CARGO_MAKEFLAGS",
+    "CARGO_PRIMARY_PACKAGE",
+];
+
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     check_ptx(&manifest_dir.join("src/gpu"));
@@ -24,7 +36,7 @@ fn main() {
 
     let target_dir = out_dir.join("plugins-target");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = Command::new(&cargo);
     cmd.args([
         "build",
         "--release",
@@ -35,17 +47,7 @@ fn main() {
     .arg(plugins.join("Cargo.toml"))
     .arg("--target-dir")
     .arg(&target_dir);
-    // The outer build's settings (clippy's wrapper, host rustflags) must not leak into guests.
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_MAKEFLAGS",
-        "CARGO_PRIMARY_PACKAGE",
-    ] {
+    for var in OUTER_BUILD_VARS {
         cmd.env_remove(var);
     }
     // From plugins/, so its .cargo/config.toml (guest target features) applies.
@@ -64,8 +66,8 @@ fn main() {
         test_plugins.display()
     );
     let mut entries = Vec::new();
-    for (member, package) in members(&plugins) {
-        let wasm = wasm_dir.join(format!("{}.wasm", package.replace('-', "_")));
+    for (member, stem) in members(&plugins, &cargo) {
+        let wasm = wasm_dir.join(format!("{stem}.wasm"));
         assert!(
             wasm.exists(),
             "plugin {member} did not produce {}",
@@ -92,34 +94,53 @@ fn main() {
     std::fs::write(out_dir.join("bundled_plugins.rs"), code).unwrap();
 }
 
-/// `(member path, package name)` of each guest crate of the plugins workspace (crates with a
-/// `[lib]` of crate-type cdylib).
-fn members(plugins: &Path) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(plugins.join("Cargo.toml")).unwrap();
-    let start = text
-        .find("members")
-        .expect("plugins/Cargo.toml lists members");
-    let list = &text[start..text[start..].find(']').map(|e| start + e).unwrap()];
-    let mut out = Vec::new();
-    for member in list.split('"').skip(1).step_by(2) {
-        let manifest = std::fs::read_to_string(plugins.join(member).join("Cargo.toml")).unwrap();
-        if !manifest.contains("cdylib") {
-            continue;
-        }
-        let name = manifest
-            .lines()
-            .find_map(|l| {
-                l.trim().strip_prefix("name").map(|r| {
-                    r.trim_start_matches([' ', '='])
-                        .trim()
-                        .trim_matches('"')
-                        .to_owned()
-                })
-            })
-            .expect("package name");
-        out.push((member.to_owned(), name));
+/// `(member folder under plugins/, wasm file stem)` of each guest crate (a cdylib target) of the
+/// plugins workspace, as `cargo metadata` lists them (in the workspace's member order).
+fn members(plugins: &Path, cargo: &str) -> Vec<(String, String)> {
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "metadata",
+        "--no-deps",
+        "--offline",
+        "--format-version",
+        "1",
+    ])
+    .arg("--manifest-path")
+    .arg(plugins.join("Cargo.toml"));
+    for var in OUTER_BUILD_VARS {
+        cmd.env_remove(var);
     }
-    out
+    let out = cmd.output().expect("cannot run cargo metadata on plugins/");
+    assert!(
+        out.status.success(),
+        "cargo metadata on plugins/ failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let root = plugins.canonicalize().unwrap();
+    let mut found = Vec::new();
+    for package in meta["packages"].as_array().expect("packages") {
+        let manifest = Path::new(package["manifest_path"].as_str().expect("manifest_path"));
+        let member = manifest
+            .parent()
+            .and_then(|d| d.strip_prefix(&root).ok())
+            .expect("a member under plugins/")
+            .to_string_lossy()
+            .into_owned();
+        for target in package["targets"].as_array().expect("targets") {
+            let cdylib = target["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "cdylib"));
+            if cdylib {
+                let stem = target["name"]
+                    .as_str()
+                    .expect("target name")
+                    .replace('-', "_");
+                found.push((member.clone(), stem));
+            }
+        }
+    }
+    found
 }
 
 /// `rerun-if-changed` for every manifest and source under `dir`, skipping build output.
