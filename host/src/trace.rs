@@ -742,29 +742,17 @@ struct Recorder {
 }
 
 impl crate::experts::ExpertProvider for Recorder {
-    fn fetch(
+    fn step(
         &self,
-        layer: usize,
-        experts: &[u32],
-        tokens: &[u32],
+        step: &crate::experts::LayerStep<'_>,
     ) -> Result<Vec<crate::experts::ExpertWeights>> {
-        self.inner.fetch(layer, experts, tokens)
-    }
-
-    fn lookahead(&self) -> usize {
-        usize::from(self.speculative)
-    }
-
-    fn routed(
-        &self,
-        _layer: usize,
-        _tokens: usize,
-        _experts: &[u32],
-        outlook: &[(usize, Vec<f32>)],
-    ) {
-        if let Some(o) = outlook.first() {
-            self.outlook.lock().unwrap().push(o.clone());
+        let weights = self.inner.fetch(step.layer, step.experts)?;
+        if self.speculative {
+            if let Some(o) = (step.outlook)(1).into_iter().next() {
+                self.outlook.lock().unwrap().push(o);
+            }
         }
+        Ok(weights)
     }
 }
 

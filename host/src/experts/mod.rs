@@ -107,21 +107,39 @@ impl ExpertWeights {
     }
 }
 
-/// Where routed experts come from, and the hooks a memory manager needs around each MoE
-/// layer step. Implementations must return exactly one weight set per requested id, in the
-/// order asked, and must be safe to call from any thread. Layers are decoder-layer indices.
+/// One MoE layer step as the model hands it to its expert provider: what the step routes to,
+/// and the speculative routing a prefetcher may ask for.
+pub struct LayerStep<'a> {
+    /// Decoder layer.
+    pub layer: usize,
+    /// Rows (tokens) in the step.
+    pub tokens: usize,
+    /// The distinct experts the step routes to, ascending.
+    pub experts: &'a [u32],
+    /// How many rows go to each of `experts` (placement weighs it).
+    pub rows: &'a [u32],
+    /// The next MoE layers' selection scores from their gates applied to this step's input,
+    /// computed only when asked: `outlook(n)` gives the next `n` (fewer at the end of the
+    /// model) as `(decoder layer, [tokens x experts])`.
+    pub outlook: &'a dyn Fn(usize) -> Vec<(usize, Vec<f32>)>,
+}
+
+/// Where routed experts come from. The model asks once per MoE layer step for that step's
+/// experts (`step`) and nothing else: what to prefetch, evict or keep is the provider's.
+/// Implementations must return exactly one weight set per requested id, in the order asked,
+/// and must be safe to call from any thread. Layers are decoder-layer indices.
 pub trait ExpertProvider: Send + Sync {
-    /// Weights of `experts` (distinct, ascending) of decoder layer `layer`, for one layer step.
-    /// `tokens[i]` is how many rows of the step are routed to `experts[i]` (placement weighs
-    /// it); the provider may answer with compute-form or storage-form weights.
-    fn fetch(&self, layer: usize, experts: &[u32], tokens: &[u32]) -> Result<Vec<ExpertWeights>>;
+    /// Weights of `step.experts` of decoder layer `step.layer` for one layer step; the
+    /// provider may answer with compute-form or storage-form weights.
+    fn step(&self, step: &LayerStep<'_>) -> Result<Vec<ExpertWeights>>;
 
     /// A forward pass begins (a safe point to switch policies).
     fn begin_step(&self) {}
 
     /// A selection policy's choice for `tokens` rows of the model's selection scores
     /// (`Gate::selection_scores`: sigmoid + bias, groups outside the `topk_group` best at 0.0),
-    /// `k` per token; `None` keeps the model's exact top-k.
+    /// `k` per token; `None` keeps the model's exact top-k. Routing is the model's;
+    /// substitution, when a policy makes it, is the policy's.
     fn select(
         &self,
         _layer: usize,
@@ -130,22 +148,5 @@ pub trait ExpertProvider: Send + Sync {
         _biased: &[f32],
     ) -> Option<Vec<u32>> {
         None
-    }
-
-    /// How many following MoE layers of speculative scores `routed` wants.
-    fn lookahead(&self) -> usize {
-        0
-    }
-
-    /// After layer `layer` is routed: its distinct experts, and for the next `lookahead()` MoE
-    /// layers `(decoder layer, selection scores [tokens x experts])` from their gates applied to
-    /// the current hidden state.
-    fn routed(
-        &self,
-        _layer: usize,
-        _tokens: usize,
-        _experts: &[u32],
-        _outlook: &[(usize, Vec<f32>)],
-    ) {
     }
 }

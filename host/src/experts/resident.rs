@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::weights::checkpoint::Checkpoint;
 
-use super::{expert_prefix, ExpertProvider, ExpertWeights, FfnWeights};
+use super::{expert_prefix, ExpertProvider, ExpertWeights, FfnWeights, LayerStep};
 
 /// Every expert stays resident once used: read and dequantized on first use.
 pub struct ResidentExperts {
@@ -41,7 +41,14 @@ impl ResidentExperts {
 }
 
 impl ExpertProvider for ResidentExperts {
-    fn fetch(&self, layer: usize, experts: &[u32], _: &[u32]) -> Result<Vec<ExpertWeights>> {
+    fn step(&self, step: &LayerStep<'_>) -> Result<Vec<ExpertWeights>> {
+        self.fetch(step.layer, step.experts)
+    }
+}
+
+impl ResidentExperts {
+    /// Weights of `experts` of decoder layer `layer`, read on first use.
+    pub fn fetch(&self, layer: usize, experts: &[u32]) -> Result<Vec<ExpertWeights>> {
         let slots = self
             .slots
             .get(layer)

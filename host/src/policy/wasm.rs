@@ -412,6 +412,16 @@ impl WasmPolicy {
         Ok(guest)
     }
 
+    /// Runs `f` under the call deadline.
+    fn call_now<R>(
+        &mut self,
+        want: PolicyKind,
+        f: impl FnOnce(&mut Live) -> wasmtime::Result<Option<R>>,
+    ) -> PolicyResult<R> {
+        let timeout = self.limits.call_timeout;
+        self.call(timeout, f, want)
+    }
+
     /// Runs `f` on the live instance under the call deadline; a failure kills the instance.
     fn call<R>(
         &mut self,
@@ -718,29 +728,24 @@ impl Selection for WasmPolicy {
         scores: &[f32],
         residency: &[Tier],
     ) -> PolicyResult<Vec<u32>> {
-        let timeout = self.limits.call_timeout;
-        self.call(
-            timeout,
-            |l| {
-                Ok(match &mut l.guest {
-                    Guest::Selection(g) => {
-                        codes_into(&mut l.codes, residency);
-                        Some(g.call_select(&mut l.store, layer, tokens, k, scores, &l.codes)?)
-                    }
-                    Guest::SelectionV1(g) => {
-                        let residency: Vec<wt1::Tier> =
-                            residency.iter().map(|t| tier_out1(*t)).collect();
-                        Some(g.call_select(&mut l.store, layer, tokens, k, scores, &residency)?)
-                    }
-                    Guest::Direct(g) => {
-                        codes_into(&mut l.codes, residency);
-                        g.select(&mut l.store, layer, tokens, k, scores, &l.codes)?
-                    }
-                    _ => None,
-                })
-            },
-            PolicyKind::Selection,
-        )
+        self.call_now(PolicyKind::Selection, |l| {
+            Ok(match &mut l.guest {
+                Guest::Selection(g) => {
+                    codes_into(&mut l.codes, residency);
+                    Some(g.call_select(&mut l.store, layer, tokens, k, scores, &l.codes)?)
+                }
+                Guest::SelectionV1(g) => {
+                    let residency: Vec<wt1::Tier> =
+                        residency.iter().map(|t| tier_out1(*t)).collect();
+                    Some(g.call_select(&mut l.store, layer, tokens, k, scores, &residency)?)
+                }
+                Guest::Direct(g) => {
+                    codes_into(&mut l.codes, residency);
+                    g.select(&mut l.store, layer, tokens, k, scores, &l.codes)?
+                }
+                _ => None,
+            })
+        })
     }
 }
 
@@ -755,87 +760,76 @@ impl Eviction for WasmPolicy {
         facts: &StepFacts,
         request: Option<&VictimRequest<'_>>,
     ) -> PolicyResult<Vec<ExpertKey>> {
-        let timeout = self.limits.call_timeout;
-        self.call(
-            timeout,
-            |l| {
-                Ok(match &mut l.guest {
-                    Guest::Eviction(g) => {
-                        let shape = l.shape;
-                        events_into(&mut l.ids, &shape, &facts.events);
-                        let f = wev::StepFacts {
-                            step: facts.step,
-                            layer: facts.layer,
-                            events: std::mem::take(&mut l.ids),
-                        };
-                        let r = request.map(|r| request_out(&shape, r));
-                        let v = g.call_on_step(&mut l.store, &f, r.as_ref())?;
-                        l.ids = f.events;
-                        Some(v.into_iter().map(|id| key_in(&shape, id)).collect())
-                    }
-                    Guest::EvictionV1(g) => {
-                        let f = wev1::StepFacts {
-                            step: facts.step,
-                            layer: facts.layer,
-                            events: facts
-                                .events
-                                .iter()
-                                .map(|e| wev1::Event {
-                                    kind: match e.kind {
-                                        EventKind::Access => wev1::EventKind::Access,
-                                        EventKind::Insert => wev1::EventKind::Insert,
-                                        EventKind::Remove => wev1::EventKind::Remove,
-                                    },
-                                    tier: tier_out1(e.tier),
-                                    expert: key_out1(e.expert),
-                                })
-                                .collect(),
-                        };
-                        let r = request.map(request_out1);
-                        let v = g.call_on_step(&mut l.store, &f, r.as_ref())?;
-                        Some(v.into_iter().map(key_in1).collect())
-                    }
-                    Guest::Direct(g) => {
-                        let shape = l.shape;
-                        events_into(&mut l.ids, &shape, &facts.events);
-                        let r = request.map(|r| victims_flat(&shape, r, &mut l.excluded));
-                        let v =
-                            g.on_step(&mut l.store, facts.step, facts.layer, &l.ids, r.as_ref())?;
-                        v.map(|v| v.into_iter().map(|id| key_in(&shape, id)).collect())
-                    }
-                    _ => None,
-                })
-            },
-            PolicyKind::Eviction,
-        )
+        self.call_now(PolicyKind::Eviction, |l| {
+            Ok(match &mut l.guest {
+                Guest::Eviction(g) => {
+                    let shape = l.shape;
+                    events_into(&mut l.ids, &shape, &facts.events);
+                    let f = wev::StepFacts {
+                        step: facts.step,
+                        layer: facts.layer,
+                        events: std::mem::take(&mut l.ids),
+                    };
+                    let r = request.map(|r| request_out(&shape, r));
+                    let v = g.call_on_step(&mut l.store, &f, r.as_ref())?;
+                    l.ids = f.events;
+                    Some(v.into_iter().map(|id| key_in(&shape, id)).collect())
+                }
+                Guest::EvictionV1(g) => {
+                    let f = wev1::StepFacts {
+                        step: facts.step,
+                        layer: facts.layer,
+                        events: facts
+                            .events
+                            .iter()
+                            .map(|e| wev1::Event {
+                                kind: match e.kind {
+                                    EventKind::Access => wev1::EventKind::Access,
+                                    EventKind::Insert => wev1::EventKind::Insert,
+                                    EventKind::Remove => wev1::EventKind::Remove,
+                                },
+                                tier: tier_out1(e.tier),
+                                expert: key_out1(e.expert),
+                            })
+                            .collect(),
+                    };
+                    let r = request.map(request_out1);
+                    let v = g.call_on_step(&mut l.store, &f, r.as_ref())?;
+                    Some(v.into_iter().map(key_in1).collect())
+                }
+                Guest::Direct(g) => {
+                    let shape = l.shape;
+                    events_into(&mut l.ids, &shape, &facts.events);
+                    let r = request.map(|r| victims_flat(&shape, r, &mut l.excluded));
+                    let v = g.on_step(&mut l.store, facts.step, facts.layer, &l.ids, r.as_ref())?;
+                    v.map(|v| v.into_iter().map(|id| key_in(&shape, id)).collect())
+                }
+                _ => None,
+            })
+        })
     }
 
     fn victims(&mut self, request: &VictimRequest<'_>) -> PolicyResult<Vec<ExpertKey>> {
-        let timeout = self.limits.call_timeout;
-        self.call(
-            timeout,
-            |l| {
-                Ok(match &mut l.guest {
-                    Guest::Eviction(g) => {
-                        let shape = l.shape;
-                        let v = g.call_victims(&mut l.store, &request_out(&shape, request))?;
-                        Some(v.into_iter().map(|id| key_in(&shape, id)).collect())
-                    }
-                    Guest::EvictionV1(g) => {
-                        let v = g.call_victims(&mut l.store, &request_out1(request))?;
-                        Some(v.into_iter().map(key_in1).collect())
-                    }
-                    Guest::Direct(g) => {
-                        let shape = l.shape;
-                        let r = victims_flat(&shape, request, &mut l.excluded);
-                        let v = g.victims(&mut l.store, &r)?;
-                        v.map(|v| v.into_iter().map(|id| key_in(&shape, id)).collect())
-                    }
-                    _ => None,
-                })
-            },
-            PolicyKind::Eviction,
-        )
+        self.call_now(PolicyKind::Eviction, |l| {
+            Ok(match &mut l.guest {
+                Guest::Eviction(g) => {
+                    let shape = l.shape;
+                    let v = g.call_victims(&mut l.store, &request_out(&shape, request))?;
+                    Some(v.into_iter().map(|id| key_in(&shape, id)).collect())
+                }
+                Guest::EvictionV1(g) => {
+                    let v = g.call_victims(&mut l.store, &request_out1(request))?;
+                    Some(v.into_iter().map(key_in1).collect())
+                }
+                Guest::Direct(g) => {
+                    let shape = l.shape;
+                    let r = victims_flat(&shape, request, &mut l.excluded);
+                    let v = g.victims(&mut l.store, &r)?;
+                    v.map(|v| v.into_iter().map(|id| key_in(&shape, id)).collect())
+                }
+                _ => None,
+            })
+        })
     }
 }
 
@@ -849,110 +843,105 @@ impl Prefetch for WasmPolicy {
     }
 
     fn on_routed(&mut self, step: &RoutedStep) -> PolicyResult<Vec<PrefetchRequest>> {
-        let timeout = self.limits.call_timeout;
-        self.call(
-            timeout,
-            |l| {
-                Ok(match &mut l.guest {
-                    Guest::Prefetch(g) => {
-                        let shape = l.shape;
-                        let s = wpf::RoutedStep {
-                            step: step.step,
-                            layer: step.layer,
-                            tokens: step.tokens,
-                            experts: step.experts.clone(),
-                            outlook: step
-                                .outlook
-                                .iter()
-                                .map(|o| wpf::LayerOutlook {
-                                    layer: o.layer,
-                                    scores: o.scores.clone(),
-                                    residency: o.residency.iter().map(|t| t.code()).collect(),
-                                })
-                                .collect(),
-                        };
-                        let r = g.call_on_routed(&mut l.store, &s)?;
-                        Some(
-                            r.into_iter()
-                                .map(|p| PrefetchRequest {
-                                    expert: key_in(&shape, p.expert),
-                                    tier: tier_in(p.tier),
-                                    priority: p.priority,
-                                })
-                                .collect(),
-                        )
-                    }
-                    Guest::PrefetchV1(g) => {
-                        let s = wpf1::RoutedStep {
-                            step: step.step,
-                            layer: step.layer,
-                            tokens: step.tokens,
-                            experts: step.experts.clone(),
-                            outlook: step
-                                .outlook
-                                .iter()
-                                .map(|o| wpf1::LayerOutlook {
-                                    layer: o.layer,
-                                    scores: o.scores.clone(),
-                                    residency: o.residency.iter().map(|t| tier_out1(*t)).collect(),
-                                })
-                                .collect(),
-                        };
-                        let r = g.call_on_routed(&mut l.store, &s)?;
-                        Some(
-                            r.into_iter()
-                                .map(|p| PrefetchRequest {
-                                    expert: key_in1(p.expert),
-                                    tier: tier_in1(p.tier),
-                                    priority: p.priority,
-                                })
-                                .collect(),
-                        )
-                    }
-                    Guest::Direct(g) => {
-                        let shape = l.shape;
-                        l.codes.clear();
-                        for o in &step.outlook {
-                            l.codes.extend(o.residency.iter().map(|t| t.code()));
-                        }
-                        let mut codes = l.codes.as_slice();
-                        let outlook: Vec<OutlookFlat<'_>> = step
+        self.call_now(PolicyKind::Prefetch, |l| {
+            Ok(match &mut l.guest {
+                Guest::Prefetch(g) => {
+                    let shape = l.shape;
+                    let s = wpf::RoutedStep {
+                        step: step.step,
+                        layer: step.layer,
+                        tokens: step.tokens,
+                        experts: step.experts.clone(),
+                        outlook: step
                             .outlook
                             .iter()
-                            .map(|o| {
-                                let (residency, rest) = codes.split_at(o.residency.len());
-                                codes = rest;
-                                OutlookFlat {
-                                    layer: o.layer,
-                                    scores: &o.scores,
-                                    residency,
-                                }
+                            .map(|o| wpf::LayerOutlook {
+                                layer: o.layer,
+                                scores: o.scores.clone(),
+                                residency: o.residency.iter().map(|t| t.code()).collect(),
                             })
-                            .collect();
-                        let r = g.on_routed(
-                            &mut l.store,
-                            step.step,
-                            step.layer,
-                            step.tokens,
-                            &step.experts,
-                            &outlook,
-                        )?;
-                        r.map(|r| {
-                            r.into_iter()
-                                .map(|(expert, tier, priority)| PrefetchRequest {
-                                    expert: key_in(&shape, expert),
-                                    // `direct` checked the code (0..=2).
-                                    tier: Tier::from_code(tier).unwrap_or(Tier::Disk),
-                                    priority,
-                                })
-                                .collect()
-                        })
+                            .collect(),
+                    };
+                    let r = g.call_on_routed(&mut l.store, &s)?;
+                    Some(
+                        r.into_iter()
+                            .map(|p| PrefetchRequest {
+                                expert: key_in(&shape, p.expert),
+                                tier: tier_in(p.tier),
+                                priority: p.priority,
+                            })
+                            .collect(),
+                    )
+                }
+                Guest::PrefetchV1(g) => {
+                    let s = wpf1::RoutedStep {
+                        step: step.step,
+                        layer: step.layer,
+                        tokens: step.tokens,
+                        experts: step.experts.clone(),
+                        outlook: step
+                            .outlook
+                            .iter()
+                            .map(|o| wpf1::LayerOutlook {
+                                layer: o.layer,
+                                scores: o.scores.clone(),
+                                residency: o.residency.iter().map(|t| tier_out1(*t)).collect(),
+                            })
+                            .collect(),
+                    };
+                    let r = g.call_on_routed(&mut l.store, &s)?;
+                    Some(
+                        r.into_iter()
+                            .map(|p| PrefetchRequest {
+                                expert: key_in1(p.expert),
+                                tier: tier_in1(p.tier),
+                                priority: p.priority,
+                            })
+                            .collect(),
+                    )
+                }
+                Guest::Direct(g) => {
+                    let shape = l.shape;
+                    l.codes.clear();
+                    for o in &step.outlook {
+                        l.codes.extend(o.residency.iter().map(|t| t.code()));
                     }
-                    _ => None,
-                })
-            },
-            PolicyKind::Prefetch,
-        )
+                    let mut codes = l.codes.as_slice();
+                    let outlook: Vec<OutlookFlat<'_>> = step
+                        .outlook
+                        .iter()
+                        .map(|o| {
+                            let (residency, rest) = codes.split_at(o.residency.len());
+                            codes = rest;
+                            OutlookFlat {
+                                layer: o.layer,
+                                scores: &o.scores,
+                                residency,
+                            }
+                        })
+                        .collect();
+                    let r = g.on_routed(
+                        &mut l.store,
+                        step.step,
+                        step.layer,
+                        step.tokens,
+                        &step.experts,
+                        &outlook,
+                    )?;
+                    r.map(|r| {
+                        r.into_iter()
+                            .map(|(expert, tier, priority)| PrefetchRequest {
+                                expert: key_in(&shape, expert),
+                                // `direct` checked the code (0..=2).
+                                tier: Tier::from_code(tier).unwrap_or(Tier::Disk),
+                                priority,
+                            })
+                            .collect()
+                    })
+                }
+                _ => None,
+            })
+        })
     }
 }
 
@@ -963,38 +952,33 @@ impl Placement for WasmPolicy {
     }
 
     fn place(&mut self, r: &PlacementRequest<'_>) -> PolicyResult<Vec<Place>> {
-        let timeout = self.limits.call_timeout;
-        let codes = self.call(
-            timeout,
-            |l| {
-                Ok(match &mut l.guest {
-                    Guest::Placement(g) => {
-                        let shape = l.shape;
-                        let c = r.costs;
-                        let request = wpl::PlacementRequest {
-                            layer: r.layer,
-                            experts: r.experts.iter().map(|e| shape.id_of(*e)).collect(),
-                            tokens: r.tokens.to_vec(),
-                            tiers: r.tiers.iter().map(|t| t.code()).collect(),
-                            free_device_slots: r.free_device_slots,
-                            costs: wpl::LinkCosts {
-                                link_bytes_per_second: c.link_bytes_per_second,
-                                link_latency_seconds: c.link_latency_seconds,
-                                device_flops: c.device_flops,
-                                device_memory_bytes_per_second: c.device_memory_bytes_per_second,
-                                host_flops: c.host_flops,
-                                host_memory_bytes_per_second: c.host_memory_bytes_per_second,
-                                flops_per_token: c.flops_per_token,
-                                activation_bytes: c.activation_bytes,
-                            },
-                        };
-                        Some(g.call_place(&mut l.store, &request)?)
-                    }
-                    _ => None,
-                })
-            },
-            PolicyKind::Placement,
-        )?;
+        let codes = self.call_now(PolicyKind::Placement, |l| {
+            Ok(match &mut l.guest {
+                Guest::Placement(g) => {
+                    let shape = l.shape;
+                    let c = r.costs;
+                    let request = wpl::PlacementRequest {
+                        layer: r.layer,
+                        experts: r.experts.iter().map(|e| shape.id_of(*e)).collect(),
+                        tokens: r.tokens.to_vec(),
+                        tiers: r.tiers.iter().map(|t| t.code()).collect(),
+                        free_device_slots: r.free_device_slots,
+                        costs: wpl::LinkCosts {
+                            link_bytes_per_second: c.link_bytes_per_second,
+                            link_latency_seconds: c.link_latency_seconds,
+                            device_flops: c.device_flops,
+                            device_memory_bytes_per_second: c.device_memory_bytes_per_second,
+                            host_flops: c.host_flops,
+                            host_memory_bytes_per_second: c.host_memory_bytes_per_second,
+                            flops_per_token: c.flops_per_token,
+                            activation_bytes: c.activation_bytes,
+                        },
+                    };
+                    Some(g.call_place(&mut l.store, &request)?)
+                }
+                _ => None,
+            })
+        })?;
         codes
             .iter()
             .map(|&c| {

@@ -36,7 +36,7 @@ use anyhow::Result;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::experts::{ExpertProvider, ExpertWeights};
+use crate::experts::{ExpertProvider, ExpertWeights, LayerStep};
 use crate::model::config::ModelConfig;
 use crate::policy::wasm::RuntimeLimits;
 use crate::policy::*;
@@ -463,6 +463,23 @@ impl ExpertProvider for TieredExperts {
         )
     }
 
+    fn step(&self, step: &LayerStep<'_>) -> Result<Vec<ExpertWeights>> {
+        let weights = self.inner.fetch_step(step.layer, step.experts, step.rows)?;
+        // The prefetch policy (and an observer) see the routed step, with as many layers of
+        // speculative routing as they want.
+        let lookahead = self.lookahead();
+        let outlook = if lookahead > 0 {
+            (step.outlook)(lookahead)
+        } else {
+            Vec::new()
+        };
+        self.routed(step.layer, step.tokens, step.experts, &outlook);
+        Ok(weights)
+    }
+}
+
+impl TieredExperts {
+    /// Layers of speculative routing the prefetch policy or an observer wants.
     fn lookahead(&self) -> usize {
         let live = self.inner.policies.lock().unwrap().prefetch.lookahead();
         let observer = self
@@ -474,10 +491,7 @@ impl ExpertProvider for TieredExperts {
         live.max(observer) as usize
     }
 
-    fn fetch(&self, layer: usize, experts: &[u32], tokens: &[u32]) -> Result<Vec<ExpertWeights>> {
-        self.inner.fetch_step(layer, experts, tokens)
-    }
-
+    /// After a layer step: tell the observer, then let the prefetch policy queue its requests.
     fn routed(&self, layer: usize, tokens: usize, experts: &[u32], outlook: &[(usize, Vec<f32>)]) {
         let inner = &self.inner;
         let Some(moe) = inner.moe_index[layer] else {

@@ -18,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use crate::experts::{ExpertProvider, ExpertWeights, FfnWeights};
+use crate::experts::{ExpertProvider, ExpertWeights, FfnWeights, LayerStep};
 use crate::kernels::{
     self, axpy, dots_one_input, grouped_rows, linear, rms_norm, rms_norm_inplace, softmax_inplace,
 };

@@ -49,20 +49,10 @@ impl DeepseekV3 {
             .iter()
             .map(|&e| by_expert[e as usize].len() as u32)
             .collect();
-        let weights = provider
-            .fetch(layer, &ids, &tokens)
-            .with_context(|| format!("fetching experts of layer {layer}"))?;
-        ensure!(
-            weights.len() == ids.len(),
-            "expert provider returned {} experts for {} requested",
-            weights.len(),
-            ids.len()
-        );
-        let lookahead = provider.lookahead();
-        if lookahead > 0 {
-            // Speculative routing: the next MoE layers' gates on this layer's input.
-            let outlook: Vec<(usize, Vec<f32>)> = self
-                .layers
+        // Speculative routing, if the provider wants it: the next MoE layers' gates on this
+        // layer's input.
+        let outlook = |n: usize| -> Vec<(usize, Vec<f32>)> {
+            self.layers
                 .iter()
                 .enumerate()
                 .skip(layer + 1)
@@ -73,12 +63,25 @@ impl DeepseekV3 {
                     }
                     Ffn::Dense(_) => None,
                 })
-                .take(lookahead)
-                .collect();
-            provider.routed(layer, t, &ids, &outlook);
-        } else {
-            provider.routed(layer, t, &ids, &[]);
-        }
+                .take(n)
+                .collect()
+        };
+        let step = LayerStep {
+            layer,
+            tokens: t,
+            experts: &ids,
+            rows: &tokens,
+            outlook: &outlook,
+        };
+        let weights = provider
+            .step(&step)
+            .with_context(|| format!("fetching experts of layer {layer}"))?;
+        ensure!(
+            weights.len() == ids.len(),
+            "expert provider returned {} experts for {} requested",
+            weights.len(),
+            ids.len()
+        );
         // Each expert's rows, then every expert (the shared one last) in one call: those in GPU
         // memory run together.
         let gather = |e: &u32| {
