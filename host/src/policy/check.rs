@@ -4,6 +4,7 @@ use anyhow::Result;
 use serde::Serialize;
 use std::time::Instant;
 
+use super::set::AnyGuarded;
 use super::wasm::{load_component, RuntimeLimits, WasmPolicy};
 use super::*;
 
@@ -68,31 +69,10 @@ pub fn check(source: &PolicySource) -> Result<CheckReport> {
     let args = k2_init_args();
     let src = source.describe();
     let t0 = Instant::now();
-    let info = match kind {
-        PolicyKind::Selection => {
-            let mut g = GuardedSelection::new(
-                Some(Box::new(plugin)),
-                &src,
-                &version,
-                1,
-                // Checked against its own declaration; serving holds it to --max-score-gap.
-                f32::INFINITY,
-            );
-            smoke::selection(&mut g, &args)?.info
-        }
-        PolicyKind::Eviction => {
-            let mut g = GuardedEviction::new(Some(Box::new(plugin)), &src, &version, 1);
-            smoke::eviction(&mut g, &args)?
-        }
-        PolicyKind::Prefetch => {
-            let mut g = GuardedPrefetch::new(Some(Box::new(plugin)), &src, &version, 1);
-            smoke::prefetch(&mut g, &args)?.info
-        }
-        PolicyKind::Placement => {
-            let mut g = GuardedPlacement::new(Some(Box::new(plugin)), &src, &version, 1);
-            smoke::placement(&mut g, &args)?
-        }
-    };
+    // Quarantined at the first failure; a selection policy is checked against its own
+    // declared gap (serving holds it to --max-score-gap).
+    let info =
+        AnyGuarded::new(kind, Some(plugin), &src, &version, 1, f32::INFINITY).smoke(&args)?;
     Ok(CheckReport {
         source: src,
         kind,

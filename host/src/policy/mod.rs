@@ -16,6 +16,7 @@ pub mod deadline;
 mod direct;
 pub mod guard;
 pub mod limiter;
+pub mod set;
 pub mod smoke;
 pub mod wasm;
 

@@ -143,12 +143,7 @@ impl Arms {
             seen.push(spec.name.clone());
             let mut config = default_config.clone();
             for (kind, source) in &spec.policies {
-                match kind {
-                    PolicyKind::Selection => config.selection = source.clone(),
-                    PolicyKind::Eviction => config.eviction = source.clone(),
-                    PolicyKind::Prefetch => config.prefetch = source.clone(),
-                    PolicyKind::Placement => config.placement = source.clone(),
-                }
+                *config.source_mut(*kind) = source.clone();
             }
             let store =
                 TieredExperts::new(engine.checkpoint.clone(), engine.model.config(), &config)

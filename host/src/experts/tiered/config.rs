@@ -105,6 +105,16 @@ impl StoreConfig {
         ]
     }
 
+    /// The source of the `kind` policy, to read or replace.
+    pub fn source_mut(&mut self, kind: PolicyKind) -> &mut PolicySource {
+        match kind {
+            PolicyKind::Selection => &mut self.selection,
+            PolicyKind::Eviction => &mut self.eviction,
+            PolicyKind::Prefetch => &mut self.prefetch,
+            PolicyKind::Placement => &mut self.placement,
+        }
+    }
+
     pub(super) fn source_of(&self, kind: PolicyKind) -> PolicySource {
         let (_, source) = self
             .sources()

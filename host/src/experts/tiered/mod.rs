@@ -55,9 +55,10 @@ mod step;
 #[cfg(test)]
 mod tests;
 
+use crate::policy::set::{AnyGuarded, PolicySet};
 pub use config::{parse_bytes, Device, StoreConfig};
+use policies::guarded;
 pub use policies::BUILTIN_PLACEMENT;
-use policies::{guarded, AnyGuarded, Policies};
 use prefetch::Queue;
 use state::State;
 pub use stats::{PlacementCounters, PolicyStatsSet, PrefetchCounters, StoreStats, TierCounters};
@@ -112,7 +113,7 @@ struct Inner {
     /// Bytes of a device slot (the compute form; a host slot holds `shape.expert_bytes`).
     device_slot_bytes: u64,
     state: Mutex<State>,
-    policies: Mutex<Policies>,
+    policies: Mutex<PolicySet>,
     pending: Mutex<Vec<AnyGuarded>>,
     swaps: AtomicU64,
     step: AtomicU64,
@@ -243,20 +244,7 @@ impl TieredExperts {
         }
         #[cfg(not(feature = "cuda"))]
         open_gpu(config.device, compute as usize, device_slots, workers);
-        let (
-            AnyGuarded::Selection(selection),
-            AnyGuarded::Eviction(eviction),
-            AnyGuarded::Prefetch(prefetch),
-            AnyGuarded::Placement(placement),
-        ) = (
-            take(PolicyKind::Selection)?,
-            take(PolicyKind::Eviction)?,
-            take(PolicyKind::Prefetch)?,
-            take(PolicyKind::Placement)?,
-        )
-        else {
-            unreachable!("guarded() returns the kind asked for")
-        };
+        let policies = PolicySet::load(take)?;
         let inner = Arc::new(Inner {
             ckpt,
             hidden: cfg.hidden_size,
@@ -270,12 +258,7 @@ impl TieredExperts {
             host_slots,
             device_slot_bytes: compute,
             state: Mutex::new(State::new(shape, device_slots, host_slots)),
-            policies: Mutex::new(Policies {
-                selection,
-                eviction,
-                prefetch,
-                placement,
-            }),
+            policies: Mutex::new(policies),
             pending: Mutex::new(Vec::new()),
             swaps: AtomicU64::new(0),
             step: AtomicU64::new(0),
@@ -291,21 +274,12 @@ impl TieredExperts {
         {
             let args = inner.init_args();
             let mut p = inner.policies.lock().unwrap();
-            let fail = |kind: PolicyKind, src: &PolicySource, e: PolicyError| {
-                anyhow::anyhow!("{kind} policy {} failed to initialise: {e}", src.describe())
-            };
-            p.selection
-                .init(&args)
-                .map_err(|e| fail(PolicyKind::Selection, &config.selection, e))?;
-            p.eviction
-                .init(&args)
-                .map_err(|e| fail(PolicyKind::Eviction, &config.eviction, e))?;
-            p.prefetch
-                .init(&args)
-                .map_err(|e| fail(PolicyKind::Prefetch, &config.prefetch, e))?;
-            p.placement
-                .init(&args)
-                .map_err(|e| fail(PolicyKind::Placement, &config.placement, e))?;
+            p.init(&args).map_err(|(kind, e)| {
+                anyhow::anyhow!(
+                    "{kind} policy {} failed to initialise: {e}",
+                    config.source_of(kind).describe()
+                )
+            })?;
         }
         let workers = (0..config.prefetch_workers)
             .map(|i| {
@@ -349,12 +323,7 @@ impl TieredExperts {
             prefetch: s.prefetch_c.clone(),
             policy_swaps: self.inner.swaps.load(Ordering::Relaxed),
             policy_budget: self.inner.budget.lock().unwrap().stats(),
-            policies: PolicyStatsSet {
-                selection: p.selection.stats().clone(),
-                eviction: p.eviction.stats().clone(),
-                prefetch: p.prefetch.stats().clone(),
-                placement: p.placement.stats().clone(),
-            },
+            policies: p.stats(),
         }
     }
 
@@ -394,13 +363,7 @@ impl TieredExperts {
 impl Inner {
     /// Ends the previous forward pass in the per-token budget (warned once near it).
     fn close_budget_pass(&self) {
-        let total = {
-            let p = self.policies.lock().unwrap();
-            p.selection.stats().call_ns
-                + p.eviction.stats().call_ns
-                + p.prefetch.stats().call_ns
-                + p.placement.stats().call_ns
-        };
+        let total = self.policies.lock().unwrap().call_ns();
         let mut b = self.budget.lock().unwrap();
         if let Some(mean) = b.end_pass(total) {
             tracing::warn!(

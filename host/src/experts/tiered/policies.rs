@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::policy::smoke;
+use crate::policy::set::AnyGuarded;
 use crate::policy::wasm::{load_component, RuntimeLimits, WasmPolicy};
 use crate::policy::*;
 
@@ -22,11 +22,9 @@ pub(super) fn guarded(
     source: &PolicySource,
     limits: RuntimeLimits,
 ) -> Result<AnyGuarded> {
+    let q = limits.quarantine_after;
     if kind == PolicyKind::Placement && *source == PolicySource::Bundled(BUILTIN_PLACEMENT.into()) {
-        let q = limits.quarantine_after;
-        return Ok(AnyGuarded::Placement(GuardedPlacement::new(
-            None, "builtin", "", q,
-        )));
+        return Ok(AnyGuarded::new(kind, None, "builtin", "", q, 0.0));
     }
     let bytes = source.bytes()?;
     let component = load_component(&bytes, &source.describe())?;
@@ -39,48 +37,14 @@ pub(super) fn guarded(
     let version = component.version.clone();
     let plugin = WasmPolicy::new(component, limits);
     let src = source.describe();
-    let q = limits.quarantine_after;
-    Ok(match kind {
-        PolicyKind::Selection => AnyGuarded::Selection(GuardedSelection::new(
-            Some(Box::new(plugin)),
-            &src,
-            &version,
-            q,
-            limits.max_score_gap,
-        )),
-        PolicyKind::Eviction => AnyGuarded::Eviction(GuardedEviction::new(
-            Some(Box::new(plugin)),
-            &src,
-            &version,
-            q,
-        )),
-        PolicyKind::Prefetch => AnyGuarded::Prefetch(GuardedPrefetch::new(
-            Some(Box::new(plugin)),
-            &src,
-            &version,
-            q,
-        )),
-        PolicyKind::Placement => AnyGuarded::Placement(GuardedPlacement::new(
-            Some(Box::new(plugin)),
-            &src,
-            &version,
-            q,
-        )),
-    })
-}
-
-pub(super) enum AnyGuarded {
-    Selection(GuardedSelection),
-    Eviction(GuardedEviction),
-    Prefetch(GuardedPrefetch),
-    Placement(GuardedPlacement),
-}
-
-pub(super) struct Policies {
-    pub(super) selection: GuardedSelection,
-    pub(super) eviction: GuardedEviction,
-    pub(super) prefetch: GuardedPrefetch,
-    pub(super) placement: GuardedPlacement,
+    Ok(AnyGuarded::new(
+        kind,
+        Some(plugin),
+        &src,
+        &version,
+        q,
+        limits.max_score_gap,
+    ))
 }
 
 impl Inner {
@@ -88,14 +52,8 @@ impl Inner {
         let mut g = guarded(kind, source, self.limits)?;
         // Smoke test: init with the current residency and a few representative calls.
         let args = self.init_args();
-        let what = || format!("{kind} policy {}", source.describe());
-        match &mut g {
-            AnyGuarded::Selection(s) => smoke::selection(s, &args).map(drop),
-            AnyGuarded::Eviction(v) => smoke::eviction(v, &args).map(drop),
-            AnyGuarded::Prefetch(p) => smoke::prefetch(p, &args).map(drop),
-            AnyGuarded::Placement(p) => smoke::placement(p, &args).map(drop),
-        }
-        .with_context(what)?;
+        g.smoke(&args)
+            .with_context(|| format!("{kind} policy {}", source.describe()))?;
         self.pending.lock().unwrap().push(g);
         Ok(())
     }
@@ -110,12 +68,11 @@ impl Inner {
         for g in pending {
             // Re-initialise with the residency of now, not of the smoke test.
             let args = self.init_args();
-            let ok = match g {
-                AnyGuarded::Selection(mut s) => s.init(&args).map(|_| p.selection = s).is_ok(),
-                AnyGuarded::Eviction(mut v) => v.init(&args).map(|_| p.eviction = v).is_ok(),
-                AnyGuarded::Prefetch(mut f) => f.init(&args).map(|_| p.prefetch = f).is_ok(),
-                AnyGuarded::Placement(mut f) => f.init(&args).map(|_| p.placement = f).is_ok(),
-            };
+            let mut g = g;
+            let ok = g.init(&args).is_ok();
+            if ok {
+                p.install(g);
+            }
             if ok {
                 self.swaps.fetch_add(1, Ordering::Relaxed);
             } else {

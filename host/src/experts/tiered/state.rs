@@ -8,11 +8,11 @@ use crate::experts::{ExpertBytes, ExpertWeights};
 use crate::policy::*;
 
 use super::events::EventLog;
-use super::policies::Policies;
 use super::residency::{BitSet, Offered, Request, Residency};
 use super::rules::victims_wanted;
 use super::stats::{PlacementCounters, PrefetchCounters, TierCounters};
 use super::Inner;
+use crate::policy::set::PolicySet;
 
 /// A device slot: ready, or being filled by a prefetch worker.
 pub(super) enum DeviceEntry {
@@ -298,7 +298,7 @@ impl Inner {
     /// marked what the request must leave out.
     pub(super) fn victims_for(
         &self,
-        p: &mut Policies,
+        p: &mut PolicySet,
         tier: Tier,
         want: usize,
         free: usize,
@@ -347,7 +347,7 @@ impl Inner {
     }
 
     /// Puts `keys` into the host tier (copying their storage bytes), evicting by policy.
-    pub(super) fn admit_host(&self, p: &mut Policies, keys: &[ExpertKey]) {
+    pub(super) fn admit_host(&self, p: &mut PolicySet, keys: &[ExpertKey]) {
         if keys.is_empty() || self.host_slots == 0 {
             return;
         }

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::policy::PolicyStats;
+pub use crate::policy::set::PolicyStatsSet;
 
 /// Counters of the store, as `--stats` prints them.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -57,12 +57,4 @@ pub struct StoreStats {
     /// All policies' recent time per token against the budget.
     pub policy_budget: crate::policy::budget::BudgetStats,
     pub policies: PolicyStatsSet,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct PolicyStatsSet {
-    pub selection: PolicyStats,
-    pub eviction: PolicyStats,
-    pub prefetch: PolicyStats,
-    pub placement: PolicyStats,
 }
