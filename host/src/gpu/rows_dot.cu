@@ -29,7 +29,7 @@
 // steps, 8 otherwise): each weight is loaded once for up to that many inputs.
 #define WARPS 8
 
-// Format codes, as `gpu::Format` in Rust.
+// Format codes, the order of `gpu::KERNEL_FORMATS` in Rust.
 #define F32 0
 #define BF16 1
 #define FP8 2

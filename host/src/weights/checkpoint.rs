@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use crate::weights::format::WeightFormat;
 use crate::weights::fp8;
 
 struct Shard {
@@ -331,10 +332,10 @@ impl Checkpoint {
     /// The scales a stored tensor needs: FP8 block scales, or the group scales of moehost's
     /// int8/int4 format (`crate::weights::quant`); `None` for plain float tensors.
     pub fn scales(&self, raw: &RawTensor<'_>) -> Result<Option<Vec<f32>>> {
-        Ok(match raw.dtype {
-            Dtype::F8_E4M3 => Some(self.fp8_scales(raw)?),
-            d if crate::weights::format::is_grouped(d) => {
-                let logical = crate::weights::format::logical_shape(d, raw.shape);
+        Ok(match WeightFormat::of_dtype(raw.dtype) {
+            Some(WeightFormat::Fp8) => Some(self.fp8_scales(raw)?),
+            Some(f) if f.is_grouped() => {
+                let logical = f.logical_shape(raw.shape);
                 ensure!(
                     logical.len() == 2,
                     "quantized tensor {} must be 2-D, got shape {:?}",
@@ -395,7 +396,8 @@ pub fn decode_f32(
 ) -> Result<Vec<f32>> {
     let name = raw.name;
     let shape = raw.shape;
-    if crate::weights::format::is_grouped(raw.dtype) {
+    let format = WeightFormat::of_dtype(raw.dtype);
+    if format.is_some_and(WeightFormat::is_grouped) {
         let logical = crate::weights::format::logical_shape(raw.dtype, shape);
         ensure!(
             logical.len() == 2,
@@ -410,23 +412,23 @@ pub fn decode_f32(
     }
     let n: usize = shape.iter().product();
     let mut out = vec![0f32; n];
-    match raw.dtype {
-        Dtype::F32 => {
+    match format {
+        Some(WeightFormat::F32) => {
             for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(4)) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
-        Dtype::BF16 => {
+        Some(WeightFormat::Bf16) => {
             for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(2)) {
                 *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
             }
         }
-        Dtype::F16 => {
+        Some(WeightFormat::F16) => {
             for (o, c) in out.iter_mut().zip(raw.bytes.chunks_exact(2)) {
                 *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
             }
         }
-        Dtype::F8_E4M3 => {
+        Some(WeightFormat::Fp8) => {
             let (Some(scales), Some(block)) = (scales, fp8_block) else {
                 bail!("FP8 tensor {name} needs block scales and quantization_config.weight_block_size");
             };
@@ -436,8 +438,10 @@ pub fn decode_f32(
             );
             fp8::dequantize_blocks(raw.bytes, shape[0], shape[1], scales, block, &mut out);
         }
-        other => bail!(
-            "tensor {name} has dtype {other:?}; moehost reads F32, BF16, F16, F8_E4M3 and its own int8/int4 (I8/U8) weights"
+        Some(WeightFormat::Int8 | WeightFormat::Int4) => unreachable!("decoded above"),
+        None => bail!(
+            "tensor {name} has dtype {:?}; moehost reads F32, BF16, F16, F8_E4M3 and its own int8/int4 (I8/U8) weights",
+            raw.dtype
         ),
     }
     Ok(out)

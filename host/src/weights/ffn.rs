@@ -9,6 +9,7 @@ use anyhow::Result;
 
 use crate::kernels::{linear, swiglu, Matrix, ROW_INVARIANT_MAX};
 use crate::weights::checkpoint::Checkpoint;
+use crate::weights::format::WeightFormat;
 
 /// A SwiGLU feed-forward block in compute form: `down(silu(gate(x)) * up(x))`.
 /// Used for routed experts, shared experts and dense MLP layers alike. A BF16 checkpoint's
@@ -114,7 +115,7 @@ impl ExpertBytes {
         Self::synthetic(hidden, intermediate, state, |rows, cols| {
             let scales = rows.div_ceil(block[0]) * cols.div_ceil(block[1]);
             (
-                safetensors::Dtype::F8_E4M3,
+                WeightFormat::Fp8.dtype(),
                 vec![rows, cols],
                 0xfe,
                 scales,
@@ -130,7 +131,7 @@ impl ExpertBytes {
         Self::synthetic(hidden, intermediate, state, |rows, cols| {
             let scales = rows * cols.div_ceil(crate::weights::quant::GROUP);
             (
-                safetensors::Dtype::U8,
+                WeightFormat::Int4.dtype(),
                 vec![rows, cols / 2],
                 0xff,
                 scales,
@@ -243,8 +244,8 @@ impl ExpertBytes {
     ) -> Result<()> {
         let t = x.len() / k;
         let width = out.len() / t.max(1);
-        let fp8 = match (w.dtype, self.fp8_block, &w.scales) {
-            (safetensors::Dtype::F8_E4M3, Some(block), Some(scales)) => Some((block, scales)),
+        let fp8 = match (w.format(), self.fp8_block, &w.scales) {
+            (Some(WeightFormat::Fp8), Some(block), Some(scales)) => Some((block, scales)),
             _ => None,
         };
         let step = match fp8 {
@@ -308,6 +309,11 @@ fn decode_fp8_rows(
 }
 
 impl OwnedTensor {
+    /// Its storage format, if moehost reads its dtype.
+    pub fn format(&self) -> Option<WeightFormat> {
+        WeightFormat::of_dtype(self.dtype)
+    }
+
     /// Copies tensor `name` (and its FP8 block or int group scales) out of the checkpoint.
     pub fn read(ckpt: &Checkpoint, name: &str) -> Result<Self> {
         let raw = ckpt.raw(name)?;
@@ -337,9 +343,9 @@ impl OwnedTensor {
         let bytes_per_row = self.bytes.len() / rows.max(1);
         let mut shape = self.shape.clone();
         shape[0] = r1 - r0;
-        let scales = match (&self.scales, self.dtype, fp8_block) {
+        let scales = match (&self.scales, self.format(), fp8_block) {
             (None, ..) => None,
-            (Some(s), safetensors::Dtype::F8_E4M3, Some([bm, _])) => {
+            (Some(s), Some(WeightFormat::Fp8), Some([bm, _])) => {
                 anyhow::ensure!(
                     r0.is_multiple_of(bm),
                     "FP8 rows must start on a block ({r0} % {bm})"

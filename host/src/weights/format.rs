@@ -1,6 +1,7 @@
 //! A weight's storage format: the one place a stored tensor's dtype is recognised as a format,
-//! named and sized. The CPU decoders (`checkpoint`, `ffn`), the GPU kernels (`gpu::Format` is
-//! this type), the checkpoint checks, `plan` and the tiered store ask it.
+//! named and sized. The CPU's reference decoder (`checkpoint::decode_f32`) and streamed row
+//! decoder (`ffn`) dispatch on it; the GPU kernels (`gpu::KERNEL_FORMATS`), the checkpoint's
+//! header checks and shape helpers, the tiered store and `plan` read it.
 //!
 //! To add a format: a variant here (name, dtype, sizes), its decode in
 //! `checkpoint::decode_f32` and a streamed row decoder in `ffn::OwnedTensor::decode_rows` with

@@ -41,6 +41,7 @@ use crate::model::config::ModelConfig;
 use crate::policy::wasm::RuntimeLimits;
 use crate::policy::*;
 use crate::weights::checkpoint::Checkpoint;
+use crate::weights::format::WeightFormat;
 
 mod config;
 pub mod events;
@@ -185,7 +186,7 @@ impl TieredExperts {
                 for p in ["gate_proj", "up_proj", "down_proj"] {
                     let raw = ckpt.raw(&format!("{prefix}.{p}.weight"))?;
                     storage += raw.bytes.len() as u64;
-                    bf16 &= raw.dtype == safetensors::Dtype::BF16;
+                    bf16 &= WeightFormat::of_dtype(raw.dtype) == Some(WeightFormat::Bf16);
                     if let Ok(s) = ckpt.raw(&format!("{prefix}.{p}.weight_scale_inv")) {
                         storage += s.bytes.len() as u64;
                     }
