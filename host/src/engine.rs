@@ -587,7 +587,6 @@ impl Engine {
         let mut engine = engine?;
         // The CUDA device tier also holds attention's projections, the dense MLPs and the
         // shared experts.
-        #[cfg(feature = "cuda")]
         if config.device == crate::experts::tiered::Device::Cuda {
             if let Ok(gpu) = crate::gpu::gpu() {
                 let ckpt = engine.checkpoint.clone();

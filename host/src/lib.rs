@@ -16,6 +16,10 @@ pub mod experts;
 pub mod forward_dump;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+/// Without the `cuda` feature: the GPU API with nothing constructible (`gpu/off.rs`).
+#[cfg(not(feature = "cuda"))]
+#[path = "gpu/off.rs"]
+pub mod gpu;
 pub mod hardware;
 pub mod kernels;
 pub mod model;

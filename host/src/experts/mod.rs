@@ -25,7 +25,6 @@ pub enum ExpertWeights {
     /// Storage form, run where it lives (hybrid execution: placement chose not to fetch it).
     Stored(Arc<ExpertBytes>),
     /// Compute form in GPU memory (the CUDA device tier).
-    #[cfg(feature = "cuda")]
     Gpu(Arc<crate::gpu::GpuExpert>),
 }
 
@@ -35,7 +34,6 @@ impl ExpertWeights {
         match self {
             ExpertWeights::Compute(w) => w.forward(x, hidden, out),
             ExpertWeights::Stored(b) => b.forward(x, hidden, out)?,
-            #[cfg(feature = "cuda")]
             ExpertWeights::Gpu(g) => g.forward(x, hidden, out)?,
         }
         Ok(())
@@ -43,10 +41,7 @@ impl ExpertWeights {
 
     /// Whether the weights live in GPU memory.
     pub fn on_gpu(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        return matches!(self, ExpertWeights::Gpu(_));
-        #[cfg(not(feature = "cuda"))]
-        false
+        matches!(self, ExpertWeights::Gpu(_))
     }
 
     /// Each job's output, `jobs[i] = (expert, x [t_i, hidden])`, the same bits as `forward`
@@ -66,20 +61,15 @@ impl ExpertWeights {
         let mut out = vec![Vec::new(); jobs.len()];
         let (gpu, jobs): (Vec<_>, Vec<_>) =
             jobs.iter().enumerate().partition(|(_, (w, _))| w.on_gpu());
-        #[cfg(not(feature = "cuda"))]
-        debug_assert!(gpu.is_empty());
-        #[cfg(feature = "cuda")]
-        {
-            let group: Vec<_> = gpu
-                .iter()
-                .map(|(_, (w, x))| match w {
-                    ExpertWeights::Gpu(g) => (&**g, *x),
-                    _ => unreachable!("partitioned above"),
-                })
-                .collect();
-            for ((n, _), y) in gpu.iter().zip(crate::gpu::forward_experts(&group, hidden)?) {
-                out[*n] = y;
-            }
+        let group: Vec<_> = gpu
+            .iter()
+            .map(|(_, (w, x))| match w {
+                ExpertWeights::Gpu(g) => (&**g, *x),
+                _ => unreachable!("partitioned above"),
+            })
+            .collect();
+        for ((n, _), y) in gpu.iter().zip(crate::gpu::forward_experts(&group, hidden)?) {
+            out[*n] = y;
         }
         let cpu: Vec<Vec<f32>> = if parallel {
             jobs.par_iter()
@@ -101,7 +91,6 @@ impl ExpertWeights {
         match self {
             ExpertWeights::Compute(w) => w.compute_bytes(),
             ExpertWeights::Stored(b) => b.storage_bytes(),
-            #[cfg(feature = "cuda")]
             ExpertWeights::Gpu(g) => g.device_bytes(),
         }
     }

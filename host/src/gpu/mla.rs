@@ -17,7 +17,7 @@ use cudarc::driver::{
 };
 use std::sync::Arc;
 
-use super::{Gpu, GpuMatrix};
+use super::{Gpu, GpuMatrix, MlaDims, MlaSeq, MlaWeights};
 
 /// `rms_norm_rows`, `mla_append` and `mla_attend`, compiled from `mla.cu` by `nvcc -ptx
 /// -arch=compute_80` (CUDA 13.0).
@@ -54,33 +54,6 @@ struct Tok {
     pad: i32,
 }
 
-/// A layer's attention shape and constants.
-#[derive(Clone, Copy, Debug)]
-pub struct MlaDims {
-    pub hidden: usize,
-    pub heads: usize,
-    /// `q_lora_rank`: queries through q_a, q_a_layernorm, q_b; `None`: one q_proj.
-    pub q_rank: Option<usize>,
-    pub nope: usize,
-    pub rope: usize,
-    pub lora: usize,
-    pub v: usize,
-    pub eps: f32,
-    pub scale: f32,
-    /// RoPE pairs `(2i, 2i + 1)` rather than `(i, i + half)`.
-    pub interleave: bool,
-}
-
-/// Attention's projections of one layer, in device memory.
-pub struct MlaWeights<'a> {
-    /// `[q_a_proj, q_b_proj]` with a `q_rank`, else `[q_proj]`.
-    pub q: &'a [&'a GpuMatrix],
-    pub kv_a: &'a GpuMatrix,
-    pub w_uk_t: &'a GpuMatrix,
-    pub w_uv: &'a GpuMatrix,
-    pub o_proj: &'a GpuMatrix,
-}
-
 /// One sequence's cache of one layer in device memory: a row of `[latent | rope key]` per
 /// position. Empty until its first step on the GPU.
 #[derive(Default)]
@@ -114,14 +87,6 @@ impl DeviceKv {
         self.capacity = capacity;
         Ok(())
     }
-}
-
-/// One sequence of a call: its rows of the inputs (consecutive, in call order), the position of
-/// its first row, and its cache of this layer.
-pub struct MlaSeq<'a> {
-    pub rows: usize,
-    pub pos0: usize,
-    pub kv: &'a mut DeviceKv,
 }
 
 /// A layer's attention norms in device memory, for `forward`.

@@ -34,7 +34,9 @@ use crate::weights::ffn::{ExpertBytes, FfnWeights, OwnedTensor};
 use crate::weights::format::WeightFormat;
 
 mod mla;
-pub use mla::{DeviceKv, GpuMla, MlaDims, MlaSeq, MlaWeights};
+mod types;
+pub use mla::{DeviceKv, GpuMla};
+pub use types::{ExpertSource, MlaDims, MlaSeq, MlaWeights};
 
 /// The kernels (`rows_dot_{f32,bf16,fp8,int8,int4}` and their one-token `_t1` twins), compiled
 /// from `rows_dot.cu` by `nvcc -ptx -arch=compute_80` (CUDA 13.0).
@@ -792,12 +794,6 @@ impl GpuMatrix {
     pub fn forward(&self, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
         self.gpu.rows_dot(&self.linear, x, x_stride, out)
     }
-}
-
-/// What `GpuPool::load` copies: the storage format, or the compute form.
-pub enum ExpertSource<'a> {
-    Stored(&'a ExpertBytes),
-    Compute(&'a FfnWeights),
 }
 
 /// An expert's three tensors (gate, up, down) as they go to device memory: stored as they are

@@ -34,7 +34,6 @@ impl Inner {
         cached: bool,
     ) -> Result<ExpertWeights> {
         let layer = self.moe_layers[key.layer as usize];
-        #[cfg(feature = "cuda")]
         if let (Some(pool), true) = (&self.gpu, cached) {
             // The storage format crosses the link; the GPU converts FP8 and bf16 itself.
             let bytes = self.stored(key, host)?;
@@ -44,8 +43,6 @@ impl Inner {
             }
             return Ok(ExpertWeights::Compute(Arc::new(bytes.to_ffn()?)));
         }
-        #[cfg(not(feature = "cuda"))]
-        let _ = cached;
         let w = match host {
             Some(b) => b.to_ffn()?,
             None => FfnWeights::load(

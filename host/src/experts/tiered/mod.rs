@@ -67,7 +67,6 @@ pub use stats::{PlacementCounters, PolicyStatsSet, PrefetchCounters, StoreStats,
 /// The GPU memory a `Device::Cuda` store's device tier lives in (`slots` experts of
 /// `slot_bytes`, plus a few for experts still computing after their eviction), or `None`
 /// after saying why not.
-#[cfg(feature = "cuda")]
 fn open_gpu(
     device: Device,
     slot_bytes: usize,
@@ -83,18 +82,11 @@ fn open_gpu(
     match pool {
         Ok(p) => Some(Arc::new(p)),
         Err(why) => {
-            tracing::warn!("no CUDA device for the device tier ({why:#}); running on the CPU");
+            tracing::warn!(
+                "no CUDA device for the device tier ({why:#}); the device tier runs on the CPU"
+            );
             None
         }
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn open_gpu(device: Device, _: usize, _: usize, _: usize) {
-    if device == Device::Cuda {
-        tracing::warn!(
-            "this moehost was built without the `cuda` feature; the device tier runs on the CPU"
-        );
     }
 }
 
@@ -125,7 +117,6 @@ struct Inner {
     /// What placement weighs.
     costs: LinkCosts,
     /// The GPU memory the device tier lives in (`None`: the CPU).
-    #[cfg(feature = "cuda")]
     gpu: Option<Arc<crate::gpu::GpuPool>>,
 }
 
@@ -207,7 +198,6 @@ impl TieredExperts {
         };
         // A CUDA device tier's slot: what `GpuPool` stages for the first expert (its storage
         // format where a kernel reads it).
-        #[cfg(feature = "cuda")]
         let gpu_compute = match moe_layers.first() {
             Some(&l) if config.device == Device::Cuda && crate::gpu::gpu().is_ok() => {
                 let first = crate::experts::ExpertBytes::read(&ckpt, l, 0)?;
@@ -218,11 +208,7 @@ impl TieredExperts {
         let slots = |budget: Option<u64>, per: u64| {
             budget.map_or(total, |b| ((b / per.max(1)) as usize).min(total))
         };
-        #[cfg(feature = "cuda")]
         let mut compute = gpu_compute.unwrap_or(cpu_compute);
-        #[cfg(not(feature = "cuda"))]
-        let compute = cpu_compute;
-        #[allow(unused_mut)]
         let mut device_slots = slots(config.device_bytes, compute);
         let host_slots = slots(config.host_bytes, storage);
         let shape = ModelShape {
@@ -234,17 +220,13 @@ impl TieredExperts {
         let take = |kind| guarded(kind, &config.source_of(kind), config.limits);
         let costs = LinkCosts::preset(&config.link, cfg.hidden_size, cfg.moe_intermediate_size)?;
         let workers = config.prefetch_workers;
-        #[cfg(feature = "cuda")]
         let gpu = open_gpu(config.device, compute as usize, device_slots, workers);
         // Slots sized for the GPU's storage format, but the tier runs on the CPU after all (e.g.
         // its memory could not be allocated): the budget buys compute-form experts there.
-        #[cfg(feature = "cuda")]
         if gpu.is_none() && compute != cpu_compute {
             compute = cpu_compute;
             device_slots = slots(config.device_bytes, compute);
         }
-        #[cfg(not(feature = "cuda"))]
-        open_gpu(config.device, compute as usize, device_slots, workers);
         let policies = PolicySet::load(take)?;
         let inner = Arc::new(Inner {
             ckpt,
@@ -269,7 +251,6 @@ impl TieredExperts {
             queue: Queue::default(),
             limits: config.limits,
             costs,
-            #[cfg(feature = "cuda")]
             gpu,
         });
         {
@@ -377,19 +358,13 @@ impl Inner {
     }
 
     fn gpu_transfers(&self) -> Option<crate::transfer::TransferStats> {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return Some(g.stats());
-        }
-        None
+        self.gpu.as_ref().map(|g| g.stats())
     }
 
     fn device_backend(&self) -> String {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return g.name().to_owned();
-        }
-        "cpu".into()
+        self.gpu
+            .as_ref()
+            .map_or("cpu".into(), |g| g.name().to_owned())
     }
 
     fn key(&self, layer: usize, expert: u32) -> ExpertKey {

@@ -16,7 +16,6 @@ pub(super) enum Proj {
         #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
         stored: Option<String>,
     },
-    #[cfg(feature = "cuda")]
     Gpu(crate::gpu::GpuMatrix),
 }
 
@@ -39,13 +38,11 @@ impl Proj {
                 w, groups: 1, k, ..
             } if x_stride == *k => linear(x, w, *k, out),
             Proj::Host { w, groups, k, .. } => grouped_rows(w, *groups, *k, x, x_stride, out),
-            #[cfg(feature = "cuda")]
             Proj::Gpu(m) => m.forward(x, x_stride, out)?,
         }
         Ok(())
     }
 
-    #[cfg(feature = "cuda")]
     pub(super) fn move_to_gpu(
         &mut self,
         gpu: &Arc<crate::gpu::Gpu>,
@@ -104,11 +101,9 @@ pub(super) struct Attention {
     pub(super) o_proj: Proj,
     /// With every projection in GPU memory (`place_on_gpu`): the norms there too, and the
     /// whole of attention runs on the GPU over a device cache.
-    #[cfg(feature = "cuda")]
     pub(super) core: Option<crate::gpu::GpuMla>,
 }
 
-#[cfg(feature = "cuda")]
 impl Attention {
     pub(super) fn projections(&mut self) -> Vec<&mut Proj> {
         let mut v = match &mut self.q {
@@ -144,7 +139,6 @@ impl DeepseekV3 {
 
     /// `attention` on the GPU for every sequence of the step at once (their rows through the
     /// projections together; each attends over its own device cache): one round trip.
-    #[cfg(feature = "cuda")]
     pub(super) fn attention_gpu(
         &self,
         attn: &Attention,

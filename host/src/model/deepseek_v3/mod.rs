@@ -62,7 +62,6 @@ pub struct KvCache {
     k_rope: Vec<Vec<f32>>,
     /// Per layer, for a layer whose attention runs on the GPU: the same rows in device memory
     /// (positions from `len` on are stale, so `truncate` needs nothing here).
-    #[cfg(feature = "cuda")]
     device: Vec<crate::gpu::DeviceKv>,
 }
 
@@ -78,10 +77,7 @@ impl KvCache {
 
     /// Bytes of this cache in GPU memory (layers whose attention runs there).
     pub fn device_bytes(&self) -> usize {
-        #[cfg(feature = "cuda")]
-        return self.device.iter().map(|d| d.device_bytes()).sum();
-        #[cfg(not(feature = "cuda"))]
-        0
+        self.device.iter().map(|d| d.device_bytes()).sum()
     }
 
     /// Forgets positions from `len` on (e.g. to reuse a shared prefix).
@@ -209,7 +205,6 @@ impl DeepseekV3 {
                     stored: None,
                 },
                 o_proj: Proj::linear(ckpt, format!("{a}.o_proj.weight"), [h, nh * v])?,
-                #[cfg(feature = "cuda")]
                 core: None,
             };
             let ffn = if cfg.is_moe_layer(l) {
@@ -270,7 +265,6 @@ impl DeepseekV3 {
     /// Moves attention's projections, the dense MLPs and the shared experts into GPU memory
     /// (the CUDA device tier): they then run the exact-order GPU kernel, giving the CPU's bits
     /// up to `ROW_INVARIANT_MAX` rows (see `gpu::GpuMatrix` above). Returns how many FFNs moved.
-    #[cfg(feature = "cuda")]
     pub fn place_on_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>, ckpt: &Checkpoint) -> Result<usize> {
         let mut moved = 0;
         let cfg = &self.cfg;
@@ -318,7 +312,6 @@ impl DeepseekV3 {
 
     /// Bounds the attention scores each GPU layer holds at once to `floats` (by default 256 MiB
     /// of them): a long prefill then attends in chunks of its tokens, with the same bits.
-    #[cfg(feature = "cuda")]
     pub fn set_gpu_attention_scores_max(&mut self, floats: usize) {
         for l in &mut self.layers {
             if let Some(core) = &mut l.attn.core {
@@ -329,26 +322,18 @@ impl DeepseekV3 {
 
     /// Layers whose attention (projections, norms, KV cache) runs on the GPU.
     pub fn attention_on_gpu(&self) -> usize {
-        #[cfg(feature = "cuda")]
-        return self.layers.iter().filter(|l| l.attn.core.is_some()).count();
-        #[cfg(not(feature = "cuda"))]
-        0
+        self.layers.iter().filter(|l| l.attn.core.is_some()).count()
     }
 
     /// Dense MLPs and shared experts that live in GPU memory.
     pub fn ffns_on_gpu(&self) -> usize {
-        #[cfg(feature = "cuda")]
-        {
-            self.layers
-                .iter()
-                .filter(|l| match &l.ffn {
-                    Ffn::Dense(w) => matches!(w, ExpertWeights::Gpu(_)),
-                    Ffn::Moe(m) => matches!(m.shared, Some(ExpertWeights::Gpu(_))),
-                })
-                .count()
-        }
-        #[cfg(not(feature = "cuda"))]
-        0
+        self.layers
+            .iter()
+            .filter(|l| match &l.ffn {
+                Ffn::Dense(w) => w.on_gpu(),
+                Ffn::Moe(m) => m.shared.as_ref().is_some_and(ExpertWeights::on_gpu),
+            })
+            .count()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -361,7 +346,6 @@ impl DeepseekV3 {
             len: 0,
             latent: vec![Vec::new(); self.cfg.num_hidden_layers],
             k_rope: vec![Vec::new(); self.cfg.num_hidden_layers],
-            #[cfg(feature = "cuda")]
             device: (0..self.cfg.num_hidden_layers)
                 .map(|_| Default::default())
                 .collect(),
@@ -494,13 +478,8 @@ impl DeepseekV3 {
             // sequence's rows go through one call (the same bits per row; one round trip per
             // step). The CPU keeps attention per sequence: spread over its cores, that measured
             // faster.
-            #[cfg(feature = "cuda")]
-            let on_gpu = layer.attn.core.as_ref();
-            #[cfg(not(feature = "cuda"))]
-            let on_gpu: Option<()> = None;
-            if let Some(_core) = on_gpu {
-                #[cfg(feature = "cuda")]
-                self.attention_gpu(&layer.attn, _core, &xn, l, seqs, &mut delta)
+            if let Some(core) = &layer.attn.core {
+                self.attention_gpu(&layer.attn, core, &xn, l, seqs, &mut delta)
                     .with_context(|| format!("attention of layer {l} on the GPU"))?;
             } else {
                 let outs = per_sequence(&mut delta, seqs, h);
