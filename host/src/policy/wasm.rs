@@ -833,6 +833,41 @@ impl Eviction for WasmPolicy {
     }
 }
 
+/// A routed step in contract version `$v`'s types, residency codes by `$tier`.
+macro_rules! routed_step {
+    ($v:ident, $step:expr, $tier:expr) => {
+        $v::RoutedStep {
+            step: $step.step,
+            layer: $step.layer,
+            tokens: $step.tokens,
+            experts: $step.experts.clone(),
+            outlook: $step
+                .outlook
+                .iter()
+                .map(|o| $v::LayerOutlook {
+                    layer: o.layer,
+                    scores: o.scores.clone(),
+                    residency: o.residency.iter().map($tier).collect(),
+                })
+                .collect(),
+        }
+    };
+}
+
+/// A prefetch answer in the host's types (`$key`, `$tier`: the version's conversions).
+macro_rules! prefetch_requests {
+    ($answer:expr, $key:expr, $tier:expr) => {
+        $answer
+            .into_iter()
+            .map(|p| PrefetchRequest {
+                expert: $key(p.expert),
+                tier: $tier(p.tier),
+                priority: p.priority,
+            })
+            .collect()
+    };
+}
+
 impl Prefetch for WasmPolicy {
     fn init(&mut self, args: &InitArgs) -> PolicyResult<PrefetchInfo> {
         let r = self.init_any(args, PolicyKind::Prefetch)?;
@@ -847,58 +882,14 @@ impl Prefetch for WasmPolicy {
             Ok(match &mut l.guest {
                 Guest::Prefetch(g) => {
                     let shape = l.shape;
-                    let s = wpf::RoutedStep {
-                        step: step.step,
-                        layer: step.layer,
-                        tokens: step.tokens,
-                        experts: step.experts.clone(),
-                        outlook: step
-                            .outlook
-                            .iter()
-                            .map(|o| wpf::LayerOutlook {
-                                layer: o.layer,
-                                scores: o.scores.clone(),
-                                residency: o.residency.iter().map(|t| t.code()).collect(),
-                            })
-                            .collect(),
-                    };
+                    let s = routed_step!(wpf, step, |t: &Tier| t.code());
                     let r = g.call_on_routed(&mut l.store, &s)?;
-                    Some(
-                        r.into_iter()
-                            .map(|p| PrefetchRequest {
-                                expert: key_in(&shape, p.expert),
-                                tier: tier_in(p.tier),
-                                priority: p.priority,
-                            })
-                            .collect(),
-                    )
+                    Some(prefetch_requests!(r, |e| key_in(&shape, e), tier_in))
                 }
                 Guest::PrefetchV1(g) => {
-                    let s = wpf1::RoutedStep {
-                        step: step.step,
-                        layer: step.layer,
-                        tokens: step.tokens,
-                        experts: step.experts.clone(),
-                        outlook: step
-                            .outlook
-                            .iter()
-                            .map(|o| wpf1::LayerOutlook {
-                                layer: o.layer,
-                                scores: o.scores.clone(),
-                                residency: o.residency.iter().map(|t| tier_out1(*t)).collect(),
-                            })
-                            .collect(),
-                    };
+                    let s = routed_step!(wpf1, step, |t: &Tier| tier_out1(*t));
                     let r = g.call_on_routed(&mut l.store, &s)?;
-                    Some(
-                        r.into_iter()
-                            .map(|p| PrefetchRequest {
-                                expert: key_in1(p.expert),
-                                tier: tier_in1(p.tier),
-                                priority: p.priority,
-                            })
-                            .collect(),
-                    )
+                    Some(prefetch_requests!(r, key_in1, tier_in1))
                 }
                 Guest::Direct(g) => {
                     let shape = l.shape;
