@@ -162,24 +162,23 @@ impl Inner {
         experts: &[u32],
         outlook: &[(usize, Vec<f32>)],
     ) {
-        let inner = self;
-        let mut p = inner.policies.lock().unwrap();
+        let mut p = self.policies.lock().unwrap();
         if !p.prefetch.has_plugin() {
             return;
         }
         // The outlook may be longer than this policy asked for (an observer wanted more).
         let outlook = &outlook[..outlook.len().min(p.prefetch.lookahead() as usize)];
         let step = {
-            let s = inner.state.lock().unwrap();
+            let s = self.state.lock().unwrap();
             RoutedStep {
-                step: inner.step.load(Ordering::Relaxed),
+                step: self.step.load(Ordering::Relaxed),
                 layer: moe,
                 tokens: tokens as u32,
                 experts: experts.to_vec(),
                 outlook: outlook
                     .iter()
                     .filter_map(|(l, scores)| {
-                        let m = inner.moe_index[*l]?;
+                        let m = self.moe_index[*l]?;
                         Some(Outlook {
                             layer: m,
                             scores: scores.clone(),
@@ -189,20 +188,20 @@ impl Inner {
                     .collect(),
             }
         };
-        let reqs = p.prefetch.on_routed(&step, &|| inner.init_args());
+        let reqs = p.prefetch.on_routed(&step, &|| self.init_args());
         if reqs.is_empty() {
             return;
         }
         // Newer requests cancel queued ones.
-        let generation = inner.queue.newer();
+        let generation = self.queue.newer();
         let Accepted {
             device: device_reqs,
             host: host_reqs,
         } = {
-            let s = inner.state.lock().unwrap();
+            let s = self.state.lock().unwrap();
             accept_prefetches(
                 reqs,
-                prefetch_cap(inner.top_k, tokens),
+                prefetch_cap(self.top_k, tokens),
                 |e| s.on_device(e),
                 |e| s.on_host(e),
             )
@@ -218,22 +217,22 @@ impl Inner {
                 })
                 .collect();
             let free = {
-                let mut s = inner.state.lock().unwrap();
+                let mut s = self.state.lock().unwrap();
                 s.pin(&current, true);
-                inner.device_slots.saturating_sub(s.device_len())
+                s.device_free()
             };
-            let victims = inner.victims_for(&mut p, Tier::Device, device_reqs.len(), free);
+            let victims = self.victims_for(&mut p, Tier::Device, device_reqs.len(), free);
             let mut room = free;
             let mut demote = Vec::new();
             {
-                let mut s = inner.state.lock().unwrap();
+                let mut s = self.state.lock().unwrap();
                 s.pin(&current, false);
                 let before = s.device_len();
-                inner.evict_device(&mut s, &victims, &mut demote);
+                self.evict_device(&mut s, &victims, &mut demote);
                 room += before - s.device_len();
             }
-            inner.admit_host(&mut p, &demote);
-            let mut s = inner.state.lock().unwrap();
+            self.admit_host(&mut p, &demote);
+            let mut s = self.state.lock().unwrap();
             for r in device_reqs.into_iter().take(room) {
                 let cell = Arc::new(LoadCell::default());
                 s.set_device(r.expert, DeviceEntry::Loading(cell.clone()));
@@ -244,8 +243,8 @@ impl Inner {
         if accepted.is_empty() {
             return;
         }
-        inner.state.lock().unwrap().prefetch_c.issued += accepted.len() as u64;
-        inner.queue.push(accepted, generation);
-        inner.queue.more.notify_all();
+        self.state.lock().unwrap().prefetch_c.issued += accepted.len() as u64;
+        self.queue.push(accepted, generation);
+        self.queue.more.notify_all();
     }
 }

@@ -223,6 +223,33 @@ impl State {
         }
     }
 
+    /// Device slots not taken (ready or loading).
+    pub(super) fn device_free(&self) -> usize {
+        self.res.device_free(0) as usize
+    }
+
+    /// Host slots not taken.
+    pub(super) fn host_free(&self) -> usize {
+        let cap = self
+            .res
+            .host_cap
+            .expect("the store's host tier has a capacity");
+        cap.saturating_sub(self.res.host_count(0)) as usize
+    }
+
+    /// The victim request that makes room for `want` more experts of `tier` with `free` slots
+    /// free, and the residents it leaves out; `None` when they fit or none may go.
+    pub(super) fn victim_request(
+        &self,
+        tier: Tier,
+        want: usize,
+        free: usize,
+    ) -> Option<(Request, Vec<ExpertKey>)> {
+        let probe = Self::request(tier, 0);
+        let count = victims_wanted(want, free, self.candidate_count(&probe))?;
+        Some((Self::request(tier, count), self.excluded(&probe)))
+    }
+
     /// How many victims `r`'s tier may give up now.
     pub(super) fn candidate_count(&self, r: &Request) -> usize {
         let (hidden, n) = self.hidden(r.tier);
@@ -303,13 +330,9 @@ impl Inner {
         want: usize,
         free: usize,
     ) -> Vec<ExpertKey> {
-        let (request, excluded) = {
-            let s = self.state.lock().unwrap();
-            let probe = State::request(tier, 0);
-            let Some(count) = victims_wanted(want, free, s.candidate_count(&probe)) else {
-                return Vec::new();
-            };
-            (State::request(tier, count), s.excluded(&probe))
+        let Some((request, excluded)) = self.state.lock().unwrap().victim_request(tier, want, free)
+        else {
+            return Vec::new();
         };
         let candidates = TierCandidates {
             inner: self,
@@ -354,7 +377,7 @@ impl Inner {
         let free = {
             let mut s = self.state.lock().unwrap();
             s.mark_extra(keys, true);
-            self.host_slots.saturating_sub(s.host_len())
+            s.host_free()
         };
         let victims = self.victims_for(p, Tier::Host, keys.len(), free);
         let mut room = free;

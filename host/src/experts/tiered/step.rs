@@ -10,8 +10,7 @@ use std::time::Instant;
 use crate::experts::{ExpertBytes, ExpertWeights};
 use crate::policy::*;
 
-use super::rules::victims_wanted;
-use super::state::{DeviceEntry, LoadCell, State, TierCandidates};
+use super::state::{DeviceEntry, LoadCell, TierCandidates};
 use super::Inner;
 
 impl Inner {
@@ -22,17 +21,16 @@ impl Inner {
         experts: &[u32],
         tokens: &[u32],
     ) -> Result<Vec<ExpertWeights>> {
-        let inner = self;
         let t0 = Instant::now();
-        let keys: Vec<ExpertKey> = experts.iter().map(|&e| inner.key(layer, e)).collect();
+        let keys: Vec<ExpertKey> = experts.iter().map(|&e| self.key(layer, e)).collect();
         for k in &keys {
             anyhow::ensure!(
-                (k.expert as usize) < inner.n_experts,
+                (k.expert as usize) < self.n_experts,
                 "expert {} out of range",
                 k.expert
             );
         }
-        let mut p = inner.policies.lock().unwrap();
+        let mut p = self.policies.lock().unwrap();
 
         // 1. What is where; the step's accesses.
         let mut ready: Vec<Option<ExpertWeights>> = vec![None; keys.len()];
@@ -40,7 +38,7 @@ impl Inner {
         let mut misses: Vec<usize> = Vec::new();
         let mut miss_tiers: Vec<Tier> = Vec::new();
         let (facts, free) = {
-            let mut s = inner.state.lock().unwrap();
+            let mut s = self.state.lock().unwrap();
             for (i, k) in keys.iter().enumerate() {
                 s.event(EventKind::Access, Tier::Device, *k);
                 match s.device_entry(*k) {
@@ -71,11 +69,11 @@ impl Inner {
             }
             // This call delivers every pending event, so the policy then knows every resident.
             let facts = StepFacts {
-                step: inner.step.load(Ordering::Relaxed),
+                step: self.step.load(Ordering::Relaxed),
                 layer: keys.first().map_or(0, |k| k.layer),
                 events: s.log.take(),
             };
-            (facts, inner.device_slots.saturating_sub(s.device_len()))
+            (facts, s.device_free())
         };
 
         // 2. Placement: fetch each miss into the device tier, or run it where it lives.
@@ -91,10 +89,10 @@ impl Inner {
                 tokens: &miss_tokens,
                 tiers: &miss_tiers,
                 free_device_slots: free as u32,
-                expert_bytes: inner.shape.expert_bytes,
-                costs: inner.costs,
+                expert_bytes: self.shape.expert_bytes,
+                costs: self.costs,
             };
-            let places = p.placement.place(&request, &|| inner.init_args());
+            let places = p.placement.place(&request, &|| self.init_args());
             let mut fetched = Vec::with_capacity(misses.len());
             let mut on_host = Vec::new();
             for ((&i, place), t) in misses.iter().zip(places).zip(miss_tokens) {
@@ -104,7 +102,7 @@ impl Inner {
                 }
             }
             let hosts: Vec<Option<Arc<ExpertBytes>>> = {
-                let mut s = inner.state.lock().unwrap();
+                let mut s = self.state.lock().unwrap();
                 s.placement_c.fetched += fetched.len() as u64;
                 s.placement_c.on_host += on_host.len() as u64;
                 s.placement_c.host_tokens +=
@@ -115,7 +113,7 @@ impl Inner {
                     .collect()
             };
             for (&(i, _), host) in on_host.iter().zip(hosts) {
-                ready[i] = Some(ExpertWeights::Stored(inner.stored(keys[i], host)?));
+                ready[i] = Some(ExpertWeights::Stored(self.stored(keys[i], host)?));
             }
             misses = fetched;
         }
@@ -123,18 +121,15 @@ impl Inner {
         // 3. The eviction policy hears the facts and, if room is needed, names victims among
         //    the residents this step does not use.
         let (request, excluded) = {
-            let mut s = inner.state.lock().unwrap();
+            let mut s = self.state.lock().unwrap();
             s.pin(&keys, true);
-            let probe = State::request(Tier::Device, 0);
-            match victims_wanted(misses.len(), free, s.candidate_count(&probe)) {
-                Some(count) => (
-                    Some(State::request(Tier::Device, count)),
-                    s.excluded(&probe),
-                ),
-                None => (None, Vec::new()),
-            }
+            s.victim_request(Tier::Device, misses.len(), free).unzip()
         };
-        let candidates = request.map(|request| TierCandidates { inner, request });
+        let excluded = excluded.unwrap_or_default();
+        let candidates = request.map(|request| TierCandidates {
+            inner: self,
+            request,
+        });
         let request = request
             .zip(candidates.as_ref())
             .map(|(r, c)| VictimRequest {
@@ -146,26 +141,26 @@ impl Inner {
             });
         let victims = p
             .eviction
-            .on_step(&facts, request.as_ref(), &|| inner.init_args());
+            .on_step(&facts, request.as_ref(), &|| self.init_args());
         let mut demote = Vec::new();
         let room = {
-            let mut s = inner.state.lock().unwrap();
+            let mut s = self.state.lock().unwrap();
             s.log.recycle(facts.events);
-            inner.evict_device(&mut s, &victims, &mut demote);
+            self.evict_device(&mut s, &victims, &mut demote);
             s.pin(&keys, false);
-            inner.device_slots.saturating_sub(s.device_len())
+            s.device_free()
         };
-        inner.admit_host(&mut p, &demote);
+        self.admit_host(&mut p, &demote);
         drop(p);
 
         // 4. Load the fetched misses; cache as many as there is room for, stream the rest.
         let hosts: Vec<Option<Arc<ExpertBytes>>> = {
-            let mut s = inner.state.lock().unwrap();
+            let mut s = self.state.lock().unwrap();
             misses.iter().map(|&i| s.read_from_host(keys[i])).collect()
         };
         for (n, (&i, host)) in misses.iter().zip(hosts).enumerate() {
-            let w = inner.load_compute(keys[i], host, n < room)?;
-            let mut s = inner.state.lock().unwrap();
+            let w = self.load_compute(keys[i], host, n < room)?;
+            let mut s = self.state.lock().unwrap();
             s.device_c.bytes_in += w.bytes() as u64;
             if n < room {
                 s.set_device(keys[i], DeviceEntry::Ready(w.clone()));
@@ -179,18 +174,18 @@ impl Inner {
         for (i, cell) in waiting {
             ready[i] = Some(match cell.wait() {
                 Some(w) => {
-                    let mut s = inner.state.lock().unwrap();
+                    let mut s = self.state.lock().unwrap();
                     s.take_prefetched(keys[i]);
                     s.prefetch_c.used += 1;
                     w
                 }
                 None => {
-                    let host = inner.state.lock().unwrap().host_copy(keys[i]);
-                    inner.load_compute(keys[i], host, false)?
+                    let host = self.state.lock().unwrap().host_copy(keys[i]);
+                    self.load_compute(keys[i], host, false)?
                 }
             });
         }
-        inner.state.lock().unwrap().wait_ns += t0.elapsed().as_nanos() as u64;
+        self.state.lock().unwrap().wait_ns += t0.elapsed().as_nanos() as u64;
         Ok(ready
             .into_iter()
             .map(|w| w.expect("every expert resolved"))

@@ -37,10 +37,6 @@ fn key(layer: u32, expert: u32) -> ExpertKey {
     ExpertKey { layer, expert }
 }
 
-fn device_request(pool: u32, count: u32) -> Request {
-    Request::device(pool, count, false)
-}
-
 fn listed(res: &Residency, r: &Request, hidden: &[&BitSet]) -> Vec<u32> {
     let mut v = Vec::new();
     res.candidates(r, hidden, |k| v.push(k));
@@ -58,20 +54,23 @@ fn residency_pools_candidates_and_exclusions() {
     assert_eq!((res.device_free(0), res.device_free(1)), (0, 1));
     assert!(res.on_host(2) && !res.on_host(0));
     // Per-layer pools: a request for layer 0 never offers layer 1's experts.
-    assert_eq!(listed(&res, &device_request(0, 1), &[]), vec![0, 1]);
+    assert_eq!(listed(&res, &Request::device(0, 1, false), &[]), vec![0, 1]);
     res.pinned.set(1);
-    assert_eq!(listed(&res, &device_request(0, 1), &[]), vec![0]);
+    assert_eq!(listed(&res, &Request::device(0, 1, false), &[]), vec![0]);
     let mut excluded = Vec::new();
-    res.excluded(&device_request(0, 1), &[], |k| excluded.push(k));
+    res.excluded(&Request::device(0, 1, false), &[], |k| excluded.push(k));
     assert_eq!(excluded, vec![1]);
     let mut hidden = BitSet::new(8);
     hidden.set(0);
-    assert_eq!(res.candidate_count(&device_request(0, 1), &[&hidden]), 0);
-    assert!(!res.is_candidate(0, &device_request(0, 1), &[&hidden]));
+    assert_eq!(
+        res.candidate_count(&Request::device(0, 1, false), &[&hidden]),
+        0
+    );
+    assert!(!res.is_candidate(0, &Request::device(0, 1, false), &[&hidden]));
     // The policy's view of the same request.
     let offered = Offered {
         res: &res,
-        request: device_request(0, 1),
+        request: Request::device(0, 1, false),
         hidden: &[],
     };
     assert_eq!(offered.list(), vec![key(0, 0)]);
