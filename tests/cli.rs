@@ -312,6 +312,7 @@ fn doctor_measures_this_machine_and_plans_kimi_k2_without_a_gpu() {
     for k in [
         "matmul_gflops",
         "memory_gbps",
+        "memory_read_gbps",
         "fp8_dequant_gbps",
         "k2_expert_gbps",
         "k2_int4_expert_gbps",

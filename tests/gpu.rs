@@ -237,7 +237,8 @@ fn bf16_expert(w: &moehost::experts::FfnWeights, hidden: usize) -> ExpertBytes {
         bytes: v
             .iter()
             .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
-            .collect(),
+            .collect::<Vec<u8>>()
+            .into(),
         scales: None,
     })
 }
@@ -335,7 +336,7 @@ fn quantized_expert(
             name: name.into(),
             dtype: bits.dtype(),
             shape: moehost::weights::format::stored_shape(bits.dtype(), &[rows, cols]),
-            bytes,
+            bytes: bytes.into(),
             scales: Some(f16_values(&scale_bytes)),
         }
     })
@@ -400,7 +401,7 @@ fn synthetic(dtype: safetensors::Dtype, n: usize, k: usize, block: [usize; 2]) -
         name: format!("synthetic.{dtype:?}"),
         dtype,
         shape: moehost::weights::format::stored_shape(dtype, &[n, k]),
-        bytes,
+        bytes: bytes.into(),
         scales,
     }
 }

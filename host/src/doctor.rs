@@ -29,6 +29,9 @@ pub struct Cpu {
     pub matmul_gflops: f64,
     /// Large parallel memcpy, GB/s (read + write counted once).
     pub memory_gbps: f64,
+    /// Every thread summing its share of a 512 MiB buffer: the read bandwidth a kernel that
+    /// only reads (a decode step's experts) can reach.
+    pub memory_read_gbps: f64,
     /// FP8 (128 x 128 blocks) -> f32 dequantization, GB of FP8 per second.
     pub fp8_dequant_gbps: f64,
     /// A MoE layer step of `LAYER_STEP_EXPERTS` distinct Kimi-K2-shaped FP8 experts at one
@@ -153,6 +156,11 @@ fn measure_cpu(k2_experts: &[ExpertBytes], hidden: usize) -> Cpu {
     copy(&mut dst);
     let memory_gbps = gbps(src.len() as f64, t0.elapsed().as_secs_f64());
     std::hint::black_box(&dst);
+    let sum = || crate::bench::experts::read_sum(&[&src[..]]);
+    std::hint::black_box(sum());
+    let t0 = Instant::now();
+    std::hint::black_box(sum());
+    let memory_read_gbps = gbps(src.len() as f64, t0.elapsed().as_secs_f64());
 
     // One Kimi-K2 projection: [2048, 7168] FP8 with 128x128 block scales.
     let (rows, cols) = (2048usize, 7168usize);
@@ -184,6 +192,7 @@ fn measure_cpu(k2_experts: &[ExpertBytes], hidden: usize) -> Cpu {
         threads: rayon::current_num_threads(),
         matmul_gflops,
         memory_gbps,
+        memory_read_gbps,
         fp8_dequant_gbps,
         k2_layer_step_s,
         k2_expert_gbps,
@@ -317,7 +326,7 @@ pub fn run(model: &Path) -> Result<Report> {
     costs.link_bytes_per_second = link.h2d_gbps * 1e9;
     costs.host_flops = cpu.matmul_gflops * 1e9;
     // The CPU computes an expert no faster than it was measured to, nor than memory allows.
-    costs.host_memory_bytes_per_second = cpu.memory_gbps.min(cpu.k2_expert_gbps) * 1e9;
+    costs.host_memory_bytes_per_second = cpu.memory_read_gbps.min(cpu.k2_expert_gbps) * 1e9;
     let bytes = kimi_k2.expert_bytes;
     let fetch_pays_from_tokens = (1..=4096)
         .find(|&t| costs.fetch_seconds(t, bytes) <= costs.host_seconds(t, bytes, Tier::Host));
@@ -337,22 +346,25 @@ impl Report {
         let mut s = String::new();
         let c = &self.cpu;
         s += &format!(
-            "CPU: {} threads, f32 matmul {:.1} GFLOP/s, memory {:.1} GB/s, FP8 dequantization {:.2} GB/s{}\n",
+            "CPU: {} threads, f32 matmul {:.1} GFLOP/s, memory {:.1} GB/s copied, {:.1} GB/s read, FP8 dequantization {:.2} GB/s{}\n",
             c.threads,
             c.matmul_gflops,
             c.memory_gbps,
+            c.memory_read_gbps,
             c.fp8_dequant_gbps,
             c.ram_bytes.map(|r| format!(", RAM {} GiB", r >> 30)).unwrap_or_default()
         );
         s += &format!(
-            "CPU experts: a Kimi-K2 FP8 layer step ({LAYER_STEP_EXPERTS} experts at 1 token, from their storage format) in {:.1} ms, {:.2} GB/s of weights\n",
+            "CPU experts: a Kimi-K2 FP8 layer step ({LAYER_STEP_EXPERTS} experts at 1 token, from their storage format) in {:.1} ms, {:.2} GB/s of weights ({:.2} of the read rate)\n",
             c.k2_layer_step_s * 1e3,
-            c.k2_expert_gbps
+            c.k2_expert_gbps,
+            c.k2_expert_gbps / c.memory_read_gbps
         );
         s += &format!(
-            "CPU experts: a Kimi-K2-Thinking INT4 layer step (the same, compressed-tensors INT4) in {:.1} ms, {:.2} GB/s of weights\n",
+            "CPU experts: a Kimi-K2-Thinking INT4 layer step (the same, compressed-tensors INT4) in {:.1} ms, {:.2} GB/s of weights ({:.2} of the read rate)\n",
             c.k2_int4_layer_step_s * 1e3,
-            c.k2_int4_expert_gbps
+            c.k2_int4_expert_gbps,
+            c.k2_int4_expert_gbps / c.memory_read_gbps
         );
         let d = &self.disk;
         s += &format!(

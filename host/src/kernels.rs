@@ -193,7 +193,7 @@ fn dot_portable<W: Weight>(a: &[W], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn hsum4(
+pub(crate) unsafe fn hsum4(
     s0: std::arch::x86_64::__m256,
     s1: std::arch::x86_64::__m256,
     s2: std::arch::x86_64::__m256,

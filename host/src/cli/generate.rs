@@ -143,6 +143,26 @@ pub struct BenchArgs {
     /// decode, in alternating rounds, and the grammar's cost per token.
     #[arg(long, conflicts_with_all = ["batch", "device", "baseline"])]
     pub structured: bool,
+    /// Time one Kimi-K2-width MoE layer step on the CPU from each storage format (8 of a pool
+    /// of synthetic 7168 x 2048 experts, none of the previous two steps') against this
+    /// machine's read bandwidth measured the same way (a read-only sum over the same
+    /// memory), in alternating rounds. No model needed.
+    #[arg(long, conflicts_with_all = ["model", "batch", "device", "baseline", "structured"])]
+    pub experts: bool,
+    /// With --experts: synthetic experts per format (the pool each step routes into).
+    #[arg(long, default_value_t = 40, requires = "experts")]
+    pub pool: usize,
+    /// With --experts: tokens each routed expert computes (1: a decode step).
+    #[arg(long, default_value_t = 1, requires = "experts")]
+    pub rows: usize,
+    /// With --experts: the storage formats, comma-separated (fp8, int4, int8, bf16).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fp8,int4,int8,bf16",
+        requires = "experts"
+    )]
+    pub formats: Vec<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -157,8 +177,52 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         batch,
         baseline,
         structured,
+        experts,
+        pool,
+        rows,
+        formats,
         json,
     } = a;
+    if experts {
+        let o = moehost::bench::experts::ExpertBenchOptions {
+            formats: formats
+                .iter()
+                .map(|f| moehost::weights::format::WeightFormat::parse(f))
+                .collect::<Result<_>>()?,
+            pool,
+            rows,
+            rounds: repeats,
+            ..Default::default()
+        };
+        let r = moehost::bench::experts::run(&o)?;
+        print_report(json, &r, |r| {
+            let mut s =
+                format!(
+                "A {}-wide MoE layer step on the CPU: {} experts of {} x {} at {} token(s) each, \
+                 from a pool of {} per format, {} threads, {} kernels\n",
+                r.hidden,
+                r.top_k,
+                r.intermediate,
+                r.hidden,
+                r.rows,
+                r.pool,
+                r.threads,
+                if r.avx512_kernels { "AVX-512" } else { "decode-then-dot" }
+            );
+            for f in &r.formats {
+                s += &format!(
+                    "{:5} {:7.2} ms  {:6.2} GB/s of weights  read-only sum {:6.2} GB/s  {:.2} of it\n",
+                    f.format.name(),
+                    f.step_ms,
+                    f.weights_gbps,
+                    f.read_gbps,
+                    f.of_read_bandwidth
+                );
+            }
+            s + &format!("(best of {repeats} rounds alternating the sum and the steps)\n")
+        })?;
+        return Ok(());
+    }
     if structured {
         let engine = open(model)?;
         let r = moehost::bench::structured(&engine, decode_tokens, repeats)?;

@@ -2,7 +2,8 @@
 //!
 //! Owns: the `ExpertProvider` trait (asked once per MoE layer step for every expert that step
 //! routes to) and `ResidentExperts`, the simplest provider: each expert is read from the
-//! memory-mapped checkpoint and dequantized to f32 the first time it is routed to, then kept.
+//! memory-mapped checkpoint the first time it is routed to (kept as a view of the mapping
+//! where the CPU computes it as stored, else decoded to its compute form), then kept.
 //! Does not own: routing (see `router`) or the arithmetic (see `deepseek_v3`).
 //!
 //! - `resident` — every expert kept once used (no budget);

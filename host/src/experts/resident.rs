@@ -1,21 +1,24 @@
-//! The simplest expert provider: each expert is read from the memory-mapped checkpoint and
-//! dequantized the first time it is routed to, then kept.
+//! The simplest expert provider: each expert is taken from the memory-mapped checkpoint the
+//! first time it is routed to, then kept. Where the CPU computes it straight from its stored
+//! bytes (`ExpertBytes::runs_stored`: fp8, int4, int8 or bf16 with the AVX-512 kernels), it
+//! stays a view of the mapping, so RAM holds each expert once, as stored; otherwise it is
+//! decoded to its compute form.
 
 use anyhow::{Context, Result};
 use std::sync::{Arc, OnceLock};
 
 use crate::weights::checkpoint::Checkpoint;
 
-use super::{expert_prefix, ExpertProvider, ExpertWeights, FfnWeights, LayerStep};
+use super::{expert_prefix, ExpertBytes, ExpertProvider, ExpertWeights, FfnWeights, LayerStep};
 
-/// Every expert stays resident once used: read and dequantized on first use.
+/// Every expert stays resident once used: mapped (or decoded) on first use.
 pub struct ResidentExperts {
     ckpt: Arc<Checkpoint>,
     hidden: usize,
     intermediate: usize,
     n_experts: usize,
     /// `slots[layer][expert]`, allocated for MoE layers only.
-    slots: Vec<Vec<OnceLock<Arc<FfnWeights>>>>,
+    slots: Vec<Vec<OnceLock<ExpertWeights>>>,
 }
 
 impl ResidentExperts {
@@ -64,16 +67,75 @@ impl ResidentExperts {
                 );
                 let slot = &slots[e as usize];
                 if let Some(w) = slot.get() {
-                    return Ok(ExpertWeights::Compute(w.clone()));
+                    return Ok(w.clone());
                 }
-                let w = Arc::new(FfnWeights::load(
-                    &self.ckpt,
-                    &expert_prefix(layer, e),
-                    self.hidden,
-                    self.intermediate,
-                )?);
-                Ok(ExpertWeights::Compute(slot.get_or_init(|| w).clone()))
+                let w = self.load(layer, e)?;
+                Ok(slot.get_or_init(|| w).clone())
             })
             .collect()
+    }
+}
+
+impl ResidentExperts {
+    /// Expert `e` of `layer`: a view of the mapping when the CPU computes it as stored, its
+    /// compute form otherwise. The same bits either way.
+    fn load(&self, layer: usize, e: u32) -> Result<ExpertWeights> {
+        let mapped = ExpertBytes::map(&self.ckpt, layer, e)?;
+        if mapped.runs_stored(self.hidden, self.intermediate) {
+            return Ok(ExpertWeights::Stored(Arc::new(mapped)));
+        }
+        Ok(ExpertWeights::Compute(Arc::new(FfnWeights::load(
+            &self.ckpt,
+            &expert_prefix(layer, e),
+            self.hidden,
+            self.intermediate,
+        )?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a CPU whose kernels compute the bundled (bf16) model's experts as stored, a resident
+    /// expert is a view of the mapped checkpoint, not a copy, and computes the bits of its
+    /// compute form at decode and batch row counts.
+    #[test]
+    fn resident_experts_are_views_of_the_mapping_with_the_compute_forms_bits() {
+        let dir = crate::engine::bundled_model_dir();
+        let cfg = crate::model::config::ModelConfig::from_dir(&dir).unwrap();
+        let ckpt = Arc::new(Checkpoint::open(&dir, cfg.quantization()).unwrap());
+        let layer = cfg.moe_layers()[0];
+        let experts = ResidentExperts::new(ckpt.clone(), &cfg);
+        let [w] = <[ExpertWeights; 1]>::try_from(experts.fetch(layer, &[5]).unwrap())
+            .ok()
+            .unwrap();
+        if !crate::weights::stored_dot::cpu_has_avx512() {
+            assert!(matches!(w, ExpertWeights::Compute(_)));
+            eprintln!("no AVX-512 here: the compute form is kept");
+            return;
+        }
+        let ExpertWeights::Stored(b) = &w else {
+            panic!("a bf16 expert should run as stored on this CPU")
+        };
+        assert!(b.tensors.iter().all(|t| t.bytes.is_mapped()));
+        let reference = FfnWeights::load(
+            &ckpt,
+            &expert_prefix(layer, 5),
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+        )
+        .unwrap();
+        let h = cfg.hidden_size;
+        for t in [1, 3, 8] {
+            let x: Vec<f32> = (0..t * h)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+                .collect();
+            let (mut want, mut got) = (vec![0f32; t * h], vec![0f32; t * h]);
+            reference.forward(&x, h, &mut want);
+            w.forward(&x, h, &mut got).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{t} rows");
+        }
     }
 }

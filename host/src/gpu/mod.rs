@@ -1159,7 +1159,7 @@ impl GpuExpert {
                 name: name.into(),
                 dtype: t.dtype,
                 shape: t.shape.clone(),
-                bytes,
+                bytes: bytes.into(),
                 scales,
             })
         };

@@ -13,16 +13,52 @@ use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::weights::format::WeightFormat;
 use crate::weights::fp8;
 
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     /// Start of the data section (8-byte length + JSON header).
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
+}
+
+/// A stored tensor's bytes: a copy (the host tier's), or a view of the memory-mapped
+/// checkpoint (experts the CPU computes where they lie: no second copy in RAM).
+#[derive(Clone)]
+pub enum StoredBytes {
+    Owned(Vec<u8>),
+    Mapped {
+        map: Arc<Mmap>,
+        range: std::ops::Range<usize>,
+    },
+}
+
+impl std::ops::Deref for StoredBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            StoredBytes::Owned(v) => v,
+            StoredBytes::Mapped { map, range } => &map[range.clone()],
+        }
+    }
+}
+
+impl From<Vec<u8>> for StoredBytes {
+    fn from(v: Vec<u8>) -> Self {
+        StoredBytes::Owned(v)
+    }
+}
+
+impl StoredBytes {
+    /// Whether these are a view of the checkpoint's mapping.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, StoredBytes::Mapped { .. })
+    }
 }
 
 /// An opened checkpoint: every shard mapped, every header parsed; no tensor data read yet.
@@ -299,6 +335,27 @@ impl Checkpoint {
         })
     }
 
+    /// Tensor `name`'s bytes as a view of its shard's mapping (nothing copied; the pages are
+    /// read when used), with the tensor's header.
+    pub fn mapped(&self, name: &str) -> Result<(RawTensor<'_>, StoredBytes)> {
+        let raw = self.raw(name)?;
+        let at = raw.bytes.as_ptr() as usize;
+        let shard = self
+            .shards
+            .iter()
+            .find(|s| {
+                let base = s.mmap.as_ptr() as usize;
+                (base..=base + s.mmap.len()).contains(&at)
+            })
+            .expect("a tensor's bytes lie in one of the checkpoint's mappings");
+        let start = at - shard.mmap.as_ptr() as usize;
+        let bytes = StoredBytes::Mapped {
+            map: shard.mmap.clone(),
+            range: start..start + raw.bytes.len(),
+        };
+        Ok((raw, bytes))
+    }
+
     /// Reads tensor `name` as f32, checking that its shape is `shape`. FP8 weights are
     /// dequantized with their `<name>_scale_inv` blocks (`weight` -> `weight_scale_inv`).
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -467,7 +524,7 @@ fn open_shard(path: &Path) -> Result<Shard> {
         .collect();
     Ok(Shard {
         path: path.to_owned(),
-        mmap,
+        mmap: Arc::new(mmap),
         data_start: 8 + header_len,
         tensors,
     })

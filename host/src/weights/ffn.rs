@@ -6,10 +6,12 @@
 //! which experts a layer step needs (`experts`), or where they live (`store`, `gpu`).
 
 use anyhow::Result;
+use std::sync::OnceLock;
 
 use crate::kernels::{linear, swiglu, Matrix, ROW_INVARIANT_MAX};
-use crate::weights::checkpoint::Checkpoint;
+use crate::weights::checkpoint::{Checkpoint, StoredBytes};
 use crate::weights::format::WeightFormat;
+use crate::weights::stored_dot::{self, StoredMatrix};
 
 /// A SwiGLU feed-forward block in compute form: `down(silu(gate(x)) * up(x))`.
 /// Used for routed experts, shared experts and dense MLP layers alike. A BF16 checkpoint's
@@ -74,7 +76,8 @@ pub struct OwnedTensor {
     pub name: String,
     pub dtype: safetensors::Dtype,
     pub shape: Vec<usize>,
-    pub bytes: Vec<u8>,
+    /// Owned (the host tier's copy) or mapped (a view of the checkpoint).
+    pub bytes: StoredBytes,
     /// FP8 block scales or int8/int4 group scales, when the tensor has them.
     pub scales: Option<Vec<f32>>,
 }
@@ -84,6 +87,8 @@ pub struct ExpertBytes {
     /// gate, up, down.
     pub tensors: [OwnedTensor; 3],
     fp8_block: Option<[usize; 2]>,
+    /// Whether each FP8 tensor holds a NaN code, found the first time it is computed.
+    fp8_nan: [OnceLock<bool>; 3],
 }
 
 impl ExpertBytes {
@@ -95,85 +100,112 @@ impl ExpertBytes {
     /// Copies the FFN at `prefix` (`<prefix>.{gate,up,down}_proj.weight`: a routed expert, a
     /// shared expert or a dense MLP) out of the checkpoint, as stored.
     pub fn read_prefix(ckpt: &Checkpoint, prefix: &str) -> Result<Self> {
-        let one = |proj: &str| OwnedTensor::read(ckpt, &format!("{prefix}.{proj}.weight"));
-        Ok(Self {
-            tensors: [one("gate_proj")?, one("up_proj")?, one("down_proj")?],
-            fp8_block: ckpt.fp8_block(),
-        })
+        Self::from_tensors(ckpt, prefix, OwnedTensor::read)
+    }
+
+    /// Expert `expert` of decoder layer `layer` as views of the mapped checkpoint: nothing
+    /// copied but its scales.
+    pub fn map(ckpt: &Checkpoint, layer: usize, expert: u32) -> Result<Self> {
+        Self::from_tensors(ckpt, &expert_prefix(layer, expert), OwnedTensor::map)
+    }
+
+    fn from_tensors(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        tensor: impl Fn(&Checkpoint, &str) -> Result<OwnedTensor>,
+    ) -> Result<Self> {
+        let one = |proj: &str| tensor(ckpt, &format!("{prefix}.{proj}.weight"));
+        Ok(Self::new(
+            [one("gate_proj")?, one("up_proj")?, one("down_proj")?],
+            ckpt.fp8_block(),
+        ))
     }
 
     /// An expert from its three tensors (gate, up, down) in storage format.
     pub fn new(tensors: [OwnedTensor; 3], fp8_block: Option<[usize; 2]>) -> Self {
-        Self { tensors, fp8_block }
+        Self {
+            tensors,
+            fp8_block,
+            fp8_nan: Default::default(),
+        }
     }
 
     /// An expert of pseudo-random FP8 weights (any e4m3 code but NaN, 128 x 128 blocks, scales
     /// 1/4096) at the given shape, from the xorshift32 `state`: what `doctor` times at
     /// Kimi-K2's shape.
     pub fn synthetic_fp8(hidden: usize, intermediate: usize, state: &mut u32) -> Self {
-        let block = [128, 128];
-        Self::synthetic(hidden, intermediate, state, |rows, cols| {
-            let scales = rows.div_ceil(block[0]) * cols.div_ceil(block[1]);
-            (
-                WeightFormat::Fp8.dtype(),
-                vec![rows, cols],
-                0xfe,
-                scales,
-                1.0 / 4096.0,
-            )
-        })
-        .with_fp8_block(block)
+        Self::synthetic(WeightFormat::Fp8, hidden, intermediate, state)
     }
 
     /// An expert of pseudo-random int4 weights (moehost's int4, the bits of compressed-tensors'
     /// packed INT4, a scale per 32 columns): what `doctor` times as Kimi-K2-Thinking's experts.
     pub fn synthetic_int4(hidden: usize, intermediate: usize, state: &mut u32) -> Self {
-        Self::synthetic(hidden, intermediate, state, |rows, cols| {
-            let scales = rows * cols.div_ceil(crate::weights::quant::GROUP);
-            (
-                WeightFormat::Int4.dtype(),
-                vec![rows, cols / 2],
-                0xff,
-                scales,
-                1.0 / 64.0,
-            )
-        })
+        Self::synthetic(WeightFormat::Int4, hidden, intermediate, state)
     }
 
-    /// gate, up, down of pseudo-random bytes (xorshift32 `state`, each byte masked) in the
-    /// layout `layout(rows, cols)` gives: dtype, stored shape, byte mask, scale count, scale.
-    fn synthetic(
+    /// An expert of pseudo-random weights in `format` (fp8, int4, int8 or bf16) at the given
+    /// shape, from the xorshift32 `state`: every byte masked so values stay finite (no FP8 NaN
+    /// code; bf16 normal and below 2 in magnitude), FP8 in 128 x 128 blocks, one scale a block
+    /// or group.
+    pub fn synthetic(
+        format: WeightFormat,
         hidden: usize,
         intermediate: usize,
         state: &mut u32,
-        layout: impl Fn(usize, usize) -> (safetensors::Dtype, Vec<usize>, u8, usize, f32),
     ) -> Self {
+        let (mask, scale) = match format {
+            WeightFormat::Fp8 => (0xfe, 1.0 / 4096.0),
+            WeightFormat::Int4 | WeightFormat::Int8 => (0xff, 1.0 / 64.0),
+            _ => (0xbf, 1.0),
+        };
+        let block = [128, 128];
         let mut tensor = |name: &str, rows: usize, cols: usize| {
-            let (dtype, shape, mask, n_scales, scale) = layout(rows, cols);
-            let bytes = (0..shape.iter().product::<usize>())
-                .map(|_| {
+            let shape = format.stored_shape(&[rows, cols]);
+            let len = format.stored_bytes(rows as u64, cols as u64, block) as usize;
+            let n_scales = match format {
+                WeightFormat::Fp8 => rows.div_ceil(block[0]) * cols.div_ceil(block[1]),
+                f if f.is_grouped() => rows * cols.div_ceil(crate::weights::quant::GROUP),
+                _ => 0,
+            };
+            let n_bytes = len
+                - match format {
+                    WeightFormat::Fp8 => n_scales * 4,
+                    _ => n_scales * 2,
+                };
+            // A bf16's high byte keeps an exponent from 2^-63 up: no subnormal weights, which
+            // real checkpoints (almost) never hold and which cost a CPU a microcode assist.
+            let floor = |i: usize| match format {
+                WeightFormat::Bf16 if i % 2 == 1 => 0x20,
+                _ => 0,
+            };
+            let bytes = (0..n_bytes)
+                .map(|i| {
                     *state ^= *state << 13;
                     *state ^= *state >> 17;
                     *state ^= *state << 5;
-                    (*state as u8) & mask
+                    (*state as u8) & mask | floor(i)
                 })
                 .collect();
             OwnedTensor {
                 name: name.into(),
-                dtype,
+                dtype: format.dtype(),
                 shape,
-                bytes,
-                scales: Some(vec![scale; n_scales]),
+                bytes: StoredBytes::Owned(bytes),
+                scales: (n_scales > 0).then(|| vec![scale; n_scales]),
             }
         };
-        Self::new(
+        let e = Self::new(
             [
                 tensor("gate", intermediate, hidden),
                 tensor("up", intermediate, hidden),
                 tensor("down", hidden, intermediate),
             ],
             None,
-        )
+        );
+        match format {
+            WeightFormat::Fp8 => e.with_fp8_block(block),
+            _ => e,
+        }
     }
 
     fn with_fp8_block(mut self, block: [usize; 2]) -> Self {
@@ -184,6 +216,22 @@ impl ExpertBytes {
     /// The checkpoint's FP8 block size, when its weights are FP8.
     pub fn fp8_block(&self) -> Option<[usize; 2]> {
         self.fp8_block
+    }
+
+    /// Whether this is a `[hidden] -> [intermediate] -> [hidden]` block whose every projection
+    /// the CPU computes straight from the stored bytes here (`stored_dot`'s kernels serve
+    /// them), so no compute-form copy is worth holding.
+    pub fn runs_stored(&self, hidden: usize, intermediate: usize) -> bool {
+        let want = [
+            [intermediate, hidden],
+            [intermediate, hidden],
+            [hidden, intermediate],
+        ];
+        self.tensors
+            .iter()
+            .zip(want)
+            .all(|(t, want)| crate::weights::format::logical_shape(t.dtype, &t.shape) == want)
+            && (0..3).all(|n| self.fused(n).is_some())
     }
 
     /// Bytes held (weights and scales).
@@ -225,11 +273,51 @@ impl ExpertBytes {
         }
         let i = self.tensors[0].rows();
         let mut gu = vec![0f32; t * 2 * i];
-        self.linear_streamed(&self.tensors[0], x, hidden, &mut gu, 0)?;
-        self.linear_streamed(&self.tensors[1], x, hidden, &mut gu, i)?;
+        self.linear_stored(0, x, hidden, &mut gu, 0)?;
+        self.linear_stored(1, x, hidden, &mut gu, i)?;
         let mut act = vec![0f32; t * i];
         swiglu(&gu, i, &mut act);
-        self.linear_streamed(&self.tensors[2], &act, i, out, 0)
+        self.linear_stored(2, &act, i, out, 0)
+    }
+
+    /// `out[:, col..col + rows(w)] = x @ w^T` for tensor `n` (`out` being `[t, width]`):
+    /// through `stored_dot`'s kernels, which read each stored byte once, where they serve the
+    /// matrix; otherwise decoding blocks of rows first. The same bits either way.
+    fn linear_stored(
+        &self,
+        n: usize,
+        x: &[f32],
+        k: usize,
+        out: &mut [f32],
+        col: usize,
+    ) -> Result<()> {
+        let w = &self.tensors[n];
+        if let Some(m) = self.fused(n).filter(|m| m.cols == k) {
+            let width = out.len() / (x.len() / k).max(1);
+            m.linear(x, 0..m.rows, out, width, col);
+            return Ok(());
+        }
+        self.linear_streamed(w, x, k, out, col)
+    }
+
+    /// Tensor `n` as `stored_dot` reads it, when its kernels serve it here.
+    fn fused(&self, n: usize) -> Option<StoredMatrix<'_>> {
+        let w = &self.tensors[n];
+        let format = w.format()?;
+        let cols = *crate::weights::format::logical_shape(w.dtype, &w.shape).get(1)?;
+        let m = StoredMatrix {
+            format,
+            bytes: &w.bytes,
+            scales: w.scales.as_deref().unwrap_or(&[]),
+            rows: w.rows(),
+            cols,
+            fp8_block: self.fp8_block.unwrap_or([0, 0]),
+        };
+        let nan = || {
+            format == WeightFormat::Fp8
+                && *self.fp8_nan[n].get_or_init(|| stored_dot::has_fp8_nan(&w.bytes))
+        };
+        (m.fused() && !nan()).then_some(m)
     }
 
     /// `out[:, col..col + rows(w)] = x @ w^T`, `out` being `[t, width]`, decoding `w` in
@@ -322,7 +410,20 @@ impl OwnedTensor {
             name: raw.name.to_owned(),
             dtype: raw.dtype,
             shape: raw.shape.to_vec(),
-            bytes: raw.bytes.to_vec(),
+            bytes: StoredBytes::Owned(raw.bytes.to_vec()),
+            scales,
+        })
+    }
+
+    /// Tensor `name` as a view of the mapped checkpoint (its scales, small, as f32 copies).
+    pub fn map(ckpt: &Checkpoint, name: &str) -> Result<Self> {
+        let (raw, bytes) = ckpt.mapped(name)?;
+        let scales = ckpt.scales(&raw)?;
+        Ok(Self {
+            name: raw.name.to_owned(),
+            dtype: raw.dtype,
+            shape: raw.shape.to_vec(),
+            bytes,
             scales,
         })
     }

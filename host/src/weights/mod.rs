@@ -8,3 +8,4 @@ pub mod ffn;
 pub mod format;
 pub mod fp8;
 pub mod quant;
+pub mod stored_dot;

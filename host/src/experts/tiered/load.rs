@@ -24,9 +24,11 @@ impl Inner {
         }
     }
 
-    /// The compute form of `key`, from the host tier if there, else from the checkpoint. On a
-    /// GPU store an expert to be `cached` is copied into GPU memory (when a slot is free); one
-    /// computed once and dropped stays on the CPU.
+    /// The device tier's form of `key`, from the host tier if there, else from the checkpoint.
+    /// On a GPU store an expert to be `cached` is copied into GPU memory (when a slot is free);
+    /// one computed once and dropped stays on the CPU. On the CPU an expert its kernels compute
+    /// as stored (`ExpertBytes::runs_stored`) is the host tier's copy or a view of the mapped
+    /// checkpoint, never a second copy; others are decoded to their compute form.
     pub(super) fn load_compute(
         &self,
         key: ExpertKey,
@@ -43,9 +45,16 @@ impl Inner {
             }
             return Ok(ExpertWeights::Compute(Arc::new(bytes.to_ffn()?)));
         }
-        let w = match host {
-            Some(b) => b.to_ffn()?,
-            None => FfnWeights::load(
+        let stored = match host {
+            Some(b) => b,
+            None => Arc::new(ExpertBytes::map(&self.ckpt, layer, key.expert)?),
+        };
+        if stored.runs_stored(self.hidden, self.intermediate) {
+            return Ok(ExpertWeights::Stored(stored));
+        }
+        let w = match stored.tensors[0].bytes.is_mapped() {
+            false => stored.to_ffn()?,
+            true => FfnWeights::load(
                 &self.ckpt,
                 &crate::experts::expert_prefix(layer, key.expert),
                 self.hidden,

@@ -8,6 +8,8 @@
 //! figure is tokens per second of wall time. With a baseline model (`compare`), the two are
 //! measured in alternating rounds and reported with their ratios.
 
+pub mod experts;
+
 use anyhow::{ensure, Result};
 use serde::Serialize;
 use std::time::Instant;
@@ -80,7 +82,7 @@ pub fn compare(
 
 /// Token ids of real text: the bundled model card (models/tiny-k2/README.md), repeated until long enough.
 pub fn text_ids(engine: &Engine, n: usize) -> Result<Vec<u32>> {
-    const TEXT: &str = include_str!("../models/tiny-k2/README.md");
+    const TEXT: &str = include_str!("../../models/tiny-k2/README.md");
     let mut ids = engine.bos_ids();
     let chunk = engine.encode(TEXT)?;
     ensure!(!chunk.is_empty(), "benchmark text encodes to no tokens");
