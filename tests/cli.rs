@@ -319,6 +319,15 @@ fn doctor_measures_this_machine_and_plans_kimi_k2_without_a_gpu() {
     ] {
         assert!(cpu[k].as_f64().unwrap() > 0.0, "{k}: {cpu}");
     }
+    // Linux lists at least one NUMA node, with CPUs.
+    if std::path::Path::new("/sys/devices/system/node/node0").exists() {
+        assert!(
+            cpu["numa_nodes"][0]["cpus"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty()),
+            "{cpu}"
+        );
+    }
     // The bundled model's shards were read in full.
     assert!(
         v["disk"]["bytes"].as_u64().unwrap() > 50_000_000,

@@ -46,6 +46,42 @@ pub struct Cpu {
     pub k2_int4_expert_gbps: f64,
     /// Total RAM from /proc/meminfo.
     pub ram_bytes: Option<u64>,
+    /// The NUMA nodes (Linux's /sys/devices/system/node): each node's CPUs and memory. On more
+    /// than one, a CPU reading another node's memory gets a fraction of its bandwidth.
+    pub numa_nodes: Vec<NumaNode>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NumaNode {
+    pub id: u32,
+    /// As the kernel lists them (`0-15,32-47`).
+    pub cpus: String,
+    pub mem_bytes: Option<u64>,
+}
+
+/// The NUMA nodes with CPUs or memory, from sysfs (none where it is absent).
+fn numa_nodes() -> Vec<NumaNode> {
+    let Ok(dir) = std::fs::read_dir("/sys/devices/system/node") else {
+        return Vec::new();
+    };
+    let mut nodes: Vec<NumaNode> = dir
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let id = e.file_name().to_str()?.strip_prefix("node")?.parse().ok()?;
+            let read = |f: &str| std::fs::read_to_string(e.path().join(f)).ok();
+            let mem_bytes = read("meminfo").and_then(|m| {
+                let l = m.lines().find(|l| l.contains("MemTotal:"))?;
+                Some(l.split_whitespace().rev().nth(1)?.parse::<u64>().ok()? * 1024)
+            });
+            Some(NumaNode {
+                id,
+                cpus: read("cpulist").unwrap_or_default().trim().to_owned(),
+                mem_bytes,
+            })
+        })
+        .collect();
+    nodes.sort_by_key(|n| n.id);
+    nodes
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -199,6 +235,7 @@ fn measure_cpu(k2_experts: &[ExpertBytes], hidden: usize) -> Cpu {
         k2_int4_layer_step_s,
         k2_int4_expert_gbps,
         ram_bytes,
+        numa_nodes: numa_nodes(),
     }
 }
 
@@ -354,6 +391,26 @@ impl Report {
             c.fp8_dequant_gbps,
             c.ram_bytes.map(|r| format!(", RAM {} GiB", r >> 30)).unwrap_or_default()
         );
+        if !c.numa_nodes.is_empty() {
+            let nodes: Vec<String> = c
+                .numa_nodes
+                .iter()
+                .map(|n| {
+                    let mem = n.mem_bytes.map(|b| format!(", {} GiB", b >> 30));
+                    format!("node {} (CPUs {}{})", n.id, n.cpus, mem.unwrap_or_default())
+                })
+                .collect();
+            s += &format!(
+                "NUMA: {}{}\n",
+                nodes.join("; "),
+                if nodes.len() > 1 {
+                    " (moehost does not place experts by node yet: each is read from wherever \
+                     its pages lie)"
+                } else {
+                    ""
+                }
+            );
+        }
         s += &format!(
             "CPU experts: a Kimi-K2 FP8 layer step ({LAYER_STEP_EXPERTS} experts at 1 token, from their storage format) in {:.1} ms, {:.2} GB/s of weights ({:.2} of the read rate)\n",
             c.k2_layer_step_s * 1e3,
