@@ -87,6 +87,23 @@ impl ExpertWeights {
         Ok(out)
     }
 
+    /// The FFN at `prefix` (a routed or shared expert, a dense MLP) for the CPU: a view of the
+    /// mapped checkpoint where the CPU computes it as stored (`ExpertBytes::runs_stored`), its
+    /// compute form otherwise. The same bits either way.
+    pub fn for_cpu(
+        ckpt: &crate::weights::checkpoint::Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self> {
+        let mapped = ExpertBytes::map_prefix(ckpt, prefix)?;
+        if mapped.runs_stored(hidden, intermediate) {
+            return Ok(ExpertWeights::Stored(Arc::new(mapped)));
+        }
+        let w = FfnWeights::load(ckpt, prefix, hidden, intermediate)?;
+        Ok(ExpertWeights::Compute(Arc::new(w)))
+    }
+
     /// Bytes this form occupies where it lives.
     pub fn bytes(&self) -> usize {
         match self {

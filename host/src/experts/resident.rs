@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::weights::checkpoint::Checkpoint;
 
-use super::{expert_prefix, ExpertBytes, ExpertProvider, ExpertWeights, FfnWeights, LayerStep};
+use super::{expert_prefix, ExpertProvider, ExpertWeights, LayerStep};
 
 /// Every expert stays resident once used: mapped (or decoded) on first use.
 pub struct ResidentExperts {
@@ -69,33 +69,22 @@ impl ResidentExperts {
                 if let Some(w) = slot.get() {
                     return Ok(w.clone());
                 }
-                let w = self.load(layer, e)?;
+                let w = ExpertWeights::for_cpu(
+                    &self.ckpt,
+                    &expert_prefix(layer, e),
+                    self.hidden,
+                    self.intermediate,
+                )?;
                 Ok(slot.get_or_init(|| w).clone())
             })
             .collect()
     }
 }
 
-impl ResidentExperts {
-    /// Expert `e` of `layer`: a view of the mapping when the CPU computes it as stored, its
-    /// compute form otherwise. The same bits either way.
-    fn load(&self, layer: usize, e: u32) -> Result<ExpertWeights> {
-        let mapped = ExpertBytes::map(&self.ckpt, layer, e)?;
-        if mapped.runs_stored(self.hidden, self.intermediate) {
-            return Ok(ExpertWeights::Stored(Arc::new(mapped)));
-        }
-        Ok(ExpertWeights::Compute(Arc::new(FfnWeights::load(
-            &self.ckpt,
-            &expert_prefix(layer, e),
-            self.hidden,
-            self.intermediate,
-        )?)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::experts::FfnWeights;
 
     /// On a CPU whose kernels compute the bundled (bf16) model's experts as stored, a resident
     /// expert is a view of the mapped checkpoint, not a copy, and computes the bits of its

@@ -106,7 +106,12 @@ impl ExpertBytes {
     /// Expert `expert` of decoder layer `layer` as views of the mapped checkpoint: nothing
     /// copied but its scales.
     pub fn map(ckpt: &Checkpoint, layer: usize, expert: u32) -> Result<Self> {
-        Self::from_tensors(ckpt, &expert_prefix(layer, expert), OwnedTensor::map)
+        Self::map_prefix(ckpt, &expert_prefix(layer, expert))
+    }
+
+    /// The FFN at `prefix` as views of the mapped checkpoint (see [`Self::read_prefix`]).
+    pub fn map_prefix(ckpt: &Checkpoint, prefix: &str) -> Result<Self> {
+        Self::from_tensors(ckpt, prefix, OwnedTensor::map)
     }
 
     fn from_tensors(

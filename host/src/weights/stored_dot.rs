@@ -82,8 +82,8 @@ impl StoredMatrix<'_> {
         let t = x.len() / k;
         assert!(out.len() >= t * width && col + rows.len() <= width);
         let x = match self.format {
-            WeightFormat::Int4 => deinterleave(x, k),
-            _ => x.to_vec(),
+            WeightFormat::Int4 => std::borrow::Cow::Owned(deinterleave(x, k)),
+            _ => std::borrow::Cow::Borrowed(x),
         };
         let n = rows.len();
         // Results by weight row ([n, t]), then placed.
@@ -113,12 +113,14 @@ impl StoredMatrix<'_> {
 /// Each 32-element chunk of each `k`-wide row of `x` as its 16 even then its 16 odd elements:
 /// the order int4's decoded registers hold the weights in.
 fn deinterleave(x: &[f32], k: usize) -> Vec<f32> {
-    let mut d = Vec::with_capacity(x.len());
-    for chunk in x.chunks_exact(32) {
-        d.extend(chunk.iter().step_by(2));
-        d.extend(chunk.iter().skip(1).step_by(2));
+    debug_assert!(k.is_multiple_of(32) && x.len().is_multiple_of(32));
+    let mut d = vec![0f32; x.len()];
+    for (o, c) in d.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
+        for j in 0..16 {
+            o[j] = c[2 * j];
+            o[16 + j] = c[2 * j + 1];
+        }
     }
-    debug_assert!(k.is_multiple_of(32) && d.len() == x.len());
     d
 }
 
