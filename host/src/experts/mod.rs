@@ -47,7 +47,8 @@ impl ExpertWeights {
 
     /// Each job's output, `jobs[i] = (expert, x [t_i, hidden])`, the same bits as `forward`
     /// one by one. Experts in GPU memory run together, with one host round trip in all
-    /// (`gpu::forward_experts`); the others run on the CPU, in parallel when `parallel`.
+    /// (`gpu::forward_experts`), while the others run on the CPU ([`both_sides`]), in parallel
+    /// when `parallel`: the step waits for the slower side only.
     pub fn forward_all(
         jobs: &[(&ExpertWeights, &[f32])],
         hidden: usize,
@@ -69,19 +70,25 @@ impl ExpertWeights {
                 _ => unreachable!("partitioned above"),
             })
             .collect();
-        for ((n, _), y) in gpu.iter().zip(crate::gpu::forward_experts(&group, hidden)?) {
+        let device = || crate::gpu::forward_experts(&group, hidden);
+        let host = || -> Result<Vec<Vec<f32>>> {
+            if parallel {
+                jobs.par_iter()
+                    .map(|(_, job)| crate::kernels::as_task(|| run(job)))
+                    .collect()
+            } else {
+                jobs.iter().map(|(_, job)| run(job)).collect()
+            }
+        };
+        let (gpu_out, cpu_out) = if group.is_empty() || jobs.is_empty() {
+            (device(), host())
+        } else {
+            both_sides(device, host)
+        };
+        for ((n, _), y) in gpu.iter().zip(gpu_out?) {
             out[*n] = y;
         }
-        let cpu: Vec<Vec<f32>> = if parallel {
-            jobs.par_iter()
-                .map(|(_, job)| crate::kernels::as_task(|| run(job)))
-                .collect::<Result<_>>()?
-        } else {
-            jobs.iter()
-                .map(|(_, job)| run(job))
-                .collect::<Result<_>>()?
-        };
-        for ((n, _), y) in jobs.iter().zip(cpu) {
+        for ((n, _), y) in jobs.iter().zip(cpu_out?) {
             out[*n] = y;
         }
         Ok(out)
@@ -112,6 +119,23 @@ impl ExpertWeights {
             ExpertWeights::Gpu(g) => g.device_bytes(),
         }
     }
+}
+
+/// `device` on this thread (the one whose GPU context is current) while `host` runs on a
+/// thread of its own (which spreads its work over the pool): both sides of a MoE layer step at
+/// once, the step as long as the slower one.
+pub fn both_sides<A: Send, B: Send>(
+    device: impl FnOnce() -> A,
+    host: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    std::thread::scope(|s| {
+        let host = s.spawn(host);
+        let a = device();
+        let b = host
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (a, b)
+    })
 }
 
 /// One MoE layer step as the model hands it to its expert provider: what the step routes to,
@@ -155,5 +179,31 @@ pub trait ExpertProvider: Send + Sync {
         _biased: &[f32],
     ) -> Option<Vec<u32>> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+
+    /// The two sides of a step run at once: each waits to hear from the other, which only
+    /// works if neither waits for the other to finish first.
+    #[test]
+    fn both_sides_of_a_step_run_at_once() {
+        let (to_host, from_device) = channel();
+        let (to_device, from_host) = channel();
+        let wait = Duration::from_secs(20);
+        let (a, b) = super::both_sides(
+            || {
+                to_host.send(()).unwrap();
+                from_host.recv_timeout(wait).is_ok()
+            },
+            move || {
+                to_device.send(()).unwrap();
+                from_device.recv_timeout(wait).is_ok()
+            },
+        );
+        assert!(a && b, "one side ran after the other");
     }
 }

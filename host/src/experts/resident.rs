@@ -115,16 +115,11 @@ mod tests {
             cfg.moe_intermediate_size,
         )
         .unwrap();
-        let h = cfg.hidden_size;
-        for t in [1, 3, 8] {
-            let x: Vec<f32> = (0..t * h)
-                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
-                .collect();
-            let (mut want, mut got) = (vec![0f32; t * h], vec![0f32; t * h]);
-            reference.forward(&x, h, &mut want);
-            w.forward(&x, h, &mut got).unwrap();
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "{t} rows");
-        }
+        crate::weights::ffn::tests::streams_with_the_bits_of(
+            b,
+            &reference,
+            cfg.hidden_size,
+            &[1, 3, 8],
+        );
     }
 }

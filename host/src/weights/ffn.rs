@@ -475,7 +475,7 @@ impl OwnedTensor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// An int4 expert (the bits of compressed-tensors' packed INT4) run from its storage
@@ -495,7 +495,7 @@ mod tests {
     }
 
     /// `e` run from its storage format gives `reference`'s bits at each token count.
-    fn streams_with_the_bits_of(
+    pub(crate) fn streams_with_the_bits_of(
         e: &ExpertBytes,
         reference: &FfnWeights,
         hidden: usize,

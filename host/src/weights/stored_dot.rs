@@ -250,11 +250,14 @@ mod avx512 {
     /// Group-wise formats' row: its bytes and its scales.
     type GroupRow = (*const u8, *const f32);
 
-    struct Int4 {
+    /// A group-wise matrix (a scale per 32 columns).
+    struct Grouped {
         bytes: *const u8,
         cols: usize,
         scales: *const f32,
     }
+
+    struct Int4(Grouped);
 
     /// `q - 8` for each nibble value.
     const NIBBLE_VALUES: [f32; 16] = [
@@ -270,10 +273,8 @@ mod avx512 {
 
         #[inline(always)]
         unsafe fn row(&self, r: usize) -> Self::Row {
-            (
-                self.bytes.add(r * self.cols / 2),
-                self.scales.add(r * self.cols / 32),
-            )
+            let g = &self.0;
+            (g.bytes.add(r * g.cols / 2), g.scales.add(r * g.cols / 32))
         }
 
         #[inline(always)]
@@ -315,11 +316,7 @@ mod avx512 {
         }
     }
 
-    struct Int8 {
-        bytes: *const u8,
-        cols: usize,
-        scales: *const f32,
-    }
+    struct Int8(Grouped);
 
     impl Decode for Int8 {
         type Row = GroupRow;
@@ -330,10 +327,8 @@ mod avx512 {
 
         #[inline(always)]
         unsafe fn row(&self, r: usize) -> Self::Row {
-            (
-                self.bytes.add(r * self.cols),
-                self.scales.add(r * self.cols / 32),
-            )
+            let g = &self.0;
+            (g.bytes.add(r * g.cols), g.scales.add(r * g.cols / 32))
         }
 
         #[inline(always)]
@@ -409,6 +404,11 @@ mod avx512 {
         out: &mut [f32],
     ) {
         let (bytes, cols, scales) = (m.bytes.as_ptr(), m.cols, m.scales.as_ptr());
+        let grouped = Grouped {
+            bytes,
+            cols,
+            scales,
+        };
         match m.format {
             WeightFormat::Fp8 => {
                 let [br, bc] = m.fp8_block;
@@ -422,30 +422,8 @@ mod avx512 {
                 };
                 tiles(&d, x, t, cols, r0, out)
             }
-            WeightFormat::Int4 => tiles(
-                &Int4 {
-                    bytes,
-                    cols,
-                    scales,
-                },
-                x,
-                t,
-                cols,
-                r0,
-                out,
-            ),
-            WeightFormat::Int8 => tiles(
-                &Int8 {
-                    bytes,
-                    cols,
-                    scales,
-                },
-                x,
-                t,
-                cols,
-                r0,
-                out,
-            ),
+            WeightFormat::Int4 => tiles(&Int4(grouped), x, t, cols, r0, out),
+            WeightFormat::Int8 => tiles(&Int8(grouped), x, t, cols, r0, out),
             WeightFormat::Bf16 => tiles(&Bf16 { bytes, cols }, x, t, cols, r0, out),
             f => unreachable!("fused() does not serve {}", f.name()),
         }
