@@ -125,29 +125,24 @@ fn measure(o: &ExpertBenchOptions, format: WeightFormat) -> Result<FormatFigures
         "--experts measures fp8, int4, int8 and bf16 experts, not {}",
         format.name()
     );
-    let pool: Vec<ExpertWeights> = (0..o.pool)
+    let pool: Vec<Arc<ExpertBytes>> = (0..o.pool)
         .into_par_iter()
         .map(|i| {
             let mut state = 0x9e37_79b9_u32 ^ (i as u32).wrapping_mul(0x85eb_ca6b) | 1;
-            ExpertWeights::Stored(Arc::new(ExpertBytes::synthetic(
+            Arc::new(ExpertBytes::synthetic(
                 format,
                 o.hidden,
                 o.intermediate,
                 &mut state,
-            )))
+            ))
         })
         .collect();
-    let expert_bytes = match &pool[0] {
-        ExpertWeights::Stored(e) => e.storage_bytes(),
-        _ => unreachable!("built above"),
-    };
+    let expert_bytes = pool[0].storage_bytes();
     let slices: Vec<&[u8]> = pool
         .iter()
-        .flat_map(|e| match e {
-            ExpertWeights::Stored(e) => e.tensors.iter().map(|t| &t.bytes[..]).collect::<Vec<_>>(),
-            _ => Vec::new(),
-        })
+        .flat_map(|e| e.tensors.iter().map(|t| &t.bytes[..]))
         .collect();
+    let pool: Vec<ExpertWeights> = pool.iter().cloned().map(ExpertWeights::Stored).collect();
     let x: Vec<f32> = (0..o.rows * o.hidden)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
         .collect();

@@ -166,17 +166,8 @@ impl ExpertBytes {
         let block = [128, 128];
         let mut tensor = |name: &str, rows: usize, cols: usize| {
             let shape = format.stored_shape(&[rows, cols]);
-            let len = format.stored_bytes(rows as u64, cols as u64, block) as usize;
-            let n_scales = match format {
-                WeightFormat::Fp8 => rows.div_ceil(block[0]) * cols.div_ceil(block[1]),
-                f if f.is_grouped() => rows * cols.div_ceil(crate::weights::quant::GROUP),
-                _ => 0,
-            };
-            let n_bytes = len
-                - match format {
-                    WeightFormat::Fp8 => n_scales * 4,
-                    _ => n_scales * 2,
-                };
+            let n_bytes = shape.iter().product::<usize>() * format.dtype().bitsize() / 8;
+            let n_scales = format.scale_count(rows, cols, block);
             // A bf16's high byte keeps an exponent from 2^-63 up: no subnormal weights, which
             // real checkpoints (almost) never hold and which cost a CPU a microcode assist.
             let floor = |i: usize| match format {

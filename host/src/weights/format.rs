@@ -117,18 +117,27 @@ impl WeightFormat {
         }
     }
 
-    /// Bytes of a `[rows, cols]` weight with its scales (FP8: blocks of `fp8_block`).
+    /// Scales of a `[rows, cols]` weight: FP8 one per block of `fp8_block` (edge blocks
+    /// partial), int8/int4 one per `GROUP` columns of a row, none for the plain formats.
+    pub fn scale_count(self, rows: usize, cols: usize, fp8_block: [usize; 2]) -> usize {
+        match self {
+            WeightFormat::Fp8 => rows.div_ceil(fp8_block[0]) * cols.div_ceil(fp8_block[1]),
+            WeightFormat::Int8 | WeightFormat::Int4 => rows * cols.div_ceil(GROUP),
+            _ => 0,
+        }
+    }
+
+    /// Bytes of a `[rows, cols]` weight with its scales (FP8: blocks of `fp8_block`, f32
+    /// scales; int8/int4: f16 scales).
     pub fn stored_bytes(self, rows: u64, cols: u64, fp8_block: [usize; 2]) -> u64 {
-        let (r, c, group) = (rows, cols, GROUP as u64);
+        let (r, c) = (rows, cols);
+        let scales = self.scale_count(rows as usize, cols as usize, fp8_block) as u64;
         match self {
             WeightFormat::F32 => 4 * r * c,
             WeightFormat::Bf16 | WeightFormat::F16 => 2 * r * c,
-            WeightFormat::Fp8 => {
-                let [br, bc] = fp8_block.map(|b| b as u64);
-                r * c + r.div_ceil(br) * c.div_ceil(bc) * 4
-            }
-            WeightFormat::Int8 => r * c + r * c.div_ceil(group) * 2,
-            WeightFormat::Int4 => r * c.div_ceil(2) + r * c.div_ceil(group) * 2,
+            WeightFormat::Fp8 => r * c + scales * 4,
+            WeightFormat::Int8 => r * c + scales * 2,
+            WeightFormat::Int4 => r * c.div_ceil(2) + scales * 2,
         }
     }
 }

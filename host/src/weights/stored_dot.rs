@@ -55,7 +55,7 @@ impl StoredMatrix<'_> {
         if !cpu_has_avx512() || c == 0 || !c.is_multiple_of(32) {
             return false;
         }
-        let groups = c / 32;
+        let scales = self.format.scale_count(r, c, self.fp8_block);
         match self.format {
             WeightFormat::Fp8 => {
                 let [br, bc] = self.fp8_block;
@@ -63,11 +63,11 @@ impl StoredMatrix<'_> {
                     && bc > 0
                     && bc.is_multiple_of(32)
                     && self.bytes.len() >= r * c
-                    && self.scales.len() >= r.div_ceil(br) * c.div_ceil(bc)
+                    && self.scales.len() >= scales
                     && self.scales.iter().all(|s| (s * 256.0).is_finite())
             }
-            WeightFormat::Int4 => self.bytes.len() >= r * c / 2 && self.scales.len() >= r * groups,
-            WeightFormat::Int8 => self.bytes.len() >= r * c && self.scales.len() >= r * groups,
+            WeightFormat::Int4 => self.bytes.len() >= r * c / 2 && self.scales.len() >= scales,
+            WeightFormat::Int8 => self.bytes.len() >= r * c && self.scales.len() >= scales,
             WeightFormat::Bf16 => self.bytes.len() >= r * c * 2,
             _ => false,
         }
@@ -576,7 +576,7 @@ mod tests {
         s: &mut u32,
     ) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
         let stored = format.stored_shape(&[rows, cols]);
-        let n_bytes = stored[0] * stored[1] * if format == WeightFormat::Bf16 { 2 } else { 1 };
+        let n_bytes = stored.iter().product::<usize>() * format.dtype().bitsize() / 8;
         let mut bytes: Vec<u8> = (0..n_bytes).map(|_| next(s) as u8).collect();
         match format {
             WeightFormat::Fp8 => bytes.iter_mut().for_each(|b| {
@@ -590,11 +590,7 @@ mod tests {
             }),
             _ => {}
         }
-        let n_scales = match format {
-            WeightFormat::Fp8 => rows.div_ceil(block[0]) * cols.div_ceil(block[1]),
-            WeightFormat::Bf16 => 0,
-            _ => rows * cols / 32,
-        };
+        let n_scales = format.scale_count(rows, cols, block);
         let scales: Vec<f32> = (0..n_scales)
             .map(|_| (1 + next(s) % 997) as f32 / 3.1e5)
             .collect();

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use std::sync::Arc;
 
-use crate::experts::{ExpertBytes, ExpertWeights, FfnWeights};
+use crate::experts::{ExpertBytes, ExpertWeights};
 use crate::policy::ExpertKey;
 
 use super::Inner;
@@ -45,22 +45,13 @@ impl Inner {
             }
             return Ok(ExpertWeights::Compute(Arc::new(bytes.to_ffn()?)));
         }
-        let stored = match host {
-            Some(b) => b,
-            None => Arc::new(ExpertBytes::map(&self.ckpt, layer, key.expert)?),
+        let Some(stored) = host else {
+            let prefix = crate::experts::expert_prefix(layer, key.expert);
+            return ExpertWeights::for_cpu(&self.ckpt, &prefix, self.hidden, self.intermediate);
         };
         if stored.runs_stored(self.hidden, self.intermediate) {
             return Ok(ExpertWeights::Stored(stored));
         }
-        let w = match stored.tensors[0].bytes.is_mapped() {
-            false => stored.to_ffn()?,
-            true => FfnWeights::load(
-                &self.ckpt,
-                &crate::experts::expert_prefix(layer, key.expert),
-                self.hidden,
-                self.intermediate,
-            )?,
-        };
-        Ok(ExpertWeights::Compute(Arc::new(w)))
+        Ok(ExpertWeights::Compute(Arc::new(stored.to_ffn()?)))
     }
 }
