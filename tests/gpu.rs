@@ -14,6 +14,7 @@ use moehost::policy::ExpertKey;
 use moehost::policy::PolicySource;
 use moehost::weights::checkpoint::Checkpoint;
 use moehost::weights::format::WeightFormat;
+use moehost::weights::scales::{ScaleType, Scales};
 use moehost::{Engine, Logits};
 use std::sync::Arc;
 
@@ -337,17 +338,17 @@ fn quantized_expert(
             dtype: bits.dtype(),
             shape: moehost::weights::format::stored_shape(bits.dtype(), &[rows, cols]),
             bytes: bytes.into(),
-            scales: Some(f16_values(&scale_bytes)),
+            scales: Some(f16_scales(scale_bytes)),
         }
     })
 }
 
-/// Little-endian f16 bytes as f32 values.
-fn f16_values(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(2)
-        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect()
+/// Little-endian f16 scale bytes, as moehost's int checkpoints store them.
+fn f16_scales(bytes: Vec<u8>) -> Scales {
+    Scales {
+        ty: ScaleType::F16,
+        bytes: bytes.into(),
+    }
 }
 
 /// A stored tensor `[n, k]` of `dtype` with pseudo-random contents: FP8 (finite codes, block
@@ -374,10 +375,10 @@ fn synthetic(dtype: safetensors::Dtype, n: usize, k: usize, block: [usize; 2]) -
                 })
                 .collect();
             let blocks = n.div_ceil(block[0]) * k.div_ceil(block[1]);
-            let scales = (0..blocks)
+            let scales: Vec<f32> = (0..blocks)
                 .map(|_| (1 + next() % 997) as f32 / 3_000.0)
                 .collect();
-            (bytes, Some(scales))
+            (bytes, Some(Scales::from_f32(&scales)))
         }
         safetensors::Dtype::I8 | safetensors::Dtype::U8 => {
             let bits = if dtype == safetensors::Dtype::I8 {
@@ -386,7 +387,7 @@ fn synthetic(dtype: safetensors::Dtype, n: usize, k: usize, block: [usize; 2]) -
                 moehost::weights::quant::Bits::Int4
             };
             let (bytes, scale_bytes) = moehost::weights::quant::quantize(&values, n, k, bits);
-            (bytes, Some(f16_values(&scale_bytes)))
+            (bytes, Some(f16_scales(scale_bytes)))
         }
         safetensors::Dtype::BF16 => (
             values

@@ -308,13 +308,13 @@ mod tests {
             assert!((f.of_read_bandwidth - f.weights_gbps / f.read_gbps).abs() < 1e-12);
         }
         let sizes: Vec<usize> = r.formats.iter().map(|f| f.expert_bytes).collect();
-        // fp8 (+ block scales), int4 (+ f32 group scales as held), int8, bf16.
+        // fp8 (+ f32 block scales), int4 and int8 (+ f16 group scales, as stored), bf16.
         assert_eq!(
             sizes,
             [
                 3 * 256 * 128 + 3 * 2 * 4,
-                3 * 256 * 64 + 3 * 1024 * 4,
-                3 * 256 * 128 + 3 * 1024 * 4,
+                3 * 256 * 64 + 3 * 1024 * 2,
+                3 * 256 * 128 + 3 * 1024 * 2,
                 3 * 256 * 128 * 2
             ]
         );

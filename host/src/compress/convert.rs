@@ -298,8 +298,8 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<ConvertR
             continue;
         }
         let (dtype, shape, data) = if dequantize && raw.dtype == Dtype::F8_E4M3 {
-            let scales = ckpt.fp8_scales(&raw)?;
-            let f = decode_f32(&raw, Some(&scales), cfg.fp8_block)?;
+            let scales = ckpt.scales(&raw)?;
+            let f = decode_f32(&raw, scales.as_deref(), cfg.fp8_block)?;
             let bytes: Vec<u8> = f
                 .iter()
                 .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())

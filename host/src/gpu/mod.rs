@@ -634,13 +634,14 @@ pub fn gpu() -> Result<Arc<Gpu>, String> {
     .clone()
 }
 
-/// A tensor as it goes to device memory: its stored bytes and (f32) scales.
+/// A tensor as it goes to device memory: its stored bytes and its scales widened to f32 (the
+/// kernels' one scale type).
 struct HostTensor<'a> {
     format: WeightFormat,
     dtype: Dtype,
     shape: Vec<usize>,
     bytes: Cow<'a, [u8]>,
-    scales: Option<&'a [f32]>,
+    scales: Option<Vec<f32>>,
 }
 
 impl<'a> HostTensor<'a> {
@@ -650,7 +651,7 @@ impl<'a> HostTensor<'a> {
             dtype: t.dtype,
             shape: t.shape.clone(),
             bytes: Cow::Borrowed(&t.bytes),
-            scales: t.scales.as_deref(),
+            scales: t.scales.as_ref().map(|s| s.all_f32()),
         })
     }
 
@@ -688,7 +689,7 @@ fn parts<'a>(tensors: &'a [HostTensor<'_>]) -> Vec<&'a [u8]> {
     static ZEROS: [u8; ALIGN] = [0; ALIGN];
     let mut v = Vec::new();
     for t in tensors {
-        for p in [&t.bytes[..], t.scales.map_or(&[][..], as_bytes)] {
+        for p in [&t.bytes[..], t.scales.as_deref().map_or(&[][..], as_bytes)] {
             v.push(p);
             v.push(&ZEROS[..aligned(p.len()) - p.len()]);
         }
@@ -704,7 +705,7 @@ fn placements(base: u64, tensors: &[HostTensor<'_>]) -> Vec<Placed> {
         .map(|t| {
             let data = at;
             let scales = data + aligned(t.bytes.len()) as u64;
-            at = scales + aligned(t.scales.map_or(0, |s| s.len() * 4)) as u64;
+            at = scales + aligned(t.scales.as_ref().map_or(0, |s| s.len() * 4)) as u64;
             Placed { data, scales }
         })
         .collect()
@@ -1103,7 +1104,7 @@ impl GpuExpert {
                     shape: t.shape.clone(),
                     at,
                     bytes: t.bytes.len(),
-                    scales: t.scales.map(|s| s.len()),
+                    scales: t.scales.as_ref().map(|s| s.len()),
                 })
                 .collect(),
             fp8_block,
@@ -1151,7 +1152,7 @@ impl GpuExpert {
                     let mut s = vec![0f32; n];
                     // SAFETY: as above.
                     unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut s, t.at.scales)? };
-                    Some(s)
+                    Some(crate::weights::scales::Scales::from_f32(&s))
                 }
                 None => None,
             };

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use crate::weights::format::WeightFormat;
 use crate::weights::fp8;
+use crate::weights::scales::{ScaleType, Scales};
 
 struct Shard {
     path: PathBuf,
@@ -386,52 +387,90 @@ impl Checkpoint {
         }
     }
 
-    /// The scales a stored tensor needs: FP8 block scales, or the group scales of moehost's
-    /// int8/int4 format (`crate::weights::quant`); `None` for plain float tensors.
+    /// The scales a stored tensor needs, widened to f32: FP8 block scales, or the group scales
+    /// of moehost's int8/int4 format (`crate::weights::quant`); `None` for plain float tensors.
     pub fn scales(&self, raw: &RawTensor<'_>) -> Result<Option<Vec<f32>>> {
+        let Some((name, shape)) = self.scale_tensor(raw)? else {
+            return Ok(None);
+        };
+        self.read_f32(&name, &shape)
+            .map(Some)
+            .with_context(|| format!("scales of {} tensor {}", raw_kind(raw), raw.name))
+    }
+
+    /// [`Self::scales`] as stored (F32, F16 or BF16): a view of the mapped shard when
+    /// `mapped`, else a copy of their bytes.
+    pub fn stored_scales(&self, raw: &RawTensor<'_>, mapped: bool) -> Result<Option<Scales>> {
+        let Some((name, shape)) = self.scale_tensor(raw)? else {
+            return Ok(None);
+        };
+        let context = || format!("scales of {} tensor {}", raw_kind(raw), raw.name);
+        let (s, bytes) = if mapped {
+            self.mapped(&name).with_context(context)?
+        } else {
+            let s = self.raw(&name).with_context(context)?;
+            let bytes = StoredBytes::Owned(s.bytes.to_vec());
+            (s, bytes)
+        };
+        ensure!(
+            s.shape == shape,
+            "scale tensor {name} has shape {:?}, expected {shape:?}",
+            s.shape
+        );
+        Ok(Some(Scales {
+            ty: ScaleType::of(&name, s.dtype)?,
+            bytes,
+        }))
+    }
+
+    /// The name and shape of the scale tensor `raw` needs, if any: FP8's `<name>_scale_inv`
+    /// (`ceil`-sized blocks), the int formats' `<name>_qscale` (a scale per 32 columns).
+    fn scale_tensor(&self, raw: &RawTensor<'_>) -> Result<Option<(String, Vec<usize>)>> {
+        let name = raw.name;
         Ok(match WeightFormat::of_dtype(raw.dtype) {
-            Some(WeightFormat::Fp8) => Some(self.fp8_scales(raw)?),
+            Some(WeightFormat::Fp8) => {
+                ensure!(
+                    raw.shape.len() == 2,
+                    "FP8 tensor {name} must be 2-D (rows x cols), got shape {:?}",
+                    raw.shape
+                );
+                let block = self.fp8_block.with_context(|| {
+                    format!(
+                        "tensor {name} is FP8 but config.json has no quantization_config.weight_block_size"
+                    )
+                })?;
+                let shape = vec![
+                    raw.shape[0].div_ceil(block[0]),
+                    raw.shape[1].div_ceil(block[1]),
+                ];
+                Some((format!("{name}_scale_inv"), shape))
+            }
             Some(f) if f.is_grouped() => {
                 let logical = f.logical_shape(raw.shape);
                 ensure!(
                     logical.len() == 2,
-                    "quantized tensor {} must be 2-D, got shape {:?}",
-                    raw.name,
+                    "quantized tensor {name} must be 2-D, got shape {:?}",
                     raw.shape
                 );
-                let want = crate::weights::quant::scale_shape(logical[0], logical[1]);
-                Some(
-                    self.read_f32(&format!("{}_qscale", raw.name), &want)
-                        .with_context(|| format!("scales of quantized tensor {}", raw.name))?,
-                )
+                let shape = crate::weights::quant::scale_shape(logical[0], logical[1]).to_vec();
+                Some((format!("{name}_qscale"), shape))
             }
             _ => None,
         })
-    }
-
-    /// The block scales of FP8 tensor `raw` (`<name>_scale_inv`, `ceil`-sized blocks).
-    pub fn fp8_scales(&self, raw: &RawTensor<'_>) -> Result<Vec<f32>> {
-        let name = raw.name;
-        ensure!(
-            raw.shape.len() == 2,
-            "FP8 tensor {name} must be 2-D (rows x cols), got shape {:?}",
-            raw.shape
-        );
-        let block = self.fp8_block.with_context(|| {
-            format!(
-                "tensor {name} is FP8 but config.json has no quantization_config.weight_block_size"
-            )
-        })?;
-        let scale_rows = raw.shape[0].div_ceil(block[0]);
-        let scale_cols = raw.shape[1].div_ceil(block[1]);
-        self.read_f32(&format!("{name}_scale_inv"), &[scale_rows, scale_cols])
-            .with_context(|| format!("scales of FP8 tensor {name}"))
     }
 
     /// Reads a 1-D or 2-D tensor that must be stored in F32 (e.g. `e_score_correction_bias`)
     /// or any float dtype; the shape is checked.
     pub fn read_vec(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         self.read_f32(name, &[len])
+    }
+}
+
+/// What a tensor with scales is called in errors.
+fn raw_kind(raw: &RawTensor<'_>) -> &'static str {
+    match WeightFormat::of_dtype(raw.dtype) {
+        Some(WeightFormat::Fp8) => "FP8",
+        _ => "quantized",
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use crate::kernels::{linear, swiglu, Matrix, ROW_INVARIANT_MAX};
 use crate::weights::checkpoint::{Checkpoint, StoredBytes};
 use crate::weights::format::WeightFormat;
+use crate::weights::scales::{ScaleType, ScaleView, Scales};
 use crate::weights::stored_dot::{self, StoredMatrix};
 
 /// A SwiGLU feed-forward block in compute form: `down(silu(gate(x)) * up(x))`.
@@ -78,8 +79,8 @@ pub struct OwnedTensor {
     pub shape: Vec<usize>,
     /// Owned (the host tier's copy) or mapped (a view of the checkpoint).
     pub bytes: StoredBytes,
-    /// FP8 block scales or int8/int4 group scales, when the tensor has them.
-    pub scales: Option<Vec<f32>>,
+    /// FP8 block scales or int8/int4 group scales, as stored, when the tensor has them.
+    pub scales: Option<Scales>,
 }
 
 /// A routed expert in storage format (e.g. FP8 bytes + scales): what the host tier holds.
@@ -103,8 +104,8 @@ impl ExpertBytes {
         Self::from_tensors(ckpt, prefix, OwnedTensor::read)
     }
 
-    /// Expert `expert` of decoder layer `layer` as views of the mapped checkpoint: nothing
-    /// copied but its scales.
+    /// Expert `expert` of decoder layer `layer` as views of the mapped checkpoint (its scales
+    /// too): nothing copied.
     pub fn map(ckpt: &Checkpoint, layer: usize, expert: u32) -> Result<Self> {
         Self::map_prefix(ckpt, &expert_prefix(layer, expert))
     }
@@ -187,7 +188,7 @@ impl ExpertBytes {
                 dtype: format.dtype(),
                 shape,
                 bytes: StoredBytes::Owned(bytes),
-                scales: (n_scales > 0).then(|| vec![scale; n_scales]),
+                scales: (n_scales > 0).then(|| synthetic_scales(format, scale, n_scales)),
             }
         };
         let e = Self::new(
@@ -234,7 +235,7 @@ impl ExpertBytes {
     pub fn storage_bytes(&self) -> usize {
         self.tensors
             .iter()
-            .map(|t| t.bytes.len() + t.scales.as_ref().map_or(0, |s| s.len() * 4))
+            .map(|t| t.bytes.len() + t.scales.as_ref().map_or(0, |s| s.bytes.len()))
             .sum()
     }
 
@@ -304,7 +305,7 @@ impl ExpertBytes {
         let m = StoredMatrix {
             format,
             bytes: &w.bytes,
-            scales: w.scales.as_deref().unwrap_or(&[]),
+            scales: w.scales.as_ref().map_or(ScaleView::NONE, Scales::view),
             rows: w.rows(),
             cols,
             fp8_block: self.fp8_block.unwrap_or([0, 0]),
@@ -329,7 +330,7 @@ impl ExpertBytes {
         let t = x.len() / k;
         let width = out.len() / t.max(1);
         let fp8 = match (w.format(), self.fp8_block, &w.scales) {
-            (Some(WeightFormat::Fp8), Some(block), Some(scales)) => Some((block, scales)),
+            (Some(WeightFormat::Fp8), Some(block), Some(scales)) => Some((block, scales.all_f32())),
             _ => None,
         };
         let step = match fp8 {
@@ -341,10 +342,10 @@ impl ExpertBytes {
         let mut decoded = Vec::new();
         for r0 in (0..w.rows()).step_by(step) {
             let r1 = (r0 + step).min(w.rows());
-            let rows = match fp8 {
+            let rows = match &fp8 {
                 Some((block, scales)) => {
                     decoded.resize((r1 - r0) * k, 0f32);
-                    decode_fp8_rows(&w.bytes, scales, k, block, r0..r1, &mut decoded)?;
+                    decode_fp8_rows(&w.bytes, scales, k, *block, r0..r1, &mut decoded)?;
                     &decoded[..]
                 }
                 None => {
@@ -401,7 +402,7 @@ impl OwnedTensor {
     /// Copies tensor `name` (and its FP8 block or int group scales) out of the checkpoint.
     pub fn read(ckpt: &Checkpoint, name: &str) -> Result<Self> {
         let raw = ckpt.raw(name)?;
-        let scales = ckpt.scales(&raw)?;
+        let scales = ckpt.stored_scales(&raw, false)?;
         Ok(Self {
             name: raw.name.to_owned(),
             dtype: raw.dtype,
@@ -411,10 +412,10 @@ impl OwnedTensor {
         })
     }
 
-    /// Tensor `name` as a view of the mapped checkpoint (its scales, small, as f32 copies).
+    /// Tensor `name` and its scales as views of the mapped checkpoint.
     pub fn map(ckpt: &Checkpoint, name: &str) -> Result<Self> {
         let (raw, bytes) = ckpt.mapped(name)?;
-        let scales = ckpt.scales(&raw)?;
+        let scales = ckpt.stored_scales(&raw, true)?;
         Ok(Self {
             name: raw.name.to_owned(),
             dtype: raw.dtype,
@@ -448,11 +449,11 @@ impl OwnedTensor {
                     "FP8 rows must start on a block ({r0} % {bm})"
                 );
                 let per_row = s.len() / rows.div_ceil(bm).max(1);
-                Some(&s[r0 / bm * per_row..r1.div_ceil(bm) * per_row])
+                Some(s.to_f32(r0 / bm * per_row..r1.div_ceil(bm) * per_row))
             }
             (Some(s), ..) => {
                 let per_row = s.len() / rows.max(1);
-                Some(&s[r0 * per_row..r1 * per_row])
+                Some(s.to_f32(r0 * per_row..r1 * per_row))
             }
         };
         let raw = crate::weights::checkpoint::RawTensor {
@@ -461,7 +462,19 @@ impl OwnedTensor {
             shape: &shape,
             bytes: &self.bytes[r0 * bytes_per_row..r1 * bytes_per_row],
         };
-        crate::weights::checkpoint::decode_f32(&raw, scales, fp8_block)
+        crate::weights::checkpoint::decode_f32(&raw, scales.as_deref(), fp8_block)
+    }
+}
+
+/// `n` synthetic scales of value `scale`, stored as the format's checkpoints store them (FP8:
+/// F32; moehost's int8/int4: F16).
+fn synthetic_scales(format: WeightFormat, scale: f32, n: usize) -> Scales {
+    match format {
+        WeightFormat::Fp8 => Scales::from_f32(&vec![scale; n]),
+        _ => Scales {
+            ty: ScaleType::F16,
+            bytes: half::f16::from_f32(scale).to_le_bytes().repeat(n).into(),
+        },
     }
 }
 
@@ -477,9 +490,17 @@ pub(crate) mod tests {
         let mut state = 0x2468_ace1_u32;
         let mut e = ExpertBytes::synthetic_int4(hidden, inter, &mut state);
         for (n, t) in e.tensors.iter_mut().enumerate() {
-            for (i, s) in t.scales.as_mut().unwrap().iter_mut().enumerate() {
-                *s = (1 + (i * 5 + n) % 11) as f32 / 700.0;
-            }
+            let s = t.scales.as_ref().unwrap();
+            assert_eq!(s.ty, ScaleType::F16, "moehost's int scales are F16");
+            let bytes: Vec<u8> = (0..s.len())
+                .flat_map(|i| {
+                    half::f16::from_f32((1 + (i * 5 + n) % 11) as f32 / 700.0).to_le_bytes()
+                })
+                .collect();
+            t.scales = Some(Scales {
+                ty: ScaleType::F16,
+                bytes: bytes.into(),
+            });
         }
         let reference = e.to_ffn().unwrap();
         streams_with_the_bits_of(&e, &reference, hidden, &[1, 4]);
@@ -514,13 +535,15 @@ pub(crate) mod tests {
         let mut state = 0x1357_9bdf_u32;
         let mut e = ExpertBytes::synthetic_fp8(hidden, inter, &mut state);
         for (n, t) in e.tensors.iter_mut().enumerate() {
-            for (i, s) in t.scales.as_mut().unwrap().iter_mut().enumerate() {
-                *s = (1 + (i * 7 + n) % 13) as f32 / 3000.0;
-            }
+            let count = t.scales.as_ref().unwrap().len();
+            let s: Vec<f32> = (0..count)
+                .map(|i| (1 + (i * 7 + n) % 13) as f32 / 3000.0)
+                .collect();
+            t.scales = Some(Scales::from_f32(&s));
         }
         let table = |t: &OwnedTensor| -> Vec<f32> {
             let (rows, cols) = (t.shape[0], t.shape[1]);
-            let sc = t.scales.as_ref().unwrap();
+            let sc = t.scales.as_ref().unwrap().all_f32();
             (0..rows * cols)
                 .map(|at| {
                     let (r, c) = (at / cols, at % cols);

@@ -8,4 +8,5 @@ pub mod ffn;
 pub mod format;
 pub mod fp8;
 pub mod quant;
+pub mod scales;
 pub mod stored_dot;

@@ -23,6 +23,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::weights::format::WeightFormat;
+use crate::weights::scales::ScaleView;
 
 /// One stored weight matrix `[rows, cols]` as the kernels read it.
 #[derive(Clone, Copy)]
@@ -31,8 +32,8 @@ pub struct StoredMatrix<'a> {
     /// Row-major storage (int4: `cols / 2` bytes a row).
     pub bytes: &'a [u8],
     /// FP8: `[ceil(rows / br), ceil(cols / bc)]` block scales; int8/int4: `[rows, cols / 32]`;
-    /// bf16: none.
-    pub scales: &'a [f32],
+    /// bf16: none. As stored (F32, F16 or BF16).
+    pub scales: ScaleView<'a>,
     pub rows: usize,
     pub cols: usize,
     /// FP8 block `[br, bc]` (ignored otherwise).
@@ -64,7 +65,7 @@ impl StoredMatrix<'_> {
                     && bc.is_multiple_of(32)
                     && self.bytes.len() >= r * c
                     && self.scales.len() >= scales
-                    && self.scales.iter().all(|s| (s * 256.0).is_finite())
+                    && (0..scales).all(|i| (self.scales.get(i) * 256.0).is_finite())
             }
             WeightFormat::Int4 => self.bytes.len() >= r * c / 2 && self.scales.len() >= scales,
             WeightFormat::Int8 => self.bytes.len() >= r * c && self.scales.len() >= scales,
@@ -173,6 +174,41 @@ mod avx512 {
 
     use super::StoredMatrix;
     use crate::weights::format::WeightFormat;
+    use crate::weights::scales::ScaleType;
+
+    /// How the kernels read one stored scale type: a type parameter, so the inner loops hold
+    /// no branch on it.
+    trait ScaleRead {
+        /// Scale `i` of those at `at`, widened exactly, in every lane.
+        unsafe fn splat(at: *const u8, i: usize) -> __m512;
+    }
+
+    struct F32Scales;
+    struct F16Scales;
+    struct Bf16Scales;
+
+    impl ScaleRead for F32Scales {
+        #[inline(always)]
+        unsafe fn splat(at: *const u8, i: usize) -> __m512 {
+            _mm512_set1_ps((at as *const f32).add(i).read_unaligned())
+        }
+    }
+
+    impl ScaleRead for F16Scales {
+        #[inline(always)]
+        unsafe fn splat(at: *const u8, i: usize) -> __m512 {
+            let h = (at as *const u16).add(i).read_unaligned();
+            _mm512_cvtph_ps(_mm256_set1_epi16(h as i16))
+        }
+    }
+
+    impl ScaleRead for Bf16Scales {
+        #[inline(always)]
+        unsafe fn splat(at: *const u8, i: usize) -> __m512 {
+            let h = (at as *const u16).add(i).read_unaligned();
+            _mm512_castsi512_ps(_mm512_set1_epi32((h as i32) << 16))
+        }
+    }
 
     /// Bytes ahead of a row's current chunk to prefetch.
     const PREFETCH: usize = 1024;
@@ -197,17 +233,19 @@ mod avx512 {
         }
     }
 
-    struct Fp8 {
+    struct Fp8<S> {
         bytes: *const u8,
         cols: usize,
-        scales: *const f32,
+        scales: *const u8,
         scale_cols: usize,
         br: usize,
         bc: usize,
+        read: std::marker::PhantomData<S>,
     }
 
-    impl Decode for Fp8 {
-        type Row = (*const u8, *const f32);
+    impl<S: ScaleRead> Decode for Fp8<S> {
+        /// The row's bytes and the index of its block row's first scale.
+        type Row = (*const u8, usize);
 
         fn span(&self) -> usize {
             self.bc / 32
@@ -217,13 +255,17 @@ mod avx512 {
         unsafe fn row(&self, r: usize) -> Self::Row {
             (
                 self.bytes.add(r * self.cols),
-                self.scales.add((r / self.br) * self.scale_cols),
+                (r / self.br) * self.scale_cols,
             )
         }
 
         #[inline(always)]
         unsafe fn scale(&self, (_, s): Self::Row, c: usize) -> __m512 {
-            _mm512_set1_ps(*s.add(32 * c / self.bc) * 256.0)
+            // Times 256, a power of two: the bits of the scalar product.
+            _mm512_mul_ps(
+                S::splat(self.scales, s + 32 * c / self.bc),
+                _mm512_set1_ps(256.0),
+            )
         }
 
         #[inline(always)]
@@ -247,24 +289,25 @@ mod avx512 {
         }
     }
 
-    /// Group-wise formats' row: its bytes and its scales.
-    type GroupRow = (*const u8, *const f32);
+    /// Group-wise formats' row: its bytes and the index of its first scale.
+    type GroupRow = (*const u8, usize);
 
     /// A group-wise matrix (a scale per 32 columns).
-    struct Grouped {
+    struct Grouped<S> {
         bytes: *const u8,
         cols: usize,
-        scales: *const f32,
+        scales: *const u8,
+        read: std::marker::PhantomData<S>,
     }
 
-    struct Int4(Grouped);
+    struct Int4<S>(Grouped<S>);
 
     /// `q - 8` for each nibble value.
     const NIBBLE_VALUES: [f32; 16] = [
         -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
     ];
 
-    impl Decode for Int4 {
+    impl<S: ScaleRead> Decode for Int4<S> {
         type Row = GroupRow;
 
         fn span(&self) -> usize {
@@ -274,7 +317,7 @@ mod avx512 {
         #[inline(always)]
         unsafe fn row(&self, r: usize) -> Self::Row {
             let g = &self.0;
-            (g.bytes.add(r * g.cols / 2), g.scales.add(r * g.cols / 32))
+            (g.bytes.add(r * g.cols / 2), r * g.cols / 32)
         }
 
         #[inline(always)]
@@ -287,7 +330,7 @@ mod avx512 {
         unsafe fn scale(&self, (_, s): Self::Row, c: usize) -> __m512 {
             _mm512_mul_ps(
                 _mm512_loadu_ps(NIBBLE_VALUES.as_ptr()),
-                _mm512_set1_ps(*s.add(c)),
+                S::splat(self.0.scales, s + c),
             )
         }
 
@@ -316,9 +359,9 @@ mod avx512 {
         }
     }
 
-    struct Int8(Grouped);
+    struct Int8<S>(Grouped<S>);
 
-    impl Decode for Int8 {
+    impl<S: ScaleRead> Decode for Int8<S> {
         type Row = GroupRow;
 
         fn span(&self) -> usize {
@@ -328,12 +371,12 @@ mod avx512 {
         #[inline(always)]
         unsafe fn row(&self, r: usize) -> Self::Row {
             let g = &self.0;
-            (g.bytes.add(r * g.cols), g.scales.add(r * g.cols / 32))
+            (g.bytes.add(r * g.cols), r * g.cols / 32)
         }
 
         #[inline(always)]
         unsafe fn scale(&self, (_, s): Self::Row, c: usize) -> __m512 {
-            _mm512_set1_ps(*s.add(c))
+            S::splat(self.0.scales, s + c)
         }
 
         #[inline(always)]
@@ -403,28 +446,48 @@ mod avx512 {
         r0: usize,
         out: &mut [f32],
     ) {
-        let (bytes, cols, scales) = (m.bytes.as_ptr(), m.cols, m.scales.as_ptr());
-        let grouped = Grouped {
+        let (bytes, cols) = (m.bytes.as_ptr(), m.cols);
+        if m.format == WeightFormat::Bf16 {
+            return tiles(&Bf16 { bytes, cols }, x, t, cols, r0, out);
+        }
+        match m.scales.ty {
+            ScaleType::F32 => scaled::<F32Scales>(m, x, t, r0, out),
+            ScaleType::F16 => scaled::<F16Scales>(m, x, t, r0, out),
+            ScaleType::Bf16 => scaled::<Bf16Scales>(m, x, t, r0, out),
+        }
+    }
+
+    /// [`rows`] for a format with scales of type `S`.
+    unsafe fn scaled<S: ScaleRead>(
+        m: &StoredMatrix<'_>,
+        x: &[f32],
+        t: usize,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let (bytes, cols, scales) = (m.bytes.as_ptr(), m.cols, m.scales.bytes.as_ptr());
+        let grouped = Grouped::<S> {
             bytes,
             cols,
             scales,
+            read: std::marker::PhantomData,
         };
         match m.format {
             WeightFormat::Fp8 => {
                 let [br, bc] = m.fp8_block;
-                let d = Fp8 {
+                let d = Fp8::<S> {
                     bytes,
                     cols,
                     scales,
                     scale_cols: cols.div_ceil(bc),
                     br,
                     bc,
+                    read: std::marker::PhantomData,
                 };
                 tiles(&d, x, t, cols, r0, out)
             }
             WeightFormat::Int4 => tiles(&Int4(grouped), x, t, cols, r0, out),
             WeightFormat::Int8 => tiles(&Int8(grouped), x, t, cols, r0, out),
-            WeightFormat::Bf16 => tiles(&Bf16 { bytes, cols }, x, t, cols, r0, out),
             f => unreachable!("fused() does not serve {}", f.name()),
         }
     }
@@ -557,6 +620,7 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::weights::checkpoint::{decode_f32, RawTensor};
+    use crate::weights::scales::{ScaleType, Scales};
 
     /// xorshift32.
     fn next(s: &mut u32) -> u32 {
@@ -567,14 +631,15 @@ mod tests {
     }
 
     /// A matrix of `format` at `[rows, cols]` from pseudo-random bytes (no FP8 NaN codes) and
-    /// varied scales: its bytes, scales and the reference decoder's values.
+    /// varied scales stored as `ty`: its bytes, scales and the reference decoder's values.
     fn matrix(
         format: WeightFormat,
         rows: usize,
         cols: usize,
         block: [usize; 2],
+        ty: ScaleType,
         s: &mut u32,
-    ) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+    ) -> (Vec<u8>, Scales, Vec<f32>) {
         let stored = format.stored_shape(&[rows, cols]);
         let n_bytes = stored.iter().product::<usize>() * format.dtype().bitsize() / 8;
         let mut bytes: Vec<u8> = (0..n_bytes).map(|_| next(s) as u8).collect();
@@ -591,23 +656,44 @@ mod tests {
             _ => {}
         }
         let n_scales = format.scale_count(rows, cols, block);
-        let scales: Vec<f32> = (0..n_scales)
+        let wide: Vec<f32> = (0..n_scales)
             .map(|_| (1 + next(s) % 997) as f32 / 3.1e5)
             .collect();
+        let scales = Scales {
+            ty,
+            bytes: match ty {
+                ScaleType::F32 => wide
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<_>>(),
+                ScaleType::F16 => wide
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                ScaleType::Bf16 => wide
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            }
+            .into(),
+        };
+        // The reference decoder takes the stored scales widened.
+        let scales_f32 = scales.all_f32();
         let raw = RawTensor {
             name: "w",
             dtype: format.dtype(),
             shape: &stored,
             bytes: &bytes,
         };
-        let scaled = (n_scales > 0).then_some(&scales[..]);
+        let scaled = (n_scales > 0).then_some(&scales_f32[..]);
         let values = decode_f32(&raw, scaled, Some(block)).unwrap();
         (bytes, scales, values)
     }
 
-    /// Every format, at shapes with ragged FP8 blocks and row counts that leave remainders,
-    /// for 1..=9 and 13 input rows and a row range not starting at 0: each output is the bits
-    /// of `kernels::dot` over the reference decoder's row.
+    /// Every format with its scales stored as F32, F16 or BF16, at shapes with ragged FP8 blocks
+    /// and row counts that leave remainders, for 1..=9 and 13 input rows and a row range not
+    /// starting at 0: each output is the bits of `kernels::dot` over the reference decoder's
+    /// row.
     #[test]
     fn every_format_gives_dot_over_the_decoded_rows() {
         if !cpu_has_avx512() {
@@ -621,18 +707,22 @@ mod tests {
             WeightFormat::Int8,
             WeightFormat::Bf16,
         ] {
-            for (rows, cols, block) in [(19, 96, [8, 32]), (37, 320, [16, 64]), (8, 32, [128, 128])]
-            {
-                let (bytes, scales, values) = matrix(format, rows, cols, block, &mut s);
+            for ((rows, cols, block), ty) in [
+                ((19, 96, [8, 32]), ScaleType::F32),
+                ((37, 320, [16, 64]), ScaleType::F16),
+                ((8, 32, [128, 128]), ScaleType::Bf16),
+                ((21, 64, [4, 32]), ScaleType::F16),
+            ] {
+                let (bytes, scales, values) = matrix(format, rows, cols, block, ty, &mut s);
                 let m = StoredMatrix {
                     format,
                     bytes: &bytes,
-                    scales: &scales,
+                    scales: scales.view(),
                     rows,
                     cols,
                     fp8_block: block,
                 };
-                assert!(m.fused(), "{} {rows}x{cols}", format.name());
+                assert!(m.fused(), "{} {rows}x{cols} {ty:?}", format.name());
                 for t in (1..=9).chain([13]) {
                     let x: Vec<f32> = (0..t * cols)
                         .map(|_| (next(&mut s) % 2001) as f32 / 1000.0 - 1.0)
@@ -651,7 +741,7 @@ mod tests {
                             assert_eq!(
                                 got.to_bits(),
                                 want.to_bits(),
-                                "{} {rows}x{cols}, {t} inputs, row {r} input {j}: {got} vs {want}",
+                                "{} {rows}x{cols} {ty:?}, {t} inputs, row {r} input {j}: {got} vs {want}",
                                 format.name()
                             );
                         }
@@ -666,11 +756,11 @@ mod tests {
     #[test]
     fn ragged_columns_and_split_chunks_are_not_fused() {
         let bytes = vec![0u8; 64 * 48];
-        let scales = vec![1.0f32; 64];
+        let scales = Scales::from_f32(&[1.0f32; 64]);
         let m = |format, cols, block| StoredMatrix {
             format,
             bytes: &bytes,
-            scales: &scales,
+            scales: scales.view(),
             rows: 8,
             cols,
             fp8_block: block,
