@@ -416,12 +416,64 @@ pub fn linear<W: Weight>(x: &[f32], w: &[W], k: usize, out: &mut [f32]) {
     } else if t <= ROW_INVARIANT_MAX {
         rows_dot(x, t, w, n, k, out);
     } else if let Some(w) = W::as_f32(w) {
-        gemm_xwt(x, t, w, n, k, out);
+        gemm_xwt(x, t, w, n, k, out.as_mut_ptr(), n);
     } else {
-        // Long prefills only: gemm wants f32.
-        let w: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-        gemm_xwt(x, t, &w, n, k, out);
+        // Long prefills only: gemm wants f32, so rows are widened a block at a time.
+        gemm_decoded(x, k, n, out, n, 0, 1, |rows, buf| {
+            for (b, v) in buf.iter_mut().zip(&w[rows.start * k..rows.end * k]) {
+                *b = v.to_f32();
+            }
+            Ok(())
+        })
+        .expect("widening cannot fail");
     }
+}
+
+/// Weight rows decoded at a time for a long prefill's GEMM (at least this many, so no block
+/// falls to gemm's small-matrix kernels).
+const GEMM_BLOCK_ROWS: usize = 256;
+
+/// `out[:, col..col + n] = x @ w^T` (`out` being `[t, width]`) for `t > ROW_INVARIANT_MAX`,
+/// `w`'s `n` rows of `k` decoded to f32 a block at a time by `decode(rows, buf)` (each block
+/// starting on a multiple of `align` rows), so a long prefill never holds a widened matrix.
+///
+/// The bits of one GEMM over the whole decoded matrix: gemm blocks `k` by `k` alone and each
+/// output is one chain of FMAs over it, whichever columns it shares a call with; every block
+/// spans `GEMM_BLOCK_ROWS` rows or more (or all `n`), above gemm's small-matrix kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_decoded(
+    x: &[f32],
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+    width: usize,
+    col: usize,
+    align: usize,
+    mut decode: impl FnMut(std::ops::Range<usize>, &mut [f32]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let t = x.len() / k;
+    assert!(t > ROW_INVARIANT_MAX && col + n <= width && out.len() >= t * width);
+    let step = GEMM_BLOCK_ROWS.div_ceil(align.max(1)) * align.max(1);
+    let mut buf = vec![0f32; (2 * step).min(n) * k];
+    let mut r0 = 0;
+    while r0 < n {
+        // A short tail joins the block before it.
+        let r1 = if n - r0 < 2 * step { n } else { r0 + step };
+        let w = &mut buf[..(r1 - r0) * k];
+        decode(r0..r1, w)?;
+        // SAFETY: `out` holds t rows of `width`; columns col + r0..col + r1 lie inside them.
+        gemm_xwt(
+            x,
+            t,
+            w,
+            r1 - r0,
+            k,
+            unsafe { out.as_mut_ptr().add(col + r0) },
+            width,
+        );
+        r0 = r1;
+    }
+    Ok(())
 }
 
 /// `out[i, r] = dot(w[r, :], x[i, :])` for a few rows: each weight row is loaded once and
@@ -573,23 +625,26 @@ pub fn grouped_rows(
     }
 }
 
-/// `out = x @ w^T` through the gemm crate (the engine under candle's CPU matmul).
-fn gemm_xwt(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32]) {
+/// `out = x @ w^T` through the gemm crate (the engine under candle's CPU matmul), `out`
+/// pointing at `[t, n]` values whose rows are `out_stride` apart.
+fn gemm_xwt(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: *mut f32, out_stride: usize) {
     let par = if t * n * k >= PAR_MIN_WORK * 4 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the pointers cover t*k, n*k and t*n elements (asserted by the caller's
-    // shapes); strides describe row-major x, transposed row-major w and row-major out.
+    debug_assert!(x.len() >= t * k && w.len() >= n * k && out_stride >= n);
+    // SAFETY: x and w cover t*k and n*k elements; the callers' `out` covers t rows of
+    // `out_stride` from which the n columns are written; strides describe row-major x,
+    // transposed row-major w and row-major out.
     unsafe {
         gemm::gemm(
             t,
             n,
             k,
-            out.as_mut_ptr(),
+            out,
             1,
-            n as isize,
+            out_stride as isize,
             false,
             x.as_ptr(),
             1,
@@ -928,6 +983,58 @@ mod tests {
                 linear(&x[r * k..(r + 1) * k], &w, k, &mut one);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&out[r * n..(r + 1) * n]), bits(&one), "t {t} row {r}");
+            }
+        }
+    }
+
+    /// A long prefill's GEMM over weights decoded a block of rows at a time, written into a
+    /// column range of a wider output, has the bits of one GEMM over the whole decoded
+    /// matrix: at widths with and without a short tail, FP8-style aligned blocks, one and two
+    /// threads.
+    #[test]
+    fn blocked_gemm_has_the_bits_of_the_whole_one() {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (t, n, k, align) in [
+            (65, 300, 96, 1),
+            (100, 700, 160, 128),
+            (130, 1031, 64, 1),
+            (70, 515, 2048, 128),
+        ] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 1013) as f32 / 517.0 - 1.0)
+                .collect();
+            let x: Vec<f32> = (0..t * k)
+                .map(|i| ((i * 104_729) % 997) as f32 / 333.0 - 1.5)
+                .collect();
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut whole = vec![0f32; t * n];
+                pool.install(|| gemm_xwt(&x, t, &w, n, k, whole.as_mut_ptr(), n));
+                let (width, col) = (n + 5, 3);
+                let mut blocked = vec![f32::NAN; t * width];
+                let mut blocks = 0;
+                pool.install(|| {
+                    gemm_decoded(&x, k, n, &mut blocked, width, col, align, |rows, buf| {
+                        assert!(rows.start % align == 0 && rows.len() >= n.min(GEMM_BLOCK_ROWS));
+                        buf.copy_from_slice(&w[rows.start * k..rows.end * k]);
+                        blocks += 1;
+                        Ok(())
+                    })
+                })
+                .unwrap();
+                assert!(blocks >= 1 + usize::from(n >= 2 * GEMM_BLOCK_ROWS));
+                for r in 0..t {
+                    let row = &blocked[r * width..(r + 1) * width];
+                    assert_eq!(
+                        bits(&row[col..col + n]),
+                        bits(&whole[r * n..(r + 1) * n]),
+                        "t {t} n {n} k {k} threads {threads} row {r}"
+                    );
+                    assert!(row[..col].iter().chain(&row[col + n..]).all(|v| v.is_nan()));
+                }
             }
         }
     }

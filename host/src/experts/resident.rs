@@ -119,7 +119,7 @@ mod tests {
             b,
             &reference,
             cfg.hidden_size,
-            &[1, 3, 8],
+            &[1, 3, 8, 80],
         );
     }
 }

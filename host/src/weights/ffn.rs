@@ -257,24 +257,48 @@ impl ExpertBytes {
         })
     }
 
-    /// `FfnWeights::forward` computed straight from the storage format, bit for bit: weights
-    /// are decoded a block of rows at a time into a small buffer (never the whole expert) and
-    /// each output is the same per-row dot product the compute form runs. Above
-    /// `ROW_INVARIANT_MAX` rows the kernels switch to a blocked GEMM whose sums depend on the
-    /// matrix shape, so there the expert is decoded whole (still without being cached).
+    /// `FfnWeights::forward` computed straight from the storage format, bit for bit: each
+    /// output is the same per-row dot product the compute form runs (through `stored_dot`'s
+    /// kernels, or rows decoded a block at a time into a small buffer). Above
+    /// `ROW_INVARIANT_MAX` rows, the compute form's GEMM over blocks of decoded rows
+    /// (`kernels::gemm_decoded`): never the whole expert widened.
     pub fn forward(&self, x: &[f32], hidden: usize, out: &mut [f32]) -> Result<()> {
         let t = x.len() / hidden;
-        if t > ROW_INVARIANT_MAX {
-            self.to_ffn()?.forward(x, hidden, out);
-            return Ok(());
-        }
         let i = self.tensors[0].rows();
         let mut gu = vec![0f32; t * 2 * i];
+        let mut act = vec![0f32; t * i];
+        if t > ROW_INVARIANT_MAX {
+            self.gemm_stored(0, x, hidden, &mut gu, 0)?;
+            self.gemm_stored(1, x, hidden, &mut gu, i)?;
+            swiglu(&gu, i, &mut act);
+            return self.gemm_stored(2, &act, i, out, 0);
+        }
         self.linear_stored(0, x, hidden, &mut gu, 0)?;
         self.linear_stored(1, x, hidden, &mut gu, i)?;
-        let mut act = vec![0f32; t * i];
         swiglu(&gu, i, &mut act);
         self.linear_stored(2, &act, i, out, 0)
+    }
+
+    /// [`Self::linear_stored`] for more than `ROW_INVARIANT_MAX` rows: a GEMM over blocks of
+    /// decoded rows (aligned to FP8's block rows).
+    fn gemm_stored(
+        &self,
+        n: usize,
+        x: &[f32],
+        k: usize,
+        out: &mut [f32],
+        col: usize,
+    ) -> Result<()> {
+        let w = &self.tensors[n];
+        let width = out.len() / (x.len() / k).max(1);
+        let align = match (w.format(), self.fp8_block) {
+            (Some(WeightFormat::Fp8), Some([br, _])) => br,
+            _ => 1,
+        };
+        crate::kernels::gemm_decoded(x, k, w.rows(), out, width, col, align, |rows, buf| {
+            buf.copy_from_slice(&w.decode_rows(rows.start, rows.end, self.fp8_block)?);
+            Ok(())
+        })
     }
 
     /// `out[:, col..col + rows(w)] = x @ w^T` for tensor `n` (`out` being `[t, width]`):
@@ -503,7 +527,20 @@ pub(crate) mod tests {
             });
         }
         let reference = e.to_ffn().unwrap();
-        streams_with_the_bits_of(&e, &reference, hidden, &[1, 4]);
+        streams_with_the_bits_of(&e, &reference, hidden, &[1, 4, 70]);
+    }
+
+    /// A long prefill over an int8 expert, its rows decoded a block at a time (more than one
+    /// block, with a tail), gives the bits of the compute form's GEMM over the whole widened
+    /// matrices.
+    #[test]
+    fn long_prefills_from_storage_have_the_compute_forms_bits() {
+        let (hidden, inter) = (64, 544);
+        let mut state = 0x0bad_cafe_u32;
+        let e = ExpertBytes::synthetic(WeightFormat::Int8, hidden, inter, &mut state);
+        let reference = e.to_ffn().unwrap();
+        assert!(matches!(reference.gate_up, Matrix::F32(_)));
+        streams_with_the_bits_of(&e, &reference, hidden, &[65, 130]);
     }
 
     /// `e` run from its storage format gives `reference`'s bits at each token count.
@@ -559,6 +596,6 @@ pub(crate) mod tests {
             down: Matrix::F32(table(&e.tensors[2])),
             intermediate: inter,
         };
-        streams_with_the_bits_of(&e, &reference, hidden, &[1, 3]);
+        streams_with_the_bits_of(&e, &reference, hidden, &[1, 3, 67]);
     }
 }

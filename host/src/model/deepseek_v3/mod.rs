@@ -18,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use crate::experts::{ExpertProvider, ExpertWeights, FfnWeights, LayerStep};
+use crate::experts::{ExpertProvider, ExpertWeights, LayerStep};
 use crate::kernels::{
     self, axpy, dots_one_input, grouped_rows, linear, rms_norm, rms_norm_inplace, softmax_inplace,
 };
@@ -218,23 +218,23 @@ impl DeepseekV3 {
                     norm_topk_prob: cfg.norm_topk_prob,
                 };
                 let shared = if cfg.n_shared_experts > 0 {
-                    Some(ExpertWeights::Compute(Arc::new(FfnWeights::load(
+                    Some(ExpertWeights::for_cpu(
                         ckpt,
                         &format!("{p}.mlp.shared_experts"),
                         h,
                         cfg.moe_intermediate_size * cfg.n_shared_experts,
-                    )?)))
+                    )?)
                 } else {
                     None
                 };
                 Ffn::Moe(Box::new(Moe { gate, shared }))
             } else {
-                Ffn::Dense(ExpertWeights::Compute(Arc::new(FfnWeights::load(
+                Ffn::Dense(ExpertWeights::for_cpu(
                     ckpt,
                     &format!("{p}.mlp"),
                     h,
                     cfg.intermediate_size,
-                )?)))
+                )?)
             };
             layers.push(Layer {
                 input_norm: ckpt.read_vec(&format!("{p}.input_layernorm.weight"), h)?,
@@ -298,7 +298,7 @@ impl DeepseekV3 {
                 ),
             };
             if let Some(w) = slot {
-                if let ExpertWeights::Compute(_) = w {
+                if !matches!(w, ExpertWeights::Gpu(_)) {
                     // As stored, like the routed experts: the same values the CPU decoded.
                     let stored = crate::experts::ExpertBytes::read_prefix(ckpt, &prefix)?;
                     let g = crate::gpu::GpuExpert::upload_stored(gpu, &stored)?;
