@@ -8,7 +8,7 @@
 use anyhow::Result;
 use std::sync::OnceLock;
 
-use crate::kernels::{linear, swiglu, Matrix, ROW_INVARIANT_MAX};
+use crate::kernels::{linear, swiglu, Matrix, Weight, ROW_INVARIANT_MAX};
 use crate::weights::checkpoint::{Checkpoint, StoredBytes};
 use crate::weights::format::WeightFormat;
 use crate::weights::scales::{ScaleType, ScaleView, Scales};
@@ -257,134 +257,141 @@ impl ExpertBytes {
         })
     }
 
-    /// `FfnWeights::forward` computed straight from the storage format, bit for bit: each
-    /// output is the same per-row dot product the compute form runs (through `stored_dot`'s
-    /// kernels, or rows decoded a block at a time into a small buffer). Above
-    /// `ROW_INVARIANT_MAX` rows, the compute form's GEMM over blocks of decoded rows
-    /// (`kernels::gemm_decoded`): never the whole expert widened.
+    /// `FfnWeights::forward` computed straight from the storage format, bit for bit (see
+    /// [`OwnedTensor::linear_into`]): never the whole expert widened.
     pub fn forward(&self, x: &[f32], hidden: usize, out: &mut [f32]) -> Result<()> {
         let t = x.len() / hidden;
         let i = self.tensors[0].rows();
         let mut gu = vec![0f32; t * 2 * i];
+        self.linear(0, x, hidden, &mut gu, 0)?;
+        self.linear(1, x, hidden, &mut gu, i)?;
         let mut act = vec![0f32; t * i];
-        if t > ROW_INVARIANT_MAX {
-            self.gemm_stored(0, x, hidden, &mut gu, 0)?;
-            self.gemm_stored(1, x, hidden, &mut gu, i)?;
-            swiglu(&gu, i, &mut act);
-            return self.gemm_stored(2, &act, i, out, 0);
-        }
-        self.linear_stored(0, x, hidden, &mut gu, 0)?;
-        self.linear_stored(1, x, hidden, &mut gu, i)?;
         swiglu(&gu, i, &mut act);
-        self.linear_stored(2, &act, i, out, 0)
+        self.linear(2, &act, i, out, 0)
     }
 
-    /// [`Self::linear_stored`] for more than `ROW_INVARIANT_MAX` rows: a GEMM over blocks of
-    /// decoded rows (aligned to FP8's block rows).
-    fn gemm_stored(
-        &self,
-        n: usize,
-        x: &[f32],
-        k: usize,
-        out: &mut [f32],
-        col: usize,
-    ) -> Result<()> {
-        let w = &self.tensors[n];
-        let width = out.len() / (x.len() / k).max(1);
-        let align = match (w.format(), self.fp8_block) {
-            (Some(WeightFormat::Fp8), Some([br, _])) => br,
-            _ => 1,
-        };
-        crate::kernels::gemm_decoded(x, k, w.rows(), out, width, col, align, |rows, buf| {
-            buf.copy_from_slice(&w.decode_rows(rows.start, rows.end, self.fp8_block)?);
-            Ok(())
-        })
-    }
-
-    /// `out[:, col..col + rows(w)] = x @ w^T` for tensor `n` (`out` being `[t, width]`):
-    /// through `stored_dot`'s kernels, which read each stored byte once, where they serve the
-    /// matrix; otherwise decoding blocks of rows first. The same bits either way.
-    fn linear_stored(
-        &self,
-        n: usize,
-        x: &[f32],
-        k: usize,
-        out: &mut [f32],
-        col: usize,
-    ) -> Result<()> {
-        let w = &self.tensors[n];
-        if let Some(m) = self.fused(n).filter(|m| m.cols == k) {
-            let width = out.len() / (x.len() / k).max(1);
-            m.linear(x, 0..m.rows, out, width, col);
-            return Ok(());
-        }
-        self.linear_streamed(w, x, k, out, col)
+    /// `out[:, col..col + rows(w)] = x @ w^T` for tensor `n` (`out` being `[t, width]`).
+    fn linear(&self, n: usize, x: &[f32], k: usize, out: &mut [f32], col: usize) -> Result<()> {
+        self.tensors[n].linear_into(x, k, out, col, self.fp8_block, &self.fp8_nan[n])
     }
 
     /// Tensor `n` as `stored_dot` reads it, when its kernels serve it here.
     fn fused(&self, n: usize) -> Option<StoredMatrix<'_>> {
-        let w = &self.tensors[n];
-        let format = w.format()?;
-        let cols = *crate::weights::format::logical_shape(w.dtype, &w.shape).get(1)?;
-        let m = StoredMatrix {
-            format,
-            bytes: &w.bytes,
-            scales: w.scales.as_ref().map_or(ScaleView::NONE, Scales::view),
-            rows: w.rows(),
-            cols,
-            fp8_block: self.fp8_block.unwrap_or([0, 0]),
-        };
-        let nan = || {
-            format == WeightFormat::Fp8
-                && *self.fp8_nan[n].get_or_init(|| stored_dot::has_fp8_nan(&w.bytes))
-        };
-        (m.fused() && !nan()).then_some(m)
+        self.tensors[n].fused(self.fp8_block, &self.fp8_nan[n])
+    }
+}
+
+/// One weight matrix computed where it lies (a view of the mapped checkpoint): what the CPU
+/// runs for attention's projections, the output head and the embedding table when
+/// `stored_dot`'s kernels serve their format here.
+pub struct StoredLinear {
+    pub tensor: OwnedTensor,
+    fp8_block: Option<[usize; 2]>,
+    fp8_nan: OnceLock<bool>,
+}
+
+impl StoredLinear {
+    /// Tensor `name` (logical shape `shape`) as a view of the checkpoint.
+    pub fn map(ckpt: &Checkpoint, name: &str, shape: [usize; 2]) -> Result<Self> {
+        let tensor = OwnedTensor::map(ckpt, name)?;
+        let logical = crate::weights::format::logical_shape(tensor.dtype, &tensor.shape);
+        anyhow::ensure!(
+            logical == shape,
+            "tensor {name} has shape {logical:?}, expected {shape:?} from config.json"
+        );
+        Ok(Self {
+            tensor,
+            fp8_block: ckpt.fp8_block(),
+            fp8_nan: OnceLock::new(),
+        })
     }
 
-    /// `out[:, col..col + rows(w)] = x @ w^T`, `out` being `[t, width]`, decoding `w` in
-    /// blocks of rows aligned to the FP8 scale blocks.
-    fn linear_streamed(
-        &self,
-        w: &OwnedTensor,
-        x: &[f32],
-        k: usize,
-        out: &mut [f32],
-        col: usize,
-    ) -> Result<()> {
-        let t = x.len() / k;
-        let width = out.len() / t.max(1);
-        let fp8 = match (w.format(), self.fp8_block, &w.scales) {
-            (Some(WeightFormat::Fp8), Some(block), Some(scales)) => Some((block, scales.all_f32())),
-            _ => None,
+    /// Whether the kernels compute it as stored on this CPU.
+    pub fn runs_stored(&self) -> bool {
+        self.tensor.fused(self.fp8_block, &self.fp8_nan).is_some()
+    }
+
+    /// Columns (`in_features`).
+    pub fn cols(&self) -> usize {
+        crate::weights::format::logical_shape(self.tensor.dtype, &self.tensor.shape)[1]
+    }
+
+    pub fn fp8_block(&self) -> Option<[usize; 2]> {
+        self.fp8_block
+    }
+
+    /// `out = x @ w^T` (`x` `[t, cols]`, `out` `[t, rows]`): the bits of `kernels::linear`
+    /// over the decoded matrix.
+    pub fn linear(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        let k = self.cols();
+        self.tensor
+            .linear_into(x, k, out, 0, self.fp8_block, &self.fp8_nan)
+    }
+
+    /// Row `r`, decoded (an embedding lookup).
+    pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        // FP8 decodes whole scale blocks of rows.
+        let r0 = match (self.tensor.format(), self.fp8_block) {
+            (Some(WeightFormat::Fp8), Some([br, _])) => r / br * br,
+            _ => r,
         };
-        let step = match fp8 {
-            // A few rows at a time, decoded into one buffer that stays in cache for the dots.
-            Some(_) => FP8_STREAM_ROWS,
-            None => STREAM_ROWS,
-        };
-        let mut part = Vec::new();
-        let mut decoded = Vec::new();
-        for r0 in (0..w.rows()).step_by(step) {
-            let r1 = (r0 + step).min(w.rows());
-            let rows = match &fp8 {
-                Some((block, scales)) => {
-                    decoded.resize((r1 - r0) * k, 0f32);
-                    decode_fp8_rows(&w.bytes, scales, k, *block, r0..r1, &mut decoded)?;
-                    &decoded[..]
-                }
-                None => {
-                    decoded = w.decode_rows(r0, r1, self.fp8_block)?;
-                    &decoded[..]
-                }
-            };
-            part.clear();
-            part.resize(t * (r1 - r0), 0.0);
-            linear(x, rows, k, &mut part);
-            for (o, p) in out.chunks_exact_mut(width).zip(part.chunks_exact(r1 - r0)) {
-                o[col + r0..col + r1].copy_from_slice(p);
+        let rows = self.tensor.decode_rows(r0, r + 1, self.fp8_block)?;
+        out.copy_from_slice(&rows[(r - r0) * out.len()..]);
+        Ok(())
+    }
+}
+
+/// A weight matrix the CPU runs: as stored where the kernels read its format here, else its
+/// compute form (the same bits either way).
+pub enum HostMatrix {
+    Stored(Box<StoredLinear>),
+    Compute(Matrix),
+}
+
+impl HostMatrix {
+    /// Checkpoint tensor `name` of logical shape `[n, k]`.
+    pub fn load(ckpt: &Checkpoint, name: &str, shape: [usize; 2]) -> Result<Self> {
+        let stored = StoredLinear::map(ckpt, name, shape)?;
+        if stored.runs_stored() {
+            return Ok(HostMatrix::Stored(Box::new(stored)));
+        }
+        Ok(HostMatrix::Compute(ckpt.read_matrix(name, &shape)?))
+    }
+
+    /// `out = x @ w^T` for `x` `[t, k]`.
+    pub fn linear(&self, x: &[f32], k: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            HostMatrix::Stored(w) => w.linear(x, out),
+            HostMatrix::Compute(w) => {
+                w.linear(x, k, out);
+                Ok(())
             }
         }
-        Ok(())
+    }
+
+    /// Row `r` of `k` values, decoded.
+    pub fn row(&self, r: usize, k: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            HostMatrix::Stored(w) => w.row(r, out),
+            HostMatrix::Compute(Matrix::F32(w)) => {
+                out.copy_from_slice(&w[r * k..(r + 1) * k]);
+                Ok(())
+            }
+            HostMatrix::Compute(Matrix::Bf16(w)) => {
+                for (o, v) in out.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+                    *o = v.to_f32();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The matrix as f32 (a GPU upload of a format its kernels do not read).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        match self {
+            HostMatrix::Stored(w) => w.tensor.decode_rows(0, w.tensor.rows(), w.fp8_block),
+            HostMatrix::Compute(m) => Ok(m.to_f32().into_owned()),
+        }
     }
 }
 
@@ -447,6 +454,118 @@ impl OwnedTensor {
             bytes,
             scales,
         })
+    }
+
+    /// This tensor as `stored_dot` reads it, when its kernels serve it here (`nan` holds
+    /// whether FP8 bytes hold a NaN code, scanned the first time).
+    fn fused(
+        &self,
+        fp8_block: Option<[usize; 2]>,
+        nan: &OnceLock<bool>,
+    ) -> Option<StoredMatrix<'_>> {
+        let format = self.format()?;
+        let cols = *crate::weights::format::logical_shape(self.dtype, &self.shape).get(1)?;
+        let m = StoredMatrix {
+            format,
+            bytes: &self.bytes,
+            scales: self.scales.as_ref().map_or(ScaleView::NONE, Scales::view),
+            rows: self.rows(),
+            cols,
+            fp8_block: fp8_block.unwrap_or([0, 0]),
+        };
+        let has_nan = || {
+            format == WeightFormat::Fp8 && *nan.get_or_init(|| stored_dot::has_fp8_nan(&self.bytes))
+        };
+        (m.fused() && !has_nan()).then_some(m)
+    }
+
+    /// `out[:, col..col + rows] = x @ w^T` (`out` being `[t, width]`, `x` `[t, k]`) from the
+    /// stored bytes, with the bits of `kernels::linear` over the decoded matrix:
+    /// - up to `ROW_INVARIANT_MAX` rows each output is `kernels::dot` of a decoded row and an
+    ///   input, through `stored_dot`'s kernels where they serve the matrix, else over rows
+    ///   decoded a block at a time;
+    /// - above, `kernels::gemm_decoded` over blocks of decoded rows (aligned to FP8's blocks).
+    pub fn linear_into(
+        &self,
+        x: &[f32],
+        k: usize,
+        out: &mut [f32],
+        col: usize,
+        fp8_block: Option<[usize; 2]>,
+        nan: &OnceLock<bool>,
+    ) -> Result<()> {
+        let t = x.len() / k;
+        let width = out.len() / t.max(1);
+        if t > ROW_INVARIANT_MAX {
+            let align = match (self.format(), fp8_block) {
+                (Some(WeightFormat::Fp8), Some([br, _])) => br,
+                _ => 1,
+            };
+            return crate::kernels::gemm_decoded(
+                x,
+                k,
+                self.rows(),
+                out,
+                width,
+                col,
+                align,
+                |r, buf| {
+                    buf.copy_from_slice(&self.decode_rows(r.start, r.end, fp8_block)?);
+                    Ok(())
+                },
+            );
+        }
+        if let Some(m) = self.fused(fp8_block, nan).filter(|m| m.cols == k) {
+            m.linear(x, 0..m.rows, out, width, col);
+            return Ok(());
+        }
+        self.linear_streamed(x, k, out, col, fp8_block)
+    }
+
+    /// [`Self::linear_into`] decoding blocks of rows (aligned to the FP8 scale blocks) and
+    /// running `kernels::linear` on each.
+    fn linear_streamed(
+        &self,
+        x: &[f32],
+        k: usize,
+        out: &mut [f32],
+        col: usize,
+        fp8_block: Option<[usize; 2]>,
+    ) -> Result<()> {
+        let t = x.len() / k;
+        let width = out.len() / t.max(1);
+        let fp8 = match (self.format(), fp8_block, &self.scales) {
+            (Some(WeightFormat::Fp8), Some(block), Some(scales)) => Some((block, scales.all_f32())),
+            _ => None,
+        };
+        let step = match fp8 {
+            // A few rows at a time, decoded into one buffer that stays in cache for the dots.
+            Some(_) => FP8_STREAM_ROWS,
+            None => STREAM_ROWS,
+        };
+        let mut part = Vec::new();
+        let mut decoded = Vec::new();
+        for r0 in (0..self.rows()).step_by(step) {
+            let r1 = (r0 + step).min(self.rows());
+            let rows = match &fp8 {
+                Some((block, scales)) => {
+                    decoded.resize((r1 - r0) * k, 0f32);
+                    decode_fp8_rows(&self.bytes, scales, k, *block, r0..r1, &mut decoded)?;
+                    &decoded[..]
+                }
+                None => {
+                    decoded = self.decode_rows(r0, r1, fp8_block)?;
+                    &decoded[..]
+                }
+            };
+            part.clear();
+            part.resize(t * (r1 - r0), 0.0);
+            linear(x, rows, k, &mut part);
+            for (o, p) in out.chunks_exact_mut(width).zip(part.chunks_exact(r1 - r0)) {
+                o[col + r0..col + r1].copy_from_slice(p);
+            }
+        }
+        Ok(())
     }
 
     /// Logical rows (`out_features`).

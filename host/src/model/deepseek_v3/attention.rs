@@ -4,29 +4,33 @@
 
 use super::*;
 
-/// An attention weight: `groups` matrices `[n, k]` (one for a projection, one per head for
-/// MLA's W_UK^T and W_UV), in host memory or, after `place_on_gpu`, in GPU memory.
+/// An attention weight, in host memory or, after `place_on_gpu`, in GPU memory.
 pub(super) enum Proj {
+    /// Checkpoint tensor `name`, `[n, k]`: as stored where the CPU computes it so (a view of
+    /// the mapped checkpoint), else in compute form.
     Host {
+        w: HostMatrix,
+        k: usize,
+        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+        name: String,
+    },
+    /// MLA's per-head matrices derived from `kv_b_proj` (W_UK^T, W_UV): `groups` matrices
+    /// `[n, k]` in f32.
+    Heads {
         w: Vec<f32>,
         groups: usize,
         k: usize,
-        /// The checkpoint tensor `w` was decoded from, if it is one (not a derived matrix):
-        /// the GPU takes it as stored.
-        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-        stored: Option<String>,
     },
     Gpu(crate::gpu::GpuMatrix),
 }
 
 impl Proj {
-    /// Checkpoint tensor `name` of shape `[n, k]`, decoded to f32.
+    /// Checkpoint tensor `name` of shape `[n, k]`.
     pub(super) fn linear(ckpt: &Checkpoint, name: String, [n, k]: [usize; 2]) -> Result<Self> {
         Ok(Proj::Host {
-            w: ckpt.read_f32(&name, &[n, k])?,
-            groups: 1,
+            w: HostMatrix::load(ckpt, &name, [n, k])?,
             k,
-            stored: Some(name),
+            name,
         })
     }
 
@@ -34,10 +38,12 @@ impl Proj {
     /// values (a plain projection: one group, `x_stride = k`).
     pub(super) fn apply(&self, x: &[f32], x_stride: usize, out: &mut [f32]) -> Result<()> {
         match self {
-            Proj::Host {
-                w, groups: 1, k, ..
-            } if x_stride == *k => linear(x, w, *k, out),
-            Proj::Host { w, groups, k, .. } => grouped_rows(w, *groups, *k, x, x_stride, out),
+            Proj::Host { w, k, .. } if x_stride == *k => w.linear(x, *k, out)?,
+            Proj::Host { w, k, .. } => {
+                let packed: Vec<f32> = x.chunks(x_stride).flat_map(|r| &r[..*k]).copied().collect();
+                w.linear(&packed, *k, out)?
+            }
+            Proj::Heads { w, groups, k } => grouped_rows(w, *groups, *k, x, x_stride, out),
             Proj::Gpu(m) => m.forward(x, x_stride, out)?,
         }
         Ok(())
@@ -49,26 +55,27 @@ impl Proj {
         ckpt: &Checkpoint,
     ) -> Result<()> {
         use crate::gpu::GpuMatrix;
-        if let Proj::Host {
-            w,
-            groups,
-            k,
-            stored,
-        } = self
-        {
-            // As stored (FP8: a quarter of the f32 bytes) when a kernel reads the format.
-            let from_checkpoint = match stored {
-                Some(name) => {
-                    let t = crate::experts::OwnedTensor::read(ckpt, name)?;
-                    GpuMatrix::upload_stored(gpu, &t, *k, ckpt.fp8_block())?
+        let m = match self {
+            Proj::Host { w, k, name } => {
+                // As stored (FP8: a quarter of the f32 bytes) when a kernel reads the format.
+                let stored = match w {
+                    HostMatrix::Stored(s) => {
+                        GpuMatrix::upload_stored(gpu, &s.tensor, *k, s.fp8_block())?
+                    }
+                    HostMatrix::Compute(_) => {
+                        let t = crate::experts::OwnedTensor::read(ckpt, name)?;
+                        GpuMatrix::upload_stored(gpu, &t, *k, ckpt.fp8_block())?
+                    }
+                };
+                match stored {
+                    Some(m) => m,
+                    None => GpuMatrix::upload(gpu, &w.to_f32()?, 1, *k)?,
                 }
-                None => None,
-            };
-            *self = Proj::Gpu(match from_checkpoint {
-                Some(m) => m,
-                None => GpuMatrix::upload(gpu, w, *groups, *k)?,
-            });
-        }
+            }
+            Proj::Heads { w, groups, k } => GpuMatrix::upload(gpu, w, *groups, *k)?,
+            Proj::Gpu(_) => return Ok(()),
+        };
+        *self = Proj::Gpu(m);
         Ok(())
     }
 }
@@ -165,7 +172,9 @@ impl DeepseekV3 {
         fn m(p: &Proj) -> Result<&GpuMatrix> {
             match p {
                 Proj::Gpu(m) => Ok(m),
-                Proj::Host { .. } => anyhow::bail!("a projection is not in GPU memory"),
+                Proj::Host { .. } | Proj::Heads { .. } => {
+                    anyhow::bail!("a projection is not in GPU memory")
+                }
             }
         }
         let q = match &attn.q {

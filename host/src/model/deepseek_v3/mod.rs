@@ -20,12 +20,13 @@ use std::sync::Arc;
 
 use crate::experts::{ExpertProvider, ExpertWeights, LayerStep};
 use crate::kernels::{
-    self, axpy, dots_one_input, grouped_rows, linear, rms_norm, rms_norm_inplace, softmax_inplace,
+    self, axpy, dots_one_input, grouped_rows, rms_norm, rms_norm_inplace, softmax_inplace,
 };
 use crate::model::config::ModelConfig;
 use crate::model::rope::Rope;
 use crate::model::router::{Gate, LayerRouting};
 use crate::weights::checkpoint::Checkpoint;
+use crate::weights::ffn::HostMatrix;
 
 mod attention;
 mod check;
@@ -118,16 +119,20 @@ pub struct ForwardOutput {
     pub routing: Vec<LayerRouting>,
 }
 
-/// A loaded DeepSeek-V3-family model. Non-expert weights are dequantized to f32 at load;
-/// routed experts come from the provider when routed to.
+/// A loaded DeepSeek-V3-family model. Non-expert weights are views of the mapped checkpoint
+/// where the CPU computes their format as stored, else decoded to compute form at load (MLA's
+/// per-head matrices, derived from `kv_b_proj`, always are); routed experts come from the
+/// provider when routed to.
 pub struct DeepseekV3 {
     cfg: ModelConfig,
-    embed: Vec<f32>,
+    /// The embedding table (and the output head when tied): as stored where the CPU computes
+    /// it so, else in compute form.
+    embed: HostMatrix,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    /// `None` when `tie_word_embeddings` (the embedding is used).
-    /// Untied output projection in compute form (bf16 as stored for a BF16 checkpoint).
-    lm_head: Option<kernels::Matrix>,
+    /// The untied output projection; `None` when `tie_word_embeddings` (the embedding is
+    /// used).
+    lm_head: Option<HostMatrix>,
     rope: Rope,
     softmax_scale: f32,
     experts: Arc<dyn ExpertProvider>,
@@ -152,7 +157,7 @@ impl DeepseekV3 {
             cfg.kv_lora_rank,
         );
         let qk = cfg.qk_head_dim();
-        let embed = ckpt.read_f32("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = HostMatrix::load(ckpt, "model.embed_tokens.weight", [cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -192,17 +197,15 @@ impl DeepseekV3 {
                     [lora + rope_d, h],
                 )?,
                 kv_a_norm: ckpt.read_vec(&format!("{a}.kv_a_layernorm.weight"), lora)?,
-                w_uk_t: Proj::Host {
+                w_uk_t: Proj::Heads {
                     w: w_uk_t,
                     groups: nh,
                     k: nope,
-                    stored: None,
                 },
-                w_uv: Proj::Host {
+                w_uv: Proj::Heads {
                     w: w_uv,
                     groups: nh,
                     k: lora,
-                    stored: None,
                 },
                 o_proj: Proj::linear(ckpt, format!("{a}.o_proj.weight"), [h, nh * v])?,
                 core: None,
@@ -248,7 +251,11 @@ impl DeepseekV3 {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(ckpt.read_matrix("lm_head.weight", &[cfg.vocab_size, h])?)
+            Some(HostMatrix::load(
+                ckpt,
+                "lm_head.weight",
+                [cfg.vocab_size, h],
+            )?)
         };
         Ok(Self {
             rope: Rope::new(&cfg),
@@ -463,7 +470,7 @@ impl DeepseekV3 {
                 "token id {id} out of range (vocab_size {})",
                 cfg.vocab_size
             );
-            row.copy_from_slice(&self.embed[id as usize * h..(id as usize + 1) * h]);
+            self.embed.row(id as usize, h, row)?;
         }
         experts.begin_step();
         let mut routing = Vec::new();
@@ -541,8 +548,8 @@ impl DeepseekV3 {
         rms_norm(&rows, &self.norm, cfg.rms_norm_eps, &mut normed);
         let mut out = vec![0f32; rows.len() / h * cfg.vocab_size];
         match &self.lm_head {
-            Some(head) => head.linear(&normed, h, &mut out),
-            None => linear(&normed, &self.embed, h, &mut out),
+            Some(head) => head.linear(&normed, h, &mut out)?,
+            None => self.embed.linear(&normed, h, &mut out)?,
         }
         if let Some(bad) = out.iter().position(|x| !x.is_finite()) {
             anyhow::bail!(
