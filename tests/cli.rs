@@ -341,6 +341,19 @@ fn doctor_measures_this_machine_and_plans_kimi_k2_without_a_gpu() {
     // Kimi-K2's figures (the plan test checks them in detail).
     assert_eq!(v["kimi_k2"]["expert_bytes"], 44_050_944);
     assert!(v["kimi_k2"]["device"]["expert_slots"].as_u64().unwrap() > 1000);
+    // Its hybrid path on this host, as measured: the CPU's expert rate is the measured
+    // FP8 rate (per thread, times the threads), at most the read rate.
+    let hybrid = &v["kimi_k2"]["hybrid"];
+    assert_eq!(hybrid["cpu"]["basis"], "measured");
+    assert_eq!(hybrid["cpu"]["read_gbps"], cpu["memory_read_gbps"]);
+    let rate = hybrid["cpu_expert_gbps"].as_f64().unwrap();
+    let measured = cpu["k2_expert_gbps"].as_f64().unwrap();
+    let read = cpu["memory_read_gbps"].as_f64().unwrap();
+    assert!(
+        (rate - measured.min(read)).abs() < 1e-6 * measured,
+        "{hybrid}"
+    );
+    assert!(hybrid["tokens_per_s"].as_f64().unwrap() > 0.0, "{hybrid}");
 }
 
 #[test]

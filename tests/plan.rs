@@ -26,6 +26,8 @@ fn h100(hit_rate: Option<f64>) -> PlanOptions {
         experts: None,
         reserve_bytes: 4 << 30,
         hit_rate,
+        cpu: None,
+        prompt_tokens: 8192,
     }
 }
 
@@ -197,5 +199,118 @@ fn plan_takes_every_link_preset_generate_takes() {
             .output()
             .unwrap();
         assert_ok(&out);
+    }
+}
+
+/// The hybrid path: the CPU computes the misses where they lie while the GPU computes its
+/// hits, each MoE step the slower side; every figure follows from the formula written in
+/// `plan.rs` and docs/h100.md, and moves the way the machine does.
+#[test]
+fn kimi_k2_hybrid_decode_and_prefill() {
+    let fp8 = plan(&k2(), &h100(None)).unwrap();
+    let h = &fp8.hybrid;
+    // The preset host: 128 cores x the measured FP8 core rate is above 300 GB/s: memory-bound.
+    assert_eq!(h.cpu.cores, 128);
+    assert_eq!(h.cpu_expert_gbps, 300.0);
+    // The CPU's side: every miss's bytes at that rate.
+    let misses = fp8.per_token.expert_accesses * (1.0 - fp8.per_token.hit_rate);
+    let cpu_ms = misses * fp8.expert_bytes as f64 / 300e9 * 1e3;
+    assert!((h.cpu_moe_ms - cpu_ms).abs() < 1e-9, "{h:?}");
+    let step = h.serial_ms + h.gpu_moe_ms.max(h.cpu_moe_ms) + h.sync_ms + h.disk_ms;
+    assert!((h.tokens_per_s - 1e3 / step).abs() < 1e-9, "{h:?}");
+    // With uniform routing the CPU is the slower side, and the hybrid path beats streaming
+    // every miss over the link (300 GB/s of host memory against 54.8 GB/s of PCIe).
+    assert!(h.cpu_moe_ms > h.gpu_moe_ms);
+    assert!(h.tokens_per_s > 4.0 * fp8.per_token.tokens_per_s, "{h:?}");
+    // A host reading twice as fast decodes faster; INT4 experts (fewer bytes) faster still.
+    let mut o = h100(None);
+    o.cpu = Some(moehost::plan::HostCpu {
+        read_gbps: 600.0,
+        ..moehost::plan::HostCpu::of(moehost::hardware::preset("h100-pcie5").unwrap())
+    });
+    let fast = plan(&k2(), &o).unwrap();
+    assert!(
+        fast.hybrid.tokens_per_s > 1.5 * h.tokens_per_s,
+        "{:?}",
+        fast.hybrid
+    );
+    let mut o = h100(None);
+    o.experts = Some(WeightFormat::Int4);
+    let int4 = plan(&k2(), &o).unwrap();
+    assert!(int4.hybrid.tokens_per_s > h.tokens_per_s);
+    // A few cores make the kernels, not memory, the bound: cores x the core rate.
+    let mut o = h100(None);
+    o.cpu = Some(moehost::plan::HostCpu {
+        cores: 8,
+        core_gbps: Some(6.0),
+        ..moehost::plan::HostCpu::of(moehost::hardware::preset("h100-pcie5").unwrap())
+    });
+    assert_eq!(plan(&k2(), &o).unwrap().hybrid.cpu_expert_gbps, 48.0);
+
+    // Prefill: a long prompt streams each layer's missed experts to the GPU (the CPU is
+    // compute-bound there), a short one computes them on the CPU; the switch lies between.
+    let pf = &h.prefill;
+    assert_eq!((pf.tokens, pf.path), (8192, "stream"));
+    assert!(pf.stream_layer_ms < pf.cpu_layer_ms);
+    let from = pf.stream_from_tokens.unwrap();
+    assert!((64..8192).contains(&from), "{pf:?}");
+    let mut o = h100(None);
+    o.prompt_tokens = from - 1;
+    let short = plan(&k2(), &o).unwrap();
+    assert_eq!(
+        short.hybrid.prefill.path, "cpu",
+        "{:?}",
+        short.hybrid.prefill
+    );
+    // Streaming moves the layer's missed experts over the link once per prompt.
+    let layer_bytes = 384.0 * (1.0 - fp8.device.share) * fp8.expert_bytes as f64;
+    assert!(
+        (pf.stream_layer_ms - layer_bytes / 54.8e9 * 1e3).abs() < 1e-6,
+        "{pf:?}"
+    );
+    let moe_layers = 60.0;
+    let want = 8192.0 / ((moe_layers * pf.stream_layer_ms + pf.gpu_ms) / 1e3);
+    assert!((pf.tokens_per_s - want).abs() < 1e-6, "{pf:?}");
+}
+
+/// `plan`'s host CPU flags reach the hybrid figures; bad values are refused, naming the flag.
+#[test]
+fn plan_takes_the_host_cpu_from_its_flags() {
+    let run = |extra: &[&str]| {
+        moehost()
+            .args(["plan", "--json", "--config"])
+            .arg(data_dir().join("kimi-k2-config.json"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let out = run(extra);
+        assert_ok(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let preset = json(&[]);
+    let given = json(&[
+        "--cpu-read-gbps",
+        "150",
+        "--cpu-cores",
+        "16",
+        "--cpu-core-gbps",
+        "5",
+        "--prompt-tokens",
+        "512",
+    ]);
+    assert_eq!(preset["hybrid"]["cpu"]["read_gbps"], 300.0);
+    assert_eq!(given["hybrid"]["cpu"]["read_gbps"], 150.0);
+    // 16 cores x 5 GB/s = 80 GB/s, below the 150 GB/s read rate.
+    assert_eq!(given["hybrid"]["cpu_expert_gbps"], 80.0);
+    assert_eq!(given["hybrid"]["prefill"]["tokens"], 512);
+    let speed = |v: &serde_json::Value| v["hybrid"]["tokens_per_s"].as_f64().unwrap();
+    assert!(speed(&given) < speed(&preset));
+    for (flag, value) in [("--cpu-read-gbps", "0"), ("--cpu-core-gbps", "-1")] {
+        let out = run(&[&format!("{flag}={value}")]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{err}");
     }
 }

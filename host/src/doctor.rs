@@ -357,6 +357,15 @@ pub fn run(model: &Path) -> Result<Report> {
             experts: None,
             reserve_bytes: 4 << 30,
             hit_rate: None,
+            // This host, measured: its FP8 expert rate per thread (Kimi-K2's experts are FP8).
+            cpu: Some(crate::plan::HostCpu {
+                basis: "measured".into(),
+                read_gbps: cpu.memory_read_gbps,
+                cores: cpu.threads,
+                core_gbps: Some(cpu.k2_expert_gbps / cpu.threads.max(1) as f64),
+                gflops: cpu.matmul_gflops,
+            }),
+            prompt_tokens: 8192,
         },
     )?;
     let mut costs = LinkCosts::preset("h100-pcie5", k2.hidden_size, k2.moe_intermediate_size)?;

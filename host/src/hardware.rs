@@ -22,6 +22,8 @@ pub struct Machine {
     pub device_memory_bytes_per_second: f64,
     pub host_flops: f64,
     pub host_memory_bytes_per_second: f64,
+    /// Cores the host computes experts with (`plan`'s hybrid path).
+    pub host_cores: usize,
     /// Disk -> host sequential reads, bytes/s.
     pub disk_bytes_per_second: f64,
     /// Bytes of one activation value crossing the link (bf16 on a GPU; none without a device).
@@ -29,17 +31,18 @@ pub struct Machine {
 }
 
 /// H100 SXM: PCIe Gen5 x16 54.8 GB/s measured pinned host -> device, HBM3 3.35 TB/s, 989
-/// TFLOP/s bf16; its host a 2-socket server CPU (2 TFLOP/s, 300 GB/s DDR5).
+/// TFLOP/s bf16; its host a 2-socket server CPU (2 x 64 cores, 2 TFLOP/s f32, 300 GB/s DDR5).
 const H100: Machine = Machine {
     name: "h100-pcie5",
     description: "H100 SXM: PCIe Gen5 x16 54.8 GB/s (measured pinned host->device), HBM3 3.35 TB/s, \
-                  989 TFLOP/s bf16, NVMe Gen4 7 GB/s; host: 2-socket server CPU, 2 TFLOP/s, 300 GB/s DDR5",
+                  989 TFLOP/s bf16, NVMe Gen4 7 GB/s; host: 2-socket server CPU, 128 cores, 2 TFLOP/s, 300 GB/s DDR5",
     link_bytes_per_second: 54.8e9,
     link_latency_seconds: 10e-6,
     device_flops: 989e12,
     device_memory_bytes_per_second: 3350e9,
     host_flops: 2e12,
     host_memory_bytes_per_second: 300e9,
+    host_cores: 128,
     disk_bytes_per_second: 7e9,
     activation_bytes_per_value: 2,
 };
@@ -55,6 +58,7 @@ const LOCAL: Machine = Machine {
     device_memory_bytes_per_second: 10e9,
     host_flops: 50e9,
     host_memory_bytes_per_second: 10e9,
+    host_cores: 2,
     disk_bytes_per_second: 2e9,
     activation_bytes_per_value: 0,
 };
@@ -99,6 +103,21 @@ pub fn preset(name: &str) -> Result<&'static Machine> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+    }
+}
+
+/// GB of weights per second one core computes a decode step's experts at from their storage
+/// format (`stored_dot`'s AVX-512 kernels): the low end of `moehost bench --experts` on this
+/// project's 2-core machine (FP8 12-19, int4 9.4-16, int8 16-20, bf16 22-23 GB/s on 2 threads),
+/// per thread. Formats the kernels do not serve decode rows first: a quarter of FP8's rate.
+pub fn cpu_core_expert_gbps(format: crate::weights::format::WeightFormat) -> f64 {
+    use crate::weights::format::WeightFormat;
+    match format {
+        WeightFormat::Fp8 => 6.0,
+        WeightFormat::Int4 => 4.7,
+        WeightFormat::Int8 => 8.0,
+        WeightFormat::Bf16 => 11.0,
+        _ => 1.5,
     }
 }
 

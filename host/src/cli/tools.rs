@@ -56,6 +56,23 @@ pub struct PlanArgs {
     /// device tier's share of experts (uniform routing).
     #[arg(long)]
     pub hit_rate: Option<f64>,
+    /// The hybrid path's host CPU: read-only memory bandwidth in GB/s (default: the link
+    /// preset's host; `moehost doctor` measures it).
+    #[arg(long)]
+    pub cpu_read_gbps: Option<f64>,
+    /// Cores computing experts (default: the preset's).
+    #[arg(long)]
+    pub cpu_cores: Option<usize>,
+    /// GB/s of expert weights one core computes at decode (default: measured on this
+    /// project's machine per format; `moehost bench --experts` measures yours).
+    #[arg(long)]
+    pub cpu_core_gbps: Option<f64>,
+    /// The CPU's f32 GEMM rate in GFLOP/s, for prefill (default: the preset's).
+    #[arg(long)]
+    pub cpu_gflops: Option<f64>,
+    /// Prompt length of the prefill figure.
+    #[arg(long, default_value_t = 8192)]
+    pub prompt_tokens: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -71,6 +88,11 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         experts,
         reserve,
         hit_rate,
+        cpu_read_gbps,
+        cpu_cores,
+        cpu_core_gbps,
+        cpu_gflops,
+        prompt_tokens,
         json,
     } = a;
     let path = if config.is_dir() {
@@ -92,6 +114,20 @@ pub fn plan(a: PlanArgs) -> Result<()> {
             "--hit-rate must be in 0..1, got {h}"
         );
     }
+    for (name, v) in [
+        ("--cpu-read-gbps", cpu_read_gbps),
+        ("--cpu-core-gbps", cpu_core_gbps),
+        ("--cpu-gflops", cpu_gflops),
+    ] {
+        if let Some(v) = v {
+            anyhow::ensure!(v.is_finite() && v > 0.0, "{name} must be positive, got {v}");
+        }
+    }
+    anyhow::ensure!(
+        cpu_cores != Some(0) && prompt_tokens >= 1,
+        "--cpu-cores and --prompt-tokens must be at least 1"
+    );
+    let host = moehost::plan::HostCpu::of(moehost::hardware::preset(&link)?);
     let opts = moehost::plan::PlanOptions {
         device_bytes: device_mem,
         host_bytes: host_mem,
@@ -104,6 +140,18 @@ pub fn plan(a: PlanArgs) -> Result<()> {
             .transpose()?,
         reserve_bytes: reserve,
         hit_rate,
+        cpu: Some(moehost::plan::HostCpu {
+            basis: if cpu_read_gbps.or(cpu_gflops).is_some() || cpu_cores.is_some() {
+                format!("{link} host, as given")
+            } else {
+                format!("{link} host")
+            },
+            read_gbps: cpu_read_gbps.unwrap_or(host.read_gbps),
+            cores: cpu_cores.unwrap_or(host.cores),
+            core_gbps: cpu_core_gbps,
+            gflops: cpu_gflops.unwrap_or(host.gflops),
+        }),
+        prompt_tokens,
     };
     let p = moehost::plan::plan(&cfg, &opts)?;
     print_report(json, &p, |p| format!("{}\n", p.summary()))?;
