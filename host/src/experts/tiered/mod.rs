@@ -169,16 +169,18 @@ impl TieredExperts {
         }
         let total = moe_layers.len() * cfg.n_routed_experts;
         // Byte sizes from the first expert's headers (all experts share them).
-        let (storage, cpu_compute) = match moe_layers.first() {
+        let (storage, cpu_compute, format) = match moe_layers.first() {
             Some(&l) => {
                 let prefix = crate::experts::expert_prefix(l, 0);
                 let mut storage = 0u64;
                 let mut bf16 = true;
+                let mut format = None;
                 for p in ["gate_proj", "up_proj", "down_proj"] {
                     let raw = ckpt.raw(&format!("{prefix}.{p}.weight"))?;
                     storage += raw.bytes.len() as u64;
-                    bf16 &= WeightFormat::of_dtype(raw.dtype) == Some(WeightFormat::Bf16);
-                    if let Ok(s) = ckpt.raw(&format!("{prefix}.{p}.weight_scale_inv")) {
+                    format = WeightFormat::of_dtype(raw.dtype);
+                    bf16 &= format == Some(WeightFormat::Bf16);
+                    if let Some(s) = ckpt.stored_scales(&raw, true)? {
                         storage += s.bytes.len() as u64;
                     }
                 }
@@ -192,9 +194,10 @@ impl TieredExperts {
                 (
                     storage,
                     (3 * cfg.hidden_size * cfg.moe_intermediate_size * element) as u64,
+                    format,
                 )
             }
-            None => (1, 1),
+            None => (1, 1, None),
         };
         // A CUDA device tier's slot: what `GpuPool` stages for the first expert (its storage
         // format where a kernel reads it).
@@ -218,7 +221,16 @@ impl TieredExperts {
             expert_bytes: storage,
         };
         let take = |kind| guarded(kind, &config.source_of(kind), config.limits);
-        let costs = LinkCosts::preset(&config.link, cfg.hidden_size, cfg.moe_intermediate_size)?;
+        let mut costs =
+            LinkCosts::preset(&config.link, cfg.hidden_size, cfg.moe_intermediate_size)?;
+        // A miss computed on this CPU reads its expert no faster than this machine's threads
+        // run the kernels for its format, nor than the preset's host memory.
+        if let Some(f) = format {
+            let cores = rayon::current_num_threads() as f64;
+            costs.host_memory_bytes_per_second = costs
+                .host_memory_bytes_per_second
+                .min(cores * crate::hardware::cpu_core_expert_gbps(f) * 1e9);
+        }
         let workers = config.prefetch_workers;
         let gpu = open_gpu(config.device, compute as usize, device_slots, workers);
         // Slots sized for the GPU's storage format, but the tier runs on the CPU after all (e.g.

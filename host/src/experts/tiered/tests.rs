@@ -236,3 +236,33 @@ fn a_newer_prefetch_answer_cancels_queued_jobs() {
         .collect();
     assert_eq!(stale, vec![(3, true), (4, false)]);
 }
+
+/// Placement weighs a miss computed on this CPU at no more than its threads run the kernels
+/// for the checkpoint's expert format (bf16 here), nor than the preset host's memory.
+#[test]
+fn placement_prices_cpu_misses_at_this_machines_kernel_rate() {
+    let dir = crate::engine::bundled_model_dir();
+    let cfg = crate::model::config::ModelConfig::from_dir(&dir).unwrap();
+    let ckpt =
+        Arc::new(crate::weights::checkpoint::Checkpoint::open(&dir, cfg.quantization()).unwrap());
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let config = super::StoreConfig {
+            link: "h100-pcie5".into(),
+            ..Default::default()
+        };
+        let store =
+            pool.install(|| super::TieredExperts::new(ckpt.clone(), &cfg, &config).unwrap());
+        let rate = threads as f64
+            * crate::hardware::cpu_core_expert_gbps(crate::weights::format::WeightFormat::Bf16)
+            * 1e9;
+        assert_eq!(
+            store.inner.costs.host_memory_bytes_per_second,
+            rate.min(300e9),
+            "{threads} threads"
+        );
+    }
+}
