@@ -519,21 +519,8 @@ impl OwnedTensor {
             m.linear(x, 0..m.rows, out, width, col);
             return Ok(());
         }
-        self.linear_streamed(x, k, out, col, fp8_block)
-    }
-
-    /// [`Self::linear_into`] decoding blocks of rows (aligned to the FP8 scale blocks) and
-    /// running `kernels::linear` on each.
-    fn linear_streamed(
-        &self,
-        x: &[f32],
-        k: usize,
-        out: &mut [f32],
-        col: usize,
-        fp8_block: Option<[usize; 2]>,
-    ) -> Result<()> {
-        let t = x.len() / k;
-        let width = out.len() / t.max(1);
+        // Rows decoded a block at a time (aligned to the FP8 scale blocks), `kernels::linear`
+        // on each.
         let fp8 = match (self.format(), fp8_block, &self.scales) {
             (Some(WeightFormat::Fp8), Some(block), Some(scales)) => Some((block, scales.all_f32())),
             _ => None,

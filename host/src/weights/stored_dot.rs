@@ -712,6 +712,10 @@ mod tests {
                 ((37, 320, [16, 64]), ScaleType::F16),
                 ((8, 32, [128, 128]), ScaleType::Bf16),
                 ((21, 64, [4, 32]), ScaleType::F16),
+                // 37 chunks a row, scales of every stored type.
+                ((11, 1184, [8, 32]), ScaleType::F16),
+                ((10, 1184, [8, 32]), ScaleType::Bf16),
+                ((9, 1184, [8, 32]), ScaleType::F32),
             ] {
                 let (bytes, scales, values) = matrix(format, rows, cols, block, ty, &mut s);
                 let m = StoredMatrix {
