@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::weights::format::WeightFormat;
 use crate::weights::fp8;
 use crate::weights::scales::{ScaleType, Scales};
+pub use crate::weights::stored_bytes::StoredBytes;
 
 struct Shard {
     path: PathBuf,
@@ -25,41 +26,6 @@ struct Shard {
     /// Start of the data section (8-byte length + JSON header).
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
-}
-
-/// A stored tensor's bytes: a copy (the host tier's), or a view of the memory-mapped
-/// checkpoint (experts the CPU computes where they lie: no second copy in RAM).
-#[derive(Clone)]
-pub enum StoredBytes {
-    Owned(Vec<u8>),
-    Mapped {
-        map: Arc<Mmap>,
-        range: std::ops::Range<usize>,
-    },
-}
-
-impl std::ops::Deref for StoredBytes {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            StoredBytes::Owned(v) => v,
-            StoredBytes::Mapped { map, range } => &map[range.clone()],
-        }
-    }
-}
-
-impl From<Vec<u8>> for StoredBytes {
-    fn from(v: Vec<u8>) -> Self {
-        StoredBytes::Owned(v)
-    }
-}
-
-impl StoredBytes {
-    /// Whether these are a view of the checkpoint's mapping.
-    pub fn is_mapped(&self) -> bool {
-        matches!(self, StoredBytes::Mapped { .. })
-    }
 }
 
 /// An opened checkpoint: every shard mapped, every header parsed; no tensor data read yet.

@@ -9,4 +9,5 @@ pub mod format;
 pub mod fp8;
 pub mod quant;
 pub mod scales;
+pub mod stored_bytes;
 pub mod stored_dot;

@@ -12,7 +12,7 @@ use std::ops::Range;
 use anyhow::{bail, Result};
 use safetensors::Dtype;
 
-use crate::weights::checkpoint::StoredBytes;
+use crate::weights::stored_bytes::StoredBytes;
 
 /// How a scale is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
