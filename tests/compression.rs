@@ -436,3 +436,85 @@ fn a_pruning_plugin_ranks_the_experts_and_a_bad_one_falls_back_to_routed_mass() 
     assert!(format!("{err:#}").contains("needs --profile"), "{err:#}");
     assert!(!tmp.path().join("x").exists() && !tmp.path().join("y").exists());
 }
+
+/// `--activations q8` on an int4 copy: its int8-activation arithmetic is defined, so any
+/// memory budget gives the same logits and routing in that mode; it stays close to the exact
+/// f32 arithmetic, and differs from it (the mode is really used). A CPU without AVX-512 VNNI
+/// refuses the mode, naming what it lacks.
+#[test]
+fn int8_activations_keep_the_invariant_within_their_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("int4");
+    assert_ok(
+        &moehost()
+            .args(["quantize", "--model"])
+            .arg(bf16_model())
+            .arg("--out")
+            .arg(&model)
+            .args(["--experts", "int4"])
+            .output()
+            .unwrap(),
+    );
+    let ids = "1,41,93,7,204,30,15,99,100,5,17,23,42,88,31,102";
+    let forward = |extra: &[&str], name: &str| {
+        let out = tmp.path().join(name);
+        let o = moehost()
+            .args(extra)
+            .args(["forward", "--ids", ids, "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        (o, out)
+    };
+    let tensor = |path: &Path, name: &str| -> Vec<u8> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor(name).unwrap().data().to_vec()
+    };
+    let f32s = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let (o, q8) = forward(&["--activations", "q8"], "q8.safetensors");
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("VNNI"), "{err}");
+        eprintln!("skipped: {err}");
+        return;
+    }
+    let (o, q8_one_thread) = forward(
+        &["--activations", "q8", "--threads", "1"],
+        "q8-1.safetensors",
+    );
+    assert_ok(&o);
+    let (o, exact) = forward(&[], "exact.safetensors");
+    assert_ok(&o);
+    // Tight budgets: every expert through the host tier's storage bytes and back.
+    let out = tmp.path().join("q8-tight.safetensors");
+    let o = moehost()
+        .args(["--activations", "q8", "forward", "--ids", ids, "--model"])
+        .arg(&model)
+        .args(["--device-mem", "64KiB", "--host-mem", "128KiB", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    for other in [&q8_one_thread, &out] {
+        assert_eq!(tensor(&q8, "logits"), tensor(other, "logits"));
+        assert_eq!(
+            tensor(&q8, "routed_experts"),
+            tensor(other, "routed_experts")
+        );
+    }
+    let (a, b) = (
+        f32s(&tensor(&q8, "logits")),
+        f32s(&tensor(&exact, "logits")),
+    );
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_abs_diff(&a, &b);
+    assert!(d > 0.0, "the q8 mode changed nothing");
+    assert!(d < 0.05 * scale, "q8 logits {d} from exact (scale {scale})");
+}

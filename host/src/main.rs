@@ -20,6 +20,11 @@ struct Cli {
     /// Worker threads for the forward pass (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Activations of int4 experts on the CPU: `exact` (f32, the reference's bits) or `q8`
+    /// (int8 per 32 columns with VNNI integer dot products: memory-bound decode, logits
+    /// within the activations' rounding; CPU only, AVX-512 VNNI).
+    #[arg(long, global = true, default_value = "exact", value_parser = ["exact", "q8"])]
+    activations: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,6 +87,9 @@ fn run() -> Result<()> {
             .num_threads(n.max(1))
             .build_global()
             .context("cannot start the thread pool")?;
+    }
+    if cli.activations == "q8" {
+        moehost::weights::q8::enable()?;
     }
     match cli.command {
         Command::Generate(a) => cli::generate::generate(a)?,

@@ -483,7 +483,7 @@ impl OwnedTensor {
     /// stored bytes, with the bits of `kernels::linear` over the decoded matrix:
     /// - up to `ROW_INVARIANT_MAX` rows each output is `kernels::dot` of a decoded row and an
     ///   input, through `stored_dot`'s kernels where they serve the matrix, else over rows
-    ///   decoded a block at a time;
+    ///   decoded a block at a time (int4 under `--activations q8`: `q8`'s arithmetic instead);
     /// - above, `kernels::gemm_decoded` over blocks of decoded rows (aligned to FP8's blocks).
     pub fn linear_into(
         &self,
@@ -516,7 +516,11 @@ impl OwnedTensor {
             );
         }
         if let Some(m) = self.fused(fp8_block, nan).filter(|m| m.cols == k) {
-            m.linear(x, 0..m.rows, out, width, col);
+            if crate::weights::q8::serves(&m) {
+                crate::weights::q8::linear(&m, x, 0..m.rows, out, width, col);
+            } else {
+                m.linear(x, 0..m.rows, out, width, col);
+            }
             return Ok(());
         }
         // Rows decoded a block at a time (aligned to the FP8 scale blocks), `kernels::linear`

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod ffn;
 pub mod format;
 pub mod fp8;
+pub mod q8;
 pub mod quant;
 pub mod scales;
 pub mod stored_bytes;

@@ -162,6 +162,10 @@ impl Drop for TieredExperts {
 impl TieredExperts {
     /// Builds the store and loads and initialises its three policies.
     pub fn new(ckpt: Arc<Checkpoint>, cfg: &ModelConfig, config: &StoreConfig) -> Result<Self> {
+        anyhow::ensure!(
+            config.device != Device::Cuda || !crate::weights::q8::enabled(),
+            "--activations q8 runs on the CPU only (the GPU kernels keep f32 activations)"
+        );
         let moe_layers = cfg.moe_layers();
         let mut moe_index = vec![None; cfg.num_hidden_layers];
         for (i, &l) in moe_layers.iter().enumerate() {

@@ -273,6 +273,10 @@ impl DeepseekV3 {
     /// (the CUDA device tier): they then run the exact-order GPU kernel, giving the CPU's bits
     /// up to `ROW_INVARIANT_MAX` rows (see `gpu::GpuMatrix` above). Returns how many FFNs moved.
     pub fn place_on_gpu(&mut self, gpu: &Arc<crate::gpu::Gpu>, ckpt: &Checkpoint) -> Result<usize> {
+        anyhow::ensure!(
+            !crate::weights::q8::enabled(),
+            "--activations q8 runs on the CPU only (the GPU kernels keep f32 activations)"
+        );
         let mut moved = 0;
         let cfg = &self.cfg;
         let dims = crate::gpu::MlaDims {

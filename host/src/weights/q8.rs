@@ -1,0 +1,384 @@
+//! The opt-in int8-activation arithmetic for int4 experts (`--activations q8`): each input row
+//! quantized to int8 per 32 columns (llama.cpp's Q8_0 rule: `d = max|x| / 127`,
+//! `q = round(x / d)`), multiplied into the int4 weights with integer dot products
+//! (AVX-512 VNNI `vpdpbusd`: 64 multiply-adds an instruction, exact), and the integer sums
+//! scaled in f32. It reads a weight byte in a few instructions instead of the exact path's
+//! decode-to-f32 and two FMAs per pair of weights, so a decode step is bound by memory rather
+//! than by arithmetic; the price is the activations' rounding (relative error ~1/254 per
+//! value), which changes logits slightly against the f32 reference.
+//!
+//! The arithmetic is defined, not just approximated, so the invariant still holds within the
+//! mode: every 128 columns form a chunk whose 64 weight bytes split into 16 lanes of 4 bytes
+//! (lane `i`: columns `8i..8i + 8` of the chunk, in group `i / 4`); a lane's integer sum
+//! `sum (q_w - 8) * q_x` is exact; it is converted to f32 and added as
+//! `fma(sum, s_w[g] * d_x[g], acc_i)` chunk after chunk; the 16 lanes are then summed as a
+//! tree (`i` with `i + 8`, then `+ 4`, `+ 2`, `+ 1`). [`reference`] computes exactly that in
+//! scalar code; the kernel is tested against it bit for bit, and every tier runs the kernel.
+//!
+//! Owns: the activations' quantization, the reference, the kernel and when it applies (int4
+//! weights, columns a multiple of 128, AVX-512 VNNI). Does not own: the mode switch's CLI, or
+//! the exact path (`stored_dot`).
+
+use std::sync::OnceLock;
+
+use crate::weights::format::WeightFormat;
+use crate::weights::stored_dot::StoredMatrix;
+
+/// Columns of a chunk (64 int4 bytes: one 512-bit load).
+pub const CHUNK: usize = 128;
+/// Columns sharing an activation scale (and a weight scale).
+const GROUP: usize = 32;
+
+static MODE: OnceLock<bool> = OnceLock::new();
+
+/// Turns the int8-activation arithmetic on for this process (before any forward pass; the
+/// first call wins). Refused where the CPU has no AVX-512 VNNI.
+pub fn enable() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cpu_has_vnni(),
+        "--activations q8 needs a CPU with AVX-512 (F, BW, VL) and VNNI; this one has not"
+    );
+    let on = *MODE.get_or_init(|| true);
+    anyhow::ensure!(
+        on,
+        "the activation arithmetic was already chosen for this process"
+    );
+    Ok(())
+}
+
+/// Whether int4 weights run with int8 activations in this process.
+pub fn enabled() -> bool {
+    *MODE.get().unwrap_or(&false)
+}
+
+/// AVX-512 F/BW/VL and VNNI (and what `stored_dot` needs).
+pub fn cpu_has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::weights::stored_dot::cpu_has_avx512() && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the mode's kernel serves matrix `m` (int4, whole chunks, scales there).
+pub fn serves(m: &StoredMatrix<'_>) -> bool {
+    enabled()
+        && m.format == WeightFormat::Int4
+        && m.cols > 0
+        && m.cols.is_multiple_of(CHUNK)
+        && m.bytes.len() >= m.rows * m.cols / 2
+        && m.scales.len() >= m.rows * m.cols / GROUP
+}
+
+/// One input row quantized, laid out as the kernel reads it, per chunk: the even columns'
+/// and the odd columns' int8 values (64 each, in the weight bytes' order), each lane's
+/// `-8 * sum of its 8 values` (the weights' offset), and each lane's activation scale.
+pub struct Q8Input {
+    pub chunks: usize,
+    even: Vec<i8>,
+    odd: Vec<i8>,
+    neg8: Vec<i32>,
+    d: Vec<f32>,
+}
+
+impl Q8Input {
+    /// `x` (a multiple of 128 values) quantized per 32 columns.
+    pub fn quantize(x: &[f32]) -> Self {
+        assert!(x.len().is_multiple_of(CHUNK));
+        let chunks = x.len() / CHUNK;
+        let mut q = vec![0i8; x.len()];
+        let mut dg = vec![0f32; x.len() / GROUP];
+        for ((g, q), d) in x
+            .chunks_exact(GROUP)
+            .zip(q.chunks_exact_mut(GROUP))
+            .zip(&mut dg)
+        {
+            let max = g.iter().fold(0f32, |m, v| m.max(v.abs()));
+            *d = max / 127.0;
+            if *d > 0.0 {
+                for (q, v) in q.iter_mut().zip(g) {
+                    *q = (v / *d).round().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
+        let mut even = vec![0i8; x.len() / 2];
+        let mut odd = vec![0i8; x.len() / 2];
+        for (j, pair) in q.chunks_exact(2).enumerate() {
+            even[j] = pair[0];
+            odd[j] = pair[1];
+        }
+        let mut neg8 = vec![0i32; chunks * 16];
+        let mut d = vec![0f32; chunks * 16];
+        for (lane, (n, dl)) in neg8.iter_mut().zip(&mut d).enumerate() {
+            let (c, i) = (lane / 16, lane % 16);
+            let cols = c * CHUNK + 8 * i;
+            *n = -8 * q[cols..cols + 8].iter().map(|&v| i32::from(v)).sum::<i32>();
+            *dl = dg[cols / GROUP];
+        }
+        Q8Input {
+            chunks,
+            even,
+            odd,
+            neg8,
+            d,
+        }
+    }
+}
+
+/// Row `r` of int4 matrix `m` times `x`, in scalar code, in the mode's defined order.
+pub fn reference(m: &StoredMatrix<'_>, r: usize, x: &Q8Input) -> f32 {
+    let row = &m.bytes[r * m.cols / 2..(r + 1) * m.cols / 2];
+    let groups = m.cols / GROUP;
+    let mut acc = [0f32; 16];
+    for c in 0..x.chunks {
+        for (i, a) in acc.iter_mut().enumerate() {
+            let mut sum = x.neg8[c * 16 + i];
+            for b in 0..4 {
+                let j = c * 64 + 4 * i + b;
+                sum += i32::from(row[j] & 0x0f) * i32::from(x.even[j]);
+                sum += i32::from(row[j] >> 4) * i32::from(x.odd[j]);
+            }
+            let g = c * 4 + i / 4;
+            let scale = m.scales.get(r * groups + g) * x.d[c * 16 + i];
+            *a = (sum as f32).mul_add(scale, *a);
+        }
+    }
+    tree_sum(acc)
+}
+
+/// `i` with `i + 8`, then `+ 4`, `+ 2`, `+ 1`: the kernel's reduction.
+fn tree_sum(mut v: [f32; 16]) -> f32 {
+    for half in [8, 4, 2, 1] {
+        for i in 0..half {
+            v[i] += v[i + half];
+        }
+    }
+    v[0]
+}
+
+/// `out[j * width + col + r - rows.start] = row r . x[j]` in the mode's arithmetic, for the
+/// rows `rows` and each input row of `x`. Call only when [`serves`].
+pub fn linear(
+    m: &StoredMatrix<'_>,
+    x: &[f32],
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+    width: usize,
+    col: usize,
+) {
+    use rayon::prelude::*;
+    assert!(serves(m) && rows.end <= m.rows);
+    let inputs: Vec<Q8Input> = x.chunks_exact(m.cols).map(Q8Input::quantize).collect();
+    let t = inputs.len();
+    let n = rows.len();
+    let mut by_row = vec![0f32; n * t];
+    let run = |r0: usize, o: &mut [f32]| {
+        for (i, v) in o.chunks_exact_mut(t).enumerate() {
+            for (y, xi) in v.iter_mut().zip(&inputs) {
+                // SAFETY: `serves` checked the CPU and that bytes and scales cover every row.
+                *y = unsafe { vnni::row(m, r0 + i, xi) };
+            }
+        }
+    };
+    const TASK_ROWS: usize = 64;
+    if n * m.cols / 2 >= 1 << 20 && rayon::current_num_threads() > 1 {
+        by_row
+            .par_chunks_mut(TASK_ROWS * t)
+            .enumerate()
+            .for_each(|(c, o)| run(rows.start + c * TASK_ROWS, o));
+    } else {
+        run(rows.start, &mut by_row);
+    }
+    for (r, v) in by_row.chunks_exact(t).enumerate() {
+        for (j, &y) in v.iter().enumerate() {
+            out[j * width + col + r] = y;
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod vnni {
+    pub(super) unsafe fn row(_: &super::StoredMatrix<'_>, _: usize, _: &super::Q8Input) -> f32 {
+        unreachable!("the q8 mode is refused off x86_64")
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::{Q8Input, StoredMatrix, GROUP};
+    use crate::weights::scales::ScaleType;
+
+    /// Bytes ahead of the current chunk to prefetch.
+    const PREFETCH: usize = 2048;
+
+    /// Row `r` of `m` times `x`, [`super::reference`]'s arithmetic.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and VNNI; the row, its scales and `x`'s chunks are there.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(super) unsafe fn row(m: &StoredMatrix<'_>, r: usize, x: &Q8Input) -> f32 {
+        let bytes = m.bytes.as_ptr().add(r * m.cols / 2);
+        let s0 = r * (m.cols / GROUP);
+        let low = _mm512_set1_epi8(0x0f);
+        // Lane i takes its group's scale: group i / 4 of the chunk's four.
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let mut acc = _mm512_setzero_ps();
+        for c in 0..x.chunks {
+            // Ahead across 4 KiB pages, where the hardware prefetcher stops (the rows lie end
+            // to end, so past a row's end is the next one's start).
+            _mm_prefetch::<_MM_HINT_T0>(bytes.add(64 * c).wrapping_add(PREFETCH) as *const i8);
+            let w = _mm512_loadu_si512(bytes.add(64 * c) as *const _);
+            let lo = _mm512_and_si512(w, low);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+            let xe = _mm512_loadu_si512(x.even.as_ptr().add(64 * c) as *const _);
+            let xo = _mm512_loadu_si512(x.odd.as_ptr().add(64 * c) as *const _);
+            let mut sum = _mm512_loadu_si512(x.neg8.as_ptr().add(16 * c) as *const _);
+            sum = _mm512_dpbusd_epi32(sum, lo, xe);
+            sum = _mm512_dpbusd_epi32(sum, hi, xo);
+            let sw = four_scales(m, s0 + 4 * c);
+            let scale = _mm512_mul_ps(
+                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sw)),
+                _mm512_loadu_ps(x.d.as_ptr().add(16 * c)),
+            );
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
+        }
+        // The tree: i + 8, i + 4, i + 2, i + 1.
+        let a = _mm256_add_ps(
+            _mm512_castps512_ps256(acc),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc))),
+        );
+        let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+        let d = _mm_add_ss(c, _mm_shuffle_ps::<1>(c, c));
+        _mm_cvtss_f32(d)
+    }
+
+    /// Scales `i..i + 4` of `m`, widened exactly.
+    #[inline(always)]
+    unsafe fn four_scales(m: &StoredMatrix<'_>, i: usize) -> __m128 {
+        let at = m.scales.bytes.as_ptr();
+        match m.scales.ty {
+            ScaleType::F32 => _mm_loadu_ps((at as *const f32).add(i)),
+            ScaleType::F16 => {
+                _mm_cvtph_ps(_mm_loadl_epi64((at as *const u16).add(i) as *const __m128i))
+            }
+            ScaleType::Bf16 => {
+                let h = _mm_loadl_epi64((at as *const u16).add(i) as *const __m128i);
+                _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(h)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::scales::{ScaleType, Scales};
+
+    /// xorshift32.
+    fn next(s: &mut u32) -> u32 {
+        *s ^= *s << 13;
+        *s ^= *s >> 17;
+        *s ^= *s << 5;
+        *s
+    }
+
+    /// The kernel gives the reference's bits, row by row, with every stored scale type; and
+    /// the mode's result stays within the activations' rounding of the exact f32 dot.
+    #[test]
+    fn the_kernel_gives_the_references_bits() {
+        if !cpu_has_vnni() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let mut s = 0x1234_5678_u32;
+        for (rows, cols, ty) in [
+            (5, 128, ScaleType::F16),
+            (7, 384, ScaleType::Bf16),
+            (3, 1024, ScaleType::F32),
+        ] {
+            let bytes: Vec<u8> = (0..rows * cols / 2).map(|_| next(&mut s) as u8).collect();
+            let wide: Vec<f32> = (0..rows * cols / GROUP)
+                .map(|_| (1 + next(&mut s) % 997) as f32 / 3.1e4)
+                .collect();
+            let scales = Scales {
+                ty,
+                bytes: match ty {
+                    ScaleType::F32 => wide.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    ScaleType::F16 => wide
+                        .iter()
+                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                        .collect::<Vec<u8>>(),
+                    ScaleType::Bf16 => wide
+                        .iter()
+                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                        .collect(),
+                }
+                .into(),
+            };
+            let m = StoredMatrix {
+                format: WeightFormat::Int4,
+                bytes: &bytes,
+                scales: scales.view(),
+                rows,
+                cols,
+                fp8_block: [0, 0],
+            };
+            let x: Vec<f32> = (0..cols)
+                .map(|_| (next(&mut s) % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let xi = Q8Input::quantize(&x);
+            let w = crate::weights::checkpoint::decode_f32(
+                &crate::weights::checkpoint::RawTensor {
+                    name: "w",
+                    dtype: WeightFormat::Int4.dtype(),
+                    shape: &WeightFormat::Int4.stored_shape(&[rows, cols]),
+                    bytes: &bytes,
+                },
+                Some(&scales.all_f32()),
+                None,
+            )
+            .unwrap();
+            for r in 0..rows {
+                // SAFETY: the CPU was checked; the matrix holds `rows` rows.
+                let got = unsafe { vnni::row(&m, r, &xi) };
+                let want = reference(&m, r, &xi);
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{rows}x{cols} {ty:?} row {r}"
+                );
+                let exact = crate::kernels::dot(&w[r * cols..(r + 1) * cols], &x);
+                let size: f32 = w[r * cols..(r + 1) * cols]
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| (a * b).abs())
+                    .sum();
+                assert!((got - exact).abs() <= size / 100.0, "{got} vs {exact}");
+            }
+        }
+    }
+
+    /// Quantization: each group's largest value maps to +-127, zeros stay zero, and the lane
+    /// offsets are -8 times the lane's values.
+    #[test]
+    fn inputs_quantize_per_group() {
+        let mut x = vec![0f32; 128];
+        x[3] = -2.0;
+        x[5] = 1.0;
+        x[40] = 0.5;
+        let q = Q8Input::quantize(&x);
+        assert_eq!(q.chunks, 1);
+        // Column 3 is odd (pair 1), column 5 odd (pair 2), column 40 even (pair 20).
+        assert_eq!((q.odd[1], q.odd[2], q.even[20]), (-127, 64, 127));
+        assert_eq!(q.d[0], 2.0 / 127.0);
+        assert_eq!(q.d[4], 0.5 / 127.0);
+        assert_eq!(q.neg8[0], -8 * (-127 + 64));
+        assert!(q.d[8..].iter().all(|&d| d == 0.0));
+    }
+}
