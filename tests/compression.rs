@@ -437,21 +437,27 @@ fn a_pruning_plugin_ranks_the_experts_and_a_bad_one_falls_back_to_routed_mass() 
     assert!(!tmp.path().join("x").exists() && !tmp.path().join("y").exists());
 }
 
-/// `--activations q8` on an int4 copy: its int8-activation arithmetic is defined, so any
-/// memory budget gives the same logits and routing in that mode; it stays close to the exact
-/// f32 arithmetic, and differs from it (the mode is really used). A CPU without AVX-512 VNNI
-/// refuses the mode, naming what it lacks.
+/// `--activations q8` on int4 and int8 copies: its int8-activation arithmetic is defined, so
+/// any memory budget and thread count give the same logits and routing in that mode; it stays
+/// close to the exact f32 arithmetic, and differs from it (the mode is really used). A CPU
+/// without AVX-512 VNNI refuses the mode, naming what it lacks.
 #[test]
 fn int8_activations_keep_the_invariant_within_their_mode() {
+    for bits in ["int4", "int8"] {
+        int8_activations_on(bits);
+    }
+}
+
+fn int8_activations_on(bits: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("int4");
+    let model = tmp.path().join(bits);
     assert_ok(
         &moehost()
             .args(["quantize", "--model"])
             .arg(bf16_model())
             .arg("--out")
             .arg(&model)
-            .args(["--experts", "int4"])
+            .args(["--experts", bits])
             .output()
             .unwrap(),
     );
@@ -515,6 +521,9 @@ fn int8_activations_keep_the_invariant_within_their_mode() {
     );
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = max_abs_diff(&a, &b);
-    assert!(d > 0.0, "the q8 mode changed nothing");
-    assert!(d < 0.05 * scale, "q8 logits {d} from exact (scale {scale})");
+    assert!(d > 0.0, "{bits}: the q8 mode changed nothing");
+    assert!(
+        d < 0.05 * scale,
+        "{bits}: q8 logits {d} from exact (scale {scale})"
+    );
 }

@@ -1,31 +1,33 @@
-//! The opt-in int8-activation arithmetic for int4 experts (`--activations q8`): each input row
-//! quantized to int8 per 32 columns (llama.cpp's Q8_0 rule: `d = max|x| / 127`,
-//! `q = round(x / d)`), multiplied into the int4 weights with integer dot products
-//! (AVX-512 VNNI `vpdpbusd`: 64 multiply-adds an instruction, exact), and the integer sums
-//! scaled in f32. It reads a weight byte in a few instructions instead of the exact path's
-//! decode-to-f32 and two FMAs per pair of weights, so a decode step is bound by memory rather
-//! than by arithmetic; the price is the activations' rounding (relative error ~1/254 per
-//! value), which changes logits slightly against the f32 reference.
+//! The opt-in int8-activation arithmetic for int4 and int8 experts (`--activations q8`): each
+//! input row quantized to int8 per 32 columns (llama.cpp's Q8_0 rule: `d = max|x| / 127`,
+//! `q = round(x / d)`), multiplied into the weights with integer dot products (AVX-512 VNNI
+//! `vpdpbusd`: 64 multiply-adds an instruction, exact), and the integer sums scaled in f32. It
+//! reads a weight byte in a few instructions instead of the exact path's decode-to-f32 and an
+//! FMA per weight, so a decode step is bound by memory rather than by arithmetic; the price is
+//! the activations' rounding (relative error ~1/254 per value), which changes logits slightly
+//! against the f32 reference.
 //!
 //! The arithmetic is defined, not just approximated, so the invariant still holds within the
-//! mode: every 128 columns form a chunk whose 64 weight bytes split into 16 lanes of 4 bytes
-//! (lane `i`: columns `8i..8i + 8` of the chunk, in group `i / 4`); a lane's integer sum
-//! `sum (q_w - 8) * q_x` is exact; it is converted to f32 and added as
-//! `fma(sum, s_w[g] * d_x[g], acc_i)` chunk after chunk; the 16 lanes are then summed as a
-//! tree (`i` with `i + 8`, then `+ 4`, `+ 2`, `+ 1`). [`reference`] computes exactly that in
-//! scalar code; the kernel is tested against it bit for bit, and every tier runs the kernel.
+//! mode: a chunk's 64 weight bytes (int4: 128 columns; int8: 64) split into 16 lanes of 4
+//! bytes (int4 lane `i`: columns `8i..8i + 8` of the chunk, in group `i / 4`; int8: columns
+//! `4i..4i + 4`, group `i / 8`); a lane's integer sum (`sum (q_w - 8) * q_x`, or
+//! `sum q_w * q_x`) is exact, reached through unsigned weight bytes (the nibble, or the int8
+//! value + 128) and an offset per lane computed with the input; it is converted to f32 and
+//! added as `fma(sum, s_w[g] * d_x[g], acc_i)` chunk after chunk; the 16 lanes are then summed
+//! as a tree (`i` with `i + 8`, then `+ 4`, `+ 2`, `+ 1`). [`reference`] computes exactly that
+//! in scalar code; the kernels are tested against it bit for bit, and every tier runs them.
 //!
-//! Owns: the activations' quantization, the reference, the kernel and when it applies (int4
-//! weights, columns a multiple of 128, AVX-512 VNNI). Does not own: the mode switch's CLI, or
-//! the exact path (`stored_dot`).
+//! Owns: the activations' quantization, the reference, the kernels and when they apply (int4
+//! or int8 weights, whole chunks, AVX-512 VNNI). Does not own: the mode switch's CLI, or the
+//! exact path (`stored_dot`).
 
 use std::sync::OnceLock;
 
 use crate::weights::format::WeightFormat;
 use crate::weights::stored_dot::StoredMatrix;
 
-/// Columns of a chunk (64 int4 bytes: one 512-bit load).
-pub const CHUNK: usize = 128;
+/// Weight bytes of a chunk (one 512-bit load).
+const CHUNK_BYTES: usize = 64;
 /// Columns sharing an activation scale (and a weight scale).
 const GROUP: usize = 32;
 
@@ -63,32 +65,47 @@ pub fn cpu_has_vnni() -> bool {
     }
 }
 
-/// Whether the mode's kernel serves matrix `m` (int4, whole chunks, scales there).
+/// Columns of a chunk of `format` (int4: 128, int8: 64), if the mode serves it.
+fn chunk_cols(format: WeightFormat) -> Option<usize> {
+    match format {
+        WeightFormat::Int4 => Some(2 * CHUNK_BYTES),
+        WeightFormat::Int8 => Some(CHUNK_BYTES),
+        _ => None,
+    }
+}
+
+/// Whether the mode's kernels serve matrix `m` (int4 or int8, whole chunks, all there).
 pub fn serves(m: &StoredMatrix<'_>) -> bool {
+    let Some(chunk) = chunk_cols(m.format) else {
+        return false;
+    };
     enabled()
-        && m.format == WeightFormat::Int4
         && m.cols > 0
-        && m.cols.is_multiple_of(CHUNK)
-        && m.bytes.len() >= m.rows * m.cols / 2
+        && m.cols.is_multiple_of(chunk)
+        && m.bytes.len() >= m.rows * m.cols / chunk * CHUNK_BYTES
         && m.scales.len() >= m.rows * m.cols / GROUP
 }
 
-/// One input row quantized, laid out as the kernel reads it, per chunk: the even columns'
-/// and the odd columns' int8 values (64 each, in the weight bytes' order), each lane's
-/// `-8 * sum of its 8 values` (the weights' offset), and each lane's activation scale.
+/// One input row quantized, laid out as the kernels read it for one weight format, per
+/// chunk: 64 int8 values per weight-byte operand (int4: the even columns, then in `odd` the
+/// odd ones, in the weight bytes' order; int8: the columns as they are), each lane's offset
+/// (int4: `-8` times the sum of its 8 values; int8: `-128` times its 4), and each lane's
+/// activation scale.
 pub struct Q8Input {
     pub chunks: usize,
-    even: Vec<i8>,
+    format: WeightFormat,
+    q: Vec<i8>,
     odd: Vec<i8>,
-    neg8: Vec<i32>,
+    offset: Vec<i32>,
     d: Vec<f32>,
 }
 
 impl Q8Input {
-    /// `x` (a multiple of 128 values) quantized per 32 columns.
-    pub fn quantize(x: &[f32]) -> Self {
-        assert!(x.len().is_multiple_of(CHUNK));
-        let chunks = x.len() / CHUNK;
+    /// `x` (whole chunks of `format`) quantized per 32 columns.
+    pub fn quantize(x: &[f32], format: WeightFormat) -> Self {
+        let chunk = chunk_cols(format).expect("int4 or int8");
+        assert!(x.len().is_multiple_of(chunk));
+        let chunks = x.len() / chunk;
         let mut q = vec![0i8; x.len()];
         let mut dg = vec![0f32; x.len() / GROUP];
         for ((g, q), d) in x
@@ -104,44 +121,64 @@ impl Q8Input {
                 }
             }
         }
-        let mut even = vec![0i8; x.len() / 2];
-        let mut odd = vec![0i8; x.len() / 2];
-        for (j, pair) in q.chunks_exact(2).enumerate() {
-            even[j] = pair[0];
-            odd[j] = pair[1];
-        }
-        let mut neg8 = vec![0i32; chunks * 16];
+        // Columns a lane covers, and the weights' offset it cancels.
+        let (per_lane, offset) = match format {
+            WeightFormat::Int4 => (8, -8),
+            _ => (4, -128),
+        };
+        let mut offsets = vec![0i32; chunks * 16];
         let mut d = vec![0f32; chunks * 16];
-        for (lane, (n, dl)) in neg8.iter_mut().zip(&mut d).enumerate() {
-            let (c, i) = (lane / 16, lane % 16);
-            let cols = c * CHUNK + 8 * i;
-            *n = -8 * q[cols..cols + 8].iter().map(|&v| i32::from(v)).sum::<i32>();
+        for (lane, (o, dl)) in offsets.iter_mut().zip(&mut d).enumerate() {
+            let cols = lane * per_lane;
+            *o = offset
+                * q[cols..cols + per_lane]
+                    .iter()
+                    .map(|&v| i32::from(v))
+                    .sum::<i32>();
             *dl = dg[cols / GROUP];
         }
+        let (q, odd) = match format {
+            WeightFormat::Int4 => {
+                let even = q.iter().step_by(2).copied().collect();
+                let odd = q.iter().skip(1).step_by(2).copied().collect();
+                (even, odd)
+            }
+            _ => (q, Vec::new()),
+        };
         Q8Input {
             chunks,
-            even,
+            format,
+            q,
             odd,
-            neg8,
+            offset: offsets,
             d,
         }
     }
 }
 
-/// Row `r` of int4 matrix `m` times `x`, in scalar code, in the mode's defined order.
+/// Row `r` of matrix `m` (int4 or int8) times `x`, in scalar code, in the mode's order.
 pub fn reference(m: &StoredMatrix<'_>, r: usize, x: &Q8Input) -> f32 {
-    let row = &m.bytes[r * m.cols / 2..(r + 1) * m.cols / 2];
+    assert_eq!(m.format, x.format);
+    let row = &m.bytes[r * x.chunks * CHUNK_BYTES..(r + 1) * x.chunks * CHUNK_BYTES];
     let groups = m.cols / GROUP;
+    let lanes_per_group = match m.format {
+        WeightFormat::Int4 => 4,
+        _ => 8,
+    };
     let mut acc = [0f32; 16];
     for c in 0..x.chunks {
         for (i, a) in acc.iter_mut().enumerate() {
-            let mut sum = x.neg8[c * 16 + i];
+            let mut sum = x.offset[c * 16 + i];
             for b in 0..4 {
-                let j = c * 64 + 4 * i + b;
-                sum += i32::from(row[j] & 0x0f) * i32::from(x.even[j]);
-                sum += i32::from(row[j] >> 4) * i32::from(x.odd[j]);
+                let j = c * CHUNK_BYTES + 4 * i + b;
+                if m.format == WeightFormat::Int4 {
+                    sum += i32::from(row[j] & 0x0f) * i32::from(x.q[j]);
+                    sum += i32::from(row[j] >> 4) * i32::from(x.odd[j]);
+                } else {
+                    sum += i32::from(row[j] ^ 0x80) * i32::from(x.q[j]);
+                }
             }
-            let g = c * 4 + i / 4;
+            let g = c * (16 / lanes_per_group) + i / lanes_per_group;
             let scale = m.scales.get(r * groups + g) * x.d[c * 16 + i];
             *a = (sum as f32).mul_add(scale, *a);
         }
@@ -171,7 +208,10 @@ pub fn linear(
 ) {
     use rayon::prelude::*;
     assert!(serves(m) && rows.end <= m.rows);
-    let inputs: Vec<Q8Input> = x.chunks_exact(m.cols).map(Q8Input::quantize).collect();
+    let inputs: Vec<Q8Input> = x
+        .chunks_exact(m.cols)
+        .map(|x| Q8Input::quantize(x, m.format))
+        .collect();
     let t = inputs.len();
     let n = rows.len();
     let mut by_row = vec![0f32; n * t];
@@ -179,7 +219,12 @@ pub fn linear(
         for (i, v) in o.chunks_exact_mut(t).enumerate() {
             for (y, xi) in v.iter_mut().zip(&inputs) {
                 // SAFETY: `serves` checked the CPU and that bytes and scales cover every row.
-                *y = unsafe { vnni::row(m, r0 + i, xi) };
+                *y = unsafe {
+                    match m.format {
+                        WeightFormat::Int4 => vnni::row_int4(m, r0 + i, xi),
+                        _ => vnni::row_int8(m, r0 + i, xi),
+                    }
+                };
             }
         }
     };
@@ -201,7 +246,19 @@ pub fn linear(
 
 #[cfg(not(target_arch = "x86_64"))]
 mod vnni {
-    pub(super) unsafe fn row(_: &super::StoredMatrix<'_>, _: usize, _: &super::Q8Input) -> f32 {
+    pub(super) unsafe fn row_int4(
+        _: &super::StoredMatrix<'_>,
+        _: usize,
+        _: &super::Q8Input,
+    ) -> f32 {
+        unreachable!("the q8 mode is refused off x86_64")
+    }
+
+    pub(super) unsafe fn row_int8(
+        _: &super::StoredMatrix<'_>,
+        _: usize,
+        _: &super::Q8Input,
+    ) -> f32 {
         unreachable!("the q8 mode is refused off x86_64")
     }
 }
@@ -216,12 +273,12 @@ mod vnni {
     /// Bytes ahead of the current chunk to prefetch.
     const PREFETCH: usize = 2048;
 
-    /// Row `r` of `m` times `x`, [`super::reference`]'s arithmetic.
+    /// Row `r` of int4 matrix `m` times `x`, [`super::reference`]'s arithmetic.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL and VNNI; the row, its scales and `x`'s chunks are there.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    pub(super) unsafe fn row(m: &StoredMatrix<'_>, r: usize, x: &Q8Input) -> f32 {
+    pub(super) unsafe fn row_int4(m: &StoredMatrix<'_>, r: usize, x: &Q8Input) -> f32 {
         let bytes = m.bytes.as_ptr().add(r * m.cols / 2);
         let s0 = r * (m.cols / GROUP);
         let low = _mm512_set1_epi8(0x0f);
@@ -235,9 +292,9 @@ mod vnni {
             let w = _mm512_loadu_si512(bytes.add(64 * c) as *const _);
             let lo = _mm512_and_si512(w, low);
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-            let xe = _mm512_loadu_si512(x.even.as_ptr().add(64 * c) as *const _);
+            let xe = _mm512_loadu_si512(x.q.as_ptr().add(64 * c) as *const _);
             let xo = _mm512_loadu_si512(x.odd.as_ptr().add(64 * c) as *const _);
-            let mut sum = _mm512_loadu_si512(x.neg8.as_ptr().add(16 * c) as *const _);
+            let mut sum = _mm512_loadu_si512(x.offset.as_ptr().add(16 * c) as *const _);
             sum = _mm512_dpbusd_epi32(sum, lo, xe);
             sum = _mm512_dpbusd_epi32(sum, hi, xo);
             let sw = four_scales(m, s0 + 4 * c);
@@ -247,7 +304,41 @@ mod vnni {
             );
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
         }
-        // The tree: i + 8, i + 4, i + 2, i + 1.
+        tree(acc)
+    }
+
+    /// Row `r` of int8 matrix `m` times `x`, [`super::reference`]'s arithmetic.
+    ///
+    /// # Safety
+    /// As [`row_int4`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(super) unsafe fn row_int8(m: &StoredMatrix<'_>, r: usize, x: &Q8Input) -> f32 {
+        let bytes = m.bytes.as_ptr().add(r * m.cols);
+        let s0 = r * (m.cols / GROUP);
+        let bias = _mm512_set1_epi8(-128);
+        // Lanes 0-7 take the chunk's first group's scale, 8-15 its second's.
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let mut acc = _mm512_setzero_ps();
+        for c in 0..x.chunks {
+            _mm_prefetch::<_MM_HINT_T0>(bytes.add(64 * c).wrapping_add(PREFETCH) as *const i8);
+            // The int8 value + 128, as an unsigned byte.
+            let w = _mm512_xor_si512(_mm512_loadu_si512(bytes.add(64 * c) as *const _), bias);
+            let xq = _mm512_loadu_si512(x.q.as_ptr().add(64 * c) as *const _);
+            let mut sum = _mm512_loadu_si512(x.offset.as_ptr().add(16 * c) as *const _);
+            sum = _mm512_dpbusd_epi32(sum, w, xq);
+            let sw = two_scales(m, s0 + 2 * c);
+            let scale = _mm512_mul_ps(
+                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sw)),
+                _mm512_loadu_ps(x.d.as_ptr().add(16 * c)),
+            );
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
+        }
+        tree(acc)
+    }
+
+    /// The 16 lanes summed: i + 8, i + 4, i + 2, i + 1.
+    #[inline(always)]
+    unsafe fn tree(acc: __m512) -> f32 {
         let a = _mm256_add_ps(
             _mm512_castps512_ps256(acc),
             _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc))),
@@ -256,6 +347,23 @@ mod vnni {
         let c = _mm_add_ps(b, _mm_movehl_ps(b, b));
         let d = _mm_add_ss(c, _mm_shuffle_ps::<1>(c, c));
         _mm_cvtss_f32(d)
+    }
+
+    /// Scales `i..i + 2` of `m`, widened exactly (in the low two lanes).
+    #[inline(always)]
+    unsafe fn two_scales(m: &StoredMatrix<'_>, i: usize) -> __m128 {
+        let at = m.scales.bytes.as_ptr();
+        match m.scales.ty {
+            ScaleType::F32 => _mm_castpd_ps(_mm_load_sd((at as *const f32).add(i) as *const f64)),
+            ScaleType::F16 => _mm_cvtph_ps(_mm_cvtsi32_si128(
+                ((at as *const u16).add(i) as *const i32).read_unaligned(),
+            )),
+            ScaleType::Bf16 => {
+                let h =
+                    _mm_cvtsi32_si128(((at as *const u16).add(i) as *const i32).read_unaligned());
+                _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(h)))
+            }
+        }
     }
 
     /// Scales `i..i + 4` of `m`, widened exactly.
@@ -288,21 +396,29 @@ mod tests {
         *s
     }
 
-    /// The kernel gives the reference's bits, row by row, with every stored scale type; and
-    /// the mode's result stays within the activations' rounding of the exact f32 dot.
+    /// The kernels give the reference's bits, row by row, for int4 and int8 with every stored
+    /// scale type; and the mode's result stays within the activations' rounding of the exact
+    /// f32 dot.
     #[test]
-    fn the_kernel_gives_the_references_bits() {
+    fn the_kernels_give_the_references_bits() {
         if !cpu_has_vnni() {
             eprintln!("skipped: this CPU has no AVX-512 VNNI");
             return;
         }
         let mut s = 0x1234_5678_u32;
-        for (rows, cols, ty) in [
-            (5, 128, ScaleType::F16),
-            (7, 384, ScaleType::Bf16),
-            (3, 1024, ScaleType::F32),
+        for (format, rows, cols, ty) in [
+            (WeightFormat::Int4, 5, 128, ScaleType::F16),
+            (WeightFormat::Int4, 7, 384, ScaleType::Bf16),
+            (WeightFormat::Int4, 3, 1024, ScaleType::F32),
+            (WeightFormat::Int8, 5, 64, ScaleType::F16),
+            (WeightFormat::Int8, 6, 448, ScaleType::Bf16),
+            (WeightFormat::Int8, 3, 1024, ScaleType::F32),
         ] {
-            let bytes: Vec<u8> = (0..rows * cols / 2).map(|_| next(&mut s) as u8).collect();
+            let n_bytes = match format {
+                WeightFormat::Int4 => rows * cols / 2,
+                _ => rows * cols,
+            };
+            let bytes: Vec<u8> = (0..n_bytes).map(|_| next(&mut s) as u8).collect();
             let wide: Vec<f32> = (0..rows * cols / GROUP)
                 .map(|_| (1 + next(&mut s) % 997) as f32 / 3.1e4)
                 .collect();
@@ -322,7 +438,7 @@ mod tests {
                 .into(),
             };
             let m = StoredMatrix {
-                format: WeightFormat::Int4,
+                format,
                 bytes: &bytes,
                 scales: scales.view(),
                 rows,
@@ -332,12 +448,12 @@ mod tests {
             let x: Vec<f32> = (0..cols)
                 .map(|_| (next(&mut s) % 2001) as f32 / 1000.0 - 1.0)
                 .collect();
-            let xi = Q8Input::quantize(&x);
+            let xi = Q8Input::quantize(&x, format);
             let w = crate::weights::checkpoint::decode_f32(
                 &crate::weights::checkpoint::RawTensor {
                     name: "w",
-                    dtype: WeightFormat::Int4.dtype(),
-                    shape: &WeightFormat::Int4.stored_shape(&[rows, cols]),
+                    dtype: format.dtype(),
+                    shape: &format.stored_shape(&[rows, cols]),
                     bytes: &bytes,
                 },
                 Some(&scales.all_f32()),
@@ -346,12 +462,18 @@ mod tests {
             .unwrap();
             for r in 0..rows {
                 // SAFETY: the CPU was checked; the matrix holds `rows` rows.
-                let got = unsafe { vnni::row(&m, r, &xi) };
+                let got = unsafe {
+                    match format {
+                        WeightFormat::Int4 => vnni::row_int4(&m, r, &xi),
+                        _ => vnni::row_int8(&m, r, &xi),
+                    }
+                };
                 let want = reference(&m, r, &xi);
                 assert_eq!(
                     got.to_bits(),
                     want.to_bits(),
-                    "{rows}x{cols} {ty:?} row {r}"
+                    "{} {rows}x{cols} {ty:?} row {r}",
+                    format.name()
                 );
                 let exact = crate::kernels::dot(&w[r * cols..(r + 1) * cols], &x);
                 let size: f32 = w[r * cols..(r + 1) * cols]
@@ -372,13 +494,19 @@ mod tests {
         x[3] = -2.0;
         x[5] = 1.0;
         x[40] = 0.5;
-        let q = Q8Input::quantize(&x);
+        let q = Q8Input::quantize(&x, WeightFormat::Int4);
         assert_eq!(q.chunks, 1);
         // Column 3 is odd (pair 1), column 5 odd (pair 2), column 40 even (pair 20).
-        assert_eq!((q.odd[1], q.odd[2], q.even[20]), (-127, 64, 127));
+        assert_eq!((q.odd[1], q.odd[2], q.q[20]), (-127, 64, 127));
         assert_eq!(q.d[0], 2.0 / 127.0);
         assert_eq!(q.d[4], 0.5 / 127.0);
-        assert_eq!(q.neg8[0], -8 * (-127 + 64));
+        assert_eq!(q.offset[0], -8 * (-127 + 64));
         assert!(q.d[8..].iter().all(|&d| d == 0.0));
+        // int8: 64-column chunks, lanes of 4 columns in order, offsets -128 times their sum.
+        let q = Q8Input::quantize(&x, WeightFormat::Int8);
+        assert_eq!(q.chunks, 2);
+        assert_eq!((q.q[3], q.q[5], q.q[40]), (-127, 64, 127));
+        assert_eq!((q.offset[0], q.offset[1]), (-128 * -127, -128 * 64));
+        assert_eq!((q.d[7], q.d[8]), (2.0 / 127.0, 0.5 / 127.0));
     }
 }
