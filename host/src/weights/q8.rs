@@ -206,16 +206,14 @@ pub fn linear(
     width: usize,
     col: usize,
 ) {
-    use rayon::prelude::*;
     assert!(serves(m) && rows.end <= m.rows);
     let inputs: Vec<Q8Input> = x
         .chunks_exact(m.cols)
         .map(|x| Q8Input::quantize(x, m.format))
         .collect();
     let t = inputs.len();
-    let n = rows.len();
-    let mut by_row = vec![0f32; n * t];
-    let run = |r0: usize, o: &mut [f32]| {
+    let bytes_per_row = m.bytes.len() / m.rows.max(1);
+    crate::weights::stored_dot::by_rows(rows, t, bytes_per_row, out, width, col, |r0, o| {
         for (i, v) in o.chunks_exact_mut(t).enumerate() {
             for (y, xi) in v.iter_mut().zip(&inputs) {
                 // SAFETY: `serves` checked the CPU and that bytes and scales cover every row.
@@ -227,21 +225,7 @@ pub fn linear(
                 };
             }
         }
-    };
-    const TASK_ROWS: usize = 64;
-    if n * m.cols / 2 >= 1 << 20 && rayon::current_num_threads() > 1 {
-        by_row
-            .par_chunks_mut(TASK_ROWS * t)
-            .enumerate()
-            .for_each(|(c, o)| run(rows.start + c * TASK_ROWS, o));
-    } else {
-        run(rows.start, &mut by_row);
-    }
-    for (r, v) in by_row.chunks_exact(t).enumerate() {
-        for (j, &y) in v.iter().enumerate() {
-            out[j * width + col + r] = y;
-        }
-    }
+    });
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -297,12 +281,7 @@ mod vnni {
             let mut sum = _mm512_loadu_si512(x.offset.as_ptr().add(16 * c) as *const _);
             sum = _mm512_dpbusd_epi32(sum, lo, xe);
             sum = _mm512_dpbusd_epi32(sum, hi, xo);
-            let sw = four_scales(m, s0 + 4 * c);
-            let scale = _mm512_mul_ps(
-                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sw)),
-                _mm512_loadu_ps(x.d.as_ptr().add(16 * c)),
-            );
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
+            acc = scaled(acc, sum, four_scales(m, s0 + 4 * c), spread, x, c);
         }
         tree(acc)
     }
@@ -326,14 +305,27 @@ mod vnni {
             let xq = _mm512_loadu_si512(x.q.as_ptr().add(64 * c) as *const _);
             let mut sum = _mm512_loadu_si512(x.offset.as_ptr().add(16 * c) as *const _);
             sum = _mm512_dpbusd_epi32(sum, w, xq);
-            let sw = two_scales(m, s0 + 2 * c);
-            let scale = _mm512_mul_ps(
-                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sw)),
-                _mm512_loadu_ps(x.d.as_ptr().add(16 * c)),
-            );
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
+            acc = scaled(acc, sum, two_scales(m, s0 + 2 * c), spread, x, c);
         }
         tree(acc)
+    }
+
+    /// `acc + sum * (s_w * d_x)` per lane: the chunk's weight scales `sw` spread to their
+    /// lanes (`spread`) times chunk `c`'s activation scales.
+    #[inline(always)]
+    unsafe fn scaled(
+        acc: __m512,
+        sum: __m512i,
+        sw: __m128,
+        spread: __m512i,
+        x: &Q8Input,
+        c: usize,
+    ) -> __m512 {
+        let scale = _mm512_mul_ps(
+            _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sw)),
+            _mm512_loadu_ps(x.d.as_ptr().add(16 * c)),
+        );
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc)
     }
 
     /// The 16 lanes summed: i + 8, i + 4, i + 2, i + 1.
@@ -386,15 +378,8 @@ mod vnni {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::weights::scales::{ScaleType, Scales};
-
-    /// xorshift32.
-    fn next(s: &mut u32) -> u32 {
-        *s ^= *s << 13;
-        *s ^= *s >> 17;
-        *s ^= *s << 5;
-        *s
-    }
+    use crate::weights::scales::ScaleType;
+    use crate::weights::stored_dot::tests::{matrix, next};
 
     /// The kernels give the reference's bits, row by row, for int4 and int8 with every stored
     /// scale type; and the mode's result stays within the activations' rounding of the exact
@@ -414,29 +399,7 @@ mod tests {
             (WeightFormat::Int8, 6, 448, ScaleType::Bf16),
             (WeightFormat::Int8, 3, 1024, ScaleType::F32),
         ] {
-            let n_bytes = match format {
-                WeightFormat::Int4 => rows * cols / 2,
-                _ => rows * cols,
-            };
-            let bytes: Vec<u8> = (0..n_bytes).map(|_| next(&mut s) as u8).collect();
-            let wide: Vec<f32> = (0..rows * cols / GROUP)
-                .map(|_| (1 + next(&mut s) % 997) as f32 / 3.1e4)
-                .collect();
-            let scales = Scales {
-                ty,
-                bytes: match ty {
-                    ScaleType::F32 => wide.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    ScaleType::F16 => wide
-                        .iter()
-                        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                        .collect::<Vec<u8>>(),
-                    ScaleType::Bf16 => wide
-                        .iter()
-                        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                        .collect(),
-                }
-                .into(),
-            };
+            let (bytes, scales, w) = matrix(format, rows, cols, [1, 1], ty, &mut s);
             let m = StoredMatrix {
                 format,
                 bytes: &bytes,
@@ -449,17 +412,6 @@ mod tests {
                 .map(|_| (next(&mut s) % 2001) as f32 / 1000.0 - 1.0)
                 .collect();
             let xi = Q8Input::quantize(&x, format);
-            let w = crate::weights::checkpoint::decode_f32(
-                &crate::weights::checkpoint::RawTensor {
-                    name: "w",
-                    dtype: format.dtype(),
-                    shape: &format.stored_shape(&[rows, cols]),
-                    bytes: &bytes,
-                },
-                Some(&scales.all_f32()),
-                None,
-            )
-            .unwrap();
             for r in 0..rows {
                 // SAFETY: the CPU was checked; the matrix holds `rows` rows.
                 let got = unsafe {

@@ -86,27 +86,40 @@ impl StoredMatrix<'_> {
             WeightFormat::Int4 => std::borrow::Cow::Owned(deinterleave(x, k)),
             _ => std::borrow::Cow::Borrowed(x),
         };
-        let n = rows.len();
-        // Results by weight row ([n, t]), then placed.
-        let mut by_row = vec![0f32; n * t];
         let bytes_per_row = self.bytes.len() / self.rows.max(1);
-        let run = |r0: usize, o: &mut [f32]| {
+        by_rows(rows, t, bytes_per_row, out, width, col, |r0, o| {
             // SAFETY: `fused` checked the CPU's features and that bytes and scales cover every
             // row; `r0 + o.len() / t <= rows.end <= self.rows`; `x` holds t rows of k.
             unsafe { avx512::rows(self, &x, t, r0, o) }
-        };
-        if n * bytes_per_row >= PAR_MIN_BYTES && rayon::current_num_threads() > 1 {
-            by_row
-                .par_chunks_mut(TASK_ROWS * t)
-                .enumerate()
-                .for_each(|(c, o)| run(rows.start + c * TASK_ROWS, o));
-        } else {
-            run(rows.start, &mut by_row);
-        }
-        for (r, v) in by_row.chunks_exact(t).enumerate() {
-            for (j, &y) in v.iter().enumerate() {
-                out[j * width + col + r] = y;
-            }
+        });
+    }
+}
+
+/// `run(r0, o)` fills `o` (`[rows, t]`, by weight row) for the rows from `r0`; over the pool in
+/// 64-row tasks when the rows hold enough bytes; the results are then placed at
+/// `out[j * width + col + r - rows.start]`.
+pub(crate) fn by_rows(
+    rows: Range<usize>,
+    t: usize,
+    bytes_per_row: usize,
+    out: &mut [f32],
+    width: usize,
+    col: usize,
+    run: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let n = rows.len();
+    let mut by_row = vec![0f32; n * t];
+    if n * bytes_per_row >= PAR_MIN_BYTES && rayon::current_num_threads() > 1 {
+        by_row
+            .par_chunks_mut(TASK_ROWS * t)
+            .enumerate()
+            .for_each(|(c, o)| run(rows.start + c * TASK_ROWS, o));
+    } else {
+        run(rows.start, &mut by_row);
+    }
+    for (r, v) in by_row.chunks_exact(t).enumerate() {
+        for (j, &y) in v.iter().enumerate() {
+            out[j * width + col + r] = y;
         }
     }
 }
@@ -617,22 +630,44 @@ mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::weights::checkpoint::{decode_f32, RawTensor};
     use crate::weights::scales::{ScaleType, Scales};
 
     /// xorshift32.
-    fn next(s: &mut u32) -> u32 {
+    pub(crate) fn next(s: &mut u32) -> u32 {
         *s ^= *s << 13;
         *s ^= *s >> 17;
         *s ^= *s << 5;
         *s
     }
 
+    /// `wide` stored as `ty` (rounded to it).
+    fn stored_as(wide: &[f32], ty: ScaleType) -> Scales {
+        Scales {
+            ty,
+            bytes: match ty {
+                ScaleType::F32 => wide
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<_>>(),
+                ScaleType::F16 => wide
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                ScaleType::Bf16 => wide
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            }
+            .into(),
+        }
+    }
+
     /// A matrix of `format` at `[rows, cols]` from pseudo-random bytes (no FP8 NaN codes) and
     /// varied scales stored as `ty`: its bytes, scales and the reference decoder's values.
-    fn matrix(
+    pub(crate) fn matrix(
         format: WeightFormat,
         rows: usize,
         cols: usize,
@@ -659,24 +694,7 @@ mod tests {
         let wide: Vec<f32> = (0..n_scales)
             .map(|_| (1 + next(s) % 997) as f32 / 3.1e5)
             .collect();
-        let scales = Scales {
-            ty,
-            bytes: match ty {
-                ScaleType::F32 => wide
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<_>>(),
-                ScaleType::F16 => wide
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect(),
-                ScaleType::Bf16 => wide
-                    .iter()
-                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            }
-            .into(),
-        };
+        let scales = stored_as(&wide, ty);
         // The reference decoder takes the stored scales widened.
         let scales_f32 = scales.all_f32();
         let raw = RawTensor {
