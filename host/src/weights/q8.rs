@@ -1,6 +1,6 @@
 //! The opt-in int8-activation arithmetic for int4 and int8 experts (`--activations q8`): each
 //! input row quantized to int8 per 32 columns (llama.cpp's Q8_0 rule: `d = max|x| / 127`,
-//! `q = round(x / d)`), multiplied into the weights with integer dot products (AVX-512 VNNI
+//! `q = round(x * (1 / d))`, ties to even), multiplied into the weights with integer dot products (AVX-512 VNNI
 //! `vpdpbusd`: 64 multiply-adds an instruction, exact), and the integer sums scaled in f32. It
 //! reads a weight byte in a few instructions instead of the exact path's decode-to-f32 and an
 //! FMA per weight, so a decode step is bound by memory rather than by arithmetic; the price is
@@ -25,6 +25,9 @@ use std::sync::OnceLock;
 
 use crate::weights::format::WeightFormat;
 use crate::weights::stored_dot::StoredMatrix;
+
+/// 1.5 x 2^23: see [`Q8Input::quantize`].
+const ROUND: f32 = 12_582_912.0;
 
 /// Weight bytes of a chunk (one 512-bit load).
 const CHUNK_BYTES: usize = 64;
@@ -115,10 +118,11 @@ impl Q8Input {
         {
             let max = g.iter().fold(0f32, |m, v| m.max(v.abs()));
             *d = max / 127.0;
-            if *d > 0.0 {
-                for (q, v) in q.iter_mut().zip(g) {
-                    *q = (v / *d).round().clamp(-127.0, 127.0) as i8;
-                }
+            let id = if *d > 0.0 { 1.0 / *d } else { 0.0 };
+            // Adding and subtracting 1.5 x 2^23 rounds a value below 2^22 to the nearest
+            // integer, ties to even, in plain arithmetic the compiler vectorises.
+            for (q, v) in q.iter_mut().zip(g) {
+                *q = ((v * id + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
             }
         }
         // Columns a lane covers, and the weights' offset it cancels.
@@ -215,14 +219,22 @@ pub fn linear(
     let bytes_per_row = m.bytes.len() / m.rows.max(1);
     crate::weights::stored_dot::by_rows(rows, t, bytes_per_row, out, width, col, |r0, o| {
         for (i, v) in o.chunks_exact_mut(t).enumerate() {
-            for (y, xi) in v.iter_mut().zip(&inputs) {
+            // Up to four inputs per pass over the row: each weight chunk loaded once for them.
+            for (ys, xs) in v.chunks_mut(4).zip(inputs.chunks(4)) {
                 // SAFETY: `serves` checked the CPU and that bytes and scales cover every row.
-                *y = unsafe {
-                    match m.format {
-                        WeightFormat::Int4 => vnni::row_int4(m, r0 + i, xi),
-                        _ => vnni::row_int8(m, r0 + i, xi),
+                unsafe {
+                    match *xs {
+                        [ref a, ref b, ref c, ref d] => {
+                            ys.copy_from_slice(&vnni::row(m, r0 + i, [a, b, c, d]))
+                        }
+                        [ref a, ref b, ref c] => {
+                            ys.copy_from_slice(&vnni::row(m, r0 + i, [a, b, c]))
+                        }
+                        [ref a, ref b] => ys.copy_from_slice(&vnni::row(m, r0 + i, [a, b])),
+                        [ref a] => ys.copy_from_slice(&vnni::row(m, r0 + i, [a])),
+                        _ => unreachable!("chunks of one to four"),
                     }
-                };
+                }
             }
         }
     });
@@ -230,19 +242,11 @@ pub fn linear(
 
 #[cfg(not(target_arch = "x86_64"))]
 mod vnni {
-    pub(super) unsafe fn row_int4(
+    pub(super) unsafe fn row<const TK: usize>(
         _: &super::StoredMatrix<'_>,
         _: usize,
-        _: &super::Q8Input,
-    ) -> f32 {
-        unreachable!("the q8 mode is refused off x86_64")
-    }
-
-    pub(super) unsafe fn row_int8(
-        _: &super::StoredMatrix<'_>,
-        _: usize,
-        _: &super::Q8Input,
-    ) -> f32 {
+        _: [&super::Q8Input; TK],
+    ) -> [f32; TK] {
         unreachable!("the q8 mode is refused off x86_64")
     }
 }
@@ -257,74 +261,97 @@ mod vnni {
     /// Bytes ahead of the current chunk to prefetch.
     const PREFETCH: usize = 2048;
 
-    /// Row `r` of int4 matrix `m` times `x`, [`super::reference`]'s arithmetic.
+    /// Row `r` of matrix `m` (int4 or int8) times each of `xs`, [`super::reference`]'s
+    /// arithmetic for each: a weight chunk is loaded once for all the inputs.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL and VNNI; the row, its scales and `x`'s chunks are there.
+    /// AVX-512 F/BW/VL and VNNI; the row, its scales and the inputs' chunks are there; the
+    /// inputs were quantized for `m`'s format.
+    pub(super) unsafe fn row<const TK: usize>(
+        m: &StoredMatrix<'_>,
+        r: usize,
+        xs: [&Q8Input; TK],
+    ) -> [f32; TK] {
+        match m.format {
+            crate::weights::format::WeightFormat::Int4 => row_int4(m, r, xs),
+            _ => row_int8(m, r, xs),
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    pub(super) unsafe fn row_int4(m: &StoredMatrix<'_>, r: usize, x: &Q8Input) -> f32 {
+    unsafe fn row_int4<const TK: usize>(
+        m: &StoredMatrix<'_>,
+        r: usize,
+        xs: [&Q8Input; TK],
+    ) -> [f32; TK] {
         let bytes = m.bytes.as_ptr().add(r * m.cols / 2);
         let s0 = r * (m.cols / GROUP);
         let low = _mm512_set1_epi8(0x0f);
         // Lane i takes its group's scale: group i / 4 of the chunk's four.
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-        let mut acc = _mm512_setzero_ps();
-        for c in 0..x.chunks {
+        let mut acc = [_mm512_setzero_ps(); TK];
+        for c in 0..xs[0].chunks {
             // Ahead across 4 KiB pages, where the hardware prefetcher stops (the rows lie end
             // to end, so past a row's end is the next one's start).
             _mm_prefetch::<_MM_HINT_T0>(bytes.add(64 * c).wrapping_add(PREFETCH) as *const i8);
             let w = _mm512_loadu_si512(bytes.add(64 * c) as *const _);
             let lo = _mm512_and_si512(w, low);
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-            let xe = _mm512_loadu_si512(x.q.as_ptr().add(64 * c) as *const _);
-            let xo = _mm512_loadu_si512(x.odd.as_ptr().add(64 * c) as *const _);
-            let mut sum = _mm512_loadu_si512(x.offset.as_ptr().add(16 * c) as *const _);
-            sum = _mm512_dpbusd_epi32(sum, lo, xe);
-            sum = _mm512_dpbusd_epi32(sum, hi, xo);
-            acc = scaled(acc, sum, four_scales(m, s0 + 4 * c), spread, x, c);
+            let sw =
+                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four_scales(m, s0 + 4 * c)));
+            for (a, x) in acc.iter_mut().zip(xs) {
+                let xe = _mm512_loadu_si512(x.q.as_ptr().add(64 * c) as *const _);
+                let xo = _mm512_loadu_si512(x.odd.as_ptr().add(64 * c) as *const _);
+                let mut sum = _mm512_loadu_si512(x.offset.as_ptr().add(16 * c) as *const _);
+                sum = _mm512_dpbusd_epi32(sum, lo, xe);
+                sum = _mm512_dpbusd_epi32(sum, hi, xo);
+                *a = scaled(*a, sum, sw, x, c);
+            }
         }
-        tree(acc)
+        let mut out = [0f32; TK];
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = tree(a);
+        }
+        out
     }
 
-    /// Row `r` of int8 matrix `m` times `x`, [`super::reference`]'s arithmetic.
-    ///
-    /// # Safety
-    /// As [`row_int4`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    pub(super) unsafe fn row_int8(m: &StoredMatrix<'_>, r: usize, x: &Q8Input) -> f32 {
+    unsafe fn row_int8<const TK: usize>(
+        m: &StoredMatrix<'_>,
+        r: usize,
+        xs: [&Q8Input; TK],
+    ) -> [f32; TK] {
         let bytes = m.bytes.as_ptr().add(r * m.cols);
         let s0 = r * (m.cols / GROUP);
         let bias = _mm512_set1_epi8(-128);
         // Lanes 0-7 take the chunk's first group's scale, 8-15 its second's.
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let mut acc = _mm512_setzero_ps();
-        for c in 0..x.chunks {
+        let mut acc = [_mm512_setzero_ps(); TK];
+        for c in 0..xs[0].chunks {
             _mm_prefetch::<_MM_HINT_T0>(bytes.add(64 * c).wrapping_add(PREFETCH) as *const i8);
             // The int8 value + 128, as an unsigned byte.
             let w = _mm512_xor_si512(_mm512_loadu_si512(bytes.add(64 * c) as *const _), bias);
-            let xq = _mm512_loadu_si512(x.q.as_ptr().add(64 * c) as *const _);
-            let mut sum = _mm512_loadu_si512(x.offset.as_ptr().add(16 * c) as *const _);
-            sum = _mm512_dpbusd_epi32(sum, w, xq);
-            acc = scaled(acc, sum, two_scales(m, s0 + 2 * c), spread, x, c);
+            let sw =
+                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two_scales(m, s0 + 2 * c)));
+            for (a, x) in acc.iter_mut().zip(xs) {
+                let xq = _mm512_loadu_si512(x.q.as_ptr().add(64 * c) as *const _);
+                let mut sum = _mm512_loadu_si512(x.offset.as_ptr().add(16 * c) as *const _);
+                sum = _mm512_dpbusd_epi32(sum, w, xq);
+                *a = scaled(*a, sum, sw, x, c);
+            }
         }
-        tree(acc)
+        let mut out = [0f32; TK];
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = tree(a);
+        }
+        out
     }
 
-    /// `acc + sum * (s_w * d_x)` per lane: the chunk's weight scales `sw` spread to their
-    /// lanes (`spread`) times chunk `c`'s activation scales.
+    /// `acc + sum * (s_w * d_x)` per lane: the chunk's weight scales `sw` (spread to their
+    /// lanes) times chunk `c`'s activation scales.
     #[inline(always)]
-    unsafe fn scaled(
-        acc: __m512,
-        sum: __m512i,
-        sw: __m128,
-        spread: __m512i,
-        x: &Q8Input,
-        c: usize,
-    ) -> __m512 {
-        let scale = _mm512_mul_ps(
-            _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sw)),
-            _mm512_loadu_ps(x.d.as_ptr().add(16 * c)),
-        );
+    unsafe fn scaled(acc: __m512, sum: __m512i, sw: __m512, x: &Q8Input, c: usize) -> __m512 {
+        let scale = _mm512_mul_ps(sw, _mm512_loadu_ps(x.d.as_ptr().add(16 * c)));
         _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc)
     }
 
@@ -414,13 +441,20 @@ mod tests {
             let xi = Q8Input::quantize(&x, format);
             for r in 0..rows {
                 // SAFETY: the CPU was checked; the matrix holds `rows` rows.
-                let got = unsafe {
-                    match format {
-                        WeightFormat::Int4 => vnni::row_int4(&m, r, &xi),
-                        _ => vnni::row_int8(&m, r, &xi),
-                    }
-                };
+                let [got] = unsafe { vnni::row(&m, r, [&xi]) };
                 let want = reference(&m, r, &xi);
+                // Several inputs in one pass give each its own bits.
+                let others: Vec<Q8Input> = (0..2)
+                    .map(|j| {
+                        let y: Vec<f32> = x.iter().map(|v| v * (j as f32 + 0.5)).collect();
+                        Q8Input::quantize(&y, format)
+                    })
+                    .collect();
+                // SAFETY: as above.
+                let three = unsafe { vnni::row(&m, r, [&others[0], &xi, &others[1]]) };
+                assert_eq!(three[1].to_bits(), want.to_bits());
+                assert_eq!(three[0].to_bits(), reference(&m, r, &others[0]).to_bits());
+                assert_eq!(three[2].to_bits(), reference(&m, r, &others[1]).to_bits());
                 assert_eq!(
                     got.to_bits(),
                     want.to_bits(),
