@@ -483,7 +483,8 @@ impl OwnedTensor {
     /// stored bytes, with the bits of `kernels::linear` over the decoded matrix:
     /// - up to `ROW_INVARIANT_MAX` rows each output is `kernels::dot` of a decoded row and an
     ///   input, through `stored_dot`'s kernels where they serve the matrix, else over rows
-    ///   decoded a block at a time (int4 under `--activations q8`: `q8`'s arithmetic instead);
+    ///   decoded a block at a time (int4 and int8 under `--activations q8`: `q8`'s
+    ///   arithmetic instead);
     /// - above, `kernels::gemm_decoded` over blocks of decoded rows (aligned to FP8's blocks).
     pub fn linear_into(
         &self,
@@ -603,13 +604,11 @@ impl OwnedTensor {
 /// `n` synthetic scales of value `scale`, stored as the format's checkpoints store them (FP8:
 /// F32; moehost's int8/int4: F16).
 fn synthetic_scales(format: WeightFormat, scale: f32, n: usize) -> Scales {
-    match format {
-        WeightFormat::Fp8 => Scales::from_f32(&vec![scale; n]),
-        _ => Scales {
-            ty: ScaleType::F16,
-            bytes: half::f16::from_f32(scale).to_le_bytes().repeat(n).into(),
-        },
-    }
+    let ty = match format {
+        WeightFormat::Fp8 => ScaleType::F32,
+        _ => ScaleType::F16,
+    };
+    Scales::stored_as(&vec![scale; n], ty)
 }
 
 #[cfg(test)]

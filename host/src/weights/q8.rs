@@ -298,7 +298,7 @@ mod vnni {
             let lo = _mm512_and_si512(w, low);
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
             let sw =
-                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four_scales(m, s0 + 4 * c)));
+                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scales::<4>(m, s0 + 4 * c)));
             for (a, x) in acc.iter_mut().zip(xs) {
                 let xe = _mm512_loadu_si512(x.q.as_ptr().add(64 * c) as *const _);
                 let xo = _mm512_loadu_si512(x.odd.as_ptr().add(64 * c) as *const _);
@@ -332,7 +332,7 @@ mod vnni {
             // The int8 value + 128, as an unsigned byte.
             let w = _mm512_xor_si512(_mm512_loadu_si512(bytes.add(64 * c) as *const _), bias);
             let sw =
-                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two_scales(m, s0 + 2 * c)));
+                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scales::<2>(m, s0 + 2 * c)));
             for (a, x) in acc.iter_mut().zip(xs) {
                 let xq = _mm512_loadu_si512(x.q.as_ptr().add(64 * c) as *const _);
                 let mut sum = _mm512_loadu_si512(x.offset.as_ptr().add(16 * c) as *const _);
@@ -368,36 +368,17 @@ mod vnni {
         _mm_cvtss_f32(d)
     }
 
-    /// Scales `i..i + 2` of `m`, widened exactly (in the low two lanes).
+    /// Scales `i..i + N` of `m` (`N` 2 or 4), widened exactly into the low `N` lanes, reading
+    /// no further.
     #[inline(always)]
-    unsafe fn two_scales(m: &StoredMatrix<'_>, i: usize) -> __m128 {
+    unsafe fn scales<const N: u8>(m: &StoredMatrix<'_>, i: usize) -> __m128 {
+        let mask = (1u8 << N) - 1;
         let at = m.scales.bytes.as_ptr();
+        let half = || _mm_maskz_loadu_epi16(mask, (at as *const i16).add(i));
         match m.scales.ty {
-            ScaleType::F32 => _mm_castpd_ps(_mm_load_sd((at as *const f32).add(i) as *const f64)),
-            ScaleType::F16 => _mm_cvtph_ps(_mm_cvtsi32_si128(
-                ((at as *const u16).add(i) as *const i32).read_unaligned(),
-            )),
-            ScaleType::Bf16 => {
-                let h =
-                    _mm_cvtsi32_si128(((at as *const u16).add(i) as *const i32).read_unaligned());
-                _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(h)))
-            }
-        }
-    }
-
-    /// Scales `i..i + 4` of `m`, widened exactly.
-    #[inline(always)]
-    unsafe fn four_scales(m: &StoredMatrix<'_>, i: usize) -> __m128 {
-        let at = m.scales.bytes.as_ptr();
-        match m.scales.ty {
-            ScaleType::F32 => _mm_loadu_ps((at as *const f32).add(i)),
-            ScaleType::F16 => {
-                _mm_cvtph_ps(_mm_loadl_epi64((at as *const u16).add(i) as *const __m128i))
-            }
-            ScaleType::Bf16 => {
-                let h = _mm_loadl_epi64((at as *const u16).add(i) as *const __m128i);
-                _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(h)))
-            }
+            ScaleType::F32 => _mm_maskz_loadu_ps(mask, (at as *const f32).add(i)),
+            ScaleType::F16 => _mm_cvtph_ps(half()),
+            ScaleType::Bf16 => _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(half()))),
         }
     }
 }

@@ -62,9 +62,26 @@ pub struct Scales {
 impl Scales {
     /// Owned f32 scales (tests, synthetic experts, scales read back from a device).
     pub fn from_f32(v: &[f32]) -> Self {
+        Self::stored_as(v, ScaleType::F32)
+    }
+
+    /// Owned scales of type `ty` holding `v` (rounded to `ty`): what a checkpoint of that type
+    /// stores (synthetic experts, tests).
+    pub fn stored_as(v: &[f32], ty: ScaleType) -> Self {
+        let bytes: Vec<u8> = match ty {
+            ScaleType::F32 => v.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            ScaleType::F16 => v
+                .iter()
+                .flat_map(|s| half::f16::from_f32(*s).to_le_bytes())
+                .collect(),
+            ScaleType::Bf16 => v
+                .iter()
+                .flat_map(|s| half::bf16::from_f32(*s).to_le_bytes())
+                .collect(),
+        };
         Scales {
-            ty: ScaleType::F32,
-            bytes: StoredBytes::Owned(v.iter().flat_map(|s| s.to_le_bytes()).collect()),
+            ty,
+            bytes: StoredBytes::Owned(bytes),
         }
     }
 
@@ -135,22 +152,9 @@ mod tests {
     #[test]
     fn widening_is_exact_for_every_stored_type() {
         let values = [0.0f32, 1.0, -2.5, 1.0 / 4096.0, 6.1035156e-5, 65504.0];
-        let f16: Vec<u8> = values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect();
-        let bf16: Vec<u8> = values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect();
-        let as_f16 = Scales {
-            ty: ScaleType::F16,
-            bytes: f16.into(),
-        };
-        let as_bf16 = Scales {
-            ty: ScaleType::Bf16,
-            bytes: bf16.into(),
-        };
+        let as_f16 = Scales::stored_as(&values, ScaleType::F16);
+        let as_bf16 = Scales::stored_as(&values, ScaleType::Bf16);
+        assert_eq!((as_f16.bytes.len(), as_bf16.bytes.len()), (12, 12));
         for (i, v) in values.iter().enumerate() {
             assert_eq!(as_f16.view().get(i), half::f16::from_f32(*v).to_f32());
             assert_eq!(as_bf16.view().get(i), half::bf16::from_f32(*v).to_f32());

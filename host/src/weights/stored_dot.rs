@@ -643,28 +643,6 @@ pub(crate) mod tests {
         *s
     }
 
-    /// `wide` stored as `ty` (rounded to it).
-    fn stored_as(wide: &[f32], ty: ScaleType) -> Scales {
-        Scales {
-            ty,
-            bytes: match ty {
-                ScaleType::F32 => wide
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<_>>(),
-                ScaleType::F16 => wide
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect(),
-                ScaleType::Bf16 => wide
-                    .iter()
-                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            }
-            .into(),
-        }
-    }
-
     /// A matrix of `format` at `[rows, cols]` from pseudo-random bytes (no FP8 NaN codes) and
     /// varied scales stored as `ty`: its bytes, scales and the reference decoder's values.
     pub(crate) fn matrix(
@@ -694,7 +672,7 @@ pub(crate) mod tests {
         let wide: Vec<f32> = (0..n_scales)
             .map(|_| (1 + next(s) % 997) as f32 / 3.1e5)
             .collect();
-        let scales = stored_as(&wide, ty);
+        let scales = Scales::stored_as(&wide, ty);
         // The reference decoder takes the stored scales widened.
         let scales_f32 = scales.all_f32();
         let raw = RawTensor {
