@@ -384,7 +384,8 @@ impl DirectGuest {
     }
 
     /// Copies `items` into a fresh guest allocation (`cabi_realloc`, as the canonical ABI
-    /// does, also for an empty list); returns the flat `(pointer, length)`.
+    /// does; an empty list gets its alignment as the pointer, see `alloc`); returns the flat
+    /// `(pointer, length)`.
     fn lower<T, V: Flat>(
         &mut self,
         store: &mut Store<T>,
@@ -409,6 +410,12 @@ impl DirectGuest {
     }
 
     fn alloc<T>(&mut self, store: &mut Store<T>, bytes: usize, align: u32) -> Result<u32> {
+        if bytes == 0 {
+            // An empty list is never read through its pointer, and `cabi_realloc(0, 0, align,
+            // 0)` answers `align` in wit-bindgen's guests (and ours): pass that without the
+            // call, which costs a guest entry (~60 ns) on most calls' `excluded` or `outlook`.
+            return Ok(align);
+        }
         let size = i32::try_from(bytes).map_err(|_| Error::msg("argument over 2 GiB"))?;
         let ptr = self.realloc.call(&mut *store, (0, 0, align as i32, size))? as u32;
         if !ptr.is_multiple_of(align) {

@@ -193,12 +193,12 @@ fn new_store(limits: &RuntimeLimits) -> Store<StoreState> {
         engine(),
         StoreState {
             limits: super::limiter::PluginLimiter::new(limits.memory_bytes),
-            clock: super::deadline::CallClock::start(limits.init_timeout),
+            clock: super::deadline::CallClock::start(limits.init_timeout, EPOCH_TICK),
         },
     );
     store.limiter(|s| &mut s.limits);
-    store.epoch_deadline_callback(|ctx| {
-        Ok(if ctx.data().clock.expired() {
+    store.epoch_deadline_callback(|mut ctx| {
+        Ok(if ctx.data_mut().clock.expired() {
             UpdateDeadline::Interrupt
         } else {
             UpdateDeadline::Continue(1)
@@ -292,7 +292,7 @@ struct StoreState {
 /// Arms the deadline of the call about to run: the clock starts now, and wasmtime asks it on
 /// every epoch tick.
 fn arm_deadline(store: &mut Store<StoreState>, timeout: Duration) {
-    store.data_mut().clock = super::deadline::CallClock::start(timeout);
+    store.data_mut().clock = super::deadline::CallClock::start(timeout, EPOCH_TICK);
     store.set_epoch_deadline(1);
 }
 

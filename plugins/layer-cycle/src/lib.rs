@@ -7,11 +7,9 @@
 
 extern crate alloc;
 
-use alloc::collections::BinaryHeap;
 use alloc::vec;
 use alloc::vec::Vec;
 use common::{decode_event, event, ordered_bits64, powi, tier, Marks, ResidentSet, Slots};
-use core::cmp::Reverse;
 
 /// Per-visit decay of an expert's usage rate in its layer (a visit = one step of that layer).
 pub const DECAY: f32 = 0.97;
@@ -53,6 +51,19 @@ struct Layer {
     sizes: [u32; LAGS + 1],
 }
 
+impl Slot {
+    /// History bits aligned at visit `v` (bit j: used at visit v - j).
+    #[inline]
+    fn bits(&self, v: u64) -> u32 {
+        let age = v - self.last.min(v);
+        if self.last == 0 || age >= 32 {
+            0
+        } else {
+            self.hist << age
+        }
+    }
+}
+
 impl Layer {
     fn new(top_k: u32) -> Self {
         Layer {
@@ -89,18 +100,176 @@ struct LayerView {
 
 /// One (tier, layer)'s residents in victim order. Between two visits of a layer its experts'
 /// estimates change only by the distance to the layer's next visit, the same for all of them,
-/// so the order holds until the layer is visited or gains a resident; residents removed since
-/// are skipped when met. A request then merges the layers' orders instead of scoring every
-/// resident.
-#[derive(Default)]
+/// so the order holds until the layer is visited; a resident that joins meanwhile is put in
+/// its place, and residents removed since are skipped when met. A request then merges the
+/// layers' orders through their heads instead of scoring every resident.
 struct Ranked {
-    /// (reversed key of the estimate beyond the distance, expert-id), ascending.
-    order: Vec<(u32, u32)>,
+    /// `(reversed key of the estimate beyond the distance) << 32 | expert-id`, ascending.
+    order: Vec<u64>,
     /// Entries before it have left the tier.
     start: usize,
+    /// The layer was visited: every estimate changed, re-score before the next request.
     dirty: bool,
-    /// Bumped at each re-sort: heap entries of an older order are dropped when met.
-    version: u32,
+    /// The order or the layer's next visit changed (or its head left): its head is stale
+    /// and the layer is in its tier's `stale` list.
+    stale: bool,
+}
+
+impl Ranked {
+    fn stale() -> Self {
+        Ranked {
+            order: Vec::new(),
+            start: 0,
+            dirty: false,
+            stale: true,
+        }
+    }
+}
+
+/// A winner tree over the layers' heads: the layer with the smallest `(key, id)` at the root,
+/// and a changed head played up to it in log2(layers) matches (a victim costs that, not a
+/// pass over every layer). A node is its winner packed as `key << 64 | id << 32 | layer`, so
+/// a match is one comparison.
+struct Tournament {
+    /// Leaves at `leaves..2 * leaves` (layer `l` at `leaves + l`; padding leaves hold no
+    /// candidate); node `i` holds the smaller of nodes `2i` and `2i + 1`.
+    nodes: Vec<u128>,
+    /// Per layer: its head's position in the layer's order.
+    at: Vec<u32>,
+    leaves: usize,
+}
+
+impl Tournament {
+    fn new(layers: u32) -> Self {
+        let leaves = (layers as usize).next_power_of_two().max(1);
+        let mut nodes = vec![0; 2 * leaves];
+        for (l, node) in nodes[leaves..].iter_mut().enumerate() {
+            *node = pack(Head::default(), l as u32);
+        }
+        for i in (1..leaves).rev() {
+            nodes[i] = nodes[2 * i].min(nodes[2 * i + 1]);
+        }
+        Tournament {
+            nodes,
+            at: vec![0; layers as usize],
+            leaves,
+        }
+    }
+
+    /// The layer whose head is the next victim, and that head (`key` `u64::MAX`: none).
+    fn winner(&self) -> (u32, Head) {
+        let l = self.nodes[1] as u32;
+        (l, self.head(l))
+    }
+
+    /// Sets layer `l`'s head and replays the matches on its path.
+    fn set(&mut self, l: u32, head: Head) {
+        self.at[l as usize] = head.at;
+        let mut i = self.leaves + l as usize;
+        self.nodes[i] = pack(head, l);
+        while i > 1 {
+            let winner = self.nodes[i].min(self.nodes[i ^ 1]);
+            i /= 2;
+            self.nodes[i] = winner;
+        }
+    }
+
+    /// Layer `l`'s head.
+    fn head(&self, l: u32) -> Head {
+        let node = self.nodes[self.leaves + l as usize];
+        Head {
+            key: (node >> 64) as u64,
+            id: (node >> 32) as u32,
+            at: self.at.get(l as usize).copied().unwrap_or(0),
+        }
+    }
+}
+
+fn pack(head: Head, l: u32) -> u128 {
+    u128::from(head.key) << 64 | u128::from(head.id) << 32 | u128::from(l)
+}
+
+/// A layer's candidate victim, the first resident of its order (not excluded, during a
+/// request): the smallest `(key, id)` over the layers is the next victim.
+#[derive(Clone, Copy)]
+struct Head {
+    /// `u64::MAX - ordered_bits64(layer steps from the start until the next use)`: the
+    /// furthest next use has the smallest key; `u64::MAX`: the layer has no candidate.
+    key: u64,
+    id: u32,
+    /// Its position in the layer's order.
+    at: u32,
+}
+
+impl Default for Head {
+    fn default() -> Self {
+        Head {
+            key: u64::MAX,
+            id: u32::MAX,
+            at: 0,
+        }
+    }
+}
+
+/// An order entry: sorting these sorts by the estimate, furthest first, then by expert-id.
+#[inline]
+fn order_entry(beyond: f32, e: u32) -> u64 {
+    u64::from(u32::MAX - common::ordered_bits(beyond)) << 32 | u64::from(e)
+}
+
+#[inline]
+fn entry_id(entry: u64) -> u32 {
+    entry as u32
+}
+
+/// A layer's estimate of the next use of its experts, beyond the distance to its next visit.
+struct Scorer<'a> {
+    decay: &'a DecayTable,
+    visits: u64,
+    reset_at: u64,
+    view: LayerView,
+    /// MoE layers: layer steps per visit.
+    m: f32,
+}
+
+impl Scorer<'_> {
+    /// Usage rate of `slot` now, bias-corrected for the visits since the context started.
+    #[inline]
+    fn rate(&self, slot: &Slot) -> f32 {
+        if slot.last <= self.reset_at {
+            return 0.0;
+        }
+        let p = slot.p * self.decay.pow(self.visits - slot.last);
+        p / self.view.denom
+    }
+
+    #[inline]
+    fn beyond(&self, slot: &Slot) -> f32 {
+        let LayerView { lag, qb, .. } = self.view;
+        let m = self.m;
+        let bits = slot.bits(self.visits);
+        let p = self.rate(slot);
+        // Probability of a use at the next visit: the loop's guess, weighted by its precision.
+        let loop_bit = ((bits >> (lag - 1)) & 1) as f32;
+        let pn = qb * loop_bit + (1.0 - qb) * p;
+        // Comparisons, not `f32::max`: WebAssembly has no instruction with its NaN rule, so
+        // `max` is a call there. Same values (a NaN rate or estimate gives the bound).
+        let by_rate = m * (1.0 - pn) / if p > FLOOR { p } else { FLOOR };
+        // The loop's next use: the first of the next `lag` visits that repeats a used one, i.e.
+        // the highest set bit among the last `lag` visits (bit lag - 1 - t for t = 0, 1, ...).
+        let window = bits & (u32::MAX >> (32 - lag));
+        let est = if window != 0 {
+            let t = lag - 1 - (31 - window.leading_zeros() as usize);
+            qb * m * t as f32 + (1.0 - qb) * by_rate
+        } else {
+            by_rate
+        };
+        if est > 0.0 {
+            est
+        } else {
+            0.0
+        }
+    }
 }
 
 /// `DECAY^n` for small `n`, exactly as [`powi`] computes it (most ages are small).
@@ -134,23 +303,21 @@ pub struct LayerCycle {
     /// Layer steps served so far: `clock + distance(l)` is when layer `l` comes next, which
     /// stays put until `l` is served while the layers come in their cycle.
     clock: u64,
-    /// Per cached tier: rebuild the heap before the next request.
-    rekey: [bool; tier::CACHED],
     dedup: Marks,
     scratch: Vec<u32>,
     /// The residents of the device and host tiers, as the events tell them.
     residents: [ResidentSet; tier::CACHED],
     excluded: Marks,
-    /// Reused buffers: one call's accesses, a request's excluded heap entries set aside.
+    /// Reused buffers: one call's accesses; a request's layers that hold excluded experts.
     accesses: Vec<(u32, u32)>,
-    aside: Vec<Entry>,
-    /// Per cached tier: the heads of its layers' orders (and stale entries, dropped when met).
-    heaps: [BinaryHeap<Entry>; tier::CACHED],
+    excluded_layers: Vec<u32>,
+    /// Per cached tier: the layers whose head is stale.
+    stale: [Vec<u32>; tier::CACHED],
+    /// Per cached tier: its layers' heads, in a tournament for the next victim.
+    heads: [Tournament; tier::CACHED],
     /// Each layer's view, refreshed at its visits (all a request needs of the layer).
     views: Vec<LayerView>,
-    /// Per cached tier and layer: the residents (numbered within the layer), and in victim
-    /// order.
-    layered: [Vec<ResidentSet>; tier::CACHED],
+    /// Per cached tier and layer: the residents in victim order.
     ranked: [Vec<Ranked>; tier::CACHED],
     decay: DecayTable,
 }
@@ -165,7 +332,6 @@ impl LayerCycle {
             experts: vec![Slot::default(); slots.len()],
             current: 0,
             clock: 0,
-            rekey: [true; tier::CACHED],
             dedup: Marks::new(slots.len()),
             scratch: Vec::new(),
             residents: [ResidentSet::new(slots.len()), ResidentSet::new(slots.len())],
@@ -179,19 +345,12 @@ impl LayerCycle {
                 };
                 layers as usize
             ],
-            aside: Vec::new(),
-            heaps: [BinaryHeap::new(), BinaryHeap::new()],
-            layered: [
-                (0..layers)
-                    .map(|_| ResidentSet::new(experts as usize))
-                    .collect(),
-                (0..layers)
-                    .map(|_| ResidentSet::new(experts as usize))
-                    .collect(),
-            ],
+            excluded_layers: Vec::new(),
+            stale: [(0..layers).collect(), (0..layers).collect()],
+            heads: [Tournament::new(layers), Tournament::new(layers)],
             ranked: [
-                (0..layers).map(|_| Ranked::default()).collect(),
-                (0..layers).map(|_| Ranked::default()).collect(),
+                (0..layers).map(|_| Ranked::stale()).collect(),
+                (0..layers).map(|_| Ranked::stale()).collect(),
             ],
             decay: DecayTable::new(),
         }
@@ -199,25 +358,44 @@ impl LayerCycle {
 
     /// Expert-id `e` became resident in tier `t` (device, host; others ignored).
     pub fn insert(&mut self, e: u32, t: u8) {
-        let (Some(set), Some((l, x))) = (self.residents.get_mut(t as usize), self.slots.split(e))
+        let (Some(set), Some((l, _))) = (self.residents.get_mut(t as usize), self.slots.split(e))
         else {
             return;
         };
         if set.insert(e) {
-            self.layered[t as usize][l as usize].insert(x);
-            self.ranked[t as usize][l as usize].dirty = true;
+            if self.ranked[t as usize][l as usize].dirty {
+                // Scored and put in place by the re-sort to come.
+                self.ranked[t as usize][l as usize].order.push(u64::from(e));
+            } else {
+                // Its estimate is what a re-sort would give it: put it in its place.
+                let entry = order_entry(self.scorer(l).beyond(&self.experts[e as usize]), e);
+                // Entries before `start` have left the tier: the order from `start` on is the
+                // one kept sorted.
+                let ranked = &mut self.ranked[t as usize][l as usize];
+                let at =
+                    ranked.start + ranked.order[ranked.start..].partition_point(|&o| o < entry);
+                ranked.order.insert(at, entry);
+            }
+            self.mark_stale(t as usize, l);
         }
     }
 
     /// Expert-id `e` left tier `t`.
     pub fn remove(&mut self, e: u32, t: u8) {
-        let (Some(set), Some((l, x))) = (self.residents.get_mut(t as usize), self.slots.split(e))
-        else {
-            return;
-        };
-        if set.remove(e) {
-            self.layered[t as usize][l as usize].remove(x);
+        if let Some(l) = self.leave(e, t) {
+            if self.heads[t as usize].head(l).id == e {
+                self.mark_stale(t as usize, l);
+            }
         }
+    }
+
+    /// Takes expert-id `e` out of tier `t`'s residents; its layer when it was in.
+    fn leave(&mut self, e: u32, t: u8) -> Option<u32> {
+        let (Some(set), Some((l, _))) = (self.residents.get_mut(t as usize), self.slots.split(e))
+        else {
+            return None;
+        };
+        set.remove(e).then_some(l)
     }
 
     /// One call's step facts: packed events in order. Inserts and removes update the tiers'
@@ -243,24 +421,7 @@ impl LayerCycle {
 
     /// History bits of slot `s` aligned at visit `v` (bit j: used at visit v - j).
     fn bits(&self, s: usize, v: u64) -> u32 {
-        let slot = &self.experts[s];
-        let age = v - slot.last.min(v);
-        if slot.last == 0 || age >= 32 {
-            0
-        } else {
-            slot.hist << age
-        }
-    }
-
-    /// Usage rate of slot `s` (of `layer`) now, bias-corrected for the visits since the
-    /// context started (`denom`: [`LayerView::denom`]).
-    fn rate(&self, s: usize, layer: &Layer, denom: f32) -> f32 {
-        let slot = &self.experts[s];
-        if slot.last <= layer.reset_at {
-            return 0.0;
-        }
-        let p = slot.p * self.decay.pow(layer.visits - slot.last);
-        p / denom
+        self.experts[s].bits(v)
     }
 
     /// The facts of one call: the layer being served and, in order, the experts accessed
@@ -269,12 +430,19 @@ impl LayerCycle {
     pub fn on_step(&mut self, step: u64, layer: u32, accesses: &[(u32, u32)]) {
         if layer < self.slots.layers {
             if layer != (self.current + 1) % self.slots.layers {
-                // Out of turn: the layers passed over come next a cycle later, which the
-                // heaps' keys cannot follow lazily.
-                self.rekey = [true; tier::CACHED];
+                // Out of turn: the layers passed over come next a cycle later.
+                for t in 0..tier::CACHED {
+                    for l in 0..self.slots.layers {
+                        self.mark_stale(t, l);
+                    }
+                }
             }
             self.clock += self.distance(layer) as u64;
             self.current = layer;
+            // The layer served now comes next a cycle later: its heads' keys move.
+            for t in 0..tier::CACHED {
+                self.mark_stale(t, layer);
+            }
         }
         let mut i = 0;
         while i < accesses.len() {
@@ -325,11 +493,14 @@ impl LayerCycle {
                 self.scratch = used;
                 return;
             }
+            // inter[p]: the experts used now that were used p visits ago too (histories are
+            // sparse: visit their set bits only).
             let mut inter = [0u32; LAGS + 1];
             for &s in &used {
-                let b = self.bits(s as usize, v);
-                for (p, count) in inter.iter_mut().enumerate().skip(1) {
-                    *count += (b >> p) & 1;
+                let mut b = self.bits(s as usize, v) & !1;
+                while b != 0 {
+                    inter[b.trailing_zeros() as usize] += 1;
+                    b &= b - 1;
                 }
             }
             for (p, &hits) in inter.iter().enumerate().skip(1) {
@@ -366,8 +537,9 @@ impl LayerCycle {
     }
 
     fn refresh_view(&mut self, l: u32) {
-        for ranked in &mut self.ranked {
-            ranked[l as usize].dirty = true;
+        for t in 0..tier::CACHED {
+            self.ranked[t][l as usize].dirty = true;
+            self.mark_stale(t, l);
         }
         let layer = &self.layers[l as usize];
         let (lag, qb) = layer.best_lag();
@@ -395,99 +567,105 @@ impl LayerCycle {
 
     /// The estimated layer steps until expert `x` of `l` is used again, beyond the distance to
     /// its layer's next visit: fixed between two visits of the layer.
+    #[cfg(test)]
     fn beyond(&self, l: u32, x: u32) -> f32 {
-        let Some(s) = self.slots.index(l, x) else {
-            return f32::INFINITY;
-        };
-        let m = self.slots.layers as f32;
-        let layer = &self.layers[l as usize];
-        let LayerView { lag, qb, denom } = self.views[l as usize];
-        let bits = self.bits(s, layer.visits);
-        let p = self.rate(s, layer, denom);
-        // Probability of a use at the next visit: the loop's guess, weighted by its precision.
-        let loop_bit = ((bits >> (lag - 1)) & 1) as f32;
-        let pn = qb * loop_bit + (1.0 - qb) * p;
-        let by_rate = m * (1.0 - pn) / p.max(FLOOR);
-        // The loop's next use: the first of the next `lag` visits that repeats a used one, i.e.
-        // the highest set bit among the last `lag` visits (bit lag - 1 - t for t = 0, 1, ...).
-        let window = bits & (u32::MAX >> (32 - lag));
-        let est = if window != 0 {
-            let t = lag - 1 - (31 - window.leading_zeros() as usize);
-            qb * m * t as f32 + (1.0 - qb) * by_rate
-        } else {
-            by_rate
-        };
-        est.max(0.0)
+        match self.slots.index(l, x) {
+            Some(s) => self.scorer(l).beyond(&self.experts[s]),
+            None => f32::INFINITY,
+        }
     }
 
-    /// Re-sorts tier `t`'s residents of layer `l` if they changed.
+    /// What estimating layer `l`'s experts needs, read once for all of them.
+    fn scorer(&self, l: u32) -> Scorer<'_> {
+        let layer = &self.layers[l as usize];
+        Scorer {
+            decay: &self.decay,
+            visits: layer.visits,
+            reset_at: layer.reset_at,
+            view: self.views[l as usize],
+            m: self.slots.layers as f32,
+        }
+    }
+
+    /// Puts layer `l` in tier `t`'s stale list (once).
+    fn mark_stale(&mut self, t: usize, l: u32) {
+        let ranked = &mut self.ranked[t][l as usize];
+        if !ranked.stale {
+            ranked.stale = true;
+            self.stale[t].push(l);
+        }
+    }
+
+    /// Re-sorts tier `t`'s residents of layer `l` if their estimates changed.
     fn rank(&mut self, t: usize, l: u32) {
         if !self.ranked[t][l as usize].dirty {
             return;
         }
+        // The order holds every resident of the layer (those that joined since the last sort
+        // included), and some that left, some twice: keep the residents, once each.
         let mut order = core::mem::take(&mut self.ranked[t][l as usize].order);
-        order.clear();
-        let base = l * self.slots.experts;
-        for &x in self.layered[t][l as usize].members() {
-            order.push((u32::MAX - common::ordered_bits(self.beyond(l, x)), base + x));
-        }
+        let scorer = self.scorer(l);
+        let residents = &self.residents[t];
+        order.retain_mut(|o| {
+            let e = entry_id(*o);
+            let resident = residents.contains(e);
+            if resident {
+                *o = order_entry(scorer.beyond(&self.experts[e as usize]), e);
+            }
+            resident
+        });
         order.sort_unstable();
-        let version = self.ranked[t][l as usize].version.wrapping_add(1);
-        self.ranked[t][l as usize] = Ranked {
-            order,
-            start: 0,
-            dirty: false,
-            version,
-        };
-        self.push_head(t, l, 0);
+        order.dedup();
+        let ranked = &mut self.ranked[t][l as usize];
+        ranked.order = order;
+        ranked.start = 0;
+        ranked.dirty = false;
     }
 
     /// The first entry of layer `l`'s order at or after `from` that is still resident in tier
-    /// `t` (entries before it that left the tier are skipped for good), as its position.
-    fn next_resident(&mut self, t: usize, l: u32, from: usize) -> Option<usize> {
+    /// `t` (entries before it that left the tier are skipped for good) and, when `skip` is
+    /// set, not excluded; as its position.
+    fn next_resident(&mut self, t: usize, l: u32, from: usize, skip: bool) -> Option<usize> {
         let ranked = &mut self.ranked[t][l as usize];
         while ranked
             .order
             .get(ranked.start)
-            .is_some_and(|&(_, e)| !self.residents[t].contains(e))
+            .is_some_and(|&o| !self.residents[t].contains(entry_id(o)))
         {
             ranked.start += 1;
         }
         let ranked = &self.ranked[t][l as usize];
-        (from.max(ranked.start)..ranked.order.len())
-            .find(|&i| self.residents[t].contains(ranked.order[i].1))
+        (from.max(ranked.start)..ranked.order.len()).find(|&i| {
+            let e = entry_id(ranked.order[i]);
+            self.residents[t].contains(e) && !(skip && self.excluded.contains(e as usize))
+        })
     }
 
-    /// The heap entry of position `i` of layer `l`'s order: the furthest next use first (an
-    /// absolute time, so entries pushed at different calls compare), then the lower id.
-    fn entry(&self, t: usize, l: u32, i: usize) -> Entry {
-        let ranked = &self.ranked[t][l as usize];
-        let (key, e) = ranked.order[i];
-        let beyond = f32::from_bits((u32::MAX - key) & 0x7fff_ffff);
-        let at = self.next_visit(l) as f64 + f64::from(beyond);
-        Reverse((
-            u64::MAX - ordered_bits64(at),
-            e,
-            l,
-            i as u32,
-            ranked.version,
-        ))
-    }
-
-    /// Puts layer `l`'s first resident entry at or after `from` in tier `t`'s heap.
-    fn push_head(&mut self, t: usize, l: u32, from: usize) {
-        if let Some(i) = self.next_resident(t, l, from) {
-            let entry = self.entry(t, l, i);
-            self.heaps[t].push(entry);
-        }
+    /// Sets layer `l`'s head in tier `t` to its first candidate at or after position `from`.
+    fn set_head(&mut self, t: usize, l: u32, from: usize, skip: bool) {
+        let head = match self.next_resident(t, l, from, skip) {
+            Some(i) => {
+                let o = self.ranked[t][l as usize].order[i];
+                let beyond = f32::from_bits((u32::MAX - (o >> 32) as u32) & 0x7fff_ffff);
+                let at = self.next_visit(l) as f64 + f64::from(beyond);
+                Head {
+                    key: u64::MAX - ordered_bits64(at),
+                    id: entry_id(o),
+                    at: i as u32,
+                }
+            }
+            None => Head::default(),
+        };
+        self.heads[t].set(l, head);
     }
 
     /// Appends to `out` up to `count` victims among tier `t`'s residents (of MoE layer
     /// `only_layer` when set) minus `excluded`: the furthest estimated next use first (ties:
     /// the lower expert-id, i.e. lower layer, then lower expert). The victims leave the tier's
     /// residents at once (the host evicts them; its remove events come later).
-    /// Per request: re-sorting the layers visited or grown since the last one, then
-    /// O((victims + skipped) x log layers); no allocation once the buffers are grown.
+    /// Per request: re-sorting the layers visited since the last one and refreshing the heads
+    /// of the layers that changed, then one pass over the layers' heads per victim; no
+    /// allocation once the buffers are grown.
     pub fn victims(
         &mut self,
         t: u8,
@@ -500,95 +678,68 @@ impl LayerCycle {
         if t >= tier::CACHED {
             return;
         }
+        let mut stale = core::mem::take(&mut self.stale[t]);
+        for &l in &stale {
+            self.rank(t, l);
+            self.set_head(t, l, 0, false);
+            self.ranked[t][l as usize].stale = false;
+        }
+        stale.clear();
+        self.stale[t] = stale;
+        // The layers holding excluded experts take their heads past them for this request.
         self.excluded.start();
+        let mut layers = core::mem::take(&mut self.excluded_layers);
+        layers.clear();
         for &e in excluded {
             self.excluded.mark(e as usize);
+            if let Some((l, _)) = self.slots.split(e) {
+                if !layers.contains(&l) {
+                    layers.push(l);
+                }
+            }
+        }
+        for &l in &layers {
+            self.set_head(t, l, 0, true);
         }
         let m = self.slots.layers;
-        for l in 0..m {
-            self.rank(t, l);
-        }
-        if self.rekey[t] {
-            self.rekey[t] = false;
-            self.rebuild_heap(t);
-        }
         match only_layer {
-            None => self.pick_from_heap(t, count, out),
+            None => self.pick_from_heads(t, count, out),
             Some(l) if l < m => {
-                // One layer: its order is the victim order.
-                let mut i = 0;
                 while out.len() < count {
-                    let Some(at) = self.next_resident(t, l, i) else {
+                    let head = self.heads[t].head(l);
+                    if head.key == u64::MAX {
                         break;
-                    };
-                    let e = self.ranked[t][l as usize].order[at].1;
-                    if !self.excluded.contains(e as usize) {
-                        out.push(e);
-                        self.remove(e, t as u8);
                     }
-                    i = at + 1;
+                    out.push(head.id);
+                    self.take(t, l, head);
                 }
-                // Its heap entry may now point at a victim: give the layer a fresh one.
-                self.push_head(t, l, 0);
             }
             Some(_) => {}
         }
+        for &l in &layers {
+            self.set_head(t, l, 0, false);
+        }
+        self.excluded_layers = layers;
     }
 
-    fn pick_from_heap(&mut self, t: usize, count: usize, out: &mut Vec<u32>) {
-        let mut aside = core::mem::take(&mut self.aside);
-        aside.clear();
-        let mut taken = 0;
-        while taken < count {
-            let Some(entry) = self.heaps[t].pop() else {
+    /// Takes `head`, layer `l`'s head in tier `t`, as a victim: it leaves the tier and the
+    /// layer's next candidate becomes the head.
+    fn take(&mut self, t: usize, l: u32, head: Head) {
+        self.leave(head.id, t as u8);
+        self.set_head(t, l, head.at as usize + 1, true);
+    }
+
+    fn pick_from_heads(&mut self, t: usize, count: usize, out: &mut Vec<u32>) {
+        while out.len() < count {
+            let (l, head) = self.heads[t].winner();
+            if head.key == u64::MAX {
                 break;
-            };
-            let Reverse((_, e, l, i, version)) = entry;
-            let i = i as usize;
-            if version != self.ranked[t][l as usize].version {
-                continue; // an older order of the layer: its current head is in the heap
             }
-            if !self.residents[t].contains(e) {
-                self.push_head(t, l, i + 1);
-                continue;
-            }
-            if self.entry(t, l, i) != entry {
-                self.push_head(t, l, i); // the layer's next visit moved: new key
-                continue;
-            }
-            if self.excluded.contains(e as usize) {
-                aside.push(entry);
-                self.push_head(t, l, i + 1);
-                continue;
-            }
-            out.push(e);
-            taken += 1;
-            self.remove(e, t as u8);
-            self.push_head(t, l, i + 1);
-        }
-        // Excluded ones stay candidates for later requests.
-        for entry in aside.drain(..) {
-            self.heaps[t].push(entry);
-        }
-        self.aside = aside;
-        // Entries dropped lazily pile up: rebuild from each layer's head now and then.
-        if self.heaps[t].len() > 4 * self.slots.layers as usize + 64 {
-            self.rebuild_heap(t);
-        }
-    }
-
-    /// Tier `t`'s heap afresh: each layer's first resident entry, keyed as of now.
-    fn rebuild_heap(&mut self, t: usize) {
-        self.heaps[t].clear();
-        for l in 0..self.slots.layers {
-            self.push_head(t, l, 0);
+            out.push(head.id);
+            self.take(t, l, head);
         }
     }
 }
-
-/// A heap entry: (reversed estimate key, expert-id, layer, position in the layer's order,
-/// the order's version); the smallest is the next victim.
-type Entry = Reverse<(u64, u32, u32, u32, u32)>;
 
 #[cfg(target_arch = "wasm32")]
 mod guest {
