@@ -250,7 +250,7 @@ impl Scorer<'_> {
         let bits = slot.bits(self.visits);
         let p = self.rate(slot);
         // Probability of a use at the next visit: the loop's guess, weighted by its precision.
-        let loop_bit = ((bits >> (lag - 1)) & 1) as f32;
+        let loop_bit = ((bits >> (lag - 1)) & 1) as i32 as f32;
         let pn = qb * loop_bit + (1.0 - qb) * p;
         // Comparisons, not `f32::max`: WebAssembly has no instruction with its NaN rule, so
         // `max` is a call there. Same values (a NaN rate or estimate gives the bound).
@@ -260,7 +260,7 @@ impl Scorer<'_> {
         let window = bits & (u32::MAX >> (32 - lag));
         let est = if window != 0 {
             let t = lag - 1 - (31 - window.leading_zeros() as usize);
-            qb * m * t as f32 + (1.0 - qb) * by_rate
+            qb * m * t as i32 as f32 + (1.0 - qb) * by_rate
         } else {
             by_rate
         };
@@ -376,8 +376,32 @@ impl LayerCycle {
                     ranked.start + ranked.order[ranked.start..].partition_point(|&o| o < entry);
                 ranked.order.insert(at, entry);
             }
+            if self.ranked[t as usize][l as usize].order.len() > 2 * self.slots.experts as usize + 8
+            {
+                self.compact(t as usize, l);
+            }
             self.mark_stale(t as usize, l);
         }
+    }
+
+    /// Keeps only the residents in layer `l`'s order in tier `t`, once each. A tier that gains
+    /// and loses experts without victim requests (so without re-sorts) would grow its orders
+    /// without end.
+    #[cold]
+    #[inline(never)]
+    fn compact(&mut self, t: usize, l: u32) {
+        let ranked = &mut self.ranked[t][l as usize];
+        let residents = &self.residents[t];
+        if ranked.dirty {
+            // Its estimates are stale anyway (the re-sort re-scores): by id alone.
+            for o in &mut ranked.order {
+                *o = u64::from(entry_id(*o));
+            }
+            ranked.order.sort_unstable();
+        }
+        ranked.order.retain(|&o| residents.contains(entry_id(o)));
+        ranked.order.dedup();
+        ranked.start = 0;
     }
 
     /// Expert-id `e` left tier `t`.
@@ -417,11 +441,6 @@ impl LayerCycle {
         }
         self.on_step(step, layer, &accesses);
         self.accesses = accesses;
-    }
-
-    /// History bits of slot `s` aligned at visit `v` (bit j: used at visit v - j).
-    fn bits(&self, s: usize, v: u64) -> u32 {
-        self.experts[s].bits(v)
     }
 
     /// The facts of one call: the layer being served and, in order, the experts accessed
@@ -475,20 +494,21 @@ impl LayerCycle {
                 }
             }
         }
-        let mut layer = self.layers[l as usize];
+        let top_k = self.top_k as f32;
+        let (experts, decay) = (&mut self.experts, &self.decay);
+        let layer = &mut self.layers[l as usize];
         if layer.last_step != Some(step) {
             // A new visit: update the layer's statistics from the whole set.
             layer.last_step = Some(step);
             layer.visits += 1;
             let v = layer.visits;
             let n = used.len() as f32;
-            let burst = n > BURST * layer.mean_used && n > 2.0 * self.top_k as f32;
+            let burst = n > BURST * layer.mean_used && n > 2.0 * top_k;
             layer.mean_used = 0.9 * layer.mean_used + 0.1 * n;
             let ring = (v % (LAGS as u64 + 1)) as usize;
             if burst {
                 layer.reset_at = v;
                 layer.sizes[ring] = 0;
-                self.layers[l as usize] = layer;
                 self.refresh_view(l);
                 self.scratch = used;
                 return;
@@ -497,7 +517,7 @@ impl LayerCycle {
             // sparse: visit their set bits only).
             let mut inter = [0u32; LAGS + 1];
             for &s in &used {
-                let mut b = self.bits(s as usize, v) & !1;
+                let mut b = experts[s as usize].bits(v) & !1;
                 while b != 0 {
                     inter[b.trailing_zeros() as usize] += 1;
                     b &= b - 1;
@@ -507,7 +527,9 @@ impl LayerCycle {
                 let size =
                     layer.sizes[((v + (LAGS as u64 + 1) - p as u64) % (LAGS as u64 + 1)) as usize];
                 if v > p as u64 && size > 0 {
-                    let precision = hits as f32 / size as f32;
+                    // Counts below 2^31 convert the same through i32, which WebAssembly does
+                    // in one instruction (from u32 it takes a branchy sequence).
+                    let precision = hits as i32 as f32 / size as i32 as f32;
                     layer.q[p] = LAG_DECAY * layer.q[p] + (1.0 - LAG_DECAY) * precision;
                 }
             }
@@ -515,23 +537,21 @@ impl LayerCycle {
         }
         let v = layer.visits;
         for &s in &used {
-            let s = s as usize;
-            let slot = self.experts[s];
+            let slot = &mut experts[s as usize];
             if slot.last == v {
                 continue;
             }
             let p = if slot.last > layer.reset_at {
-                slot.p * self.decay.pow(v - slot.last)
+                slot.p * decay.pow(v - slot.last)
             } else {
                 0.0
             };
-            self.experts[s] = Slot {
+            *slot = Slot {
                 p: p + (1.0 - DECAY),
-                hist: self.bits(s, v) | 1,
+                hist: slot.bits(v) | 1,
                 last: v,
             };
         }
-        self.layers[l as usize] = layer;
         self.refresh_view(l);
         self.scratch = used;
     }
@@ -945,6 +965,30 @@ mod tests {
         out.clear();
         p.victims(tier::DISK, 5, &[], None, &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn orders_stay_bounded_without_requests() {
+        // The host tier churns (visits, joins, departures) and is never asked for victims:
+        // each layer's order keeps at most about twice its experts.
+        let mut p = LayerCycle::new(2, 8, 2);
+        for step in 0..2000u64 {
+            let l = (step % 2) as u32;
+            let e = l * 8 + (step % 8) as u32;
+            p.on_step(step / 2, l, &[(l, (step % 8) as u32)]);
+            p.insert(e, tier::HOST);
+            p.remove(e, tier::HOST);
+            p.insert(e, tier::HOST);
+        }
+        for ranked in &p.ranked[tier::HOST as usize] {
+            assert!(ranked.order.len() <= 2 * 8 + 8, "{}", ranked.order.len());
+        }
+        // And the victims are still right: every resident, furthest first.
+        let mut out = Vec::new();
+        p.victims(tier::HOST, 100, &[], None, &mut out);
+        let mut sorted = out.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![0, 2, 4, 6, 9, 11, 13, 15]);
     }
 
     #[test]
