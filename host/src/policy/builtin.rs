@@ -149,12 +149,14 @@ impl Lru {
         match ev.kind {
             EventKind::Access => self.touch(k),
             EventKind::Insert => {
-                if let Some(t) = list {
-                    if !self.lists[t].contains(k) {
-                        self.lists[t].push_back(k);
+                // Joins its tier's list at the most recent end, and counts as a use in the
+                // other list holding it.
+                for (i, l) in self.lists.iter_mut().enumerate() {
+                    if list == Some(i) || l.contains(k) {
+                        l.unlink(k);
+                        l.push_back(k);
                     }
                 }
-                self.touch(k);
             }
             EventKind::Remove => {
                 if let Some(t) = list {

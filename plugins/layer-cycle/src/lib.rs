@@ -49,6 +49,9 @@ struct Layer {
     q: [f32; LAGS + 1],
     /// Distinct experts used per visit, ring indexed by visit % (LAGS + 1); 0 = burst.
     sizes: [u32; LAGS + 1],
+    /// The lag whose loop prediction has been most precise (the first such), and its
+    /// precision: kept as `q` changes.
+    best: (usize, f32),
 }
 
 impl Slot {
@@ -73,18 +76,8 @@ impl Layer {
             mean_used: top_k as f32,
             q: [0.0; LAGS + 1],
             sizes: [0; LAGS + 1],
+            best: (1, 0.0),
         }
-    }
-
-    /// The lag whose loop prediction has been most precise, and its precision.
-    fn best_lag(&self) -> (usize, f32) {
-        let mut best = (1, self.q[1]);
-        for p in 2..=LAGS {
-            if self.q[p] > best.1 {
-                best = (p, self.q[p]);
-            }
-        }
-        best
     }
 }
 
@@ -166,11 +159,17 @@ impl Tournament {
     fn set(&mut self, l: u32, head: Head) {
         self.at[l as usize] = head.at;
         let mut i = self.leaves + l as usize;
-        self.nodes[i] = pack(head, l);
+        let mut winner = pack(head, l);
+        let nodes = &mut self.nodes[..];
+        nodes[i] = winner;
         while i > 1 {
-            let winner = self.nodes[i].min(self.nodes[i ^ 1]);
+            // The running winner is node i's new value: one load per match.
+            let sibling = nodes[i ^ 1];
+            if sibling < winner {
+                winner = sibling;
+            }
             i /= 2;
-            self.nodes[i] = winner;
+            nodes[i] = winner;
         }
     }
 
@@ -523,6 +522,7 @@ impl LayerCycle {
                     b &= b - 1;
                 }
             }
+            let mut best = (1, 0.0);
             for (p, &hits) in inter.iter().enumerate().skip(1) {
                 let size =
                     layer.sizes[((v + (LAGS as u64 + 1) - p as u64) % (LAGS as u64 + 1)) as usize];
@@ -532,7 +532,12 @@ impl LayerCycle {
                     let precision = hits as i32 as f32 / size as i32 as f32;
                     layer.q[p] = LAG_DECAY * layer.q[p] + (1.0 - LAG_DECAY) * precision;
                 }
+                // The most precise lag, the first of equals (lag 1 when all are 0).
+                if p == 1 || layer.q[p] > best.1 {
+                    best = (p, layer.q[p]);
+                }
             }
+            layer.best = best;
             layer.sizes[ring] = used.len() as u32;
         }
         let v = layer.visits;
@@ -562,7 +567,7 @@ impl LayerCycle {
             self.mark_stale(t, l);
         }
         let layer = &self.layers[l as usize];
-        let (lag, qb) = layer.best_lag();
+        let (lag, qb) = layer.best;
         self.views[l as usize] = LayerView {
             lag,
             qb,
@@ -624,16 +629,13 @@ impl LayerCycle {
         // The order holds every resident of the layer (those that joined since the last sort
         // included), and some that left, some twice: keep the residents, once each.
         let mut order = core::mem::take(&mut self.ranked[t][l as usize].order);
-        let scorer = self.scorer(l);
         let residents = &self.residents[t];
-        order.retain_mut(|o| {
+        order.retain(|&o| residents.contains(entry_id(o)));
+        let scorer = self.scorer(l);
+        for o in &mut order {
             let e = entry_id(*o);
-            let resident = residents.contains(e);
-            if resident {
-                *o = order_entry(scorer.beyond(&self.experts[e as usize]), e);
-            }
-            resident
-        });
+            *o = order_entry(scorer.beyond(&self.experts[e as usize]), e);
+        }
         order.sort_unstable();
         order.dedup();
         let ranked = &mut self.ranked[t][l as usize];
@@ -642,39 +644,35 @@ impl LayerCycle {
         ranked.dirty = false;
     }
 
-    /// The first entry of layer `l`'s order at or after `from` that is still resident in tier
-    /// `t` (entries before it that left the tier are skipped for good) and, when `skip` is
-    /// set, not excluded; as its position.
-    fn next_resident(&mut self, t: usize, l: u32, from: usize, skip: bool) -> Option<usize> {
-        let ranked = &mut self.ranked[t][l as usize];
-        while ranked
-            .order
-            .get(ranked.start)
-            .is_some_and(|&o| !self.residents[t].contains(entry_id(o)))
-        {
-            ranked.start += 1;
-        }
-        let ranked = &self.ranked[t][l as usize];
-        (from.max(ranked.start)..ranked.order.len()).find(|&i| {
-            let e = entry_id(ranked.order[i]);
-            self.residents[t].contains(e) && !(skip && self.excluded.contains(e as usize))
-        })
-    }
-
-    /// Sets layer `l`'s head in tier `t` to its first candidate at or after position `from`.
+    /// Sets layer `l`'s head in tier `t` to its first candidate at or after position `from`:
+    /// the first entry of its order still resident in the tier (entries before it that left
+    /// are skipped for good) and, when `skip` is set, not excluded.
     fn set_head(&mut self, t: usize, l: u32, from: usize, skip: bool) {
-        let head = match self.next_resident(t, l, from, skip) {
-            Some(i) => {
-                let o = self.ranked[t][l as usize].order[i];
+        let next_visit = self.next_visit(l);
+        let (residents, excluded) = (&self.residents[t], &self.excluded);
+        let ranked = &mut self.ranked[t][l as usize];
+        let order = &ranked.order;
+        let mut start = ranked.start;
+        while start < order.len() && !residents.contains(entry_id(order[start])) {
+            start += 1;
+        }
+        ranked.start = start;
+        let mut i = from.max(start);
+        let head = loop {
+            let Some(&o) = order.get(i) else {
+                break Head::default();
+            };
+            let e = entry_id(o);
+            if residents.contains(e) && !(skip && excluded.contains(e as usize)) {
                 let beyond = f32::from_bits((u32::MAX - (o >> 32) as u32) & 0x7fff_ffff);
-                let at = self.next_visit(l) as f64 + f64::from(beyond);
-                Head {
+                let at = next_visit as f64 + f64::from(beyond);
+                break Head {
                     key: u64::MAX - ordered_bits64(at),
-                    id: entry_id(o),
+                    id: e,
                     at: i as u32,
-                }
+                };
             }
-            None => Head::default(),
+            i += 1;
         };
         self.heads[t].set(l, head);
     }
