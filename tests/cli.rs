@@ -302,13 +302,57 @@ fn policy_check_reports_world_and_refuses_wasi() {
 
 #[test]
 fn doctor_measures_this_machine_and_plans_kimi_k2_without_a_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("host.json");
     let out = support::moehost()
-        .args(["doctor", "--json"])
+        .args(["doctor", "--json", "--save-profile"])
+        .arg(&profile)
         .output()
         .unwrap();
     support::assert_ok(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let cpu = &v["cpu"];
+    // The saved profile holds the measured expert rates, and placement takes it: the tokens
+    // are those of a run without it (placement never changes them); a missing file is named.
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&profile).unwrap()).unwrap();
+    assert_eq!(saved["threads"], cpu["threads"], "{saved}");
+    assert_eq!(
+        saved["cpu_expert_gbps"]["fp8"], cpu["k2_expert_gbps"],
+        "{saved}"
+    );
+    assert_eq!(
+        saved["cpu_expert_gbps"]["int4"], cpu["k2_int4_expert_gbps"],
+        "{saved}"
+    );
+    let generate = |extra: &[&std::ffi::OsStr]| {
+        support::moehost()
+            .args(["generate", "--prompt", "<|bos|>The quick brown fox"])
+            .args([
+                "--max-tokens",
+                "6",
+                "--device-mem",
+                "2MiB",
+                "--link",
+                "h100-pcie5",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let plain = generate(&[]);
+    support::assert_ok(&plain);
+    let with = generate(&["--host-profile".as_ref(), profile.as_os_str()]);
+    support::assert_ok(&with);
+    assert_eq!(with.stdout, plain.stdout);
+    let missing = dir.path().join("none.json");
+    let out = generate(&["--host-profile".as_ref(), missing.as_os_str()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("none.json"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for k in [
         "matmul_gflops",
         "memory_gbps",

@@ -388,6 +388,21 @@ pub fn run(model: &Path) -> Result<Report> {
 }
 
 impl Report {
+    /// The CPU's measured rates of computing experts from their storage format, as placement
+    /// reads them (`--host-profile`): Kimi-K2's FP8 and INT4 layer steps.
+    pub fn host_profile(&self) -> crate::hardware::HostProfile {
+        crate::hardware::HostProfile {
+            version: crate::hardware::HostProfile::VERSION,
+            threads: self.cpu.threads,
+            cpu_expert_gbps: [
+                ("fp8".to_owned(), self.cpu.k2_expert_gbps),
+                ("int4".to_owned(), self.cpu.k2_int4_expert_gbps),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
     pub fn text(&self) -> String {
         let mut s = String::new();
         let c = &self.cpu;

@@ -121,6 +121,66 @@ pub fn cpu_core_expert_gbps(format: crate::weights::format::WeightFormat) -> f64
     }
 }
 
+/// What `moehost doctor --save-profile` measured of this host, for placement to price a miss
+/// computed on the CPU at this machine's rate instead of [`cpu_core_expert_gbps`]'s constants
+/// (`--host-profile`). A JSON file: `{"version": 1, "threads": 2, "cpu_expert_gbps": {"fp8":
+/// 12.1, "int4": 9.8}}`, the rates in GB of weights per second with `threads` threads.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostProfile {
+    pub version: u32,
+    /// Threads the rates were measured with.
+    pub threads: usize,
+    /// Expert format name (`fp8`, `int4`, ...) -> GB of weights per second.
+    pub cpu_expert_gbps: std::collections::BTreeMap<String, f64>,
+}
+
+impl HostProfile {
+    pub const VERSION: u32 = 1;
+
+    /// Reads and checks a profile; the error names the file and what is wrong.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("host profile {}: {e}", path.display()))?;
+        let p: HostProfile = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "host profile {}: {e} (write one with `moehost doctor --save-profile`)",
+                path.display()
+            )
+        })?;
+        p.check()
+            .map_err(|e| anyhow::anyhow!("host profile {}: {e}", path.display()))?;
+        Ok(p)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.version != Self::VERSION {
+            bail!(
+                "version {} (this moehost reads version {})",
+                self.version,
+                Self::VERSION
+            );
+        }
+        if self.threads == 0 {
+            bail!("threads must be at least 1");
+        }
+        for (name, &gbps) in &self.cpu_expert_gbps {
+            crate::weights::format::WeightFormat::parse(name)?;
+            if !(gbps.is_finite() && gbps > 0.0) {
+                bail!("cpu_expert_gbps.{name} is {gbps}: a rate must be positive");
+            }
+        }
+        Ok(())
+    }
+
+    /// The measured rate of one thread for `format`'s experts, GB/s, if the profile has it.
+    pub fn per_thread_gbps(&self, format: crate::weights::format::WeightFormat) -> Option<f64> {
+        self.cpu_expert_gbps
+            .get(format.name())
+            .map(|g| g / self.threads as f64)
+    }
+}
+
 /// Measured, for `moehost doctor`: one Kimi-K2-shaped FP8 expert on this machine's GPU.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExpertSpeed {
@@ -174,6 +234,60 @@ impl Default for Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_profiles_load_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let good = write(
+            "good.json",
+            r#"{"version": 1, "threads": 2, "cpu_expert_gbps": {"fp8": 12.0, "int4": 9.0}}"#,
+        );
+        let p = HostProfile::load(&good).unwrap();
+        use crate::weights::format::WeightFormat;
+        assert_eq!(p.per_thread_gbps(WeightFormat::Fp8), Some(6.0));
+        assert_eq!(p.per_thread_gbps(WeightFormat::Int4), Some(4.5));
+        assert_eq!(p.per_thread_gbps(WeightFormat::Bf16), None);
+        // What `doctor --save-profile` writes reads back the same.
+        let again = write("again.json", &serde_json::to_string(&p).unwrap());
+        assert_eq!(HostProfile::load(&again).unwrap(), p);
+        for (text, says) in [
+            (
+                r#"{"version": 2, "threads": 2, "cpu_expert_gbps": {}}"#,
+                "version 2",
+            ),
+            (
+                r#"{"version": 1, "threads": 0, "cpu_expert_gbps": {}}"#,
+                "threads",
+            ),
+            (
+                r#"{"version": 1, "threads": 2, "cpu_expert_gbps": {"fp9": 1.0}}"#,
+                "unknown weight format \"fp9\"",
+            ),
+            (
+                r#"{"version": 1, "threads": 2, "cpu_expert_gbps": {"int8": -1.0}}"#,
+                "cpu_expert_gbps.int8 is -1",
+            ),
+            (
+                r#"{"version": 1, "threads": 2, "cpu_expert_gbps": {}, "gpu": 1}"#,
+                "unknown field `gpu`",
+            ),
+            ("not json", "doctor --save-profile"),
+        ] {
+            let path = write("bad.json", text);
+            let err = format!("{:#}", HostProfile::load(&path).unwrap_err());
+            assert!(
+                err.contains("bad.json") && err.contains(says),
+                "{text}: {err}"
+            );
+        }
+        let err = HostProfile::load(&dir.path().join("missing.json")).unwrap_err();
+        assert!(err.to_string().contains("missing.json"), "{err}");
+    }
 
     #[test]
     fn every_preset_is_found_by_its_name_once() {

@@ -52,6 +52,11 @@ pub struct ModelArgs {
     /// h100-pcie5, h100-pcie5-nvme5, h100-pcie4, slow-link.
     #[arg(long, default_value = "local")]
     pub link: String,
+    /// A host profile written by `moehost doctor --save-profile`: placement prices a miss
+    /// computed on this CPU at the rate measured for the checkpoint's expert format (default:
+    /// the threads times the kernels' per-core rate on this project's reference machine).
+    #[arg(long)]
+    pub host_profile: Option<PathBuf>,
     /// Deadline of one policy call, milliseconds.
     #[arg(long, default_value_t = 10)]
     pub policy_timeout_ms: u64,
@@ -72,7 +77,7 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn store_config(&self) -> StoreConfig {
+    pub fn store_config(&self) -> Result<StoreConfig> {
         let mut c = StoreConfig {
             device_bytes: self.device_mem,
             host_bytes: self.host_mem,
@@ -88,7 +93,12 @@ impl ModelArgs {
         c.limits.memory_bytes = self.policy_memory as usize;
         c.limits.max_score_gap = self.max_score_gap;
         c.limits.token_budget_us = self.policy_budget_us;
-        c
+        c.host_profile = self
+            .host_profile
+            .as_deref()
+            .map(moehost::hardware::HostProfile::load)
+            .transpose()?;
+        Ok(c)
     }
 
     /// Prints the store's and policies' counters as JSON when `--stats` asks for them.
@@ -103,7 +113,7 @@ impl ModelArgs {
     /// hot-swapped when they change.
     pub fn open(&self) -> Result<(Engine, Arc<TieredExperts>)> {
         let dir = self.model.clone().unwrap_or_else(bundled_model_dir);
-        let config = self.store_config();
+        let config = self.store_config()?;
         let (engine, store) = Engine::open_tiered(&dir, &config)?;
         let mtp = engine.model.config().num_nextn_predict_layers;
         if mtp > 0 {

@@ -86,7 +86,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         body_limit: usize::try_from(body_limit).unwrap_or(usize::MAX),
     };
     let (state, scheduler, _) =
-        moehost::server::start(Arc::new(engine), store, &model.store_config(), &opts)?;
+        moehost::server::start(Arc::new(engine), store, &model.store_config()?, &opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -15,12 +15,26 @@ pub struct DoctorArgs {
     pub model: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+    /// Also write what was measured of this host's CPU (its rate of computing experts per
+    /// format) to this file, for `--host-profile` (placement's price of a CPU-computed miss).
+    #[arg(long)]
+    pub save_profile: Option<PathBuf>,
 }
 
 pub fn doctor(a: DoctorArgs) -> Result<()> {
-    let DoctorArgs { model, json } = a;
+    let DoctorArgs {
+        model,
+        json,
+        save_profile,
+    } = a;
     let dir = model.unwrap_or_else(bundled_model_dir);
     let report = moehost::doctor::run(&dir)?;
+    if let Some(path) = save_profile {
+        let profile = report.host_profile();
+        std::fs::write(&path, serde_json::to_string_pretty(&profile)? + "\n")
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        eprintln!("host profile written to {}", path.display());
+    }
     print_report(json, &report, |r| r.text())?;
     Ok(())
 }

@@ -27,6 +27,9 @@ pub struct StoreConfig {
     pub limits: RuntimeLimits,
     /// Threads serving the prefetch queue.
     pub prefetch_workers: usize,
+    /// This host's measured rate of computing experts on the CPU (`moehost doctor
+    /// --save-profile`); `None`: threads x the kernels' per-core constants.
+    pub host_profile: Option<crate::hardware::HostProfile>,
 }
 
 impl Default for StoreConfig {
@@ -42,6 +45,7 @@ impl Default for StoreConfig {
             device: Device::Cpu,
             limits: RuntimeLimits::default(),
             prefetch_workers: 2,
+            host_profile: None,
         }
     }
 }

@@ -228,12 +228,18 @@ impl TieredExperts {
         let mut costs =
             LinkCosts::preset(&config.link, cfg.hidden_size, cfg.moe_intermediate_size)?;
         // A miss computed on this CPU reads its expert no faster than this machine's threads
-        // run the kernels for its format, nor than the preset's host memory.
+        // run the kernels for its format (as measured, when a host profile says), nor than the
+        // preset's host memory.
         if let Some(f) = format {
             let cores = rayon::current_num_threads() as f64;
+            let per_core = config
+                .host_profile
+                .as_ref()
+                .and_then(|p| p.per_thread_gbps(f))
+                .unwrap_or_else(|| crate::hardware::cpu_core_expert_gbps(f));
             costs.host_memory_bytes_per_second = costs
                 .host_memory_bytes_per_second
-                .min(cores * crate::hardware::cpu_core_expert_gbps(f) * 1e9);
+                .min(cores * per_core * 1e9);
         }
         let workers = config.prefetch_workers;
         let gpu = open_gpu(config.device, compute as usize, device_slots, workers);

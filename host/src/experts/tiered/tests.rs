@@ -264,5 +264,33 @@ fn placement_prices_cpu_misses_at_this_machines_kernel_rate() {
             rate.min(300e9),
             "{threads} threads"
         );
+        // A host profile's measured rate for the format replaces the constant: per thread as
+        // measured, times this pool's threads. A format it lacks keeps the constant.
+        let profile = |format: &str| crate::hardware::HostProfile {
+            version: crate::hardware::HostProfile::VERSION,
+            threads: 4,
+            cpu_expert_gbps: [(format.to_owned(), 2.0)].into_iter().collect(),
+        };
+        let with = |p| super::StoreConfig {
+            link: "h100-pcie5".into(),
+            host_profile: Some(p),
+            ..Default::default()
+        };
+        let store = pool.install(|| {
+            super::TieredExperts::new(ckpt.clone(), &cfg, &with(profile("bf16"))).unwrap()
+        });
+        assert_eq!(
+            store.inner.costs.host_memory_bytes_per_second,
+            threads as f64 * 0.5e9,
+            "{threads} threads, measured"
+        );
+        let store = pool.install(|| {
+            super::TieredExperts::new(ckpt.clone(), &cfg, &with(profile("fp8"))).unwrap()
+        });
+        assert_eq!(
+            store.inner.costs.host_memory_bytes_per_second,
+            rate.min(300e9),
+            "{threads} threads, another format measured"
+        );
     }
 }
