@@ -317,14 +317,14 @@ fn doctor_measures_this_machine_and_plans_kimi_k2_without_a_gpu() {
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&profile).unwrap()).unwrap();
     assert_eq!(saved["threads"], cpu["threads"], "{saved}");
-    assert_eq!(
-        saved["cpu_expert_gbps"]["fp8"], cpu["k2_expert_gbps"],
-        "{saved}"
-    );
-    assert_eq!(
-        saved["cpu_expert_gbps"]["int4"], cpu["k2_int4_expert_gbps"],
-        "{saved}"
-    );
+    for (format, measured) in [
+        ("fp8", "k2_expert_gbps"),
+        ("int4", "k2_int4_expert_gbps"),
+        ("int8", "k2_int8_expert_gbps"),
+        ("bf16", "k2_bf16_expert_gbps"),
+    ] {
+        assert_eq!(saved["cpu_expert_gbps"][format], cpu[measured], "{saved}");
+    }
     let generate = |extra: &[&std::ffi::OsStr]| {
         support::moehost()
             .args(["generate", "--prompt", "<|bos|>The quick brown fox"])
@@ -360,6 +360,8 @@ fn doctor_measures_this_machine_and_plans_kimi_k2_without_a_gpu() {
         "fp8_dequant_gbps",
         "k2_expert_gbps",
         "k2_int4_expert_gbps",
+        "k2_int8_expert_gbps",
+        "k2_bf16_expert_gbps",
     ] {
         assert!(cpu[k].as_f64().unwrap() > 0.0, "{k}: {cpu}");
     }

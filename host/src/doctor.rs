@@ -18,6 +18,7 @@ use crate::hardware::Link;
 use crate::model::config::ModelConfig;
 use crate::plan::{plan, Plan, PlanOptions};
 use crate::policy::{LinkCosts, Tier};
+use crate::weights::format::WeightFormat;
 
 /// Kimi-K2's config.json (the model the projection is for).
 const KIMI_K2_CONFIG: &str = include_str!("../../tests/data/kimi-k2-config.json");
@@ -44,6 +45,10 @@ pub struct Cpu {
     /// INT4, a scale per 32 columns), from their storage format.
     pub k2_int4_layer_step_s: f64,
     pub k2_int4_expert_gbps: f64,
+    /// The same layer step with moehost's int8 experts and with bf16 experts (the other
+    /// formats placement may leave on the host), GB of weights per second.
+    pub k2_int8_expert_gbps: f64,
+    pub k2_bf16_expert_gbps: f64,
     /// Total RAM from /proc/meminfo.
     pub ram_bytes: Option<u64>,
     /// The NUMA nodes (Linux's /sys/devices/system/node): each node's CPUs and memory. On more
@@ -209,14 +214,18 @@ fn measure_cpu(k2_experts: &[ExpertBytes], hidden: usize) -> Cpu {
     let fp8_dequant_gbps = gbps(fp8.len() as f64, t0.elapsed().as_secs_f64());
 
     let (k2_layer_step_s, k2_expert_gbps) = measure_cpu_experts(k2_experts, hidden);
-    let (k2_int4_layer_step_s, k2_int4_expert_gbps) = {
+    // The other formats, one at a time (a bf16 layer step is ~0.8 GB).
+    let other = |format| {
         let inter = k2_experts[0].tensors[0].rows();
         let mut state = 0x2545_f491_u32;
-        let int4: Vec<ExpertBytes> = (0..k2_experts.len())
-            .map(|_| ExpertBytes::synthetic_int4(hidden, inter, &mut state))
+        let experts: Vec<ExpertBytes> = (0..k2_experts.len())
+            .map(|_| ExpertBytes::synthetic(format, hidden, inter, &mut state))
             .collect();
-        measure_cpu_experts(&int4, hidden)
+        measure_cpu_experts(&experts, hidden)
     };
+    let (k2_int4_layer_step_s, k2_int4_expert_gbps) = other(WeightFormat::Int4);
+    let k2_int8_expert_gbps = other(WeightFormat::Int8).1;
+    let k2_bf16_expert_gbps = other(WeightFormat::Bf16).1;
 
     let ram_bytes = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
@@ -234,6 +243,8 @@ fn measure_cpu(k2_experts: &[ExpertBytes], hidden: usize) -> Cpu {
         k2_expert_gbps,
         k2_int4_layer_step_s,
         k2_int4_expert_gbps,
+        k2_int8_expert_gbps,
+        k2_bf16_expert_gbps,
         ram_bytes,
         numa_nodes: numa_nodes(),
     }
@@ -389,7 +400,7 @@ pub fn run(model: &Path) -> Result<Report> {
 
 impl Report {
     /// The CPU's measured rates of computing experts from their storage format, as placement
-    /// reads them (`--host-profile`): Kimi-K2's FP8 and INT4 layer steps.
+    /// reads them (`--host-profile`): Kimi-K2-shaped layer steps in each expert format.
     pub fn host_profile(&self) -> crate::hardware::HostProfile {
         crate::hardware::HostProfile {
             version: crate::hardware::HostProfile::VERSION,
@@ -397,6 +408,8 @@ impl Report {
             cpu_expert_gbps: [
                 ("fp8".to_owned(), self.cpu.k2_expert_gbps),
                 ("int4".to_owned(), self.cpu.k2_int4_expert_gbps),
+                ("int8".to_owned(), self.cpu.k2_int8_expert_gbps),
+                ("bf16".to_owned(), self.cpu.k2_bf16_expert_gbps),
             ]
             .into_iter()
             .collect(),
@@ -446,6 +459,10 @@ impl Report {
             c.k2_int4_layer_step_s * 1e3,
             c.k2_int4_expert_gbps,
             c.k2_int4_expert_gbps / c.memory_read_gbps
+        );
+        s += &format!(
+            "CPU experts: the same layer step with int8 experts {:.2} GB/s, bf16 {:.2} GB/s\n",
+            c.k2_int8_expert_gbps, c.k2_bf16_expert_gbps
         );
         let d = &self.disk;
         s += &format!(
