@@ -29,6 +29,19 @@ fn options(layers: usize, experts: usize) -> ConvertOptions {
     }
 }
 
+/// `moehost quantize` of the bf16 tiny-k2 with `bits` (int8, int4) experts into `out`.
+fn quantize_experts(bits: &str, out: &Path) {
+    let o = moehost()
+        .args(["quantize", "--model"])
+        .arg(bf16_model())
+        .arg("--out")
+        .arg(out)
+        .args(["--experts", bits])
+        .output()
+        .unwrap();
+    assert_ok(&o);
+}
+
 fn leftovers(parent: &Path) -> Vec<String> {
     std::fs::read_dir(parent)
         .unwrap()
@@ -307,15 +320,7 @@ fn quantized_experts_load_run_close_to_bf16_and_fill_the_host_tier_denser() {
     let mut host_slots = Vec::new();
     for (bits, max_q) in [("int8", 127f32), ("int4", 7.0)] {
         let out = tmp.path().join(bits);
-        let o = moehost()
-            .args(["quantize", "--model"])
-            .arg(bf16_model())
-            .arg("--out")
-            .arg(&out)
-            .args(["--experts", bits])
-            .output()
-            .unwrap();
-        assert_ok(&o);
+        quantize_experts(bits, &out);
         let q = Engine::open(&out).unwrap();
         let name = "model.layers.3.mlp.experts.5.up_proj.weight";
         let raw = q.checkpoint.raw(name).unwrap();
@@ -451,16 +456,7 @@ fn int8_activations_keep_the_invariant_within_their_mode() {
 fn int8_activations_on(bits: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join(bits);
-    assert_ok(
-        &moehost()
-            .args(["quantize", "--model"])
-            .arg(bf16_model())
-            .arg("--out")
-            .arg(&model)
-            .args(["--experts", bits])
-            .output()
-            .unwrap(),
-    );
+    quantize_experts(bits, &model);
     let ids = "1,41,93,7,204,30,15,99,100,5,17,23,42,88,31,102";
     let forward = |extra: &[&str], name: &str| {
         let out = tmp.path().join(name);

@@ -112,9 +112,14 @@ impl ModelArgs {
     /// Opens the model with the tiered store; policies given as files are watched and
     /// hot-swapped when they change.
     pub fn open(&self) -> Result<(Engine, Arc<TieredExperts>)> {
+        self.open_with(&self.store_config()?)
+    }
+
+    /// [`ModelArgs::open`] with the store configuration already built (`serve` needs it too:
+    /// built once, its files are read once).
+    pub fn open_with(&self, config: &StoreConfig) -> Result<(Engine, Arc<TieredExperts>)> {
         let dir = self.model.clone().unwrap_or_else(bundled_model_dir);
-        let config = self.store_config()?;
-        let (engine, store) = Engine::open_tiered(&dir, &config)?;
+        let (engine, store) = Engine::open_tiered(&dir, config)?;
         let mtp = engine.model.config().num_nextn_predict_layers;
         if mtp > 0 {
             eprintln!(

@@ -71,7 +71,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         body_timeout,
         body_limit,
     } = a;
-    let (engine, store) = model.open()?;
+    let config = model.store_config()?;
+    let (engine, store) = model.open_with(&config)?;
     let opts = moehost::server::ServeOptions {
         queue_capacity: queue,
         admin_token,
@@ -85,8 +86,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         },
         body_limit: usize::try_from(body_limit).unwrap_or(usize::MAX),
     };
-    let (state, scheduler, _) =
-        moehost::server::start(Arc::new(engine), store, &model.store_config()?, &opts)?;
+    let (state, scheduler, _) = moehost::server::start(Arc::new(engine), store, &config, &opts)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -128,9 +128,11 @@ impl Lru {
         (e.layer < s.moe_layers && e.expert < s.experts_per_layer).then(|| s.id_of(e))
     }
 
-    fn touch(&mut self, k: u32) {
-        for l in &mut self.lists {
-            if l.contains(k) {
+    /// A use of `k`: it moves to the most recent end of every list holding it, and of list
+    /// `join` (an insert into that tier) whether it held it or not.
+    fn touch(&mut self, k: u32, join: Option<usize>) {
+        for (i, l) in self.lists.iter_mut().enumerate() {
+            if join == Some(i) || l.contains(k) {
                 l.unlink(k);
                 l.push_back(k);
             }
@@ -147,17 +149,8 @@ impl Lru {
             Tier::Disk => None,
         };
         match ev.kind {
-            EventKind::Access => self.touch(k),
-            EventKind::Insert => {
-                // Joins its tier's list at the most recent end, and counts as a use in the
-                // other list holding it.
-                for (i, l) in self.lists.iter_mut().enumerate() {
-                    if list == Some(i) || l.contains(k) {
-                        l.unlink(k);
-                        l.push_back(k);
-                    }
-                }
-            }
+            EventKind::Access => self.touch(k, None),
+            EventKind::Insert => self.touch(k, list),
             EventKind::Remove => {
                 if let Some(t) = list {
                     self.lists[t].unlink(k);
